@@ -1,0 +1,1 @@
+"""patterncc: a compiler for sparse attention patterns."""

@@ -1,0 +1,145 @@
+"""Element masks: the direct, elementwise meaning of every node.
+
+``evaluate`` is the executable form of the rules in ``ir.py``'s docstrings;
+the analytic layout, the reference backend and the tests all trust it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ir, randomblocks
+from .errors import LimitError, PatternValueError
+
+# Dense masks are for small n; above this many elements mask() refuses.
+MAX_MASK_ELEMENTS = 2**30
+
+
+def evaluate(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
+    """Boolean mask of a bound, head-free pattern at int64 positions ``q``, ``k``
+    (broadcast against each other)."""
+    q = np.asarray(q, dtype=np.int64)
+    k = np.asarray(k, dtype=np.int64)
+    shape = np.broadcast_shapes(q.shape, k.shape)
+    return np.broadcast_to(_eval(p, q, k, n), shape)
+
+
+def _eval(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
+    match p:
+        case ir.All():
+            return np.ones(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
+        case ir.Empty():
+            return np.zeros(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
+        case ir.Causal():
+            return k <= q
+        case ir.Local(w=w):
+            return np.abs(q - k) < w
+        case ir.Stride(l=l):
+            return (q - k) % l == 0
+        case ir.Block(l=l):
+            return q // l == k // l
+        case ir.Summary(l=l, c=c):
+            return np.broadcast_to(k % l >= l - c, np.broadcast_shapes(q.shape, k.shape))
+        case ir.Global(g=g):
+            return (q < g) | (k < g)
+        case ir.Sink(g=g):
+            return np.broadcast_to(k < g, np.broadcast_shapes(q.shape, k.shape))
+        case ir.Dilated(w=w, d=d):
+            diff = q - k
+            return (np.abs(diff) < w * d) & (diff % d == 0)
+        case ir.Random(r=r, b=b, seed=seed):
+            return _eval_random(r, b, seed, q, k, n)
+        case ir.Where(cond=cond):
+            value = eval_expr(cond, {"q": q, "k": k, "n": np.int64(n)})
+            return np.broadcast_to(np.asarray(value, dtype=bool), np.broadcast_shapes(q.shape, k.shape))
+        case ir.Union(parts=parts):
+            out = _eval(parts[0], q, k, n)
+            for part in parts[1:]:
+                out = out | _eval(part, q, k, n)
+            return out
+        case ir.Intersect(parts=parts):
+            out = _eval(parts[0], q, k, n)
+            for part in parts[1:]:
+                out = out & _eval(part, q, k, n)
+            return out
+        case ir.Difference(left=a, right=b):
+            return _eval(a, q, k, n) & ~_eval(b, q, k, n)
+        case ir.Complement(arg=a):
+            return ~_eval(a, q, k, n)
+    raise TypeError(f"evaluate() needs a bound, head-free pattern; got {type(p).__name__}")
+
+
+def _eval_random(r: int, b: int, seed: int, q, k, n: int) -> np.ndarray:
+    nb = -(-n // b)
+    table = randomblocks.draw(r, nb, seed, np.arange(nb))  # [nb, min(r, nb)]
+    if table.shape[1] == 0:
+        return np.zeros(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
+    # A dense [nb, nb] membership table is small for the n that dense masks allow.
+    member = np.zeros((nb, nb), dtype=bool)
+    np.put_along_axis(member, table, True, axis=1)
+    qb = np.clip(q // b, 0, nb - 1)
+    kb = np.clip(k // b, 0, nb - 1)
+    return member[qb, kb]
+
+
+def eval_expr(e: ir.Expr, env: dict) -> np.ndarray:
+    """Vectorized int64 evaluation of a ``where`` condition, Python semantics."""
+    match e:
+        case ir.Const(value=v):
+            return np.int64(v)
+        case ir.Var(name=name):
+            if name not in env:
+                raise PatternValueError(f"`{name}` has no value here", e.loc)
+            return env[name]
+        case ir.BinOp(op=op, left=a, right=b):
+            x, y = eval_expr(a, env), eval_expr(b, env)
+            if op in ("//", "%"):
+                if np.any(np.asarray(y) == 0):
+                    raise PatternValueError(f"division by zero in `{ir.expr_source(e)}`", e.loc)
+                return np.floor_divide(x, y) if op == "//" else np.mod(x, y)
+            return {"+": np.add, "-": np.subtract, "*": np.multiply}[op](x, y)
+        case ir.Call(fn=fn, args=args):
+            vals = [eval_expr(a, env) for a in args]
+            if fn == "abs":
+                return np.abs(vals[0])
+            if fn == "isqrt":
+                return np.int64(ir.eval_int(e, {}))  # only constants reach here
+            out = vals[0]
+            for v in vals[1:]:
+                out = np.minimum(out, v) if fn == "min" else np.maximum(out, v)
+            return out
+        case ir.Compare(op=op, left=a, right=b):
+            x, y = eval_expr(a, env), eval_expr(b, env)
+            return {
+                "<": np.less, "<=": np.less_equal, ">": np.greater,
+                ">=": np.greater_equal, "==": np.equal, "!=": np.not_equal,
+            }[op](x, y)
+        case ir.BoolOp(op=op, args=args):
+            out = eval_expr(args[0], env)
+            for a in args[1:]:
+                out = (out & eval_expr(a, env)) if op == "and" else (out | eval_expr(a, env))
+            return out
+        case ir.Not(arg=a):
+            return ~np.asarray(eval_expr(a, env), dtype=bool)
+    raise TypeError(f"not an expression: {e!r}")
+
+
+def dense_mask(p: ir.Pattern, seq_len: int, heads: int = 1) -> np.ndarray:
+    """numpy bool ``[heads, n, n]``; ``[h, q, k]`` is True when q may attend to k."""
+    n = seq_len
+    if heads * n * n > MAX_MASK_ELEMENTS:
+        raise LimitError(
+            f"a dense mask of {heads=} x {n} x {n} elements is over the limit of "
+            f"{MAX_MASK_ELEMENTS}; use layout() or sparse_mask() for long sequences"
+        )
+    ir.check_heads(p, heads)
+    bound = ir.bind(p, n)
+    pos = np.arange(n, dtype=np.int64)
+    out = np.empty((heads, n, n), dtype=bool)
+    per_head = {}
+    for h in range(heads):
+        ph = ir.for_head(bound, h)
+        if ph not in per_head:
+            per_head[ph] = evaluate(ph, pos[:, None], pos[None, :], n)
+        out[h] = per_head[ph]
+    return out
