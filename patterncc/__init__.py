@@ -1,1 +1,47 @@
-"""patterncc: a compiler for sparse attention patterns."""
+"""patterncc: a compiler for sparse attention patterns.
+
+    import patterncc as pcc
+    pat  = pcc.parse("causal & (local(128) | stride(128))")
+    lay  = pcc.layout(pat, seq_len=4096, block=128)
+    attn = pcc.compile(pat)            # backend="auto": Triton on CUDA, reference on CPU
+    o    = attn(q, k, v)
+
+See README.md for the language and DESIGN.md for the architecture.
+"""
+
+from . import ir
+from .errors import (
+    ArityError,
+    HeadsError,
+    LimitError,
+    PatternError,
+    PatternSyntaxError,
+    PatternValueError,
+    RecursiveDefinitionError,
+    UnknownNameError,
+)
+from .ir import Pattern
+from .pipeline import as_pattern, compile, layout, load, mask, parse, plan, sparse_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArityError",
+    "HeadsError",
+    "LimitError",
+    "Pattern",
+    "PatternError",
+    "PatternSyntaxError",
+    "PatternValueError",
+    "RecursiveDefinitionError",
+    "UnknownNameError",
+    "as_pattern",
+    "compile",
+    "ir",
+    "layout",
+    "load",
+    "mask",
+    "parse",
+    "plan",
+    "sparse_mask",
+]

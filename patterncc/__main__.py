@@ -1,0 +1,5 @@
+"""``python -m patterncc`` is the ``patterncc`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

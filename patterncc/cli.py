@@ -1,0 +1,258 @@
+"""The ``patterncc`` command (also ``python -m patterncc``).
+
+    patterncc check FILE...                      parse and check; located errors, exit 1
+    patterncc show FILE|EXPR --seq-len N         text picture of the block layout (+ --png)
+    patterncc layout FILE|EXPR --out F.npz|.json the layout arrays
+    patterncc compile FILE|EXPR --emit triton    the generated kernel source
+    patterncc explain FILE|EXPR                  the execution plan and why
+    patterncc bench FILE|EXPR                    GPU timings against FlexAttention and SDPA
+    patterncc test FILE...                       property-test patterns on every backend
+    patterncc demo                               the main job on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import PatternError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except PatternError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- argument parsing -------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="patterncc", description="A compiler for sparse attention patterns.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="parse and check .pat files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("show", help="print the block layout of a pattern")
+    _pattern_args(p)
+    _shape_args(p)
+    p.add_argument("--png", metavar="OUT", help="also draw the element mask and the block layout to a PNG")
+    p.add_argument("--plan", action="store_true", help="print the execution plan too")
+    p.set_defaults(run=cmd_show)
+
+    p = sub.add_parser("layout", help="write the block layout arrays")
+    _pattern_args(p)
+    _shape_args(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npz or FILE.json")
+    p.set_defaults(run=cmd_layout)
+
+    p = sub.add_parser("compile", help="generate the kernels of a pattern")
+    _pattern_args(p)
+    p.add_argument("--emit", choices=["triton", "ir"], default="triton")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--block", type=int, default=None)
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("explain", help="explain the execution plan")
+    _pattern_args(p)
+    _shape_args(p)
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("bench", help="time patterncc against FlexAttention and SDPA on a GPU")
+    _pattern_args(p)
+    p.add_argument("--seq-len", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--out", metavar="FILE.md", help="append the markdown table to FILE")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("test", help="property-test the patterns in .pat files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--examples", type=int, default=30, help="hypothesis examples per pattern and backend")
+    p.add_argument("--backend", action="append", help="restrict to these backends")
+    p.set_defaults(run=cmd_test)
+
+    p = sub.add_parser("demo", help="the main job: compile the standard patterns, check, draw")
+    p.add_argument("--out", default="out", help="folder for pictures (default: out/)")
+    p.add_argument("--seq-len", type=int, default=None, help="length for the attention check")
+    p.set_defaults(run=cmd_demo)
+    return ap
+
+
+def _pattern_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", metavar="FILE|EXPR", help="a .pat file or a pattern expression")
+    p.add_argument("-D", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a parameter default of the file's pattern")
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", "-n", type=int, default=4096)
+    p.add_argument("--block", "-b", type=int, default=128)
+    p.add_argument("--heads", type=int, default=1)
+
+
+def load_pattern(text: str, params: list[str]):
+    """A path to an existing file is loaded; anything else is parsed as source."""
+    from . import pipeline
+
+    overrides = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise PatternError(f"-D expects NAME=VALUE, got {item!r}")
+        try:
+            overrides[name.strip()] = int(value)
+        except ValueError:
+            raise PatternError(f"-D {name.strip()}: {value!r} is not an integer") from None
+    if text.endswith(".pat") or Path(text).is_file():
+        return pipeline.load(text, **overrides)
+    return pipeline.parse(text, "<command line>", **overrides)
+
+
+class Progress:
+    """A one-line progress display on stderr for work that takes more than a second."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        if time.perf_counter() - self.start < 1.0 and self.done < self.total:
+            return
+        line = f"{self.label} [{self.done}/{self.total}] {what}"
+        print(("\r" + line.ljust(78)) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and time.perf_counter() - self.start >= 1.0:
+            print(file=sys.stderr)
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_check(args) -> int:
+    from . import pipeline
+
+    failed = 0
+    for name in args.files:
+        try:
+            pat = pipeline.load(name)
+        except PatternError as err:
+            print(str(err), file=sys.stderr)
+            failed += 1
+        except OSError as err:
+            print(f"{name}: cannot read: {err.strerror}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{name}: ok: {pat}")
+    return 1 if failed else 0
+
+
+def cmd_show(args) -> int:
+    from . import pipeline
+
+    pat = load_pattern(args.pattern, args.param)
+    t0 = time.perf_counter()
+    lay = pipeline.layout(pat, args.seq_len, args.block, args.heads)
+    took = time.perf_counter() - t0
+    print(f"pattern: {pat}")
+    print(lay.describe())
+    print(f"layout built in {took * 1e3:.1f} ms")
+    if args.plan:
+        print()
+        print(pipeline.plan(pat, args.seq_len, args.block, args.heads).describe())
+    if args.png:
+        from .pictures import draw_pattern
+
+        draw_pattern(pat, lay, args.png, heads=args.heads)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_layout(args) -> int:
+    import numpy as np
+
+    from . import pipeline
+
+    pat = load_pattern(args.pattern, args.param)
+    lay = pipeline.layout(pat, args.seq_len, args.block, args.heads)
+    arrays = {name: getattr(lay, name) for name in ("kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")}
+    meta = {"pattern": str(pat), "seq_len": lay.seq_len, "block": lay.block, "heads": lay.heads, "nnz": lay.nnz}
+    out = Path(args.out)
+    if out.suffix == ".npz":
+        np.savez_compressed(out, **arrays, dense=lay.to_dense(), meta=json.dumps(meta))
+    elif out.suffix == ".json":
+        out.write_text(json.dumps({**meta, **{k: v.tolist() for k, v in arrays.items()}}) + "\n")
+    else:
+        raise PatternError(f"--out must end in .npz or .json, got {args.out!r}")
+    print(f"wrote {out} ({lay.nnz} non-empty blocks)")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    pat = load_pattern(args.pattern, args.param)
+    if args.emit == "ir":
+        print(repr(pat))
+        return 0
+    from .backends.triton import codegen
+
+    print(codegen.generate_source(pat, codegen.default_config(args.head_dim, args.dtype, args.block)))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from . import pipeline
+
+    pat = load_pattern(args.pattern, args.param)
+    print(pipeline.plan(pat, args.seq_len, args.block, args.heads).describe())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("patterncc bench needs a CUDA GPU; none is available here.", file=sys.stderr)
+        return 2
+    from .backends.triton import bench
+
+    pat = load_pattern(args.pattern, args.param)
+    table = bench.run(pat, seq_lens=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
+                      head_dims=args.head_dim, batch=args.batch, dtype=args.dtype)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def cmd_test(args) -> int:
+    from .testing import run_files
+
+    return run_files(args.files, examples=args.examples, backends=args.backend)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, seq_len=args.seq_len)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

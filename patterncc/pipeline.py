@@ -1,0 +1,127 @@
+"""The driver: every stage of patterncc, in order, one line each.
+
+    .pat text --parse--> AST --resolve--> IR --simplify--> IR
+    IR --layout(n, block, heads)--> BlockLayout
+    IR --plan(n, block, heads)-->  Plan
+    IR --compile(backend)--> Attention (kernels generated and cached per backend)
+
+Each stage is a pure function in its own module. With ``PATTERNCC_DEBUG=1``
+the IR is validated between stages (``validate``) instead of checks being
+scattered through the passes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import ir
+from .errors import PatternError, PatternValueError
+
+
+def parse(text: str, filename: str = "<pattern>", *, entry: str | None = None, **overrides: int) -> ir.Pattern:
+    """An expression or a whole .pat source -> simplified IR.
+
+    A source that ends with an expression means that expression; otherwise it
+    means its last ``pattern`` definition (or ``entry``), called with its
+    defaults, which keyword arguments override.
+    """
+    from .parse import parse_source
+    from .resolve import resolve
+    from .simplify import simplify
+
+    if not isinstance(text, str):
+        raise TypeError(f"parse() takes pattern source text, got {type(text).__name__}")
+    module = parse_source(text, filename)           # text -> AST, with line/column on every node
+    pattern = _checked(resolve(module, overrides, entry=entry))  # AST -> IR: names, arity, values
+    return _checked(simplify(pattern))              # IR -> IR: algebraic clean-up
+
+
+def load(path: str | os.PathLike, *, entry: str | None = None, **overrides: int) -> ir.Pattern:
+    """A ``.pat`` file -> IR; keyword arguments override parameter defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PatternError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return parse(text, str(path), entry=entry, **overrides)
+
+
+def as_pattern(pat: ir.Pattern | str) -> ir.Pattern:
+    """Accept a pattern object or source text wherever a pattern is expected."""
+    if isinstance(pat, ir.Pattern):
+        return pat
+    if isinstance(pat, str):
+        return parse(pat)
+    raise TypeError(f"expected a pattern or pattern source text, got {type(pat).__name__}")
+
+
+def mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
+    """numpy bool ``[heads, n, n]``: True where query q may attend to key k (small n only)."""
+    from .mask import dense_mask
+
+    return dense_mask(as_pattern(pat), _positive("seq_len", seq_len), _positive("heads", heads))
+
+
+def sparse_mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
+    """One scipy.sparse bool CSR ``[n, n]`` per layout head, for long sequences."""
+    from .layout import sparse_mask as build_sparse
+
+    return build_sparse(as_pattern(pat), _positive("seq_len", seq_len), _positive("heads", heads))
+
+
+def layout(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
+    """The BlockLayout of a pattern at one length, in natural token order."""
+    from .layout import build
+
+    return build(as_pattern(pat), _positive("seq_len", seq_len), _positive("block", block), _positive("heads", heads))
+
+
+def plan(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
+    """The execution plan: components, their token orders and layouts, and why."""
+    from .plan import build_plan
+
+    return build_plan(as_pattern(pat), _positive("seq_len", seq_len), _positive("block", block), _positive("heads", heads))
+
+
+def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
+    """A callable ``attn(q, k, v, scale=None, return_lse=False)`` for the pattern.
+
+    ``backend``: ``"reference"`` (numpy/scipy, float64), ``"triton"`` (the
+    generated GPU kernels) or ``"auto"`` (Triton for CUDA tensors, the
+    reference otherwise, chosen per call).
+    """
+    from .attention import Attention
+
+    return Attention(_checked(as_pattern(pat)), backend=backend, **options)
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PatternValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise PatternValueError(f"{name} must be >= 1, got {name}={value}")
+    return value
+
+
+def _checked(p: ir.Pattern) -> ir.Pattern:
+    if os.environ.get("PATTERNCC_DEBUG"):
+        validate(p)
+    return p
+
+
+def validate(p: ir.Pattern) -> None:
+    """Internal invariants of the IR (a bug in a pass, never a user error)."""
+    for node in ir.walk(p):
+        assert isinstance(node, ir.Pattern), f"not a pattern node: {node!r}"
+        hash(node)
+        if isinstance(node, (ir.Union, ir.Intersect)):
+            assert len(node.parts) >= 2, f"{type(node).__name__} with {len(node.parts)} parts"
+            assert not any(isinstance(c, type(node)) for c in node.parts), "unflattened chain"
+        if isinstance(node, ir.Cycle):
+            assert node.parts, "empty cycle"
+        if type(node) in ir.PRIMITIVE_NAMES:
+            for a in ir.args_of(node):
+                assert isinstance(a, (int, ir.Expr)) and not isinstance(a, bool), f"bad argument {a!r}"
+                if isinstance(a, ir.Expr):
+                    assert ir.expr_vars(a) <= {"n"}, f"argument depends on {ir.expr_vars(a)}"
