@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (once) with patterncc installed editable and its test extras.
+# torch is pinned to 2.13.0 when none is importable: that takes the CPU build
+# from local disk on our CPU machines; a GPU machine's own torch is reused
+# through --system-site-packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install -q torch==2.13.0
+fi
+.venv/bin/python -m pip install -q -e ".[test,plot]"
