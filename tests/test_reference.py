@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -246,6 +247,35 @@ def test_sparse_masks_match_dense_mask():
     assert len(got) == 5
     for h in range(5):
         np.testing.assert_array_equal(got[h].toarray(), want[h])
+
+
+def test_sparse_masks_from_a_builder_are_canonical(monkeypatch):
+    """Whatever CSR the layout module hands over (unsorted indices, explicit
+    zeros, one object for several heads) is normalized without editing it."""
+    given_mask = sp.csr_matrix(
+        (np.array([1.0, 0.0, 2.0, 3.0]), np.array([2, 0, 1, 0]), np.array([0, 2, 3, 4])), shape=(3, 3)
+    )
+    monkeypatch.setattr(masks, "_layout_sparse_mask", lambda p, n, heads: [given_mask] * heads)
+    pattern = ir.Cycle((ir.All(), ir.Causal()))
+    got = masks.sparse_masks(pattern, 3, 2)
+    assert got[0] is got[1]
+    want = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(got[0].toarray(), want)
+    assert got[0].has_sorted_indices and got[0].nnz == 3 and got[0].dtype == bool
+    assert given_mask.nnz == 4 and given_mask.data[1] == 0.0  # untouched
+
+    q, k, v, _ = inputs(1, 2, 1, 3, 4)
+    o, lse = ReferenceAttention(pattern, dense_limit=0).forward(q, k, v)
+    o_ref, lse_ref = naive_forward(np.stack([want, want]), q, k, v, 0.5)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-13)
+
+
+def test_heads_with_one_pattern_share_one_mask():
+    pattern = ir.Cycle((ir.Causal(), ir.Local(2)))
+    for build in (masks.dense_masks, masks.sparse_masks):
+        got = build(pattern, 8, 64)
+        assert len(got) == 64 and len({id(m) for m in got}) == 2
+    assert len(masks.dense_masks(ir.Causal(), 8, 64)) == 1
 
 
 def primitives():

@@ -28,36 +28,46 @@ def layout_heads(p: ir.Pattern, heads: int) -> int:
 
 
 def dense_masks(p: ir.Pattern, seq_len: int, heads: int) -> list[np.ndarray]:
-    """bool ``(n, n)`` per layout head."""
-    ir.check_heads(p, heads)
-    return list(dense_mask(p, seq_len, layout_heads(p, heads)))
+    """bool ``(n, n)`` per layout head; heads with the same pattern share one array."""
+    return _per_head(p, seq_len, heads, lambda ph, n: dense_mask(ph, n)[0])
 
 
 def sparse_masks(p: ir.Pattern, seq_len: int, heads: int) -> list[sp.csr_array]:
-    """bool CSR ``(n, n)`` per layout head, sorted indices, no explicit zeros."""
+    """bool CSR ``(n, n)`` per layout head, sorted indices, no explicit zeros;
+    heads that share a mask share one array."""
     ir.check_heads(p, heads)
     build = _layout_sparse_mask or _sparse_mask_by_rows
-    out = []
-    for m in build(p, seq_len, heads):
-        m = sp.csr_array(m, dtype=bool)
-        m.eliminate_zeros()
-        m.sort_indices()
-        out.append(m)
-    return out
+    seen: dict[int, sp.csr_array] = {}
+    return [seen.setdefault(id(m), _canonical(m)) for m in build(p, seq_len, heads)]
+
+
+def _canonical(m) -> sp.csr_array:
+    m = sp.csr_array(m)
+    if m.dtype == bool and m.has_sorted_indices and m.data.all():
+        return m
+    m = sp.csr_array(m, dtype=bool, copy=True)  # never edit the builder's (maybe cached) arrays
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
 
 
 def _sparse_mask_by_rows(p: ir.Pattern, seq_len: int, heads: int) -> list[sp.csr_array]:
     """Stand-in for ``layout.sparse_mask`` until it lands: evaluates every
     element (``n * n`` time) but only a block of rows at a time, so memory
     stays at the size of the result."""
-    n = seq_len
-    bound = ir.bind(p, n)
-    built: dict[ir.Pattern, sp.csr_array] = {}
+    return _per_head(p, seq_len, heads, _csr_by_rows)
+
+
+def _per_head(p: ir.Pattern, seq_len: int, heads: int, build_one) -> list:
+    """``build_one(head_free_pattern, n)`` for each layout head, once per distinct pattern."""
+    ir.check_heads(p, heads)
+    bound = ir.bind(p, seq_len)
+    built: dict[ir.Pattern, object] = {}
     out = []
     for h in range(layout_heads(p, heads)):
         ph = ir.for_head(bound, h)
         if ph not in built:
-            built[ph] = _csr_by_rows(ph, n)
+            built[ph] = build_one(ph, seq_len)
         out.append(built[ph])
     return out
 
