@@ -1,0 +1,1115 @@
+"""Property-test a sparse attention pattern: hypothesis strategies, assertions
+and a ready-made suite.
+
+    import patterncc as pcc
+    from patterncc.testing import check_pattern
+
+    def test_my_pattern():
+        report = check_pattern(pcc.load("my_pattern.pat"))
+        assert report.ok, report
+
+``check_pattern`` runs, for one pattern, (1) its block layout against the
+classes brute-forced from the element mask, over random lengths, block sizes
+and head counts, and (2) every attention backend available on this machine
+against the float64 reference, forward (``o``, ``lse``) and backward (``dq``,
+``dk``, ``dv``), over random shapes, dtypes and scales. The reference itself is
+checked against an independent dense float64 computation in this module
+(torch autograd). A failure comes back shrunk by hypothesis to a minimal
+counterexample, with a shell command that reproduces it.
+
+The pieces, for writing your own properties:
+
+- strategies: ``patterns(...)`` (well-formed IR patterns over every primitive
+  and combinator), ``where_conditions(...)``, ``attention_inputs(...)`` (an
+  ``AttentionCase``) and ``make_tensors(case)``;
+- assertions: ``assert_layout_sound(pat, seq_len, block, heads)`` and
+  ``assert_matches_reference(attn, pat, q, k, v)``;
+- brute force: ``block_classes(...)`` and ``dense_attention(...)``;
+- ``run_files(files)``, behind ``patterncc test FILE...``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random as _random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from hypothesis import HealthCheck, Verbosity, given, settings, strategies as st
+from hypothesis import seed as _hypothesis_seed
+
+from . import ir
+from .errors import PatternError
+from .layout import EMPTY, FULL, PARTIAL
+
+__all__ = [
+    "AttentionCase",
+    "Counterexample",
+    "Report",
+    "TOLERANCES",
+    "Tolerance",
+    "assert_layout_sound",
+    "assert_matches_reference",
+    "available_backends",
+    "block_classes",
+    "check_pattern",
+    "dense_attention",
+    "make_tensors",
+    "attention_inputs",
+    "patterns",
+    "reproduce",
+    "run_files",
+    "where_conditions",
+]
+
+
+# ============================================================================
+# Strategies
+# ============================================================================
+
+# Small arguments, so that masks are interesting at n <= 64. Every strategy
+# lists its simplest values first: hypothesis shrinks towards them.
+_SMALL = st.integers(1, 16)
+
+
+def _size_arg(minimum: int) -> st.SearchStrategy:
+    """A primitive argument: mostly a small int, sometimes an expression of
+    ``n`` (which makes kernels specialize per length) that is ``>= minimum``
+    for every ``n >= 1``."""
+    n = ir.Var("n")
+    exprs = [
+        ir.Call("isqrt", (n,)),                                    # 1 .. 8 for n <= 64
+        ir.BinOp("+", ir.BinOp("//", n, ir.Const(8)), ir.Const(1)),  # n // 8 + 1
+    ]
+    if minimum <= 0:
+        exprs.append(ir.BinOp("//", n, ir.Const(4)))
+    ints = st.integers(minimum, 16) if minimum >= 1 else st.integers(0, 8)
+    return st.one_of(ints, st.sampled_from(exprs))
+
+
+def _primitives(allow_random: bool) -> list[st.SearchStrategy]:
+    out = [
+        st.just(ir.Causal()),
+        st.builds(ir.Local, _size_arg(1)),
+        st.builds(ir.Stride, _size_arg(1)),
+        st.builds(ir.Block, _size_arg(1)),
+        st.integers(1, 16).flatmap(lambda l: st.builds(ir.Summary, st.just(l), st.integers(1, l))),
+        st.builds(ir.Global, _size_arg(0)),
+        st.builds(ir.Sink, _size_arg(0)),
+        st.builds(ir.Dilated, st.integers(1, 6), st.integers(1, 6)),
+        st.just(ir.All()),
+        st.just(ir.Empty()),
+    ]
+    if allow_random:
+        out.append(st.builds(ir.Random, st.integers(0, 4), st.integers(1, 16), st.integers(0, 1000)))
+    return out
+
+
+def _int_exprs(variables: Sequence[str], depth: int) -> st.SearchStrategy:
+    """Integer expressions with Python semantics. ``*`` always has a constant
+    factor and ``//``, ``%`` a positive constant divisor (what the language
+    allows), so values stay linear in the positions: no int32 overflow in
+    kernels for any realistic ``n``."""
+    leaf = st.one_of(st.sampled_from([ir.Var(v) for v in variables]), st.integers(-4, 16).map(ir.Const))
+    if depth <= 0:
+        return leaf
+    sub = _int_exprs(variables, depth - 1)
+    const = st.integers(-3, 4).map(ir.Const)
+    divisor = st.integers(1, 8).map(ir.Const)
+    return st.one_of(
+        leaf,
+        st.builds(ir.BinOp, st.sampled_from(["+", "-"]), sub, sub),
+        st.builds(ir.BinOp, st.just("*"), sub, const),
+        st.builds(ir.BinOp, st.sampled_from(["//", "%"]), sub, divisor),
+        st.builds(lambda a: ir.Call("abs", (a,)), sub),
+        st.builds(lambda fn, a, b: ir.Call(fn, (a, b)), st.sampled_from(["min", "max"]), sub, sub),
+    )
+
+
+def where_conditions(variables: Sequence[str] = ir.VARS, max_depth: int = 2) -> st.SearchStrategy:
+    """Boolean ``where`` conditions over ``variables`` (default ``q, k, h, n``):
+    comparisons of integer expressions built with ``+ - * // % abs min max``,
+    combined with ``and``, ``or``, ``not``. Divisors are positive constants."""
+    ints = _int_exprs(tuple(variables), max_depth)
+    compare = st.builds(ir.Compare, st.sampled_from(ir.CMP_OPS), ints, ints)
+    if max_depth <= 1:
+        return compare
+
+    def extend(sub):
+        return st.one_of(
+            st.builds(lambda op, parts: ir.BoolOp(op, tuple(parts)), st.sampled_from(["and", "or"]),
+                      st.lists(sub, min_size=2, max_size=3)),
+            st.builds(ir.Not, sub),
+        )
+
+    return st.recursive(compare, extend, max_leaves=max(2, 2 * max_depth))
+
+
+def patterns(
+    max_depth: int = 3,
+    max_leaves: int = 6,
+    heads: int | None = None,
+    allow_where: bool = True,
+    allow_random: bool = True,
+    causal_only: bool = False,
+) -> st.SearchStrategy:
+    """Well-formed IR patterns over every primitive and combinator.
+
+    Leaves are the primitives (``all none causal local stride block summary
+    global sink dilated``, ``random`` unless ``allow_random=False``, ``where``
+    with a random condition unless ``allow_where=False``) with small integer
+    arguments; inner nodes are ``| & - ~`` and, when ``heads`` is given,
+    ``heads { .. }`` (ranges covering exactly ``0..heads``) and ``cycle(..)``.
+    At most ``max_depth`` combinator levels and ``max_leaves`` leaves. With
+    ``causal_only`` every pattern is ``causal & (...)``.
+
+    The leaf branch is drawn first at every level, so a failing pattern
+    shrinks to a single primitive whenever that still fails.
+    """
+    leaves = _primitives(allow_random)
+    if allow_where:
+        leaves.append(st.builds(ir.Where, where_conditions()))
+    leaf = st.one_of(leaves)
+    tree = _trees(leaf, max_depth, max_leaves, heads)
+    return tree.map(lambda p: ir.Causal() & p) if causal_only else tree
+
+
+def _trees(leaf, max_depth: int, max_leaves: int, heads: int | None) -> st.SearchStrategy:
+    @st.composite
+    def node(draw, depth: int, budget: int):
+        """``(pattern, leaves used)`` with at most ``budget`` leaves."""
+        kinds = ["leaf"]
+        if depth > 0:
+            kinds.append("~")
+            if budget >= 2:
+                kinds += ["|", "&", "-"]
+                if heads is not None:
+                    kinds += ["heads", "cycle"]
+        kind = draw(st.sampled_from(kinds))
+        if kind == "leaf":
+            return draw(leaf), 1
+        if kind == "~":
+            arg, used = draw(node(depth - 1, budget))
+            return ~arg, used
+        if kind in ("|", "&", "-"):
+            left, used = draw(node(depth - 1, budget - 1))
+            right, more = draw(node(depth - 1, budget - used))
+            return {"|": left | right, "&": left & right, "-": left - right}[kind], used + more
+        count = draw(st.integers(2, min(3, budget)))
+        parts, used = [], 0
+        for i in range(count):
+            part, more = draw(node(depth - 1, budget - used - (count - 1 - i)))
+            parts.append(part)
+            used += more
+        if kind == "cycle":
+            return ir.Cycle(tuple(parts)), used
+        return _heads_node(draw, parts, heads), used
+
+    return node(max_depth, max_leaves).map(lambda pair: pair[0])
+
+
+def _heads_node(draw, parts: list, heads: int) -> ir.Heads:
+    """``heads { .. }`` over ``0..heads``: as many ranges as parts fit."""
+    count = min(len(parts), heads)
+    cuts = sorted(draw(st.sets(st.integers(1, heads - 1), min_size=count - 1, max_size=count - 1))) if count > 1 else []
+    bounds = [0, *cuts, heads]
+    return ir.Heads(tuple(ir.HeadRange(a, b, p) for a, b, p in zip(bounds, bounds[1:], parts)))
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One attention call's shapes and data: q ``[B, H, n, D]``, k and v
+    ``[B, Hkv, n, D]`` of ``dtype``, drawn from ``seed``; ``block`` is a block
+    size to check the layout at; ``scale`` None means ``1/sqrt(D)``."""
+
+    B: int
+    H: int
+    Hkv: int
+    n: int
+    D: int
+    dtype: str
+    scale: float | None
+    seed: int
+    block: int = 16
+
+    def describe(self) -> str:
+        scale = "None" if self.scale is None else repr(self.scale)
+        return (f"B={self.B} H={self.H} Hkv={self.Hkv} n={self.n} D={self.D} "
+                f"dtype={self.dtype} scale={scale} seed={self.seed}")
+
+
+def attention_inputs(
+    pattern: ir.Pattern | None = None,
+    dtypes: Sequence[str] = ("float32",),
+    max_seq_len: int = 48,
+    blocks: Sequence[int] = (8, 16),
+    head_dims: Sequence[int] = (16, 32),
+    gqa: bool = True,
+    max_batch: int = 2,
+    max_heads: int = 4,
+) -> st.SearchStrategy:
+    """``AttentionCase``s for ``pattern``: ``n`` from 1 to ``max_seq_len``
+    (lengths that are not multiples of the block included), ``H`` fixed by a
+    ``heads { .. }`` in the pattern or drawn up to ``max_heads``, ``Hkv`` a
+    divisor of ``H`` (``Hkv = 1`` is multi-query; ``gqa=False`` keeps
+    ``Hkv = H``), ``scale`` None or ``m / sqrt(D)`` with ``0.25 <= m <= 2``."""
+    fixed_heads = _heads_required(pattern) if pattern is not None else None
+
+    @st.composite
+    def draw_case(draw):
+        H = fixed_heads if fixed_heads is not None else draw(st.integers(1, max_heads))
+        divisors = [d for d in range(1, H + 1) if H % d == 0]
+        Hkv = draw(st.sampled_from(divisors[::-1])) if gqa else H  # Hkv = H first: the simplest
+        D = draw(st.sampled_from(list(head_dims)))
+        multiplier = draw(st.none() | st.floats(0.25, 2.0))
+        return AttentionCase(
+            B=draw(st.integers(1, max_batch)),
+            H=H,
+            Hkv=Hkv,
+            n=draw(st.integers(1, max_seq_len)),
+            D=D,
+            dtype=draw(st.sampled_from(list(dtypes))),
+            scale=None if multiplier is None else round(multiplier / math.sqrt(D), 6),
+            seed=draw(st.integers(0, 2**31 - 1)),
+            block=draw(st.sampled_from(list(blocks))),
+        )
+
+    return draw_case()
+
+
+def _heads_required(p: ir.Pattern) -> int | None:
+    """The head count a ``heads { .. }`` in ``p`` fixes (its last range's stop)."""
+    for node in ir.walk(p):
+        if isinstance(node, ir.Heads) and node.ranges:
+            return max(r.stop for r in node.ranges)
+    return None
+
+
+def make_tensors(case: AttentionCase, device="cpu", requires_grad: bool = False):
+    """Random ``(q, k, v, do)`` torch tensors for ``case``: standard normal
+    values from ``case.seed`` (never all zeros), rounded to ``case.dtype``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(case.seed)
+    dtype = getattr(torch, case.dtype)
+    shapes = [(case.B, case.H, case.n, case.D), (case.B, case.Hkv, case.n, case.D),
+              (case.B, case.Hkv, case.n, case.D), (case.B, case.H, case.n, case.D)]
+    out = []
+    for i, shape in enumerate(shapes):
+        x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        out.append(x.requires_grad_(requires_grad and i < 3))
+    return tuple(out)
+
+
+# ============================================================================
+# Brute force: the classes and the attention, straight from the element mask
+# ============================================================================
+
+
+def block_classes(pat: ir.Pattern | str, seq_len: int, block: int, heads: int = 1) -> np.ndarray:
+    """int8 ``[heads, nq, nk]`` (0 empty, 1 partial, 2 full) from ``pcc.mask``:
+    the ground truth a layout is checked against. Small ``n`` only."""
+    from . import pipeline
+
+    m = pipeline.mask(pat, seq_len=seq_len, heads=heads)  # (heads, n, n)
+    nb = -(-seq_len // block)
+    padded = np.zeros((heads, nb * block, nb * block), dtype=bool)
+    padded[:, :seq_len, :seq_len] = m
+    inside = np.zeros((nb * block, nb * block), dtype=bool)
+    inside[:seq_len, :seq_len] = True
+    tiles = padded.reshape(heads, nb, block, nb, block)
+    inside_tiles = inside.reshape(nb, block, nb, block)
+    any_allowed = tiles.any(axis=(2, 4))
+    all_allowed = (tiles | ~inside_tiles[None]).all(axis=(2, 4))
+    return np.where(any_allowed, np.where(all_allowed, FULL, PARTIAL), EMPTY).astype(np.int8)
+
+
+def dense_attention(mask, q, k, v, scale=None):
+    """``(o, lse)`` in float64 torch with autograd: the kit's own definition,
+    independent of the reference backend's explicit backward.
+
+    ``mask`` bool ``[H or 1, n, n]``; q ``[B, H, n, D]``, k and v
+    ``[B, Hkv, n, D]``, query head ``h`` reading kv head ``h // (H // Hkv)``.
+    A row with no allowed key gives ``o = 0``, ``lse = -inf`` and no gradient.
+    """
+    import torch
+
+    B, H, n, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    mask = torch.as_tensor(np.asarray(mask), dtype=torch.bool)[None]  # (1, H or 1, n, n)
+    k = k.repeat_interleave(group, dim=1)  # (B, H, n, D)
+    v = v.repeat_interleave(group, dim=1)
+    has_key = mask.any(dim=-1)  # (1, H, n)
+    s = torch.where(mask, scale * q @ k.transpose(-1, -2), -math.inf)
+    # Rows without a key get scores 0 instead of all -inf (whose softmax and
+    # gradient would be NaN); the mask below zeroes their probabilities.
+    s = torch.where(has_key[..., None], s, 0.0)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, n)
+    p = torch.exp(s - lse[..., None]) * mask
+    return p @ v, torch.where(has_key, lse, -math.inf)
+
+
+# ============================================================================
+# Assertions
+# ============================================================================
+
+_CLASS_NAMES = {EMPTY: "EMPTY", PARTIAL: "PARTIAL", FULL: "FULL"}
+
+
+def assert_layout_sound(pat: ir.Pattern | str, seq_len: int, block: int, heads: int = 1, exact: bool = True):
+    """Check ``layout.build(pat, seq_len, block, heads)`` against the classes
+    brute-forced from the element mask, and its CSR arrays for consistency.
+
+    Sound: a pair with an allowed element is never EMPTY, a pair with a
+    disallowed element is never FULL. ``exact``: every class equals the brute
+    force one. The failure message shows the first bad block and its element
+    mask. Returns the layout.
+    """
+    from . import layout as layout_module
+    from .pipeline import as_pattern
+
+    pat = as_pattern(pat)
+    lay = layout_module.build(pat, seq_len, block, heads)
+    where = f"layout of `{pat}` at seq_len={seq_len}, block={block}, heads={heads}"
+    problems = _csr_problems(lay, seq_len, block, heads, ir.depends_on_head(pat))
+    if problems:
+        raise AssertionError(f"{where}: malformed record:\n  " + "\n  ".join(problems))
+    truth = block_classes(pat, seq_len, block, heads)
+    got = np.broadcast_to(lay.to_dense(), truth.shape)
+    unsound = ((truth != EMPTY) & (got == EMPTY)) | ((truth != FULL) & (got == FULL))
+    bad = unsound | ((truth != got) if exact else False)
+    if not bad.any():
+        return lay
+    first = tuple(int(i) for i in np.argwhere(unsound if unsound.any() else bad)[0])
+    kind = "unsound" if unsound.any() else "sound but not exact"
+    h, i, j = first
+    lines = [
+        f"{where} is {kind}: {int(unsound.sum())} unsound and {int((bad & ~unsound).sum())} inexact block pairs.",
+        f"first: head {h}, query block {i} (q {i * block}..{min(seq_len, (i + 1) * block) - 1}), "
+        f"key block {j} (k {j * block}..{min(seq_len, (j + 1) * block) - 1}): "
+        f"layout says {_CLASS_NAMES[int(got[first])]}, the mask says {_CLASS_NAMES[int(truth[first])]}",
+        _block_picture(pat, seq_len, block, heads, h, i, j),
+    ]
+    raise AssertionError("\n".join(lines))
+
+
+def _csr_problems(lay, seq_len: int, block: int, heads: int, head_dependent: bool) -> list[str]:
+    """What is wrong with a BlockLayout's arrays (empty list: nothing)."""
+    out = []
+    nb = -(-seq_len // block)
+    H = heads if head_dependent else 1
+    if (lay.seq_len, lay.block) != (seq_len, block):
+        out.append(f"record says seq_len={lay.seq_len}, block={lay.block}")
+    expect = {"kv_ptr": (H, nb + 1), "q_ptr": (H, nb + 1)}
+    for name, shape in expect.items():
+        arr = getattr(lay, name)
+        if arr.shape != shape and arr.shape != (1, nb + 1):
+            out.append(f"{name} has shape {arr.shape}, expected {shape}")
+    if out:
+        return out
+    for side, ptr, idx, full in (("kv", lay.kv_ptr, lay.kv_idx, lay.kv_full), ("q", lay.q_ptr, lay.q_idx, lay.q_full)):
+        flat = np.concatenate([ptr[:, :-1].ravel(), ptr[-1:, -1]])
+        if flat[0] != 0 or np.any(np.diff(flat) < 0) or flat[-1] != idx.size or full.size != idx.size:
+            out.append(f"{side}_ptr is not a running offset into {side}_idx ({idx.size} entries)")
+            continue
+        if np.any(ptr[1:, 0] != ptr[:-1, -1]):
+            out.append(f"{side}_ptr: a head does not start where the previous one ends")
+        if idx.size and (idx.min() < 0 or idx.max() >= nb):
+            out.append(f"{side}_idx has block indices outside 0..{nb - 1}")
+        for h in range(ptr.shape[0]):
+            for r in range(nb):
+                row = idx[ptr[h, r] : ptr[h, r + 1]]
+                if np.any(np.diff(row) <= 0):
+                    out.append(f"{side}_idx of head {h}, block {r} is not strictly ascending: {row.tolist()}")
+                    break
+    if out:
+        return out
+    by_q = lay.to_dense()
+    by_k = np.zeros_like(by_q)
+    for h in range(lay.q_ptr.shape[0]):
+        for j in range(nb):
+            lo, hi = lay.q_ptr[h, j], lay.q_ptr[h, j + 1]
+            by_k[h, lay.q_idx[lo:hi], j] = np.where(lay.q_full[lo:hi], FULL, PARTIAL)
+    if not np.array_equal(by_q, by_k):
+        h, i, j = np.argwhere(by_q != by_k)[0]
+        out.append(f"the by-key-block CSR disagrees with the by-query-block one at head {h}, "
+                   f"pair ({i}, {j}): {_CLASS_NAMES[int(by_k[h, i, j])]} vs {_CLASS_NAMES[int(by_q[h, i, j])]}")
+    return out
+
+
+def _block_picture(pat, seq_len: int, block: int, heads: int, h: int, i: int, j: int) -> str:
+    from . import pipeline
+
+    m = pipeline.mask(pat, seq_len=seq_len, heads=heads)[h]
+    lines = [f"element mask of that block (# allowed, . not allowed, blank beyond seq_len={seq_len}):"]
+    shown = min(block, 32)
+    for qi in range(i * block, i * block + shown):
+        row = "".join(
+            " " if qi >= seq_len or kj >= seq_len else ("#" if m[qi, kj] else ".")
+            for kj in range(j * block, j * block + shown)
+        )
+        lines.append(f"  q {qi:>5} {row}")
+    if shown < block:
+        lines.append(f"  (first {shown} of {block} rows and columns)")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed error, componentwise: ``|x - ref| <= rtol * M + atol * max(M)``.
+
+    ``M`` is the magnitude of the terms each value is computed from (its
+    error bound's natural scale, from the kit's dense float64 computation):
+    ``p @ |v|`` for ``o``, ``scale * sum_j p |q||k|`` plus ``|lse|`` for
+    ``lse``, ``scale * |ds| @ |k|`` and ``scale * |ds|^T @ |q|`` for ``dq``,
+    ``dk`` (with ``|ds| = p * (|dO| @ |V|^T + rowsum(|dO| |O|))``), and
+    ``p^T @ |dO|`` for ``dv``. ``max(M)`` is over the whole tensor: a floor
+    for underflow (fp16 subnormals, probabilities that round to 0).
+    """
+
+    rtol: float
+    atol: float
+
+
+# Unit roundoffs u: fp32 2**-24 = 6.0e-8; tf32 and fp16 2**-11 = 4.9e-4;
+# bf16 2**-8 = 3.9e-3. A flash-attention kernel rounds each value a few times
+# (P to the input dtype before P @ V, dS before dS @ K, the output itself),
+# so with the componentwise M above its error is a small multiple of u. A
+# simulated flash kernel (fp32 accumulation, P and dS rounded, online softmax)
+# on 400 random cases (n <= 300, D <= 128, scale <= 2/sqrt(D), full, causal,
+# random 30% and band masks) needed rtol <= 2u with atol = 1u for tf32, fp16
+# and bf16, and rtol <= 50u for fp32 (sums of up to n terms). The table
+# leaves a safety factor of 2 to 4 for real kernels (exp2, rescaling per
+# block):
+#   fp64  1e-9 / 1e-9    two float64 algorithms (reference vs the kit's dense)
+#   fp32  1e-5 / 1e-6    ~170u / 17u: "ieee" dots, n-term accumulation
+#   tf32  4e-3 / 1e-3    ~8u / 2u: fp32 inputs rounded to 10 mantissa bits
+#                        inside tl.dot, so scores err in proportion to |s|
+#   fp16  2e-3 / 1e-3    4u / 2u
+#   bf16  1.6e-2 / 8e-3  4u / 2u
+TOLERANCES = {
+    "float64": Tolerance(1e-9, 1e-9),
+    "float32": Tolerance(1e-5, 1e-6),
+    "tf32": Tolerance(4e-3, 1e-3),
+    "float16": Tolerance(2e-3, 1e-3),
+    "bfloat16": Tolerance(1.6e-2, 8e-3),
+}
+
+# Above this many score elements the magnitudes M are not computed densely;
+# the comparison then uses the tensor's largest reference magnitude instead.
+_DENSE_CHECK_ELEMENTS = 2**26
+
+
+def assert_matches_reference(
+    attn,
+    pat: ir.Pattern | str,
+    q,
+    k,
+    v,
+    scale: float | None = None,
+    do=None,
+    *,
+    tol: Tolerance | None = None,
+    precision: str | None = None,
+    against: str = "reference",
+    grads: bool = True,
+):
+    """Check ``attn(q, k, v, scale, return_lse=True)`` and its gradients
+    ``dq, dk, dv`` (for ``do``, random when None) against the float64
+    reference backend, run on the same input values.
+
+    Beyond the tolerance (``TOLERANCES[dtype]`` by default, see its comment
+    for the numbers and why; ``precision="tf32"`` or ``"ieee"`` says how the
+    kernel multiplies float32, by default tf32 on CUDA unless ``attn`` was
+    compiled with ``input_precision="ieee"``): no NaN anywhere; ``lse`` is
+    ``-inf`` exactly on the rows with no allowed key and finite elsewhere;
+    ``o`` and ``dq`` are exactly 0 on those rows, and ``dk``, ``dv`` exactly 0
+    for keys no query attends. ``against="dense"`` compares with the kit's own
+    dense computation instead (how the reference itself is checked).
+
+    Returns ``{name: (max abs error, max error / bound)}``; raises
+    AssertionError naming the tensor, the max abs and relative errors and the
+    worst index.
+    """
+    import torch
+
+    from .pipeline import as_pattern
+
+    pat = as_pattern(pat)
+    if tol is None:
+        tol = TOLERANCES[_precision_name(attn, q, precision)]
+    if do is None:
+        gen = torch.Generator().manual_seed(0)
+        do = torch.randn(tuple(q.shape), generator=gen).to(device=q.device, dtype=q.dtype)
+    inputs = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
+    o, lse = attn(*inputs, scale=scale, return_lse=True)
+    got = {"o": o, "lse": lse}
+    if grads:
+        o.backward(do)
+        got.update(dq=inputs[0].grad, dk=inputs[1].grad, dv=inputs[2].grad)
+    got = {name: _as_float64(x) for name, x in got.items() if x is not None}
+    missing = [name for name in ("dq", "dk", "dv") if grads and name not in got]
+
+    expected, magnitude = _expected(pat, q, k, v, scale, do, against, grads)
+    problems = [f"{name} is None: no gradient reached {name[1:]}" for name in missing]
+    errors = {}
+    for name, ref in expected.items():
+        if name not in got:
+            continue
+        msg, err = _compare(name, got[name], ref, magnitude.get(name), tol)
+        errors[name] = err
+        if msg:
+            problems.append(msg)
+    if problems:
+        shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, {q.dtype}, scale={scale}"
+        raise AssertionError(
+            f"{_name(attn)} disagrees with the {against} for `{pat}` ({shape}; "
+            f"tolerance rtol={tol.rtol:g}, atol={tol.atol:g}):\n  " + "\n  ".join(problems)
+        )
+    return errors
+
+
+def _name(attn) -> str:
+    return getattr(attn, "backend", None) and f"backend {attn.backend!r}" or type(attn).__name__
+
+
+def _precision_name(attn, q, precision: str | None) -> str:
+    name = str(q.dtype).replace("torch.", "")
+    if name != "float32":
+        return name
+    if precision is None:
+        options = getattr(attn, "options", None) or {}
+        precision = options.get("input_precision")
+    if precision is None:
+        precision = "tf32" if getattr(q, "device", None) is not None and q.device.type == "cuda" else "ieee"
+    return "tf32" if precision in ("tf32", "tf32x3") else "float32"
+
+
+def _as_float64(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        import torch
+
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _expected(pat, q, k, v, scale, do, against: str, grads: bool):
+    """float64 ``({name: expected}, {name: magnitude M})``; see ``Tolerance``."""
+    import torch
+
+    from . import pipeline
+
+    B, H, n, D = q.shape
+    q64, k64, v64, do64 = (x.detach().to("cpu", torch.float64) for x in (q, k, v, do))
+    small = B * H * n * n <= _DENSE_CHECK_ELEMENTS
+    mask = pipeline.mask(pat, seq_len=n, heads=H) if small else None
+
+    if against == "reference":
+        attn = pipeline.compile(pat, backend="reference")
+    elif against == "dense":
+        if mask is None:
+            raise ValueError(f"against='dense' needs a small problem, got {B=} {H=} {n=}")
+        attn = lambda q_, k_, v_, scale=None, return_lse=True: dense_attention(mask, q_, k_, v_, scale)  # noqa: E731
+    else:
+        raise ValueError(f"against must be 'reference' or 'dense', got {against!r}")
+    leaves = [x.clone().requires_grad_(grads) for x in (q64, k64, v64)]
+    o, lse = attn(*leaves, scale=scale, return_lse=True)
+    expected = {"o": o, "lse": lse}
+    if grads:
+        o.backward(do64)
+        expected.update(dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+    expected = {name: _as_float64(x) for name, x in expected.items()}
+    if mask is None:
+        return expected, {}
+    with torch.no_grad():
+        magnitude = _magnitudes(mask, q64, k64, v64, do64, torch.from_numpy(expected["o"]),
+                                torch.from_numpy(expected["lse"]), scale)
+    return expected, {name: m.numpy() for name, m in magnitude.items()}
+
+
+def _magnitudes(mask, q, k, v, do, o, lse, scale):
+    """The componentwise magnitudes ``M`` of ``Tolerance``, float64 torch."""
+    import torch
+
+    B, H, n, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    mask = torch.as_tensor(np.asarray(mask))[None]  # (1, H, n, n)
+    kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    finite = torch.where(torch.isfinite(lse), lse, 0.0)
+    p = torch.where(mask, torch.exp(scale * q @ kr.transpose(-1, -2) - finite[..., None]), 0.0)  # (B, H, n, n)
+    qa, ka, va, doa, oa = q.abs(), kr.abs(), vr.abs(), do.abs(), o.abs()
+    ds = p * (doa @ va.transpose(-1, -2) + (doa * oa).sum(-1, keepdim=True))
+    dk = scale * ds.transpose(-1, -2) @ qa
+    dv = p.transpose(-1, -2) @ doa
+
+    def per_kv_head(x):  # (B, H, n, D) -> (B, Hkv, n, D): sum over the group
+        return x.reshape(B, H // group, group, n, D).sum(2)
+
+    return {
+        "o": p @ va,
+        "lse": scale * (p * (qa @ ka.transpose(-1, -2))).sum(-1) + finite.abs(),
+        "dq": scale * ds @ ka,
+        "dk": per_kv_head(dk),
+        "dv": per_kv_head(dv),
+    }
+
+
+def _compare(name: str, got: np.ndarray, ref: np.ndarray, magnitude, tol: Tolerance):
+    """``(problem or None, (max abs error, max error / bound))`` for one tensor."""
+    if got.shape != ref.shape:
+        return f"{name} has shape {got.shape}, expected {ref.shape}", (math.inf, math.inf)
+    if np.isnan(got).any():
+        idx = tuple(int(i) for i in np.argwhere(np.isnan(got))[0])
+        return f"{name} has {int(np.isnan(got).sum())} NaN values, the first at {idx}", (math.nan, math.inf)
+    ref_inf = np.isinf(ref)
+    if not np.array_equal(np.isinf(got), ref_inf) or not np.array_equal(got[ref_inf], ref[ref_inf]):
+        idx = tuple(int(i) for i in np.argwhere((np.isinf(got) != ref_inf) | (ref_inf & (got != ref)))[0])
+        return (f"{name}[{idx}] = {got[idx]!r} but the reference has {ref[idx]!r} "
+                f"(-inf exactly on the rows with no allowed key, finite elsewhere)"), (math.inf, math.inf)
+    got, ref = np.where(ref_inf, 0.0, got), np.where(ref_inf, 0.0, ref)
+    if magnitude is None:
+        magnitude = np.full(ref.shape, np.abs(ref).max(initial=0.0))
+    bound = tol.rtol * magnitude + tol.atol * magnitude.max(initial=0.0)
+    error = np.abs(got - ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(error == 0, 0.0, error / bound)  # inf where the bound is 0: exact zero expected
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(ratio), ratio.shape)) if ratio.size else ()
+    max_abs = float(error.max(initial=0.0))
+    max_ratio = float(ratio.max(initial=0.0))
+    if max_ratio <= 1.0:
+        return None, (max_abs, max_ratio)
+    rel = error / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)
+    count = int((ratio > 1).sum())
+    if bound[worst] == 0:
+        why = "expected exactly 0 (no allowed pair contributes there)"
+    else:
+        why = f"{max_ratio:.3g}x the bound {bound[worst]:.3g}"
+    return (f"{name}: {count} of {ratio.size} values off; max abs error {max_abs:.3g}, "
+            f"max rel error {float(rel.max(initial=0.0)):.3g}; worst at {name}{list(worst)}: "
+            f"got {got[worst]:.9g}, expected {ref[worst]:.9g} ({why})"), (max_abs, max_ratio)
+
+
+# ============================================================================
+# The property suite for one pattern
+# ============================================================================
+
+
+def available_backends() -> dict[str, str | None]:
+    """``{backend: None if it can run here, else why not}``."""
+    return {"reference": None, "triton": _triton_unavailable()}
+
+
+def _triton_unavailable() -> str | None:
+    if importlib.util.find_spec("patterncc.backends.triton.runtime") is None:
+        return "backends/triton/runtime.py does not exist yet"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    import torch
+
+    if torch.cuda.is_available() or _interpreted():
+        return None
+    return "no CUDA device (set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU)"
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class Counterexample:
+    """The minimal failing input hypothesis found, and how to rerun it."""
+
+    check: str  # "layout" or "kernel"
+    backend: str | None
+    pattern: str  # source text of the pattern
+    seq_len: int
+    block: int | None
+    heads: int
+    case: AttentionCase | None
+    error: str
+    command: str
+
+    def describe(self) -> str:
+        what = f"seq_len={self.seq_len}, block={self.block}, heads={self.heads}"
+        if self.case is not None:
+            what = self.case.describe()
+        return (f"minimal counterexample ({self.check}{', ' + self.backend if self.backend else ''}): "
+                f"`{self.pattern}` with {what}\n{self.error}\nreproduce with:\n  {self.command}")
+
+
+@dataclass
+class CheckResult:
+    check: str  # "layout" or "kernel"
+    backend: str | None
+    status: str  # "passed", "failed" or "skipped"
+    examples: int = 0
+    seconds: float = 0.0
+    counterexample: Counterexample | None = None
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    """What ``check_pattern`` found: one ``CheckResult`` per check and backend."""
+
+    pattern: str
+    seed: int
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def __str__(self) -> str:
+        lines = [f"pattern `{self.pattern}` (hypothesis seed {self.seed}): {'ok' if self.ok else 'FAILED'}"]
+        for r in self.results:
+            label = r.check + (f" [{r.backend}]" if r.backend else "")
+            extra = f" ({r.reason})" if r.reason else ""
+            lines.append(f"  {label:<20} {r.status:<7} {r.examples:>4} examples {r.seconds:6.1f} s{extra}")
+        for r in self.failures:
+            if r.counterexample is not None:
+                lines.append(_indent(r.counterexample.describe(), "  "))
+        return "\n".join(lines)
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+# Shapes per backend: the Triton interpreter runs every program on the CPU in
+# numpy, so it gets short sequences and one head dim; CUDA gets the real range.
+def _kernel_shapes(backend: str) -> dict:
+    if backend == "reference":
+        return dict(dtypes=("float64",), max_seq_len=96, head_dims=(8, 16), max_batch=2, max_heads=4)
+    if _interpreted():
+        return dict(dtypes=("float32", "float16"), max_seq_len=40, head_dims=(16,), max_batch=1, max_heads=2)
+    return dict(dtypes=("float16", "bfloat16", "float32"), max_seq_len=300, head_dims=(16, 32, 64, 128),
+                max_batch=2, max_heads=4)
+
+
+def _settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,  # nothing written into the user's working directory
+        derandomize=False,
+        report_multiple_bugs=False,  # one minimal counterexample, not a group
+        verbosity=Verbosity.quiet,
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
+    )
+
+
+def check_pattern(
+    pat: ir.Pattern | str,
+    *,
+    backends: Iterable[str] | None = None,
+    examples: int = 30,
+    seed: int | None = None,
+    exact: bool = True,
+    source: tuple[str, str | None] | None = None,
+    progress: Callable[[str, str | None, int, int], None] | None = None,
+) -> Report:
+    """Run the property suite for one pattern; return a ``Report``.
+
+    - layout: ``assert_layout_sound`` (``exact`` by default) over random
+      lengths, block sizes and head counts;
+    - kernel, per backend (default: every one available here, see
+      ``available_backends``): ``assert_matches_reference`` over
+      ``attention_inputs``. The reference backend is compared with the kit's
+      own dense float64 computation, on its dense and its sparse path.
+
+    ``examples`` hypothesis examples per check; ``seed`` makes the search
+    repeatable (a random one is drawn and recorded when None). ``source`` =
+    ``(file, entry)`` makes reproduce commands load the pattern from its file.
+    ``progress(check, backend, done, total)`` is called after every example.
+    """
+    from .pipeline import as_pattern
+
+    pat = as_pattern(pat)
+    seed = _random.randrange(2**32) if seed is None else seed
+    report = Report(pattern=str(pat), seed=seed)
+    wanted = list(available_backends()) if backends is None else list(backends)
+    status = available_backends()
+
+    report.results.append(_run_check("layout", None, pat, examples, seed, exact, source, progress))
+    for backend in wanted:
+        if backend not in status:
+            report.results.append(CheckResult("kernel", backend, "skipped", reason=f"unknown backend {backend!r}"))
+        elif status[backend] is not None:
+            report.results.append(CheckResult("kernel", backend, "skipped", reason=status[backend]))
+        else:
+            report.results.append(_run_check("kernel", backend, pat, examples, seed, exact, source, progress))
+    return report
+
+
+def _run_check(check, backend, pat, examples, seed, exact, source, progress) -> CheckResult:
+    from . import pipeline
+
+    state = {"done": 0, "last": None, "failed": None}
+    attns: dict = {}
+    if check == "layout":
+        strategy = _layout_inputs(pat)
+    else:
+        strategy = attention_inputs(pat, gqa=True, **_kernel_shapes(backend))
+
+    def body(example):
+        state["last"] = example
+        try:
+            if check == "layout":
+                seq_len, block, heads = example
+                assert_layout_sound(pat, seq_len, block, heads, exact=exact)
+            else:
+                _check_kernel(backend, pat, example, attns)
+        except BaseException as err:  # noqa: BLE001 - recorded, then re-raised for hypothesis
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            state["failed"] = (example, err)
+            raise
+        finally:
+            state["done"] += 1
+            if progress is not None:
+                progress(check, backend, min(state["done"], examples), examples)
+
+    test = _hypothesis_seed(seed)(_settings(examples)(given(strategy)(body)))
+    start = time.perf_counter()
+    try:
+        test()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001
+        example, error = state["failed"] or (state["last"], err)
+        result = CheckResult(check, backend, "failed", state["done"], time.perf_counter() - start)
+        result.counterexample = _counterexample(check, backend, pat, example, error, source)
+        return result
+    return CheckResult(check, backend, "passed", min(state["done"], examples), time.perf_counter() - start)
+
+
+def _layout_inputs(pat: ir.Pattern) -> st.SearchStrategy:
+    """``(seq_len, block, heads)``: lengths up to a few times the pattern's
+    largest constant (at least 64), blocks of 1 to 64 (powers of two and not)."""
+    fixed = _heads_required(pat)
+    if fixed is not None:
+        heads = st.just(fixed)
+    elif ir.depends_on_head(pat):
+        heads = st.integers(1, 6)
+    else:
+        heads = st.integers(1, 2)
+    top = min(512, max(64, 3 * _largest_constant(pat) + 8))
+    blocks = st.sampled_from([8, 16, 4, 32, 1, 3, 64, 5])
+    return st.tuples(st.integers(1, top), blocks, heads)
+
+
+def _largest_constant(pat: ir.Pattern) -> int:
+    """The largest integer in ``pat``'s arguments and conditions (at n = 64)."""
+    largest = 0
+    for node in ir.walk(pat):
+        if type(node) in ir.PRIMITIVE_NAMES and not isinstance(node, ir.Random):
+            for a in ir.args_of(node):
+                try:
+                    largest = max(largest, abs(ir.eval_int(a, {"n": 64})))
+                except PatternError:
+                    pass
+        elif isinstance(node, ir.Random):
+            b = node.b if isinstance(node.b, int) else 16
+            largest = max(largest, 2 * b)
+        elif isinstance(node, ir.Where):
+            stack = [node.cond]
+            while stack:
+                e = stack.pop()
+                if isinstance(e, ir.Const):
+                    largest = max(largest, abs(e.value))
+                stack.extend(ir.expr_children(e))
+    return largest
+
+
+def _check_kernel(backend: str, pat: ir.Pattern, case: AttentionCase, attns: dict) -> None:
+    import torch
+
+    from . import pipeline
+
+    if backend == "reference":
+        from .backends.reference import ReferenceAttention
+
+        # Both reference paths, against the kit's independent dense computation.
+        for dense_limit in (4096, 0):
+            if dense_limit not in attns:
+                attns[dense_limit] = ReferenceAttention(pat, dense_limit=dense_limit)
+            q, k, v, do = make_tensors(case)
+            assert_matches_reference(attns[dense_limit], pat, q, k, v, case.scale, do, against="dense")
+        return
+    if backend not in attns:
+        attns[backend] = pipeline.compile(pat, backend=backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v, do = make_tensors(case, device=device)
+    assert_matches_reference(attns[backend], pat, q, k, v, case.scale, do)
+
+
+def _counterexample(check, backend, pat, example, error, source) -> Counterexample:
+    message = f"{type(error).__name__}: {error}"
+    if check == "layout":
+        seq_len, block, heads = example
+        kwargs = dict(check="layout", seq_len=seq_len, block=block, heads=heads)
+        case = None
+    else:
+        case = example
+        seq_len, block, heads = case.n, case.block, case.H
+        kwargs = dict(backend=backend, **{k: v for k, v in asdict(case).items() if k != "block"})
+    return Counterexample(check, backend, str(pat), seq_len, block, heads, case, message,
+                          _command(pat, source, backend, kwargs))
+
+
+def _command(pat, source, backend, kwargs: dict) -> str:
+    if source is not None:
+        path, entry = source
+        target = repr(str(path)) + (f", entry={entry!r}" if entry else "")
+    else:
+        target = repr(str(pat))
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    code = f"from patterncc.testing import reproduce; reproduce({target}, {args})"
+    env = "TRITON_INTERPRET=1 " if backend == "triton" and _interpreted() else ""
+    return f"{env}python -c {shlex.quote(code)}"
+
+
+def reproduce(pattern, *, entry: str | None = None, check: str = "kernel", backend: str = "reference",
+              seq_len: int | None = None, block: int | None = None, heads: int = 1, **case) -> None:
+    """Rerun one counterexample of ``check_pattern`` (the commands it prints
+    call this). ``pattern``: source text, a pattern, or a ``.pat`` file."""
+    from . import pipeline
+
+    if isinstance(pattern, str) and (pattern.endswith(".pat") or os.path.isfile(pattern)):
+        pat = pipeline.load(pattern, entry=entry)
+    else:
+        pat = pipeline.as_pattern(pattern)
+    if check == "layout":
+        assert_layout_sound(pat, seq_len, block, heads)
+    else:
+        _check_kernel(backend, pat, AttentionCase(**case), {})
+    print(f"passed: {check} of `{pat}`")
+
+
+# ============================================================================
+# Files: ``patterncc test FILE...``
+# ============================================================================
+
+
+def file_entries(path: str) -> list[tuple[str | None, ir.Pattern]]:
+    """``[(entry name or None, pattern)]``: every definition of the file whose
+    parameters all have defaults, and its final expression if it has one;
+    just the file's main pattern if the parser cannot list definitions."""
+    from . import pipeline
+
+    try:
+        from .parse import parse_source
+    except ImportError:
+        return [(None, pipeline.load(path))]
+    with open(path, encoding="utf-8") as f:
+        module = parse_source(f.read(), str(path))
+    out: list[tuple[str | None, ir.Pattern]] = []
+    for d in module.definitions:
+        if all(p.default is not None for p in d.params):
+            out.append((d.name, pipeline.load(path, entry=d.name)))
+    if module.expr is not None or not out:
+        out.append((None, pipeline.load(path)))
+    return out
+
+
+class _Progress:
+    """``pattern i/N  backend  examples done`` on one line of stderr."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = 0.0
+
+    def show(self, text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        if self.tty:
+            print("\r" + text[:100].ljust(100), end="", file=self.stream, flush=True)
+        elif force:
+            print(text, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print("\r" + " " * 100 + "\r", end="", file=self.stream, flush=True)
+
+
+def run_files(files: Sequence[str], examples: int = 30, backends: Sequence[str] | None = None,
+              seed: int | None = None) -> int:
+    """Property-test every pattern in each file; print progress on stderr and
+    a summary table on stdout. Returns 0 if everything passed, 1 otherwise
+    (with each minimal counterexample and the command that reproduces it)."""
+    if backends and "triton" in backends and "triton" not in sys.modules:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # asked for triton on a CPU machine
+    jobs, failed = [], 0
+    for path in files:
+        try:
+            jobs += [(path, entry, pat) for entry, pat in file_entries(path)]
+        except PatternError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+        except OSError as err:
+            print(f"error: {path}: cannot read: {err.strerror}", file=sys.stderr)
+            failed += 1
+
+    bar = _Progress()
+    reports = []
+    for number, (path, entry, pat) in enumerate(jobs, 1):
+        name = f"{path}" + (f":{entry}" if entry else "")
+
+        def progress(check, backend, done, total, number=number, name=name):
+            bar.show(f"pattern {number}/{len(jobs)} {name}  {check}{' [' + backend + ']' if backend else ''}  "
+                     f"{done}/{total} examples")
+
+        bar.show(f"pattern {number}/{len(jobs)} {name}", force=True)
+        try:
+            report = check_pattern(pat, backends=backends, examples=examples, seed=seed,
+                                   source=(path, entry), progress=progress)
+        except PatternError as err:
+            bar.done()
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        reports.append((name, report))
+    bar.done()
+
+    print(_summary(reports))
+    for name, report in reports:
+        for r in report.failures:
+            print(f"\nFAILED {name}: {r.check}" + (f" [{r.backend}]" if r.backend else ""))
+            if r.counterexample is not None:
+                print(_indent(r.counterexample.describe(), "  "))
+    failed += sum(1 for _, report in reports if not report.ok)
+    return 1 if failed else 0
+
+
+def _summary(reports) -> str:
+    rows = [("pattern", "check", "backend", "result", "examples", "seconds")]
+    for name, report in reports:
+        for r in report.results:
+            result = r.status + (f": {r.reason}" if r.reason else "")
+            rows.append((name, r.check, r.backend or "-", result, str(r.examples), f"{r.seconds:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    passed = sum(1 for _, report in reports if report.ok)
+    lines.append(f"{passed} of {len(reports)} patterns passed")
+    return "\n".join(lines)
