@@ -31,6 +31,7 @@ The pieces, for writing your own properties:
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import random as _random
@@ -677,7 +678,8 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, magnitude, tol: Tolera
     got, ref = np.where(ref_inf, 0.0, got), np.where(ref_inf, 0.0, ref)
     if magnitude is None:
         magnitude = np.full(ref.shape, np.abs(ref).max(initial=0.0))
-    bound = tol.rtol * magnitude + tol.atol * magnitude.max(initial=0.0)
+    # Where no allowed pair contributes (M = 0) the value must be exactly 0.
+    bound = np.where(magnitude > 0, tol.rtol * magnitude + tol.atol * magnitude.max(initial=0.0), 0.0)
     error = np.abs(got - ref)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(error == 0, 0.0, error / bound)  # inf where the bound is 0: exact zero expected
@@ -974,13 +976,19 @@ def _counterexample(check, backend, pat, example, error, source) -> Counterexamp
 def _command(pat, source, backend, kwargs: dict) -> str:
     if source is not None:
         path, entry = source
-        target = repr(str(path)) + (f", entry={entry!r}" if entry else "")
+        target = _py(str(path)) + (f", entry={_py(entry)}" if entry else "")
     else:
-        target = repr(str(pat))
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        target = _py(str(pat))
+    args = ", ".join(f"{k}={_py(v)}" for k, v in kwargs.items())
     code = f"from patterncc.testing import reproduce; reproduce({target}, {args})"
     env = "TRITON_INTERPRET=1 " if backend == "triton" and _interpreted() else ""
     return f"{env}python -c {shlex.quote(code)}"
+
+
+def _py(value) -> str:
+    """Python source for a value; strings in double quotes, so the shell
+    command can wrap the code in single quotes."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def reproduce(pattern, *, entry: str | None = None, check: str = "kernel", backend: str = "reference",
