@@ -688,14 +688,15 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, magnitude, tol: Tolera
     max_ratio = float(ratio.max(initial=0.0))
     if max_ratio <= 1.0:
         return None, (max_abs, max_ratio)
-    rel = error / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)
+    nonzero = ref != 0
+    max_rel = float((error[nonzero] / np.abs(ref[nonzero])).max(initial=0.0))
     count = int((ratio > 1).sum())
     if bound[worst] == 0:
         why = "expected exactly 0 (no allowed pair contributes there)"
     else:
         why = f"{max_ratio:.3g}x the bound {bound[worst]:.3g}"
     return (f"{name}: {count} of {ratio.size} values off; max abs error {max_abs:.3g}, "
-            f"max rel error {float(rel.max(initial=0.0)):.3g}; worst at {name}{list(worst)}: "
+            f"max rel error {max_rel:.3g}; worst at {name}{list(worst)}: "
             f"got {got[worst]:.9g}, expected {ref[worst]:.9g} ({why})"), (max_abs, max_ratio)
 
 
@@ -792,9 +793,12 @@ def _indent(text: str, prefix: str) -> str:
 
 # Shapes per backend: the Triton interpreter runs every program on the CPU in
 # numpy, so it gets short sequences and one head dim; CUDA gets the real range.
-def _kernel_shapes(backend: str) -> dict:
+def _kernel_shapes(backend: str, pat: ir.Pattern) -> dict:
     if backend == "reference":
-        return dict(dtypes=("float64",), max_seq_len=96, head_dims=(8, 16), max_batch=2, max_heads=4)
+        # Long enough to see every part of the pattern (a few times its
+        # largest constant), short enough for dense float64 checks.
+        longest = min(320, max(96, 2 * _largest_constant(pat) + 8))
+        return dict(dtypes=("float64",), max_seq_len=longest, head_dims=(8, 16), max_batch=2, max_heads=4)
     if _interpreted():
         return dict(dtypes=("float32", "float16"), max_seq_len=40, head_dims=(16,), max_batch=1, max_heads=2)
     return dict(dtypes=("float16", "bfloat16", "float32"), max_seq_len=300, head_dims=(16, 32, 64, 128),
@@ -865,7 +869,7 @@ def _run_check(check, backend, pat, examples, seed, exact, source, progress) -> 
     if check == "layout":
         strategy = _layout_inputs(pat)
     else:
-        strategy = attention_inputs(pat, gqa=True, **_kernel_shapes(backend))
+        strategy = attention_inputs(pat, gqa=True, **_kernel_shapes(backend, pat))
 
     def body(example):
         state["last"] = example
@@ -1110,14 +1114,21 @@ def run_files(files: Sequence[str], examples: int = 30, backends: Sequence[str] 
 
 
 def _summary(reports) -> str:
+    """One row per pattern and check; skip reasons are numbered below the table."""
     rows = [("pattern", "check", "backend", "result", "examples", "seconds")]
+    reasons: list[str] = []
     for name, report in reports:
         for r in report.results:
-            result = r.status + (f": {r.reason}" if r.reason else "")
+            result = r.status
+            if r.reason:
+                if r.reason not in reasons:
+                    reasons.append(r.reason)
+                result += f" ({reasons.index(r.reason) + 1})"
             rows.append((name, r.check, r.backend or "-", result, str(r.examples), f"{r.seconds:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"({i}) {reason}" for i, reason in enumerate(reasons, 1)]
     passed = sum(1 for _, report in reports if report.ok)
     lines.append(f"{passed} of {len(reports)} patterns passed")
     return "\n".join(lines)
