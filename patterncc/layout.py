@@ -1,19 +1,58 @@
 """Block layouts: which (query block, key block) pairs a pattern touches.
 
-PLACEHOLDER builder (brute force from the dense mask, small n only) until the
-analytic builder lands; the BlockLayout record below is the contract.
+``build`` is analytic: its cost grows with the number of non-empty block
+pairs, never with ``n * n``. For one head-free pattern it works a band of
+query-block rows at a time, in two steps:
+
+1. **Candidates.** Every node names a superset of its non-empty pairs, as
+   sorted int64 keys ``i * nk + j``. Band-like primitives generate only what
+   they touch (``local`` a diagonal band, ``global`` its rows and columns,
+   ``stride(l)`` its diagonals when ``l`` is large, ``random`` its drawn
+   blocks); a union is the union of its parts; an intersection expands only
+   its sparsest part (chosen by ``_estimate``, an upper bound on the number
+   of candidates); ``A - B`` is ``A``'s; a complement or a ``where`` is every
+   pair.
+2. **Classes.** Every node classifies arbitrary pairs in closed form
+   (``_classify``): the tile of pair ``(i, j)`` holds rows ``q in [qlo, qhi]``
+   and keys ``k in [klo, khi]`` clipped to ``seq_len``, so ``d = q - k`` takes
+   every integer in ``[qlo - khi, qhi - klo]``, and each primitive's rule
+   gives EMPTY / PARTIAL / FULL from those bounds. Combinators combine their
+   parts' classes; where that cannot decide (two PARTIAL parts of a union,
+   say), the node is evaluated exactly over just those tiles: over the
+   ``2 * block - 1`` values of ``d`` when it depends only on ``q - k``, over
+   ``block`` keys when only on ``k``, else over the ``block**2`` elements.
+   ``where`` conditions go through interval arithmetic first.
+
+So every class is exact (never PARTIAL when the tile is really EMPTY or
+FULL), not just sound. Size guards refuse clearly, with ``LimitError``,
+instead of running out of memory.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 
-from . import ir
-from .mask import dense_mask
+from . import ir, randomblocks
+from .errors import LimitError, PatternValueError
+from .mask import evaluate
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# A head may examine at most this many candidate block pairs (an upper bound
+# computed before any work); beyond it build() refuses.
+MAX_CANDIDATES = 2**27
+# At most this many single (q, k) evaluations when classes need evaluating.
+MAX_ELEMENT_EVALS = 2**31
+# Query-block rows are processed in bands of about this many candidates.
+_BAND_PAIRS = 2**21
+# Elements evaluated per numpy call when resolving tiles (bounds memory).
+_EVAL_CHUNK = 2**22
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,7 +70,8 @@ class BlockLayout:
     - ``kv_full`` bool ``[nnz]``: True when the pair is FULL (every element
       allowed, within ``seq_len``), False when PARTIAL.
     - ``q_ptr``   int32 ``[H, nk + 1]``, ``q_idx`` int32 ``[nnz]``,
-      ``q_full`` bool ``[nnz]``: the same pairs by key block (for dK/dV).
+      ``q_full`` bool ``[nnz]``: the same pairs by key block (for dK/dV),
+      query block indices ascending within a column.
 
     ``pattern`` is the bound pattern the layout was built from.
     """
@@ -60,54 +100,1105 @@ class BlockLayout:
         return int(self.kv_idx.size)
 
     @property
+    def n_full(self) -> int:
+        return int(np.count_nonzero(self.kv_full))
+
+    @property
+    def n_partial(self) -> int:
+        return self.nnz - self.n_full
+
+    @property
     def density(self) -> float:
         """Non-empty block pairs over all block pairs."""
         return self.nnz / max(1, self.heads * self.n_qblocks * self.n_kblocks)
 
+    def kv_rows(self) -> np.ndarray:
+        """int64 ``[nnz]``: the flat row ``h * nq + i`` of every kv entry."""
+        counts = np.diff(self.kv_ptr, axis=1).ravel()
+        return np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+
     def to_dense(self) -> np.ndarray:
         """int8 ``[H, nq, nk]``: 0 empty, 1 partial, 2 full."""
-        out = np.zeros((self.heads, self.n_qblocks, self.n_kblocks), dtype=np.int8)
+        out = np.zeros((self.heads * self.n_qblocks, self.n_kblocks), dtype=np.int8)
+        out[self.kv_rows(), self.kv_idx] = np.where(self.kv_full, FULL, PARTIAL)
+        return out.reshape(self.heads, self.n_qblocks, self.n_kblocks)
+
+    def describe(self, max_width: int = 64) -> str:
+        """A text picture: a header line, then per head one line per query-block
+        row, ``.`` empty, ``+`` partial, ``#`` full.
+
+        When there are more than ``max_width`` blocks a side, each character
+        stands for a ``g x g`` square of blocks (said in the header): ``#``
+        when all of them are full, ``.`` when all are empty, ``+`` otherwise.
+        Cost is proportional to ``nnz`` plus the picture's size.
+        """
+        nq, nk, H = self.n_qblocks, self.n_kblocks, self.heads
+        g = max(1, -(-max(nq, nk) // max_width))
+        header = (
+            f"seq_len={self.seq_len} block={self.block} heads={H} blocks={nq}x{nk} "
+            f"nnz={self.nnz} full={self.n_full} partial={self.n_partial} density={self.density:.4f}"
+        )
+        if g > 1:
+            header += f" (1 char = {g}x{g} blocks)"
+        R, C = -(-nq // g), -(-nk // g)
+        rows = self.kv_rows()
+        head, i = rows // nq, rows % nq
+        cell = (head * R + i // g) * C + self.kv_idx // g
+        nonempty = np.bincount(cell, minlength=H * R * C).reshape(H, R, C)
+        full = np.bincount(cell, weights=self.kv_full, minlength=H * R * C).reshape(H, R, C)
+        size = np.outer(np.minimum(g, nq - np.arange(R) * g), np.minimum(g, nk - np.arange(C) * g))
+        code = np.where(nonempty == 0, 0, np.where(full == size, 2, 1))
+        chars = np.array([".", "+", "#"])[code]
+        lines = [header]
+        for h in range(H):
+            if H > 1:
+                lines.append(f"head {h}:")
+            lines.extend("".join(row) for row in chars[h])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def element_density(self) -> float:
+        """Allowed ``(q, k)`` elements over ``H * n * n``: FULL blocks counted,
+        PARTIAL ones counted by exact evaluation (over ``q - k`` or ``k`` alone
+        where the pattern allows, so most patterns cost far less than their
+        partial elements)."""
+        n, B = self.seq_len, self.block
+        total = 0
+        rows = self.kv_rows()
         for h in range(self.heads):
-            for i in range(self.n_qblocks):
-                lo, hi = self.kv_ptr[h, i], self.kv_ptr[h, i + 1]
-                out[h, i, self.kv_idx[lo:hi]] = np.where(self.kv_full[lo:hi], FULL, PARTIAL)
-        return out
+            lo, hi = self.kv_ptr[h, 0], self.kv_ptr[h, -1]
+            ctx = _Ctx(n, B)
+            t = _Tiles(rows[lo:hi] - h * self.n_qblocks, self.kv_idx[lo:hi].astype(np.int64), ctx)
+            full = self.kv_full[lo:hi]
+            total += int(np.sum(t.rows[full] * t.cols[full]))
+            partial = t.take(~full)
+            if partial.size:
+                total += int(_count_tiles(ir.for_head(self.pattern, h), partial, ctx).sum())
+        return total / (self.heads * n * n)
 
 
 def from_dense_classes(pattern: ir.Pattern, seq_len: int, block: int, classes: np.ndarray) -> BlockLayout:
-    """Build the CSR record from int8 ``[H, nq, nk]`` classes."""
+    """Build the CSR record from int8 ``[H, nq, nk]`` classes (tests, small n)."""
     H, nq, nk = classes.shape
     h, i, j = np.nonzero(classes)
     full = classes[h, i, j] == FULL
-    kv_counts = np.zeros((H, nq), dtype=np.int64)
-    np.add.at(kv_counts, (h, i), 1)
-    kv_flat = np.concatenate([[0], np.cumsum(kv_counts.ravel())])
-    kv_ptr = np.concatenate([kv_flat[:-1].reshape(H, nq), kv_flat[nq::nq][:, None]], axis=1)
-    order = np.lexsort((i, j, h))
-    q_counts = np.zeros((H, nk), dtype=np.int64)
-    np.add.at(q_counts, (h, j), 1)
-    q_flat = np.concatenate([[0], np.cumsum(q_counts.ravel())])
-    q_ptr = np.concatenate([q_flat[:-1].reshape(H, nk), q_flat[nk::nk][:, None]], axis=1)
+    return _from_pairs(pattern, seq_len, block, [(i[h == x], j[h == x], full[h == x]) for x in range(H)], nq)
+
+
+def _from_pairs(pattern: ir.Pattern, seq_len: int, block: int, heads: list, nb: int) -> BlockLayout:
+    """The CSR record from per-head ``(i, j, full)`` arrays sorted by ``(i, j)``."""
+    H = len(heads)
+    total = sum(len(i) for i, _, _ in heads)
+    if total > ir.MAX_VALUE:
+        raise LimitError(f"the layout has {total} non-empty blocks, more than int32 offsets can address; use a larger block")
+    kv_ptr = np.zeros((H, nb + 1), dtype=np.int64)
+    q_ptr = np.zeros((H, nb + 1), dtype=np.int64)
+    kv_idx, kv_full, q_idx, q_full = [], [], [], []
+    by_key: dict[int, tuple] = {}  # heads sharing arrays share their transpose
+    offset = 0
+    for h, (i, j, full) in enumerate(heads):
+        if id(i) not in by_key:
+            kv = np.zeros(nb + 1, dtype=np.int64)
+            kv[1:] = np.cumsum(np.bincount(i, minlength=nb))
+            # The transpose of a CSR matrix, in linear time: scipy's csr -> csc
+            # keeps query blocks ascending within each key block.
+            entry = np.arange(len(i), dtype=np.int64 if len(i) > ir.MAX_VALUE else np.int32)
+            by_key_block = sp.csr_matrix((entry, j, kv), shape=(nb, nb)).tocsc()
+            by_key[id(i)] = kv, by_key_block.indptr, by_key_block.indices, by_key_block.data
+        kv, qp, qi, order = by_key[id(i)]
+        kv_ptr[h] = kv + offset
+        q_ptr[h] = qp + offset
+        kv_idx.append(j)
+        kv_full.append(full)
+        q_idx.append(qi)
+        q_full.append(full[order])
+        offset += len(i)
+
+    def cat(arrays, dtype):
+        return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
     return BlockLayout(
         pattern=pattern, seq_len=seq_len, block=block, heads=H,
-        kv_ptr=kv_ptr.astype(np.int32), kv_idx=j.astype(np.int32), kv_full=full,
-        q_ptr=q_ptr.astype(np.int32), q_idx=i[order].astype(np.int32), q_full=full[order],
+        kv_ptr=kv_ptr.astype(np.int32), kv_idx=cat(kv_idx, np.int32), kv_full=cat(kv_full, bool),
+        q_ptr=q_ptr.astype(np.int32), q_idx=cat(q_idx, np.int32), q_full=cat(q_full, bool),
     )
 
 
+# ----------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------
+
+
 def build(p: ir.Pattern, seq_len: int, block: int, heads: int = 1) -> BlockLayout:
-    """PLACEHOLDER: brute force over the dense mask."""
-    H = heads if ir.depends_on_head(p) else 1
-    m = dense_mask(p, seq_len, heads)[:H]
+    """The BlockLayout of pattern ``p`` (symbolic arguments allowed) at
+    ``seq_len`` tokens, in blocks of ``block``, for ``heads`` heads."""
+    bound, H = _prepare(p, seq_len, block, heads)
     nb = -(-seq_len // block)
-    pad = nb * block - seq_len
-    valid = np.zeros((nb * block, nb * block), dtype=bool)
-    valid[:seq_len, :seq_len] = True
-    mp = np.zeros((H, nb * block, nb * block), dtype=bool)
-    mp[:, :seq_len, :seq_len] = m
-    tiles = mp.reshape(H, nb, block, nb, block)
-    vt = valid.reshape(nb, block, nb, block)
-    anyv = tiles.any(axis=(2, 4))
-    allv = (tiles | ~vt[None]).all(axis=(2, 4))
-    classes = np.where(anyv, np.where(allv, FULL, PARTIAL), EMPTY).astype(np.int8)
-    return from_dense_classes(ir.bind(p, seq_len), seq_len, block, classes)
+    built: dict[ir.Pattern, tuple] = {}
+    per_head = []
+    for h in range(H):
+        ph = ir.for_head(bound, h)
+        if ph not in built:
+            built[ph] = _head_pairs(ph, seq_len, block)
+        per_head.append(built[ph])
+    return _from_pairs(bound, seq_len, block, per_head, nb)
+
+
+def sparse_mask(p: ir.Pattern, seq_len: int, heads: int = 1, *, block: int = 64) -> list[sp.csr_matrix]:
+    """One bool CSR ``[n, n]`` per layout head (``H`` as in ``BlockLayout``),
+    sorted indices, built from the layout: FULL blocks expand to all their
+    elements, PARTIAL blocks are evaluated. Cost is proportional to the
+    non-empty blocks, never ``n * n``."""
+    bound, H = _prepare(p, seq_len, block, heads)
+    n = seq_len
+    built: dict[ir.Pattern, sp.csr_matrix] = {}
+    out = []
+    for h in range(H):
+        ph = ir.for_head(bound, h)
+        if ph not in built:
+            i, j, full = _head_pairs(ph, n, block)
+            built[ph] = _elements_csr(ph, i, j, full, n, block)
+        out.append(built[ph])
+    return out
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise PatternValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise PatternValueError(f"{name}={value} must be >= 1")
+    if value > ir.MAX_VALUE:
+        raise LimitError(f"{name}={value} is larger than the limit {ir.MAX_VALUE}")
+
+
+def _prepare(p: ir.Pattern, seq_len: int, block: int, heads: int) -> tuple[ir.Pattern, int]:
+    """Check the sizes, the heads and the arguments; bind ``n``."""
+    _check_int("seq_len", seq_len)
+    _check_int("block", block)
+    _check_int("heads", heads)
+    ir.check_heads(p, heads)
+    bound = ir.bind(p, int(seq_len))
+    return bound, (int(heads) if ir.depends_on_head(p) else 1)
+
+
+def _head_pairs(p: ir.Pattern, n: int, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-empty pairs of one head-free pattern: int32 ``i``, ``j`` sorted by
+    ``(i, j)`` and bool ``full``."""
+    ctx = _Ctx(n, B)
+    nb = ctx.nb
+    est = _estimate(p, ctx)
+    if est > MAX_CANDIDATES:
+        raise LimitError(
+            f"the layout of this pattern at seq_len={n}, block={B} would examine up to {est} block pairs "
+            f"per head, over the limit of {MAX_CANDIDATES}",
+            hint="use a larger block or a shorter sequence",
+        )
+    band = max(1, int(nb * _BAND_PAIRS // max(est, 1)))
+    rows, cols, full = [], [], []
+    for r0 in range(0, nb, band):
+        cand = _candidates(p, r0, min(nb, r0 + band), ctx, top=True)
+        t = _Tiles(cand // nb, cand % nb, ctx)
+        cls = _classify(p, t, ctx)
+        keep = cls != EMPTY
+        rows.append(t.i[keep].astype(np.int32))
+        cols.append(t.j[keep].astype(np.int32))
+        full.append(cls[keep] == FULL)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(full)
+
+
+# ----------------------------------------------------------------------------
+# Context and tiles
+# ----------------------------------------------------------------------------
+
+
+class _Ctx:
+    """One head-free pattern at one length and block: shared tables and budgets."""
+
+    def __init__(self, n: int, B: int):
+        self.n, self.B = int(n), int(B)
+        self.nb = -(-self.n // self.B)
+        self.evals = 0
+        self._estimates: dict[int, int] = {}
+        self._random: dict[tuple, _RandomTable] = {}
+
+    def charge(self, count: int) -> None:
+        """Count element evaluations against ``MAX_ELEMENT_EVALS``."""
+        self.evals += count
+        if self.evals > MAX_ELEMENT_EVALS:
+            raise LimitError(
+                f"classifying this layout at seq_len={self.n}, block={self.B} needs more than "
+                f"{MAX_ELEMENT_EVALS} element evaluations",
+                hint="the pattern has many blocks that only evaluation can classify (a generic `where`?); "
+                "use a shorter sequence, or write it with the primitives",
+            )
+
+    def random(self, node: ir.Random) -> "_RandomTable":
+        key = (node.r, node.b, node.seed)
+        if key not in self._random:
+            self._random[key] = _RandomTable(node.r, node.b, node.seed, self)
+        return self._random[key]
+
+
+class _Tiles:
+    """Block pairs ``(i, j)`` with their clipped element bounds (int64 arrays):
+    rows ``q in [qlo, qhi]``, keys ``k in [klo, khi]``, ``d = q - k in [dlo, dhi]``."""
+
+    def __init__(self, i: np.ndarray, j: np.ndarray, ctx: _Ctx):
+        B, n = ctx.B, ctx.n
+        self.ctx = ctx
+        self.i, self.j = i, j
+        self.qlo = i * B
+        self.qhi = np.minimum(self.qlo + B, n) - 1
+        self.klo = j * B
+        self.khi = np.minimum(self.klo + B, n) - 1
+
+    @property
+    def size(self) -> int:
+        return self.i.size
+
+    @cached_property
+    def dlo(self) -> np.ndarray:
+        return self.qlo - self.khi
+
+    @cached_property
+    def dhi(self) -> np.ndarray:
+        return self.qhi - self.klo
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        return self.qhi - self.qlo + 1
+
+    @cached_property
+    def cols(self) -> np.ndarray:
+        return self.khi - self.klo + 1
+
+    def take(self, sel: np.ndarray) -> "_Tiles":
+        return _Tiles(self.i[sel], self.j[sel], self.ctx)
+
+
+def _classes(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
+    return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
+
+
+# ----------------------------------------------------------------------------
+# Primitives, one section each: the rule, its candidate key blocks per query
+# block row, and its class per tile.
+#
+# ``_rows_*(node, ctx, rows)`` returns ``(row, jlo, jhi)`` intervals of key
+# blocks (inclusive, clipped later), or None for "every key block".
+# ``_class_*(node, t)`` returns int8 classes for the tiles ``t``.
+# ----------------------------------------------------------------------------
+
+
+def _row_bounds(ctx: _Ctx, rows: np.ndarray):
+    qlo = rows * ctx.B
+    return qlo, np.minimum(qlo + ctx.B, ctx.n) - 1
+
+
+def _key_interval(ctx: _Ctx, rows, klo, khi):
+    """Key blocks holding keys ``[klo, khi]`` (clipped to ``0 .. n-1``)."""
+    klo = np.maximum(klo, 0)
+    khi = np.minimum(khi, ctx.n - 1)
+    return rows, klo // ctx.B, np.where(klo <= khi, khi // ctx.B, -1)
+
+
+# -- causal: k <= q
+
+
+def _rows_causal(node, ctx, rows):
+    return rows, np.zeros_like(rows), rows
+
+
+def _class_causal(node, t):
+    return _classes(t.dhi >= 0, t.dlo >= 0)
+
+
+# -- local(w): abs(q - k) < w
+
+
+def _rows_local(node, ctx, rows):
+    qlo, qhi = _row_bounds(ctx, rows)
+    return _key_interval(ctx, rows, qlo - node.w + 1, qhi + node.w - 1)
+
+
+def _abs_range(lo, hi):
+    """min and max of ``abs(x)`` for integer ``x`` in ``[lo, hi]``."""
+    amin = np.where((lo <= 0) & (hi >= 0), 0, np.minimum(np.abs(lo), np.abs(hi)))
+    return amin, np.maximum(np.abs(lo), np.abs(hi))
+
+
+def _class_local(node, t):
+    amin, amax = _abs_range(t.dlo, t.dhi)
+    return _classes(amin < node.w, amax < node.w)
+
+
+# -- stride(l): (q - k) % l == 0
+
+
+def _stride_is_dense(ctx, l) -> bool:
+    """True when stride(l)'s diagonals reach about every key block of a row."""
+    return 2 * ((ctx.n + ctx.B) // l + 1) >= ctx.nb
+
+
+def _diagonals(ctx, rows, step, mmin=None, mmax=None):
+    """Key-block intervals of the diagonals ``q - k = m * step`` per row."""
+    qlo, qhi = _row_bounds(ctx, rows)
+    lo = -((ctx.n - 1 - qlo) // step)  # smallest m with some k = q - m*step <= n - 1
+    hi = qhi // step  # largest m with some k >= 0
+    if mmin is not None:
+        lo, hi = np.maximum(lo, mmin), np.minimum(hi, mmax)
+    count = np.maximum(hi - lo + 1, 0)
+    r = np.repeat(rows, count)
+    m = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
+    qlo, qhi = _row_bounds(ctx, r)
+    return _key_interval(ctx, r, qlo - m * step, qhi - m * step)
+
+
+def _rows_stride(node, ctx, rows):
+    return None if _stride_is_dense(ctx, node.l) else _diagonals(ctx, rows, node.l)
+
+
+def _class_stride(node, t):
+    l = node.l
+    nonempty = (t.dhi // l) * l >= t.dlo  # some multiple of l in [dlo, dhi]
+    full = (l == 1) | ((t.dlo == t.dhi) & (t.dlo % l == 0))
+    return _classes(nonempty, full)
+
+
+# -- block(l): q // l == k // l
+
+
+def _rows_block(node, ctx, rows):
+    qlo, qhi = _row_bounds(ctx, rows)
+    l = node.l
+    return _key_interval(ctx, rows, (qlo // l) * l, (qhi // l + 1) * l - 1)
+
+
+def _class_block(node, t):
+    l = node.l
+    a0, a1, b0, b1 = t.qlo // l, t.qhi // l, t.klo // l, t.khi // l
+    return _classes((a0 <= b1) & (b0 <= a1), (a0 == a1) & (b0 == b1) & (a0 == b0))
+
+
+# -- summary(l, c): k % l >= l - c
+
+
+def _summary_count(node, x):
+    """``#{0 <= k < x : k % l >= l - c}``."""
+    l, c = node.l, node.c
+    return (x // l) * c + np.maximum(0, x % l - (l - c))
+
+
+def _summary_columns(node, ctx) -> np.ndarray:
+    """bool ``[nb]``: key blocks holding some summary key."""
+    klo = np.arange(ctx.nb, dtype=np.int64) * ctx.B
+    khi = np.minimum(klo + ctx.B, ctx.n) - 1
+    return _summary_count(node, khi + 1) > _summary_count(node, klo)
+
+
+def _rows_summary(node, ctx, rows):
+    cols = _summary_columns(node, ctx)
+    if cols.all():
+        return None
+    return _column_runs(cols, rows)
+
+
+def _column_runs(cols: np.ndarray, rows: np.ndarray):
+    """Each row paired with every run of True in ``cols``."""
+    edges = np.diff(np.concatenate([[0], cols.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    R = starts.size
+    return np.repeat(rows, R), np.tile(starts, rows.size), np.tile(stops, rows.size)
+
+
+def _class_summary(node, t):
+    allowed = _summary_count(node, t.khi + 1) - _summary_count(node, t.klo)
+    return _classes(allowed > 0, allowed == t.cols)
+
+
+# -- global(g): q < g or k < g;  sink(g): k < g
+
+
+def _first_blocks(ctx, g) -> int:
+    """Number of blocks holding positions below ``g``."""
+    return -(-min(g, ctx.n) // ctx.B)
+
+
+def _rows_sink(node, ctx, rows):
+    G = _first_blocks(ctx, node.g)
+    return rows, np.zeros_like(rows), np.full_like(rows, G - 1)
+
+
+def _class_sink(node, t):
+    return _classes(t.klo < node.g, t.khi < node.g)
+
+
+def _rows_global(node, ctx, rows):
+    G = _first_blocks(ctx, node.g)
+    return rows, np.zeros_like(rows), np.where(rows < G, ctx.nb - 1, G - 1)
+
+
+def _class_global(node, t):
+    g = node.g
+    return _classes((t.qlo < g) | (t.klo < g), (t.qhi < g) | (t.khi < g))
+
+
+# -- dilated(w, d): abs(q - k) < w * d and (q - k) % d == 0
+
+
+def _rows_dilated(node, ctx, rows):
+    w, d = node.w, node.d
+    reach = (w - 1) * d  # the farthest allowed |q - k|
+    if d <= ctx.B or _stride_is_dense(ctx, d):
+        qlo, qhi = _row_bounds(ctx, rows)
+        return _key_interval(ctx, rows, qlo - reach, qhi + reach)
+    return _diagonals(ctx, rows, d, -(w - 1), w - 1)
+
+
+def _class_dilated(node, t):
+    w, d = node.w, node.d
+    mlo = np.maximum(-(-t.dlo // d), -(w - 1))  # allowed q - k are m * d, |m| <= w - 1
+    mhi = np.minimum(t.dhi // d, w - 1)
+    amin, amax = _abs_range(t.dlo, t.dhi)
+    full = np.where(d == 1, amax < w, (t.dlo == t.dhi) & (t.dlo % d == 0) & (amax < w * d))
+    return _classes(mlo <= mhi, full)
+
+
+# -- random(r, b, seed): query block q // b attends the drawn key blocks k // b
+
+
+class _RandomTable:
+    """The drawn ``(query b-block, key b-block)`` cells of one ``random`` node,
+    mapped onto the layout's tiles: ``tile_keys`` (sorted ``i * nb + j``) and
+    ``tile_counts``, the number of drawn cells meeting each tile."""
+
+    def __init__(self, r: int, b: int, seed: int, ctx: _Ctx):
+        n, B, nb = ctx.n, ctx.B, ctx.nb
+        self.b = b
+        self.nbr = nbr = -(-n // b)
+        count = min(r, nbr)
+        span = -(-b // B) + 1  # tiles a cell can meet along one side
+        # randomblocks.draw compares each new draw with the row's earlier ones.
+        if nbr * count * span * span > MAX_CANDIDATES or nbr * count * count > MAX_ELEMENT_EVALS:
+            raise LimitError(
+                f"random(r={r}, b={b}) draws {nbr * count} blocks at seq_len={n}: too many to lay out",
+                hint="use a larger random block b or a smaller r",
+            )
+        table = randomblocks.draw(r, nbr, seed, np.arange(nbr))  # [nbr, count], rows sorted
+        qb = np.repeat(np.arange(nbr, dtype=np.int64), count)
+        kb = table.ravel().astype(np.int64)
+        self.cells = qb * nbr + kb  # sorted: rows ascending, each row sorted
+        # tiles met by each cell: rows i0..i1, columns j0..j1
+        i0, i1 = qb * b // B, (np.minimum(qb * b + b, n) - 1) // B
+        j0, j1 = kb * b // B, (np.minimum(kb * b + b, n) - 1) // B
+        width = j1 - j0 + 1
+        per = (i1 - i0 + 1) * width
+        cell = np.repeat(np.arange(qb.size), per)
+        o = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+        keys = (i0[cell] + o // width[cell]) * nb + j0[cell] + o % width[cell]
+        self.tile_keys, self.tile_counts = np.unique(keys, return_counts=True)
+
+    def allowed(self, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Element mask at positions ``q``, ``k`` (broadcast)."""
+        key = (q // self.b) * self.nbr + k // self.b
+        if self.cells.size == 0:
+            return np.zeros(key.shape, dtype=bool)
+        pos = np.minimum(np.searchsorted(self.cells, key), self.cells.size - 1)
+        return self.cells[pos] == key
+
+
+def _rows_random(node, ctx, rows):
+    tab = ctx.random(node)
+    lo, hi = np.searchsorted(tab.tile_keys, [rows[0] * ctx.nb, (rows[-1] + 1) * ctx.nb])
+    keys = tab.tile_keys[lo:hi]
+    return keys // ctx.nb, keys % ctx.nb, keys % ctx.nb
+
+
+def _class_random(node, t):
+    tab = t.ctx.random(node)
+    b = node.b
+    key = t.i * t.ctx.nb + t.j
+    if tab.tile_keys.size == 0:
+        return np.zeros(t.size, dtype=np.int8)
+    pos = np.minimum(np.searchsorted(tab.tile_keys, key), tab.tile_keys.size - 1)
+    count = np.where(tab.tile_keys[pos] == key, tab.tile_counts[pos], 0)
+    cells = (t.qhi // b - t.qlo // b + 1) * (t.khi // b - t.klo // b + 1)
+    return _classes(count > 0, count == cells)
+
+
+# -- all / none
+
+
+def _class_all(node, t):
+    return np.full(t.size, FULL, dtype=np.int8)
+
+
+def _class_empty(node, t):
+    return np.zeros(t.size, dtype=np.int8)
+
+
+# -- where COND: interval arithmetic, then evaluation where it cannot decide
+
+
+def _class_where(node, t):
+    env = {"q": (t.qlo, t.qhi), "k": (t.klo, t.khi), "n": (t.ctx.n, t.ctx.n)}
+    true, false, partial = (np.broadcast_to(x, (t.size,)) for x in _truth(node.cond, env))
+    out = np.where(true, FULL, np.where(false, EMPTY, PARTIAL)).astype(np.int8)
+    unknown = ~true & ~false & ~partial
+    if unknown.any():
+        out[unknown] = _resolve(node, t.take(unknown))
+    return out
+
+
+_ROWS = {
+    ir.Causal: _rows_causal, ir.Local: _rows_local, ir.Stride: _rows_stride,
+    ir.Block: _rows_block, ir.Summary: _rows_summary, ir.Global: _rows_global,
+    ir.Sink: _rows_sink, ir.Dilated: _rows_dilated, ir.Random: _rows_random,
+}
+_CLASS = {
+    ir.All: _class_all, ir.Empty: _class_empty, ir.Causal: _class_causal,
+    ir.Local: _class_local, ir.Stride: _class_stride, ir.Block: _class_block,
+    ir.Summary: _class_summary, ir.Global: _class_global, ir.Sink: _class_sink,
+    ir.Dilated: _class_dilated, ir.Random: _class_random, ir.Where: _class_where,
+}
+
+
+# ----------------------------------------------------------------------------
+# Estimates: an upper bound on the number of candidate pairs a node generates
+# ----------------------------------------------------------------------------
+
+
+def _estimate(node: ir.Pattern, ctx: _Ctx) -> int:
+    cached = ctx._estimates.get(id(node))
+    if cached is None:
+        cached = ctx._estimates[id(node)] = min(_estimate_node(node, ctx), ctx.nb * ctx.nb)
+    return cached
+
+
+def _band_blocks(ctx, reach: int) -> int:
+    """Key blocks a row can meet within ``reach`` positions either side."""
+    return (ctx.B + 2 * reach - 1) // ctx.B + 2
+
+
+def _estimate_node(node: ir.Pattern, ctx: _Ctx) -> int:
+    nb = ctx.nb
+    match node:
+        case ir.Empty():
+            return 0
+        case ir.Causal():
+            return nb * (nb + 1) // 2
+        case ir.Local(w=w):
+            return nb * _band_blocks(ctx, w - 1)
+        case ir.Stride(l=l):
+            return nb * nb if _stride_is_dense(ctx, l) else nb * 2 * ((ctx.n + ctx.B) // l + 2)
+        case ir.Block(l=l):
+            return nb * _band_blocks(ctx, l - 1)
+        case ir.Summary():
+            return nb * int(_summary_columns(node, ctx).sum())
+        case ir.Sink(g=g):
+            return nb * _first_blocks(ctx, g)
+        case ir.Global(g=g):
+            return 2 * nb * _first_blocks(ctx, g)
+        case ir.Dilated(w=w, d=d):
+            if d <= ctx.B or _stride_is_dense(ctx, d):
+                return nb * _band_blocks(ctx, (w - 1) * d)
+            return nb * 2 * min(2 * w - 1, (ctx.n + ctx.B) // d + 2)
+        case ir.Random():
+            return int(ctx.random(node).tile_keys.size)
+        case ir.Union(parts=parts):
+            return sum(_estimate(c, ctx) for c in parts)
+        case ir.Intersect(parts=parts):
+            return min(_estimate(c, ctx) for c in parts)
+        case ir.Difference(left=a):
+            return _estimate(a, ctx)
+    return nb * nb  # all, complement, where
+
+
+# ----------------------------------------------------------------------------
+# Candidates: a superset of the non-empty pairs of rows [r0, r1)
+# ----------------------------------------------------------------------------
+
+
+def _candidates(node: ir.Pattern, r0: int, r1: int, ctx: _Ctx, top: bool = False) -> np.ndarray:
+    """Sorted unique int64 keys ``i * nb + j`` with ``r0 <= i < r1``.
+
+    ``top`` says the caller classifies every candidate exactly afterwards, so
+    an intersection need not filter its sparsest part by the others.
+    """
+    nb = ctx.nb
+    rows = np.arange(r0, r1, dtype=np.int64)
+    match node:
+        case ir.Empty():
+            return np.zeros(0, dtype=np.int64)
+        case ir.Union(parts=parts):
+            return np.unique(np.concatenate([_candidates(c, r0, r1, ctx) for c in parts]))
+        case ir.Intersect(parts=parts):
+            best = min(parts, key=lambda c: _estimate(c, ctx))
+            keys = _candidates(best, r0, r1, ctx, top)
+            if not top:
+                t = _Tiles(keys // nb, keys % nb, ctx)
+                keep = np.ones(keys.size, dtype=bool)
+                for c in parts:
+                    if c is not best:
+                        keep &= _classify(c, t, ctx) != EMPTY
+                keys = keys[keep]
+            return keys
+        case ir.Difference(left=a):
+            return _candidates(a, r0, r1, ctx, top)
+    rule = _ROWS.get(type(node))
+    intervals = rule(node, ctx, rows) if rule else None
+    if intervals is None:  # every key block
+        intervals = rows, np.zeros_like(rows), np.full_like(rows, nb - 1)
+    keys = _expand(*intervals, nb)
+    if keys.size > 1 and not np.all(keys[1:] > keys[:-1]):
+        keys = np.unique(keys)
+    return keys
+
+
+def _expand(rows: np.ndarray, jlo: np.ndarray, jhi: np.ndarray, nb: int) -> np.ndarray:
+    """Keys ``i * nb + j`` for every ``j`` in ``[jlo, jhi]`` (clipped) of each row."""
+    jlo = np.maximum(jlo, 0)
+    jhi = np.minimum(jhi, nb - 1)
+    keep = jlo <= jhi
+    if not keep.all():
+        rows, jlo, jhi = rows[keep], jlo[keep], jhi[keep]
+    length = jhi - jlo + 1
+    shift = np.cumsum(length) - length - (rows * nb + jlo)  # output offset minus first key
+    return np.arange(int(length.sum()), dtype=np.int64) - np.repeat(shift, length)
+
+
+# ----------------------------------------------------------------------------
+# Classes of arbitrary tiles, exact
+# ----------------------------------------------------------------------------
+
+
+def _classify(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
+    """int8 ``[t.size]``: the exact class of every tile."""
+    match node:
+        case ir.Union(parts=parts):
+            full = np.zeros(t.size, dtype=bool)
+            partials = np.zeros(t.size, dtype=np.int8)
+            for c in parts:
+                cls = _classify(c, t, ctx)
+                full |= cls == FULL
+                partials += cls == PARTIAL
+            out = np.where(full, FULL, np.minimum(partials, 1)).astype(np.int8)
+            unsure = ~full & (partials >= 2)  # PARTIAL or FULL
+        case ir.Intersect(parts=parts):
+            empty = np.zeros(t.size, dtype=bool)
+            partials = np.zeros(t.size, dtype=np.int8)
+            for c in parts:
+                cls = _classify(c, t, ctx)
+                empty |= cls == EMPTY
+                partials += cls == PARTIAL
+            out = np.where(empty, EMPTY, FULL - np.minimum(partials, 1)).astype(np.int8)
+            unsure = ~empty & (partials >= 2)  # EMPTY or PARTIAL
+        case ir.Difference(left=a, right=b):
+            ca, cb = _classify(a, t, ctx), _classify(b, t, ctx)
+            out = np.where((ca == EMPTY) | (cb == FULL), EMPTY,
+                           np.where((ca == FULL) & (cb == EMPTY), FULL, PARTIAL)).astype(np.int8)
+            unsure = (ca == PARTIAL) & (cb == PARTIAL)  # EMPTY or PARTIAL
+        case ir.Complement(arg=a):
+            return (FULL - _classify(a, t, ctx)).astype(np.int8)
+        case _:
+            rule = _CLASS.get(type(node))
+            if rule is None:
+                raise TypeError(f"layout needs a bound, head-free pattern; got {type(node).__name__}")
+            return rule(node, t)
+    if unsure.any():
+        out[unsure] = _resolve(node, t.take(unsure))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Evaluation over tiles (the exact fallback)
+# ----------------------------------------------------------------------------
+
+_D_ONLY = (ir.Causal, ir.Local, ir.Stride, ir.Dilated, ir.All, ir.Empty)
+_K_ONLY = (ir.Summary, ir.Sink, ir.All, ir.Empty)
+_COMBINATORS = (ir.Union, ir.Intersect, ir.Difference, ir.Complement)
+
+
+def _depends_on(node: ir.Pattern) -> str:
+    """"d" when the node depends only on ``q - k``, "k" when only on ``k``,
+    else "qk"."""
+    leaves = [c for c in ir.walk(node) if not isinstance(c, _COMBINATORS)]
+    if all(isinstance(c, _D_ONLY) for c in leaves):
+        return "d"
+    if all(isinstance(c, _K_ONLY) for c in leaves):
+        return "k"
+    return "qk"
+
+
+def _resolve(node: ir.Pattern, t: _Tiles) -> np.ndarray:
+    """Exact classes of tiles ``t`` by evaluating ``node``."""
+    anything, everything = _scan_tiles(node, t, count=False)
+    return _classes(anything, everything)
+
+
+def _count_tiles(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
+    """int64 ``[t.size]``: allowed elements in each tile."""
+    return _scan_tiles(node, t, count=True)
+
+
+def _scan_tiles(node: ir.Pattern, t: _Tiles, count: bool):
+    """Evaluate ``node`` over every element of the tiles, as cheaply as its
+    dependence allows. Returns ``(any, all)`` bool arrays, or with ``count``
+    the number of allowed elements per tile.
+
+    Positions past a tile's clipped bounds are clamped onto its last valid
+    row or key (duplicates change neither ``any`` nor ``all``); counts use
+    explicit weights instead.
+    """
+    ctx = t.ctx
+    B, n = ctx.B, ctx.n
+    mode = _depends_on(node)
+    side = min(B, n)
+    if mode == "d":
+        width = 2 * side - 1
+    elif mode == "k":
+        width = side
+    else:
+        width = side * side
+    ctx.charge(t.size * width)
+    results = []
+    step = max(1, _EVAL_CHUNK // width)
+    if mode == "qk":
+        for lo in range(0, t.size, step):
+            results.append(_scan_elements(node, t.take(slice(lo, lo + step)), count))
+    else:
+        offsets = np.arange(width, dtype=np.int64)
+        for lo in range(0, t.size, step):
+            s = t.take(slice(lo, lo + step))
+            if mode == "d":
+                x = s.dlo[:, None] + offsets
+                valid = x <= s.dhi[:, None]
+                m = evaluate(node, np.minimum(x, s.dhi[:, None]), np.int64(0), n)
+                # elements of the tile on diagonal x: q in [qlo, qhi] and q - x in [klo, khi]
+                weight = np.minimum(s.qhi[:, None], s.khi[:, None] + x) - np.maximum(s.qlo[:, None], s.klo[:, None] + x) + 1
+            else:
+                x = s.klo[:, None] + offsets
+                valid = x <= s.khi[:, None]
+                m = evaluate(node, np.int64(0), np.minimum(x, s.khi[:, None]), n)
+                weight = s.rows[:, None]
+            if count:
+                results.append(np.sum(np.where(m & valid, weight, 0), axis=1))
+            else:
+                results.append((m.any(axis=1), m.all(axis=1)))
+    if count:
+        return np.concatenate(results) if results else np.zeros(0, dtype=np.int64)
+    if not results:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    return np.concatenate([a for a, _ in results]), np.concatenate([b for _, b in results])
+
+
+def _scan_elements(node: ir.Pattern, t: _Tiles, count: bool):
+    """``_scan_tiles`` over the full ``[rows, keys]`` grid of every tile, a slab
+    of rows at a time when one tile is larger than ``_EVAL_CHUNK``."""
+    ctx = t.ctx
+    side = min(ctx.B, ctx.n)
+    offsets = np.arange(side, dtype=np.int64)
+    k = np.minimum(t.klo[:, None] + offsets, t.khi[:, None])[:, None, :]  # [T, 1, side]
+    kvalid = (t.klo[:, None] + offsets <= t.khi[:, None])[:, None, :]
+    slab = max(1, _EVAL_CHUNK // (side * max(1, t.size)))
+    anything = np.zeros(t.size, dtype=bool)
+    everything = np.ones(t.size, dtype=bool)
+    total = np.zeros(t.size, dtype=np.int64)
+    for r0 in range(0, side, slab):
+        rows = offsets[r0 : r0 + slab]
+        q = t.qlo[:, None] + rows
+        qvalid = (q <= t.qhi[:, None])[:, :, None]
+        q = np.minimum(q, t.qhi[:, None])[:, :, None]  # [T, slab, 1]
+        m = _evaluate(node, q, k, ctx)
+        if count:
+            total += np.sum(m & qvalid & kvalid, axis=(1, 2))
+        else:
+            anything |= m.any(axis=(1, 2))
+            everything &= m.all(axis=(1, 2))
+    return total if count else (anything, everything)
+
+
+def _evaluate(node: ir.Pattern, q: np.ndarray, k: np.ndarray, ctx: _Ctx) -> np.ndarray:
+    """``mask.evaluate``, but ``random`` looks up its drawn cells sparsely
+    (mask.py builds a dense table of them, too big for long sequences)."""
+    match node:
+        case ir.Random():
+            return ctx.random(node).allowed(q, k)
+        case ir.Union(parts=parts):
+            out = _evaluate(parts[0], q, k, ctx)
+            for c in parts[1:]:
+                out = out | _evaluate(c, q, k, ctx)
+            return out
+        case ir.Intersect(parts=parts):
+            out = _evaluate(parts[0], q, k, ctx)
+            for c in parts[1:]:
+                out = out & _evaluate(c, q, k, ctx)
+            return out
+        case ir.Difference(left=a, right=b):
+            return _evaluate(a, q, k, ctx) & ~_evaluate(b, q, k, ctx)
+        case ir.Complement(arg=a):
+            return ~_evaluate(a, q, k, ctx)
+    return evaluate(node, q, k, ctx.n)
+
+
+# ----------------------------------------------------------------------------
+# Interval arithmetic for `where`
+#
+# Over a set of tiles an integer expression becomes a ``_Span``: bounds
+# ``[lo, hi]`` on its value in each tile; ``wild`` where no bound is known (a
+# division by a range holding 0, a value beyond +-2**60); ``tight`` where both
+# bounds are attained by some element of the tile; ``dense`` when every
+# integer in between is attained; ``vars``, the positions (q, k) it reads.
+# Parts that read disjoint positions vary independently over a tile (a tile
+# is a product of a row range and a key range), which is what makes bounds
+# attained. A condition becomes ``(true, false, partial)``: holds in every
+# element, in none, in some but not all (none of the three: unknown, so the
+# tile is evaluated). Python semantics, as in ``mask.eval_expr``.
+# ----------------------------------------------------------------------------
+
+_BIG = 2**60
+
+
+class _Span(NamedTuple):
+    lo: np.ndarray
+    hi: np.ndarray
+    wild: np.ndarray
+    tight: np.ndarray
+    dense: bool
+    vars: frozenset
+
+
+_FALSE = np.bool_(False)
+_TRUE = np.bool_(True)
+_UNKNOWN = _Span(np.int64(0), np.int64(0), _TRUE, _FALSE, False, frozenset())
+
+
+def _const(v: int) -> _Span:
+    return _span(np.int64(v), np.int64(v), np.bool_(abs(v) > _BIG), _TRUE, True, frozenset())
+
+
+def _span(lo, hi, wild, tight, dense, vars) -> _Span:
+    """Mark values beyond +-_BIG wild and zero wild bounds (no overflow later)."""
+    wild = wild | (np.abs(lo) > _BIG) | (np.abs(hi) > _BIG)
+    tight = (tight | dense) & ~wild  # dense implies both bounds attained
+    return _Span(np.where(wild, 0, lo), np.where(wild, 0, hi), wild, tight, dense, frozenset(vars))
+
+
+def _is_bool(e: ir.Expr) -> bool:
+    if isinstance(e, (ir.Compare, ir.Not)):
+        return True
+    return isinstance(e, ir.BoolOp) and all(_is_bool(a) for a in e.args)
+
+
+def _independent(*spans: _Span) -> bool:
+    seen: set = set()
+    for s in spans:
+        if seen & s.vars:
+            return False
+        seen |= s.vars
+    return True
+
+
+def _range(e, env) -> _Span:
+    """The ``_Span`` of an integer expression."""
+    if isinstance(e, int):
+        return _const(e)
+    if _is_bool(e):  # a condition used as a number: 0 or 1
+        true, false, partial = _truth(e, env)
+        return _span(np.where(true, 1, 0), np.where(false, 0, 1), _FALSE, true | false | partial,
+                     False, _positions(e))
+    match e:
+        case ir.Const(value=v):
+            return _const(v)
+        case ir.Var(name=name):
+            if name not in env:
+                return _UNKNOWN
+            lo, hi = env[name]
+            positional = name in ("q", "k")
+            return _span(np.int64(lo) if np.isscalar(lo) else lo, np.int64(hi) if np.isscalar(hi) else hi,
+                         _FALSE, _TRUE, True, {name} if positional else ())
+        case ir.BinOp(op=op, left=a, right=b):
+            if _is_bool(a) and _is_bool(b):  # numpy's bool arithmetic is not Python's
+                return _UNKNOWN
+            return _binop(op, _range(a, env), _range(b, env))
+        case ir.Call(fn="abs", args=(a,)):
+            s = _range(a, env)
+            amin, amax = _abs_range(s.lo, s.hi)
+            one_side = (s.lo >= 0) | (s.hi <= 0)  # abs is monotone there
+            return _span(amin, amax, s.wild, s.tight & one_side, s.dense, s.vars)
+        case ir.Call(fn="min" | "max", args=args):
+            pick = np.minimum if e.fn == "min" else np.maximum
+            spans = [_range(a, env) for a in args]
+            lo, hi = functools.reduce(pick, [s.lo for s in spans]), functools.reduce(pick, [s.hi for s in spans])
+            wild = functools.reduce(np.logical_or, [s.wild for s in spans])
+            apart = _independent(*spans)
+            tight = functools.reduce(np.logical_and, [s.tight for s in spans]) & apart
+            dense = apart and all(s.dense for s in spans)
+            return _span(lo, hi, wild, tight, dense, frozenset().union(*[s.vars for s in spans]))
+        case ir.Call(fn="isqrt"):
+            if not ir.expr_vars(e):
+                return _const(ir.eval_int(e, {}))
+    return _UNKNOWN
+
+
+def _positions(e) -> frozenset:
+    return frozenset(ir.expr_vars(e) & {"q", "k"})
+
+
+def _binop(op: str, a: _Span, b: _Span) -> _Span:
+    wild = a.wild | b.wild
+    vars = a.vars | b.vars
+    apart = _independent(a, b)
+    if op == "+":
+        return _span(a.lo + b.lo, a.hi + b.hi, wild, a.tight & b.tight & apart, a.dense and b.dense and apart, vars)
+    if op == "-":
+        return _span(a.lo - b.hi, a.hi - b.lo, wild, a.tight & b.tight & apart, a.dense and b.dense and apart, vars)
+    constant = not b.vars and bool(np.all(b.lo == b.hi))  # the right operand is one number
+    if op == "*":
+        big = np.maximum(np.abs(a.lo), np.abs(a.hi)).astype(float) * np.maximum(np.abs(b.lo), np.abs(b.hi))
+        wild = wild | (big > _BIG)
+        with np.errstate(over="ignore"):
+            corners = (a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi)
+        unit = constant and bool(np.all(np.abs(b.lo) == 1))
+        return _span(np.minimum.reduce(corners), np.maximum.reduce(corners), wild,
+                     a.tight & b.tight & apart, a.dense and unit, vars)
+    if op not in ("//", "%"):
+        return _UNKNOWN
+    wild = wild | ((b.lo <= 0) & (b.hi >= 0))  # the divisor's range holds 0
+    blo, bhi = np.where(wild, 1, b.lo), np.where(wild, 1, b.hi)
+    if op == "//":  # floor(x / y) is monotone in each argument while y keeps its sign
+        corners = (a.lo // blo, a.lo // bhi, a.hi // blo, a.hi // bhi)
+        return _span(np.minimum.reduce(corners), np.maximum.reduce(corners), wild,
+                     a.tight & b.tight & apart, a.dense and constant, vars)
+    one_period = (blo == bhi) & (a.lo // blo == a.hi // blo)  # x % m = x - m * const there
+    lo = np.where(one_period, a.lo % blo, np.where(blo > 0, 0, blo + 1))
+    hi = np.where(one_period, a.hi % blo, np.where(blo > 0, bhi - 1, 0))
+    every_residue = a.dense and constant and bool(np.all(a.hi - a.lo + 1 >= np.abs(blo)))
+    tight = (one_period & a.tight) if constant else _FALSE
+    return _span(lo, hi, wild, tight, (a.dense and constant and bool(np.all(one_period))) or every_residue, vars)
+
+
+def _truth(e, env):
+    """``(true, false, partial)`` bool arrays for a condition."""
+    match e:
+        case ir.Compare(op=op, left=a, right=b):
+            sa, sb = _range(a, env), _range(b, env)
+            known = ~(sa.wild | sb.wild)
+            lt_always, lt_never = sa.hi < sb.lo, sa.lo >= sb.hi  # a < b
+            le_always, le_never = sa.hi <= sb.lo, sa.lo > sb.hi  # a <= b
+            eq_always = (sa.lo == sa.hi) & (sb.lo == sb.hi) & (sa.lo == sb.lo)
+            eq_never = (sa.hi < sb.lo) | (sa.lo > sb.hi)
+            true, false = {
+                "<": (lt_always, lt_never), "<=": (le_always, le_never),
+                ">": (le_never, le_always), ">=": (lt_never, lt_always),
+                "==": (eq_always, eq_never), "!=": (eq_never, eq_always),
+            }[op]
+            true, false = true & known, false & known
+            # Independent sides whose bounds are attained reach both outcomes
+            # (for == and != every value in between must be attained too).
+            if op in ("==", "!="):
+                reach = sa.dense and sb.dense
+            else:
+                reach = sa.tight & sb.tight
+            partial = known & ~true & ~false & reach & _independent(sa, sb)
+            return true, false, partial
+        case ir.Not(arg=a):
+            true, false, partial = _truth(a, env)
+            return false, true, partial
+        case ir.BoolOp(op=op, args=args) if _is_bool(e):
+            parts = [_truth(a, env) for a in args]
+            if op == "or":  # De Morgan: or is and with true and false swapped
+                parts = [(f, t, p) for t, f, p in parts]
+            true = functools.reduce(np.logical_and, [t for t, _, _ in parts])
+            false = functools.reduce(np.logical_or, [f for _, f, _ in parts])
+            settled = functools.reduce(np.logical_and, [t | p for t, _, p in parts])
+            if _independent(*[_Span(0, 0, _FALSE, _FALSE, False, _positions(a)) for a in args]):
+                # parts on disjoint positions: their witnesses combine freely
+                partial = settled & ~true
+            else:
+                undecided = sum(np.asarray(~t, dtype=np.int8) for t, _, _ in parts)
+                partial = settled & (undecided == 1)
+            return (false, true, partial) if op == "or" else (true, false, partial)
+        case ir.BoolOp():  # numpy's & | on integers is bitwise: leave it to evaluation
+            return _FALSE, _FALSE, _FALSE
+    s = _range(e, env)  # an integer used as a condition: nonzero
+    true = ~s.wild & ((s.lo > 0) | (s.hi < 0))
+    false = ~s.wild & (s.lo == 0) & (s.hi == 0)
+    zero_and_other = (s.lo == 0) | (s.hi == 0) | s.dense  # both 0 and a nonzero value attained
+    return true, false, s.tight & ~true & ~false & zero_and_other
+
+
+# ----------------------------------------------------------------------------
+# Element CSR from a layout
+# ----------------------------------------------------------------------------
+
+# Elements materialized at once while expanding blocks into a CSR.
+_CSR_CHUNK = 2**20
+
+
+def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int) -> sp.csr_matrix:
+    """bool CSR ``[n, n]`` of the elements of the non-empty tiles ``(i, j)``
+    (sorted by ``(i, j)``): FULL tiles expand whole, PARTIAL tiles are evaluated.
+
+    Works a band of query-block rows at a time (a slab of rows of one block
+    row when that row alone is too wide), laying out ``[rows, tiles, keys]``
+    so that ``np.nonzero`` already yields row-major, key-sorted order.
+    """
+    ctx = _Ctx(n, B)
+    nb, side = ctx.nb, min(B, n)
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    ctx.charge(int(np.count_nonzero(~full)) * side * side)
+    row_start = np.searchsorted(i, np.arange(nb + 1))  # tiles of block row x: row_start[x] : row_start[x + 1]
+    counts = np.zeros(n, dtype=np.int64)
+    parts = []
+    per_tile = side * side
+    x = 0
+    while x < nb:
+        # block rows x .. y - 1, about _CSR_CHUNK elements (at least one row)
+        y = max(x + 1, int(np.searchsorted(row_start, row_start[x] + max(1, _CSR_CHUNK // per_tile), "right")) - 1)
+        y = min(y, nb)
+        lo, hi = row_start[x], row_start[y]
+        if lo == hi:
+            x = y
+            continue
+        t = _Tiles(i[lo:hi], j[lo:hi], ctx)
+        f = full[lo:hi]
+        slab = side if y > x + 1 else max(1, _CSR_CHUNK // (side * (hi - lo)))
+        for a0 in range(0, side, slab):
+            m = _tile_elements(p, t, f, a0, min(side, a0 + slab), ctx)  # [T, rows, side]
+            for r in range(x, y):
+                s0, s1 = row_start[r] - lo, row_start[r + 1] - lo
+                if s0 == s1:
+                    continue
+                a, tile, c = np.nonzero(m[s0:s1].transpose(1, 0, 2))  # row-major, keys ascending
+                q0 = r * B + a0
+                counts[q0 : min(n, q0 + m.shape[1])] = np.bincount(a, minlength=m.shape[1])[: max(0, min(n, q0 + m.shape[1]) - q0)]
+                parts.append((t.klo[s0:s1][tile] + c).astype(np.int32 if n <= ir.MAX_VALUE else np.int64))
+        x = y
+    nnz = int(counts.sum())
+    index = np.int32 if nnz <= ir.MAX_VALUE and n <= ir.MAX_VALUE else np.int64
+    indptr = np.zeros(n + 1, dtype=index)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.concatenate(parts).astype(index, copy=False) if parts else np.zeros(0, dtype=index)
+    del parts
+    out = sp.csr_matrix((np.ones(nnz, dtype=bool), indices, indptr), shape=(n, n))
+    out.has_sorted_indices = True
+    return out
+
+
+def _tile_elements(p: ir.Pattern, t: _Tiles, full: np.ndarray, a0: int, a1: int, ctx: _Ctx) -> np.ndarray:
+    """bool ``[T, a1 - a0, side]``: allowed elements of rows ``a0 .. a1 - 1``
+    of each tile (False outside ``seq_len``)."""
+    side = min(ctx.B, ctx.n)
+    q = t.qlo[:, None, None] + np.arange(a0, a1)[None, :, None]  # [T, rows, 1]
+    k = t.klo[:, None, None] + np.arange(side)[None, None, :]  # [T, 1, side]
+    m = (q <= t.qhi[:, None, None]) & (k <= t.khi[:, None, None])
+    partial = ~full
+    if partial.any():
+        qp = np.minimum(q[partial], t.qhi[partial, None, None])
+        kp = np.minimum(k[partial], t.khi[partial, None, None])
+        m[partial] &= _evaluate(p, qp, kp, ctx)
+    return m
