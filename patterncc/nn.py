@@ -190,7 +190,6 @@ class SparseSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self._compiled: dict[str, object] = {}  # backend name -> pcc.compile(...) result
 
     def extra_repr(self) -> str:
         pattern = "dense causal (sdpa)" if self.pattern is None else f"`{self.pattern}`"
@@ -225,10 +224,15 @@ class SparseSelfAttention(nn.Module):
         return "triton" if x.device.type == "cuda" else "reference"
 
     def compiled(self, backend: str):
-        """The pattern compiled for one backend, built on first use and kept."""
-        if backend not in self._compiled:
-            self._compiled[backend] = compile_pattern(self.pattern, backend=backend)
-        return self._compiled[backend]
+        """The pattern compiled for one backend (shared by every layer with this pattern)."""
+        return _compiled(self.pattern, backend)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: ir.Pattern, backend: str):
+    # One compiled attention per (pattern, backend): layers and models with the
+    # same pattern share its per-length layouts and its kernels.
+    return compile_pattern(pattern, backend=backend)
 
 
 class FeedForward(nn.Sequential):
