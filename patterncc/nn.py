@@ -180,6 +180,8 @@ class SparseSelfAttention(nn.Module):
             if dim % heads:
                 raise ValueError(f"{dim=} is not divisible by {heads=}; pass head_dim")
             head_dim = dim // heads
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive integer, got {head_dim=!r}")
         if backend not in BACKENDS:
             raise ValueError(f"{backend=} is not one of {', '.join(BACKENDS)}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
@@ -216,7 +218,7 @@ class SparseSelfAttention(nn.Module):
                 v = v.repeat_interleave(group, dim=1)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         attn = self.compiled(self.backend_for(q))
-        return attn(q.contiguous(), k.contiguous(), v.contiguous()).to(q.dtype)
+        return attn(q, k, v).to(q.dtype)  # strided views: the backends take any strides
 
     def backend_for(self, x: torch.Tensor) -> str:
         if self.backend != "auto":

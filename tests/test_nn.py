@@ -88,7 +88,7 @@ def explicit_block(block: SparseTransformerBlock, h, pattern):
 def outputs_and_grads(fn, module, x, seed=0):
     """fn(x), and the gradients of a fixed random projection of it w.r.t. x and every parameter."""
     y = fn(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y)
     params = [x, *module.parameters()]
     return y, torch.autograd.grad((y * g).sum(), params)
 
@@ -150,6 +150,26 @@ def test_attention_auto_backend_is_reference_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     layer = SparseSelfAttention(16, 2, strided(4))
     assert layer.backend_for(torch.zeros(1)) == "reference"
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="the Triton backend runs on CUDA, or on the CPU under TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("pattern", [strided(16), fixed(16, 4)], ids=["strided", "fixed"])
+def test_triton_block_matches_reference_block(pattern):
+    # float32 Triton kernels (ieee dots), recomputing, against the float64 reference.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(9)
+    ref = SparseTransformerBlock(32, 2, pattern, kv_heads=1, backend="reference").double()
+    tri = copy.deepcopy(ref).float().to(device)
+    tri.attn.backend, tri.recompute = "triton", True
+    x = torch.randn(2, 72, 32, dtype=torch.float64, requires_grad=True)
+    want = outputs_and_grads(ref, ref, x)
+    got = outputs_and_grads(tri, tri, x.detach().float().to(device).requires_grad_())
+    torch.testing.assert_close(got[0].double().cpu(), want[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-3, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------
