@@ -40,7 +40,7 @@ MODEL=(--device cuda --dim 256 --depth 4 --heads 4 --dtype bf16 --seed 0)
 status=0
 
 timeout 240 python3 examples/train_char_lm.py "${MODEL[@]}" \
-    --context 16384 --batch 2 --steps 1500 --lr 2e-3 --eval-every 250 --eval-batches 8 \
+    --context 16384 --batch 2 --steps 1200 --lr 2e-3 --eval-every 200 --eval-batches 8 \
     --timing-warmup 20 --models dense,fixed,strided --l 128 --c 32 \
     --out "$OUT/train" || { status=1; echo "train stage failed or timed out" >&2; }
 

@@ -437,8 +437,9 @@ def measure(spec: ModelSpec, args, corpus: Corpus, device: torch.device, seq_len
         x, y = sample_batch(corpus.train, args.sweep_batch, seq_len, gen, device)
         mem = PeakMemory(device)
         times = []
-        for i in range(args.sweep_warmup + args.sweep_steps):
-            if i == args.sweep_warmup:
+        warmup = max(1, args.sweep_warmup)  # the first backward allocates the gradient buffers
+        for i in range(warmup + args.sweep_steps):
+            if i == warmup:
                 mem.reset()  # weights and gradient buffers now allocated: base
             synchronize(device)
             t0 = time.perf_counter()
@@ -451,7 +452,7 @@ def measure(spec: ModelSpec, args, corpus: Corpus, device: torch.device, seq_len
         peak = mem.peak()
         record.update(
             status="ok",
-            step_time_ms=statistics.median(times[args.sweep_warmup:]) * 1e3,
+            step_time_ms=statistics.median(times[warmup:]) * 1e3,
             peak_memory_bytes=peak,
             activation_bytes=peak - mem.base,
             activation_bytes_per_token=(peak - mem.base) / (args.sweep_batch * seq_len),
@@ -468,16 +469,17 @@ def measure(spec: ModelSpec, args, corpus: Corpus, device: torch.device, seq_len
     return record
 
 
-def run_sweep(args, corpus: Corpus, device: torch.device) -> list[dict]:
+def run_sweep(args, corpus: Corpus, device: torch.device, records: list, save_progress=lambda: None) -> list[dict]:
+    """Append one record per (context, model, recompute) to ``records``, saving after each."""
     contexts = [int(n) for n in args.sweep_contexts.split(",")]
     names = [m for m in args.sweep_models.split(",") if m]
     specs = [model_spec(m, args) for m in names]
     runs = [(n, s, r) for n in contexts for s in specs for r in (False, True)]
     progress = Progress(len(runs), "sweep")
-    records = []
     for i, (n, spec, recompute) in enumerate(runs, 1):
         rec = measure(spec, args, corpus, device, n, recompute)
         records.append(rec)
+        save_progress()  # a sweep cut off by a timeout keeps what it measured
         what = f"{spec.name} n={n} recompute={recompute}: " + (
             f"{rec['step_time_ms']:.1f} ms, {rec['activation_bytes'] / MIB:.0f} MiB" if rec["status"] == "ok" else rec["status"]
         )
@@ -716,7 +718,7 @@ def main(argv=None) -> dict:
             results["train"].append(record)
             save(results, out, t_start)  # partial results survive a timeout
     if args.sweep:
-        results["sweep"] = run_sweep(args, corpus, device)
+        run_sweep(args, corpus, device, results["sweep"], lambda: save(results, out, t_start))
     written = save(results, out, t_start, plots=True)
     print((out / "results.md").read_text())
     print(f"wrote {', '.join(str(out / w) for w in written)} in {results['wall_s']:.0f} s", file=sys.stderr)
