@@ -12,8 +12,8 @@
 pattern strided(l = 128) = causal & (local(l) | stride(l))
 
 # Sparse Transformer, fixed (fig. 3c): the query's own block of l positions and
-# the last c positions ("summary cells") of every block.
-pattern fixed(l = 128, c = 32) = causal & (block(l) | summary(l, c))
+# the last c positions ("summary cells") of every block; c defaults to l / 4.
+pattern fixed(l = 128, c = l // 4) = causal & (block(l) | summary(l, c))
 
 # Causal sliding window: the query and the w - 1 positions before it.
 pattern sliding_window(w = 256) = causal & local(w)

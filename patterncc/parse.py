@@ -72,6 +72,7 @@ def parse_source(text: str, filename: str = "<pattern>") -> ast.Module:
             f"the source is {len(text)} characters long, over the limit of {MAX_SOURCE_CHARS}",
             Loc(1, 1, "", filename),
         )
+    text = text.removeprefix("\ufeff")  # a byte order mark is not part of the first line
     state = _State(_display_lines(text), filename)
     token = _STATE.set(state)
     try:

@@ -70,6 +70,11 @@ _RESERVED = set(ir.PRIMITIVES) | set(ir.FUNCS) | set(ir.VARS)
 
 Value = int | ir.Expr  # a parameter's value: an int, or an integer expression over n
 
+# The element masks evaluate `where` conditions with numpy over all positions
+# at once, and isqrt has no exact vectorized form there: it stays in arguments.
+_WHERE_ISQRT = "a `where` condition cannot take `isqrt` of something that depends on `n`"
+_WHERE_ISQRT_HINT = "use isqrt(n) in arguments, e.g. `local(isqrt(n))`, or compare squares: `(q - k) * (q - k) < n`"
+
 
 def parse_pattern(
     text: str,
@@ -138,8 +143,11 @@ def _reserved_what(name: str) -> str:
     return {"q": "the query position", "k": "the key position", "h": "the head index", "n": "the sequence length"}[name]
 
 
-def _check_definitions(definitions: dict[str, ast.Definition], visible: dict[str, ast.Definition]) -> None:
-    """Unknown names, defaults that use later parameters, and recursion."""
+def _check_definitions(
+    definitions: dict[str, ast.Definition], visible: dict[str, ast.Definition], library=frozenset()
+) -> None:
+    """Unknown names, defaults that use later parameters, and recursion.
+    ``library``: the standard library's names, for a hint when one is shadowed."""
     calls: dict[str, list[ast.Name | ast.Call]] = {}
     for d in definitions.values():
         params = [p.name for p in d.params]
@@ -158,7 +166,7 @@ def _check_definitions(definitions: dict[str, ast.Definition], visible: dict[str
             _check_known(ref, params, visible)
             if ref.name not in params and ref.name in definitions:
                 calls[d.name].append(ref)
-    _check_recursion(definitions, calls)
+    _check_recursion(definitions, calls, library)
 
 
 def _references(node) -> list[ast.Name | ast.Call]:
@@ -178,7 +186,7 @@ def _check_known(ref: ast.Name | ast.Call, params: list[str], visible: dict) -> 
         raise UnknownNameError(f"unknown name `{ref.name}`", ref.loc, hint=_did_you_mean(ref.name, known))
 
 
-def _check_recursion(definitions: dict[str, ast.Definition], calls: dict[str, list]) -> None:
+def _check_recursion(definitions: dict[str, ast.Definition], calls: dict[str, list], library) -> None:
     # Depth-first search with an explicit stack; a call back into the current
     # path is a cycle.
     done: set[str] = set()
@@ -199,7 +207,7 @@ def _check_recursion(definitions: dict[str, ast.Definition], calls: dict[str, li
                 if len(cycle) > 8:
                     cycle = cycle[:4] + [f"... ({len(cycle) - 7} more)"] + cycle[-3:]
                 hint = None
-                if ref.name in stdlib_names():
+                if ref.name in library:
                     hint = (
                         f"this source's `{ref.name}` replaces the standard library's, "
                         f"so `{ref.name}` inside it calls itself; give yours another name"
@@ -211,13 +219,6 @@ def _check_recursion(definitions: dict[str, ast.Definition], calls: dict[str, li
                 path.append(ref.name)
                 on_path.add(ref.name)
                 iterators.append(iter(calls[ref.name]))
-
-
-def stdlib_names() -> set[str]:
-    try:
-        return set(stdlib())
-    except PatternError:  # only while the library itself is being checked
-        return set()
 
 
 def _did_you_mean(name: str, candidates) -> str | None:
@@ -233,17 +234,9 @@ def _did_you_mean(name: str, candidates) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Scope:
-    """The definitions a body can see; the standard library sees only itself."""
-
-    definitions: Mapping[str, ast.Definition]
-    is_stdlib: bool
-
-
-@dataclass(frozen=True)
 class _Ctx:
     env: Mapping[str, Value]  # parameter values
-    scope: _Scope
+    scope: Mapping[str, ast.Definition]  # definitions in sight; the standard library sees only itself
     depth: int  # nesting so far: tree levels plus inlined calls
     site: Loc | None = None  # inside the standard library: the user's call
 
@@ -267,6 +260,7 @@ class _Info:
     vars: frozenset[str]
     depth: int
     size: int  # as a tree; parameters used twice make DAGs, counted twice
+    isqrt_of_n: bool  # has an isqrt of something that is not constant
 
 
 class _Resolver:
@@ -274,9 +268,9 @@ class _Resolver:
         self.module = module
         library = stdlib()
         self.user = _user_definitions(module)
-        _check_definitions(self.user, visible={**library, **self.user})
-        self.stdlib_scope = _Scope(library, True)
-        self.user_scope = _Scope({**library, **self.user}, False)
+        _check_definitions(self.user, visible={**library, **self.user}, library=frozenset(library))
+        self.stdlib_scope = library
+        self.user_scope = {**library, **self.user}
         self.size = 0
         self.expanding: list[str] = []  # definitions being inlined, outermost first
         self._infos: dict[int, tuple[ir.Expr, _Info]] = {}
@@ -286,12 +280,12 @@ class _Resolver:
     def main(self, overrides: Mapping[str, int], entry: str | None) -> ir.Pattern:
         top = _Ctx({}, self.user_scope, 0)
         if entry is not None:
-            if entry not in self.user_scope.definitions:
+            if entry not in self.user_scope:
                 raise UnknownNameError(
                     f"no pattern named `{entry}` in {self.module.filename} or the standard library",
-                    hint=_did_you_mean(entry, self.user_scope.definitions),
+                    hint=_did_you_mean(entry, self.user_scope),
                 )
-            return self.expand(self.user_scope.definitions[entry], self.overrides(entry, overrides), top, None)
+            return self.expand(self.user_scope[entry], self.overrides(entry, overrides), top, None)
         if self.module.expr is not None:
             if overrides:
                 raise UnknownNameError(
@@ -310,7 +304,7 @@ class _Resolver:
         return self.expand(last, self.overrides(last.name, overrides), top, None)
 
     def overrides(self, name: str, overrides: Mapping[str, int]) -> dict[str, Value]:
-        definition = self.user_scope.definitions[name]
+        definition = self.user_scope[name]
         params = [p.name for p in definition.params]
         for key, value in overrides.items():
             if key not in params:
@@ -362,8 +356,8 @@ class _Resolver:
                     f"`{name}` needs {_count_words(len(params), 'argument')}: {name}({', '.join(params)})", ctx.loc(node)
                 )
             return cls(loc=ctx.loc(node))
-        if name in ctx.scope.definitions:
-            return self.expand(ctx.scope.definitions[name], {}, ctx, node)
+        if name in ctx.scope:
+            return self.expand(ctx.scope[name], {}, ctx, node)
         raise self.misplaced(node, ctx, "a pattern")
 
     def pattern_call(self, node: ast.Call, ctx: _Ctx) -> ir.Pattern:
@@ -384,8 +378,8 @@ class _Resolver:
             if all(isinstance(v, int) for v in values.values()):
                 ir.check_args(primitive, values)
             return primitive
-        if name in ctx.scope.definitions:
-            definition = ctx.scope.definitions[name]
+        if name in ctx.scope:
+            definition = ctx.scope[name]
             given = _match_arguments(name, [p.name for p in definition.params], node, ctx)
             values = {p: self.argument(arg, ctx) for p, arg in given.items()}
             return self.expand(definition, values, ctx, node)
@@ -393,9 +387,8 @@ class _Resolver:
 
     def expand(self, definition: ast.Definition, values: dict[str, Value], ctx: _Ctx, call) -> ir.Pattern:
         """Inline a definition: bind its parameters, resolve its body."""
-        if definition.name in self.expanding:  # the static check makes this unreachable
-            raise RecursiveDefinitionError(f"`{definition.name}` is recursive", ctx.loc(call or definition))
-        in_stdlib = self.stdlib_scope.definitions.get(definition.name) is definition
+        assert definition.name not in self.expanding, "recursion is refused before resolution"
+        in_stdlib = self.stdlib_scope.get(definition.name) is definition
         scope = self.stdlib_scope if in_stdlib else self.user_scope
         site = ctx.site or (ctx.loc(call) if in_stdlib and call is not None else None)
         inner = _Ctx({}, scope, ctx.depth, site).deeper(call or definition)
@@ -475,7 +468,7 @@ class _Resolver:
         if isinstance(node, ast.Call):
             if node.name in ir.FUNCS:
                 return self.function(node, ctx, allowed)
-            raise self.misplaced(node, ctx, "an integer")
+            raise self.misplaced(node, ctx, "an integer", allowed)
         raise _expected("an integer", node, ctx)
 
     def integer_name(self, node: ast.Name, ctx: _Ctx, allowed: frozenset[str]) -> ir.Expr:
@@ -485,6 +478,9 @@ class _Resolver:
             if isinstance(value, int):
                 return ir.Const(value, loc)
             info = self.info(value)
+            if info.isqrt_of_n and "q" in allowed:
+                shown = f"`{ir.expr_source(value)}`" if info.size <= 40 else "an expression with isqrt"
+                raise PatternValueError(f"`{name}` is {shown}: {_WHERE_ISQRT}", loc, hint=_WHERE_ISQRT_HINT)
             self.count(info.size, loc)
             ctx.deeper(node, info.depth)
             return value
@@ -498,7 +494,7 @@ class _Resolver:
                     hint="`q`, `k` and `h` belong in `where` conditions",
                 )
             raise PatternValueError(f"`{name}` cannot be used here: head ranges must be constant", loc)
-        raise self.misplaced(node, ctx, "an integer")
+        raise self.misplaced(node, ctx, "an integer", allowed)
 
     def function(self, node: ast.Call, ctx: _Ctx, allowed: frozenset[str]) -> ir.Expr:
         low, high = ir.FUNCS[node.name]
@@ -514,6 +510,8 @@ class _Resolver:
             variables = self.info(call).vars
             if variables & _POSITIONS:
                 raise PatternValueError("`isqrt` works only on values that do not depend on q, k or h", loc)
+            if variables and "q" in allowed:
+                raise PatternValueError(_WHERE_ISQRT, loc, hint=_WHERE_ISQRT_HINT)
             if not variables:
                 ir.eval_int(call, {}, loc)  # a negative argument is an error now, not later
         return call
@@ -552,7 +550,7 @@ class _Resolver:
             pairs = tuple(ir.Compare(op, a, b, loc) for op, a, b in zip(node.ops, terms, terms[1:]))
             return pairs[0] if len(pairs) == 1 else ir.BoolOp("and", pairs, loc)
         if isinstance(node, (ast.Name, ast.Call)):
-            raise self.misplaced(node, ctx, "a condition")
+            raise self.misplaced(node, ctx, "a condition", _WHERE_VARS)
         raise _expected("a condition", node, ctx)
 
     # -- bookkeeping
@@ -585,10 +583,16 @@ class _Resolver:
             parts = [infos[id(c)][1] for c in kids]
             variables = frozenset({top.name}) if isinstance(top, ir.Var) else frozenset().union(*(p.vars for p in parts))
             depth = 1 + max((p.depth for p in parts), default=0)
-            infos[id(top)] = (top, _Info(variables, depth, 1 + sum(p.size for p in parts)))
+            size = 1 + sum(p.size for p in parts)
+            isqrt_of_n = any(p.isqrt_of_n for p in parts) or (
+                isinstance(top, ir.Call) and top.fn == "isqrt" and bool(variables)
+            )
+            infos[id(top)] = (top, _Info(variables, depth, size, isqrt_of_n))
         return infos[id(expr)][1]
 
-    def misplaced(self, node: ast.Name | ast.Call, ctx: _Ctx, wanted: str) -> PatternError:
+    def misplaced(
+        self, node: ast.Name | ast.Call, ctx: _Ctx, wanted: str, allowed: frozenset[str] = frozenset()
+    ) -> PatternError:
         """The error for a name that is not what this position needs."""
         name, loc = node.name, ctx.loc(node)
         if name in ctx.env:
@@ -597,11 +601,17 @@ class _Resolver:
             what = f"{_reserved_what(name)} (an integer)"
         elif name in ir.FUNCS:
             what = "a function returning an integer"
-        elif name in ir.PRIMITIVES or name in ctx.scope.definitions:
+        elif name in ir.PRIMITIVES or name in ctx.scope:
             what = "a pattern"
         else:
-            candidates = set(ir.PRIMITIVES) | set(ctx.scope.definitions) if wanted == "a pattern" else set(ctx.env) | set(ir.FUNCS)
-            return UnknownNameError(f"unknown name `{name}`", loc, hint=_did_you_mean(name, candidates))
+            if wanted == "a pattern":
+                candidates = set(ir.PRIMITIVES) | set(ctx.scope)
+                return UnknownNameError(f"unknown name `{name}`", loc, hint=_did_you_mean(name, candidates))
+            names = sorted(allowed, key=ir.VARS.index) + sorted(ctx.env)
+            listed = f"the names usable here: {', '.join(f'`{v}`' for v in names)}" if names else "only numbers can be used here"
+            return UnknownNameError(
+                f"unknown name `{name}`", loc, hint=_did_you_mean(name, set(names) | set(ir.FUNCS)) or listed
+            )
         if isinstance(node, ast.Call) and what == "an integer parameter":
             return PatternValueError(f"`{name}` is {what} and cannot be called", loc)
         hint = None
@@ -674,6 +684,8 @@ def _check_magnitude(value: int, name: str | None, loc: Loc | None) -> None:
 def _expected(wanted: str, node, ctx: _Ctx) -> PatternError:
     """A type error: ``node`` is not what this position needs."""
     found, kind, hint = _describe(node)
+    if wanted == "a condition" and isinstance(node, ast.Binary):  # `-` is a subtraction here
+        found, kind = f"an integer expression (`{node.op}`)", "integer"
     if wanted == "a pattern" and kind == "condition":
         hint = hint or "a condition becomes a pattern with `where`, e.g. `where q - k < 64`"
     elif wanted == "a condition" and kind == "pattern":
