@@ -1,0 +1,1 @@
+causal and local(3)

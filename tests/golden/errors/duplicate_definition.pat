@@ -1,0 +1,2 @@
+pattern p = causal
+pattern p = local(3)

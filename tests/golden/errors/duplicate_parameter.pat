@@ -1,0 +1,1 @@
+pattern p(w, w = 3) = local(w)

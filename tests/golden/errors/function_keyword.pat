@@ -1,0 +1,1 @@
+local(abs(x = 3))

@@ -1,0 +1,1 @@
+causal | global(2 - 5)

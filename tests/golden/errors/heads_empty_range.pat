@@ -1,0 +1,1 @@
+heads { 0..8 => causal, 8..8 => local(3) }

@@ -1,0 +1,1 @@
+heads { -2..8 => causal }

@@ -1,0 +1,1 @@
+local(isqrt(3 - 7))

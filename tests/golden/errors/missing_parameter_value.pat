@@ -1,0 +1,1 @@
+pattern band(w) = causal & local(w)

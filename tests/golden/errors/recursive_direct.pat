@@ -1,0 +1,1 @@
+pattern p(w = 3) = local(w) | p(w + 1)

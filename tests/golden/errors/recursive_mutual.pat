@@ -1,0 +1,3 @@
+pattern even = causal | odd
+pattern odd = local(3) & even
+even

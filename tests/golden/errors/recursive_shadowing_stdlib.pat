@@ -1,0 +1,1 @@
+pattern strided(l = 64) = strided(l) & causal

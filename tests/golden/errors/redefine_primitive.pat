@@ -1,0 +1,1 @@
+pattern local(w) = causal

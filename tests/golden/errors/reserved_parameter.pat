@@ -1,0 +1,1 @@
+pattern p(n = 3) = local(n)

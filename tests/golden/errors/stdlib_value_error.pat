@@ -1,0 +1,1 @@
+pattern p = sliding_window(0) | sink(4)

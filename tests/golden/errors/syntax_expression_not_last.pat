@@ -1,0 +1,2 @@
+causal
+pattern p = local(3)

@@ -1,0 +1,1 @@
+heads { 0..8 causal }

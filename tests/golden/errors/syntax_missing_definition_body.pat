@@ -1,0 +1,3 @@
+pattern p(w = 3) =
+
+# nothing here

@@ -1,0 +1,3 @@
+pattern p =
+	causal &
+		& local(3)

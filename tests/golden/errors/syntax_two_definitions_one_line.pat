@@ -1,0 +1,1 @@
+pattern a = causal pattern b = local(3)

@@ -1,0 +1,1 @@
+pattern p(l = 8) = causal & (local(l) | stride(l)

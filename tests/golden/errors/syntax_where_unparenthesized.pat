@@ -1,0 +1,1 @@
+causal & where k % 2 == 0

@@ -1,0 +1,1 @@
+pattern p(width = 8) = local(widht)

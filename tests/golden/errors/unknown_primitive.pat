@@ -1,0 +1,1 @@
+causal & (local(128) | stridd(128))

@@ -1,0 +1,2 @@
+pattern band(w) = causal & local(w)
+pattern main = band(8) | band(0)

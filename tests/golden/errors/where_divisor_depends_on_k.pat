@@ -1,0 +1,1 @@
+causal & (where q % k == 0)

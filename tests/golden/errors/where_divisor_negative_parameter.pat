@@ -1,0 +1,1 @@
+pattern p(d = -2) = where (q - k) % d == 0

@@ -1,0 +1,1 @@
+pattern p(w = isqrt(n)) = where q - k < w

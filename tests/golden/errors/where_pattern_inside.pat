@@ -1,0 +1,1 @@
+where causal and q < k
