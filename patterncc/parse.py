@@ -14,11 +14,17 @@ patterns can be written over several lines:
         local(w) | global(g)
         | random(r, b, seed)
 
+A line that starts with ``(`` starts a new statement (it is not a call of
+the name that ends the line before).
+
 Limits (every one raises ``LimitError`` at a located place):
 
-- ``MAX_SOURCE_CHARS``: the whole source, in characters;
-- ``MAX_DEPTH``: nesting of brackets, operators and calls (also applied by
-  resolve.py after definitions are inlined, and by simplify.py);
+- ``MAX_SOURCE_CHARS`` (256 KiB): the whole source, in characters;
+- ``MAX_DEPTH`` (200): nested operators, calls, ``where``, ``heads`` and
+  ``cycle`` (parentheses alone cost nothing; a chain ``a | b | c`` of one
+  of ``| & and or`` is one level, a chain of ``-`` or ``+`` one per
+  operator). resolve.py applies it again after inlining definitions, and
+  simplify.py to patterns built in Python;
 - integer literals must not exceed ``ir.MAX_VALUE`` (int32).
 
 Syntax errors name what was expected in words ("expected `)` or an
@@ -89,7 +95,7 @@ def _module(statements: tuple, filename: str) -> ast.Module:
         too_deep = ast.deepest(stmt, MAX_DEPTH)
         if too_deep is not None:
             raise LimitError(
-                f"nesting too deep: more than {MAX_DEPTH} levels of brackets, operators and calls",
+                f"nesting too deep: more than {MAX_DEPTH} levels of operators and calls",
                 too_deep.loc,
             )
     for stmt in statements[:-1]:
@@ -373,7 +379,7 @@ def _bad_token(err: UnexpectedToken, state: _State) -> PatternSyntaxError:
         bracket = state.open_brackets[-1]
         hint = f"the `{bracket.value}` on line {bracket.line}, column {bracket.column} is not closed"
     elif token.type == "_EQUAL" and "COMPARE" in accepted:
-        hint = "compare with `==`"
+        hint = "`=` belongs to definitions, defaults and keyword arguments; compare with `==`"
     elif token.type == "PATTERN":
         hint = "put each definition on its own line, or separate them with `;`"
     elif token.type in _KEYWORDS and "NAME" in accepted:
@@ -405,7 +411,7 @@ def _expected(accepted: set[str], previous: Token | None) -> str:
     words = []
     if {"NAME", "NUMBER", "_LPAR"} <= accepted:
         kind = previous.type if previous is not None else None
-        words.append("a pattern" if kind in _BEFORE_PATTERN else "a number or a name" if kind in _BEFORE_INTEGER else "an expression")
+        words.append("a pattern" if kind in _BEFORE_PATTERN else "a value" if kind in _BEFORE_INTEGER else "an expression")
         accepted -= _EXPRESSION_START
     operators = accepted & _BINARY
     if operators:
