@@ -1,0 +1,125 @@
+"""Kernel configurations: the layout block and the tiles of every kernel.
+
+A ``KernelConfig`` names the layout block (``block``: the BlockLayout is built
+with it) and, for each kernel, the tile it works on and its launch settings:
+
+- forward: a program owns ``block_m`` queries and walks the keys ``block_n``
+  at a time (``fwd_warps`` warps, ``fwd_stages`` software-pipeline stages);
+- dK/dV: a program owns ``block_n1`` keys and walks the queries ``block_m1``
+  at a time;
+- dQ: a program owns ``block_m2`` queries and walks the keys ``block_n2`` at
+  a time (both backward kernels use ``bwd_warps`` and ``bwd_stages``).
+
+Every tile divides ``block``, so a tile never straddles two layout blocks, and
+every tile is at least 16 (the smallest ``tl.dot``). Tests use ``block=16``
+with every tile 16.
+
+Defaults for one NVIDIA H100 (``default_config``), layout block 128; they
+follow FlexAttention's H100 table (torch/_inductor/template_heuristics) so the
+two are compared tile for tile, and ``bench/bench_triton.py --sweep`` times the
+alternatives:
+
+======  ===========  ================================  ===========================================
+D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
+======  ===========  ================================  ===========================================
+<= 64   bf16, fp16   128 x 64, 4, 3                    64 x 128 / 128 x 64, 8, 3
+128     bf16, fp16   128 x 64, 8, 3                    64 x 128 / 128 x 64, 8, 3
+256     bf16, fp16   64 x 32, 4, 3                     32 x 64 / 64 x 32, 4, 2
+<= 64   fp32         128 x 32, 4, 3                    32 x 64 / 64 x 32, 4, 1
+128     fp32         32 x 64, 4, 3                     32 x 32 / 32 x 32, 4, 1
+256     fp32         32 x 32, 4, 3                     16 x 32 / 32 x 16, 4, 1
+======  ===========  ================================  ===========================================
+
+Head dims that are not a power of two use the row of the next power of two
+(the runtime pads them with zeros). A smaller ``block`` shrinks every tile to
+at most ``block``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+MAX_HEAD_DIM = 256
+MIN_TILE = 16  # the smallest M, N and K that tl.dot accepts
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Layout block, tiles and launch settings (see the module docstring)."""
+
+    block: int = 128
+    # forward
+    block_m: int = 128
+    block_n: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 3
+    # backward: dK/dV (block_m1 x block_n1) and dQ (block_m2 x block_n2)
+    block_m1: int = 64
+    block_n1: int = 128
+    block_m2: int = 128
+    block_n2: int = 64
+    bwd_warps: int = 8
+    bwd_stages: int = 3
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KernelConfig.{name} must be a positive integer, got {name}={value!r}")
+        if self.block & (self.block - 1) or self.block < MIN_TILE:
+            raise ValueError(f"KernelConfig.block must be a power of two >= {MIN_TILE}, got block={self.block}")
+        for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"):
+            tile = getattr(self, name)
+            if tile < MIN_TILE or tile & (tile - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= {MIN_TILE}, got {name}={tile}")
+            if self.block % tile:
+                raise ValueError(f"KernelConfig.{name}={tile} must divide the layout block={self.block}")
+
+    def shrunk_to(self, block: int) -> "KernelConfig":
+        """The same settings with layout block ``block`` and every tile at most ``block``."""
+        tiles = {name: min(getattr(self, name), block)
+                 for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2")}
+        return replace(self, block=block, **tiles)
+
+    def describe(self) -> str:
+        return (f"block={self.block}; forward {self.block_m}x{self.block_n} "
+                f"({self.fwd_warps} warps, {self.fwd_stages} stages); backward dK/dV "
+                f"{self.block_m1}x{self.block_n1}, dQ {self.block_m2}x{self.block_n2} "
+                f"({self.bwd_warps} warps, {self.bwd_stages} stages)")
+
+
+# (16-bit?, padded head dim) -> (forward M, N, warps, stages), (backward M1, N1, M2, N2, warps, stages)
+_H100 = {
+    (True, 64): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
+    (True, 128): ((128, 64, 8, 3), (64, 128, 128, 64, 8, 3)),
+    (True, 256): ((64, 32, 4, 3), (32, 64, 64, 32, 4, 2)),
+    (False, 64): ((128, 32, 4, 3), (32, 64, 64, 32, 4, 1)),
+    (False, 128): ((32, 64, 4, 3), (32, 32, 32, 32, 4, 1)),
+    (False, 256): ((32, 32, 4, 3), (16, 32, 32, 16, 4, 1)),
+}
+
+_DTYPES = {"bfloat16": True, "float16": True, "float32": False}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels run at: the next power of two, at least 16."""
+    return max(MIN_TILE, 1 << (head_dim - 1).bit_length())
+
+
+def default_config(head_dim: int = 64, dtype="bfloat16", block: int | None = None) -> KernelConfig:
+    """The H100 table's entry for ``head_dim`` and ``dtype`` (a torch dtype or
+    its name), with layout block ``block`` (default 128)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of bfloat16, float16, float32; got {dtype!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be an integer in 1..{MAX_HEAD_DIM}, got {head_dim=!r}")
+    row = max(64, padded_head_dim(head_dim))
+    (m, n, fw, fs), (m1, n1, m2, n2, bw, bs) = _H100[(_DTYPES[name], row)]
+    cfg = KernelConfig(128, m, n, fw, fs, m1, n1, m2, n2, bw, bs)
+    if block is None or block == cfg.block:
+        return cfg
+    if isinstance(block, bool) or not isinstance(block, int) or block < MIN_TILE or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= {MIN_TILE}, got {block=!r}")
+    if block < cfg.block:
+        return cfg.shrunk_to(block)
+    return replace(cfg, block=block)
