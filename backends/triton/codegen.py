@@ -1,0 +1,619 @@
+"""Code generation: from a pattern to one complete Triton kernel module.
+
+``generate_source(pattern, config)`` returns the text of a Python file with
+
+1. the pattern's predicate, ``pattern_mask(q, k, h, N, RANDOM)``, a
+   ``@triton.jit`` function over int32 positions ``q`` ``[M, 1]`` and ``k``
+   ``[1, N]`` (or transposed), the runtime head index ``h`` and the runtime
+   length ``N``; the kernels call it on PARTIAL blocks only;
+2. the attention kernels of ``kernels.py`` (forward, backward preprocess,
+   dK/dV, dQ, and a mask picture for tests), copied verbatim;
+3. ``make_mask_mod(N, random_tables)``: the same predicate as a torch
+   ``mask_mod(b, h, q_idx, kv_idx)`` for FlexAttention.
+
+Only integers taken from the IR and fixed operators reach the text: every
+literal goes through ``_lit``, which asserts it is an int, and every name or
+operator is checked against the IR's fixed sets first. Each primitive is one
+small function below, next to the rule in its ``ir.py`` docstring.
+
+Integer semantics: positions are never negative, so ``//`` and ``%`` on them
+agree in Triton (which truncates toward zero) and Python (which floors);
+``(q - k) % l == 0`` holds for both conventions alike. Where an operand of a
+``where`` expression can be negative, the generated code calls ``floor_div``
+/ ``floor_mod``, which give Python's result under either convention. A
+``where`` expression whose intermediate values could leave int32 (positions
+and lengths up to 2**31 - 1) is computed in int64.
+
+Arguments written with ``n`` (``local(isqrt(n))``) are bound per sequence
+length before generation (``seq_len=``), so such patterns get one module per
+length; ``where`` conditions read the runtime ``N`` and need no rebinding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from patterncc import ir
+from patterncc.errors import PatternValueError
+
+from .config import KernelConfig, default_config
+
+__all__ = ["generate_source", "default_config", "needs_length", "random_specs", "GENERATOR_VERSION"]
+
+# Bump when the generated text changes in a way that matters: it is part of
+# the on-disk cache key.
+GENERATOR_VERSION = 1
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# Ranges the variables of a `where` expression can take (for the int64 decision).
+_VAR_RANGES = {"q": (0, INT32_MAX - 1), "k": (0, INT32_MAX - 1), "n": (1, INT32_MAX), "h": (0, 2**16)}
+
+_KERNELS_MARKER = "# ---- kernels: everything below this line is copied into each generated module ----"
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+
+def generate_source(pattern: ir.Pattern, config: KernelConfig | None = None, *, seq_len: int | None = None) -> str:
+    """The complete kernel module for ``pattern`` (bound at ``seq_len`` when
+    its arguments use ``n``) and ``config`` (default: ``default_config()``)."""
+    if not isinstance(pattern, ir.Pattern):
+        raise TypeError(f"pattern must be a patterncc pattern, got {type(pattern).__name__}")
+    config = config or default_config()
+    p = _bound(pattern, seq_len)
+    _check_ir(p)
+    triton_pred = _Predicate(_TRITON)
+    result = triton_pred.emit(p)
+    torch_pred = _Predicate(_TORCH)
+    torch_result = torch_pred.emit(p)
+    assert triton_pred.random == torch_pred.random
+    sections = [
+        _header(p, config, triton_pred.random),
+        _predicate_section(triton_pred, result),
+        _kernel_section(),
+        _mask_mod_section(torch_pred, torch_result),
+    ]
+    return "\n\n\n".join(s.strip("\n") for s in sections) + "\n"
+
+
+def needs_length(pattern: ir.Pattern) -> bool:
+    """True when a primitive argument is written with ``n``: the module is then
+    generated per sequence length."""
+    return any(
+        type(node) in ir.PRIMITIVE_NAMES and any(isinstance(a, ir.Expr) for a in ir.args_of(node))
+        for node in ir.walk(pattern)
+    )
+
+
+def random_specs(pattern: ir.Pattern) -> list[tuple[int, int, int]]:
+    """``(r, b, seed)`` of every distinct ``random`` node of a bound pattern, in
+    the order of the ``RANDOM`` tables (the module's ``RANDOM_TABLES``)."""
+    pred = _Predicate(_TRITON)
+    pred.emit(pattern)
+    return list(pred.random)
+
+
+def _bound(pattern: ir.Pattern, seq_len: int | None) -> ir.Pattern:
+    if not needs_length(pattern):
+        return pattern
+    if seq_len is None:
+        raise PatternValueError(
+            f"`{pattern}` has arguments that depend on n: its kernels are generated per sequence "
+            "length; pass seq_len=")
+    return ir.bind(pattern, seq_len)
+
+
+# ----------------------------------------------------------------------------
+# Literals and the IR check: nothing but ints and fixed names reach the text
+# ----------------------------------------------------------------------------
+
+
+def _lit(value) -> str:
+    """An integer literal; anything else is a bug in an earlier stage."""
+    assert type(value) is int, f"only int literals reach generated code, got {value!r}"
+    return f"({value})" if value < 0 else str(value)
+
+
+def _check_ir(p: ir.Pattern) -> None:
+    """Every name and operator the printer and the emitters use is from a fixed set."""
+    for node in ir.walk(p):
+        assert type(node) in _PATTERN_EMITTERS, f"unknown pattern node {type(node).__name__}"
+        if type(node) in ir.PRIMITIVE_NAMES:
+            for value in ir.args_of(node):
+                _lit(value)
+        if isinstance(node, ir.Heads):
+            for r in node.ranges:
+                _lit(r.start), _lit(r.stop)
+        if isinstance(node, ir.Where):
+            _check_expr(node.cond)
+
+
+def _check_expr(e: ir.Expr) -> None:
+    stack = [e]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, int):
+            _lit(e)
+        elif isinstance(e, ir.Var):
+            assert e.name in ir.VARS, f"unknown variable {e.name!r}"
+        elif isinstance(e, ir.Const):
+            _lit(e.value)
+        elif isinstance(e, ir.BinOp):
+            assert e.op in ir.INT_OPS, f"unknown operator {e.op!r}"
+        elif isinstance(e, ir.Compare):
+            assert e.op in ir.CMP_OPS, f"unknown comparison {e.op!r}"
+        elif isinstance(e, ir.BoolOp):
+            assert e.op in ("and", "or"), f"unknown boolean operator {e.op!r}"
+        elif isinstance(e, ir.Call):
+            assert e.fn in ir.FUNCS, f"unknown function {e.fn!r}"
+        else:
+            assert isinstance(e, ir.Not), f"unknown expression {e!r}"
+        stack.extend(ir.expr_children(e))
+
+
+# ----------------------------------------------------------------------------
+# Dialects: the few spellings that differ between Triton and torch
+# ----------------------------------------------------------------------------
+
+
+class _TritonDialect:
+    name = "triton"
+
+    def abs(self, x): return f"tl.abs({x})"
+    def not_(self, x): return f"~{x}"
+    def where(self, c, a, b): return f"tl.where({c}, {a}, {b})"
+    def var(self, name, wide): return ("N" if name == "n" else name) + (".to(tl.int64)" if wide else "")
+    def minimum(self, a, b, kinds): return f"tl.minimum({a}, {b})"
+    def maximum(self, a, b, kinds): return f"tl.maximum({a}, {b})"
+
+    def floor_op(self, op, a, b, nonneg):
+        if nonneg:  # both conventions agree for a >= 0, b > 0
+            return f"({a} {op} {b})"
+        return f"floor_div({a}, {b})" if op == "//" else f"floor_mod({a}, {b})"
+
+    def random(self, table, r, b): return f"random_blocks(q, k, N, RANDOM, {_lit(table)}, {_lit(r)}, {_lit(b)})"
+    def scalar_condition(self, x): return x  # N and h are runtime scalars: tl ops broadcast them
+
+
+class _TorchDialect:
+    name = "torch"
+
+    def abs(self, x): return f"abs({x})"
+    def not_(self, x): return f"({x} == 0)"  # also right when x is a Python bool (conditions on n alone)
+    def where(self, c, a, b): return f"torch.where({c}, {a}, {b})"
+    def var(self, name, wide): return "N" if name == "n" else name + (".to(torch.int64)" if wide else "")
+
+    def minimum(self, a, b, kinds):
+        return self._clamp("min", a, b, kinds)
+
+    def maximum(self, a, b, kinds):
+        return self._clamp("max", a, b, kinds)
+
+    @staticmethod
+    def _clamp(fn, a, b, kinds):
+        # kinds: is each operand a tensor (reads q, k or h) or a Python int (n and literals)?
+        ta, tb = kinds
+        if ta and tb:
+            return f"torch.{fn}imum({a}, {b})"
+        if ta or tb:
+            t, s = (a, b) if ta else (b, a)
+            return f"torch.clamp({t}, {fn}={s})"
+        return f"{fn}({a}, {b})"
+
+    def floor_op(self, op, a, b, nonneg): return f"({a} {op} {b})"  # torch floors, like Python
+    def random(self, table, r, b): return f"torch_random_blocks(q, k, tables[{_lit(table)}], {_lit(b)})"
+    def scalar_condition(self, x): return f"({x}) & (q >= 0)"  # a condition on n alone is a Python bool
+
+
+_TRITON, _TORCH = _TritonDialect(), _TorchDialect()
+
+
+# ----------------------------------------------------------------------------
+# The predicate: one boolean temporary per distinct node
+# ----------------------------------------------------------------------------
+
+
+class _Predicate:
+    """Emits ``m<i> = <expr>  # <rule>`` lines, children first; equal subtrees share one line."""
+
+    def __init__(self, dialect):
+        self.d = dialect
+        self.lines: list[str] = []
+        self.names: dict[ir.Pattern, str] = {}
+        self.random: list[tuple[int, int, int]] = []
+        self.helpers: set[str] = set()
+
+    def emit(self, p: ir.Pattern) -> str:
+        if p not in self.names:
+            expr, comment = _PATTERN_EMITTERS[type(p)](p, self)
+            name = f"m{len(self.names)}"
+            self.lines.append(f"{name} = {expr}" + (f"  # {comment}" if comment else ""))
+            self.names[p] = name
+        return self.names[p]
+
+    def random_table(self, spec: tuple[int, int, int]) -> int:
+        if spec not in self.random:
+            self.random.append(spec)
+        return self.random.index(spec)
+
+
+# -- primitives: the rule of each ir.py docstring, in the same order
+
+
+def _all(p, e):
+    return "(q >= 0) & (k >= 0)", "all (positions are never negative: all true)"
+
+
+def _empty(p, e):
+    return "(q < 0) & (k < 0)", "none (all false)"
+
+
+def _causal(p, e):
+    return "k <= q", "causal"
+
+
+def _local(p, e):
+    w = _lit(p.w)
+    return f"{e.d.abs('q - k')} < {w}", f"local({w}): abs(q - k) < {w}"
+
+
+def _stride(p, e):
+    l = _lit(p.l)
+    return f"(q - k) % {l} == 0", f"stride({l}): a zero remainder is zero under either sign convention"
+
+
+def _block(p, e):
+    l = _lit(p.l)
+    return f"q // {l} == k // {l}", f"block({l})"
+
+
+def _summary(p, e):
+    l, c = p.l, p.c
+    return f"k % {_lit(l)} >= {_lit(l - c)}", f"summary({_lit(l)}, {_lit(c)}): the last {_lit(c)} of every {_lit(l)}"
+
+
+def _global(p, e):
+    g = _lit(p.g)
+    return f"(q < {g}) | (k < {g})", f"global({g})"
+
+
+def _sink(p, e):
+    g = _lit(p.g)
+    return f"k < {g}", f"sink({g})"
+
+
+def _dilated(p, e):
+    w, d = p.w, p.d
+    # |q - k| <= 2**31 - 2, so a band wider than int32 is the same as 2**31 - 1
+    band = _lit(min(w * d, INT32_MAX))
+    return (f"({e.d.abs('q - k')} < {band}) & ((q - k) % {_lit(d)} == 0)",
+            f"dilated({_lit(w)}, {_lit(d)})")
+
+
+def _random(p, e):
+    r, b, seed = p.r, p.b, p.seed
+    table = e.random_table((_int(r), _int(b), _int(seed)))
+    if e.d is _TRITON:
+        e.helpers.add("random_blocks")
+    return e.d.random(table, r, b), f"random({_lit(r)}, {_lit(b)}, {_lit(seed)}): table {table} of RANDOM"
+
+
+def _where(p, e):
+    wide = _needs_int64(p.cond)
+    text = _Cond(e, wide).boolean(p.cond)
+    if not (ir.expr_vars(p.cond) & {"q", "k", "h"}):
+        text = e.d.scalar_condition(text)
+    # the expression was checked by _check_ir: fixed names and operators, int literals
+    return text, f"where {ir.expr_source(p.cond)}" + (" (in int64: values may leave int32)" if wide else "")
+
+
+def _int(value) -> int:
+    _lit(value)
+    return value
+
+
+# -- combinators
+
+
+def _union(p, e):
+    return " | ".join(e.emit(c) for c in p.parts), None
+
+
+def _intersect(p, e):
+    return " & ".join(e.emit(c) for c in p.parts), None
+
+
+def _difference(p, e):
+    return f"{e.emit(p.left)} & {e.d.not_(e.emit(p.right))}", None
+
+
+def _complement(p, e):
+    return e.d.not_(e.emit(p.arg)), None
+
+
+def _heads(p, e):
+    ranges = sorted(p.ranges, key=lambda r: r.start)
+    parts = [(r, e.emit(r.pattern)) for r in ranges]
+    expr = parts[-1][1]
+    for r, name in reversed(parts[:-1]):
+        expr = e.d.where(f"h < {_lit(r.stop)}", name, expr)
+    spans = ", ".join(f"{_lit(r.start)}..{_lit(r.stop)} => {name}" for r, name in parts)
+    return expr, f"heads {{ {spans} }}"
+
+
+def _cycle(p, e):
+    names = [e.emit(c) for c in p.parts]
+    count = _lit(len(names))
+    expr = names[-1]
+    for i in reversed(range(len(names) - 1)):
+        expr = e.d.where(f"h % {count} == {_lit(i)}", names[i], expr)
+    return expr, f"cycle: head h uses argument h % {count}"
+
+
+_PATTERN_EMITTERS = {
+    ir.All: _all, ir.Empty: _empty, ir.Causal: _causal, ir.Local: _local, ir.Stride: _stride,
+    ir.Block: _block, ir.Summary: _summary, ir.Global: _global, ir.Sink: _sink, ir.Dilated: _dilated,
+    ir.Random: _random, ir.Where: _where,
+    ir.Union: _union, ir.Intersect: _intersect, ir.Difference: _difference, ir.Complement: _complement,
+    ir.Heads: _heads, ir.Cycle: _cycle,
+}
+
+
+# ----------------------------------------------------------------------------
+# `where` expressions
+# ----------------------------------------------------------------------------
+
+
+class _Cond:
+    """Text of one ``where`` condition; ``wide`` computes it in int64."""
+
+    def __init__(self, pred: _Predicate, wide: bool):
+        self.pred, self.d, self.wide = pred, pred.d, wide
+
+    def boolean(self, e: ir.Expr) -> str:
+        if not ir.expr_vars(e):
+            return "(q >= 0) & (k >= 0)" if _eval_bool(e) else "(q < 0) & (k < 0)"
+        if isinstance(e, ir.Compare):
+            return f"({self.integer(e.left)} {e.op} {self.integer(e.right)})"
+        if isinstance(e, ir.BoolOp):
+            joiner = " & " if e.op == "and" else " | "
+            return "(" + joiner.join(self.boolean(a) for a in e.args) + ")"
+        if isinstance(e, ir.Not):
+            return self.d.not_(self.boolean(e.arg))
+        return f"({self.integer(e)} != 0)"  # an integer used as a condition
+
+    def integer(self, e: ir.Expr) -> str:
+        if not ir.expr_vars(e):  # constant: fold it (this also checks isqrt and division by zero)
+            return _lit(ir.eval_int(e, {}))
+        if isinstance(e, ir.Var):
+            return self.d.var(e.name, self.wide)
+        if isinstance(e, ir.BinOp):
+            a, b = self.integer(e.left), self.integer(e.right)
+            if e.op in ("//", "%"):
+                nonneg = _nonneg_division(e)
+                if not nonneg and self.d is _TRITON:
+                    self.pred.helpers.add("floor_mod")  # floor_div uses it too
+                    if e.op == "//":
+                        self.pred.helpers.add("floor_div")
+                return self.d.floor_op(e.op, a, b, nonneg)
+            return f"({a} {e.op} {b})"
+        if isinstance(e, ir.Call):
+            if e.fn == "abs":
+                return self.d.abs(self.integer(e.args[0]))
+            if e.fn == "isqrt":
+                raise PatternValueError(
+                    "isqrt over q, k, h or n inside `where` is not supported by the Triton backend",
+                    e.loc, hint="write the bound as a literal or as a primitive argument")
+            out, out_tensor = self.integer(e.args[0]), _is_tensor(e.args[0])
+            for arg in e.args[1:]:
+                kinds = (out_tensor, _is_tensor(arg))
+                op = self.d.minimum if e.fn == "min" else self.d.maximum
+                out, out_tensor = op(out, self.integer(arg), kinds), out_tensor or kinds[1]
+            return out
+        raise AssertionError(f"not an integer expression: {e!r}")
+
+
+def _nonneg_division(e: ir.BinOp) -> bool:
+    """a // b or a % b with a >= 0 and b > 0: truncation and floor agree."""
+    return _interval(e.left)[0] >= 0 and _interval(e.right)[0] > 0
+
+
+def _is_tensor(e: ir.Expr) -> bool:
+    return bool(ir.expr_vars(e) & {"q", "k", "h"})
+
+
+def _eval_bool(e: ir.Expr) -> bool:
+    """A condition without variables, evaluated with Python ints."""
+    if isinstance(e, ir.Compare):
+        a, b = ir.eval_int(e.left, {}), ir.eval_int(e.right, {})
+        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[e.op]
+    if isinstance(e, ir.BoolOp):
+        values = [_eval_bool(a) for a in e.args]
+        return all(values) if e.op == "and" else any(values)
+    if isinstance(e, ir.Not):
+        return not _eval_bool(e.arg)
+    return ir.eval_int(e, {}) != 0
+
+
+def _interval(e: ir.Expr) -> tuple[int, int]:
+    """Bounds of an integer expression over the ranges of q, k, h and n."""
+    if isinstance(e, (int, ir.Const)):
+        value = e if isinstance(e, int) else e.value
+        return value, value
+    if isinstance(e, ir.Var):
+        return _VAR_RANGES[e.name]
+    if isinstance(e, ir.BinOp):
+        (a0, a1), (b0, b1) = _interval(e.left), _interval(e.right)
+        if e.op == "+":
+            return a0 + b0, a1 + b1
+        if e.op == "-":
+            return a0 - b1, a1 - b0
+        if e.op == "*":
+            corners = (a0 * b0, a0 * b1, a1 * b0, a1 * b1)
+            return min(corners), max(corners)
+        big = max(abs(b0), abs(b1), 1)
+        if e.op == "%":
+            return -(big - 1), big - 1
+        top = max(abs(a0), abs(a1))
+        return -top - 1, top + 1  # floor division moves at most one past |a|
+    if isinstance(e, ir.Call):
+        bounds = [_interval(a) for a in e.args]
+        if e.fn == "abs":
+            (x0, x1), = bounds
+            return (0 if x0 <= 0 <= x1 else min(abs(x0), abs(x1))), max(abs(x0), abs(x1))
+        if e.fn == "min":
+            return min(b[0] for b in bounds), min(b[1] for b in bounds)
+        if e.fn == "max":
+            return max(b[0] for b in bounds), max(b[1] for b in bounds)
+        x0, x1 = bounds[0]
+        return 0, max(0, x1)  # isqrt(x) <= x
+    raise AssertionError(f"not an integer expression: {e!r}")
+
+
+def _needs_int64(cond: ir.Expr) -> bool:
+    """True when some intermediate value of the condition may leave int32,
+    including the ``a - floor_mod(a, b)`` step of ``floor_div``."""
+    stack = [cond]
+    while stack:
+        e = stack.pop()
+        stack.extend(ir.expr_children(e))
+        if isinstance(e, (ir.Compare, ir.BoolOp, ir.Not)):
+            continue
+        lo, hi = _interval(e)
+        if lo < INT32_MIN or hi > INT32_MAX:
+            return True
+        if isinstance(e, ir.BinOp) and e.op == "//" and not _nonneg_division(e):
+            (a0, a1), (b0, b1) = _interval(e.left), _interval(e.right)
+            # floor_mod(a, b) has the sign of b and |floor_mod(a, b)| < |b|
+            r_lo = min(b0 + 1, 0)
+            r_hi = max(b1 - 1, 0)
+            if a0 - r_hi < INT32_MIN or a1 - r_lo > INT32_MAX:
+                return True
+    return False
+
+
+# ----------------------------------------------------------------------------
+# The module text
+# ----------------------------------------------------------------------------
+
+
+def _header(p: ir.Pattern, config: KernelConfig, random: list) -> str:
+    tables = ", ".join(f"({_lit(r)}, {_lit(b)}, {_lit(s)})" for r, b, s in random)
+    return f'''\
+# Generated by patterncc (backends/triton/codegen.py, generator version {_lit(GENERATOR_VERSION)}).
+# Do not edit: the kernel cache rebuilds this file from the pattern.
+#
+#   pattern: {ir.source(p)}
+#   config:  {config.describe()}
+#
+# 1. the pattern's predicate (Triton), applied on PARTIAL blocks only
+# 2. the attention kernels: forward, backward preprocess, dK/dV, dQ, mask picture
+# 3. the same predicate as a torch mask_mod, for FlexAttention
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DEPENDENT = {ir.depends_on_head(p)}  # the predicate reads the head index h
+RANDOM_TABLES = ({tables}{"," if len(random) == 1 else ""})  # (r, b, seed) of each random(...), in RANDOM order
+'''
+
+
+_FLOOR_MOD = '''
+
+@triton.jit
+def floor_mod(a, b):
+    """Python's a % b (the sign of b), whichever way the native % rounds."""
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+'''
+
+_FLOOR_DIV = '''
+
+@triton.jit
+def floor_div(a, b):
+    """Python's a // b: once the floored remainder is gone the division is exact."""
+    return (a - floor_mod(a, b)) // b
+'''
+
+_RANDOM_HELPER = '''
+
+@triton.jit
+def random_blocks(q, k, N, RANDOM, TABLE: tl.constexpr, R: tl.constexpr, B: tl.constexpr):
+    """random(R, B, seed): is key block k // B one of the min(R, nb) blocks that
+    randomblocks.draw picked for query block q // B? RANDOM[TABLE] is the offset
+    of this node's int32 table [nb, min(R, nb)] inside RANDOM."""
+    nb = (N + B - 1) // B
+    count = tl.minimum(nb, R)
+    table = RANDOM + tl.load(RANDOM + TABLE)
+    q_block = tl.minimum(q // B, nb - 1)  # rows past N read the last row, never out of bounds
+    k_block = k // B
+    hit = (q < 0) & (k < 0)  # all false, in the shape of the tile
+    for t in range(0, count):
+        hit = hit | (tl.load(table + q_block * count + t) == k_block)
+    return hit
+'''
+
+
+def _predicate_section(pred: _Predicate, result: str) -> str:
+    helpers = ""
+    if "floor_mod" in pred.helpers:
+        helpers += _FLOOR_MOD
+    if "floor_div" in pred.helpers:
+        helpers += _FLOOR_DIV
+    if "random_blocks" in pred.helpers:
+        helpers += _RANDOM_HELPER
+    body = "\n".join("    " + line for line in pred.lines)
+    return f'''
+# ----------------------------------------------------------------------------
+# The pattern's predicate: True where query q may attend to key k in head h
+# ----------------------------------------------------------------------------
+{helpers}
+
+@triton.jit
+def pattern_mask(q, k, h, N, RANDOM):
+    """q [M, 1] and k [1, N] int32 positions (or transposed), h the head, N the length."""
+{body}
+    return {result}
+'''
+
+
+def _kernel_section() -> str:
+    text = (Path(__file__).parent / "kernels.py").read_text()
+    head, marker, body = text.partition(_KERNELS_MARKER)
+    assert marker, "kernels.py lost its marker line"
+    return body.lstrip("\n")
+
+
+_TORCH_RANDOM_HELPER = '''
+
+def torch_random_blocks(q, k, member, B):
+    """random(r, B, seed) through member, a bool table [nb, nb] of drawn blocks."""
+    last = member.shape[0] - 1
+    return member[torch.clamp(q // B, max=last), torch.clamp(k // B, max=last)]
+'''
+
+
+def _mask_mod_section(pred: _Predicate, result: str) -> str:
+    body = "\n".join("        " + line for line in pred.lines)
+    helper = _TORCH_RANDOM_HELPER if pred.random else ""
+    return f'''
+# ----------------------------------------------------------------------------
+# The same predicate as a FlexAttention mask_mod
+# ----------------------------------------------------------------------------
+{helper}
+
+def make_mask_mod(N, random_tables=()):
+    """mask_mod(b, h, q_idx, kv_idx) at sequence length N. random_tables: one
+    bool [nb, nb] membership table per entry of RANDOM_TABLES (flex.py builds them)."""
+    tables = tuple(random_tables)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_idx, kv_idx
+{body}
+        return {result}
+
+    return mask_mod
+'''

@@ -1,0 +1,415 @@
+"""The attention kernels that end every generated module (a template: not imported).
+
+``codegen.generate_source`` copies everything below the marker line into a
+generated module that first defines ``pattern_mask(q, k, h, N, RANDOM)``, the
+pattern's predicate. The kernels walk the run lists of ``tables.py``: FULL
+runs with no predicate and no bounds mask, PARTIAL runs with both.
+
+Shapes and conventions, for every kernel:
+
+- q, o, dO, dQ ``[B, H, N, HEAD_DIM]``; k, v, dK, dV ``[B, H // GROUP, N, HEAD_DIM]``
+  (GQA/MQA: query head ``h`` reads key/value head ``h // GROUP``), any strides
+  with the last one 1 (the runtime makes it so);
+- lse and delta fp32 ``[B, H, N]``, contiguous; lse in natural log, ``-inf``
+  for a row with no allowed key;
+- scores live in log2 units (``scale / ln(2)`` folded into one multiply) so
+  that the softmax uses ``exp2``;
+- the layout head is ``h`` when the pattern reads the head (``HEAD_DEPENDENT``)
+  and 0 otherwise.
+"""
+
+import triton
+import triton.language as tl
+
+pattern_mask = None  # defined by the generated module above the kernels
+
+# ---- kernels: everything below this line is copied into each generated module ----
+
+
+# ----------------------------------------------------------------------------
+# Forward: one program per (query tile, batch * head)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_ptrs, v_ptrs, stride_kn, stride_vn,  #
+                    lo, hi, qk_scale, off_h, N, RANDOM,  #
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
+                    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Keys lo .. hi of one run, BLOCK_N at a time; k_ptrs and v_ptrs start at key lo."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_pos = start_n + offs_n
+        # -- scores of this key step, in log2 units
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_pos[:, None] < N, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
+            allowed = allowed & (k_pos[None, :] < N)
+            qk = tl.where(allowed, qk, float("-inf"))
+        # -- update m_i, the running max; a row that has seen no allowed key
+        #    keeps m_i = -inf and subtracts 0 instead, so exp2 gives 0, not NaN
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update the output accumulator
+        if MASKED:
+            v = tl.load(v_ptrs, mask=k_pos[:, None] < N, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["N"])
+def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
+             FULL_PTR, FULL_RUNS, PART_PTR, PART_RUNS, TILE_ORDER,  #
+             stride_qb, stride_qh, stride_qn,  #
+             stride_kb, stride_kh, stride_kn,  #
+             stride_vb, stride_vh, stride_vn,  #
+             stride_ob, stride_oh, stride_on,  #
+             sm_scale, N, H, GROUP,  #
+             HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,  #
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+             HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """o (q's dtype) and lse (fp32, natural log) of one query tile of one head."""
+    tl.static_assert(BLOCK % BLOCK_M == 0, "a query tile lies inside one layout block")
+    tl.static_assert(BLOCK % BLOCK_N == 0, "the key steps tile a layout block")
+    tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
+    # -- this program's batch, head and query tile (the host orders tiles heaviest first)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_kvh = off_h // GROUP
+    layout_h = 0
+    if HEAD_DEPENDENT:
+        layout_h = off_h
+    tile = tl.load(TILE_ORDER + layout_h * tl.cdiv(N, BLOCK_M) + tl.program_id(0))
+    start_m = tile * BLOCK_M
+    q_pos = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # -- base pointers of this batch and head, in 64 bits: B * H * N * HEAD_DIM may pass 2**31
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    q_in = q_pos[:, None] < N
+    q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
+    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+    # -- online softmax state, fp32
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
+    csr_row = layout_h * tl.cdiv(N, BLOCK) + start_m // BLOCK
+    # -- FULL runs: every pair allowed, no predicate, no bounds mask
+    for r in range(tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1)):
+        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK
+        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, q_pos,  #
+            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
+            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            BLOCK_N, False, DOT_PRECISION, NUM_STAGES)
+    # -- PARTIAL runs: the pattern's predicate and the bounds mask
+    for r in range(tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1)):
+        lo = tl.load(PART_RUNS + 2 * r) * BLOCK
+        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK, N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, q_pos,  #
+            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
+            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            BLOCK_N, True, DOT_PRECISION, NUM_STAGES)
+    # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
+    tl.store(o_base + q_pos[:, None].to(tl.int64) * stride_on + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=q_in)
+    tl.store(LSE + off_bh.to(tl.int64) * N + q_pos, lse, mask=q_pos < N)
+
+
+# ----------------------------------------------------------------------------
+# Backward, 1 of 3: delta = rowsum(dO * O), one program per (query tile, batch * head)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def attn_bwd_preprocess(O, DO, DELTA,  #
+                        stride_ob, stride_oh, stride_on,  #
+                        stride_dob, stride_doh, stride_don,  #
+                        N, H,  #
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta (fp32 [B, H, N]): the term of dS = P * (dP - delta) that the softmax adds."""
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    inside = pos[:, None] < N
+    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+                + pos[:, None].to(tl.int64) * stride_on + offs_d[None, :], mask=inside, other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                 + pos[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_bh.to(tl.int64) * N + pos, delta, mask=pos < N)
+
+
+# ----------------------------------------------------------------------------
+# Backward, 2 of 3: dK and dV, one program per (key tile, batch * key/value head)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, q_ptrs, do_ptrs, stride_qn, stride_don,  #
+                         LSE_row, DELTA_row, lo, hi, qk_scale, off_h, N, RANDOM,  #
+                         BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
+                         DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Queries lo .. hi of one run, BLOCK_M1 at a time, added into this key tile's dK, dV."""
+    offs_m = tl.arange(0, BLOCK_M1)
+    for start_m in tl.range(lo, hi, BLOCK_M1, num_stages=NUM_STAGES):
+        start_m = tl.multiple_of(start_m, BLOCK_M1)
+        q_pos = start_m + offs_m
+        if MASKED:
+            q_in = q_pos < N
+            q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
+            lse2 = tl.load(LSE_row + q_pos, mask=q_in, other=0.0) * 1.44269504  # 1/ln(2)
+            delta = tl.load(DELTA_row + q_pos, mask=q_in, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse2 = tl.load(LSE_row + q_pos) * 1.44269504  # 1/ln(2)
+            delta = tl.load(DELTA_row + q_pos)
+        # -- P^T, recomputed from the saved log-sum-exp
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        if MASKED:
+            allowed = pattern_mask(q_pos[None, :], k_pos[:, None], off_h, N, RANDOM)
+            allowed = allowed & (q_pos[None, :] < N) & (k_pos[:, None] < N)
+            # select, not multiply: a row with lse = -inf has pT = +inf here
+            pT = tl.where(allowed, pT, 0.0)
+        # -- dV += P^T dO
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # -- dS^T = P^T * (dP^T - delta); dK += dS^T Q (the softmax scale comes at the end)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M1 * stride_qn
+        do_ptrs += BLOCK_M1 * stride_don
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["N"])
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
+                  FULL_PTR, FULL_RUNS, PART_PTR, PART_RUNS, TILE_ORDER,  #
+                  stride_qb, stride_qh, stride_qn,  #
+                  stride_kb, stride_kh, stride_kn,  #
+                  stride_vb, stride_vh, stride_vn,  #
+                  stride_dob, stride_doh, stride_don,  #
+                  stride_dkb, stride_dkh, stride_dkn,  #
+                  sm_scale, N, H, GROUP,  #
+                  HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,  #
+                  BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
+                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """dK and dV of one key tile, summed over the query heads that share its
+    key/value head: accumulated in registers, written once, no atomics."""
+    tl.static_assert(BLOCK % BLOCK_N1 == 0, "a key tile lies inside one layout block")
+    tl.static_assert(BLOCK % BLOCK_M1 == 0, "the query steps tile a layout block")
+    tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
+    # -- this program's batch, key/value head and key tile (heaviest first)
+    HKV = H // GROUP
+    off_bkv = tl.program_id(1)
+    off_b = off_bkv // HKV
+    off_kvh = off_bkv % HKV
+    layout_kvh = 0
+    if HEAD_DEPENDENT:
+        layout_kvh = off_kvh
+    tile = tl.load(TILE_ORDER + layout_kvh * tl.cdiv(N, BLOCK_N1) + tl.program_id(0))
+    start_n = tile * BLOCK_N1
+    k_pos = start_n + tl.arange(0, BLOCK_N1)
+    offs_m = tl.arange(0, BLOCK_M1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_in = k_pos[:, None] < N
+    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+                + k_pos[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=k_in, other=0.0)
+    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+                + k_pos[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=k_in, other=0.0)
+    dk = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
+    qk_scale = sm_scale * 1.44269504  # 1/ln(2)
+    q_tile = offs_m[:, None] * stride_qn + offs_d[None, :]
+    do_tile = offs_m[:, None] * stride_don + offs_d[None, :]
+    n_blocks = tl.cdiv(N, BLOCK)
+    # -- every query head that reads this key/value head (GROUP > 1: GQA, MQA)
+    for g in range(0, GROUP):
+        off_h = off_kvh * GROUP + g
+        layout_h = 0
+        if HEAD_DEPENDENT:
+            layout_h = off_h
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N
+        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N
+        csr_col = layout_h * n_blocks + start_n // BLOCK
+        # -- FULL runs of query blocks: no predicate, no bounds mask
+        for r in range(tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1)):
+            lo = tl.load(FULL_RUNS + 2 * r) * BLOCK
+            hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos,  #
+                q_base + lo.to(tl.int64) * stride_qn + q_tile, do_base + lo.to(tl.int64) * stride_don + do_tile,  #
+                stride_qn, stride_don, LSE_row, DELTA_row, lo, hi, qk_scale, off_h, N, RANDOM,  #
+                BLOCK_M1, False, DOT_PRECISION, NUM_STAGES)
+        # -- PARTIAL runs: the pattern's predicate and the bounds mask
+        for r in range(tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1)):
+            lo = tl.load(PART_RUNS + 2 * r) * BLOCK
+            hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK, N)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos,  #
+                q_base + lo.to(tl.int64) * stride_qn + q_tile, do_base + lo.to(tl.int64) * stride_don + do_tile,  #
+                stride_qn, stride_don, LSE_row, DELTA_row, lo, hi, qk_scale, off_h, N, RANDOM,  #
+                BLOCK_M1, True, DOT_PRECISION, NUM_STAGES)
+    # -- write dK (with the softmax scale, applied once) and dV
+    out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
+        + k_pos[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_in)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in)
+
+
+# ----------------------------------------------------------------------------
+# Backward, 3 of 3: dQ, one program per (query tile, batch * head)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_ptrs, v_ptrs, stride_kn, stride_vn,  #
+                       lo, hi, qk_scale, off_h, N, RANDOM,  #
+                       BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
+                       DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Keys lo .. hi of one run, BLOCK_N2 at a time, added into this query tile's dQ."""
+    offs_n = tl.arange(0, BLOCK_N2)
+    for start_n in tl.range(lo, hi, BLOCK_N2, num_stages=NUM_STAGES):
+        start_n = tl.multiple_of(start_n, BLOCK_N2)
+        k_pos = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_pos[:, None] < N, other=0.0)
+            v = tl.load(v_ptrs, mask=k_pos[:, None] < N, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        # -- P, recomputed from the saved log-sum-exp
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
+            allowed = allowed & (q_pos[:, None] < N) & (k_pos[None, :] < N)
+            # select, not multiply: a row with lse = -inf has p = +inf here
+            p = tl.where(allowed, p, 0.0)
+        # -- dS = P * (dP - delta); dQ += dS K (the softmax scale comes at the end)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N2 * stride_kn
+        v_ptrs += BLOCK_N2 * stride_vn
+    return dq
+
+
+@triton.jit(do_not_specialize=["N"])
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
+                FULL_PTR, FULL_RUNS, PART_PTR, PART_RUNS, TILE_ORDER,  #
+                stride_qb, stride_qh, stride_qn,  #
+                stride_kb, stride_kh, stride_kn,  #
+                stride_vb, stride_vh, stride_vn,  #
+                stride_dob, stride_doh, stride_don,  #
+                stride_dqb, stride_dqh, stride_dqn,  #
+                sm_scale, N, H, GROUP,  #
+                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,  #
+                BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
+                HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """dQ of one query tile of one head."""
+    tl.static_assert(BLOCK % BLOCK_M2 == 0, "a query tile lies inside one layout block")
+    tl.static_assert(BLOCK % BLOCK_N2 == 0, "the key steps tile a layout block")
+    tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
+    # -- this program's batch, head and query tile (heaviest first)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_kvh = off_h // GROUP
+    layout_h = 0
+    if HEAD_DEPENDENT:
+        layout_h = off_h
+    tile = tl.load(TILE_ORDER + layout_h * tl.cdiv(N, BLOCK_M2) + tl.program_id(0))
+    start_m = tile * BLOCK_M2
+    q_pos = start_m + tl.arange(0, BLOCK_M2)
+    offs_n = tl.arange(0, BLOCK_N2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_in = q_pos[:, None] < N
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+                + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                 + q_pos[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=q_in, other=0.0)
+    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N + q_pos, mask=q_pos < N, other=0.0) * 1.44269504  # 1/ln(2)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * N + q_pos, mask=q_pos < N, other=0.0)
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
+    qk_scale = sm_scale * 1.44269504  # 1/ln(2)
+    csr_row = layout_h * tl.cdiv(N, BLOCK) + start_m // BLOCK
+    # -- FULL runs: no predicate, no bounds mask
+    for r in range(tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1)):
+        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK
+        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos,  #
+            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
+            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            BLOCK_N2, False, DOT_PRECISION, NUM_STAGES)
+    # -- PARTIAL runs: the pattern's predicate and the bounds mask
+    for r in range(tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1)):
+        lo = tl.load(PART_RUNS + 2 * r) * BLOCK
+        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK, N)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos,  #
+            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
+            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            BLOCK_N2, True, DOT_PRECISION, NUM_STAGES)
+    # -- write dQ, with the softmax scale applied once
+    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+             + q_pos[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
+
+
+# ----------------------------------------------------------------------------
+# The predicate as a picture: int8 [H, N, N], for tests and debugging
+# ----------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N"])
+def pattern_mask_picture(OUT, RANDOM, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[h, q, k] = 1 where the pattern lets q attend to k in head h (grid: q tiles, k tiles, heads)."""
+    off_h = tl.program_id(2)
+    q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (q_pos[:, None] < N) & (k_pos[None, :] < N)
+    allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM) & inside
+    out = OUT + off_h.to(tl.int64) * N * N + q_pos[:, None].to(tl.int64) * N + k_pos[None, :]
+    tl.store(out, allowed.to(tl.int8), mask=inside)
