@@ -1,0 +1,149 @@
+"""The on-disk kernel cache: generated modules as real files, loaded from disk.
+
+``triton.jit`` reads a kernel's source from its file, so generated modules
+are written to disk before they are imported. One file per key:
+
+- directory: ``$PATTERNCC_CACHE_DIR``, else ``$XDG_CACHE_HOME/patterncc``,
+  else ``~/.cache/patterncc``; if it cannot be written, a private temporary
+  directory (with a warning, once per process);
+- file name: ``k_<sha256>.py``, the hash of everything the code depends on
+  (``key_parts``: generator version, pattern source and structure, config,
+  Triton version, device capability);
+- first line: ``# patterncc-sha256: <hash of the rest of the file>``. An entry
+  whose hash does not match, or that fails to import, is rebuilt: a corrupt or
+  truncated file is never fatal;
+- writes are atomic (a temporary file in the same directory, then
+  ``os.replace``), so concurrent processes each see a complete file, old or
+  new, and the last writer of identical text wins harmlessly.
+
+Modules are kept in memory too, so a process imports each key once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+_CHECKSUM_PREFIX = "# patterncc-sha256: "
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType] = {}
+_fallback_dir: Path | None = None
+
+
+def cache_dir() -> Path:
+    """Where generated modules go (see the module docstring)."""
+    if os.environ.get("PATTERNCC_CACHE_DIR"):
+        return Path(os.environ["PATTERNCC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "patterncc"
+
+
+def cache_key(*key_parts) -> str:
+    """sha256 over the parts' reprs, in order."""
+    h = hashlib.sha256()
+    for part in key_parts:
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_module(key: str, make_source: Callable[[], str]) -> ModuleType:
+    """The module cached under ``key``; ``make_source()`` builds its text when
+    the entry is missing, corrupt or fails to import."""
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        directory = _writable_dir()
+        path = directory / f"k_{key}.py"
+        text = _read_verified(path)
+        module = None if text is None else _import(path, text, key)
+        if module is None:  # missing, corrupt or not importable: (re)build it
+            text = _write_atomic(path, make_source())
+            module = _import(path, text, key, raise_errors=True)
+        _loaded[key] = module
+        return module
+
+
+def clear_memory() -> None:
+    """Forget the modules loaded in this process (tests use it to force a disk read)."""
+    with _lock:
+        _loaded.clear()
+
+
+# -- files
+
+
+def _writable_dir() -> Path:
+    global _fallback_dir
+    if _fallback_dir is not None:
+        return _fallback_dir
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True)
+        probe.close()
+        return directory
+    except OSError as err:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix="patterncc-cache-"))
+        warnings.warn(
+            f"patterncc: the kernel cache directory {str(directory)!r} is not writable ({err.strerror or err}); "
+            f"using {str(_fallback_dir)!r} for this process. Set PATTERNCC_CACHE_DIR to a writable directory.",
+            RuntimeWarning, stacklevel=3)
+        return _fallback_dir
+
+
+def _read_verified(path: Path) -> str | None:
+    """The file's text if it exists and its embedded checksum matches, else None."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    first, newline, body = text.partition("\n")
+    if not newline or not first.startswith(_CHECKSUM_PREFIX):
+        return None
+    if first[len(_CHECKSUM_PREFIX):].strip() != hashlib.sha256(body.encode()).hexdigest():
+        return None
+    return text
+
+
+def _write_atomic(path: Path, source: str) -> str:
+    text = f"{_CHECKSUM_PREFIX}{hashlib.sha256(source.encode()).hexdigest()}\n{source}"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return text
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _import(path: Path, text: str, key: str, raise_errors: bool = False) -> ModuleType | None:
+    """Execute the verified ``text`` as the module of ``path`` (compiled here, so
+    no stale bytecode file can stand in for it; triton.jit reads the file itself)."""
+    name = f"patterncc_kernels_{key[:32]}"
+    try:
+        module = ModuleType(name)
+        module.__file__ = str(path)
+        sys.modules[name] = module  # inspect (and so triton.jit) finds functions through their module
+        exec(compile(text, str(path), "exec"), module.__dict__)
+        return module
+    except Exception:
+        sys.modules.pop(name, None)
+        if raise_errors:
+            raise
+        return None
