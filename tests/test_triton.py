@@ -1,0 +1,617 @@
+"""The Triton backend against the float64 reference, and its parts one by one.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set below, only
+while these tests run): small shapes (n <= 64, D 16/32), layout block 16 with
+every tile 16, and one layout of block 32 walked in 16-wide steps. With CUDA
+(``bench/gpu_check.sh``), the same tests use the default H100 configuration
+and longer sequences.
+
+Tolerances (absolute, on values of order 1; inputs are standard normal):
+float32 uses exact fp32 products (``input_precision="ieee"``), so 2e-5 for
+o and lse and 1e-4 for gradients. float16 and bfloat16 round P, dS and the
+inputs of every product to 16 bits (the reference sees the same rounded
+inputs), so 4e-3 / 3e-2 (fp16) and 3e-2 / 1.5e-1 (bf16) for o / gradients;
+lse is fp32 in every dtype.
+
+Regenerate the golden sources with ``PATTERNCC_UPDATE_GOLDEN=1 pytest tests/test_triton.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import re
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from patterncc import ir
+from patterncc.mask import dense_mask
+from patterncc.errors import PatternError
+from patterncc.layout import build as build_layout
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+GOLDEN = Path(__file__).parent / "golden" / "triton"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_and_cache(tmp_path_factory):
+    """TRITON_INTERPRET=1 without a GPU, and a private kernel cache, for this module only."""
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "PATTERNCC_CACHE_DIR")}
+    if not GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+        from patterncc.backends.triton import _interpret
+
+        _interpret.patch_bf16_dot()  # the interpreter's bf16 tl.dot multiplies bit patterns
+    os.environ["PATTERNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+from patterncc.backends.reference import ReferenceAttention  # noqa: E402
+from patterncc.backends.triton import KernelConfig, TritonAttention, cache, codegen, tables  # noqa: E402
+from patterncc.backends.triton.config import default_config  # noqa: E402
+
+# -- shapes: interpreter-sized on the CPU, real on the GPU
+
+if GPU:
+    U = 64  # the unit pattern parameters scale with
+    N_RAGGED, N_EVEN, D_SMALL, D_LARGE = 1000, 1024, 64, 128
+    CONFIG = None  # the default H100 table
+    SUBTILED = KernelConfig(block=128, block_m=64, block_n=32, block_m1=32, block_n1=64,
+                            block_m2=64, block_n2=32, fwd_warps=4, bwd_warps=4)
+else:
+    U = 8
+    N_RAGGED, N_EVEN, D_SMALL, D_LARGE = 37, 48, 16, 32
+    CONFIG = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16,
+                          block_m2=16, block_n2=16)
+    SUBTILED = KernelConfig(block=32, block_m=16, block_n=16, block_m1=16, block_n1=16,
+                            block_m2=16, block_n2=16)
+
+TOL = {  # dtype -> (o, lse, gradients), absolute
+    torch.float32: (2e-5, 2e-5, 1e-4),
+    torch.float16: (4e-3, 2e-3, 3e-2),
+    torch.bfloat16: (3e-2, 1e-2, 1.5e-1),
+}
+
+C = ir.Causal()
+
+
+def strided(l):
+    return C & (ir.Local(l) | ir.Stride(l))
+
+
+def fixed(l, c):
+    return C & (ir.Block(l) | ir.Summary(l, c))
+
+
+def sliding_window(w):
+    return C & ir.Local(w)
+
+
+def local_global(w, g):
+    return C & (ir.Local(w) | ir.Global(g))
+
+
+def V(name):
+    return ir.Var(name)
+
+
+def K_(value):
+    return ir.Const(value)
+
+
+STANDARD = {
+    "causal": C,
+    "all": ir.All(),
+    "strided": strided(U),
+    "fixed": fixed(2 * U, U // 2),
+    "sliding_window": sliding_window(U),
+    "local_global": local_global(U, U // 2),
+    "longformer": ir.Local(U) | ir.Global(3),
+    "bigbird": ir.Local(U // 2) | ir.Global(3) | ir.Random(2, 2 * U, 7),
+    "bigbird_small_b": ir.Local(U // 2) | ir.Random(3, U // 2 + 1, 11),
+    "axial": C & (ir.Block(U) | ir.Stride(U)),
+    "dilated": C & ir.Dilated(3, 4),
+    "sink": C & (ir.Local(U) | ir.Sink(5)),
+    "difference": C - ir.Stride(3),
+    "complement": ~ir.Local(U // 2),
+    # floor semantics on negative operands: (q - k) // 3 and (k - q) % 5
+    "where_floor": ir.Where(ir.BoolOp("or", (
+        ir.Compare("==", ir.BinOp("//", ir.BinOp("-", V("q"), V("k")), K_(3)), K_(-1)),
+        ir.Compare("==", ir.BinOp("%", ir.BinOp("-", V("k"), V("q")), K_(5)), K_(2))))),
+    # the runtime length: the last 10 keys, or a band
+    "where_n": C & ir.Where(ir.BoolOp("or", (
+        ir.Compare(">=", V("k"), ir.BinOp("-", V("n"), K_(10))),
+        ir.Compare("<", ir.BinOp("-", V("q"), V("k")), K_(4))))),
+    # q * k leaves int32 for long sequences: computed in int64
+    "where_int64": ir.Where(ir.BoolOp("or", (
+        ir.Compare("==", ir.BinOp("%", ir.BinOp("*", V("q"), V("k")), K_(7)), K_(3)),
+        ir.Compare("==", V("k"), V("q"))))),
+    # an argument that depends on n: bound per length
+    "symbolic": C & ir.Local(ir.BinOp("+", ir.BinOp("//", V("n"), K_(4)), K_(1))),
+}
+
+HEAD_DEPENDENT = {
+    "cycle": ir.Cycle((C, sliding_window(U // 2), ir.Local(3) | ir.Sink(2))),
+    "heads": ir.Heads((ir.HeadRange(0, 1, C), ir.HeadRange(1, 3, strided(U // 2)), ir.HeadRange(3, 4, ir.All()))),
+    "where_h": ir.Where(ir.BoolOp("or", (
+        ir.Compare("==", ir.BinOp("%", ir.BinOp("+", V("q"), V("h")), K_(3)), K_(0)),
+        ir.Compare("==", V("k"), V("q"))))),
+}
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+
+
+def make_inputs(B, H, Hkv, n, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(shape, generator=g) for shape in
+                   ((B, H, n, D), (B, Hkv, n, D), (B, Hkv, n, D), (B, H, n, D)))
+    return [x.to(device=DEVICE, dtype=dtype) for x in (q, k, v, do)]
+
+
+def check_against_reference(pattern, *, B=1, H=2, Hkv=None, n=N_RAGGED, D=D_SMALL, dtype=torch.float32,
+                            scale=None, config=CONFIG, seed=0, lse_grad=False, inputs=None):
+    """Forward (o, lse) and backward (dq, dk, dv) against the float64 reference."""
+    Hkv = Hkv or H
+    q, k, v, do = inputs or make_inputs(B, H, Hkv, n, D, dtype, seed)
+    attn = TritonAttention(pattern, config=config)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    o, lse = attn(q, k, v, scale=scale, return_lse=True)
+    assert o.dtype == dtype and o.shape == q.shape and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    loss = (o.float() * do.float()).sum() + (lse.masked_fill(lse.isinf(), 0).sum() if lse_grad else 0)
+    loss.backward()
+
+    ref = ReferenceAttention(pattern)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    o64, lse64 = ref(q64, k64, v64, scale=scale, return_lse=True)
+    ref_loss = (o64 * do.cpu().double()).sum() + (lse64.masked_fill(lse64.isinf(), 0).sum() if lse_grad else 0)
+    ref_loss.backward()
+
+    tol_o, tol_lse, tol_grad = TOL[dtype]
+    _close("o", o, o64, tol_o)
+    _close("lse", lse, lse64, tol_lse)
+    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        _close(name, got, want, tol_grad)
+    return o, lse, (q.grad, k.grad, v.grad)
+
+
+def _close(name, got, want, atol):
+    got = got.detach().cpu().double()
+    want = want.detach().cpu().double()
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf), f"{name}: -inf in the wrong places"
+    if inf.any():
+        assert torch.equal(got[inf], want[inf])
+    err = (got[~inf] - want[~inf]).abs()
+    bound = atol * (1 + want[~inf].abs())
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1, f"{name}: max abs error {err.max().item():.3g} is {worst:.2f}x the tolerance {atol}"
+
+
+# ----------------------------------------------------------------------------
+# Attention against the reference
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(STANDARD))
+def test_standard_patterns(name):
+    check_against_reference(STANDARD[name])
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_DEPENDENT))
+def test_head_dependent_patterns_in_one_launch(name):
+    check_against_reference(HEAD_DEPENDENT[name], H=4, Hkv=2)
+
+
+@pytest.mark.parametrize("n", [1, 2, N_EVEN, N_EVEN + 1])
+def test_lengths(n):
+    check_against_reference(local_global(U, 3), n=n)
+
+
+def test_layout_block_larger_than_the_tiles():
+    """block 32 (128 on the GPU) walked in smaller steps, with a ragged end."""
+    check_against_reference(strided(U), config=SUBTILED, n=N_RAGGED + 30)
+
+
+@pytest.mark.parametrize("Hkv", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention(Hkv):
+    check_against_reference(sliding_window(U), B=2, H=4, Hkv=Hkv)
+    check_against_reference(HEAD_DEPENDENT["cycle"], H=4, Hkv=Hkv, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_dtypes(dtype):
+    check_against_reference(strided(U), dtype=dtype, D=D_LARGE)
+
+
+@pytest.mark.parametrize("D", [8, 20] if not GPU else [40, 80, 256])
+def test_head_dims_padded(D):
+    check_against_reference(sliding_window(U), D=D)
+
+
+def test_scale_and_lse_gradient():
+    check_against_reference(fixed(2 * U, 3), scale=0.3, lse_grad=True)
+
+
+def test_rows_without_keys_give_zero_and_minus_inf():
+    """~causal leaves the last row empty; `none` empties every row."""
+    for pattern in (~C, ir.Empty()):
+        o, lse, grads = check_against_reference(pattern, lse_grad=True)
+        empty = torch.isinf(lse)
+        assert empty[..., -1].all()
+        assert (o[empty] == 0).all()
+        assert (lse[empty] == float("-inf")).all()
+        for g in grads:
+            assert torch.isfinite(g).all()
+    _, _, (dq, dk, dv) = check_against_reference(ir.Empty())
+    assert not dq.any() and not dk.any() and not dv.any()
+
+
+def test_strided_inputs():
+    """[B, n, H, D] memory viewed as [B, H, n, D] goes in without a copy; a
+    transposed last dimension is copied."""
+    B, H, n, D = 1, 2, N_RAGGED, D_SMALL
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, n, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    do = torch.randn(B, H, n, D, generator=g).to(DEVICE)
+    assert not q.is_contiguous()
+    check_against_reference(sliding_window(U), inputs=[q, k, v, do])
+    q2 = torch.randn(B, H, D, n, generator=g).to(DEVICE).transpose(2, 3)
+    assert q2.stride(-1) != 1
+    check_against_reference(sliding_window(U), inputs=[q2, k, v, do])
+
+
+def test_return_lse_flag_and_default_scale():
+    q, k, v, _ = make_inputs(1, 2, 2, N_RAGGED, D_SMALL, torch.float32)
+    attn = TritonAttention(C, config=CONFIG)
+    o = attn(q, k, v)
+    assert isinstance(o, torch.Tensor)
+    o2 = attn(q, k, v, scale=1 / math.sqrt(D_SMALL))
+    assert torch.equal(o, o2)
+
+
+def test_new_length_reuses_the_module_unless_arguments_use_n():
+    attn = TritonAttention(sliding_window(U), config=CONFIG)
+    cfg = attn.config_for(D_SMALL, torch.float32)
+    assert attn.kernels(20, cfg) is attn.kernels(30, cfg)
+    sym = TritonAttention(STANDARD["symbolic"], config=CONFIG)
+    assert sym.kernels(20, cfg) is not sym.kernels(30, cfg)
+
+
+@settings(max_examples=8 if not GPU else 25, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_hypothesis_compositions(data):
+    from patterncc.testing import patterns
+
+    H = data.draw(st.sampled_from([1, 2]), label="H")
+    pattern = data.draw(patterns(max_depth=2, max_leaves=4, heads=H), label="pattern")
+    n = data.draw(st.integers(1, 48 if not GPU else 600), label="n")
+    check_against_reference(pattern, H=H, n=n, seed=data.draw(st.integers(0, 99), label="seed"))
+
+
+# ----------------------------------------------------------------------------
+# The predicate itself, element by element
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(STANDARD) + sorted(HEAD_DEPENDENT))
+def test_predicate_matches_mask(name):
+    pattern = {**STANDARD, **HEAD_DEPENDENT}[name]
+    heads = 4 if name in HEAD_DEPENDENT else 1
+    n = 61
+    got = TritonAttention(pattern, config=CONFIG).mask_picture(n, heads, device=DEVICE)
+    np.testing.assert_array_equal(got.cpu().numpy().astype(bool), dense_mask(pattern, n, heads))
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_predicate_matches_mask_hypothesis(data):
+    from patterncc.testing import patterns
+
+    heads = data.draw(st.sampled_from([1, 3]), label="heads")
+    pattern = data.draw(patterns(max_depth=3, max_leaves=6, heads=heads), label="pattern")
+    n = data.draw(st.integers(1, 40), label="n")
+    got = TritonAttention(pattern, config=CONFIG).mask_picture(n, heads, device=DEVICE)
+    np.testing.assert_array_equal(got.cpu().numpy().astype(bool), dense_mask(pattern, n, heads))
+
+
+@pytest.mark.parametrize("name", sorted(STANDARD) + sorted(HEAD_DEPENDENT))
+def test_mask_mod_matches_mask(name):
+    from patterncc.backends.triton import flex
+
+    pattern = {**STANDARD, **HEAD_DEPENDENT}[name]
+    heads, n = (4 if name in HEAD_DEPENDENT else 1), 45
+    mod = flex.mask_mod(pattern, n)
+    pos = torch.arange(n, dtype=torch.int32)
+    got = np.stack([np.broadcast_to(mod(0, torch.tensor(h), pos[:, None], pos[None, :]).numpy(), (n, n))
+                    for h in range(heads)])
+    np.testing.assert_array_equal(got, dense_mask(pattern, n, heads))
+
+
+def test_int64_decision():
+    q, k, n = V("q"), V("k"), V("n")
+    assert not codegen._needs_int64(ir.Compare("<", ir.BinOp("-", q, k), K_(5)))
+    assert codegen._needs_int64(ir.Compare("<", ir.BinOp("+", q, k), n))
+    assert codegen._needs_int64(ir.Compare("<", ir.BinOp("*", q, K_(2)), n))
+    source = codegen.generate_source(STANDARD["where_int64"])
+    assert "q.to(tl.int64)" in source and "floor_mod" not in source
+
+
+def test_floor_helpers_only_where_operands_can_be_negative():
+    source = codegen.generate_source(STANDARD["where_floor"])
+    assert "floor_div((q - k), 3)" in source and "floor_mod((k - q), 5)" in source
+    plain = codegen.generate_source(C & ir.Where(ir.Compare("==", ir.BinOp("%", V("k"), K_(4)), K_(1))))
+    assert "floor_mod" not in plain and "(k % 4)" in plain
+
+
+# ----------------------------------------------------------------------------
+# Code generation: literals, golden files
+# ----------------------------------------------------------------------------
+
+
+def test_only_int_literals_reach_the_source():
+    with pytest.raises(AssertionError, match="only int literals"):
+        codegen.generate_source(ir.Local(2.5))
+    with pytest.raises(AssertionError, match="only int literals"):
+        codegen.generate_source(ir.Local(True))
+    with pytest.raises(AssertionError, match="unknown variable"):
+        codegen.generate_source(ir.Where(ir.Compare("<", V("__import__"), K_(1))))
+    with pytest.raises(AssertionError, match="unknown operator"):
+        codegen.generate_source(ir.Where(ir.Compare("<", ir.BinOp("**", V("q"), K_(2)), K_(1))))
+
+
+def test_every_literal_in_the_predicate_is_an_int():
+    source = codegen.generate_source(ir.Cycle(tuple(STANDARD.values())), seq_len=40)
+    predicate = source.split("def pattern_mask")[1].split("# ----")[0]
+    for line in predicate.splitlines()[2:]:
+        code = line.split("#")[0]
+        for token in re.findall(r"[A-Za-z_][A-Za-z_0-9.]*|\d+\.\d*|\d+|\S", code):
+            assert token[0].isdigit() and token.isdigit() or not token[0].isdigit(), f"{token!r} in {line!r}"
+        assert "'" not in code and '"' not in code, line
+
+
+def test_symbolic_arguments_need_a_length():
+    with pytest.raises(PatternError, match="depend on n"):
+        codegen.generate_source(STANDARD["symbolic"])
+    assert "< 11" in codegen.generate_source(STANDARD["symbolic"], seq_len=40)
+
+
+GOLDEN_CASES = {
+    "strided_128": strided(128),
+    "fixed_128_32": fixed(128, 32),
+    "bigbird_heads": ir.Cycle((ir.Local(64) | ir.Global(16) | ir.Random(3, 64, 1), STANDARD["where_floor"])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_source(name):
+    source = codegen.generate_source(GOLDEN_CASES[name], default_config(64, "bfloat16"))
+    path = GOLDEN / f"{name}.py.txt"
+    if os.environ.get("PATTERNCC_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    assert path.exists(), f"{path} is missing: run with PATTERNCC_UPDATE_GOLDEN=1"
+    assert source == path.read_text(), f"generated source changed; PATTERNCC_UPDATE_GOLDEN=1 rewrites {path}"
+    compile(source, str(path), "exec")
+
+
+# ----------------------------------------------------------------------------
+# Host tables
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [64, 70])
+def test_run_lists_cover_the_layout(n):
+    """Runs reproduce every non-empty pair; FULL runs avoid the ragged last row and column."""
+    pattern, block, heads = HEAD_DEPENDENT["cycle"], 16, 3
+    lay = build_layout(pattern, n, block, heads)
+    runs = tables.run_lists(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block)
+    dense = lay.to_dense()
+    got = np.zeros_like(dense)
+    R = runs.rows
+    for cls, ptr, pairs in ((2, runs.full_ptr, runs.full_runs), (1, runs.part_ptr, runs.part_runs)):
+        for row in range(lay.heads * R):
+            for r in range(ptr[row], ptr[row + 1]):
+                lo, hi = pairs[2 * r], pairs[2 * r + 1]
+                assert lo < hi
+                got[row // R, row % R, lo:hi] = cls
+    ragged = n % block != 0
+    want = dense.copy()
+    if ragged:
+        want[:, -1, :][want[:, -1, :] == 2] = 1
+        want[:, :, -1][want[:, :, -1] == 2] = 1
+    np.testing.assert_array_equal(got, want)
+    order = tables.tile_order(runs.cost, n, block, 16)
+    assert sorted(order[0].tolist()) == list(range(-(-n // 16)))
+
+
+# ----------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------
+
+
+def test_input_validation_messages():
+    attn = TritonAttention(C, config=CONFIG)
+    q, k, v, _ = make_inputs(1, 4, 2, 20, D_SMALL, torch.float32)
+    cases = [
+        ((q[0], k, v), ValueError, "q must be 4-D"),
+        ((q, k.double(), v), TypeError, "k has dtype torch.float64"),
+        ((q.half(), k, v), TypeError, "k has dtype torch.float32 but q has torch.float16"),
+        ((q, k, v[:, :, :10]), ValueError, "v must have k's shape"),
+        ((q, k[:, :, :10], v[:, :, :10]), ValueError, "sequence length"),
+        ((q[:, :3], k, v), ValueError, "H=3 must be a multiple"),
+        ((q, "k", v), TypeError, "k must be a torch.Tensor"),
+        ((q.int(), k, v), TypeError, "q has dtype torch.int32"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            attn(*args)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        attn(q, k, v, scale="0.1")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        attn(q, k, v, scale=float("nan"))
+    big = torch.zeros(1, 1, 2, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="D=300"):
+        attn(big, big, big)
+    with pytest.raises(ValueError, match="block=32 disagrees"):
+        TritonAttention(C, block=32, config=CONFIG)
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        TritonAttention(C, block=48)
+    with pytest.raises(ValueError, match="block_m=128 must divide the layout block=32"):
+        KernelConfig(block=32)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got block_n=8"):
+        KernelConfig(block_n=8)
+    with pytest.raises(TypeError, match="pattern must be"):
+        TritonAttention("causal")
+
+
+@pytest.mark.skipif(GPU, reason="CPU tensors are refused only when a CUDA device is expected")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q, k, v, _ = make_inputs(1, 1, 1, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        TritonAttention(C, config=CONFIG)(q, k, v)
+
+
+def test_heads_must_cover_the_heads():
+    q, k, v, _ = make_inputs(1, 2, 2, 8, 16, torch.float32)
+    with pytest.raises(PatternError, match="heads"):
+        TritonAttention(HEAD_DEPENDENT["heads"], config=CONFIG)(q, k, v)
+
+
+# ----------------------------------------------------------------------------
+# The kernel cache on disk
+# ----------------------------------------------------------------------------
+
+
+def _cached_files():
+    return sorted(cache.cache_dir().glob("k_*.py"))
+
+
+def test_cache_rebuilds_corrupt_and_truncated_entries():
+    pattern = C & ir.Local(5) & ir.Sink(13)  # used by no other test
+    attn = TritonAttention(pattern, config=CONFIG)
+    expected = dense_mask(pattern, 20)[0]
+    attn.mask_picture(20, device=DEVICE)
+    (path,) = [p for p in _cached_files() if "pattern: causal & local(5) & sink(13)\n" in p.read_text()]
+    good = path.read_text()
+    for damage in (good[: len(good) // 2],                      # truncated
+                   good.replace("tl.abs(q - k) < 5", "tl.abs(q - k) < 6"),  # edited: checksum mismatch
+                   "garbage that is not python (\n"):
+        path.write_text(damage)
+        cache.clear_memory()
+        got = attn.mask_picture(20, device=DEVICE)
+        np.testing.assert_array_equal(got[0].cpu().numpy().astype(bool), expected)
+        assert path.read_text() == good
+
+
+def test_cache_falls_back_when_the_directory_is_read_only(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(ro))
+    monkeypatch.setattr(cache, "_fallback_dir", None)
+    if os.access(ro, os.W_OK):  # root ignores permissions: make the probe fail instead
+        real = cache.tempfile.NamedTemporaryFile
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == ro:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(cache.tempfile, "NamedTemporaryFile", refuse)
+    cache.clear_memory()
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        got = TritonAttention(C & ir.Local(7), config=CONFIG).mask_picture(12, device=DEVICE)
+    np.testing.assert_array_equal(got[0].cpu().numpy().astype(bool), dense_mask(C & ir.Local(7), 12)[0])
+    assert not list(ro.iterdir())
+    assert cache._fallback_dir is not None and list(cache._fallback_dir.glob("k_*.py"))
+    monkeypatch.setattr(cache, "_fallback_dir", None)
+
+
+def _compile_in_child(cache_dir: str, queue) -> None:
+    os.environ["PATTERNCC_CACHE_DIR"] = cache_dir
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pattern = C & (ir.Local(9) | ir.Stride(4))
+        config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
+        got = TritonAttention(pattern, config=config).mask_picture(30)
+        ok = bool((got[0].cpu().numpy().astype(bool) == dense_mask(pattern, 30)[0]).all())
+        queue.put("ok" if ok else "wrong mask")
+    except Exception as err:  # reported to the parent
+        queue.put(f"{type(err).__name__}: {err}")
+
+
+def test_concurrent_compiles_share_one_entry(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_compile_in_child, args=(str(tmp_path), queue)) for _ in range(3)]
+    for c in children:
+        c.start()
+    results = [queue.get(timeout=300) for _ in children]
+    for c in children:
+        c.join(timeout=60)
+    assert results == ["ok"] * 3, results
+    entries = list(tmp_path.glob("k_*.py"))
+    assert len(entries) == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------
+# FlexAttention interop
+# ----------------------------------------------------------------------------
+
+
+def test_flex_block_mask_has_the_layout_sparsity():
+    from patterncc.backends.triton.flex import to_flex_block_mask
+
+    pattern, n, block, heads = HEAD_DEPENDENT["cycle"], 70, 16, 3
+    lay = build_layout(pattern, n, block, heads)
+    bm = to_flex_block_mask(lay, device=DEVICE)
+    dense = lay.to_dense()
+    assert bm.BLOCK_SIZE == (block, block)
+    np.testing.assert_array_equal(bm.to_dense()[0].cpu().numpy(), (dense > 0).astype(np.int32))
+    full = torch.zeros(heads, dense.shape[1], dense.shape[2] + 1, dtype=torch.int32)
+    for h in range(heads):
+        for i in range(dense.shape[1]):
+            count = int(bm.full_kv_num_blocks[0, h, i])
+            full[h, i, bm.full_kv_indices[0, h, i, :count].long().cpu()] = 1
+    np.testing.assert_array_equal(full[:, :, :-1].numpy(), (dense == 2).astype(np.int32))
+
+
+def test_flex_attention_with_the_block_mask_matches_the_reference():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from patterncc.backends.triton.flex import to_flex_block_mask
+
+    pattern, n, heads = HEAD_DEPENDENT["cycle"], 45, 3
+    lay = build_layout(pattern, n, 16, heads)
+    bm = to_flex_block_mask(lay, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            o = flex_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), block_mask=bm)
+    except Exception as err:  # only this interop check depends on flex running here
+        pytest.skip(f"flex_attention does not run eagerly on {DEVICE} in torch {torch.__version__}: {err}")
+    want = ReferenceAttention(pattern)(q, k, v)
+    torch.testing.assert_close(o.cpu(), want, atol=1e-10, rtol=1e-10)
