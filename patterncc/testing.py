@@ -38,6 +38,7 @@ import random as _random
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -528,8 +529,8 @@ def assert_matches_reference(
 
     Beyond the tolerance (``TOLERANCES[dtype]`` by default, see its comment
     for the numbers and why; ``precision="tf32"`` or ``"ieee"`` says how the
-    kernel multiplies float32, by default tf32 on CUDA unless ``attn`` was
-    compiled with ``input_precision="ieee"``): no NaN anywhere; ``lse`` is
+    kernel multiplies float32; by default ``attn.options["input_precision"]``
+    or else "ieee", as patterncc's Triton kernels do): no NaN anywhere; ``lse`` is
     ``-inf`` exactly on the rows with no allowed key and finite elsewhere;
     ``o`` and ``dq`` are exactly 0 on those rows, and ``dk``, ``dv`` exactly 0
     for keys no query attends. ``against="dense"`` compares with the kit's own
@@ -589,7 +590,7 @@ def _precision_name(attn, q, precision: str | None) -> str:
         options = getattr(attn, "options", None) or {}
         precision = options.get("input_precision")
     if precision is None:
-        precision = "tf32" if getattr(q, "device", None) is not None and q.device.type == "cuda" else "ieee"
+        precision = "ieee"  # patterncc's Triton kernels multiply float32 exactly
     return "tf32" if precision in ("tf32", "tf32x3") else "float32"
 
 
@@ -800,9 +801,10 @@ def _kernel_shapes(backend: str, pat: ir.Pattern) -> dict:
         longest = min(320, max(96, 2 * _largest_constant(pat) + 8))
         return dict(dtypes=("float64",), max_seq_len=longest, head_dims=(8, 16), max_batch=2, max_heads=4)
     if _interpreted():
-        return dict(dtypes=("float32", "float16"), max_seq_len=40, head_dims=(16,), max_batch=1, max_heads=2)
+        return dict(dtypes=("float32", "float16"), max_seq_len=40, head_dims=(16,), max_batch=1, max_heads=2,
+                    blocks=(16, 32))
     return dict(dtypes=("float16", "bfloat16", "float32"), max_seq_len=300, head_dims=(16, 32, 64, 128),
-                max_batch=2, max_heads=4)
+                max_batch=2, max_heads=4, blocks=(16, 32, 64, 128))
 
 
 def _settings(examples: int) -> settings:
@@ -956,15 +958,21 @@ def _check_kernel(backend: str, pat: ir.Pattern, case: AttentionCase, attns: dic
             q, k, v, do = make_tensors(case)
             assert_matches_reference(attns[dense_limit], pat, q, k, v, case.scale, do, against="dense")
         return
-    if backend not in attns:
-        attns[backend] = pipeline.compile(pat, backend=backend)
+    # The Triton backend builds its layout with the case's block (a power of two >= 16).
+    options = {"block": case.block} if backend == "triton" else {}
+    key = (backend, case.block if options else None)
+    if key not in attns:
+        attns[key] = pipeline.compile(pat, backend=backend, **options)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     q, k, v, do = make_tensors(case, device=device)
-    assert_matches_reference(attns[backend], pat, q, k, v, case.scale, do)
+    assert_matches_reference(attns[key], pat, q, k, v, case.scale, do)
 
 
 def _counterexample(check, backend, pat, example, error, source) -> Counterexample:
     message = f"{type(error).__name__}: {error}"
+    if not isinstance(error, AssertionError):  # a crash: say where
+        frames = traceback.format_exception(type(error), error, error.__traceback__)
+        message += "\n" + "".join(frames[-4:-1]).rstrip()
     if check == "layout":
         seq_len, block, heads = example
         kwargs = dict(check="layout", seq_len=seq_len, block=block, heads=heads)
@@ -972,7 +980,7 @@ def _counterexample(check, backend, pat, example, error, source) -> Counterexamp
     else:
         case = example
         seq_len, block, heads = case.n, case.block, case.H
-        kwargs = dict(backend=backend, **{k: v for k, v in asdict(case).items() if k != "block"})
+        kwargs = dict(backend=backend, **asdict(case))
     return Counterexample(check, backend, str(pat), seq_len, block, heads, case, message,
                           _command(pat, source, backend, kwargs))
 

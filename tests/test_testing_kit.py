@@ -425,3 +425,11 @@ def test_patterncc_test_command_runs_the_kit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "patterncc", "test", str(f), "--examples", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "missing.pat" in proc.stderr
+
+
+@pytest.mark.skipif(testing.available_backends()["triton"] is not None,
+                    reason=str(testing.available_backends()["triton"]))
+def test_check_pattern_runs_the_triton_kernels_when_they_can_run_here():
+    report = check_pattern(STANDARD[0], backends=["triton"], examples=5, seed=2)
+    assert report.ok, report
+    assert ("kernel", "triton", "passed") in [(r.check, r.backend, r.status) for r in report.results]
