@@ -4,33 +4,40 @@
 pairs, never with ``n * n``. For one head-free pattern it works a band of
 query-block rows at a time, in two steps:
 
-1. **Candidates.** Every node names a superset of its non-empty pairs, as
-   sorted int64 keys ``i * nk + j``. Band-like primitives generate only what
-   they touch (``local`` a diagonal band, ``global`` its rows and columns,
-   ``stride(l)`` its diagonals when ``l`` is large, ``random`` its drawn
-   blocks); a union is the union of its parts; an intersection expands only
-   its sparsest part (chosen by ``_estimate``, an upper bound on the number
-   of candidates); ``A - B`` is ``A``'s; a complement or a ``where`` is every
-   pair.
-2. **Classes.** Every node classifies arbitrary pairs in closed form
-   (``_classify``): the tile of pair ``(i, j)`` holds rows ``q in [qlo, qhi]``
-   and keys ``k in [klo, khi]`` clipped to ``seq_len``, so ``d = q - k`` takes
-   every integer in ``[qlo - khi, qhi - klo]``, and each primitive's rule
-   gives EMPTY / PARTIAL / FULL from those bounds. Combinators combine their
-   parts' classes; where that cannot decide (two PARTIAL parts of a union,
-   say), the node is evaluated exactly over just those tiles: over the
-   ``2 * block - 1`` values of ``d`` when it depends only on ``q - k``, over
-   ``block`` keys when only on ``k``, else over the ``block**2`` elements.
-   ``where`` conditions go through interval arithmetic first.
+1. **Candidates** (``_candidates``). Every node names a superset of its
+   non-empty pairs, as sorted int64 keys ``i * nb + j``. Band-like primitives
+   generate only what they touch (``local`` a diagonal band, ``global`` its
+   rows and columns, ``stride(l)`` its diagonals when ``l`` is large,
+   ``random`` its drawn blocks); a union is the union of its parts; an
+   intersection expands only its sparsest part (by ``_estimate``, an upper
+   bound on candidates), inside the window per row that its other parts
+   allow (``_hull``: ``causal`` keeps key blocks ``0 .. i``); ``A - B`` is
+   ``A``'s; ``where`` refines a quadtree of block rectangles, dropping those
+   where interval arithmetic proves the condition false; a complement is
+   every pair.
+2. **Classes** (``_classify``). Every node classifies arbitrary pairs in
+   closed form: the tile of pair ``(i, j)`` holds rows ``q in [qlo, qhi]``
+   and keys ``k in [klo, khi]`` clipped to ``seq_len``, so ``d = q - k``
+   takes every integer in ``[qlo - khi, qhi - klo]``, and each primitive's
+   rule gives EMPTY / PARTIAL / FULL from those bounds. Combinators combine
+   their parts' classes; where that cannot decide (two PARTIAL parts of a
+   union, say) the node is evaluated exactly over just those tiles
+   (``_scan_tiles``): over the ``2 * block - 1`` values of ``d`` when it
+   depends only on ``q - k``, over ``block`` keys when only on ``k``, else
+   over the ``block**2`` elements; tiles that a translation along the
+   diagonal maps onto each other are evaluated once. ``where`` goes through
+   interval arithmetic first and is evaluated only where that cannot decide.
 
 So every class is exact (never PARTIAL when the tile is really EMPTY or
-FULL), not just sound. Size guards refuse clearly, with ``LimitError``,
-instead of running out of memory.
+FULL), not just sound. Size guards (``MAX_CANDIDATES``,
+``MAX_ELEMENT_EVALS``) refuse clearly, with ``LimitError``, instead of
+running out of memory.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -296,16 +303,17 @@ def _head_pairs(p: ir.Pattern, n: int, B: int) -> tuple[np.ndarray, np.ndarray, 
             hint="use a larger block or a shorter sequence",
         )
     band = max(1, int(nb * _BAND_PAIRS // max(est, 1)))
-    rows, cols, full = [], [], []
+    out_i, out_j, out_full = [], [], []
     for r0 in range(0, nb, band):
-        cand = _candidates(p, r0, min(nb, r0 + band), ctx, top=True)
+        rows = np.arange(r0, min(nb, r0 + band), dtype=np.int64)
+        cand = _candidates(p, rows, (np.zeros_like(rows), np.full_like(rows, nb - 1)), ctx, top=True)
         t = _Tiles(cand // nb, cand % nb, ctx)
         cls = _classify(p, t, ctx)
         keep = cls != EMPTY
-        rows.append(t.i[keep].astype(np.int32))
-        cols.append(t.j[keep].astype(np.int32))
-        full.append(cls[keep] == FULL)
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(full)
+        out_i.append(t.i[keep].astype(np.int32))
+        out_j.append(t.j[keep].astype(np.int32))
+        out_full.append(cls[keep] == FULL)
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_full)
 
 
 # ----------------------------------------------------------------------------
@@ -350,9 +358,12 @@ class _Tiles:
         self.ctx = ctx
         self.i, self.j = i, j
         self.qlo = i * B
-        self.qhi = np.minimum(self.qlo + B, n) - 1
         self.klo = j * B
-        self.khi = np.minimum(self.klo + B, n) - 1
+        # in place: these arrays can hold millions of tiles
+        self.qhi = self.qlo + (B - 1)
+        np.minimum(self.qhi, n - 1, out=self.qhi)
+        self.khi = self.klo + (B - 1)
+        np.minimum(self.khi, n - 1, out=self.khi)
 
     @property
     def size(self) -> int:
@@ -386,8 +397,10 @@ def _classes(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
 # Primitives, one section each: the rule, its candidate key blocks per query
 # block row, and its class per tile.
 #
-# ``_rows_*(node, ctx, rows)`` returns ``(row, jlo, jhi)`` intervals of key
-# blocks (inclusive, clipped later), or None for "every key block".
+# ``_rows_*(node, ctx, rows, win)`` returns ``(row, jlo, jhi)`` intervals of
+# key blocks (inclusive, clipped later), or None for "every key block". ``win``
+# is ``(lo, hi)``, the key blocks wanted per row (what an enclosing
+# intersection allows); a rule may use it to skip work, never needs to clip.
 # ``_class_*(node, t)`` returns int8 classes for the tiles ``t``.
 # ----------------------------------------------------------------------------
 
@@ -407,7 +420,7 @@ def _key_interval(ctx: _Ctx, rows, klo, khi):
 # -- causal: k <= q
 
 
-def _rows_causal(node, ctx, rows):
+def _rows_causal(node, ctx, rows, win):
     return rows, np.zeros_like(rows), rows
 
 
@@ -418,7 +431,7 @@ def _class_causal(node, t):
 # -- local(w): abs(q - k) < w
 
 
-def _rows_local(node, ctx, rows):
+def _rows_local(node, ctx, rows, win):
     qlo, qhi = _row_bounds(ctx, rows)
     return _key_interval(ctx, rows, qlo - node.w + 1, qhi + node.w - 1)
 
@@ -442,22 +455,25 @@ def _stride_is_dense(ctx, l) -> bool:
     return 2 * ((ctx.n + ctx.B) // l + 1) >= ctx.nb
 
 
-def _diagonals(ctx, rows, step, mmin=None, mmax=None):
-    """Key-block intervals of the diagonals ``q - k = m * step`` per row."""
+def _diagonals(ctx, rows, win, step, mmin=None, mmax=None):
+    """Key-block intervals of the diagonals ``q - k = m * step`` per row that
+    meet the window, ``m`` descending so the intervals come out ascending."""
     qlo, qhi = _row_bounds(ctx, rows)
-    lo = -((ctx.n - 1 - qlo) // step)  # smallest m with some k = q - m*step <= n - 1
-    hi = qhi // step  # largest m with some k >= 0
+    kmin = np.maximum(win[0] * ctx.B, 0)
+    kmax = np.minimum(win[1] * ctx.B + ctx.B - 1, ctx.n - 1)
+    lo = -((kmax - qlo) // step)  # smallest m with some k = q - m * step <= kmax
+    hi = (qhi - kmin) // step  # largest m with some k >= kmin
     if mmin is not None:
         lo, hi = np.maximum(lo, mmin), np.minimum(hi, mmax)
     count = np.maximum(hi - lo + 1, 0)
     r = np.repeat(rows, count)
-    m = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
+    m = np.repeat(hi + np.cumsum(count) - count, count) - np.arange(count.sum())
     qlo, qhi = _row_bounds(ctx, r)
     return _key_interval(ctx, r, qlo - m * step, qhi - m * step)
 
 
-def _rows_stride(node, ctx, rows):
-    return None if _stride_is_dense(ctx, node.l) else _diagonals(ctx, rows, node.l)
+def _rows_stride(node, ctx, rows, win):
+    return None if _stride_is_dense(ctx, node.l) else _diagonals(ctx, rows, win, node.l)
 
 
 def _class_stride(node, t):
@@ -470,7 +486,7 @@ def _class_stride(node, t):
 # -- block(l): q // l == k // l
 
 
-def _rows_block(node, ctx, rows):
+def _rows_block(node, ctx, rows, win):
     qlo, qhi = _row_bounds(ctx, rows)
     l = node.l
     return _key_interval(ctx, rows, (qlo // l) * l, (qhi // l + 1) * l - 1)
@@ -498,7 +514,7 @@ def _summary_columns(node, ctx) -> np.ndarray:
     return _summary_count(node, khi + 1) > _summary_count(node, klo)
 
 
-def _rows_summary(node, ctx, rows):
+def _rows_summary(node, ctx, rows, win):
     cols = _summary_columns(node, ctx)
     if cols.all():
         return None
@@ -526,7 +542,7 @@ def _first_blocks(ctx, g) -> int:
     return -(-min(g, ctx.n) // ctx.B)
 
 
-def _rows_sink(node, ctx, rows):
+def _rows_sink(node, ctx, rows, win):
     G = _first_blocks(ctx, node.g)
     return rows, np.zeros_like(rows), np.full_like(rows, G - 1)
 
@@ -535,7 +551,7 @@ def _class_sink(node, t):
     return _classes(t.klo < node.g, t.khi < node.g)
 
 
-def _rows_global(node, ctx, rows):
+def _rows_global(node, ctx, rows, win):
     G = _first_blocks(ctx, node.g)
     return rows, np.zeros_like(rows), np.where(rows < G, ctx.nb - 1, G - 1)
 
@@ -548,13 +564,13 @@ def _class_global(node, t):
 # -- dilated(w, d): abs(q - k) < w * d and (q - k) % d == 0
 
 
-def _rows_dilated(node, ctx, rows):
+def _rows_dilated(node, ctx, rows, win):
     w, d = node.w, node.d
     reach = (w - 1) * d  # the farthest allowed |q - k|
     if d <= ctx.B or _stride_is_dense(ctx, d):
         qlo, qhi = _row_bounds(ctx, rows)
         return _key_interval(ctx, rows, qlo - reach, qhi + reach)
-    return _diagonals(ctx, rows, d, -(w - 1), w - 1)
+    return _diagonals(ctx, rows, win, d, -(w - 1), w - 1)
 
 
 def _class_dilated(node, t):
@@ -598,7 +614,7 @@ class _RandomTable:
         cell = np.repeat(np.arange(qb.size), per)
         o = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
         keys = (i0[cell] + o // width[cell]) * nb + j0[cell] + o % width[cell]
-        self.tile_keys, self.tile_counts = np.unique(keys, return_counts=True)
+        self.tile_keys, self.tile_counts = _unique(keys, counts=True)
 
     def allowed(self, q: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Element mask at positions ``q``, ``k`` (broadcast)."""
@@ -609,11 +625,12 @@ class _RandomTable:
         return self.cells[pos] == key
 
 
-def _rows_random(node, ctx, rows):
+def _rows_random(node, ctx, rows, win):
     tab = ctx.random(node)
     lo, hi = np.searchsorted(tab.tile_keys, [rows[0] * ctx.nb, (rows[-1] + 1) * ctx.nb])
     keys = tab.tile_keys[lo:hi]
-    return keys // ctx.nb, keys % ctx.nb, keys % ctx.nb
+    i, j = keys // ctx.nb, keys % ctx.nb
+    return i, j, j
 
 
 def _class_random(node, t):
@@ -639,7 +656,55 @@ def _class_empty(node, t):
     return np.zeros(t.size, dtype=np.int8)
 
 
-# -- where COND: interval arithmetic, then evaluation where it cannot decide
+# -- where COND: interval arithmetic, then evaluation where it cannot decide.
+#    Candidates come from refining a quadtree of block rectangles, dropping
+#    every rectangle where the condition is proven false.
+
+
+def _where_cells(node, ctx, r0, r1, c0, c1, min_size=1):
+    """Rectangles of blocks ``[ra, ra + size) x [ca, ca + size)`` (clipped to
+    rows ``r0 .. r1 - 1`` and key blocks ``c0 .. c1 - 1``) that together hold
+    every block where the condition may hold: ``(ra, ca, size)``, each cell of
+    the final level ``size`` or ``min_size`` blocks a side."""
+    B, n = ctx.B, ctx.n
+    size = 1 << max(0, (max(r1 - r0, c1 - c0) - 1).bit_length())
+    ra = np.array([r0], dtype=np.int64)
+    ca = np.array([c0], dtype=np.int64)
+    done = []  # (ra, ca, size) of cells kept whole: true everywhere, or small enough
+    while ra.size:
+        rb, cb = np.minimum(ra + size, r1), np.minimum(ca + size, c1)
+        env = {"q": (ra * B, np.minimum(rb * B, n) - 1), "k": (ca * B, np.minimum(cb * B, n) - 1), "n": (n, n)}
+        true, false, _ = (np.broadcast_to(x, ra.shape) for x in _truth(node.cond, env))
+        whole = true | (size <= min_size)
+        done.append((ra[whole & ~false], ca[whole & ~false], size))
+        split = ~false & ~whole
+        ra, ca, size = ra[split], ca[split], size // 2
+        ra = np.concatenate([ra, ra, ra + size, ra + size])
+        ca = np.concatenate([ca, ca + size, ca, ca + size])
+        inside = (ra < r1) & (ca < c1)
+        ra, ca = ra[inside], ca[inside]
+    return done
+
+
+def _rows_where(node, ctx, rows, win):
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    c0, c1 = int(win[0].min()), int(win[1].max()) + 1
+    if c0 >= c1:
+        return rows[:0], rows[:0], rows[:0]
+    parts = []
+    for ra, ca, size in _where_cells(node, ctx, r0, r1, c0, c1):
+        height = np.minimum(ra + size, r1) - ra  # one interval per row of each cell
+        r = np.repeat(ra, height) + np.arange(height.sum()) - np.repeat(np.cumsum(height) - height, height)
+        lo = np.repeat(ca, height)
+        parts.append((r, lo, np.minimum(lo + size, c1) - 1))
+    return tuple(np.concatenate([p[x] for p in parts]) for x in range(3))
+
+
+def _estimate_where(node, ctx) -> int:
+    """Blocks in the cells a coarse refinement keeps (at most 256 a side)."""
+    nb = ctx.nb
+    cells = _where_cells(node, ctx, 0, nb, 0, nb, min_size=max(1, nb // 256))
+    return int(sum(np.sum((np.minimum(ra + size, nb) - ra) * (np.minimum(ca + size, nb) - ca)) for ra, ca, size in cells))
 
 
 def _class_where(node, t):
@@ -656,6 +721,7 @@ _ROWS = {
     ir.Causal: _rows_causal, ir.Local: _rows_local, ir.Stride: _rows_stride,
     ir.Block: _rows_block, ir.Summary: _rows_summary, ir.Global: _rows_global,
     ir.Sink: _rows_sink, ir.Dilated: _rows_dilated, ir.Random: _rows_random,
+    ir.Where: _rows_where,
 }
 _CLASS = {
     ir.All: _class_all, ir.Empty: _class_empty, ir.Causal: _class_causal,
@@ -707,13 +773,15 @@ def _estimate_node(node: ir.Pattern, ctx: _Ctx) -> int:
             return nb * 2 * min(2 * w - 1, (ctx.n + ctx.B) // d + 2)
         case ir.Random():
             return int(ctx.random(node).tile_keys.size)
+        case ir.Where():
+            return _estimate_where(node, ctx)
         case ir.Union(parts=parts):
             return sum(_estimate(c, ctx) for c in parts)
         case ir.Intersect(parts=parts):
             return min(_estimate(c, ctx) for c in parts)
         case ir.Difference(left=a):
             return _estimate(a, ctx)
-    return nb * nb  # all, complement, where
+    return nb * nb  # all, complement
 
 
 # ----------------------------------------------------------------------------
@@ -721,24 +789,29 @@ def _estimate_node(node: ir.Pattern, ctx: _Ctx) -> int:
 # ----------------------------------------------------------------------------
 
 
-def _candidates(node: ir.Pattern, r0: int, r1: int, ctx: _Ctx, top: bool = False) -> np.ndarray:
-    """Sorted unique int64 keys ``i * nb + j`` with ``r0 <= i < r1``.
+def _candidates(node: ir.Pattern, rows: np.ndarray, win, ctx: _Ctx, top: bool = False) -> np.ndarray:
+    """Sorted unique int64 keys ``i * nb + j``: a superset of the node's
+    non-empty pairs in query-block rows ``rows`` (consecutive) whose key block
+    lies in the window ``win = (lo, hi)`` (int64 per row).
 
     ``top`` says the caller classifies every candidate exactly afterwards, so
     an intersection need not filter its sparsest part by the others.
     """
-    nb = ctx.nb
-    rows = np.arange(r0, r1, dtype=np.int64)
     match node:
         case ir.Empty():
             return np.zeros(0, dtype=np.int64)
         case ir.Union(parts=parts):
-            return np.unique(np.concatenate([_candidates(c, r0, r1, ctx) for c in parts]))
+            return _unique(np.concatenate([_candidates(c, rows, win, ctx) for c in parts]))
         case ir.Intersect(parts=parts):
             best = min(parts, key=lambda c: _estimate(c, ctx))
-            keys = _candidates(best, r0, r1, ctx, top)
+            lo, hi = win
+            for c in parts:  # the other parts narrow the window where they can
+                h = _hull(c, ctx, rows) if c is not best else None
+                if h is not None:
+                    lo, hi = np.maximum(lo, h[0]), np.minimum(hi, h[1])
+            keys = _candidates(best, rows, (lo, hi), ctx, top)
             if not top:
-                t = _Tiles(keys // nb, keys % nb, ctx)
+                t = _Tiles(keys // ctx.nb, keys % ctx.nb, ctx)
                 keep = np.ones(keys.size, dtype=bool)
                 for c in parts:
                     if c is not best:
@@ -746,15 +819,49 @@ def _candidates(node: ir.Pattern, r0: int, r1: int, ctx: _Ctx, top: bool = False
                 keys = keys[keep]
             return keys
         case ir.Difference(left=a):
-            return _candidates(a, r0, r1, ctx, top)
+            return _candidates(a, rows, win, ctx, top)
     rule = _ROWS.get(type(node))
-    intervals = rule(node, ctx, rows) if rule else None
+    intervals = rule(node, ctx, rows, win) if rule else None
     if intervals is None:  # every key block
-        intervals = rows, np.zeros_like(rows), np.full_like(rows, nb - 1)
-    keys = _expand(*intervals, nb)
+        intervals = rows, win[0], win[1]
+    r, jlo, jhi = intervals
+    at = r - rows[0]
+    keys = _expand(r, np.maximum(jlo, win[0][at]), np.minimum(jhi, win[1][at]), ctx.nb)
     if keys.size > 1 and not np.all(keys[1:] > keys[:-1]):
-        keys = np.unique(keys)
+        keys = _unique(keys)
     return keys
+
+
+def _hull(node: ir.Pattern, ctx: _Ctx, rows: np.ndarray):
+    """``(lo, hi)`` key blocks per row outside which the node is empty, or
+    None when it has no such cheap bound."""
+    match node:
+        case ir.Intersect(parts=parts) | ir.Union(parts=parts):
+            hulls = [_hull(c, ctx, rows) for c in parts]
+            known = [h for h in hulls if h is not None]
+            if isinstance(node, ir.Intersect) and known:
+                return functools.reduce(np.maximum, [h[0] for h in known]), functools.reduce(np.minimum, [h[1] for h in known])
+            if isinstance(node, ir.Union) and len(known) == len(hulls):
+                return functools.reduce(np.minimum, [h[0] for h in known]), functools.reduce(np.maximum, [h[1] for h in known])
+            return None
+        case ir.Causal() | ir.Local() | ir.Block() | ir.Sink() | ir.Global():
+            full = (np.zeros_like(rows), np.full_like(rows, ctx.nb - 1))
+            r, lo, hi = _ROWS[type(node)](node, ctx, rows, full)  # one interval per row
+            return np.broadcast_to(lo, rows.shape), np.broadcast_to(hi, rows.shape)
+    return None
+
+
+def _unique(keys: np.ndarray, counts: bool = False):
+    """Sorted unique keys (and how often each occurs). A stable sort merges
+    the sorted runs that candidates come in; numpy's hash-based np.unique is
+    several times slower on these arrays."""
+    keys = np.sort(keys, kind="stable")
+    first = np.ones(keys.size, dtype=bool)
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    if not counts:
+        return keys[first]
+    starts = np.flatnonzero(first)
+    return keys[starts], np.diff(np.append(starts, keys.size))
 
 
 def _expand(rows: np.ndarray, jlo: np.ndarray, jhi: np.ndarray, nb: int) -> np.ndarray:
@@ -779,7 +886,7 @@ def _classify(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
     match node:
         case ir.Union(parts=parts):
             full = np.zeros(t.size, dtype=bool)
-            partials = np.zeros(t.size, dtype=np.int8)
+            partials = np.zeros(t.size, dtype=np.int32)
             for c in parts:
                 cls = _classify(c, t, ctx)
                 full |= cls == FULL
@@ -788,7 +895,7 @@ def _classify(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
             unsure = ~full & (partials >= 2)  # PARTIAL or FULL
         case ir.Intersect(parts=parts):
             empty = np.zeros(t.size, dtype=bool)
-            partials = np.zeros(t.size, dtype=np.int8)
+            partials = np.zeros(t.size, dtype=np.int32)
             for c in parts:
                 cls = _classify(c, t, ctx)
                 empty |= cls == EMPTY
@@ -843,10 +950,52 @@ def _count_tiles(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
     return _scan_tiles(node, t, count=True)
 
 
+def _period(node: ir.Pattern, B: int) -> int | None:
+    """``P`` such that tiles ``(i, j)`` and ``(i + P, j + P)`` hold the same
+    mask (away from the end of the sequence), or None.
+
+    Functions of ``q - k`` are unchanged when ``q`` and ``k`` move together;
+    ``block(l)`` and ``summary(l, c)`` when they move by a multiple of ``l``.
+    ``P * B`` is the least common multiple of those ``l`` and ``B``.
+    """
+    L = 1
+    for c in ir.walk(node):
+        if isinstance(c, (ir.Block, ir.Summary)):
+            L = math.lcm(L, c.l)
+        elif not isinstance(c, _D_ONLY + _COMBINATORS):
+            return None
+    return L // math.gcd(L, B)
+
+
 def _scan_tiles(node: ir.Pattern, t: _Tiles, count: bool):
     """Evaluate ``node`` over every element of the tiles, as cheaply as its
     dependence allows. Returns ``(any, all)`` bool arrays, or with ``count``
     the number of allowed elements per tile.
+
+    Tiles that translation maps onto each other (``_period``) are evaluated
+    once: strided or fixed patterns then cost a few tiles per diagonal.
+    """
+    ctx = t.ctx
+    P = _period(node, ctx.B)
+    if P is None or P >= ctx.nb or t.size < 2:
+        return _scan_each(node, t, count)
+    whole = (t.rows == ctx.B) & (t.cols == ctx.B)  # not cut by the end of the sequence
+    key = np.where(whole, (t.i - t.j + ctx.nb) * P + t.i % P, -1 - np.arange(t.size))
+    order = np.argsort(key, kind="stable")
+    first = np.ones(t.size, dtype=bool)
+    np.not_equal(key[order][1:], key[order][:-1], out=first[1:])
+    group = np.cumsum(first) - 1  # the group of each tile in sorted order
+    reps = order[first]
+    inverse = np.empty(t.size, dtype=np.int64)
+    inverse[order] = group
+    if reps.size == t.size:
+        return _scan_each(node, t, count)
+    got = _scan_each(node, t.take(reps), count)
+    return got[inverse] if count else (got[0][inverse], got[1][inverse])
+
+
+def _scan_each(node: ir.Pattern, t: _Tiles, count: bool):
+    """``_scan_tiles`` tile by tile.
 
     Positions past a tile's clipped bounds are clamped onto its last valid
     row or key (duplicates change neither ``any`` nor ``all``); counts use
