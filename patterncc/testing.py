@@ -989,12 +989,25 @@ def _command(pat, source, backend, kwargs: dict) -> str:
     if source is not None:
         path, entry = source
         target = _py(str(path)) + (f", entry={_py(entry)}" if entry else "")
-    else:
+    elif _round_trips(pat):
         target = _py(str(pat))
+    else:  # the parser would simplify it into another pattern: spell out the IR
+        target = repr(pat)
+    imports = "" if source is not None or _round_trips(pat) else "from patterncc.ir import *; "
     args = ", ".join(f"{k}={_py(v)}" for k, v in kwargs.items())
-    code = f"from patterncc.testing import reproduce; reproduce({target}, {args})"
+    code = f"{imports}from patterncc.testing import reproduce; reproduce({target}, {args})"
     env = "TRITON_INTERPRET=1 " if backend == "triton" and _interpreted() else ""
     return f"{env}python -c {shlex.quote(code)}"
+
+
+def _round_trips(pat: ir.Pattern) -> bool:
+    """True when ``parse(str(pat))`` gives ``pat`` back (not simplified away)."""
+    from . import pipeline
+
+    try:
+        return pipeline.parse(str(pat)) == pat
+    except Exception:  # noqa: BLE001 - no parser yet, or a printing bug: use the IR
+        return False
 
 
 def _py(value) -> str:

@@ -433,3 +433,13 @@ def test_check_pattern_runs_the_triton_kernels_when_they_can_run_here():
     report = check_pattern(STANDARD[0], backends=["triton"], examples=5, seed=2)
     assert report.ok, report
     assert ("kernel", "triton", "passed") in [(r.check, r.backend, r.status) for r in report.results]
+
+
+def test_reproduce_commands_spell_out_ir_that_the_parser_would_simplify(monkeypatch):
+    monkeypatch.setattr(reference, "ReferenceAttention", BrokenAfterRow5)
+    pat = ir.Intersect((ir.Causal(), ir.All()))  # parses back as plain `causal`
+    (failure,) = check_pattern(pat, backends=["reference"], examples=20, seed=0).failures
+    command = failure.counterexample.command
+    assert "from patterncc.ir import *" in command and "Intersect(parts=(Causal(), All()))" in command
+    with pytest.raises(AssertionError, match=r"causal & all"):
+        exec(shlex.split(command)[2], {})
