@@ -77,7 +77,6 @@ __all__ = [
 
 # Small arguments, so that masks are interesting at n <= 64. Every strategy
 # lists its simplest values first: hypothesis shrinks towards them.
-_SMALL = st.integers(1, 16)
 
 
 def _size_arg(minimum: int) -> st.SearchStrategy:
