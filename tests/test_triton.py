@@ -516,8 +516,8 @@ def test_cache_rebuilds_corrupt_and_truncated_entries():
                    good.replace("tl.abs(q - k) < 5", "tl.abs(q - k) < 6"),  # edited: checksum mismatch
                    "garbage that is not python (\n"):
         path.write_text(damage)
-        cache.clear_memory()
-        got = attn.mask_picture(20, device=DEVICE)
+        cache.clear_memory()  # and a new TritonAttention: nothing in memory, the file is read again
+        got = TritonAttention(pattern, config=CONFIG).mask_picture(20, device=DEVICE)
         np.testing.assert_array_equal(got[0].cpu().numpy().astype(bool), expected)
         assert path.read_text() == good
 

@@ -50,11 +50,13 @@ def random_members(specs, seq_len: int, device="cpu") -> list[torch.Tensor]:
     return out
 
 
-def to_flex_block_mask(layout: BlockLayout, pattern: ir.Pattern | None = None, device="cpu"):
+def to_flex_block_mask(layout: BlockLayout, pattern: ir.Pattern | None = None, device="cpu", *, mask_mod_fn=None):
     """A ``torch.nn.attention.flex_attention.BlockMask`` with the layout's
     sparsity, ``BLOCK_SIZE = layout.block`` and the generated mask_mod of
-    ``pattern`` (default: the bound pattern the layout was built from).
-    Shape ``[1, layout.heads, n, n]``: batch and (for head-free patterns) heads broadcast."""
+    ``pattern`` (default: the bound pattern the layout was built from), or
+    ``mask_mod_fn`` if given (reusing one function object spares
+    ``torch.compile`` a recompile). Shape ``[1, layout.heads, n, n]``: batch
+    and (for head-free patterns) heads broadcast."""
     from torch.nn.attention.flex_attention import BlockMask
 
     n = layout.seq_len
@@ -67,7 +69,7 @@ def to_flex_block_mask(layout: BlockLayout, pattern: ir.Pattern | None = None, d
 
     return BlockMask.from_kv_blocks(
         dev(partial_num), dev(partial_idx), dev(full_num), dev(full_idx),
-        BLOCK_SIZE=layout.block, mask_mod=mask_mod(pattern, n, device), seq_lengths=(n, n))
+        BLOCK_SIZE=layout.block, mask_mod=mask_mod_fn or mask_mod(pattern, n, device), seq_lengths=(n, n))
 
 
 def _padded_lists(layout: BlockLayout, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -76,8 +76,12 @@ class TritonAttention:
         self.pattern = pattern
         self.block = block
         self.config = config
+        self._needs_length = codegen.needs_length(pattern)
         self._layouts: OrderedDict = OrderedDict()
         self._tables: OrderedDict = OrderedDict()
+        self._modules: OrderedDict = OrderedDict()
+        # The per-call fast path: one dict lookup from the call's shape to its launches.
+        self._runs: OrderedDict = OrderedDict()
 
     def __repr__(self) -> str:
         return f"TritonAttention({str(self.pattern)!r}, block={self.block}, config={self.config})"
@@ -91,7 +95,8 @@ class TritonAttention:
         Dp = padded_head_dim(D)
         if Dp != D:  # zeros add nothing to q.k, and o's extra columns are sliced away
             q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
-        run = self.prepare(q.shape[2], q.shape[1], k.shape[1], Dp, q.dtype, q.device)
+        key = (q.shape[2], q.shape[1], k.shape[1], Dp, q.dtype, q.device)
+        run = self._runs.get(key) or self.prepare(*key)
         o, lse = _SparseAttention.apply(q, k, v, scale, run)
         if Dp != D:
             o = o[..., :D]
@@ -103,6 +108,7 @@ class TritonAttention:
 
     def prepare(self, n: int, H: int, Hkv: int, head_dim: int, dtype, device) -> "_Run":
         """Everything one call needs, built once per shape and cached."""
+        run_key = (n, H, Hkv, head_dim, dtype, device)
         device = torch.device(device)
         config = self.config_for(head_dim, dtype)
         module = self.kernels(n, config, device)
@@ -112,7 +118,10 @@ class TritonAttention:
             self._tables[key] = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device)
             _trim(self._tables)
         self._tables.move_to_end(key)
-        return _Run(module, self._tables[key], config, head_dim, H, Hkv, n, dtype)
+        run = _Run(module, self._tables[key], config, head_dim, H, Hkv, n, dtype)
+        self._runs[run_key] = run
+        _trim(self._runs)
+        return run
 
     def layout(self, n: int, H: int, block: int) -> BlockLayout:
         """The BlockLayout at length ``n`` for ``H`` heads (cached)."""
@@ -130,8 +139,12 @@ class TritonAttention:
     def kernels(self, n: int, config: KernelConfig, device=None):
         """The generated module for length ``n`` (the same for every length
         unless the pattern's arguments use ``n``), from the disk cache."""
-        bound = ir.bind(self.pattern, n) if codegen.needs_length(self.pattern) else self.pattern
-        return load_kernels(bound, config, device)
+        key = (n if self._needs_length else None, config, str(device))
+        if key not in self._modules:
+            bound = ir.bind(self.pattern, n) if self._needs_length else self.pattern
+            self._modules[key] = load_kernels(bound, config, device)
+            _trim(self._modules)
+        return self._modules[key]
 
     def mask_picture(self, n: int, heads: int = 1, device=None) -> torch.Tensor:
         """int8 ``[heads, n, n]``: the generated predicate itself, element by
