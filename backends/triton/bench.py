@@ -1,0 +1,337 @@
+"""GPU timings of the Triton backend against FlexAttention and SDPA flash.
+
+    from patterncc.backends.triton import bench
+    print(bench.run(pattern, seq_lens=[16384], heads=16, head_dims=[64]))
+
+For each (pattern, n, D), on the same random inputs (standard normal, never
+zeros) and in one process: forward and forward+backward medians
+(``triton.testing.do_bench(..., return_mode="median")``) of
+
+- patterncc (``TritonAttention``),
+- FlexAttention, ``torch.compile``'d, with a BlockMask from
+  ``create_block_mask`` (compiled) over the generated mask_mod,
+- FlexAttention with the same-sparsity BlockMask built from our layout
+  (``flex.to_flex_block_mask``: same blocks, FULL and PARTIAL alike),
+- dense SDPA with the flash backend (``is_causal`` when the pattern is causal),
+
+TFLOP/s counted on the computed blocks (``4 * B * H * D * block**2 * nnz``
+forward, 2.5x that for the backward), ratios flex/patterncc and
+sdpa/patterncc (> 1: patterncc is faster), the host layout build time against
+``create_block_mask``'s, and the largest difference between patterncc's and
+Flex's outputs. ``cold_start`` times the first call of a new pattern in a fresh
+process (empty caches) and the warm start of a second process (disk caches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from patterncc import ir
+
+from .config import KernelConfig
+from .runtime import TritonAttention
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+C = ir.Causal()
+
+# The issue's targets, written with IR nodes (the standard library's bodies).
+PATTERNS = {
+    "causal": C,
+    "sliding_window(1024)": C & ir.Local(1024),
+    "local_global(512,64)": C & (ir.Local(512) | ir.Global(64)),
+    "fixed(128,32)": C & (ir.Block(128) | ir.Summary(128, 32)),
+    "strided(128)": C & (ir.Local(128) | ir.Stride(128)),
+}
+
+
+def is_causal(p: ir.Pattern) -> bool:
+    """The pattern is within ``causal`` by construction (causal, or an intersection with it)."""
+    if isinstance(p, ir.Causal):
+        return True
+    if isinstance(p, ir.Intersect):
+        return any(is_causal(c) for c in p.parts)
+    if isinstance(p, ir.Difference):
+        return is_causal(p.left)
+    return False
+
+
+@dataclass
+class Row:
+    pattern: str
+    n: int
+    D: int
+    H: int
+    Hkv: int
+    dtype: str
+    density: float = math.nan
+    ms: dict = field(default_factory=dict)  # "pcc fwd", "pcc fwd+bwd", "flex fwd", ...
+    tflops: dict = field(default_factory=dict)
+    layout_ms: float = math.nan
+    block_mask_ms: float = math.nan
+    max_diff: float = math.nan
+    notes: list = field(default_factory=list)
+
+
+def _bench(fn, grad_to_none=None, rep: int = 100, device="cuda") -> float:
+    import triton.testing
+
+    if device != "cuda":  # a dry run of the harness on the CPU (TRITON_INTERPRET=1): one timed call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _flex(device="cuda"):
+    from functools import partial
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if device != "cuda":  # dry run: eager flex, uncompiled block masks
+        return flex_attention, partial(create_block_mask, _compile=False)
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 1024)
+    return torch.compile(flex_attention, dynamic=False), partial(create_block_mask, _compile=True)
+
+
+def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_heads: int | None = None,
+               head_dim: int = 64, batch: int = 1, dtype: str = "bfloat16", config: KernelConfig | None = None,
+               flex: bool = True, sdpa: bool = True, rep: int = 100, device: str = "cuda") -> Row:
+    """One row: every contender on the same inputs (``device="cpu"`` under
+    TRITON_INTERPRET=1 only checks that the harness runs)."""
+    from . import flex as flex_interop
+
+    H, Hkv, D, B = heads, kv_heads or heads, head_dim, batch
+    dt = _DTYPES[dtype]
+    row = Row(name, n, D, H, Hkv, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, H, n, D, device=device, dtype=dt, generator=g).requires_grad_()
+    k = torch.randn(B, Hkv, n, D, device=device, dtype=dt, generator=g).requires_grad_()
+    v = torch.randn(B, Hkv, n, D, device=device, dtype=dt, generator=g).requires_grad_()
+    do = torch.randn(B, H, n, D, device=device, dtype=dt, generator=g)
+    grads = [q, k, v]
+
+    # -- patterncc: layout build (host), then kernels
+    attn = TritonAttention(pattern, config=config)
+    cfg = attn.config_for(D, dt)
+    t0 = time.perf_counter()
+    lay = attn.layout(n, H, cfg.block)
+    row.layout_ms = (time.perf_counter() - t0) * 1e3
+    heads_counted = 1 if lay.heads > 1 else H
+    fwd_flops = 4.0 * B * heads_counted * D * cfg.block**2 * lay.nnz
+    row.density = lay.density
+    o_pcc = attn(q, k, v)  # compile
+    o_pcc.backward(do)
+    timer = partial(_time, row, rep=rep, device=device)
+    timer("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), grads, fwd_flops)
+
+    # -- FlexAttention: create_block_mask over the generated mask_mod, and our layout's BlockMask
+    if flex:
+        try:
+            flex_attention, create_block_mask = _flex(device)
+            mask_mod = flex_interop.mask_mod(pattern, n, device)
+            head_arg = H if lay.heads > 1 else None
+            create_block_mask(mask_mod, None, head_arg, n, n, device=device, BLOCK_SIZE=cfg.block)  # compile
+            _sync(device)
+            t0 = time.perf_counter()
+            bm = create_block_mask(mask_mod, None, head_arg, n, n, device=device, BLOCK_SIZE=cfg.block)
+            _sync(device)
+            row.block_mask_ms = (time.perf_counter() - t0) * 1e3
+            gqa = dict(enable_gqa=True) if Hkv != H else {}
+            o_flex = flex_attention(q, k, v, block_mask=bm, **gqa)
+            row.max_diff = (o_flex.float() - o_pcc.float()).abs().max().item()
+            timer("flex", lambda: flex_attention(q, k, v, block_mask=bm, **gqa),
+                  lambda: flex_attention(q, k, v, block_mask=bm, **gqa).backward(do), grads, fwd_flops)
+            bm_layout = flex_interop.to_flex_block_mask(lay, pattern, device=device, mask_mod_fn=mask_mod)
+            timer("flex(layout)", lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa),
+                  lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa).backward(do), grads, fwd_flops)
+        except Exception as err:  # a table with a note beats no table
+            row.notes.append(f"flex failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+
+    # -- dense SDPA, flash backend
+    if sdpa:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            from torch.nn.functional import scaled_dot_product_attention as sdpa_fn
+
+            causal = is_causal(pattern)
+            extra = dict(enable_gqa=True) if Hkv != H else {}
+            dense_flops = 4.0 * B * H * D * n * n * (0.5 if causal else 1.0)
+
+            def fwd():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return sdpa_fn(q, k, v, is_causal=causal, **extra)
+
+            timer("sdpa", fwd, lambda: fwd().backward(do), grads, dense_flops)
+            if not causal:
+                row.notes.append("sdpa dense (not causal)")
+        except Exception as err:
+            row.notes.append(f"sdpa failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    return row
+
+
+def _sync(device) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(row: Row, who: str, fwd, fwd_bwd, grads, fwd_flops: float, rep: int, device: str) -> None:
+    ms_f = _bench(fwd, rep=rep, device=device)
+    ms_fb = _bench(fwd_bwd, grad_to_none=grads, rep=rep, device=device)
+    row.ms[f"{who} fwd"], row.ms[f"{who} fwd+bwd"] = ms_f, ms_fb
+    row.tflops[f"{who} fwd"] = fwd_flops / ms_f * 1e-9
+    row.tflops[f"{who} fwd+bwd"] = 3.5 * fwd_flops / ms_fb * 1e-9
+
+
+def markdown(rows: list[Row]) -> str:
+    """One markdown table: times (ms), TFLOP/s on computed blocks, ratios (> 1: patterncc faster)."""
+    head = ("| pattern | n | D | density | pcc fwd ms (TF/s) | flex fwd | flex(layout) fwd | sdpa fwd "
+            "| pcc f+b ms (TF/s) | flex f+b | flex(layout) f+b | sdpa f+b "
+            "| flex/pcc fwd, f+b | sdpa/pcc fwd, f+b | layout ms | create_block_mask ms | max abs diff vs flex | notes |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cell(row, key):
+        ms = row.ms.get(key)
+        if ms is None:
+            return "-"
+        tf = row.tflops.get(key)
+        return f"{ms:.3f} ({tf:.0f})" if tf is not None else f"{ms:.3f}"
+
+    def ratio(row, other, mode):
+        a, b = row.ms.get(f"{other} {mode}"), row.ms.get(f"pcc {mode}")
+        return f"{a / b:.2f}" if a and b else "-"
+
+    for r in rows:
+        lines.append(
+            f"| {r.pattern} | {r.n} | {r.D} | {r.density:.3f} | {cell(r, 'pcc fwd')} | {cell(r, 'flex fwd')} "
+            f"| {cell(r, 'flex(layout) fwd')} | {cell(r, 'sdpa fwd')} | {cell(r, 'pcc fwd+bwd')} "
+            f"| {cell(r, 'flex fwd+bwd')} | {cell(r, 'flex(layout) fwd+bwd')} | {cell(r, 'sdpa fwd+bwd')} "
+            f"| {ratio(r, 'flex', 'fwd')}, {ratio(r, 'flex', 'fwd+bwd')} "
+            f"| {ratio(r, 'sdpa', 'fwd')}, {ratio(r, 'sdpa', 'fwd+bwd')} "
+            f"| {r.layout_ms:.1f} | {r.block_mask_ms:.1f} | {r.max_diff:.3g} | {'; '.join(r.notes)} |")
+    return "\n".join(lines)
+
+
+def run(pattern: ir.Pattern, seq_lens=(4096, 16384), heads: int = 16, kv_heads: int | None = None,
+        head_dims=(64,), batch: int = 1, dtype: str = "bfloat16", name: str | None = None, **options) -> str:
+    """The markdown table for one pattern over lengths and head dims (``patterncc bench``)."""
+    name = name or str(pattern)
+    rows = [bench_case(pattern, name, n, heads=heads, kv_heads=kv_heads, head_dim=D, batch=batch,
+                       dtype=dtype, **options)
+            for D in head_dims for n in seq_lens]
+    return markdown(rows)
+
+
+# ----------------------------------------------------------------------------
+# Cold and warm starts, each in a fresh process
+# ----------------------------------------------------------------------------
+
+_FIRST_CALL = """
+import json, sys, time
+t_import = time.perf_counter()
+import torch
+from patterncc import ir
+from patterncc.backends.triton import TritonAttention
+spec = json.loads(sys.argv[1])
+n, H, D = spec["n"], spec["H"], spec["D"]
+pattern = ir.Causal() & (ir.Local(spec["w"]) | ir.Sink(spec["g"]))
+q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+torch.cuda.synchronize()
+out = {"import_s": time.perf_counter() - t_import}
+if spec["who"] == "pcc":
+    attn = TritonAttention(pattern)
+    t0 = time.perf_counter()
+    attn(q, k, v).sum().backward()
+else:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    def mask_mod(b, h, qi, ki):
+        return (ki <= qi) & (((qi - ki) < spec["w"]) | (ki < spec["g"]))
+    t0 = time.perf_counter()
+    bm = create_block_mask(mask_mod, None, None, n, n, device="cuda", _compile=True)
+    torch.compile(flex_attention)(q, k, v, block_mask=bm).sum().backward()
+torch.cuda.synchronize()
+out["first_call_s"] = time.perf_counter() - t0
+print("RESULT " + json.dumps(out))
+"""
+
+
+def cold_start(n: int = 4096, heads: int = 16, head_dim: int = 64, who: str = "pcc") -> dict:
+    """First forward+backward of a pattern no cache has seen (fresh process, empty
+    patterncc/Triton/Inductor caches), then of a second process on the warm disk caches."""
+    w, g = 777 + int(time.time()) % 1000, 33  # a pattern of its own: no cache has seen it
+    spec = dict(n=n, H=heads, D=head_dim, w=w, g=g, who=who)
+    with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as tmp:
+        env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(tmp, "pcc"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
+        env.pop("TRITON_INTERPRET", None)
+        result = {}
+        for label in ("cold", "warm"):
+            proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FIRST_CALL), json.dumps(spec)],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                result[label] = f"failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+            else:
+                result[label] = json.loads(lines[0][len("RESULT "):])["first_call_s"]
+        return result
+
+
+# ----------------------------------------------------------------------------
+# Tile sweep: candidates for config.py's table
+# ----------------------------------------------------------------------------
+
+FWD_CANDIDATES = [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+BWD_CANDIDATES = [(64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 3),
+                  (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 4, 2), (32, 64, 64, 32, 4, 3)]
+
+
+def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 64, dtype: str = "bfloat16",
+          rep: int = 50) -> str:
+    """Forward and backward time of each candidate tile set (block 128) at one shape."""
+    dt = _DTYPES[dtype]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=dt, generator=g) for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    base = TritonAttention(pattern).config_for(head_dim, dt)
+    lines = [f"sweep: {pattern} n={n} H={heads} D={head_dim} {dtype} (default {base.describe()})",
+             "| kernel | tiles (M, N[, M2, N2]), warps, stages | ms |", "|---|---|---|"]
+    for m, nn, w, s in FWD_CANDIDATES:
+        cfg = KernelConfig(block=128, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s,
+                           block_m1=base.block_m1, block_n1=base.block_n1, block_m2=base.block_m2,
+                           block_n2=base.block_n2, bwd_warps=base.bwd_warps, bwd_stages=base.bwd_stages)
+        attn = TritonAttention(pattern, config=cfg)
+        lines.append(f"| forward | {m}x{nn}, {w}, {s} | {_try(lambda: _bench(lambda: attn(q, k, v), rep=rep))} |")
+    for m1, n1, m2, n2, w, s in BWD_CANDIDATES:
+        cfg = KernelConfig(block=128, block_m=base.block_m, block_n=base.block_n, fwd_warps=base.fwd_warps,
+                           fwd_stages=base.fwd_stages, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
+                           bwd_warps=w, bwd_stages=s)
+        attn = TritonAttention(pattern, config=cfg)
+
+        def backward_only():
+            o = attn(q, k, v)
+            return lambda: o.backward(do, retain_graph=True)
+
+        lines.append(f"| backward | {m1}x{n1} / {m2}x{n2}, {w}, {s} | "
+                     f"{_try(lambda: _bench(backward_only(), grad_to_none=[q, k, v], rep=rep))} |")
+    return "\n".join(lines)
+
+
+def _try(fn) -> str:
+    try:
+        return f"{fn():.3f}"
+    except Exception as err:
+        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"

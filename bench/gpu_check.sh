@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The Triton backend on a real GPU: correctness, memory safety, speed.
+#
+#     OUT=/path/to/results bash bench/gpu_check.sh [SECTION...]
+#
+# Sections (default: check bench, about 8 minutes on one H100; run `check`
+# and `bench` as two calls to stay well inside a 10-minute command limit):
+#   smoke     fwd+bwd of five patterns at n=1000 (not a multiple of the block),
+#             bf16 and fp32, against the float64 reference            (~1 min)
+#   memcheck  compute-sanitizer memcheck on the same, n=300, bf16     (~1 min)
+#   tests     pytest tests/test_triton.py in GPU mode (default H100 config,
+#             n up to 1024, D 64/128/256), 8 workers                  (~2 min)
+#   check     = smoke memcheck tests
+#   bench     the issue's table: causal, sliding_window(1024),
+#             local_global(512,64), fixed(128,32); bf16, B=1, H=16,
+#             D=64/128, n=16384/65536; patterncc vs Flex (create_block_mask
+#             and our layout's BlockMask) vs SDPA flash; plus cold and warm
+#             first-call times                                       (~5 min)
+#   sweep     tile candidates for config.py (causal, n=16384, D=64/128) (~3 min)
+#
+# Every section runs under `timeout` and writes its log under $OUT as it goes,
+# so a cut-off section still leaves what it finished; the exit status is
+# nonzero if any section failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+if ! python3 -c "import patterncc.backends.triton, patterncc.backends.reference" 2>/dev/null; then
+    # From a source tree, backends/ and grammar/ are not yet patterncc.backends
+    # and patterncc.grammar (pyproject's package-dir maps them at install time):
+    # lay the package out as installed, in /tmp.
+    rm -rf /tmp/pcc && mkdir -p /tmp/pcc
+    cp -r patterncc /tmp/pcc/patterncc
+    cp -r backends /tmp/pcc/patterncc/backends
+    cp -r grammar /tmp/pcc/patterncc/grammar
+    export PYTHONPATH=/tmp/site:/tmp/pcc:$PWD
+fi
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PATTERNCC_CACHE_DIR=/tmp/patterncc-cache
+
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/environment.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >> "$OUT/environment.txt" 2>/dev/null
+
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(check bench)
+status=0
+fail() { status=1; echo "== $1 failed or timed out" | tee -a "$OUT/summary.txt" >&2; }
+
+run_smoke() {
+    echo "== smoke" | tee -a "$OUT/summary.txt"
+    timeout 150 python3 bench/bench_triton.py --smoke --smoke-n 1000 2>&1 | tee "$OUT/smoke.log" || fail smoke
+}
+
+run_memcheck() {
+    echo "== memcheck" | tee -a "$OUT/summary.txt"
+    local sanitizer
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    if [ -z "$sanitizer" ]; then
+        echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/memcheck.log"
+        return
+    fi
+    # No caching allocator: every tensor is its own allocation, so a read past
+    # a tensor's end is out of bounds for the sanitizer, not a read of a neighbour.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 "$sanitizer" --tool memcheck --print-limit 20 \
+        python3 bench/bench_triton.py --smoke --smoke-n 300 --smoke-dtypes bfloat16 > "$OUT/memcheck.log" 2>&1 \
+        || fail memcheck
+    grep -E "ERROR SUMMARY|^(ok|FAIL)" "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
+}
+
+run_tests() {
+    echo "== tests" | tee -a "$OUT/summary.txt"
+    local workers=()
+    python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+    timeout 240 python3 -m pytest tests/test_triton.py -q -p no:cacheprovider "${workers[@]}" 2>&1 \
+        | tee "$OUT/pytest.log" || fail tests
+    tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
+}
+
+run_bench() {
+    echo "== bench" | tee -a "$OUT/summary.txt"
+    timeout 330 python3 bench/bench_triton.py --rep 60 --out "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" || fail bench
+    timeout 90 python3 bench/bench_triton.py --cold-start --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" \
+        || fail cold-start
+}
+
+run_sweep() {
+    echo "== sweep" | tee -a "$OUT/summary.txt"
+    timeout 240 python3 bench/bench_triton.py --sweep --patterns causal --seq-len 16384 --head-dim 64 128 \
+        --out "$OUT/sweep.md" 2>&1 | tee "$OUT/sweep.log" || fail sweep
+}
+
+for section in "${sections[@]}"; do
+    case "$section" in
+        smoke) run_smoke ;;
+        memcheck) run_memcheck ;;
+        tests) run_tests ;;
+        check) run_smoke; run_memcheck; run_tests ;;
+        bench) run_bench ;;
+        sweep) run_sweep ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench sweep)" >&2; status=2 ;;
+    esac
+done
+echo "== exit status $status" | tee -a "$OUT/summary.txt"
+exit $status
