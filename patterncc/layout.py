@@ -40,14 +40,16 @@ import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from . import ir, randomblocks
 from .errors import LimitError, PatternValueError
 from .mask import evaluate
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp  # imported where used: it costs ~0.1 s
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -182,7 +184,7 @@ class BlockLayout:
             total += int(np.sum(t.rows[full] * t.cols[full]))
             partial = t.take(~full)
             if partial.size:
-                total += int(_count_tiles(ir.for_head(self.pattern, h), partial, ctx).sum())
+                total += int(_count_tiles(ir.for_head(self.pattern, h), partial).sum())
         return total / (self.heads * n * n)
 
 
@@ -209,11 +211,7 @@ def _from_pairs(pattern: ir.Pattern, seq_len: int, block: int, heads: list, nb: 
         if id(i) not in by_key:
             kv = np.zeros(nb + 1, dtype=np.int64)
             kv[1:] = np.cumsum(np.bincount(i, minlength=nb))
-            # The transpose of a CSR matrix, in linear time: scipy's csr -> csc
-            # keeps query blocks ascending within each key block.
-            entry = np.arange(len(i), dtype=np.int64 if len(i) > ir.MAX_VALUE else np.int32)
-            by_key_block = sp.csr_matrix((entry, j, kv), shape=(nb, nb)).tocsc()
-            by_key[id(i)] = kv, by_key_block.indptr, by_key_block.indices, by_key_block.data
+            by_key[id(i)] = (kv, *_transpose(i, j, kv, nb))
         kv, qp, qi, order = by_key[id(i)]
         kv_ptr[h] = kv + offset
         q_ptr[h] = qp + offset
@@ -233,6 +231,22 @@ def _from_pairs(pattern: ir.Pattern, seq_len: int, block: int, heads: list, nb: 
     )
 
 
+def _transpose(i: np.ndarray, j: np.ndarray, kv_ptr: np.ndarray, nb: int):
+    """The same pairs by key block: ``(q_ptr, q_idx, order)`` with query
+    blocks ascending within each key block; ``order`` maps entries back."""
+    if len(i) < 2**20:
+        order = np.argsort(j, kind="stable")  # i ascends already
+        q_ptr = np.zeros(nb + 1, dtype=np.int64)
+        q_ptr[1:] = np.cumsum(np.bincount(j, minlength=nb))
+        return q_ptr, i[order], order
+    # Large: scipy's CSR -> CSC conversion is a linear-time counting sort.
+    import scipy.sparse as sp
+
+    entry = np.arange(len(i), dtype=np.int64 if len(i) > ir.MAX_VALUE else np.int32)
+    csc = sp.csr_matrix((entry, j, kv_ptr), shape=(nb, nb)).tocsc()
+    return csc.indptr, csc.indices, csc.data
+
+
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
@@ -242,6 +256,7 @@ def build(p: ir.Pattern, seq_len: int, block: int, heads: int = 1) -> BlockLayou
     """The BlockLayout of pattern ``p`` (symbolic arguments allowed) at
     ``seq_len`` tokens, in blocks of ``block``, for ``heads`` heads."""
     bound, H = _prepare(p, seq_len, block, heads)
+    seq_len, block = int(seq_len), int(block)
     nb = -(-seq_len // block)
     built: dict[ir.Pattern, tuple] = {}
     per_head = []
@@ -261,7 +276,7 @@ def sparse_mask(p: ir.Pattern, seq_len: int, heads: int = 1, *, block: int = 64)
     non-empty blocks and the allowed elements, never ``n * n``; the result
     itself holds about 5 bytes per allowed element."""
     bound, H = _prepare(p, seq_len, block, heads)
-    n = seq_len
+    n, block = int(seq_len), int(block)
     built: dict[ir.Pattern, sp.csr_matrix] = {}
     out = []
     for h in range(H):
@@ -947,7 +962,7 @@ def _resolve(node: ir.Pattern, t: _Tiles) -> np.ndarray:
     return _classes(anything, everything)
 
 
-def _count_tiles(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
+def _count_tiles(node: ir.Pattern, t: _Tiles) -> np.ndarray:
     """int64 ``[t.size]``: allowed elements in each tile."""
     return _scan_tiles(node, t, count=True)
 
@@ -1301,6 +1316,8 @@ def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int) -> sp.csr_matrix:
     laid side by side in key order, so ``np.nonzero`` of ``[rows, columns]``
     yields the elements already row-major with sorted keys.
     """
+    import scipy.sparse as sp
+
     ctx = _Ctx(n, B)
     nb, side = ctx.nb, min(B, n)
     i = np.asarray(i, dtype=np.int64)

@@ -184,6 +184,21 @@ def test_stdlib_layouts_exact(p, n, block):
     assert np.array_equal(build(p, n, block, heads).to_dense(), brute_classes(p, n, block, heads))
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cases())
+def test_small_work_chunks_change_nothing(monkeypatch, case):
+    # bands of a few rows, evaluation and CSR chunks of a few elements: the
+    # code paths that long sequences take
+    p, n, block, heads = case
+    monkeypatch.setattr(layout, "_BAND_PAIRS", 16)
+    monkeypatch.setattr(layout, "_EVAL_CHUNK", 7)
+    monkeypatch.setattr(layout, "_CSR_CHUNK", 5)
+    assert np.array_equal(build(p, n, block, heads).to_dense(), brute_classes(p, n, block, heads))
+    want = dense_mask(p, n, heads)
+    for h, m in enumerate(sparse_mask(p, n, heads, block=block)):
+        assert np.array_equal(m.toarray(), want[h])
+
+
 def test_large_strides_use_diagonals_and_stay_exact():
     # stride / dilated far apart: generated per diagonal, not per row.
     for p in (ir.Stride(37), C & ir.Stride(50), ir.Dilated(3, 29), ir.Stride(19) - ir.Local(40)):
