@@ -132,17 +132,19 @@ class BlockLayout:
         out[self.kv_rows(), self.kv_idx] = np.where(self.kv_full, FULL, PARTIAL)
         return out.reshape(self.heads, self.n_qblocks, self.n_kblocks)
 
-    def describe(self, max_width: int = 64) -> str:
-        """A text picture: a header line, then per head one line per query-block
-        row, ``.`` empty, ``+`` partial, ``#`` full.
+    def describe(self, max_width: int | None = 64) -> str:
+        """A text picture: a header line, then per head (``head h:`` when
+        ``H > 1``) one line per query-block row, ``.`` empty, ``+`` partial,
+        ``#`` full.
 
         When there are more than ``max_width`` blocks a side, each character
         stands for a ``g x g`` square of blocks (said in the header): ``#``
         when all of them are full, ``.`` when all are empty, ``+`` otherwise.
-        Cost is proportional to ``nnz`` plus the picture's size.
+        ``max_width=None`` draws every block. Cost is proportional to ``nnz``
+        plus the picture's size.
         """
         nq, nk, H = self.n_qblocks, self.n_kblocks, self.heads
-        g = max(1, -(-max(nq, nk) // max_width))
+        g = 1 if max_width is None else max(1, -(-max(nq, nk) // max_width))
         header = (
             f"seq_len={self.seq_len} block={self.block} heads={H} blocks={nq}x{nk} "
             f"nnz={self.nnz} full={self.n_full} partial={self.n_partial} density={self.density:.4f}"

@@ -32,13 +32,34 @@ GOLDEN = Path(__file__).parent / "golden" / "layouts"
 C = ir.Causal()
 
 # The standard library (DESIGN.md), written with IR nodes.
-def strided(l): return C & (ir.Local(l) | ir.Stride(l))
-def fixed(l, c): return C & (ir.Block(l) | ir.Summary(l, c))
-def sliding_window(w): return C & ir.Local(w)
-def local_global(w, g): return C & (ir.Local(w) | ir.Global(g))
-def longformer(w, g): return ir.Local(w) | ir.Global(g)
-def bigbird(w, g, r, b, seed): return ir.Local(w) | ir.Global(g) | ir.Random(r, b, seed)
-def axial(width): return C & (ir.Block(width) | ir.Stride(width))
+
+
+def strided(l):
+    return C & (ir.Local(l) | ir.Stride(l))
+
+
+def fixed(l, c):
+    return C & (ir.Block(l) | ir.Summary(l, c))
+
+
+def sliding_window(w):
+    return C & ir.Local(w)
+
+
+def local_global(w, g):
+    return C & (ir.Local(w) | ir.Global(g))
+
+
+def longformer(w, g):
+    return ir.Local(w) | ir.Global(g)
+
+
+def bigbird(w, g, r, b, seed):
+    return ir.Local(w) | ir.Global(g) | ir.Random(r, b, seed)
+
+
+def axial(width):
+    return C & (ir.Block(width) | ir.Stride(width))
 
 
 def brute_classes(p: ir.Pattern, n: int, block: int, heads: int) -> np.ndarray:
@@ -325,6 +346,7 @@ def test_picture_downsamples_large_layouts():
     assert len(lines) == 1 + 64 and all(len(x) == 64 for x in lines[1:])
     assert set(lines[1]) == {"+"}  # the global row meets every group
     assert lines[10][:1] == "+" and lines[10][10] == "+" and lines[10][20] == "."
+    assert len(lay.describe(max_width=None).splitlines()) == 1 + 2048
 
 
 # ----------------------------------------------------------------------------
