@@ -58,6 +58,8 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 MAX_CANDIDATES = 2**27
 # At most this many single (q, k) evaluations when classes need evaluating.
 MAX_ELEMENT_EVALS = 2**31
+# At most this many blocks a side (per-row tables are this long).
+MAX_BLOCKS = 2**24
 # Query-block rows are processed in bands of about this many candidates.
 _BAND_PAIRS = 2**21
 # Elements evaluated per numpy call when resolving tiles (bounds memory).
@@ -304,6 +306,12 @@ def _prepare(p: ir.Pattern, seq_len: int, block: int, heads: int) -> tuple[ir.Pa
     _check_int("seq_len", seq_len)
     _check_int("block", block)
     _check_int("heads", heads)
+    nb = -(-int(seq_len) // int(block))
+    if nb > MAX_BLOCKS:
+        raise LimitError(
+            f"seq_len={seq_len} in blocks of block={block} gives {nb} blocks a side, over the limit of {MAX_BLOCKS}",
+            hint="use a larger block",
+        )
     ir.check_heads(p, heads)
     bound = ir.bind(p, int(seq_len))
     return bound, (int(heads) if ir.depends_on_head(p) else 1)
@@ -621,7 +629,10 @@ class _RandomTable:
                 f"random(r={r}, b={b}) draws {nbr * count} blocks at seq_len={n}: too many to lay out",
                 hint="use a larger random block b or a smaller r",
             )
-        table = randomblocks.draw(r, nbr, seed, np.arange(nbr))  # [nbr, count], rows sorted
+        if count == 0:
+            table = np.zeros((nbr, 0), dtype=np.int64)
+        else:
+            table = randomblocks.draw(r, nbr, seed, np.arange(nbr))  # [nbr, count], rows sorted
         qb = np.repeat(np.arange(nbr, dtype=np.int64), count)
         kb = table.ravel().astype(np.int64)
         self.cells = qb * nbr + kb  # sorted: rows ascending, each row sorted

@@ -300,6 +300,11 @@ def test_bad_sizes_name_the_argument():
 def test_too_large_layouts_are_refused_clearly():
     with pytest.raises(LimitError, match="block pairs"):
         build(ir.All(), 2**23, 128)  # 2**32 pairs: refused before any work
+    with pytest.raises(LimitError, match="blocks a side"):
+        build(fixed(8, 2), 2**30, 1)
+    with pytest.raises(LimitError, match="random"):
+        build(ir.Random(4000, 1, 0), 2**20, 128)
+    assert build(ir.Random(0, 1, 0) | sliding_window(4), 2**22, 128).nnz == 2**15 * 2 - 1
 
 
 def test_element_evaluation_budget(monkeypatch):
