@@ -68,9 +68,10 @@ from patterncc.backends.triton.config import default_config  # noqa: E402
 if GPU:
     U = 64  # the unit pattern parameters scale with
     N_RAGGED, N_EVEN, D_SMALL, D_LARGE = 1000, 1024, 64, 128
-    CONFIG = None  # the default H100 table
+    CONFIG = None  # the default H100 table (block 64)
     SUBTILED = KernelConfig(block=128, block_m=64, block_n=32, block_m1=32, block_n1=64,
                             block_m2=64, block_n2=32, fwd_warps=4, bwd_warps=4)
+    MERGED = KernelConfig(block=16)  # the D <= 64 tiles over a fine layout
 else:
     U = 8
     N_RAGGED, N_EVEN, D_SMALL, D_LARGE = 37, 48, 16, 32
@@ -78,6 +79,8 @@ else:
                           block_m2=16, block_n2=16)
     SUBTILED = KernelConfig(block=32, block_m=16, block_n=16, block_m1=16, block_n1=16,
                             block_m2=16, block_n2=16)
+    MERGED = KernelConfig(block=16, block_m=32, block_n=16, block_m1=16, block_n1=32,
+                          block_m2=32, block_n2=16)
 
 TOL = {  # dtype -> (o, lse, gradients), absolute
     torch.float32: (2e-5, 2e-5, 1e-4),
@@ -227,6 +230,11 @@ def test_lengths(n):
 def test_layout_block_larger_than_the_tiles():
     """block 32 (128 on the GPU) walked in smaller steps, with a ragged end."""
     check_against_reference(strided(U), config=SUBTILED, n=N_RAGGED + 30)
+
+
+def test_layout_block_smaller_than_the_tiles():
+    """Tiles and steps that merge several layout blocks."""
+    check_against_reference(fixed(2 * U, U // 2), config=MERGED, n=N_RAGGED + 30)
 
 
 @pytest.mark.parametrize("Hkv", [2, 1], ids=["gqa", "mqa"])
@@ -417,29 +425,65 @@ def test_golden_source(name):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [64, 70])
-def test_run_lists_cover_the_layout(n):
-    """Runs reproduce every non-empty pair; FULL runs avoid the ragged last row and column."""
-    pattern, block, heads = HEAD_DEPENDENT["cycle"], 16, 3
-    lay = build_layout(pattern, n, block, heads)
-    runs = tables.run_lists(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block)
-    dense = lay.to_dense()
-    got = np.zeros_like(dense)
-    R = runs.rows
+def _expected_steps(lay, tile, step, n):
+    """Oracle for tables.kernel_runs, by loops over the dense layout picture:
+    int8 [H, tiles, steps] with 0 empty, 1 PARTIAL walk, 2 FULL walk."""
+    dense, b = lay.to_dense(), lay.block
+    H, nb = dense.shape[0], dense.shape[1]
+    out = np.zeros((H, -(-n // tile), -(-n // step)), dtype=np.int8)
+    for h in range(H):
+        for t in range(out.shape[1]):
+            for s in range(out.shape[2]):
+                rows = range(t * tile // b, min(-(-(t + 1) * tile // b), nb))
+                cols = range(s * step // b, min(-(-(s + 1) * step // b), nb))
+                classes = dense[h][np.ix_(list(rows), list(cols))]
+                if classes.any():
+                    out[h, t, s] = 2 if (classes == 2).all() and (s + 1) * step <= n else 1
+    return out
+
+
+def _walked_steps(runs, H):
+    """{(h * n_tiles + tile, step): 2 for a FULL walk, 1 for a PARTIAL one}."""
+    walked = {}
     for cls, ptr, pairs in ((2, runs.full_ptr, runs.full_runs), (1, runs.part_ptr, runs.part_runs)):
-        for row in range(lay.heads * R):
+        for row in range(H * runs.n_tiles):
             for r in range(ptr[row], ptr[row + 1]):
                 lo, hi = pairs[2 * r], pairs[2 * r + 1]
                 assert lo < hi
-                got[row // R, row % R, lo:hi] = cls
-    ragged = n % block != 0
-    want = dense.copy()
-    if ragged:
-        want[:, -1, :][want[:, -1, :] == 2] = 1
-        want[:, :, -1][want[:, :, -1] == 2] = 1
+                for s in range(lo, hi):
+                    assert (row, s) not in walked, "a step walked twice"
+                    walked[row, s] = cls
+    return walked
+
+
+@pytest.mark.parametrize("n", [64, 70, 1])
+@pytest.mark.parametrize("block,tile,step", [(16, 16, 16), (32, 16, 16), (16, 32, 16), (16, 16, 64), (64, 32, 16)])
+def test_kernel_runs_match_the_layout(n, block, tile, step):
+    """Every non-empty (tile, step) is walked once, FULL only when every block
+    under it is FULL and the step lies inside the sequence."""
+    pattern, heads = HEAD_DEPENDENT["cycle"], 3
+    lay = build_layout(pattern, n, block, heads)
+    runs = tables.kernel_runs(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
+    want = _expected_steps(lay, tile, step, n)
+    walked = _walked_steps(runs, lay.heads)
+    got = np.zeros_like(want)
+    for (row, s), cls in walked.items():
+        got[row // runs.n_tiles, row % runs.n_tiles, s] = cls
     np.testing.assert_array_equal(got, want)
-    order = tables.tile_order(runs.cost, n, block, 16)
-    assert sorted(order[0].tolist()) == list(range(-(-n // 16)))
+    np.testing.assert_array_equal(runs.cost, (want > 0).sum(axis=2))
+    order = tables.tile_order(runs.cost)
+    assert sorted(order[0].tolist()) == list(range(runs.n_tiles))
+    assert all(runs.cost[0][order[0][i]] >= runs.cost[0][order[0][i + 1]] for i in range(runs.n_tiles - 1))
+
+
+def test_fine_blocks_skip_empty_steps():
+    """fixed(128, 32) at block 64: a 128-query tile walks only the 64-key steps
+    that hold summary columns (or its own block), half of what block 128 gives."""
+    pattern, n = fixed(128, 32), 4096
+    coarse, fine = build_layout(pattern, n, 128), build_layout(pattern, n, 64)
+    steps = [tables.kernel_runs(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, lay.block, 128, 64).steps
+             for lay in (coarse, fine)]
+    assert steps[1] < 0.6 * steps[0]
 
 
 # ----------------------------------------------------------------------------
@@ -474,8 +518,6 @@ def test_input_validation_messages():
         TritonAttention(C, block=32, config=CONFIG)
     with pytest.raises(ValueError, match="block must be a power of two"):
         TritonAttention(C, block=48)
-    with pytest.raises(ValueError, match="block_m=128 must divide the layout block=32"):
-        KernelConfig(block=32)
     with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got block_n=8"):
         KernelConfig(block_n=8)
     with pytest.raises(TypeError, match="pattern must be"):

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -42,6 +42,7 @@ from patterncc import ir
 from .config import KernelConfig
 from .runtime import TritonAttention
 
+FLEX_BLOCK = 128  # FlexAttention's block size, and the sparsity the TFLOP/s are counted on
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 C = ir.Causal()
@@ -125,19 +126,23 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
     do = torch.randn(B, H, n, D, device=device, dtype=dt, generator=g)
     grads = [q, k, v]
 
-    # -- patterncc: layout build (host), then kernels
+    # -- patterncc: layout build (host), then kernels; at its default block (64) and at Flex's 128
     attn = TritonAttention(pattern, config=config)
     cfg = attn.config_for(D, dt)
     t0 = time.perf_counter()
-    lay = attn.layout(n, H, cfg.block)
+    attn.layout(n, H, cfg.block)
     row.layout_ms = (time.perf_counter() - t0) * 1e3
+    attn128 = TritonAttention(pattern, config=replace(cfg, block=FLEX_BLOCK))
+    lay = attn128.layout(n, H, FLEX_BLOCK)  # the sparsity Flex runs at: FLOPs are counted on it
     heads_counted = 1 if lay.heads > 1 else H
-    fwd_flops = 4.0 * B * heads_counted * D * cfg.block**2 * lay.nnz
+    fwd_flops = 4.0 * B * heads_counted * D * FLEX_BLOCK**2 * lay.nnz
     row.density = lay.density
     o_pcc = attn(q, k, v)  # compile
     o_pcc.backward(do)
     timer = partial(_time, row, rep=rep, device=device)
     timer("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), grads, fwd_flops)
+    if cfg.block != FLEX_BLOCK:
+        timer("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), grads, fwd_flops)
 
     # -- FlexAttention: create_block_mask over the generated mask_mod, and our layout's BlockMask
     if flex:
@@ -145,10 +150,10 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
             flex_attention, create_block_mask = _flex(device)
             mask_mod = flex_interop.mask_mod(pattern, n, device)
             head_arg = H if lay.heads > 1 else None
-            create_block_mask(mask_mod, None, head_arg, n, n, device=device, BLOCK_SIZE=cfg.block)  # compile
+            create_block_mask(mask_mod, None, head_arg, n, n, device=device, BLOCK_SIZE=FLEX_BLOCK)  # compile
             _sync(device)
             t0 = time.perf_counter()
-            bm = create_block_mask(mask_mod, None, head_arg, n, n, device=device, BLOCK_SIZE=cfg.block)
+            bm = create_block_mask(mask_mod, None, head_arg, n, n, device=device, BLOCK_SIZE=FLEX_BLOCK)
             _sync(device)
             row.block_mask_ms = (time.perf_counter() - t0) * 1e3
             gqa = dict(enable_gqa=True) if Hkv != H else {}
@@ -198,29 +203,30 @@ def _time(row: Row, who: str, fwd, fwd_bwd, grads, fwd_flops: float, rep: int, d
 
 
 def markdown(rows: list[Row]) -> str:
-    """One markdown table: times (ms), TFLOP/s on computed blocks, ratios (> 1: patterncc faster)."""
-    head = ("| pattern | n | D | density | pcc fwd ms (TF/s) | flex fwd | flex(layout) fwd | sdpa fwd "
-            "| pcc f+b ms (TF/s) | flex f+b | flex(layout) f+b | sdpa f+b "
-            "| flex/pcc fwd, f+b | sdpa/pcc fwd, f+b | layout ms | create_block_mask ms | max abs diff vs flex | notes |")
+    """One markdown table: median ms (TFLOP/s counted on the block-128 layout),
+    and ratios (> 1: patterncc faster). ``pcc`` runs at its default block (64),
+    ``pcc@128`` at Flex's block, on exactly Flex's sparsity."""
+    who = ("pcc", "pcc@128", "flex", "flex(layout)", "sdpa")
+    head = ("| pattern | n | D | density@128 | "
+            + " | ".join(f"{w} fwd" for w in who) + " | " + " | ".join(f"{w} f+b" for w in who)
+            + " | flex/pcc fwd, f+b | sdpa/pcc fwd, f+b | layout ms | create_block_mask ms | max abs diff vs flex | notes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def cell(row, key):
         ms = row.ms.get(key)
         if ms is None:
             return "-"
-        tf = row.tflops.get(key)
-        return f"{ms:.3f} ({tf:.0f})" if tf is not None else f"{ms:.3f}"
+        return f"{ms:.3f} ({row.tflops[key]:.0f})"
 
     def ratio(row, other, mode):
         a, b = row.ms.get(f"{other} {mode}"), row.ms.get(f"pcc {mode}")
         return f"{a / b:.2f}" if a and b else "-"
 
     for r in rows:
+        cells = [cell(r, f"{w} {mode}") for mode in ("fwd", "fwd+bwd") for w in who]
         lines.append(
-            f"| {r.pattern} | {r.n} | {r.D} | {r.density:.3f} | {cell(r, 'pcc fwd')} | {cell(r, 'flex fwd')} "
-            f"| {cell(r, 'flex(layout) fwd')} | {cell(r, 'sdpa fwd')} | {cell(r, 'pcc fwd+bwd')} "
-            f"| {cell(r, 'flex fwd+bwd')} | {cell(r, 'flex(layout) fwd+bwd')} | {cell(r, 'sdpa fwd+bwd')} "
-            f"| {ratio(r, 'flex', 'fwd')}, {ratio(r, 'flex', 'fwd+bwd')} "
+            f"| {r.pattern} | {r.n} | {r.D} | {r.density:.3f} | " + " | ".join(cells)
+            + f" | {ratio(r, 'flex', 'fwd')}, {ratio(r, 'flex', 'fwd+bwd')} "
             f"| {ratio(r, 'sdpa', 'fwd')}, {ratio(r, 'sdpa', 'fwd+bwd')} "
             f"| {r.layout_ms:.1f} | {r.block_mask_ms:.1f} | {r.max_diff:.3g} | {'; '.join(r.notes)} |")
     return "\n".join(lines)

@@ -7,8 +7,9 @@ are written to disk before they are imported. One file per key:
   else ``~/.cache/patterncc``; if it cannot be written, a private temporary
   directory (with a warning, once per process);
 - file name: ``k_<sha256>.py``, the hash of everything the code depends on
-  (``key_parts``: generator version, pattern source and structure, config,
-  Triton version, device capability);
+  (``key_parts``: generator version, the generator's and kernel template's
+  own text, pattern source and structure, config, Triton version, device
+  capability);
 - first line: ``# patterncc-sha256: <hash of the rest of the file>``. An entry
   whose hash does not match, or that fails to import, is rebuilt: a corrupt or
   truncated file is never fatal;

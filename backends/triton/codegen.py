@@ -31,6 +31,7 @@ length; ``where`` conditions read the runtime ``N`` and need no rebinding.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from patterncc import ir
@@ -38,10 +39,10 @@ from patterncc.errors import PatternValueError
 
 from .config import KernelConfig, default_config
 
-__all__ = ["generate_source", "default_config", "needs_length", "random_specs", "GENERATOR_VERSION"]
+__all__ = ["generate_source", "default_config", "needs_length", "random_specs", "GENERATOR_VERSION", "SOURCE_HASH"]
 
-# Bump when the generated text changes in a way that matters: it is part of
-# the on-disk cache key.
+# Part of the on-disk cache key, with SOURCE_HASH: bump it when the meaning of
+# generated code changes.
 GENERATOR_VERSION = 1
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -581,10 +582,14 @@ def pattern_mask(q, k, h, N, RANDOM):
 
 
 def _kernel_section() -> str:
-    text = (Path(__file__).parent / "kernels.py").read_text()
-    head, marker, body = text.partition(_KERNELS_MARKER)
+    head, marker, body = _KERNELS_TEXT.partition(_KERNELS_MARKER)
     assert marker, "kernels.py lost its marker line"
     return body.lstrip("\n")
+
+
+_KERNELS_TEXT = (Path(__file__).parent / "kernels.py").read_text()
+# The generator's own text: any edit to it or to the kernel template makes new cache keys.
+SOURCE_HASH = hashlib.sha256((Path(__file__).read_text() + _KERNELS_TEXT).encode()).hexdigest()
 
 
 _TORCH_RANDOM_HELPER = '''

@@ -1,7 +1,9 @@
 """Kernel configurations: the layout block and the tiles of every kernel.
 
 A ``KernelConfig`` names the layout block (``block``: the BlockLayout is built
-with it) and, for each kernel, the tile it works on and its launch settings:
+with it, so it is the granularity at which empty work is skipped) and, for
+each kernel, the tile a program owns, the step it walks the other axis by,
+and the launch settings:
 
 - forward: a program owns ``block_m`` queries and walks the keys ``block_n``
   at a time (``fwd_warps`` warps, ``fwd_stages`` software-pipeline stages);
@@ -10,14 +12,22 @@ with it) and, for each kernel, the tile it works on and its launch settings:
 - dQ: a program owns ``block_m2`` queries and walks the keys ``block_n2`` at
   a time (both backward kernels use ``bwd_warps`` and ``bwd_stages``).
 
-Every tile divides ``block``, so a tile never straddles two layout blocks, and
-every tile is at least 16 (the smallest ``tl.dot``). Tests use ``block=16``
-with every tile 16.
+Tiles and block are independent powers of two, at least 16 (the smallest
+``tl.dot``): ``tables.py`` maps the layout onto each kernel's (tile, step)
+grid, splitting blocks wider than a step and merging blocks narrower than a
+tile. The default block, 64, is the smallest step of the table: a 128-query
+tile then skips every 64-key step that holds no allowed pair (half the
+PARTIAL work of ``fixed(128, 32)``), where a block of 128 (FlexAttention's)
+would compute it. The price is a layout with about 4x the entries of block
+128 (host memory and build time, once per sequence length). Tests use
+``block=16`` with every tile 16.
 
-Defaults for one NVIDIA H100 (``default_config``), layout block 128; they
-follow FlexAttention's H100 table (torch/_inductor/template_heuristics) so the
-two are compared tile for tile, and ``bench/bench_triton.py --sweep`` times the
-alternatives:
+Defaults for one NVIDIA H100 (``default_config``). Forward tiles follow
+FlexAttention's H100 table (torch/_inductor/template_heuristics) except
+D <= 64 (128 x 64 rather than 128 x 128); backward tiles follow its sm90
+choice for D <= 128 and are smaller for D = 256 (register pressure of the
+fp32 dK, dV accumulators). ``bench/bench_triton.py --sweep`` times the
+alternatives on the GPU:
 
 ======  ===========  ================================  ===========================================
 D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
@@ -31,8 +41,7 @@ D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N
 ======  ===========  ================================  ===========================================
 
 Head dims that are not a power of two use the row of the next power of two
-(the runtime pads them with zeros). A smaller ``block`` shrinks every tile to
-at most ``block``.
+(the runtime pads them with zeros).
 """
 
 from __future__ import annotations
@@ -41,13 +50,14 @@ from dataclasses import asdict, dataclass, replace
 
 MAX_HEAD_DIM = 256
 MIN_TILE = 16  # the smallest M, N and K that tl.dot accepts
+DEFAULT_BLOCK = 64
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Layout block, tiles and launch settings (see the module docstring)."""
 
-    block: int = 128
+    block: int = 64
     # forward
     block_m: int = 128
     block_n: int = 64
@@ -71,14 +81,6 @@ class KernelConfig:
             tile = getattr(self, name)
             if tile < MIN_TILE or tile & (tile - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= {MIN_TILE}, got {name}={tile}")
-            if self.block % tile:
-                raise ValueError(f"KernelConfig.{name}={tile} must divide the layout block={self.block}")
-
-    def shrunk_to(self, block: int) -> "KernelConfig":
-        """The same settings with layout block ``block`` and every tile at most ``block``."""
-        tiles = {name: min(getattr(self, name), block)
-                 for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2")}
-        return replace(self, block=block, **tiles)
 
     def describe(self) -> str:
         return (f"block={self.block}; forward {self.block_m}x{self.block_n} "
@@ -107,7 +109,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 def default_config(head_dim: int = 64, dtype="bfloat16", block: int | None = None) -> KernelConfig:
     """The H100 table's entry for ``head_dim`` and ``dtype`` (a torch dtype or
-    its name), with layout block ``block`` (default 128)."""
+    its name), with layout block ``block`` (default 64)."""
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of bfloat16, float16, float32; got {dtype!r}")
@@ -115,11 +117,9 @@ def default_config(head_dim: int = 64, dtype="bfloat16", block: int | None = Non
         raise ValueError(f"head_dim must be an integer in 1..{MAX_HEAD_DIM}, got {head_dim=!r}")
     row = max(64, padded_head_dim(head_dim))
     (m, n, fw, fs), (m1, n1, m2, n2, bw, bs) = _H100[(_DTYPES[name], row)]
-    cfg = KernelConfig(128, m, n, fw, fs, m1, n1, m2, n2, bw, bs)
+    cfg = KernelConfig(DEFAULT_BLOCK, m, n, fw, fs, m1, n1, m2, n2, bw, bs)
     if block is None or block == cfg.block:
         return cfg
     if isinstance(block, bool) or not isinstance(block, int) or block < MIN_TILE or block & (block - 1):
         raise ValueError(f"block must be a power of two >= {MIN_TILE}, got {block=!r}")
-    if block < cfg.block:
-        return cfg.shrunk_to(block)
     return replace(cfg, block=block)

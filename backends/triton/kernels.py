@@ -82,13 +82,12 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
              stride_vb, stride_vh, stride_vn,  #
              stride_ob, stride_oh, stride_on,  #
              sm_scale, N, H, GROUP,  #
-             HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,  #
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
              HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head."""
-    tl.static_assert(BLOCK % BLOCK_M == 0, "a query tile lies inside one layout block")
-    tl.static_assert(BLOCK % BLOCK_N == 0, "the key steps tile a layout block")
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
+    tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     # -- this program's batch, head and query tile (the host orders tiles heaviest first)
     off_bh = tl.program_id(1)
     off_b = off_bh // H
@@ -97,7 +96,8 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     layout_h = 0
     if HEAD_DEPENDENT:
         layout_h = off_h
-    tile = tl.load(TILE_ORDER + layout_h * tl.cdiv(N, BLOCK_M) + tl.program_id(0))
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    tile = tl.load(TILE_ORDER + layout_h * n_tiles + tl.program_id(0))
     start_m = tile * BLOCK_M
     q_pos = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -116,11 +116,11 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
-    csr_row = layout_h * tl.cdiv(N, BLOCK) + start_m // BLOCK
-    # -- FULL runs: every pair allowed, no predicate, no bounds mask
+    csr_row = layout_h * n_tiles + tile
+    # -- FULL runs of key steps: every pair allowed, no predicate, no bounds mask
     for r in range(tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1)):
-        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK
-        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK
+        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK_N
+        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK_N
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos,  #
             k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
@@ -128,8 +128,8 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
             BLOCK_N, False, DOT_PRECISION, NUM_STAGES)
     # -- PARTIAL runs: the pattern's predicate and the bounds mask
     for r in range(tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1)):
-        lo = tl.load(PART_RUNS + 2 * r) * BLOCK
-        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK, N)
+        lo = tl.load(PART_RUNS + 2 * r) * BLOCK_N
+        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK_N, N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos,  #
             k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
@@ -225,14 +225,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
                   stride_dob, stride_doh, stride_don,  #
                   stride_dkb, stride_dkh, stride_dkn,  #
                   sm_scale, N, H, GROUP,  #
-                  HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,  #
-                  BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
+                  HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics."""
-    tl.static_assert(BLOCK % BLOCK_N1 == 0, "a key tile lies inside one layout block")
-    tl.static_assert(BLOCK % BLOCK_M1 == 0, "the query steps tile a layout block")
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
+    tl.static_assert(BLOCK_M1 >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(BLOCK_N1 >= 16, "tl.dot needs tiles of at least 16")
     # -- this program's batch, key/value head and key tile (heaviest first)
     HKV = H // GROUP
     off_bkv = tl.program_id(1)
@@ -241,7 +240,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
     layout_kvh = 0
     if HEAD_DEPENDENT:
         layout_kvh = off_kvh
-    tile = tl.load(TILE_ORDER + layout_kvh * tl.cdiv(N, BLOCK_N1) + tl.program_id(0))
+    n_tiles = tl.cdiv(N, BLOCK_N1)
+    tile = tl.load(TILE_ORDER + layout_kvh * n_tiles + tl.program_id(0))
     start_n = tile * BLOCK_N1
     k_pos = start_n + tl.arange(0, BLOCK_N1)
     offs_m = tl.arange(0, BLOCK_M1)
@@ -256,7 +256,6 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     q_tile = offs_m[:, None] * stride_qn + offs_d[None, :]
     do_tile = offs_m[:, None] * stride_don + offs_d[None, :]
-    n_blocks = tl.cdiv(N, BLOCK)
     # -- every query head that reads this key/value head (GROUP > 1: GQA, MQA)
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
@@ -267,11 +266,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
         LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N
         DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N
-        csr_col = layout_h * n_blocks + start_n // BLOCK
-        # -- FULL runs of query blocks: no predicate, no bounds mask
+        csr_col = layout_h * n_tiles + tile
+        # -- FULL runs of query steps: no predicate, no bounds mask
         for r in range(tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1)):
-            lo = tl.load(FULL_RUNS + 2 * r) * BLOCK
-            hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK
+            lo = tl.load(FULL_RUNS + 2 * r) * BLOCK_M1
+            hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK_M1
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos,  #
                 q_base + lo.to(tl.int64) * stride_qn + q_tile, do_base + lo.to(tl.int64) * stride_don + do_tile,  #
@@ -279,8 +278,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
                 BLOCK_M1, False, DOT_PRECISION, NUM_STAGES)
         # -- PARTIAL runs: the pattern's predicate and the bounds mask
         for r in range(tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1)):
-            lo = tl.load(PART_RUNS + 2 * r) * BLOCK
-            hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK, N)
+            lo = tl.load(PART_RUNS + 2 * r) * BLOCK_M1
+            hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK_M1, N)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos,  #
                 q_base + lo.to(tl.int64) * stride_qn + q_tile, do_base + lo.to(tl.int64) * stride_don + do_tile,  #
@@ -340,13 +339,12 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
                 stride_dob, stride_doh, stride_don,  #
                 stride_dqb, stride_dqh, stride_dqn,  #
                 sm_scale, N, H, GROUP,  #
-                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,  #
-                BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
+                HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
     """dQ of one query tile of one head."""
-    tl.static_assert(BLOCK % BLOCK_M2 == 0, "a query tile lies inside one layout block")
-    tl.static_assert(BLOCK % BLOCK_N2 == 0, "the key steps tile a layout block")
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
+    tl.static_assert(BLOCK_M2 >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(BLOCK_N2 >= 16, "tl.dot needs tiles of at least 16")
     # -- this program's batch, head and query tile (heaviest first)
     off_bh = tl.program_id(1)
     off_b = off_bh // H
@@ -355,7 +353,8 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
     layout_h = 0
     if HEAD_DEPENDENT:
         layout_h = off_h
-    tile = tl.load(TILE_ORDER + layout_h * tl.cdiv(N, BLOCK_M2) + tl.program_id(0))
+    n_tiles = tl.cdiv(N, BLOCK_M2)
+    tile = tl.load(TILE_ORDER + layout_h * n_tiles + tl.program_id(0))
     start_m = tile * BLOCK_M2
     q_pos = start_m + tl.arange(0, BLOCK_M2)
     offs_n = tl.arange(0, BLOCK_N2)
@@ -373,11 +372,11 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
-    csr_row = layout_h * tl.cdiv(N, BLOCK) + start_m // BLOCK
-    # -- FULL runs: no predicate, no bounds mask
+    csr_row = layout_h * n_tiles + tile
+    # -- FULL runs of key steps: no predicate, no bounds mask
     for r in range(tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1)):
-        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK
-        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK
+        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK_N2
+        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK_N2
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos,  #
             k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
@@ -385,8 +384,8 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
             BLOCK_N2, False, DOT_PRECISION, NUM_STAGES)
     # -- PARTIAL runs: the pattern's predicate and the bounds mask
     for r in range(tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1)):
-        lo = tl.load(PART_RUNS + 2 * r) * BLOCK
-        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK, N)
+        lo = tl.load(PART_RUNS + 2 * r) * BLOCK_N2
+        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK_N2, N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos,  #
             k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #

@@ -165,8 +165,8 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
-    key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, ir.source(pattern), repr(pattern),
-                          config, triton.__version__, capability)
+    key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH, ir.source(pattern),
+                          repr(pattern), config, triton.__version__, capability)
     return cache.load_module(key, lambda: codegen.generate_source(pattern, config))
 
 
@@ -244,35 +244,37 @@ def _check_scale(scale, head_dim: int) -> float:
 
 @dataclass(frozen=True, eq=False)
 class _DeviceTables:
+    """The run lists of each kernel (tables.py) and the random tables, on the device."""
+
     layout_heads: int
-    rows: tuple  # (full_ptr, full_runs, part_ptr, part_runs) by query block: forward, dQ
-    cols: tuple  # the same by key block: dK/dV
-    fwd_order: torch.Tensor  # int32 [layout heads, query tiles of block_m]
-    dq_order: torch.Tensor  # int32 [layout heads, query tiles of block_m2]
-    dkdv_order: torch.Tensor  # int32 [layout heads / group, key tiles of block_n1]
+    fwd: tuple  # (full_ptr, full_runs, part_ptr, part_runs, tile_order): query tiles of block_m
+    dq: tuple  # the same for query tiles of block_m2
+    dkdv: tuple  # the same for key tiles of block_n1 (tile order per key/value head)
     random: torch.Tensor  # int32: table offsets, then the random(...) tables
 
     @staticmethod
     def build(lay, Hkv: int, config: KernelConfig, random_specs, device) -> "_DeviceTables":
         n, block = lay.seq_len, lay.block
-        rows = tables.run_lists(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block)
-        cols = tables.run_lists(lay.q_ptr, lay.q_idx, lay.q_full, n, block)
 
         def dev(a):  # never empty: a null data pointer is not worth the doubt
             a = np.ascontiguousarray(a, dtype=np.int32)
             return torch.from_numpy(a if a.size else np.zeros(1, dtype=np.int32)).to(device)
 
-        def lists(r):
-            return tuple(dev(a) for a in (r.full_ptr, r.full_runs, r.part_ptr, r.part_runs))
+        def lists(runs: tables.RunLists, cost):
+            arrays = (runs.full_ptr, runs.full_runs, runs.part_ptr, runs.part_runs, tables.tile_order(cost))
+            return tuple(dev(a) for a in arrays)
 
+        rows = {}
+        for tile, step in {(config.block_m, config.block_n), (config.block_m2, config.block_n2)}:
+            runs = tables.kernel_runs(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
+            rows[tile, step] = lists(runs, runs.cost)
+        cols = tables.kernel_runs(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
         kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
         return _DeviceTables(
             layout_heads=lay.heads,
-            rows=lists(rows),
-            cols=lists(cols),
-            fwd_order=dev(tables.tile_order(rows.cost, n, block, config.block_m)),
-            dq_order=dev(tables.tile_order(rows.cost, n, block, config.block_m2)),
-            dkdv_order=dev(tables.tile_order(kv_cost, n, block, config.block_n1)),
+            fwd=rows[config.block_m, config.block_n],
+            dq=rows[config.block_m2, config.block_n2],
+            dkdv=lists(cols, kv_cost),
             random=_random_buffer(random_specs, n, device),
         )
 
@@ -314,8 +316,7 @@ class _Run:
     dtype: torch.dtype
 
     def _constexprs(self):
-        return dict(HEAD_DIM=self.head_dim, BLOCK=self.config.block,
-                    HEAD_DEPENDENT=self.tables.layout_heads > 1,
+        return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
                     DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
 
     def forward(self, q, k, v, scale):
@@ -325,7 +326,7 @@ class _Run:
         lse = torch.empty((B, H, n), dtype=torch.float32, device=q.device)
         grid = (triton_cdiv(n, cfg.block_m), B * H)
         self.module.attn_fwd[grid](
-            q, k, v, o, lse, t.random, *t.rows, t.fwd_order,
+            q, k, v, o, lse, t.random, *t.fwd,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
@@ -349,12 +350,12 @@ class _Run:
         common = dict(**self._constexprs(), NUM_STAGES=cfg.bwd_stages,
                       num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
         self.module.attn_bwd_dkdv[(triton_cdiv(n, cfg.block_n1), B * self.Hkv)](
-            q, k, v, do, lse, delta, dk, dv, t.random, *t.cols, t.dkdv_order,
+            q, k, v, do, lse, delta, dk, dv, t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             scale, n, H, H // self.Hkv,
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, **common)
         self.module.attn_bwd_dq[(triton_cdiv(n, cfg.block_m2), B * H)](
-            q, k, v, do, lse, delta, dq, t.random, *t.rows, t.dq_order,
+            q, k, v, do, lse, delta, dq, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             scale, n, H, H // self.Hkv,
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **common)

@@ -1,26 +1,33 @@
 """Host tables the kernels walk, derived from a BlockLayout (numpy, no torch).
 
-The kernels do not read the layout's CSR entry by entry. Each CSR row (a query
-block for the forward pass and dQ, a key block for dK/dV) is split into
+A kernel program owns a *tile* of positions on one axis (queries for the
+forward pass and dQ, keys for dK/dV) and walks the other axis one *step* at a
+time. Tile and step sizes are the kernel's (``KernelConfig``), the layout's
+block is independent of them: a layout block wider than a step is walked in
+several steps, and a step or tile wider than a block merges several blocks
+(EMPTY only if all of them are, FULL only if all of them are). A layout block
+finer than the steps therefore lets the kernels skip every empty step, which
+the block-128 sparsity of FlexAttention cannot.
 
-- FULL runs: maximal runs of consecutive FULL blocks, walked with no predicate
-  and no bounds mask, and
-- PARTIAL runs: maximal runs of consecutive blocks that need the predicate and
-  the bounds mask: the layout's PARTIAL blocks plus any FULL block on the
-  ragged last block row or column (``seq_len % block != 0``), whose padding
-  must be masked.
+Each tile's non-empty steps are split into
 
-A run ``[lo, hi)`` of blocks becomes one software-pipelined inner loop over
-positions ``lo * block .. hi * block``; causal attention is one FULL run and
-one PARTIAL run per row.
+- FULL runs: maximal runs of consecutive FULL steps lying wholly inside the
+  sequence, walked with no predicate and no bounds mask, and
+- PARTIAL runs: maximal runs of the other non-empty steps (PARTIAL, or FULL
+  but reaching past ``seq_len``), walked with the predicate and bounds mask.
+
+A run ``[lo, hi)`` of steps becomes one software-pipelined inner loop over
+positions ``lo * step .. hi * step``; causal attention is one FULL run and
+one PARTIAL run per tile.
 
 ``RunLists`` (all int32, pointers are global offsets):
 
-- ``full_ptr`` ``[H * R + 1]``: row ``r`` of layout head ``h`` owns runs
-  ``full_ptr[h * R + r] : full_ptr[h * R + r + 1]`` of
-- ``full_runs`` ``[2 * n_full_runs]``: ``lo, hi`` block indices, one pair per run;
+- ``full_ptr`` ``[H * n_tiles + 1]``: tile ``t`` of layout head ``h`` owns runs
+  ``full_ptr[h * n_tiles + t] : full_ptr[h * n_tiles + t + 1]`` of
+- ``full_runs`` ``[2 * n_full_runs]``: ``lo, hi`` step indices, one pair per run;
 - ``part_ptr``, ``part_runs``: the same for PARTIAL runs;
-- ``cost`` (int64 ``[H, R]``): blocks per row, for ordering the programs.
+- ``cost`` (int64 ``[H, n_tiles]``): non-empty steps per tile, for ordering programs;
+- ``steps`` (int): the number of non-empty (tile, step) pairs, all heads.
 
 ``tile_order`` turns a cost into the order programs take their tiles
 (heaviest first, so the last wave of a launch is short).
@@ -35,30 +42,71 @@ import numpy as np
 
 @dataclass(frozen=True, eq=False)
 class RunLists:
-    """FULL and PARTIAL runs of one CSR orientation (see the module docstring)."""
+    """FULL and PARTIAL runs of one kernel's tiles (see the module docstring)."""
 
-    rows: int
+    n_tiles: int
     full_ptr: np.ndarray
     full_runs: np.ndarray
     part_ptr: np.ndarray
     part_runs: np.ndarray
     cost: np.ndarray
+    steps: int
 
 
-def run_lists(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: int, block: int) -> RunLists:
-    """Split a CSR (``ptr`` ``[H, R + 1]`` global offsets, ``idx``, ``full``)
-    into FULL and PARTIAL runs; columns are blocks of the other axis."""
+def kernel_runs(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: int, block: int,
+                tile: int, step: int) -> RunLists:
+    """Runs of ``step``-wide steps for each ``tile``-wide tile, from one CSR
+    orientation of a layout (``ptr`` ``[H, R + 1]`` global offsets, ``idx``,
+    ``full``: rows are blocks of the tile axis, ``idx`` blocks of the step axis)."""
     H, R = ptr.shape[0], ptr.shape[1] - 1
-    counts = np.diff(ptr, axis=1).astype(np.int64)  # [H, R]
-    row_of = np.repeat(np.arange(H * R), counts.ravel())  # flat h * R + r of every entry
-    idx = np.asarray(idx, dtype=np.int64)
-    fast = np.asarray(full, dtype=bool).copy()
-    if seq_len % block:
-        last = R - 1  # square layout: the last row and the last column are both ragged
-        fast &= (row_of % R != last) & (idx != last)
-    full_ptr, full_runs = _runs(row_of[fast], idx[fast], H * R)
-    part_ptr, part_runs = _runs(row_of[~fast], idx[~fast], H * R)
-    return RunLists(R, full_ptr, full_runs, part_ptr, part_runs, counts)
+    n_tiles, n_steps = -(-seq_len // tile), -(-seq_len // step)
+    counts = np.diff(ptr, axis=1).astype(np.int64).ravel()
+    flat_row = np.repeat(np.arange(H * R, dtype=np.int64), counts)
+    h, row = flat_row // R, flat_row % R
+    col = np.asarray(idx, dtype=np.int64)
+    full = np.asarray(full, dtype=bool)
+
+    # -- every (block row, block col) entry -> the (tile, step) pairs it overlaps
+    under_t = _overlapping(row, block, tile)  # [entries, a]
+    under_s = _overlapping(col, block, step)  # [entries, b]
+    a, b = under_t.shape[1], under_s.shape[1]
+    pairs_t = np.repeat(under_t, b, axis=1).ravel()
+    pairs_s = np.tile(under_s, (1, a)).ravel()
+    h, full = np.repeat(h, a * b), np.repeat(full, a * b)
+    keep = (pairs_t < n_tiles) & (pairs_s < n_steps)  # pieces of a last block past the end
+    h, full, pairs_t, pairs_s = h[keep], full[keep], pairs_t[keep], pairs_s[keep]
+
+    # -- merge the blocks of each pair: FULL only if every block under it is present and FULL
+    key = (h * n_tiles + pairs_t) * n_steps + pairs_s
+    uniq, inverse, present = np.unique(key, return_inverse=True, return_counts=True)
+    n_full = np.bincount(inverse, weights=full, minlength=uniq.size)
+    u_row, u_step = uniq // n_steps, uniq % n_steps  # u_row = h * n_tiles + tile
+    u_tile = u_row % n_tiles
+    expected = _blocks_under(u_tile, tile, block, R) * _blocks_under(u_step, step, block, R)
+    inside = (u_step + 1) * step <= seq_len  # the fast path loads the whole step unmasked
+    fast = (present == expected) & (n_full == expected) & inside
+
+    full_ptr, full_runs = _runs(u_row[fast], u_step[fast], H * n_tiles)
+    part_ptr, part_runs = _runs(u_row[~fast], u_step[~fast], H * n_tiles)
+    cost = np.bincount(u_row, minlength=H * n_tiles).reshape(H, n_tiles)
+    return RunLists(n_tiles, full_ptr, full_runs, part_ptr, part_runs, cost, int(uniq.size))
+
+
+def _overlapping(blocks: np.ndarray, block: int, size: int) -> np.ndarray:
+    """int64 ``[len(blocks), max(1, block // size)]``: the size-wide pieces under each block."""
+    if block <= size:
+        return (blocks * block // size)[:, None]
+    per = block // size
+    return blocks[:, None] * per + np.arange(per)[None, :]
+
+
+def _blocks_under(pieces: np.ndarray, size: int, block: int, n_blocks: int) -> np.ndarray:
+    """How many layout blocks (of ``n_blocks``) lie under each size-wide piece."""
+    if block >= size:
+        return np.ones_like(pieces)
+    first = pieces * size // block
+    last = np.minimum((pieces + 1) * size // block, n_blocks)
+    return last - first
 
 
 def _runs(rows: np.ndarray, idx: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,17 +123,15 @@ def _runs(rows: np.ndarray, idx: np.ndarray, n_rows: int) -> tuple[np.ndarray, n
     return ptr.astype(np.int32), runs.astype(np.int32)
 
 
-def tile_order(cost: np.ndarray, seq_len: int, block: int, tile: int) -> np.ndarray:
-    """int32 ``[H, n_tiles]``: the tiles of ``tile`` positions in the order
-    programs take them, heaviest row first (stable: ties keep position order)."""
-    n_tiles = -(-seq_len // tile)
-    per_tile = cost[:, (np.arange(n_tiles) * tile) // block]  # [H, n_tiles]
-    return np.argsort(-per_tile, axis=1, kind="stable").astype(np.int32)
+def tile_order(cost: np.ndarray) -> np.ndarray:
+    """int32 ``[H, n_tiles]``: tiles in the order programs take them, heaviest
+    first (stable: ties keep position order)."""
+    return np.argsort(-cost, axis=1, kind="stable").astype(np.int32)
 
 
 def group_cost(cost: np.ndarray, kv_heads: int) -> np.ndarray:
     """Per-key-head cost for dK/dV: a program serves every query head of its
-    group, so its work is the sum over them (``cost`` ``[H, R]`` -> ``[Hkv, R]``)."""
+    group, so its work is the sum over them (``cost`` ``[H, T]`` -> ``[Hkv, T]``)."""
     H = cost.shape[0]
     if H == 1:
         return cost
