@@ -426,7 +426,7 @@ def test_golden_source(name):
 
 
 def _expected_steps(lay, tile, step, n):
-    """Oracle for tables.kernel_runs, by loops over the dense layout picture:
+    """Oracle for tables.kernel_steps, by loops over the dense layout picture:
     int8 [H, tiles, steps] with 0 empty, 1 PARTIAL walk, 2 FULL walk."""
     dense, b = lay.to_dense(), lay.block
     H, nb = dense.shape[0], dense.shape[1]
@@ -442,38 +442,37 @@ def _expected_steps(lay, tile, step, n):
     return out
 
 
-def _walked_steps(runs, H):
+def _walked_steps(lists, H):
     """{(h * n_tiles + tile, step): 2 for a FULL walk, 1 for a PARTIAL one}."""
     walked = {}
-    for cls, ptr, pairs in ((2, runs.full_ptr, runs.full_runs), (1, runs.part_ptr, runs.part_runs)):
-        for row in range(H * runs.n_tiles):
-            for r in range(ptr[row], ptr[row + 1]):
-                lo, hi = pairs[2 * r], pairs[2 * r + 1]
-                assert lo < hi
-                for s in range(lo, hi):
-                    assert (row, s) not in walked, "a step walked twice"
-                    walked[row, s] = cls
+    for cls, ptr, steps in ((2, lists.full_ptr, lists.full_steps), (1, lists.part_ptr, lists.part_steps)):
+        for row in range(H * lists.n_tiles):
+            row_steps = steps[ptr[row]:ptr[row + 1]].tolist()
+            assert row_steps == sorted(row_steps)
+            for s in row_steps:
+                assert (row, s) not in walked, "a step walked twice"
+                walked[row, s] = cls
     return walked
 
 
 @pytest.mark.parametrize("n", [64, 70, 1])
 @pytest.mark.parametrize("block,tile,step", [(16, 16, 16), (32, 16, 16), (16, 32, 16), (16, 16, 64), (64, 32, 16)])
-def test_kernel_runs_match_the_layout(n, block, tile, step):
+def test_kernel_steps_match_the_layout(n, block, tile, step):
     """Every non-empty (tile, step) is walked once, FULL only when every block
     under it is FULL and the step lies inside the sequence."""
     pattern, heads = HEAD_DEPENDENT["cycle"], 3
     lay = build_layout(pattern, n, block, heads)
-    runs = tables.kernel_runs(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
+    lists = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
     want = _expected_steps(lay, tile, step, n)
-    walked = _walked_steps(runs, lay.heads)
+    walked = _walked_steps(lists, lay.heads)
     got = np.zeros_like(want)
     for (row, s), cls in walked.items():
-        got[row // runs.n_tiles, row % runs.n_tiles, s] = cls
+        got[row // lists.n_tiles, row % lists.n_tiles, s] = cls
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(runs.cost, (want > 0).sum(axis=2))
-    order = tables.tile_order(runs.cost)
-    assert sorted(order[0].tolist()) == list(range(runs.n_tiles))
-    assert all(runs.cost[0][order[0][i]] >= runs.cost[0][order[0][i + 1]] for i in range(runs.n_tiles - 1))
+    np.testing.assert_array_equal(lists.cost, (want > 0).sum(axis=2))
+    order = tables.tile_order(lists.cost)
+    assert sorted(order[0].tolist()) == list(range(lists.n_tiles))
+    assert all(lists.cost[0][order[0][i]] >= lists.cost[0][order[0][i + 1]] for i in range(lists.n_tiles - 1))
 
 
 def test_fine_blocks_skip_empty_steps():
@@ -481,7 +480,7 @@ def test_fine_blocks_skip_empty_steps():
     that hold summary columns (or its own block), half of what block 128 gives."""
     pattern, n = fixed(128, 32), 4096
     coarse, fine = build_layout(pattern, n, 128), build_layout(pattern, n, 64)
-    steps = [tables.kernel_runs(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, lay.block, 128, 64).steps
+    steps = [tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, lay.block, 128, 64).steps
              for lay in (coarse, fine)]
     assert steps[1] < 0.6 * steps[0]
 

@@ -2,8 +2,9 @@
 
 ``codegen.generate_source`` copies everything below the marker line into a
 generated module that first defines ``pattern_mask(q, k, h, N, RANDOM)``, the
-pattern's predicate. The kernels walk the run lists of ``tables.py``: FULL
-runs with no predicate and no bounds mask, PARTIAL runs with both.
+pattern's predicate. Each program walks its tile's step lists from
+``tables.py``: the FULL steps with no predicate and no bounds mask, then the
+PARTIAL steps with both, each list one software-pipelined loop.
 
 Shapes and conventions, for every kernel:
 
@@ -32,15 +33,17 @@ pattern_mask = None  # defined by the generated module above the kernels
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_ptrs, v_ptrs, stride_kn, stride_vn,  #
-                    lo, hi, qk_scale, off_h, N, RANDOM,  #
+def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                    STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Keys lo .. hi of one run, BLOCK_N at a time; k_ptrs and v_ptrs start at key lo."""
+    """The key steps STEPS[lo:hi] (BLOCK_N keys each) into one query tile's softmax state."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+    for i in tl.range(lo, hi, num_stages=NUM_STAGES):
+        start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
+        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
         # -- scores of this key step, in log2 units
         if MASKED:
             k = tl.load(k_ptrs, mask=k_pos[:, None] < N, other=0.0)
@@ -69,14 +72,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_ptrs, v_ptrs, stride_kn, stride_v
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["N"])
 def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
-             FULL_PTR, FULL_RUNS, PART_PTR, PART_RUNS, TILE_ORDER,  #
+             FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
              stride_qb, stride_qh, stride_qn,  #
              stride_kb, stride_kh, stride_kn,  #
              stride_vb, stride_vh, stride_vn,  #
@@ -117,24 +118,16 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     csr_row = layout_h * n_tiles + tile
-    # -- FULL runs of key steps: every pair allowed, no predicate, no bounds mask
-    for r in range(tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1)):
-        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK_N
-        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK_N
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, q_pos,  #
-            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
-            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
-            BLOCK_N, False, DOT_PRECISION, NUM_STAGES)
-    # -- PARTIAL runs: the pattern's predicate and the bounds mask
-    for r in range(tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1)):
-        lo = tl.load(PART_RUNS + 2 * r) * BLOCK_N
-        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK_N, N)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, q_pos,  #
-            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
-            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
-            BLOCK_N, True, DOT_PRECISION, NUM_STAGES)
+    # -- FULL steps: every pair allowed, no predicate, no bounds mask
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+        FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
+        BLOCK_N, False, DOT_PRECISION, NUM_STAGES)
+    # -- PARTIAL steps: the pattern's predicate and the bounds mask
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+        PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
+        BLOCK_N, True, DOT_PRECISION, NUM_STAGES)
     # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -177,15 +170,17 @@ def attn_bwd_preprocess(O, DO, DELTA,  #
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, q_ptrs, do_ptrs, stride_qn, stride_don,  #
-                         LSE_row, DELTA_row, lo, hi, qk_scale, off_h, N, RANDOM,  #
+def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
+                         LSE_row, DELTA_row, STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
                          BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
                          DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Queries lo .. hi of one run, BLOCK_M1 at a time, added into this key tile's dK, dV."""
+    """The query steps STEPS[lo:hi] (BLOCK_M1 queries each) into one key tile's dK and dV."""
     offs_m = tl.arange(0, BLOCK_M1)
-    for start_m in tl.range(lo, hi, BLOCK_M1, num_stages=NUM_STAGES):
-        start_m = tl.multiple_of(start_m, BLOCK_M1)
+    for i in tl.range(lo, hi, num_stages=NUM_STAGES):
+        start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
+        q_ptrs = q_base + start_m.to(tl.int64) * stride_qn + q_tile
+        do_ptrs = do_base + start_m.to(tl.int64) * stride_don + do_tile
         if MASKED:
             q_in = q_pos < N
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
@@ -211,14 +206,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, q_ptrs, do_ptrs, stride_qn, stride
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        q_ptrs += BLOCK_M1 * stride_qn
-        do_ptrs += BLOCK_M1 * stride_don
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["N"])
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
-                  FULL_PTR, FULL_RUNS, PART_PTR, PART_RUNS, TILE_ORDER,  #
+                  FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                   stride_qb, stride_qh, stride_qn,  #
                   stride_kb, stride_kh, stride_kn,  #
                   stride_vb, stride_vh, stride_vn,  #
@@ -267,24 +260,16 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
         LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N
         DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N
         csr_col = layout_h * n_tiles + tile
-        # -- FULL runs of query steps: no predicate, no bounds mask
-        for r in range(tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1)):
-            lo = tl.load(FULL_RUNS + 2 * r) * BLOCK_M1
-            hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK_M1
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, k_pos,  #
-                q_base + lo.to(tl.int64) * stride_qn + q_tile, do_base + lo.to(tl.int64) * stride_don + do_tile,  #
-                stride_qn, stride_don, LSE_row, DELTA_row, lo, hi, qk_scale, off_h, N, RANDOM,  #
-                BLOCK_M1, False, DOT_PRECISION, NUM_STAGES)
-        # -- PARTIAL runs: the pattern's predicate and the bounds mask
-        for r in range(tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1)):
-            lo = tl.load(PART_RUNS + 2 * r) * BLOCK_M1
-            hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK_M1, N)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, k_pos,  #
-                q_base + lo.to(tl.int64) * stride_qn + q_tile, do_base + lo.to(tl.int64) * stride_don + do_tile,  #
-                stride_qn, stride_don, LSE_row, DELTA_row, lo, hi, qk_scale, off_h, N, RANDOM,  #
-                BLOCK_M1, True, DOT_PRECISION, NUM_STAGES)
+        # -- FULL steps: no predicate, no bounds mask
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
+            FULL_STEPS, tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
+            BLOCK_M1, False, DOT_PRECISION, NUM_STAGES)
+        # -- PARTIAL steps: the pattern's predicate and the bounds mask
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
+            PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
+            BLOCK_M1, True, DOT_PRECISION, NUM_STAGES)
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
         + k_pos[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
@@ -298,15 +283,17 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_ptrs, v_ptrs, stride_kn, stride_vn,  #
-                       lo, hi, qk_scale, off_h, N, RANDOM,  #
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                       STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
                        BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
                        DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Keys lo .. hi of one run, BLOCK_N2 at a time, added into this query tile's dQ."""
+    """The key steps STEPS[lo:hi] (BLOCK_N2 keys each) into one query tile's dQ."""
     offs_n = tl.arange(0, BLOCK_N2)
-    for start_n in tl.range(lo, hi, BLOCK_N2, num_stages=NUM_STAGES):
-        start_n = tl.multiple_of(start_n, BLOCK_N2)
+    for i in tl.range(lo, hi, num_stages=NUM_STAGES):
+        start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
+        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
         if MASKED:
             k = tl.load(k_ptrs, mask=k_pos[:, None] < N, other=0.0)
             v = tl.load(v_ptrs, mask=k_pos[:, None] < N, other=0.0)
@@ -325,14 +312,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_ptrs, v_ptrs, stride_kn,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        k_ptrs += BLOCK_N2 * stride_kn
-        v_ptrs += BLOCK_N2 * stride_vn
     return dq
 
 
 @triton.jit(do_not_specialize=["N"])
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
-                FULL_PTR, FULL_RUNS, PART_PTR, PART_RUNS, TILE_ORDER,  #
+                FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                 stride_qb, stride_qh, stride_qn,  #
                 stride_kb, stride_kh, stride_kn,  #
                 stride_vb, stride_vh, stride_vn,  #
@@ -373,24 +358,16 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     csr_row = layout_h * n_tiles + tile
-    # -- FULL runs of key steps: no predicate, no bounds mask
-    for r in range(tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1)):
-        lo = tl.load(FULL_RUNS + 2 * r) * BLOCK_N2
-        hi = tl.load(FULL_RUNS + 2 * r + 1) * BLOCK_N2
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, q_pos,  #
-            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
-            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
-            BLOCK_N2, False, DOT_PRECISION, NUM_STAGES)
-    # -- PARTIAL runs: the pattern's predicate and the bounds mask
-    for r in range(tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1)):
-        lo = tl.load(PART_RUNS + 2 * r) * BLOCK_N2
-        hi = tl.minimum(tl.load(PART_RUNS + 2 * r + 1) * BLOCK_N2, N)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, q_pos,  #
-            k_base + lo.to(tl.int64) * stride_kn + k_tile, v_base + lo.to(tl.int64) * stride_vn + v_tile,  #
-            stride_kn, stride_vn, lo, hi, qk_scale, off_h, N, RANDOM,  #
-            BLOCK_N2, True, DOT_PRECISION, NUM_STAGES)
+    # -- FULL steps: no predicate, no bounds mask
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+        FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
+        BLOCK_N2, False, DOT_PRECISION, NUM_STAGES)
+    # -- PARTIAL steps: the pattern's predicate and the bounds mask
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+        PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
+        BLOCK_N2, True, DOT_PRECISION, NUM_STAGES)
     # -- write dQ, with the softmax scale applied once
     tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
              + q_pos[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],

@@ -238,16 +238,16 @@ def _check_scale(scale, head_dim: int) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Device tables: the layout's run lists, tile orders and random tables on the device
+# Device tables: each kernel's step lists and tile order, and the random tables, on the device
 # ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
 class _DeviceTables:
-    """The run lists of each kernel (tables.py) and the random tables, on the device."""
+    """The step lists of each kernel (tables.py) and the random tables, on the device."""
 
     layout_heads: int
-    fwd: tuple  # (full_ptr, full_runs, part_ptr, part_runs, tile_order): query tiles of block_m
+    fwd: tuple  # (full_ptr, full_steps, part_ptr, part_steps, tile_order): query tiles of block_m
     dq: tuple  # the same for query tiles of block_m2
     dkdv: tuple  # the same for key tiles of block_n1 (tile order per key/value head)
     random: torch.Tensor  # int32: table offsets, then the random(...) tables
@@ -260,15 +260,15 @@ class _DeviceTables:
             a = np.ascontiguousarray(a, dtype=np.int32)
             return torch.from_numpy(a if a.size else np.zeros(1, dtype=np.int32)).to(device)
 
-        def lists(runs: tables.RunLists, cost):
-            arrays = (runs.full_ptr, runs.full_runs, runs.part_ptr, runs.part_runs, tables.tile_order(cost))
+        def lists(steps: tables.StepLists, cost):
+            arrays = (steps.full_ptr, steps.full_steps, steps.part_ptr, steps.part_steps, tables.tile_order(cost))
             return tuple(dev(a) for a in arrays)
 
         rows = {}
         for tile, step in {(config.block_m, config.block_n), (config.block_m2, config.block_n2)}:
-            runs = tables.kernel_runs(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
-            rows[tile, step] = lists(runs, runs.cost)
-        cols = tables.kernel_runs(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
+            steps = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
+            rows[tile, step] = lists(steps, steps.cost)
+        cols = tables.kernel_steps(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
         kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
         return _DeviceTables(
             layout_heads=lay.heads,

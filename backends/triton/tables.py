@@ -9,23 +9,24 @@ several steps, and a step or tile wider than a block merges several blocks
 finer than the steps therefore lets the kernels skip every empty step, which
 the block-128 sparsity of FlexAttention cannot.
 
-Each tile's non-empty steps are split into
+Each tile's non-empty steps, ascending, go to one of two lists:
 
-- FULL runs: maximal runs of consecutive FULL steps lying wholly inside the
-  sequence, walked with no predicate and no bounds mask, and
-- PARTIAL runs: maximal runs of the other non-empty steps (PARTIAL, or FULL
-  but reaching past ``seq_len``), walked with the predicate and bounds mask.
+- FULL steps: FULL and lying wholly inside the sequence, walked with no
+  predicate and no bounds mask;
+- PARTIAL steps: the others (PARTIAL, or FULL but reaching past ``seq_len``),
+  walked with the predicate and the bounds mask.
 
-A run ``[lo, hi)`` of steps becomes one software-pipelined inner loop over
-positions ``lo * step .. hi * step``; causal attention is one FULL run and
-one PARTIAL run per tile.
+Each list is one software-pipelined loop in the kernel that reads the step
+index, then the step's keys (or queries): contiguous or scattered steps cost
+the same, and causal attention is one FULL list and one short PARTIAL list
+per tile.
 
-``RunLists`` (all int32, pointers are global offsets):
+``StepLists`` (all int32, pointers are global offsets):
 
-- ``full_ptr`` ``[H * n_tiles + 1]``: tile ``t`` of layout head ``h`` owns runs
-  ``full_ptr[h * n_tiles + t] : full_ptr[h * n_tiles + t + 1]`` of
-- ``full_runs`` ``[2 * n_full_runs]``: ``lo, hi`` step indices, one pair per run;
-- ``part_ptr``, ``part_runs``: the same for PARTIAL runs;
+- ``full_ptr`` ``[H * n_tiles + 1]``: tile ``t`` of layout head ``h`` owns
+  entries ``full_ptr[h * n_tiles + t] : full_ptr[h * n_tiles + t + 1]`` of
+- ``full_steps`` ``[n_full]``: step indices (position ``s * step``), ascending;
+- ``part_ptr``, ``part_steps``: the same for PARTIAL steps;
 - ``cost`` (int64 ``[H, n_tiles]``): non-empty steps per tile, for ordering programs;
 - ``steps`` (int): the number of non-empty (tile, step) pairs, all heads.
 
@@ -41,21 +42,21 @@ import numpy as np
 
 
 @dataclass(frozen=True, eq=False)
-class RunLists:
-    """FULL and PARTIAL runs of one kernel's tiles (see the module docstring)."""
+class StepLists:
+    """FULL and PARTIAL steps of one kernel's tiles (see the module docstring)."""
 
     n_tiles: int
     full_ptr: np.ndarray
-    full_runs: np.ndarray
+    full_steps: np.ndarray
     part_ptr: np.ndarray
-    part_runs: np.ndarray
+    part_steps: np.ndarray
     cost: np.ndarray
     steps: int
 
 
-def kernel_runs(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: int, block: int,
-                tile: int, step: int) -> RunLists:
-    """Runs of ``step``-wide steps for each ``tile``-wide tile, from one CSR
+def kernel_steps(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: int, block: int,
+                 tile: int, step: int) -> StepLists:
+    """The ``step``-wide steps of each ``tile``-wide tile, from one CSR
     orientation of a layout (``ptr`` ``[H, R + 1]`` global offsets, ``idx``,
     ``full``: rows are blocks of the tile axis, ``idx`` blocks of the step axis)."""
     H, R = ptr.shape[0], ptr.shape[1] - 1
@@ -86,10 +87,11 @@ def kernel_runs(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: int
     inside = (u_step + 1) * step <= seq_len  # the fast path loads the whole step unmasked
     fast = (present == expected) & (n_full == expected) & inside
 
-    full_ptr, full_runs = _runs(u_row[fast], u_step[fast], H * n_tiles)
-    part_ptr, part_runs = _runs(u_row[~fast], u_step[~fast], H * n_tiles)
+    full_ptr = _pointers(u_row[fast], H * n_tiles)
+    part_ptr = _pointers(u_row[~fast], H * n_tiles)
     cost = np.bincount(u_row, minlength=H * n_tiles).reshape(H, n_tiles)
-    return RunLists(n_tiles, full_ptr, full_runs, part_ptr, part_runs, cost, int(uniq.size))
+    return StepLists(n_tiles, full_ptr, u_step[fast].astype(np.int32), part_ptr, u_step[~fast].astype(np.int32),
+                     cost, int(uniq.size))
 
 
 def _overlapping(blocks: np.ndarray, block: int, size: int) -> np.ndarray:
@@ -109,18 +111,9 @@ def _blocks_under(pieces: np.ndarray, size: int, block: int, n_blocks: int) -> n
     return last - first
 
 
-def _runs(rows: np.ndarray, idx: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Maximal runs of consecutive ``idx`` within each row (entries sorted by row, then idx)."""
-    if rows.size == 0:
-        return np.zeros(n_rows + 1, dtype=np.int32), np.zeros(0, dtype=np.int32)
-    starts = np.ones(rows.size, dtype=bool)
-    starts[1:] = (rows[1:] != rows[:-1]) | (idx[1:] != idx[:-1] + 1)
-    first = np.flatnonzero(starts)
-    last = np.append(first[1:], rows.size) - 1
-    runs = np.stack([idx[first], idx[last] + 1], axis=1).ravel()
-    per_row = np.bincount(rows[first], minlength=n_rows)
-    ptr = np.concatenate([[0], np.cumsum(per_row)])
-    return ptr.astype(np.int32), runs.astype(np.int32)
+def _pointers(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """CSR pointers (int32 ``[n_rows + 1]``) of entries sorted by row."""
+    return np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))]).astype(np.int32)
 
 
 def tile_order(cost: np.ndarray) -> np.ndarray:
