@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--examples", type=int, default=30, help="hypothesis examples per pattern and backend")
     p.add_argument("--backend", action="append", help="restrict to these backends")
+    p.add_argument("--seed", type=int, default=None, help="hypothesis seed (to reproduce a failure)")
     p.set_defaults(run=cmd_test)
 
     p = sub.add_parser("demo", help="the main job: compile the standard patterns, check, draw")
@@ -245,7 +246,7 @@ def cmd_bench(args) -> int:
 def cmd_test(args) -> int:
     from .testing import run_files
 
-    return run_files(args.files, examples=args.examples, backends=args.backend)
+    return run_files(args.files, examples=args.examples, backends=args.backend, seed=args.seed)
 
 
 def cmd_demo(args) -> int:

@@ -272,6 +272,20 @@ def build(p: ir.Pattern, seq_len: int, block: int, heads: int = 1) -> BlockLayou
     return _from_pairs(bound, seq_len, block, per_head, nb)
 
 
+def estimate_blocks(p: ir.Pattern, seq_len: int, block: int, heads: int = 1) -> int:
+    """An upper bound on ``build(...).nnz`` without building: cheap (no block
+    pairs are generated), used by the planner to skip dense natural layouts."""
+    bound, H = _prepare(p, seq_len, block, heads)
+    seen: dict[ir.Pattern, int] = {}
+    total = 0
+    for h in range(H):
+        ph = ir.for_head(bound, h)
+        if ph not in seen:
+            seen[ph] = _estimate(ph, _Ctx(int(seq_len), int(block)))
+        total += seen[ph]
+    return total
+
+
 def sparse_mask(p: ir.Pattern, seq_len: int, heads: int = 1, *, block: int = 64) -> list[sp.csr_matrix]:
     """One bool CSR ``[n, n]`` per layout head (``H`` as in ``BlockLayout``),
     sorted indices, built from the layout at ``block``: FULL blocks expand to

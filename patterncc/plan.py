@@ -1,0 +1,510 @@
+"""The planner: run a pattern at its true sparsity, not its block density.
+
+In natural token order the Sparse Transformer's own patterns are not block
+sparse: ``stride(128)`` and ``summary(128, 32)`` put an allowed element in
+every 128 x 128 causal tile. The planner
+
+1. splits the pattern into a union of terms and groups them into disjoint
+   components (``A | B`` -> ``A``, ``B - A``), per head;
+2. gives each component the token order that makes it block-dense:
+   - ``residue(l)`` for a term with ``stride(l)`` (or ``dilated(w, l)``):
+     token ``p`` sits at ``t = (p % l) * S + p // l`` with ``S = ceil(n / l)``,
+     so tokens of one residue class are contiguous and ``stride(l)`` becomes
+     ``block(S)``;
+   - ``columns(l, c)`` for a term with ``summary(l, c)``: keys are gathered,
+     ``t -> p = (t // c) * l + (l - c) + t % c``, queries stay in order;
+   - natural order for bands and blocks (``sink``/``global`` columns and
+     ``global`` rows are contiguous runs already, so natural order gathers them);
+3. builds each component's layout in its own order (the kernels map ``t``
+   back to ``p`` in their address arithmetic: every order here is a closed
+   form);
+4. compares, with a cost model, running the natural layout, the planned
+   components, and dense attention (only when the pattern *is* dense:
+   ``causal`` or ``all``), and records the choice and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import ir
+from .errors import PatternValueError
+from .layout import BlockLayout, build as build_layout, estimate_blocks
+from .simplify import simplify
+
+# Above this many terms the union-of-intersections expansion stops and the
+# pattern is kept whole (the expansion is a product over intersections).
+MAX_TERMS = 16
+
+# -- the cost model --------------------------------------------------------------
+# Costs are in units of one FULL block pair computed forward and backward.
+# PARTIAL blocks also evaluate the predicate; each extra component is one more
+# launch of every kernel and a log-sum-exp merge of its output (bytes ~ n * D,
+# expressed in blocks per query-block row). Reordered components also apply
+# the sequence-end mask on every block and read rows at strided addresses.
+COST_FULL = 1.0
+COST_PARTIAL = 1.25
+COST_REORDERED = 1.1          # multiplier for blocks of a reordered component
+COST_PASS_PER_ROW = 0.5       # per component, per query-block row (launch + merge)
+COST_DENSE_FLASH = 0.8        # SDPA flash per causal block, relative to ours
+
+# The natural layout is not built when its upper bound is over this many
+# times the planned blocks and over SKIP_NATURAL_MIN blocks (the bound is
+# an intersection's sparsest part: tight for strided and fixed).
+SKIP_NATURAL_RATIO = 2
+SKIP_NATURAL_MIN = 2**20
+
+
+# ----------------------------------------------------------------------------
+# Token orders
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenOrder:
+    """How a component's kernel index ``t`` maps to a token position ``p``.
+
+    - ``natural``: ``p = t``, ``n`` slots;
+    - ``residue(l)``: ``p = (t % S) * l + t // S`` with ``S = ceil(n / l)``,
+      ``l * S`` slots (slots with ``p >= n`` are padding);
+    - ``columns(l, c)``: ``p = (t // c) * l + (l - c) + t % c``,
+      ``c * ceil(n / l)`` slots (the last ``c`` of every run of ``l``).
+    """
+
+    kind: str = "natural"
+    l: int = 1
+    c: int = 0
+
+    def length(self, n: int) -> int:
+        if self.kind == "residue":
+            return self.l * -(-n // self.l)
+        if self.kind == "columns":
+            return self.c * -(-n // self.l)
+        return n
+
+    def positions(self, t: np.ndarray, n: int) -> np.ndarray:
+        """int64 token positions of slots ``t``; ``-1`` for padding slots."""
+        t = np.asarray(t, dtype=np.int64)
+        if self.kind == "residue":
+            S = -(-n // self.l)
+            p = (t % S) * self.l + t // S
+        elif self.kind == "columns":
+            p = (t // self.c) * self.l + (self.l - self.c) + t % self.c
+        else:
+            p = t
+        return np.where(p < n, p, -1)
+
+    def __str__(self) -> str:
+        if self.kind == "residue":
+            return f"residue({self.l})"
+        if self.kind == "columns":
+            return f"columns({self.l}, {self.c})"
+        return "natural"
+
+    def formula(self) -> str:
+        if self.kind == "residue":
+            return f"p = (t % S) * {self.l} + t // S, S = ceil(n / {self.l})"
+        if self.kind == "columns":
+            return f"p = (t // {self.c}) * {self.l} + {self.l - self.c} + t % {self.c}"
+        return "p = t"
+
+
+NATURAL = TokenOrder()
+
+
+# ----------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Component:
+    """One disjoint piece of the pattern, run in its own token order.
+
+    ``pattern`` is the piece over token positions (the kernels' predicate on
+    PARTIAL blocks); ``layout`` is its BlockLayout over slots ``t`` of
+    ``q_order`` (rows) and ``k_order`` (columns): ``seq_len`` is the larger
+    of the two slot counts, and a slot past either count is never listed.
+    ``exact`` says whether FULL blocks of the layout are FULL for the piece
+    (when False, the layout marks every block PARTIAL).
+    """
+
+    pattern: ir.Pattern
+    q_order: TokenOrder
+    k_order: TokenOrder
+    layout: BlockLayout
+    reason: str
+
+    @property
+    def reordered(self) -> bool:
+        return self.q_order.kind != "natural" or self.k_order.kind != "natural"
+
+    @property
+    def blocks(self) -> int:
+        return self.layout.nnz
+
+    def cost(self) -> float:
+        full = self.layout.n_full
+        partial = self.layout.nnz - full
+        blocks = COST_FULL * full + COST_PARTIAL * partial
+        if self.reordered:
+            blocks *= COST_REORDERED
+        return blocks + COST_PASS_PER_ROW * self.layout.heads * self.layout.n_qblocks
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """How a pattern runs at one length.
+
+    ``strategy`` is ``"natural"`` (one component: the pattern in natural
+    order), ``"planned"`` (several components in their own orders, merged by
+    log-sum-exp) or ``"dense"`` (the pattern is ``causal`` or ``all``: dense
+    flash attention). ``components`` always lists what the kernels run (for
+    ``dense``, the natural component, which the Triton backend may replace by
+    SDPA). ``computed_blocks`` is the total of their non-empty blocks;
+    ``natural_blocks`` what natural order alone computes (an upper bound when
+    ``natural_built`` is False: the natural layout was too dense to be worth
+    building); ``costs`` the cost model's prediction per strategy.
+    """
+
+    pattern: ir.Pattern
+    seq_len: int
+    block: int
+    heads: int
+    strategy: str
+    components: tuple[Component, ...]
+    natural_blocks: int
+    natural_built: bool
+    costs: dict
+    reason: str
+
+    @property
+    def computed_blocks(self) -> int:
+        return sum(c.blocks for c in self.components)
+
+    def describe(self) -> str:
+        n, B = self.seq_len, self.block
+        causal_blocks = self.heads_effective * _causal_blocks(n, B)
+        lines = [
+            f"plan for {self.pattern}",
+            f"  n = {n}, block = {B}, heads = {self.heads}: strategy {self.strategy!r}",
+            f"  computed blocks: {self.computed_blocks} "
+            f"({self.computed_blocks / max(1, causal_blocks):.2%} of causal attention's {causal_blocks}); "
+            f"natural order alone: {'' if self.natural_built else 'at most '}{self.natural_blocks} "
+            f"({self.natural_blocks / max(1, causal_blocks):.2%})",
+            "  predicted cost (full-block units): "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in self.costs.items()),
+            f"  why: {self.reason}",
+        ]
+        for idx, comp in enumerate(self.components):
+            lay = comp.layout
+            lines.append(
+                f"  component {idx}: {comp.pattern}\n"
+                f"    queries in {comp.q_order} order ({comp.q_order.formula()}), "
+                f"keys in {comp.k_order} order ({comp.k_order.formula()})\n"
+                f"    {lay.nnz} blocks ({lay.n_full} full, {lay.n_partial} partial) over "
+                f"{lay.n_qblocks} x {lay.n_kblocks} slots-blocks; {comp.reason}"
+            )
+        return "\n".join(lines)
+
+    @property
+    def heads_effective(self) -> int:
+        return max((c.layout.heads for c in self.components), default=1)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def _causal_blocks(n: int, B: int) -> int:
+    nb = -(-n // B)
+    return nb * (nb + 1) // 2
+
+
+# ----------------------------------------------------------------------------
+# Building a plan
+# ----------------------------------------------------------------------------
+
+
+def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode: str = "auto") -> Plan:
+    """Plan ``p`` at ``seq_len`` tokens. ``mode``: ``"auto"`` (the cost model
+    decides), ``"natural"`` (never reorder) or ``"planned"`` (always use the
+    components when there is more than one)."""
+    if mode not in ("auto", "natural", "planned"):
+        raise PatternValueError(f"plan mode must be 'auto', 'natural' or 'planned', got {mode=}")
+    ir.check_heads(p, heads)
+    bound = ir.bind(p, seq_len)
+    H = heads if ir.depends_on_head(bound) else 1
+
+    pieces = [_decompose(ir.for_head(bound, h)) for h in range(H)]
+    reorders = any(o != (NATURAL, NATURAL) for ps in pieces for o in ps)
+    planned = _components(pieces, seq_len, block, H) if reorders and mode != "natural" else None
+    planned_blocks = sum(c.blocks for c in planned) if planned else 0
+
+    # The natural layout of a strided or fixed pattern is block-dense (every
+    # causal tile): when even an upper bound shows the components are far
+    # cheaper, it is not built at all (at 1M tokens it is 33M blocks).
+    natural_bound = estimate_blocks(bound, seq_len, block, heads)
+    natural = None
+    if planned is None or natural_bound <= max(SKIP_NATURAL_RATIO * planned_blocks, SKIP_NATURAL_MIN):
+        natural = Component(bound, NATURAL, NATURAL, build_layout(bound, seq_len, block, heads), "the pattern as written")
+    natural_blocks = natural.layout.nnz if natural else natural_bound
+    costs = {"natural": natural.cost() if natural else COST_PARTIAL * natural_bound}
+
+    dense = _is_dense(bound)
+    if dense:
+        costs["dense"] = COST_DENSE_FLASH * natural_blocks
+    if planned is not None:
+        costs["planned"] = sum(c.cost() for c in planned)
+
+    strategy, reason = _choose(costs, mode, dense, planned, natural_blocks)
+    components = tuple(planned) if strategy == "planned" else (natural,)
+    return Plan(bound, seq_len, block, heads, strategy, components, natural_blocks, natural is not None, costs, reason)
+
+
+def _choose(costs: dict, mode: str, dense: bool, planned, natural_blocks: int) -> tuple[str, str]:
+    if planned is None:
+        why = "planning is off" if mode == "natural" else "no component needs another token order"
+        if dense and mode != "natural":
+            return "dense", f"the pattern is dense attention; {why}"
+        return "natural", why
+    if mode == "planned":
+        return "planned", "planning forced on"
+    ratio = costs["natural"] / max(costs["planned"], 1e-9)
+    if min(costs, key=costs.get) == "planned":
+        return "planned", (
+            f"the components compute {sum(c.blocks for c in planned)} blocks against "
+            f"{natural_blocks} in natural order: predicted {ratio:.1f}x cheaper"
+        )
+    return "natural", f"natural order is predicted cheaper ({1 / ratio:.2f}x the planned cost)"
+
+
+def _is_dense(p: ir.Pattern) -> bool:
+    return isinstance(p, (ir.Causal, ir.All))
+
+
+# -- 1. terms ---------------------------------------------------------------------
+
+
+def _expand(p: ir.Pattern) -> list[ir.Pattern]:
+    """A union of terms equal to ``p``; each term an intersection (maybe minus
+    something). Stops expanding where the product would exceed MAX_TERMS."""
+    if isinstance(p, ir.Union):
+        out = [t for part in p.parts for t in _expand(part)]
+        return out if len(out) <= MAX_TERMS else [p]
+    if isinstance(p, ir.Intersect):
+        terms: list[ir.Pattern | None] = [None]
+        for part in p.parts:
+            options = _expand(part)
+            terms = [x if t is None else t & x for t in terms for x in options]
+            if len(terms) > MAX_TERMS:
+                return [p]
+        return terms
+    if isinstance(p, ir.Difference):
+        return [t - p.right for t in _expand(p.left)]
+    return [p]
+
+
+def _factors(term: ir.Pattern) -> tuple[ir.Pattern, ...]:
+    """The positive factors of a term (an intersection, maybe minus something)."""
+    if isinstance(term, ir.Difference):
+        return _factors(term.left)
+    if isinstance(term, ir.Intersect):
+        return tuple(f for part in term.parts for f in _factors(part))
+    return (term,)
+
+
+def _order_of(term: ir.Pattern, block: int) -> tuple[TokenOrder, TokenOrder]:
+    """The (query, key) orders that make a term block-dense."""
+    for f in _factors(term):
+        if isinstance(f, ir.Stride) and f.l > 1:
+            return TokenOrder("residue", f.l), TokenOrder("residue", f.l)
+        if isinstance(f, ir.Dilated) and f.d > 1:
+            return TokenOrder("residue", f.d), TokenOrder("residue", f.d)
+    # random() is a table, not a rule over positions: it cannot be rewritten
+    # over gathered columns, so such terms stay in natural order.
+    if not any(isinstance(node, ir.Random) for node in ir.walk(term)):
+        for f in _factors(term):
+            if isinstance(f, ir.Summary) and f.c < f.l:
+                return NATURAL, TokenOrder("columns", f.l, f.c)
+    return NATURAL, NATURAL
+
+
+def _decompose(p: ir.Pattern) -> dict[tuple[TokenOrder, TokenOrder], ir.Pattern]:
+    """Disjoint pieces of a head-free pattern keyed by their orders: natural
+    first, then the others, each minus everything before it."""
+    groups: dict[tuple[TokenOrder, TokenOrder], list[ir.Pattern]] = {}
+    for term in _expand(p):
+        groups.setdefault(_order_of(term, 0), []).append(term)
+    keys = sorted(groups, key=lambda o: (o[0].kind != "natural" or o[1].kind != "natural", str(o)))
+    pieces, before = {}, None
+    for key in keys:
+        union = groups[key][0]
+        for t in groups[key][1:]:
+            union = union | t
+        piece = union if before is None else union - before
+        pieces[key] = simplify(piece)
+        before = union if before is None else before | union
+    return {k: v for k, v in pieces.items() if not isinstance(v, ir.Empty)}
+
+
+# -- 2./3. components and their layouts --------------------------------------------
+
+
+def _components(pieces: list[dict], n: int, block: int, H: int) -> list[Component]:
+    orders = []
+    for ps in pieces:
+        orders += [o for o in ps if o not in orders]
+    out = []
+    for order in orders:
+        per_head = [ps.get(order, ir.Empty()) for ps in pieces]
+        piece = per_head[0] if H == 1 else _per_head(per_head)
+        comp = _component(piece, order[0], order[1], n, block, H)
+        if comp.layout.nnz:
+            out.append(comp)
+    return out
+
+
+def _per_head(per_head: list[ir.Pattern]) -> ir.Pattern:
+    if all(p == per_head[0] for p in per_head):
+        return per_head[0]
+    ranges, start = [], 0
+    for h in range(1, len(per_head) + 1):
+        if h == len(per_head) or per_head[h] != per_head[start]:
+            ranges.append(ir.HeadRange(start, h, per_head[start]))
+            start = h
+    return ir.Heads(tuple(ranges))
+
+
+def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block: int, H: int) -> Component:
+    if qo.kind == "natural" and ko.kind == "natural":
+        return Component(piece, qo, ko, build_layout(piece, n, block, H), "natural order: a band or blocks")
+    if qo.kind == "residue":
+        S = -(-n // qo.l)
+        translated, exact = _translate_residue(piece, qo.l, True)
+        t_pattern = ir.Block(S) & translated
+        length = qo.length(n)
+        reason = f"residue order: stride({qo.l}) becomes block({S}), each residue class contiguous"
+    else:
+        translated, exact = _translate_columns(piece, ko), True
+        length = n
+        # Slots past the gathered keys, and gathered keys past the end, are never listed.
+        keys = _columns_count(ko, n)
+        t_pattern = translated & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
+        reason = f"gathered columns: only the {keys} keys of summary({ko.l}, {ko.c}) are read"
+    lay = build_layout(t_pattern, length, block, H)
+    if not exact:
+        lay = _all_partial(lay)
+    return Component(piece, qo, ko, lay, reason)
+
+
+def _columns_count(order: TokenOrder, n: int) -> int:
+    """Key slots whose position is inside the sequence: the summary keys
+    ``k < n``, which come first in slot order."""
+    l, c = order.l, order.c
+    return (n // l) * c + max(0, n % l - (l - c))
+
+
+def _all_partial(lay: BlockLayout) -> BlockLayout:
+    return replace(lay, kv_full=np.zeros_like(lay.kv_full), q_full=np.zeros_like(lay.q_full))
+
+
+def _translate_residue(p: ir.Pattern, l: int, positive: bool) -> tuple[ir.Pattern, bool]:
+    """The pattern over residue slots, for pairs in the same residue class
+    (where ``q - k = (tq - tk) * l``). Exact for primitives of ``q - k``; any
+    other node becomes ``all`` where it counts positively and ``none`` where
+    it counts negatively, a superset either way (then ``exact`` is False)."""
+    match p:
+        case ir.All() | ir.Empty() | ir.Causal():
+            return p, True
+        case ir.Local(w=w):
+            return ir.Local(-(-w // l)), True
+        case ir.Stride(l=s):
+            m = s // math.gcd(s, l)
+            return (ir.All() if m == 1 else ir.Stride(m)), True
+        case ir.Dilated(w=w, d=d):
+            m = d // math.gcd(d, l)
+            band = ir.Local(-(-(w * d) // l))
+            return (band if m == 1 else band & ir.Stride(m)), True
+        case ir.Union(parts=parts) | ir.Intersect(parts=parts):
+            done = [_translate_residue(x, l, positive) for x in parts]
+            return type(p)(tuple(d[0] for d in done)), all(d[1] for d in done)
+        case ir.Difference(left=a, right=b):
+            (ta, ea), (tb, eb) = _translate_residue(a, l, positive), _translate_residue(b, l, not positive)
+            return ta - tb, ea and eb
+        case ir.Complement(arg=a):
+            ta, ea = _translate_residue(a, l, not positive)
+            return ~ta, ea
+        case ir.Heads(ranges=ranges):
+            done = [_translate_residue(r.pattern, l, positive) for r in ranges]
+            return ir.Heads(tuple(replace(r, pattern=d[0]) for r, d in zip(ranges, done))), all(d[1] for d in done)
+    return (ir.All() if positive else ir.Empty()), False
+
+
+def _translate_columns(p: ir.Pattern, order: TokenOrder) -> ir.Pattern:
+    """The pattern over (query position, gathered key slot): every node is
+    rewritten as a condition with ``k`` replaced by the slot's position."""
+    l, c = order.l, order.c
+    k = ir.Var("k")
+    position = ir.BinOp("+", ir.BinOp("+", ir.BinOp("*", ir.BinOp("//", k, ir.Const(c)), ir.Const(l)),
+                                      ir.Const(l - c)), ir.BinOp("%", k, ir.Const(c)))
+
+    def rewrite(node: ir.Pattern) -> ir.Pattern:
+        if isinstance(node, ir.Summary) and node.l == l and node.c == c:
+            return ir.All()
+        cond = as_condition(node)
+        if cond is None:
+            return node
+        return ir.Where(_substitute_expr(cond, "k", position))
+
+    return ir._map(p, rewrite)
+
+
+def _substitute_expr(e: ir.Expr, name: str, value: ir.Expr) -> ir.Expr:
+    if isinstance(e, ir.Var):
+        return value if e.name == name else e
+    if isinstance(e, (ir.BinOp, ir.Compare)):
+        return replace(e, left=_substitute_expr(e.left, name, value), right=_substitute_expr(e.right, name, value))
+    if isinstance(e, (ir.Call, ir.BoolOp)):
+        return replace(e, args=tuple(_substitute_expr(a, name, value) for a in e.args))
+    if isinstance(e, ir.Not):
+        return replace(e, arg=_substitute_expr(e.arg, name, value))
+    return e
+
+
+def as_condition(p: ir.Pattern) -> ir.Expr | None:
+    """A primitive's rule as a ``where`` condition (None for combinators and
+    ``random``, whose rule is a table)."""
+    q, k = ir.Var("q"), ir.Var("k")
+    diff = ir.BinOp("-", q, k)
+
+    def lt(a, b):
+        return ir.Compare("<", a, b)
+
+    match p:
+        case ir.All():
+            return ir.Compare("==", ir.Const(0), ir.Const(0))
+        case ir.Empty():
+            return ir.Compare("!=", ir.Const(0), ir.Const(0))
+        case ir.Causal():
+            return ir.Compare("<=", k, q)
+        case ir.Local(w=w):
+            return lt(ir.Call("abs", (diff,)), ir.Const(w))
+        case ir.Stride(l=l):
+            return ir.Compare("==", ir.BinOp("%", diff, ir.Const(l)), ir.Const(0))
+        case ir.Block(l=l):
+            return ir.Compare("==", ir.BinOp("//", q, ir.Const(l)), ir.BinOp("//", k, ir.Const(l)))
+        case ir.Summary(l=l, c=c):
+            return ir.Compare(">=", ir.BinOp("%", k, ir.Const(l)), ir.Const(l - c))
+        case ir.Global(g=g):
+            return ir.BoolOp("or", (lt(q, ir.Const(g)), lt(k, ir.Const(g))))
+        case ir.Sink(g=g):
+            return lt(k, ir.Const(g))
+        case ir.Dilated(w=w, d=d):
+            return ir.BoolOp("and", (lt(ir.Call("abs", (diff,)), ir.Const(w * d)),
+                                     ir.Compare("==", ir.BinOp("%", diff, ir.Const(d)), ir.Const(0))))
+        case ir.Where(cond=cond):
+            return cond
+    return None
