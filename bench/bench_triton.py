@@ -7,6 +7,7 @@
     python bench/bench_triton.py --cold-start           # first call of a new pattern: cold and warm process
     python bench/bench_triton.py --sweep                # tile candidates for config.py's table
     python bench/bench_triton.py --smoke                # fwd+bwd vs the float64 reference (memcheck runs this)
+    python bench/bench_triton.py --resources            # registers/spills/shared per kernel (sm_90, no GPU needed)
 
 Targets (bf16, B=1, H=16, D=64 and 128, n=16384 and 65536): forward and
 forward+backward at least as fast as FlexAttention on the same sparsity for
@@ -102,12 +103,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-start", action="store_true", help="time first calls in fresh processes instead")
     ap.add_argument("--sweep", action="store_true", help="time tile candidates instead")
     ap.add_argument("--smoke", action="store_true", help="check fwd+bwd against the reference instead")
+    ap.add_argument("--resources", action="store_true",
+                    help="compile for sm_90 without a GPU: registers, spills, shared memory of the default table")
     ap.add_argument("--smoke-n", type=int, default=1000)
     ap.add_argument("--smoke-dtypes", nargs="+", default=["bfloat16", "float32"])
     args = ap.parse_args(argv)
 
     import torch
 
+    if args.resources:
+        from patterncc.backends.triton import bench
+
+        print(bench.resources(head_dims=tuple(args.head_dim) if args.head_dim != [64, 128] else (64, 128, 256),
+                              dtypes=("bfloat16", "float32") if args.dtype == "bfloat16" else (args.dtype,)))
+        return 0
     if not torch.cuda.is_available():
         print("bench_triton needs a CUDA GPU; none is available here.", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@
 #             D=64/128, n=16384/65536; patterncc vs Flex (create_block_mask
 #             and our layout's BlockMask) vs SDPA flash; plus cold and warm
 #             first-call times                                       (~5 min)
-#   sweep     tile candidates for config.py (causal, n=16384, D=64/128) (~3 min)
+#   sweep     registers/spills of the default table as compiled here, then
+#             tile candidates for config.py (causal, n=16384, D=64/128) (~4 min)
 #
 # Every section runs under `timeout` and writes its log under $OUT as it goes,
 # so a cut-off section still leaves what it finished; the exit status is
@@ -87,6 +88,7 @@ run_bench() {
 
 run_sweep() {
     echo "== sweep" | tee -a "$OUT/summary.txt"
+    timeout 120 python3 bench/bench_triton.py --resources 2>&1 | tee "$OUT/resources.md" || fail resources
     timeout 240 python3 bench/bench_triton.py --sweep --patterns causal --seq-len 16384 --head-dim 64 128 \
         --out "$OUT/sweep.md" 2>&1 | tee "$OUT/sweep.log" || fail sweep
 }

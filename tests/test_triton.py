@@ -302,7 +302,7 @@ def test_new_length_reuses_the_module_unless_arguments_use_n():
     assert sym.kernels(20, cfg) is not sym.kernels(30, cfg)
 
 
-@settings(max_examples=8 if not GPU else 25, deadline=None, database=None,
+@settings(max_examples=8 if not GPU else 6, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_hypothesis_compositions(data):
@@ -523,10 +523,9 @@ def test_input_validation_messages():
         TritonAttention("causal")
 
 
-@pytest.mark.skipif(GPU, reason="CPU tensors are refused only when a CUDA device is expected")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    q, k, v, _ = make_inputs(1, 1, 1, 8, 16, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TritonAttention(C, config=CONFIG)(q, k, v)
 

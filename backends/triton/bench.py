@@ -300,14 +300,15 @@ def cold_start(n: int = 4096, heads: int = 16, head_dim: int = 64, who: str = "p
 # Tile sweep: candidates for config.py's table
 # ----------------------------------------------------------------------------
 
-FWD_CANDIDATES = [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
-BWD_CANDIDATES = [(64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 3),
-                  (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 4, 2), (32, 64, 64, 32, 4, 3)]
+FWD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
+                  (128, 32, 4, 3)]
+BWD_CANDIDATES = [(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3), (32, 128, 128, 32, 8, 3),
+                  (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 3)]
 
 
 def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 64, dtype: str = "bfloat16",
           rep: int = 50) -> str:
-    """Forward and backward time of each candidate tile set (block 128) at one shape."""
+    """Forward and backward time of each candidate tile set (default block) at one shape."""
     dt = _DTYPES[dtype]
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=dt, generator=g) for _ in range(4))
@@ -316,13 +317,13 @@ def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 
     lines = [f"sweep: {pattern} n={n} H={heads} D={head_dim} {dtype} (default {base.describe()})",
              "| kernel | tiles (M, N[, M2, N2]), warps, stages | ms |", "|---|---|---|"]
     for m, nn, w, s in FWD_CANDIDATES:
-        cfg = KernelConfig(block=128, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s,
+        cfg = KernelConfig(block=base.block, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s,
                            block_m1=base.block_m1, block_n1=base.block_n1, block_m2=base.block_m2,
                            block_n2=base.block_n2, bwd_warps=base.bwd_warps, bwd_stages=base.bwd_stages)
         attn = TritonAttention(pattern, config=cfg)
         lines.append(f"| forward | {m}x{nn}, {w}, {s} | {_try(lambda: _bench(lambda: attn(q, k, v), rep=rep))} |")
     for m1, n1, m2, n2, w, s in BWD_CANDIDATES:
-        cfg = KernelConfig(block=128, block_m=base.block_m, block_n=base.block_n, fwd_warps=base.fwd_warps,
+        cfg = KernelConfig(block=base.block, block_m=base.block_m, block_n=base.block_n, fwd_warps=base.fwd_warps,
                            fwd_stages=base.fwd_stages, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
                            bwd_warps=w, bwd_stages=s)
         attn = TritonAttention(pattern, config=cfg)
@@ -341,3 +342,78 @@ def _try(fn) -> str:
         return f"{fn():.3f}"
     except Exception as err:
         return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+
+
+# ----------------------------------------------------------------------------
+# Registers, spills and shared memory per kernel, without a GPU
+# ----------------------------------------------------------------------------
+
+
+def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat16", "float32"),
+              config: KernelConfig | None = None, capability: int = 90) -> str:
+    """Compile every kernel for ``sm_<capability>`` (no GPU needed; not under
+    TRITON_INTERPRET=1) and report registers per thread, spilled bytes (the
+    stack frame) and shared memory, from ``cuobjdump -res-usage``."""
+    import re
+    import shutil
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .config import default_config
+    from .runtime import load_kernels
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+    target = GPUTarget("cuda", capability, 32)
+    lines = ["| D | dtype | kernel | tiles, warps, stages | registers | spilled bytes | shared KiB |",
+             "|---|---|---|---|---|---|---|"]
+    for dtype in dtypes:
+        for D in head_dims:
+            cfg = config or default_config(D, dtype)
+            module = load_kernels(pattern, cfg)
+            short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+            common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
+            kernels = [
+                ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
+                 f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
+                ("dK/dV", module.attn_bwd_dkdv, dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, NUM_STAGES=cfg.bwd_stages),
+                 f"{cfg.block_m1}x{cfg.block_n1}", cfg.bwd_warps, cfg.bwd_stages),
+                ("dQ", module.attn_bwd_dq, dict(BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, NUM_STAGES=cfg.bwd_stages),
+                 f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
+            ]
+            for name, fn, constexprs, tiles, warps, stages in kernels:
+                constexprs = {**common, **constexprs}
+                signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
+                # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16
+                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                         if signature[a].startswith("*") or a.startswith("stride_")}
+                try:
+                    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                              options=dict(num_warps=warps, num_stages=stages))
+                    regs, stack = "?", "?"
+                    if cuobjdump:
+                        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                            f.write(compiled.asm["cubin"])
+                            f.flush()
+                            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                                                   text=True).stdout
+                        found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+                        regs, stack = found.groups() if found else ("?", "?")
+                    lines.append(f"| {D} | {short} | {name} | {tiles}, {warps}, {stages} | {regs} | {stack} "
+                                 f"| {compiled.metadata.shared / 1024:.0f} |")
+                except Exception as err:
+                    lines.append(f"| {D} | {short} | {name} | {tiles}, {warps}, {stages} | failed: "
+                                 f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | |")
+    return "\n".join(lines)
+
+
+def _arg_type(name: str, dtype: str) -> str:
+    if name in ("LSE", "DELTA"):
+        return "*fp32"
+    if name in ("RANDOM", "FULL_PTR", "FULL_STEPS", "PART_PTR", "PART_STEPS", "TILE_ORDER"):
+        return "*i32"
+    if name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+        return "*" + dtype
+    return "fp32" if name == "sm_scale" else "i32"

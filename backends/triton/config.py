@@ -23,21 +23,24 @@ would compute it. The price is a layout with about 4x the entries of block
 ``block=16`` with every tile 16.
 
 Defaults for one NVIDIA H100 (``default_config``). Forward tiles follow
-FlexAttention's H100 table (torch/_inductor/template_heuristics) except
-D <= 64 (128 x 64 rather than 128 x 128); backward tiles follow its sm90
-choice for D <= 128 and are smaller for D = 256 (register pressure of the
-fp32 dK, dV accumulators). ``bench/bench_triton.py --sweep`` times the
-alternatives on the GPU:
+FlexAttention's H100 table (torch/_inductor/template_heuristics) for D = 128
+and 256, and take 128 x 64 rather than its 128 x 128 for D <= 64 (which spills
+registers here); every entry was compiled for sm_90 (Triton 3.9) and checked
+free of register spills with ``python bench/bench_triton.py --resources``
+(cuobjdump -res-usage, no GPU needed), which is why the backward tiles for
+D >= 128 and the float32 ones (exact products, ``input_precision="ieee"``,
+on the FMA units) are smaller than Flex's. ``bench/bench_triton.py --sweep``
+times the alternatives on the GPU:
 
 ======  ===========  ================================  ===========================================
 D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
 ======  ===========  ================================  ===========================================
 <= 64   bf16, fp16   128 x 64, 4, 3                    64 x 128 / 128 x 64, 8, 3
-128     bf16, fp16   128 x 64, 8, 3                    64 x 128 / 128 x 64, 8, 3
-256     bf16, fp16   64 x 32, 4, 3                     32 x 64 / 64 x 32, 4, 2
-<= 64   fp32         128 x 32, 4, 3                    32 x 64 / 64 x 32, 4, 1
-128     fp32         32 x 64, 4, 3                     32 x 32 / 32 x 32, 4, 1
-256     fp32         32 x 32, 4, 3                     16 x 32 / 32 x 16, 4, 1
+128     bf16, fp16   128 x 64, 8, 3                    32 x 128 / 128 x 64, 8, 3
+256     bf16, fp16   64 x 32, 4, 3                     32 x 32 / 64 x 32, 8, 2
+<= 64   fp32         64 x 32, 8, 2                     32 x 32 / 64 x 32, 8, 1
+128     fp32         32 x 16, 8, 2                     32 x 32 / 32 x 32, 8, 1
+256     fp32         32 x 16, 8, 2                     16 x 32 / 32 x 32, 8, 1
 ======  ===========  ================================  ===========================================
 
 Head dims that are not a power of two use the row of the next power of two
@@ -92,11 +95,11 @@ class KernelConfig:
 # (16-bit?, padded head dim) -> (forward M, N, warps, stages), (backward M1, N1, M2, N2, warps, stages)
 _H100 = {
     (True, 64): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
-    (True, 128): ((128, 64, 8, 3), (64, 128, 128, 64, 8, 3)),
-    (True, 256): ((64, 32, 4, 3), (32, 64, 64, 32, 4, 2)),
-    (False, 64): ((128, 32, 4, 3), (32, 64, 64, 32, 4, 1)),
-    (False, 128): ((32, 64, 4, 3), (32, 32, 32, 32, 4, 1)),
-    (False, 256): ((32, 32, 4, 3), (16, 32, 32, 16, 4, 1)),
+    (True, 128): ((128, 64, 8, 3), (32, 128, 128, 64, 8, 3)),
+    (True, 256): ((64, 32, 4, 3), (32, 32, 64, 32, 8, 2)),
+    (False, 64): ((64, 32, 8, 2), (32, 32, 64, 32, 8, 1)),
+    (False, 128): ((32, 16, 8, 2), (32, 32, 32, 32, 8, 1)),
+    (False, 256): ((32, 16, 8, 2), (16, 32, 32, 32, 8, 1)),
 }
 
 _DTYPES = {"bfloat16": True, "float16": True, "float32": False}
