@@ -5,7 +5,7 @@
 1. the pattern's predicate, ``pattern_mask(q, k, h, N, RANDOM)``, a
    ``@triton.jit`` function over int32 positions ``q`` ``[M, 1]`` and ``k``
    ``[1, N]`` (or transposed), the runtime head index ``h`` and the runtime
-   length ``N``; the kernels call it on PARTIAL blocks only;
+   length ``N``; the kernels call it on PARTIAL steps only;
 2. the attention kernels of ``kernels.py`` (forward, backward preprocess,
    dK/dV, dQ, and a mask picture for tests), copied verbatim;
 3. ``make_mask_mod(N, random_tables)``: the same predicate as a torch
@@ -509,7 +509,7 @@ def _header(p: ir.Pattern, config: KernelConfig, random: list) -> str:
 #   pattern: {ir.source(p)}
 #   config:  {config.describe()}
 #
-# 1. the pattern's predicate (Triton), applied on PARTIAL blocks only
+# 1. the pattern's predicate (Triton), applied on PARTIAL steps only
 # 2. the attention kernels: forward, backward preprocess, dK/dV, dQ, mask picture
 # 3. the same predicate as a torch mask_mod, for FlexAttention
 
@@ -575,7 +575,7 @@ def _predicate_section(pred: _Predicate, result: str) -> str:
 
 @triton.jit
 def pattern_mask(q, k, h, N, RANDOM):
-    """q [M, 1] and k [1, N] int32 positions (or transposed), h the head, N the length."""
+    """q [M, 1] and k [1, K] int32 positions (or [1, M] and [K, 1]), h the head index, N the length."""
 {body}
     return {result}
 '''
