@@ -25,6 +25,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+REPO=$PWD
+PKGROOT=$PWD  # a directory whose patterncc/ is the importable package (sys.path[0] for `python -m`)
 if ! python3 -c "import patterncc.backends.triton, patterncc.backends.reference" 2>/dev/null; then
     # From a source tree, backends/ and grammar/ are not yet patterncc.backends
     # and patterncc.grammar (pyproject's package-dir maps them at install time):
@@ -34,6 +36,7 @@ if ! python3 -c "import patterncc.backends.triton, patterncc.backends.reference"
     cp -r backends /tmp/pcc/patterncc/backends
     cp -r grammar /tmp/pcc/patterncc/grammar
     export PYTHONPATH=/tmp/site:/tmp/pcc:$PWD
+    PKGROOT=/tmp/pcc
 fi
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
@@ -74,8 +77,9 @@ run_tests() {
     echo "== tests" | tee -a "$OUT/summary.txt"
     local workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-    timeout 240 python3 -m pytest tests/test_triton.py -q -p no:cacheprovider "${workers[@]}" 2>&1 \
-        | tee "$OUT/pytest.log" || fail tests
+    # From $PKGROOT: the checkout's own patterncc/ (without backends/) must not be sys.path[0].
+    (cd "$PKGROOT" && timeout 240 python3 -m pytest "$REPO/tests/test_triton.py" -q -p no:cacheprovider \
+        "${workers[@]}" 2>&1) | tee "$OUT/pytest.log" || fail tests
     tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
 }
 

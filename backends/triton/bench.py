@@ -286,8 +286,9 @@ def cold_start(n: int = 4096, heads: int = 16, head_dim: int = 64, who: str = "p
         env.pop("TRITON_INTERPRET", None)
         result = {}
         for label in ("cold", "warm"):
+            # cwd: a checkout's own patterncc/ must not shadow the installed one on sys.path[0]
             proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FIRST_CALL), json.dumps(spec)],
-                                  env=env, capture_output=True, text=True, timeout=600)
+                                  env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 result[label] = f"failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
