@@ -28,6 +28,7 @@ the pattern's arguments use ``n``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -367,7 +368,8 @@ class _SparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, run):
-        o, lse = run.forward(q, k, v, scale)
+        with _on_device_of(q):
+            o, lse = run.forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.run, ctx.scale = run, scale
         ctx.set_materialize_grads(False)
@@ -378,5 +380,13 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = ctx.run.backward(q, k, v, o, lse, do, dlse, ctx.scale)
+        with _on_device_of(q):
+            dq, dk, dv = ctx.run.backward(q, k, v, o, lse, do, dlse, ctx.scale)
         return dq, dk, dv, None, None
+
+
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
