@@ -521,8 +521,8 @@ def test_input_validation_messages():
     big = torch.zeros(1, 1, 2, 300, device=DEVICE)
     with pytest.raises(ValueError, match="D=300"):
         attn(big, big, big)
-    with pytest.raises(ValueError, match="block=32 disagrees"):
-        TritonAttention(C, block=32, config=CONFIG)
+    with pytest.raises(ValueError, match="block=32 disagrees with config.block=16"):
+        TritonAttention(C, block=32, config=KernelConfig(block=16))
     with pytest.raises(ValueError, match="block must be a power of two"):
         TritonAttention(C, block=48)
     with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got block_n=8"):
