@@ -1,6 +1,6 @@
 """TritonAttention: the generated kernels behind a torch callable, with autograd.
 
-    attn = TritonAttention(pattern)                 # block=None: the H100 table (config.py)
+    attn = TritonAttention(pattern)                 # block=None: block 64, tiles from the H100 table (config.py)
     o = attn(q, k, v)                               # q [B, H, n, D]; k, v [B, Hkv, n, D]
     o, lse = attn(q, k, v, scale=0.1, return_lse=True)
     o.sum().backward()                              # dq, dk, dv by the generated kernels
@@ -59,7 +59,7 @@ def interpreting() -> bool:
 class TritonAttention:
     """``attn(q, k, v, scale=None, return_lse=False)`` running generated Triton kernels.
 
-    ``block``: the layout block (default 128); ``config``: a ``KernelConfig``
+    ``block``: the layout block (default 64, config.py says why); ``config``: a ``KernelConfig``
     fixing the block and every tile (default: ``default_config`` per head dim
     and dtype). Give one or the other, or both with the same block.
     """
