@@ -2,6 +2,10 @@
 
 Backends are built lazily and kept, so layouts and kernels are cached per
 compiled attention; ``backend="auto"`` picks per call from the inputs' device.
+The Triton backend runs the planner's plan (``plan="auto"``): strided and
+fixed patterns as components in their own token orders, merged by
+log-sum-exp. The reference backend computes the pattern directly: it is the
+definition of correct.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 from . import ir
 
 BACKENDS = ("auto", "reference", "triton")
+PLAN_MODES = ("auto", "planned", "natural")
 
 
 class Attention:
@@ -19,18 +24,30 @@ class Attention:
     q ``[B, H, n, D]``; k, v ``[B, Hkv, n, D]`` with ``Hkv`` dividing ``H``.
     Returns ``o`` ``[B, H, n, D]`` (and ``lse`` ``[B, H, n]``, natural log,
     ``-inf`` for rows with no allowed key).
+
+    Options: ``plan`` (``"auto"``: the cost model decides; ``"planned"``;
+    ``"natural"`` or ``False``: no reordering), ``dense_sdpa`` (default
+    True: a plan whose pattern is plain ``causal``/``all`` runs SDPA flash on
+    CUDA when ``lse`` is not asked for), and the Triton backend's ``block``
+    and ``config``; the reference backend's ``dense_limit``.
     """
 
-    def __init__(self, pattern: ir.Pattern, backend: str = "auto", **options):
+    def __init__(self, pattern: ir.Pattern, backend: str = "auto", *, plan="auto", dense_sdpa: bool = True,
+                 **options):
         if backend not in BACKENDS:
             raise ValueError(f"{backend=} is not one of {', '.join(BACKENDS)}")
+        plan = "natural" if plan is False else ("auto" if plan is True else plan)
+        if plan not in PLAN_MODES:
+            raise ValueError(f"{plan=} is not one of {', '.join(PLAN_MODES)} (or True/False)")
         self.pattern = pattern
         self.backend = backend
+        self.plan_mode = plan
+        self.dense_sdpa = dense_sdpa
         self.options = options
         self._impls: dict[str, object] = {}
 
     def __repr__(self) -> str:
-        return f"Attention({str(self.pattern)!r}, backend={self.backend!r})"
+        return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False):
         return self.impl(self.backend_for(q))(q, k, v, scale=scale, return_lse=return_lse)
@@ -46,12 +63,39 @@ class Attention:
 
     def impl(self, name: str):
         if name not in self._impls:
-            if name == "reference":
-                from .backends.reference import ReferenceAttention
-
-                self._impls[name] = ReferenceAttention(self.pattern)
-            else:
-                from .backends.triton.runtime import TritonAttention
-
-                self._impls[name] = TritonAttention(self.pattern, **self.options)
+            self._impls[name] = self._reference() if name == "reference" else self._triton()
         return self._impls[name]
+
+    def _reference(self):
+        from .backends.reference import ReferenceAttention
+
+        keep = {k: v for k, v in self.options.items() if k == "dense_limit"}
+        return ReferenceAttention(self.pattern, **keep)
+
+    def _triton(self):
+        from .backends.triton.config import DEFAULT_BLOCK
+        from .backends.triton.runtime import TritonAttention
+        from .planned import PlannedAttention
+
+        options = {k: v for k, v in self.options.items() if k in ("block", "config")}
+        block = options.get("block") or getattr(options.get("config"), "block", None) or DEFAULT_BLOCK
+
+        def make_inner(component, heads):
+            attn = TritonAttention(component.slot_pattern, **options)
+            attn.use_layout(component.layout, heads)
+            return attn
+
+        return PlannedAttention(self.pattern, make_inner, block=block, mode=self.plan_mode,
+                                dense=sdpa_dense if self.dense_sdpa else None)
+
+
+def sdpa_dense(pattern: ir.Pattern, q, k, v, scale):
+    """Dense causal (or full) attention through PyTorch's SDPA (flash on a GPU);
+    None where it does not apply, and the kernels run instead."""
+    import torch.nn.functional as F
+
+    if q.device.type != "cuda" or not isinstance(pattern, (ir.Causal, ir.All)):
+        return None
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=isinstance(pattern, ir.Causal), scale=scale,
+                                          enable_gqa=gqa)

@@ -124,17 +124,18 @@ NATURAL = TokenOrder()
 class Component:
     """One disjoint piece of the pattern, run in its own token order.
 
-    ``pattern`` is the piece over token positions (the kernels' predicate on
-    PARTIAL blocks); ``layout`` is its BlockLayout over slots ``t`` of
-    ``q_order`` (rows) and ``k_order`` (columns): ``seq_len`` is the larger
-    of the two slot counts, and a slot past either count is never listed.
-    ``exact`` says whether FULL blocks of the layout are FULL for the piece
-    (when False, the layout marks every block PARTIAL).
+    ``pattern`` is the piece over token positions. ``slot_pattern`` is the
+    same piece over slots: ``(tq, tk)`` is allowed when the positions of
+    slot ``tq`` of ``q_order`` and slot ``tk`` of ``k_order`` are (padding
+    slots never are). The kernels run ``slot_pattern`` on q, k, v gathered
+    into slot order; ``layout`` is its BlockLayout, ``layout.seq_len`` slots
+    a side (keys gathered into fewer slots are padded to the query count).
     """
 
     pattern: ir.Pattern
     q_order: TokenOrder
     k_order: TokenOrder
+    slot_pattern: ir.Pattern
     layout: BlockLayout
     reason: str
 
@@ -241,6 +242,7 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
     pieces = [_decompose(ir.for_head(bound, h)) for h in range(H)]
     reorders = any(o != (NATURAL, NATURAL) for ps in pieces for o in ps)
     planned = _components(pieces, seq_len, block, H) if reorders and mode != "natural" else None
+    planned = planned or None  # every component empty: the natural run gives zeros and -inf
     planned_blocks = sum(c.blocks for c in planned) if planned else 0
 
     # The natural layout of a strided or fixed pattern is block-dense (every
@@ -249,7 +251,7 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
     natural_bound = estimate_blocks(bound, seq_len, block, heads)
     natural = None
     if planned is None or natural_bound <= max(SKIP_NATURAL_RATIO * planned_blocks, SKIP_NATURAL_MIN):
-        natural = Component(bound, NATURAL, NATURAL, build_layout(bound, seq_len, block, heads), "the pattern as written")
+        natural = Component(bound, NATURAL, NATURAL, bound, build_layout(bound, seq_len, block, heads), "the pattern as written")
     natural_blocks = natural.layout.nnz if natural else natural_bound
     costs = {"natural": natural.cost() if natural else COST_PARTIAL * natural_bound}
 
@@ -323,18 +325,19 @@ def _order_of(term: ir.Pattern, block: int) -> tuple[TokenOrder, TokenOrder]:
             return TokenOrder("residue", f.l), TokenOrder("residue", f.l)
         if isinstance(f, ir.Dilated) and f.d > 1:
             return TokenOrder("residue", f.d), TokenOrder("residue", f.d)
-    # random() is a table, not a rule over positions: it cannot be rewritten
-    # over gathered columns, so such terms stay in natural order.
-    if not any(isinstance(node, ir.Random) for node in ir.walk(term)):
-        for f in _factors(term):
-            if isinstance(f, ir.Summary) and f.c < f.l:
-                return NATURAL, TokenOrder("columns", f.l, f.c)
+    for f in _factors(term):
+        if isinstance(f, ir.Summary) and f.c < f.l:
+            return NATURAL, TokenOrder("columns", f.l, f.c)
     return NATURAL, NATURAL
 
 
 def _decompose(p: ir.Pattern) -> dict[tuple[TokenOrder, TokenOrder], ir.Pattern]:
     """Disjoint pieces of a head-free pattern keyed by their orders: natural
     first, then the others, each minus everything before it."""
+    # random() is a table, not a rule over positions: it cannot be rewritten
+    # over slots, so a pattern holding one runs in natural order.
+    if any(isinstance(node, ir.Random) for node in ir.walk(p)):
+        return {(NATURAL, NATURAL): p}
     groups: dict[tuple[TokenOrder, TokenOrder], list[ir.Pattern]] = {}
     for term in _expand(p):
         groups.setdefault(_order_of(term, 0), []).append(term)
@@ -380,24 +383,41 @@ def _per_head(per_head: list[ir.Pattern]) -> ir.Pattern:
 
 def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block: int, H: int) -> Component:
     if qo.kind == "natural" and ko.kind == "natural":
-        return Component(piece, qo, ko, build_layout(piece, n, block, H), "natural order: a band or blocks")
+        return Component(piece, qo, ko, piece, build_layout(piece, n, block, H), "natural order: a band or blocks")
     if qo.kind == "residue":
-        S = -(-n // qo.l)
-        translated, exact = _translate_residue(piece, qo.l, True)
-        t_pattern = ir.Block(S) & translated
-        length = qo.length(n)
-        reason = f"residue order: stride({qo.l}) becomes block({S}), each residue class contiguous"
+        l, S = qo.l, -(-n // qo.l)
+        slots = qo.length(n)
+        translated, exact = _translate_residue(piece, l, True)
+        if not exact:  # a node that is not a rule of q - k: rewrite every rule over slot positions
+            translated = _translate_where(piece, _position_expr(qo, "q", n), _position_expr(ko, "k", n))
+        slot_pattern = ir.Block(S) & translated
+        if slots > n:  # padding slots: the tails of the residue classes that end early
+            slot_pattern = slot_pattern & _inside(qo, "q", n) & _inside(ko, "k", n)
+        reason = f"residue order: stride({l}) becomes block({S}), each residue class contiguous"
     else:
-        translated, exact = _translate_columns(piece, ko), True
-        length = n
-        # Slots past the gathered keys, and gathered keys past the end, are never listed.
+        slots = n
         keys = _columns_count(ko, n)
-        t_pattern = translated & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
+        translated = _translate_where(piece, None, _position_expr(ko, "k", n))
+        slot_pattern = translated & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
         reason = f"gathered columns: only the {keys} keys of summary({ko.l}, {ko.c}) are read"
-    lay = build_layout(t_pattern, length, block, H)
-    if not exact:
-        lay = _all_partial(lay)
-    return Component(piece, qo, ko, lay, reason)
+    return Component(piece, qo, ko, slot_pattern, build_layout(slot_pattern, slots, block, H), reason)
+
+
+def _position_expr(order: TokenOrder, var: str, n: int) -> ir.Expr:
+    """The token position of slot ``var`` in ``order``, as an expression."""
+    t = ir.Var(var)
+    if order.kind == "residue":
+        S = -(-n // order.l)
+        return ir.BinOp("+", ir.BinOp("*", ir.BinOp("%", t, ir.Const(S)), ir.Const(order.l)), ir.BinOp("//", t, ir.Const(S)))
+    if order.kind == "columns":
+        l, c = order.l, order.c
+        return ir.BinOp("+", ir.BinOp("+", ir.BinOp("*", ir.BinOp("//", t, ir.Const(c)), ir.Const(l)), ir.Const(l - c)),
+                        ir.BinOp("%", t, ir.Const(c)))
+    return t
+
+
+def _inside(order: TokenOrder, var: str, n: int) -> ir.Pattern:
+    return ir.Where(ir.Compare("<", _position_expr(order, var, n), ir.Const(n)))
 
 
 def _columns_count(order: TokenOrder, n: int) -> int:
@@ -405,10 +425,6 @@ def _columns_count(order: TokenOrder, n: int) -> int:
     ``k < n``, which come first in slot order."""
     l, c = order.l, order.c
     return (n // l) * c + max(0, n % l - (l - c))
-
-
-def _all_partial(lay: BlockLayout) -> BlockLayout:
-    return replace(lay, kv_full=np.zeros_like(lay.kv_full), q_full=np.zeros_like(lay.q_full))
 
 
 def _translate_residue(p: ir.Pattern, l: int, positive: bool) -> tuple[ir.Pattern, bool]:
@@ -443,21 +459,22 @@ def _translate_residue(p: ir.Pattern, l: int, positive: bool) -> tuple[ir.Patter
     return (ir.All() if positive else ir.Empty()), False
 
 
-def _translate_columns(p: ir.Pattern, order: TokenOrder) -> ir.Pattern:
-    """The pattern over (query position, gathered key slot): every node is
-    rewritten as a condition with ``k`` replaced by the slot's position."""
-    l, c = order.l, order.c
-    k = ir.Var("k")
-    position = ir.BinOp("+", ir.BinOp("+", ir.BinOp("*", ir.BinOp("//", k, ir.Const(c)), ir.Const(l)),
-                                      ir.Const(l - c)), ir.BinOp("%", k, ir.Const(c)))
+def _translate_where(p: ir.Pattern, q_pos: ir.Expr | None, k_pos: ir.Expr | None) -> ir.Pattern:
+    """The pattern over slots: every primitive is rewritten as its ``where``
+    rule with ``q`` and ``k`` replaced by the slots' positions (exact; the
+    planner never reorders a piece holding ``random``, a table)."""
 
     def rewrite(node: ir.Pattern) -> ir.Pattern:
-        if isinstance(node, ir.Summary) and node.l == l and node.c == c:
-            return ir.All()
         cond = as_condition(node)
         if cond is None:
             return node
-        return ir.Where(_substitute_expr(cond, "k", position))
+        if k_pos is not None:
+            cond = _substitute_expr(cond, "k", ir.Var("k_slot"))
+        if q_pos is not None:
+            cond = _substitute_expr(cond, "q", q_pos)
+        if k_pos is not None:
+            cond = _substitute_expr(cond, "k_slot", k_pos)
+        return ir.Where(cond)
 
     return ir._map(p, rewrite)
 

@@ -124,6 +124,12 @@ class TritonAttention:
         _trim(self._runs)
         return run
 
+    def use_layout(self, lay: BlockLayout, H: int) -> None:
+        """Adopt a layout of this pattern built elsewhere (the planner builds
+        each component's layout to cost it; the kernels reuse it)."""
+        self._layouts[(lay.seq_len, H, lay.block)] = lay
+        _trim(self._layouts)
+
     def layout(self, n: int, H: int, block: int) -> BlockLayout:
         """The BlockLayout at length ``n`` for ``H`` heads (cached)."""
         key = (n, H, block)

@@ -1,0 +1,161 @@
+"""Running a Plan: every component through the same kernels, merged by log-sum-exp.
+
+A component in natural order runs on q, k, v as they are. A reordered one
+runs on q, k, v gathered into its slot order (``index_select`` along the
+sequence: O(n * D) bytes, no n * n anywhere), with its ``slot_pattern`` as
+the kernels' predicate, and its output rows are gathered back to token
+order. The partial results merge exactly:
+
+    lse = logsumexp_c(lse_c)        o = sum_c exp(lse_c - lse) * o_c
+
+Autograd does the rest: each component's backward pass recomputes its own
+probabilities from its own ``lse_c`` (which equals using the merged ``lse``
+and ``delta = rowsum(dO * O)`` for every component, the way the Sparse
+Transformer's kernels do it) and the gradients of the gathers sum the
+components' dq, dk, dv back in token order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import ir
+from .plan import Component, Plan, build_plan
+
+_CACHE_ENTRIES = 16
+
+
+@dataclass(frozen=True, eq=False)
+class _Run:
+    """One component at one length: its attention and its gathers (None: natural)."""
+
+    attn: object
+    q_index: object  # LongTensor [slots]: token position of each query slot (clamped)
+    k_index: object  # LongTensor [slots]: token position of each key slot (clamped)
+    q_back: object   # LongTensor [n]: the slot of each token position (queries)
+
+
+class PlannedAttention:
+    """``attn(q, k, v, scale=None, return_lse=False)`` running a pattern's plan.
+
+    ``make_inner(component, heads)`` builds the attention that runs one
+    component's ``slot_pattern`` (the Triton kernels, or any backend that
+    returns ``lse`` and lets autograd through it). ``mode`` is the planner's: ``"auto"``,
+    ``"natural"`` or ``"planned"``. ``dense`` runs a plan whose strategy is
+    ``"dense"`` (the pattern is causal or all) — SDPA flash on a GPU.
+    """
+
+    def __init__(self, pattern: ir.Pattern, make_inner: Callable, *, block: int = 128, mode: str = "auto",
+                 dense: Callable | None = None):
+        self.pattern = pattern
+        self.make_inner = make_inner
+        self.block = block
+        self.mode = mode
+        self.dense = dense
+        self._plans: OrderedDict = OrderedDict()
+        self._inner: dict = {}
+
+    def plan(self, n: int, heads: int) -> Plan:
+        key = (n, heads)
+        if key not in self._plans:
+            self._plans[key] = (build_plan(self.pattern, n, self.block, heads, mode=self.mode), {})
+            while len(self._plans) > _CACHE_ENTRIES:
+                self._plans.popitem(last=False)
+        return self._plans[key][0]
+
+    def __call__(self, q, k, v, scale=None, return_lse: bool = False):
+        n, H = q.shape[-2], q.shape[1]
+        plan = self.plan(n, H)
+        if plan.strategy == "dense" and self.dense is not None and not return_lse:
+            out = self.dense(plan.pattern, q, k, v, scale)
+            if out is not None:
+                return out
+        runs = self._runs(plan, q.device)
+        if len(runs) == 1 and runs[0].q_index is None and runs[0].k_index is None:
+            return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse)
+        parts = [self._run_one(run, q, k, v, scale) for run in runs]
+        o, lse = merge(parts)
+        o = o.to(q.dtype)
+        return (o, lse) if return_lse else o
+
+    def _runs(self, plan: Plan, device) -> list[_Run]:
+        import torch
+
+        cached = self._plans[(plan.seq_len, plan.heads)][1]
+        key = str(device)
+        if key not in cached:
+            runs = []
+            for comp in plan.components:
+                attn = self._inner.get(comp.slot_pattern)
+                if attn is None:
+                    attn = self._inner[comp.slot_pattern] = self.make_inner(comp, plan.heads)
+                runs.append(_Run(attn, *_gathers(comp, plan.seq_len, torch, device)))
+            cached[key] = runs
+        return cached[key]
+
+    @staticmethod
+    def _run_one(run: _Run, q, k, v, scale):
+        if run.q_index is not None:
+            q = q.index_select(2, run.q_index)
+        if run.k_index is not None:
+            k = k.index_select(2, run.k_index)
+            v = v.index_select(2, run.k_index)
+        if run.q_index is None and run.k_index is not None and k.shape[2] != q.shape[2]:
+            raise AssertionError("gathered keys must be padded to the query count")
+        o, lse = run.attn(q, k, v, scale=scale, return_lse=True)
+        if run.q_back is not None:
+            o = o.index_select(2, run.q_back)
+            lse = lse.index_select(2, run.q_back)
+        return o, lse
+
+
+def _gathers(comp: Component, n: int, torch, device):
+    """Index tensors between token order and the component's slot order."""
+
+    def slots_to_positions(order, count):
+        pos = order.positions(np.arange(count), n)
+        # Padding slots read row 0: the slot pattern never allows them.
+        return torch.as_tensor(np.where(pos >= 0, pos, 0), dtype=torch.long, device=device)
+
+    slots = comp.layout.seq_len
+    q_index = k_index = q_back = None
+    if comp.q_order.kind != "natural":
+        q_index = slots_to_positions(comp.q_order, slots)
+        pos = comp.q_order.positions(np.arange(slots), n)
+        back = np.empty(n, dtype=np.int64)
+        back[pos[pos >= 0]] = np.nonzero(pos >= 0)[0]
+        q_back = torch.as_tensor(back, device=device)
+    if comp.k_order.kind != "natural":
+        k_index = slots_to_positions(comp.k_order, slots)
+    return q_index, k_index, q_back
+
+
+def merge(parts):
+    """Exact log-sum-exp merge of partial attention results (fp32, or fp64 for fp64).
+
+    ``parts``: ``[(o_c [B, H, n, D], lse_c [B, H, n])]`` over disjoint key
+    sets. Rows that no component reaches keep ``o = 0`` and ``lse = -inf``
+    with zero gradients (no ``-inf - -inf``).
+    """
+    import torch
+
+    dtype = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+    lses = torch.stack([lse.to(dtype) for _, lse in parts])    # (C, B, H, n)
+    # logsumexp by hand: torch's gives NaN gradients on rows that are all -inf.
+    top = lses.max(dim=0).values.detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(lses - top).sum(dim=0)
+    reached = total > 0
+    lse = torch.where(reached, top + torch.log(torch.where(reached, total, torch.ones_like(total))),
+                      torch.full_like(total, float("-inf")))
+    safe = torch.where(reached, lse, torch.zeros_like(lse))
+    o = None
+    for (o_c, _), lse_c in zip(parts, lses):
+        w = torch.exp(lse_c - safe).unsqueeze(-1)               # 0 where lse_c = -inf
+        term = w * o_c.to(dtype)
+        o = term if o is None else o + term
+    return o, lse

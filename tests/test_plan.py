@@ -1,0 +1,186 @@
+"""The planner: components are disjoint and cover the pattern exactly, each
+slot layout means its component, planned execution equals the reference
+(forward and every gradient), and the cost model picks what it should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from patterncc import ir, pipeline
+from patterncc.backends.reference import ReferenceAttention
+from patterncc.mask import dense_mask
+from patterncc.plan import build_plan
+from patterncc.planned import PlannedAttention
+from patterncc.testing import patterns
+
+PLANNED = [
+    "strided(8)",
+    "fixed(8, 3)",
+    "fixed(8, 8 - 1)",
+    "causal & (local(5) | stride(6)) | sink(3)",
+    "fixed(8, 2) | (causal & stride(5))",
+    "strided(8) - global(4)",
+    "causal & dilated(3, 4)",
+    "causal & (block(6) | summary(6, 2)) & ~local(2)",
+    "strided(6) | (where k % 5 == 0 and k <= q)",
+    "cycle(causal & local(6), causal & stride(6))",
+    "heads { 0..1 => fixed(8, 2), 1..2 => strided(7) }",
+]
+LENGTHS = [1, 2, 7, 33, 50, 61]
+
+
+def slot_mask(comp, n: int, heads: int) -> np.ndarray:
+    """A component's slot pattern carried back to token positions: bool [heads, n, n]."""
+    slots = comp.layout.seq_len
+    inner = dense_mask(comp.slot_pattern, slots, heads)
+    qpos = comp.q_order.positions(np.arange(slots), n)
+    kpos = comp.k_order.positions(np.arange(slots), n)
+    out = np.zeros((heads, n, n), dtype=bool)
+    for h in range(heads):
+        tq, tk = np.nonzero(inner[h])
+        assert (qpos[tq] >= 0).all() and (kpos[tk] >= 0).all(), "a padding slot is allowed"
+        out[h, qpos[tq], kpos[tk]] = True
+    return out
+
+
+def check_cover(src, n, heads=2, block=8, mode="planned"):
+    pat = pipeline.as_pattern(src)
+    plan = build_plan(pat, n, block, heads, mode=mode)
+    want = dense_mask(pat, n, heads)
+    got = np.zeros_like(want)
+    for comp in plan.components:
+        m = slot_mask(comp, n, heads)
+        assert not (m & got).any(), f"components overlap in {src} at n={n}"
+        assert not (m & ~dense_mask(comp.pattern, n, heads)).any(), "slot pattern allows more than its piece"
+        got |= m
+        # the layout is the slot pattern's, exact
+        lay = comp.layout
+        assert lay.seq_len == comp.layout.seq_len
+    np.testing.assert_array_equal(got, want, err_msg=f"{src} at n={n}")
+    return plan
+
+
+@pytest.mark.parametrize("src", PLANNED)
+@pytest.mark.parametrize("n", LENGTHS)
+def test_components_are_disjoint_and_cover_the_pattern(src, n):
+    check_cover(src, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pat=patterns(max_depth=3, max_leaves=5, heads=2, allow_random=False), n=st.integers(1, 40),
+       block=st.sampled_from([4, 8]))
+def test_components_cover_drawn_patterns(pat, n, block):
+    check_cover(pat, n, heads=2, block=block)
+
+
+def run_planned(src, n, heads=2, kv_heads=1, D=8, mode="planned", seed=0):
+    pat = pipeline.as_pattern(src)
+    planned = PlannedAttention(pat, lambda comp, h: ReferenceAttention(comp.slot_pattern), block=8, mode=mode)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, n, D, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, kv_heads, n, D, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, kv_heads, n, D, dtype=torch.float64, generator=g, requires_grad=True)
+    o, lse = planned(q, k, v, return_lse=True)
+    o_ref, lse_ref = ReferenceAttention(pat)(q, k, v, return_lse=True)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=1e-12, atol=1e-12)
+    do = torch.randn(o.shape, dtype=torch.float64, generator=g)
+    dlse = torch.randn(lse.shape, dtype=torch.float64, generator=g).masked_fill(~finite, 0)
+    loss = (o * do).sum() + (torch.where(finite, lse, 0) * dlse).sum()
+    loss_ref = (o_ref * do).sum() + (torch.where(finite, lse_ref, 0) * dlse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    for name, a, b in zip("qkv", grads, grads_ref):
+        assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=f"d{name} of {src} at n={n}")
+    return planned.plan(n, heads)
+
+
+@pytest.mark.parametrize("src", PLANNED)
+@pytest.mark.parametrize("n", [1, 7, 45, 61])
+def test_planned_execution_matches_reference(src, n):
+    run_planned(src, n)
+
+
+def test_planned_execution_with_gqa_and_empty_rows():
+    # causal & stride(5) - local(1): row 0..4 see nothing
+    run_planned("causal & stride(5) - local(1)", 23, heads=4, kv_heads=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(pat=patterns(max_depth=2, max_leaves=4, heads=2, allow_random=False), n=st.integers(1, 30))
+def test_planned_execution_matches_reference_on_drawn_patterns(pat, n):
+    run_planned(pat, n)
+
+
+# -- the cost model ------------------------------------------------------------------
+
+
+def causal_blocks(n, B):
+    nb = -(-n // B)
+    return nb * (nb + 1) // 2
+
+
+def test_strided_is_planned_at_its_true_sparsity():
+    plan = pipeline.plan("strided(128)", seq_len=65536, block=128)
+    assert plan.strategy == "planned"
+    assert plan.computed_blocks <= 0.025 * causal_blocks(65536, 128)
+    orders = {str(c.q_order) for c in plan.components}
+    assert orders == {"natural", "residue(128)"}
+    assert "residue(128)" in plan.describe()
+
+
+def test_fixed_is_planned_with_gathered_columns():
+    plan = pipeline.plan("fixed(128, 32)", seq_len=65536, block=128)
+    assert plan.strategy == "planned"
+    assert plan.computed_blocks <= 0.30 * causal_blocks(65536, 128)
+    assert {str(c.k_order) for c in plan.components} == {"natural", "columns(128, 32)"}
+
+
+@pytest.mark.parametrize("src", ["local_global(512, 64)", "sliding_window(1024)", "longformer(512, 64)",
+                                 "bigbird(192, 64, 3, 128, 0)"])
+def test_band_patterns_stay_natural(src):
+    plan = pipeline.plan(src, seq_len=16384, block=128)
+    assert plan.strategy == "natural" and len(plan.components) == 1
+
+
+def test_causal_is_dense():
+    assert pipeline.plan("causal", seq_len=4096, block=128).strategy == "dense"
+
+
+def test_short_sequence_prefers_natural():
+    # At n = block every pattern is one block: reordering only adds passes.
+    plan = pipeline.plan("strided(16)", seq_len=64, block=64)
+    assert plan.strategy == "natural"
+
+
+def test_plan_modes():
+    assert build_plan(pipeline.parse("strided(8)"), 64, 8, 1, mode="natural").strategy == "natural"
+    assert build_plan(pipeline.parse("strided(8)"), 64, 8, 1, mode="planned").strategy == "planned"
+    with pytest.raises(pipeline.PatternValueError):
+        build_plan(pipeline.parse("strided(8)"), 64, 8, 1, mode="fast")
+
+
+def test_multihead_cycle_reorders_only_the_strided_heads():
+    plan = pipeline.plan("cycle(causal & local(128), causal & stride(128))", seq_len=16384, block=128, heads=4)
+    assert plan.strategy == "planned"
+    (residue,) = [c for c in plan.components if c.q_order.kind == "residue"]
+    assert isinstance(residue.pattern, ir.Heads)
+
+
+def test_random_is_never_reordered():
+    plan = build_plan(pipeline.parse("bigbird(8, 2, 2, 8, 0) | (causal & stride(9))"), 64, 8, 1, mode="planned")
+    assert all(not c.reordered for c in plan.components)
+
+
+def test_explain_cli(capsys):
+    from patterncc.cli import main
+
+    assert main(["explain", "strided(128)", "--seq-len", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "residue(128)" in out and "strategy 'planned'" in out
