@@ -62,7 +62,7 @@ import torch
 import patterncc as pcc
 from patterncc import ir
 from patterncc.nn import MODES, SparseTransformer, resolve_pattern
-from patterncc.pipeline import mask  # not pcc.mask: the submodule patterncc.mask can shadow it
+from patterncc.pipeline import mask  # not pcc.mask: the submodule patterncc.masks can shadow it
 
 LN2 = math.log(2.0)
 VOCAB = 256  # bytes

@@ -74,7 +74,7 @@ class Attention:
 
     def _triton(self):
         from .backends.triton.config import DEFAULT_BLOCK
-        from .backends.triton.runtime import TritonAttention
+        from .backends.triton.runtime import TritonAttention, check_inputs
         from .planned import PlannedAttention
 
         options = {k: v for k, v in self.options.items() if k in ("block", "config")}
@@ -86,7 +86,7 @@ class Attention:
             return attn
 
         return PlannedAttention(self.pattern, make_inner, block=block, mode=self.plan_mode,
-                                dense=sdpa_dense if self.dense_sdpa else None)
+                                dense=sdpa_dense if self.dense_sdpa else None, check=check_inputs)
 
 
 def sdpa_dense(pattern: ir.Pattern, q, k, v, scale):

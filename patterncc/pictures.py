@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ir
-from .mask import dense_mask
+from .masks import dense_mask
 
 # The element mask is drawn at this length at most, so every cell stays visible.
 PICTURE_LEN = 256

@@ -26,7 +26,7 @@ def parse(text: str, filename: str = "<pattern>", *, entry: str | None = None, *
     means its last ``pattern`` definition (or ``entry``), called with its
     defaults, which keyword arguments override.
     """
-    from .parse import parse_source
+    from .parser import parse_source
     from .resolve import resolve
     from .simplify import simplify
 
@@ -58,28 +58,28 @@ def as_pattern(pat: ir.Pattern | str) -> ir.Pattern:
 
 def mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
     """numpy bool ``[heads, n, n]``: True where query q may attend to key k (small n only)."""
-    from .mask import dense_mask
+    from .masks import dense_mask
 
     return dense_mask(as_pattern(pat), _positive("seq_len", seq_len), _positive("heads", heads))
 
 
 def sparse_mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
     """One scipy.sparse bool CSR ``[n, n]`` per layout head, for long sequences."""
-    from .layout import sparse_mask as build_sparse
+    from .blocklayout import sparse_mask as build_sparse
 
     return build_sparse(as_pattern(pat), _positive("seq_len", seq_len), _positive("heads", heads))
 
 
 def layout(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
     """The BlockLayout of a pattern at one length, in natural token order."""
-    from .layout import build
+    from .blocklayout import build
 
     return build(as_pattern(pat), _positive("seq_len", seq_len), _positive("block", block), _positive("heads", heads))
 
 
 def plan(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
     """The execution plan: components, their token orders and layouts, and why."""
-    from .plan import build_plan
+    from .planner import build_plan
 
     return build_plan(as_pattern(pat), _positive("seq_len", seq_len), _positive("block", block), _positive("heads", heads))
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from . import ir
-from .plan import Component, Plan, build_plan
+from .planner import Component, Plan, build_plan
 
 _CACHE_ENTRIES = 16
 
@@ -47,11 +47,13 @@ class PlannedAttention:
     returns ``lse`` and lets autograd through it). ``mode`` is the planner's: ``"auto"``,
     ``"natural"`` or ``"planned"``. ``dense`` runs a plan whose strategy is
     ``"dense"`` (the pattern is causal or all) — SDPA flash on a GPU.
+    ``check(q, k, v)`` validates the inputs before anything is planned.
     """
 
     def __init__(self, pattern: ir.Pattern, make_inner: Callable, *, block: int = 128, mode: str = "auto",
-                 dense: Callable | None = None):
+                 dense: Callable | None = None, check: Callable | None = None):
         self.pattern = pattern
+        self.check = check
         self.make_inner = make_inner
         self.block = block
         self.mode = mode
@@ -68,6 +70,8 @@ class PlannedAttention:
         return self._plans[key][0]
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False):
+        if self.check is not None:  # the inner backend's input checks, before any planning
+            self.check(q, k, v)
         n, H = q.shape[-2], q.shape[1]
         plan = self.plan(n, H)
         if plan.strategy == "dense" and self.dense is not None and not return_lse:

@@ -58,7 +58,7 @@ from .errors import (
     RecursiveDefinitionError,
     UnknownNameError,
 )
-from .parse import MAX_DEPTH, parse_source
+from .parser import MAX_DEPTH, parse_source
 
 # Nodes in the pattern once definitions are inlined (expressions included).
 MAX_NODES = 50_000

@@ -35,7 +35,7 @@ from dataclasses import replace
 
 from . import ir
 from .errors import LimitError, Loc
-from .parse import MAX_DEPTH
+from .parser import MAX_DEPTH
 
 
 def simplify(p: ir.Pattern) -> ir.Pattern:

@@ -48,7 +48,7 @@ from hypothesis import seed as _hypothesis_seed
 
 from . import ir
 from .errors import PatternError
-from .layout import EMPTY, FULL, PARTIAL
+from .blocklayout import EMPTY, FULL, PARTIAL
 
 __all__ = [
     "AttentionCase",
@@ -373,7 +373,7 @@ def assert_layout_sound(pat: ir.Pattern | str, seq_len: int, block: int, heads: 
     force one. The failure message shows the first bad block and its element
     mask. Returns the layout.
     """
-    from . import layout as layout_module
+    from . import blocklayout as layout_module
     from .pipeline import as_pattern
 
     pat = as_pattern(pat)
@@ -1044,7 +1044,7 @@ def file_entries(path: str) -> list[tuple[str | None, ir.Pattern]]:
     from . import pipeline
 
     try:
-        from .parse import parse_source
+        from .parser import parse_source
     except ImportError:
         return [(None, pipeline.load(path))]
     with open(path, encoding="utf-8") as f:

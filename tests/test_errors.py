@@ -30,8 +30,8 @@ from patterncc.errors import (
     RecursiveDefinitionError,
     UnknownNameError,
 )
-from patterncc.mask import dense_mask
-from patterncc.parse import MAX_DEPTH, MAX_SOURCE_CHARS, parse_source
+from patterncc.masks import dense_mask
+from patterncc.parser import MAX_DEPTH, MAX_SOURCE_CHARS, parse_source
 from patterncc.resolve import parse_pattern, resolve
 from patterncc.simplify import simplify
 

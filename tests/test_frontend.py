@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from patterncc import ast, ir, randomblocks
 from patterncc.errors import PatternError
-from patterncc.mask import dense_mask, eval_expr
-from patterncc.parse import parse_source
+from patterncc.masks import dense_mask, eval_expr
+from patterncc.parser import parse_source
 from patterncc.resolve import parse_pattern, resolve, stdlib
 from patterncc.simplify import simplify
 

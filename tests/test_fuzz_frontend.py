@@ -20,7 +20,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from patterncc.errors import PatternError
-from patterncc.mask import dense_mask
+from patterncc.masks import dense_mask
 from patterncc.resolve import parse_pattern
 
 HEADS = 2

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from patterncc import ir
 from patterncc.errors import HeadsError, LimitError, PatternValueError
-from patterncc.layout import EMPTY, FULL, PARTIAL, build, from_dense_classes, sparse_mask
-from patterncc.mask import dense_mask, evaluate
+from patterncc.blocklayout import EMPTY, FULL, PARTIAL, build, from_dense_classes, sparse_mask
+from patterncc.masks import dense_mask, evaluate
 
 # The module (the package's `layout` attribute is the public function).
-layout = importlib.import_module("patterncc.layout")
+layout = importlib.import_module("patterncc.blocklayout")
 
 GOLDEN = Path(__file__).parent / "golden" / "layouts"
 C = ir.Causal()

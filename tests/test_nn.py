@@ -44,7 +44,7 @@ SUMMARY = ir.Causal() & ir.Summary(4, 1)  # query 0..2 have no key: rows of zero
 
 
 # ----------------------------------------------------------------------------
-# The explicit implementation: float64, masks from patterncc.mask
+# The explicit implementation: float64, masks from patterncc.masks
 # ----------------------------------------------------------------------------
 
 
@@ -364,7 +364,7 @@ def test_sparse_model_is_causal_end_to_end():
 
 
 def test_patterns_as_source_text_and_files(tmp_path):
-    pytest.importorskip("patterncc.parse", reason="the parser has not landed")
+    pytest.importorskip("patterncc.parser", reason="the parser has not landed")
     path = tmp_path / "band.pat"
     path.write_text("pattern band(w = 3) = causal & local(w)\n")
     model = SparseTransformer(32, 16, 3, 2, ["causal & stride(3)", str(path), path], max_len=32)

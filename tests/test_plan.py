@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from patterncc import ir, pipeline
 from patterncc.backends.reference import ReferenceAttention
-from patterncc.mask import dense_mask
-from patterncc.plan import build_plan
+from patterncc.masks import dense_mask
+from patterncc.planner import build_plan
 from patterncc.planned import PlannedAttention
 from patterncc.testing import patterns
 

@@ -23,7 +23,7 @@ from patterncc import ir
 from patterncc.backends.reference import ReferenceAttention, backward, forward
 from patterncc.backends.reference import dense as dense_kernel, masks, sparse as sparse_kernel
 from patterncc.errors import HeadsError
-from patterncc.mask import dense_mask
+from patterncc.masks import dense_mask
 
 pytestmark = pytest.mark.filterwarnings("error")
 

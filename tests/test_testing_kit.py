@@ -17,9 +17,9 @@ import torch
 from hypothesis import HealthCheck, find, given, settings, strategies as st
 
 import patterncc.backends.reference as reference
-from patterncc import ir, layout, pipeline, testing
-from patterncc.layout import EMPTY, FULL, PARTIAL
-from patterncc.mask import eval_expr
+from patterncc import blocklayout as layout, ir, pipeline, testing
+from patterncc.blocklayout import EMPTY, FULL, PARTIAL
+from patterncc.masks import eval_expr
 from patterncc.testing import (
     AttentionCase,
     assert_layout_sound,

@@ -34,9 +34,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from patterncc import ir
-from patterncc.mask import dense_mask
+from patterncc.masks import dense_mask
 from patterncc.errors import PatternError
-from patterncc.layout import build as build_layout
+from patterncc.blocklayout import build as build_layout
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"

@@ -11,12 +11,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from patterncc import ir
-from patterncc.mask import dense_mask, evaluate
+from patterncc.masks import dense_mask, evaluate
 
-try:
-    from patterncc.layout import sparse_mask as _layout_sparse_mask
-except ImportError:  # not landed yet: build the CSR here
-    _layout_sparse_mask = None
+from patterncc.blocklayout import sparse_mask as _layout_sparse_mask
 
 # Elements of one row block evaluated at a time by the fallback CSR builder
 # (a few int64 temporaries of this size live at once).
@@ -36,7 +33,7 @@ def sparse_masks(p: ir.Pattern, seq_len: int, heads: int) -> list[sp.csr_array]:
     """bool CSR ``(n, n)`` per layout head, sorted indices, no explicit zeros;
     heads that share a mask share one array."""
     ir.check_heads(p, heads)
-    build = _layout_sparse_mask or _sparse_mask_by_rows
+    build = _layout_sparse_mask
     seen: dict[int, sp.csr_array] = {}
     return [seen.setdefault(id(m), _canonical(m)) for m in build(p, seq_len, heads)]
 
@@ -52,9 +49,9 @@ def _canonical(m) -> sp.csr_array:
 
 
 def _sparse_mask_by_rows(p: ir.Pattern, seq_len: int, heads: int) -> list[sp.csr_array]:
-    """Stand-in for ``layout.sparse_mask`` until it lands: evaluates every
-    element (``n * n`` time) but only a block of rows at a time, so memory
-    stays at the size of the result."""
+    """An independent CSR builder (the tests' oracle for the layout's
+    ``sparse_mask``): evaluates every element (``n * n`` time) but only a
+    block of rows at a time, so memory stays at the size of the result."""
     return _per_head(p, seq_len, heads, _csr_by_rows)
 
 

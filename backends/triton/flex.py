@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from patterncc import ir, randomblocks
-from patterncc.layout import BlockLayout
+from patterncc.blocklayout import BlockLayout
 
 from .config import default_config
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from patterncc import ir, randomblocks
-from patterncc.layout import BlockLayout, build as build_layout
+from patterncc.blocklayout import BlockLayout, build as build_layout
 from patterncc.errors import LimitError
 
 from . import cache, codegen, tables
@@ -196,6 +196,11 @@ def _trim(d: OrderedDict) -> None:
 # ----------------------------------------------------------------------------
 # Input checks: messages name the argument
 # ----------------------------------------------------------------------------
+
+
+def check_inputs(q, k, v):
+    """q, k, v as the kernels take them, or a TypeError/ValueError naming the argument."""
+    return _check_inputs(q, k, v)
 
 
 def _check_inputs(q, k, v):

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import ir, randomblocks
 from .errors import LimitError, PatternValueError
-from .mask import evaluate
+from .masks import evaluate
 
 if TYPE_CHECKING:
     import scipy.sparse as sp  # imported where used: it costs ~0.1 s

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import ir
 from .errors import PatternValueError
-from .layout import BlockLayout, build as build_layout, estimate_blocks
+from .blocklayout import BlockLayout, build as build_layout, estimate_blocks
 from .simplify import simplify
 
 # Above this many terms the union-of-intersections expansion stops and the
