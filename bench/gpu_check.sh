@@ -17,6 +17,8 @@
 #             and our layout's BlockMask) vs SDPA flash; plus cold and warm
 #             first-call times (two processes of at most 4 minutes,
 #             one per head dim, then 1.5 minutes of cold starts)      (~7 min)
+#   plan      the planner: strided(128), fixed(128,32) at n=16384/65536, D=64,
+#             natural order vs plan vs Flex vs SDPA                  (~5 min)
 #   sweep     registers/spills of the default table as compiled here, then
 #             tile candidates for config.py (causal, n=16384, D=64/128) (~4 min)
 #
@@ -95,6 +97,13 @@ run_bench() {
         || fail cold-start
 }
 
+run_plan() {
+    echo "== plan" | tee -a "$OUT/summary.txt"
+    # The planner's targets: strided and fixed at 16K and 64K, D=64, against Flex and SDPA.
+    timeout 420 python3 bench/bench_triton.py --patterns "strided(128)" "fixed(128,32)" --seq-len 16384 65536 \
+        --head-dim 64 --rep 60 --out "$OUT/plan.md" 2>&1 | tee -a "$OUT/plan.log" || fail plan
+}
+
 run_sweep() {
     echo "== sweep" | tee -a "$OUT/summary.txt"
     timeout 120 python3 bench/bench_triton.py --resources 2>&1 | tee "$OUT/resources.md" || fail resources
@@ -109,6 +118,7 @@ for section in "${sections[@]}"; do
         tests) run_tests ;;
         check) run_smoke; run_memcheck; run_tests ;;
         bench) run_bench ;;
+        plan) run_plan ;;
         sweep) run_sweep ;;
         *) echo "unknown section $section (smoke memcheck tests check bench sweep)" >&2; status=2 ;;
     esac

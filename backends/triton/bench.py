@@ -144,6 +144,22 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
     if cfg.block != FLEX_BLOCK:
         timer("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), grads, fwd_flops)
 
+    # -- patterncc with its plan (what pcc.compile runs): only when the plan reorders
+    from patterncc.attention import Attention
+
+    planned = Attention(pattern, backend="triton", config=config, dense_sdpa=False)
+    t0 = time.perf_counter()
+    plan = planned.impl("triton").plan(n, H)
+    plan_ms = (time.perf_counter() - t0) * 1e3
+    if plan.strategy == "planned":
+        o_plan = planned(q, k, v)  # compile every component's kernels
+        o_plan.backward(do)
+        diff = (o_plan.float() - o_pcc.float()).abs().max().item()
+        row.notes.append(f"plan vs natural order: max abs diff {diff:.3g}")
+        timer("plan", lambda: planned(q, k, v), lambda: planned(q, k, v).backward(do), grads, fwd_flops)
+        row.notes.append(f"plan: {len(plan.components)} components, {plan.computed_blocks} blocks of "
+                         f"{plan.block} vs {plan.natural_blocks} natural, built in {plan_ms:.0f} ms")
+
     # -- FlexAttention: create_block_mask over the generated mask_mod, and our layout's BlockMask
     if flex:
         try:
@@ -204,12 +220,15 @@ def _time(row: Row, who: str, fwd, fwd_bwd, grads, fwd_flops: float, rep: int, d
 
 def markdown(rows: list[Row]) -> str:
     """One markdown table: median ms (TFLOP/s counted on the block-128 layout),
-    and ratios (> 1: patterncc faster). ``pcc`` runs at its default block (64),
-    ``pcc@128`` at Flex's block, on exactly Flex's sparsity."""
-    who = ("pcc", "pcc@128", "flex", "flex(layout)", "sdpa")
+    and ratios (> 1: patterncc faster). ``pcc`` runs the kernels in natural
+    order at their default block (64), ``pcc@128`` at Flex's block, on exactly
+    Flex's sparsity; ``plan`` is what ``pcc.compile`` runs: the planner's
+    components (only when it reorders)."""
+    who = ("pcc", "pcc@128", "plan", "flex", "flex(layout)", "sdpa")
     head = ("| pattern | n | D | density@128 | "
             + " | ".join(f"{w} fwd" for w in who) + " | " + " | ".join(f"{w} f+b" for w in who)
-            + " | flex/pcc fwd, f+b | sdpa/pcc fwd, f+b | layout ms | create_block_mask ms | max abs diff vs flex | notes |")
+            + " | flex/pcc fwd, f+b | sdpa/pcc fwd, f+b | flex/plan fwd, f+b | sdpa/plan fwd, f+b "
+            "| layout ms | create_block_mask ms | max abs diff vs flex | notes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def cell(row, key):
@@ -218,8 +237,8 @@ def markdown(rows: list[Row]) -> str:
             return "-"
         return f"{ms:.3f} ({row.tflops[key]:.0f})"
 
-    def ratio(row, other, mode):
-        a, b = row.ms.get(f"{other} {mode}"), row.ms.get(f"pcc {mode}")
+    def ratio(row, other, mode, ours="pcc"):
+        a, b = row.ms.get(f"{other} {mode}"), row.ms.get(f"{ours} {mode}")
         return f"{a / b:.2f}" if a and b else "-"
 
     for r in rows:
@@ -228,6 +247,8 @@ def markdown(rows: list[Row]) -> str:
             f"| {r.pattern} | {r.n} | {r.D} | {r.density:.3f} | " + " | ".join(cells)
             + f" | {ratio(r, 'flex', 'fwd')}, {ratio(r, 'flex', 'fwd+bwd')} "
             f"| {ratio(r, 'sdpa', 'fwd')}, {ratio(r, 'sdpa', 'fwd+bwd')} "
+            f"| {ratio(r, 'flex', 'fwd', 'plan')}, {ratio(r, 'flex', 'fwd+bwd', 'plan')} "
+            f"| {ratio(r, 'sdpa', 'fwd', 'plan')}, {ratio(r, 'sdpa', 'fwd+bwd', 'plan')} "
             f"| {r.layout_ms:.1f} | {r.block_mask_ms:.1f} | {r.max_diff:.3g} | {'; '.join(r.notes)} |")
     return "\n".join(lines)
 
