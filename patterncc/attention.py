@@ -74,8 +74,8 @@ class Attention:
 
     def _triton(self):
         from .backends.triton.config import DEFAULT_BLOCK
-        from .backends.triton.runtime import TritonAttention, check_inputs
-        from .planned import PlannedAttention
+        from .backends.triton.planned import TritonPlannedAttention
+        from .backends.triton.runtime import TritonAttention
 
         options = {k: v for k, v in self.options.items() if k in ("block", "config")}
         block = options.get("block") or getattr(options.get("config"), "block", None) or DEFAULT_BLOCK
@@ -85,8 +85,8 @@ class Attention:
             attn.use_layout(component.layout, heads)
             return attn
 
-        return PlannedAttention(self.pattern, make_inner, block=block, mode=self.plan_mode,
-                                dense=sdpa_dense if self.dense_sdpa else None, check=check_inputs)
+        return TritonPlannedAttention(self.pattern, make_inner, block=block, mode=self.plan_mode,
+                                      dense=sdpa_dense if self.dense_sdpa else None)
 
 
 def sdpa_dense(pattern: ir.Pattern, q, k, v, scale):

@@ -34,6 +34,7 @@ class _Run:
     """One component at one length: its attention and its gathers (None: natural)."""
 
     attn: object
+    slots: int       # the component's slot count a side (its layout's seq_len)
     q_index: object  # LongTensor [slots]: token position of each query slot (clamped)
     k_index: object  # LongTensor [slots]: token position of each key slot (clamped)
     q_back: object   # LongTensor [n]: the slot of each token position (queries)
@@ -97,7 +98,7 @@ class PlannedAttention:
                 attn = self._inner.get(comp.slot_pattern)
                 if attn is None:
                     attn = self._inner[comp.slot_pattern] = self.make_inner(comp, plan.heads)
-                runs.append(_Run(attn, *_gathers(comp, plan.seq_len, torch, device)))
+                runs.append(_Run(attn, comp.layout.seq_len, *_gathers(comp, plan.seq_len, torch, device)))
             cached[key] = runs
         return cached[key]
 

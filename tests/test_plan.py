@@ -184,3 +184,51 @@ def test_explain_cli(capsys):
     assert main(["explain", "strided(128)", "--seq-len", "65536"]) == 0
     out = capsys.readouterr().out
     assert "residue(128)" in out and "strategy 'planned'" in out
+
+
+# -- the planned run on the generated kernels (interpreter on the CPU) --------------
+
+import os
+
+TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+@pytest.mark.parametrize("src,n,heads,kv_heads,D,dtype", [
+    ("strided(16)", 90, 2, 1, 16, torch.float32),
+    ("strided(16)", 1, 2, 2, 16, torch.float32),
+    ("fixed(16, 4)", 75, 4, 2, 24, torch.float32),
+    ("causal & stride(5) - local(1)", 23, 2, 1, 16, torch.float32),
+    ("cycle(causal & local(16), causal & stride(16))", 50, 2, 2, 16, torch.float32),
+    ("strided(12) | sink(3)", 61, 2, 1, 16, torch.bfloat16),
+])
+def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
+    from patterncc.backends.triton.config import KernelConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and dtype == torch.bfloat16:
+        from patterncc.backends.triton import _interpret
+
+        _interpret.patch_bf16_dot()  # the interpreter's bf16 tl.dot multiplies bit patterns (triton#11584)
+    config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
+    pat = pipeline.parse(src)
+    attn = pipeline.compile(pat, backend="triton", config=config, plan="planned")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, D, generator=g).to(device, dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    o, lse = attn(q, k, v, return_lse=True)
+    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = ReferenceAttention(pat)(*ref_in, return_lse=True)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    do = torch.randn(o.shape, generator=g)
+    dlse = torch.randn(lse.shape, generator=g).masked_fill(~finite, 0)
+    grads = torch.autograd.grad((o.float() * do.to(device)).sum() + (torch.where(finite.to(device), lse, 0) * dlse.to(device)).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((o_ref * do.double()).sum() + (torch.where(finite, lse_ref, 0) * dlse.double()).sum(), ref_in)
+    # fp32 runs exact (ieee) products; bf16 rounds P and dS to 8 bits (tests/test_triton.py's tolerances)
+    tol, gtol = ((dict(rtol=2e-5, atol=2e-5),) * 2 if dtype == torch.float32
+                 else (dict(rtol=3e-2, atol=3e-2), dict(rtol=1.5e-1, atol=1.5e-1)))
+    torch.testing.assert_close(o.double().cpu(), o_ref, **tol)
+    torch.testing.assert_close(lse.double().cpu()[finite], lse_ref[finite], **tol)
+    for name, a, b in zip("qkv", grads, grads_ref):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        torch.testing.assert_close(a.double().cpu(), b, **gtol, msg=f"d{name}")

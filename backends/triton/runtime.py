@@ -107,6 +107,11 @@ class TritonAttention:
         """The kernel configuration used for this head dim (padded) and dtype."""
         return self.config or default_config(padded_head_dim(head_dim), dtype, self.block)
 
+    def launcher(self, n: int, H: int, Hkv: int, head_dim: int, dtype, device) -> "_Run":
+        """The cached kernels, tables and config for one shape (``prepare`` on a miss)."""
+        key = (n, H, Hkv, head_dim, dtype, device)
+        return self._runs.get(key) or self.prepare(*key)
+
     def prepare(self, n: int, H: int, Hkv: int, head_dim: int, dtype, device) -> "_Run":
         """Everything one call needs, built once per shape and cached."""
         run_key = (n, H, Hkv, head_dim, dtype, device)
@@ -346,16 +351,25 @@ class _Run:
         return o, lse
 
     def backward(self, q, k, v, o, lse, do, dlse, scale):
-        B, H, n, D = q.shape
-        cfg, t = self.config, self.tables
         do = do if do.stride(-1) == 1 else do.contiguous()
-        # -- delta = rowsum(dO * O); an lse gradient enters as delta - dlse
-        delta = torch.empty_like(lse)
-        self.module.attn_bwd_preprocess[(triton_cdiv(n, cfg.block_m2), B * H)](
+        return self.backward_from_delta(q, k, v, lse, do, self.delta(o, do, dlse), scale)
+
+    def delta(self, o, do, dlse=None):
+        """fp32 ``[B, H, n]``: rowsum(dO * O); an lse gradient enters as delta - dlse."""
+        B, H, n, D = o.shape
+        delta = torch.empty((B, H, n), dtype=torch.float32, device=o.device)
+        self.module.attn_bwd_preprocess[(triton_cdiv(n, self.config.block_m2), B * H)](
             o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H,
-            HEAD_DIM=D, BLOCK_M=cfg.block_m2)
+            HEAD_DIM=D, BLOCK_M=self.config.block_m2)
         if dlse is not None:
             delta = delta - dlse.to(torch.float32)
+        return delta
+
+    def backward_from_delta(self, q, k, v, lse, do, delta, scale):
+        """dq, dk, dv with P recomputed from ``lse`` and the given ``delta``
+        (a planned run passes the merged ones to every component)."""
+        B, H, n, D = q.shape
+        cfg, t = self.config, self.tables
         dq = torch.empty((B, H, n, D), dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -1,0 +1,125 @@
+"""A Plan on the generated kernels, as one autograd Function.
+
+Forward: each component runs the forward kernel on q, k, v gathered into its
+slot order (natural components on q, k, v as they are); the outputs return
+to token order and merge exactly by log-sum-exp. Only q, k, v, the merged o
+and the merged lse are saved.
+
+Backward: ``delta = rowsum(dO * O)`` once, from the merged o; then every
+component runs the dK/dV and dQ kernels with the *merged* lse and delta (the
+Sparse Transformer's recomputation: P is rebuilt from lse, never stored),
+and the gradients add up in token order.
+
+    bytes moved beyond the kernels, per reordered component (n tokens, D, H):
+      forward   gather q, k, v + scatter o, lse          ~ 5 n D H elements
+      backward  gather q, k, v, dO, lse, delta + scatter dq, dk, dv
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from patterncc.planned import PlannedAttention
+
+from .config import padded_head_dim
+from .runtime import TritonAttention, _check_scale, _on_device_of, check_inputs
+
+
+class TritonPlannedAttention(PlannedAttention):
+    """``PlannedAttention`` whose components share one autograd Function
+    (merged lse and delta in the backward pass) instead of composing each
+    component's own Function with a differentiable merge."""
+
+    def __call__(self, q, k, v, scale=None, return_lse: bool = False):
+        q, k, v = check_inputs(q, k, v)
+        n, H, D = q.shape[2], q.shape[1], q.shape[3]
+        plan = self.plan(n, H)
+        if plan.strategy == "dense" and self.dense is not None and not return_lse:
+            out = self.dense(plan.pattern, q, k, v, scale)
+            if out is not None:
+                return out
+        runs = self._runs(plan, q.device)
+        if len(runs) == 1 and runs[0].q_index is None and runs[0].k_index is None:
+            return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse)
+        scale = _check_scale(scale, D)
+        Dp = padded_head_dim(D)
+        if Dp != D:  # zeros add nothing to q.k, and o's extra columns are sliced away
+            q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
+        launches = [(run, run.attn.launcher(run.slots, H, k.shape[1], Dp, q.dtype, q.device)) for run in runs]
+        o, lse = _PlannedFunction.apply(q, k, v, scale, launches)
+        if Dp != D:
+            o = o[..., :D]
+        return (o, lse) if return_lse else o
+
+
+def _gather_q(run, x):
+    return x if run.q_index is None else x.index_select(2, run.q_index)
+
+
+def _gather_k(run, x):
+    return x if run.k_index is None else x.index_select(2, run.k_index)
+
+
+def _back_q(run, x):
+    return x if run.q_back is None else x.index_select(2, run.q_back)
+
+
+class _PlannedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, launches):
+        with _on_device_of(q), torch.no_grad():
+            parts = []
+            for run, kernels in launches:
+                o_c, lse_c = kernels.forward(_gather_q(run, q), _gather_k(run, k), _gather_k(run, v), scale)
+                parts.append((_back_q(run, o_c), _back_q(run, lse_c)))
+            o, lse = _merge(parts, q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.launches, ctx.scale = launches, scale
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        launches, scale = ctx.launches, ctx.scale
+        with _on_device_of(q):
+            delta = launches[0][1].delta(o, do, dlse)  # merged: the same for every component
+            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            for run, kernels in launches:
+                dq_c, dk_c, dv_c = kernels.backward_from_delta(
+                    _gather_q(run, q), _gather_k(run, k), _gather_k(run, v),
+                    _gather_q(run, lse), _gather_q(run, do), _gather_q(run, delta), scale)
+                dq += _back_q(run, dq_c).float()
+                if run.k_index is None:
+                    dk += dk_c.float()
+                    dv += dv_c.float()
+                else:  # padding slots hold zero gradients: adding them to row 0 changes nothing
+                    dk.index_add_(2, run.k_index, dk_c.float())
+                    dv.index_add_(2, run.k_index, dv_c.float())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _merge(parts, dtype):
+    """Log-sum-exp merge in fp32: o in ``dtype``, lse fp32 (-inf where no component reaches)."""
+    top = None
+    for _, lse_c in parts:
+        top = lse_c if top is None else torch.maximum(top, lse_c)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros_like(top)
+    o = None
+    for o_c, lse_c in parts:
+        w = torch.exp(lse_c - top)
+        total += w
+        term = w.unsqueeze(-1) * o_c.float()
+        o = term if o is None else o.add_(term)
+    reached = total > 0
+    safe = torch.where(reached, total, torch.ones_like(total))
+    o = o.div_(safe.unsqueeze(-1))
+    lse = torch.where(reached, top + torch.log(safe), torch.full_like(top, float("-inf")))
+    return o.to(dtype), lse
