@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/env
 MODEL=(--device cuda --dim 256 --depth 4 --heads 4 --dtype bf16 --seed 0)
 status=0
 
-timeout 240 python3 examples/train_char_lm.py "${MODEL[@]}" \
+timeout 300 python3 examples/train_char_lm.py "${MODEL[@]}" \
     --context 16384 --batch 2 --steps 1200 --lr 2e-3 --eval-every 200 --eval-batches 8 \
     --timing-warmup 20 --models dense,fixed,strided --l 128 --c 32 \
     --out "$OUT/train" || { status=1; echo "train stage failed or timed out" >&2; }

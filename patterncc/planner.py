@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import ir
-from .errors import PatternValueError
+from .errors import LimitError, PatternValueError
 from .blocklayout import BlockLayout, build as build_layout, estimate_blocks
 from .simplify import simplify
 
@@ -241,7 +241,11 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
 
     pieces = [_decompose(ir.for_head(bound, h)) for h in range(H)]
     reorders = any(o != (NATURAL, NATURAL) for ps in pieces for o in ps)
-    planned = _components(pieces, seq_len, block, H) if reorders and mode != "natural" else None
+    refused = None
+    try:
+        planned = _components(pieces, seq_len, block, H) if reorders and mode != "natural" else None
+    except LimitError as err:  # a component's slot layout is too costly to build: run natural order
+        planned, refused = None, str(err).splitlines()[0]
     planned = planned or None  # every component empty: the natural run gives zeros and -inf
     planned_blocks = sum(c.blocks for c in planned) if planned else 0
 
@@ -262,6 +266,8 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
         costs["planned"] = sum(c.cost() for c in planned)
 
     strategy, reason = _choose(costs, mode, dense, planned, natural_blocks)
+    if refused:
+        reason = f"the reordered components were refused ({refused})"
     components = tuple(planned) if strategy == "planned" else (natural,)
     return Plan(bound, seq_len, block, heads, strategy, components, natural_blocks, natural is not None, costs, reason)
 

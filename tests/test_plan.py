@@ -232,3 +232,15 @@ def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
     for name, a, b in zip("qkv", grads, grads_ref):
         assert torch.isfinite(a).all(), f"d{name} not finite"
         torch.testing.assert_close(a.double().cpu(), b, **gtol, msg=f"d{name}")
+
+
+def test_a_refused_component_falls_back_to_natural(monkeypatch):
+    from patterncc import planner
+    from patterncc.errors import LimitError
+
+    def refuse(*args, **kwargs):
+        raise LimitError("too many element evaluations")
+
+    monkeypatch.setattr(planner, "_component", refuse)
+    plan = pipeline.plan("fixed(16, 4)", seq_len=256, block=16)
+    assert plan.strategy == "natural" and "refused" in plan.describe()
