@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `patterncc show ... | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 # -- argument parsing -------------------------------------------------------------
@@ -103,7 +107,8 @@ def _pattern_args(p: argparse.ArgumentParser) -> None:
 def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", "-n", type=int, default=4096)
     p.add_argument("--block", "-b", type=int, default=128)
-    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None,
+                   help="head count (default: what a heads { .. } block covers, else 1)")
 
 
 def load_pattern(text: str, params: list[str]):
@@ -122,6 +127,13 @@ def load_pattern(text: str, params: list[str]):
     if text.endswith(".pat") or Path(text).is_file():
         return pipeline.load(text, **overrides)
     return pipeline.parse(text, "<command line>", **overrides)
+
+
+def heads_for(args, pat) -> int:
+    """--heads, or the count a ``heads { .. }`` block covers, or 1."""
+    from . import ir
+
+    return args.heads or ir.natural_heads(pat) or 1
 
 
 class Progress:
@@ -169,6 +181,7 @@ def cmd_show(args) -> int:
     from . import pipeline
 
     pat = load_pattern(args.pattern, args.param)
+    args.heads = heads_for(args, pat)
     t0 = time.perf_counter()
     lay = pipeline.layout(pat, args.seq_len, args.block, args.heads)
     took = time.perf_counter() - t0
@@ -192,7 +205,7 @@ def cmd_layout(args) -> int:
     from . import pipeline
 
     pat = load_pattern(args.pattern, args.param)
-    lay = pipeline.layout(pat, args.seq_len, args.block, args.heads)
+    lay = pipeline.layout(pat, args.seq_len, args.block, heads_for(args, pat))
     arrays = {name: getattr(lay, name) for name in ("kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")}
     meta = {"pattern": str(pat), "seq_len": lay.seq_len, "block": lay.block, "heads": lay.heads, "nnz": lay.nnz}
     out = Path(args.out)
@@ -221,7 +234,7 @@ def cmd_explain(args) -> int:
     from . import pipeline
 
     pat = load_pattern(args.pattern, args.param)
-    print(pipeline.plan(pat, args.seq_len, args.block, args.heads).describe())
+    print(pipeline.plan(pat, args.seq_len, args.block, heads_for(args, pat)).describe())
     return 0
 
 

@@ -501,6 +501,17 @@ def for_head(p: Pattern, h: int) -> Pattern:
     return _map(p, pick)
 
 
+def natural_heads(p: Pattern) -> int | None:
+    """A head count that shows every head's pattern: what a ``heads { .. }``
+    block covers (its largest range end), else the longest ``cycle``; None
+    when the pattern does not depend on the head that way."""
+    stops = [r.stop for node in walk(p) if isinstance(node, Heads) for r in node.ranges]
+    if stops:
+        return max(stops)
+    cycles = [len(node.parts) for node in walk(p) if isinstance(node, Cycle)]
+    return max(cycles) if cycles else None
+
+
 def check_heads(p: Pattern, heads: int) -> None:
     """Every ``heads { .. }`` must cover ``0..heads`` exactly, without overlap."""
     for node in walk(p):

@@ -27,13 +27,14 @@ def draw_pattern(pat: ir.Pattern, lay, path: str, *, heads: int = 1, title: str 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5))
     left.imshow(elements, cmap=ListedColormap(["#f4f4f4", "#1f5fa8"]), interpolation="nearest", vmin=0, vmax=1)
-    left.set_title(f"element mask, n = {n_small} (head 0)")
+    left.set_title(f"element mask, n = {n_small} (head 0)", fontsize=9)
     left.set_xlabel("key k")
     left.set_ylabel("query q")
     right.imshow(blocks, cmap=ListedColormap(["#f4f4f4", "#8fb8e6", "#1f5fa8"]), interpolation="nearest", vmin=0, vmax=2)
     right.set_title(
         f"block layout, n = {lay.seq_len}, block = {lay.block}\n"
-        f"{lay.nnz} non-empty blocks, block density {lay.density:.3f} (dark: full, light: partial)"
+        f"{lay.nnz} non-empty blocks, density {lay.density:.3f}\n(dark: full, light: partial)",
+        fontsize=9,
     )
     right.set_xlabel("key block")
     right.set_ylabel("query block")

@@ -4,7 +4,6 @@ bug it is there to catch."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -34,8 +33,6 @@ from patterncc.testing import (
 )
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-HAVE_PARSER = all(importlib.util.find_spec(f"patterncc.{m}") for m in ("parse", "resolve", "simplify"))
-needs_parser = pytest.mark.skipif(not HAVE_PARSER, reason="the parser (patterncc/resolve.py) has not landed yet")
 
 
 def leaves(p: ir.Pattern) -> int:
@@ -107,7 +104,6 @@ def _expr_walk(e):
         yield from _expr_walk(child)
 
 
-@needs_parser
 @FAST
 @given(patterns(heads=4), st.integers(1, 33))
 def test_patterns_print_as_source_that_parses_back(p, n):
@@ -384,10 +380,8 @@ def test_check_pattern_skips_unavailable_backends_with_a_reason():
     assert report.results[-1].status == "skipped" and "unknown backend" in report.results[-1].reason
 
 
-needs_files = pytest.mark.skipif(not HAVE_PARSER, reason="loading .pat files needs the parser (patterncc/resolve.py)")
 
 
-@needs_files
 def test_run_files_tests_every_definition_and_passes(tmp_path, capsys):
     f = tmp_path / "two.pat"
     f.write_text("pattern a(w = 3) = causal & local(w)\npattern b(l) = stride(l)\npattern c() = a(2) | sink(1)\n")
@@ -397,7 +391,6 @@ def test_run_files_tests_every_definition_and_passes(tmp_path, capsys):
     assert "2 of 2 patterns passed" in out
 
 
-@needs_files
 def test_run_files_reports_a_broken_backend_with_a_reproduce_command(tmp_path, capsys, monkeypatch):
     f = tmp_path / "mine.pat"
     f.write_text("pattern mine(w = 4) = causal & local(w)\n")
@@ -411,7 +404,6 @@ def test_run_files_reports_a_broken_backend_with_a_reproduce_command(tmp_path, c
         exec(shlex.split(command)[2], {})
 
 
-@needs_files
 def test_run_files_reports_pattern_errors_with_their_location(tmp_path, capsys):
     f = tmp_path / "bad.pat"
     f.write_text("pattern p() = causal & summary(8, 9)\n")
