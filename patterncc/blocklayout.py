@@ -1116,24 +1116,7 @@ def _scan_elements(node: ir.Pattern, t: _Tiles, count: bool):
 def _evaluate(node: ir.Pattern, q: np.ndarray, k: np.ndarray, ctx: _Ctx) -> np.ndarray:
     """``mask.evaluate``, but ``random`` looks up its drawn cells sparsely
     (mask.py builds a dense table of them, too big for long sequences)."""
-    match node:
-        case ir.Random():
-            return ctx.random(node).allowed(q, k)
-        case ir.Union(parts=parts):
-            out = _evaluate(parts[0], q, k, ctx)
-            for c in parts[1:]:
-                out = out | _evaluate(c, q, k, ctx)
-            return out
-        case ir.Intersect(parts=parts):
-            out = _evaluate(parts[0], q, k, ctx)
-            for c in parts[1:]:
-                out = out & _evaluate(c, q, k, ctx)
-            return out
-        case ir.Difference(left=a, right=b):
-            return _evaluate(a, q, k, ctx) & ~_evaluate(b, q, k, ctx)
-        case ir.Complement(arg=a):
-            return ~_evaluate(a, q, k, ctx)
-    return evaluate(node, q, k, ctx.n)
+    return evaluate(node, q, k, ctx.n, random=lambda r, qq, kk: ctx.random(r).allowed(qq, kk))
 
 
 # ----------------------------------------------------------------------------

@@ -15,16 +15,17 @@ from .errors import LimitError, PatternValueError
 MAX_MASK_ELEMENTS = 2**30
 
 
-def evaluate(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
+def evaluate(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int, *, random=None) -> np.ndarray:
     """Boolean mask of a bound, head-free pattern at int64 positions ``q``, ``k``
-    (broadcast against each other)."""
+    (broadcast against each other). ``random(node, q, k)`` may replace the
+    dense table lookup of ``random`` nodes (the layout looks cells up sparsely)."""
     q = np.asarray(q, dtype=np.int64)
     k = np.asarray(k, dtype=np.int64)
     shape = np.broadcast_shapes(q.shape, k.shape)
-    return np.broadcast_to(_eval(p, q, k, n), shape)
+    return np.broadcast_to(_eval(p, q, k, n, random), shape)
 
 
-def _eval(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
+def _eval(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int, random=None) -> np.ndarray:
     match p:
         case ir.All():
             return np.ones(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
@@ -48,24 +49,24 @@ def _eval(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
             diff = q - k
             return (np.abs(diff) < w * d) & (diff % d == 0)
         case ir.Random(r=r, b=b, seed=seed):
-            return _eval_random(r, b, seed, q, k, n)
+            return random(p, q, k) if random else _eval_random(r, b, seed, q, k, n)
         case ir.Where(cond=cond):
             value = eval_expr(cond, {"q": q, "k": k, "n": np.int64(n)})
             return np.broadcast_to(np.asarray(value, dtype=bool), np.broadcast_shapes(q.shape, k.shape))
         case ir.Union(parts=parts):
-            out = _eval(parts[0], q, k, n)
+            out = _eval(parts[0], q, k, n, random)
             for part in parts[1:]:
-                out = out | _eval(part, q, k, n)
+                out = out | _eval(part, q, k, n, random)
             return out
         case ir.Intersect(parts=parts):
-            out = _eval(parts[0], q, k, n)
+            out = _eval(parts[0], q, k, n, random)
             for part in parts[1:]:
-                out = out & _eval(part, q, k, n)
+                out = out & _eval(part, q, k, n, random)
             return out
         case ir.Difference(left=a, right=b):
-            return _eval(a, q, k, n) & ~_eval(b, q, k, n)
+            return _eval(a, q, k, n, random) & ~_eval(b, q, k, n, random)
         case ir.Complement(arg=a):
-            return ~_eval(a, q, k, n)
+            return ~_eval(a, q, k, n, random)
     raise TypeError(f"evaluate() needs a bound, head-free pattern; got {type(p).__name__}")
 
 

@@ -48,7 +48,8 @@ class PlannedAttention:
     returns ``lse`` and lets autograd through it). ``mode`` is the planner's: ``"auto"``,
     ``"natural"`` or ``"planned"``. ``dense`` runs a plan whose strategy is
     ``"dense"`` (the pattern is causal or all) — SDPA flash on a GPU.
-    ``check(q, k, v)`` validates the inputs before anything is planned.
+    ``check(q, k, v)`` validates the inputs before anything is planned and
+    returns them as the backend takes them.
     """
 
     def __init__(self, pattern: ir.Pattern, make_inner: Callable, *, block: int = 128, mode: str = "auto",
@@ -72,7 +73,7 @@ class PlannedAttention:
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False):
         if self.check is not None:  # the inner backend's input checks, before any planning
-            self.check(q, k, v)
+            q, k, v = self.check(q, k, v)
         n, H = q.shape[-2], q.shape[1]
         plan = self.plan(n, H)
         if plan.strategy == "dense" and self.dense is not None and not return_lse:
@@ -82,10 +83,15 @@ class PlannedAttention:
         runs = self._runs(plan, q.device)
         if len(runs) == 1 and runs[0].q_index is None and runs[0].k_index is None:
             return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse)
-        parts = [self._run_one(run, q, k, v, scale) for run in runs]
-        o, lse = merge(parts)
-        o = o.to(q.dtype)
+        o, lse = self.combine(runs, q, k, v, scale)
         return (o, lse) if return_lse else o
+
+    def combine(self, runs: list[_Run], q, k, v, scale):
+        """Run every component and merge: here each component's own autograd
+        and a differentiable merge (a backend may fuse this, see
+        backends/triton/planned.py)."""
+        o, lse = merge([self._run_one(run, q, k, v, scale) for run in runs])
+        return o.to(q.dtype), lse
 
     def _runs(self, plan: Plan, device) -> list[_Run]:
         import torch

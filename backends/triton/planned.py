@@ -31,26 +31,18 @@ class TritonPlannedAttention(PlannedAttention):
     (merged lse and delta in the backward pass) instead of composing each
     component's own Function with a differentiable merge."""
 
-    def __call__(self, q, k, v, scale=None, return_lse: bool = False):
-        q, k, v = check_inputs(q, k, v)
-        n, H, D = q.shape[2], q.shape[1], q.shape[3]
-        plan = self.plan(n, H)
-        if plan.strategy == "dense" and self.dense is not None and not return_lse:
-            out = self.dense(plan.pattern, q, k, v, scale)
-            if out is not None:
-                return out
-        runs = self._runs(plan, q.device)
-        if len(runs) == 1 and runs[0].q_index is None and runs[0].k_index is None:
-            return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, check=check_inputs, **kwargs)
+
+    def combine(self, runs, q, k, v, scale):
+        H, D = q.shape[1], q.shape[3]
         scale = _check_scale(scale, D)
         Dp = padded_head_dim(D)
         if Dp != D:  # zeros add nothing to q.k, and o's extra columns are sliced away
             q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
         launches = [(run, run.attn.launcher(run.slots, H, k.shape[1], Dp, q.dtype, q.device)) for run in runs]
         o, lse = _PlannedFunction.apply(q, k, v, scale, launches)
-        if Dp != D:
-            o = o[..., :D]
-        return (o, lse) if return_lse else o
+        return (o[..., :D] if Dp != D else o), lse
 
 
 def _gather_q(run, x):

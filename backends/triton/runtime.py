@@ -43,6 +43,8 @@ from patterncc import ir, randomblocks
 from patterncc.blocklayout import BlockLayout, build as build_layout
 from patterncc.errors import LimitError
 
+from patterncc.backends.reference.attention import check_scale as _check_scale
+
 from . import cache, codegen, tables
 from .config import MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
 
@@ -242,16 +244,6 @@ def _check_inputs(q, k, v):
         raise ValueError(f"sequence length n={n} does not fit the kernels' int32 positions")
     # The kernels take any strides except in the last dimension.
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-
-
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale=}")
-    return float(scale)
 
 
 # ----------------------------------------------------------------------------
