@@ -27,28 +27,11 @@
 # nonzero if any section failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 REPO=$PWD
-PKGROOT=$PWD  # a directory whose patterncc/ is the importable package (sys.path[0] for `python -m`)
-if ! python3 -c "import patterncc.backends.triton, patterncc.backends.reference" 2>/dev/null; then
-    # From a source tree, backends/ and grammar/ are not yet patterncc.backends
-    # and patterncc.grammar (pyproject's package-dir maps them at install time):
-    # lay the package out as installed, in /tmp.
-    rm -rf /tmp/pcc && mkdir -p /tmp/pcc
-    cp -r patterncc /tmp/pcc/patterncc
-    cp -r backends /tmp/pcc/patterncc/backends
-    cp -r grammar /tmp/pcc/patterncc/grammar
-    export PYTHONPATH=/tmp/site:/tmp/pcc:$PWD
-    PKGROOT=/tmp/pcc
-fi
 OUT=${OUT:-out/gpu_check}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PATTERNCC_CACHE_DIR=/tmp/patterncc-cache
-
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
-    | tee "$OUT/environment.txt"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >> "$OUT/environment.txt" 2>/dev/null
+source bench/gpu_env.sh
 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(check bench)

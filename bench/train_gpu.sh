@@ -20,21 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/train_gpu}
 mkdir -p "$OUT"
 
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-if ! python3 -c "import patterncc.backends.reference, patterncc.grammar" 2>/dev/null; then
-    # From a source tree, grammar/ and backends/ are not yet patterncc.grammar
-    # and patterncc.backends (pyproject's package-dir maps them at install
-    # time): lay the package out as installed, in /tmp.
-    rm -rf /tmp/pcc && mkdir -p /tmp/pcc
-    cp -r patterncc /tmp/pcc/patterncc
-    cp -r backends /tmp/pcc/patterncc/backends
-    cp -r grammar /tmp/pcc/patterncc/grammar
-    export PYTHONPATH=/tmp/site:/tmp/pcc:$PWD
-fi
-python3 -c "import torch, triton, patterncc; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
-    | tee "$OUT/environment.txt"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/environment.txt" 2>/dev/null
+source bench/gpu_env.sh
 
 MODEL=(--device cuda --dim 256 --depth 4 --heads 4 --dtype bf16 --seed 0)
 status=0
