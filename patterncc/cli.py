@@ -257,6 +257,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_test(args) -> int:
+    # Without a GPU the generated kernels still run, in Triton's interpreter;
+    # it must be chosen before triton is first imported.
+    if "triton" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
     from .testing import run_files
 
     return run_files(args.files, examples=args.examples, backends=args.backend, seed=args.seed)

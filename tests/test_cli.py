@@ -116,3 +116,20 @@ def test_python_dash_m_runs():
     assert proc.returncode == 0
     for command in ("check", "show", "layout", "compile", "bench", "test", "explain", "demo"):
         assert command in proc.stdout
+
+
+def test_test_command_runs_the_kernels_in_the_interpreter_without_a_gpu(tmp_path):
+    import os
+
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATTERNCC_CACHE_DIR"] = str(tmp_path / "cache")
+    path = Path(__file__).parent.parent / "examples" / "sliding_window.pat"
+    proc = subprocess.run([sys.executable, "-m", "patterncc", "test", str(path), "--examples", "2"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "kernel" in line]
+    assert any("reference" in r and "passed" in r for r in rows)
+    if not torch.cuda.is_available():
+        assert any("triton" in r and "passed" in r for r in rows), proc.stdout
