@@ -19,6 +19,7 @@
 #             one per head dim, then 1.5 minutes of cold starts)      (~7 min)
 #   plan      the planner: strided(128), fixed(128,32) at n=16384/65536, D=64,
 #             natural order vs plan vs Flex vs SDPA                  (~5 min)
+#   profile   where a planned strided(128) call at n=65536 spends its time (~1 min)
 #   sweep     registers/spills of the default table as compiled here, then
 #             tile candidates for config.py (causal, n=16384, D=64/128) (~4 min)
 #
@@ -87,6 +88,11 @@ run_plan() {
         --head-dim 64 --rep 60 --out "$OUT/plan.md" 2>&1 | tee -a "$OUT/plan.log" || fail plan
 }
 
+run_profile() {
+    echo "== profile" | tee -a "$OUT/summary.txt"
+    timeout 180 python3 bench/profile_plan.py 2>&1 | tee "$OUT/profile.log" || fail profile
+}
+
 run_sweep() {
     echo "== sweep" | tee -a "$OUT/summary.txt"
     timeout 120 python3 bench/bench_triton.py --resources 2>&1 | tee "$OUT/resources.md" || fail resources
@@ -102,6 +108,7 @@ for section in "${sections[@]}"; do
         check) run_smoke; run_memcheck; run_tests ;;
         bench) run_bench ;;
         plan) run_plan ;;
+        profile) run_profile ;;
         sweep) run_sweep ;;
         *) echo "unknown section $section (smoke memcheck tests check bench sweep)" >&2; status=2 ;;
     esac

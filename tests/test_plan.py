@@ -201,6 +201,7 @@ TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available
     ("causal & stride(5) - local(1)", 23, 2, 1, 16, torch.float32),
     ("cycle(causal & local(16), causal & stride(16))", 50, 2, 2, 16, torch.float32),
     ("strided(12) | sink(3)", 61, 2, 1, 16, torch.bfloat16),
+    ("fixed(16, 4) | (causal & stride(5))", 45, 2, 1, 16, torch.float32),  # three components
 ])
 def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
     from patterncc.backends.triton.config import KernelConfig
@@ -244,3 +245,29 @@ def test_a_refused_component_falls_back_to_natural(monkeypatch):
     monkeypatch.setattr(planner, "_component", refuse)
     plan = pipeline.plan("fixed(16, 4)", seq_len=256, block=16)
     assert plan.strategy == "natural" and "refused" in plan.describe()
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+def test_merge_kernel_matches_the_formula_and_keeps_unreached_rows_empty():
+    from patterncc.backends.triton.planned import _merge
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for c in range(3):
+        o = torch.randn(2, 3, 37, 16, generator=g)
+        lse = torch.randn(2, 3, 37, generator=g)
+        lse[:, :, c::4] = float("-inf")  # rows this component does not reach
+        lse[:, :, 3::4] = float("-inf")  # rows no component reaches
+        o[torch.isinf(lse)] = 0.0
+        parts.append((o.to(device), lse.to(device)))
+    o, lse = _merge(parts, torch.float32)
+    stacked = torch.stack([p[1] for p in parts]).cpu()
+    want_lse = torch.logsumexp(stacked, dim=0)
+    weights = torch.nan_to_num(torch.exp(stacked - want_lse), nan=0.0)
+    want_o = sum(w.unsqueeze(-1) * p[0].cpu() for w, p in zip(weights, parts))
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse.cpu()[finite], want_lse[finite], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(o.cpu(), want_o, rtol=1e-6, atol=1e-6)
+    assert (o.cpu()[~finite] == 0).all()

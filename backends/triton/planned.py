@@ -98,20 +98,63 @@ class _PlannedFunction(torch.autograd.Function):
 
 
 def _merge(parts, dtype):
-    """Log-sum-exp merge in fp32: o in ``dtype``, lse fp32 (-inf where no component reaches)."""
-    top = None
-    for _, lse_c in parts:
-        top = lse_c if top is None else torch.maximum(top, lse_c)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.zeros_like(top)
-    o = None
-    for o_c, lse_c in parts:
-        w = torch.exp(lse_c - top)
-        total += w
-        term = w.unsqueeze(-1) * o_c.float()
-        o = term if o is None else o.add_(term)
-    reached = total > 0
-    safe = torch.where(reached, total, torch.ones_like(total))
-    o = o.div_(safe.unsqueeze(-1))
-    lse = torch.where(reached, top + torch.log(safe), torch.full_like(top, float("-inf")))
+    """Log-sum-exp merge: o in ``dtype``, lse fp32 (-inf where no component
+    reaches). One kernel pass per extra component, reading each part once:
+    the running pair (o, lse) stays fp32 until the last pass writes ``dtype``."""
+    o, lse = parts[0]
+    for idx, (o_c, lse_c) in enumerate(parts[1:]):
+        last = idx == len(parts) - 2
+        o, lse = _merge_pair(o, lse, o_c, lse_c, dtype if last else torch.float32)
     return o.to(dtype), lse
+
+
+def _merge_pair(o0, l0, o1, l1, out_dtype):
+    """(o0, l0) (+) (o1, l1) by ``merge_kernel``; every tensor contiguous
+    ``[B, H, n, D]`` / ``[B, H, n]``."""
+    import triton
+
+    o0, o1, l0, l1 = (x.contiguous() for x in (o0, o1, l0, l1))
+    rows, D = l0.numel(), o0.shape[-1]
+    o = torch.empty(o0.shape, dtype=out_dtype, device=o0.device)
+    lse = torch.empty(l0.shape, dtype=torch.float32, device=o0.device)
+    block_r = 64 if D <= 64 else 32
+    _merge_kernel()[(triton.cdiv(rows, block_r),)](o0, l0, o1, l1, o, lse, rows,
+                                                  HEAD_DIM=D, BLOCK_R=block_r)
+    return o, lse
+
+
+_KERNEL = None
+
+
+def _merge_kernel():
+    """The merge kernel, defined on first use (triton is imported lazily here
+    so that TRITON_INTERPRET chosen by the caller still applies)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def merge_kernel(O0, L0, O1, L1, O, L, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+            """o = (e^(l0 - m) o0 + e^(l1 - m) o1) / s, lse = m + log s, over BLOCK_R rows."""
+            rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = tl.arange(0, HEAD_DIM)
+            inside = rows < ROWS
+            l0 = tl.load(L0 + rows, mask=inside, other=float("-inf")).to(tl.float32)
+            l1 = tl.load(L1 + rows, mask=inside, other=float("-inf")).to(tl.float32)
+            # -- a row no component reaches has l0 = l1 = -inf: subtract 0, not -inf
+            m = tl.maximum(l0, l1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            w0 = tl.exp(l0 - m)
+            w1 = tl.exp(l1 - m)
+            s = w0 + w1
+            s_safe = tl.where(s > 0.0, s, 1.0)
+            offs = rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
+            o0 = tl.load(O0 + offs, mask=inside[:, None], other=0.0).to(tl.float32)
+            o1 = tl.load(O1 + offs, mask=inside[:, None], other=0.0).to(tl.float32)
+            o = (w0[:, None] * o0 + w1[:, None] * o1) / s_safe[:, None]
+            tl.store(O + offs, o.to(O.dtype.element_ty), mask=inside[:, None])
+            tl.store(L + rows, tl.where(s > 0.0, m + tl.log(s_safe), float("-inf")), mask=inside)
+
+        _KERNEL = merge_kernel
+    return _KERNEL
