@@ -109,52 +109,14 @@ def _merge(parts, dtype):
 
 
 def _merge_pair(o0, l0, o1, l1, out_dtype):
-    """(o0, l0) (+) (o1, l1) by ``merge_kernel``; every tensor contiguous
+    """(o0, l0) (+) (o1, l1) by ``merge.merge_kernel``; every tensor contiguous
     ``[B, H, n, D]`` / ``[B, H, n]``."""
-    import triton
+    from .merge import merge_kernel  # imports triton: only once a kernel runs
 
     o0, o1, l0, l1 = (x.contiguous() for x in (o0, o1, l0, l1))
     rows, D = l0.numel(), o0.shape[-1]
     o = torch.empty(o0.shape, dtype=out_dtype, device=o0.device)
     lse = torch.empty(l0.shape, dtype=torch.float32, device=o0.device)
     block_r = 64 if D <= 64 else 32
-    _merge_kernel()[(triton.cdiv(rows, block_r),)](o0, l0, o1, l1, o, lse, rows,
-                                                  HEAD_DIM=D, BLOCK_R=block_r)
+    merge_kernel[(-(-rows // block_r),)](o0, l0, o1, l1, o, lse, rows, HEAD_DIM=D, BLOCK_R=block_r)
     return o, lse
-
-
-_KERNEL = None
-
-
-def _merge_kernel():
-    """The merge kernel, defined on first use (triton is imported lazily here
-    so that TRITON_INTERPRET chosen by the caller still applies)."""
-    global _KERNEL
-    if _KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def merge_kernel(O0, L0, O1, L1, O, L, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-            """o = (e^(l0 - m) o0 + e^(l1 - m) o1) / s, lse = m + log s, over BLOCK_R rows."""
-            rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-            cols = tl.arange(0, HEAD_DIM)
-            inside = rows < ROWS
-            l0 = tl.load(L0 + rows, mask=inside, other=float("-inf")).to(tl.float32)
-            l1 = tl.load(L1 + rows, mask=inside, other=float("-inf")).to(tl.float32)
-            # -- a row no component reaches has l0 = l1 = -inf: subtract 0, not -inf
-            m = tl.maximum(l0, l1)
-            m = tl.where(m == float("-inf"), 0.0, m)
-            w0 = tl.exp(l0 - m)
-            w1 = tl.exp(l1 - m)
-            s = w0 + w1
-            s_safe = tl.where(s > 0.0, s, 1.0)
-            offs = rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
-            o0 = tl.load(O0 + offs, mask=inside[:, None], other=0.0).to(tl.float32)
-            o1 = tl.load(O1 + offs, mask=inside[:, None], other=0.0).to(tl.float32)
-            o = (w0[:, None] * o0 + w1[:, None] * o1) / s_safe[:, None]
-            tl.store(O + offs, o.to(O.dtype.element_ty), mask=inside[:, None])
-            tl.store(L + rows, tl.where(s > 0.0, m + tl.log(s_safe), float("-inf")), mask=inside)
-
-        _KERNEL = merge_kernel
-    return _KERNEL
