@@ -35,6 +35,7 @@ class _Run:
 
     attn: object
     slots: int       # the component's slot count a side (its layout's seq_len)
+    component: Component
     q_index: object  # LongTensor [slots]: token position of each query slot (clamped)
     k_index: object  # LongTensor [slots]: token position of each key slot (clamped)
     q_back: object   # LongTensor [n]: the slot of each token position (queries)
@@ -104,7 +105,7 @@ class PlannedAttention:
                 attn = self._inner.get(comp.slot_pattern)
                 if attn is None:
                     attn = self._inner[comp.slot_pattern] = self.make_inner(comp, plan.heads)
-                runs.append(_Run(attn, comp.layout.seq_len, *_gathers(comp, plan.seq_len, torch, device)))
+                runs.append(_Run(attn, comp.layout.seq_len, comp, *_gathers(comp, plan.seq_len, torch, device)))
             cached[key] = runs
         return cached[key]
 

@@ -28,31 +28,58 @@ pattern_mask = None  # defined by the generated module above the kernels
 
 
 # ----------------------------------------------------------------------------
+# Slots and tokens: a planned component walks slots in its own token order
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _token(slot, ORDER: tl.constexpr, L, S, C):
+    """The token position of kernel slot ``slot`` in the order of a planned component
+    (patterncc.planner.TokenOrder): 0 natural, 1 residue(L) with S = ceil(n / L)
+    slots per class, 2 the gathered columns of summary(L, C)."""
+    if ORDER == 1:
+        return (slot % S) * L + slot // S
+    elif ORDER == 2:
+        return (slot // C) * L + (L - C) + slot % C
+    else:
+        return slot
+
+
+# ----------------------------------------------------------------------------
 # Forward: one program per (query tile, batch * head)
 # ----------------------------------------------------------------------------
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-                    STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+                    STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
-                    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """The key steps STEPS[lo:hi] (BLOCK_N keys each) into one query tile's softmax state."""
+                    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr):
+    """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's softmax state."""
     offs_n = tl.arange(0, BLOCK_N)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
-        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
+        if K_ORDER == 0:  # natural order: one contiguous step
+            k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
+            v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
+            k_ok = k_pos < N
+        else:  # a planned order: each slot's row at its token position
+            k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
+            offs_d = tl.arange(0, HEAD_DIM)
+            k_ptrs = k_base + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+            k_ok = (k_pos < N) & (k_tok < N_TOK)
         # -- scores of this key step, in log2 units
         if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < N, other=0.0)
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
-            allowed = allowed & (k_pos[None, :] < N)
+            allowed = allowed & k_ok[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
         # -- update m_i, the running max; a row that has seen no allowed key
         #    keeps m_i = -inf and subtracts 0 instead, so exp2 gives 0, not NaN
@@ -66,7 +93,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
         if MASKED:
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < N, other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
         acc = acc * alpha[:, None]
@@ -75,17 +102,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
 def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
              FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
              stride_qb, stride_qh, stride_qn,  #
              stride_kb, stride_kh, stride_kn,  #
              stride_vb, stride_vh, stride_vn,  #
              stride_ob, stride_oh, stride_on,  #
-             sm_scale, N, H, GROUP,  #
+             sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-             HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """o (q's dtype) and lse (fp32, natural log) of one query tile of one head."""
+             HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+             Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0):
+    """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
+
+    N counts the kernel's slots, N_TOK the tokens; a planned component's
+    slots map to tokens by ``_token`` (Q_ORDER, K_ORDER; natural: the same).
+    o and lse are indexed by token."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -108,8 +140,10 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    q_in = q_pos[:, None] < N
-    q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
+    q_tok = _token(q_pos, Q_ORDER, ORD_L, ORD_S, ORD_C)
+    q_ok = (q_pos < N) & (q_tok < N_TOK)
+    q_in = q_ok[:, None]
+    q = tl.load(q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     # -- online softmax state, fp32
@@ -122,20 +156,20 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        BLOCK_N, False, DOT_PRECISION, NUM_STAGES)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        BLOCK_N, True, DOT_PRECISION, NUM_STAGES)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
     # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
-    tl.store(o_base + q_pos[:, None].to(tl.int64) * stride_on + offs_d[None, :],
+    tl.store(o_base + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=q_in)
-    tl.store(LSE + off_bh.to(tl.int64) * N + q_pos, lse, mask=q_pos < N)
+    tl.store(LSE + off_bh.to(tl.int64) * N_TOK + q_tok, lse, mask=q_ok)
 
 
 # ----------------------------------------------------------------------------
@@ -170,34 +204,43 @@ def attn_bwd_preprocess(O, DO, DELTA,  #
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
-                         LSE_row, DELTA_row, STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
+                         LSE_row, DELTA_row, STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                          BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
-                         DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """The query steps STEPS[lo:hi] (BLOCK_M1 queries each) into one key tile's dK and dV."""
+                         DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                         HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr):
+    """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key tile's dK and dV."""
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
-        q_ptrs = q_base + start_m.to(tl.int64) * stride_qn + q_tile
-        do_ptrs = do_base + start_m.to(tl.int64) * stride_don + do_tile
-        if MASKED:
+        if Q_ORDER == 0:  # natural order: one contiguous step
+            q_tok = q_pos
+            q_ptrs = q_base + start_m.to(tl.int64) * stride_qn + q_tile
+            do_ptrs = do_base + start_m.to(tl.int64) * stride_don + do_tile
             q_in = q_pos < N
+        else:  # a planned order: each slot's row at its token position
+            q_tok = _token(q_pos, Q_ORDER, ORD_L, ORD_S, ORD_C)
+            offs_d = tl.arange(0, HEAD_DIM)
+            q_ptrs = q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+            do_ptrs = do_base + q_tok[:, None].to(tl.int64) * stride_don + offs_d[None, :]
+            q_in = (q_pos < N) & (q_tok < N_TOK)
+        if MASKED:
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
-            lse2 = tl.load(LSE_row + q_pos, mask=q_in, other=0.0) * 1.44269504  # 1/ln(2)
-            delta = tl.load(DELTA_row + q_pos, mask=q_in, other=0.0)
+            lse2 = tl.load(LSE_row + q_tok, mask=q_in, other=0.0) * 1.44269504  # 1/ln(2)
+            delta = tl.load(DELTA_row + q_tok, mask=q_in, other=0.0)
         else:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
-            lse2 = tl.load(LSE_row + q_pos) * 1.44269504  # 1/ln(2)
-            delta = tl.load(DELTA_row + q_pos)
+            lse2 = tl.load(LSE_row + q_tok) * 1.44269504  # 1/ln(2)
+            delta = tl.load(DELTA_row + q_tok)
         # -- P^T, recomputed from the saved log-sum-exp
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
             allowed = pattern_mask(q_pos[None, :], k_pos[:, None], off_h, N, RANDOM)
-            allowed = allowed & (q_pos[None, :] < N) & (k_pos[:, None] < N)
+            allowed = allowed & q_in[None, :] & k_ok[:, None]
             # select, not multiply: a row with lse = -inf has pT = +inf here
             pT = tl.where(allowed, pT, 0.0)
         # -- dV += P^T dO
@@ -209,7 +252,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
                   FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                   stride_qb, stride_qh, stride_qn,  #
@@ -217,9 +260,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
                   stride_vb, stride_vh, stride_vn,  #
                   stride_dob, stride_doh, stride_don,  #
                   stride_dkb, stride_dkh, stride_dkn,  #
-                  sm_scale, N, H, GROUP,  #
+                  sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
-                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                  Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
@@ -239,11 +283,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
     k_pos = start_n + tl.arange(0, BLOCK_N1)
     offs_m = tl.arange(0, BLOCK_M1)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_in = k_pos[:, None] < N
+    k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
+    k_ok = (k_pos < N) & (k_tok < N_TOK)
+    k_in = k_ok[:, None]
     k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-                + k_pos[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=k_in, other=0.0)
+                + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=k_in, other=0.0)
     v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-                + k_pos[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=k_in, other=0.0)
+                + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=k_in, other=0.0)
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
@@ -257,22 +303,22 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
             layout_h = off_h
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N
-        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N
+        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N_TOK
+        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N_TOK
         csr_col = layout_h * n_tiles + tile
         # -- FULL steps: no predicate, no bounds mask
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
+            dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
-            BLOCK_M1, False, DOT_PRECISION, NUM_STAGES)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER)
         # -- PARTIAL steps: the pattern's predicate and the bounds mask
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
+            dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
             PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
-            BLOCK_M1, True, DOT_PRECISION, NUM_STAGES)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER)
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
-        + k_pos[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
+        + k_tok[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_in)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in)
 
@@ -283,20 +329,29 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-                       STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                       STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                        BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
-                       DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """The key steps STEPS[lo:hi] (BLOCK_N2 keys each) into one query tile's dQ."""
+                       DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr):
+    """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query tile's dQ."""
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
-        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
+        if K_ORDER == 0:  # natural order: one contiguous step
+            k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
+            v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
+            k_ok = k_pos < N
+        else:  # a planned order: each slot's row at its token position
+            k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
+            offs_d = tl.arange(0, HEAD_DIM)
+            k_ptrs = k_base + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+            k_ok = (k_pos < N) & (k_tok < N_TOK)
         if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < N, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < N, other=0.0)
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -305,7 +360,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
-            allowed = allowed & (q_pos[:, None] < N) & (k_pos[None, :] < N)
+            allowed = allowed & q_ok[:, None] & k_ok[None, :]
             # select, not multiply: a row with lse = -inf has p = +inf here
             p = tl.where(allowed, p, 0.0)
         # -- dS = P * (dP - delta); dQ += dS K (the softmax scale comes at the end)
@@ -315,7 +370,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_
     return dq
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
                 FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                 stride_qb, stride_qh, stride_qn,  #
@@ -323,9 +378,10 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
                 stride_vb, stride_vh, stride_vn,  #
                 stride_dob, stride_doh, stride_don,  #
                 stride_dqb, stride_dqh, stride_dqn,  #
-                sm_scale, N, H, GROUP,  #
+                sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
-                HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+                HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0):
     """dQ of one query tile of one head."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M2 >= 16, "tl.dot needs tiles of at least 16")
@@ -344,13 +400,15 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
     q_pos = start_m + tl.arange(0, BLOCK_M2)
     offs_n = tl.arange(0, BLOCK_N2)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_in = q_pos[:, None] < N
+    q_tok = _token(q_pos, Q_ORDER, ORD_L, ORD_S, ORD_C)
+    q_ok = (q_pos < N) & (q_tok < N_TOK)
+    q_in = q_ok[:, None]
     q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-                + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
+                + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
     do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-                 + q_pos[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=q_in, other=0.0)
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N + q_pos, mask=q_pos < N, other=0.0) * 1.44269504  # 1/ln(2)
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * N + q_pos, mask=q_pos < N, other=0.0)
+                 + q_tok[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=q_in, other=0.0)
+    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0) * 1.44269504  # 1/ln(2)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0)
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -360,17 +418,17 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
     csr_row = layout_h * n_tiles + tile
     # -- FULL steps: no predicate, no bounds mask
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+        dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        BLOCK_N2, False, DOT_PRECISION, NUM_STAGES)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+        dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        BLOCK_N2, True, DOT_PRECISION, NUM_STAGES)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
     # -- write dQ, with the softmax scale applied once
     tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-             + q_pos[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
+             + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
 
 

@@ -1,18 +1,16 @@
 """A Plan on the generated kernels, as one autograd Function.
 
-Forward: each component runs the forward kernel on q, k, v gathered into its
-slot order (natural components on q, k, v as they are); the outputs return
-to token order and merge exactly by log-sum-exp. Only q, k, v, the merged o
-and the merged lse are saved.
+Forward: each component runs the forward kernel with its token order folded
+into the kernels' address arithmetic (``kernels._token``: residue order and
+gathered columns are closed forms), so q, k, v are read and o, lse written
+in token order with no copies; the partial results merge exactly by
+log-sum-exp (``merge.py``, one pass). Only q, k, v, the merged o and the
+merged lse are saved.
 
 Backward: ``delta = rowsum(dO * O)`` once, from the merged o; then every
 component runs the dK/dV and dQ kernels with the *merged* lse and delta (the
 Sparse Transformer's recomputation: P is rebuilt from lse, never stored),
 and the gradients add up in token order.
-
-    bytes moved beyond the kernels, per reordered component (n tokens, D, H):
-      forward   gather q, k, v + scatter o, lse          ~ 5 n D H elements
-      backward  gather q, k, v, dO, lse, delta + scatter dq, dk, dv
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from patterncc.planned import PlannedAttention
 
 from .config import padded_head_dim
-from .runtime import TritonAttention, _check_scale, _on_device_of, check_inputs
+from .runtime import SlotOrder, _check_scale, _on_device_of, check_inputs
 
 
 class TritonPlannedAttention(PlannedAttention):
@@ -45,29 +43,16 @@ class TritonPlannedAttention(PlannedAttention):
         return (o[..., :D] if Dp != D else o), lse
 
 
-def _gather_q(run, x):
-    return x if run.q_index is None else x.index_select(2, run.q_index)
-
-
-def _gather_k(run, x):
-    return x if run.k_index is None else x.index_select(2, run.k_index)
-
-
-def _back_q(run, x):
-    return x if run.q_back is None else x.index_select(2, run.q_back)
-
-
 class _PlannedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, launches):
+        n = q.shape[2]
+        orders = [SlotOrder.of(run.component.q_order, run.component.k_order, n) for run, _ in launches]
         with _on_device_of(q), torch.no_grad():
-            parts = []
-            for run, kernels in launches:
-                o_c, lse_c = kernels.forward(_gather_q(run, q), _gather_k(run, k), _gather_k(run, v), scale)
-                parts.append((_back_q(run, o_c), _back_q(run, lse_c)))
+            parts = [kernels.forward(q, k, v, scale, order) for (_, kernels), order in zip(launches, orders)]
             o, lse = _merge(parts, q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.launches, ctx.scale = launches, scale
+        ctx.launches, ctx.orders, ctx.scale = launches, orders, scale
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -77,23 +62,14 @@ class _PlannedFunction(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(o)
         do = do if do.stride(-1) == 1 else do.contiguous()
-        launches, scale = ctx.launches, ctx.scale
         with _on_device_of(q):
-            delta = launches[0][1].delta(o, do, dlse)  # merged: the same for every component
-            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-            for run, kernels in launches:
-                dq_c, dk_c, dv_c = kernels.backward_from_delta(
-                    _gather_q(run, q), _gather_k(run, k), _gather_k(run, v),
-                    _gather_q(run, lse), _gather_q(run, do), _gather_q(run, delta), scale)
-                dq += _back_q(run, dq_c).float()
-                if run.k_index is None:
-                    dk += dk_c.float()
-                    dv += dv_c.float()
-                else:  # padding slots hold zero gradients: adding them to row 0 changes nothing
-                    dk.index_add_(2, run.k_index, dk_c.float())
-                    dv.index_add_(2, run.k_index, dv_c.float())
+            delta = ctx.launches[0][1].delta(o, do, dlse)  # merged: the same for every component
+            grads = [kernels.backward_from_delta(q, k, v, lse, do, delta, ctx.scale, order)
+                     for (_, kernels), order in zip(ctx.launches, ctx.orders)]
+            if len(grads) == 1:
+                dq, dk, dv = grads[0]
+            else:  # sum in fp32, round once
+                dq, dk, dv = (sum(g[i].float() for g in grads) for i in range(3))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 

@@ -328,18 +328,25 @@ class _Run:
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
                     DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
 
-    def forward(self, q, k, v, scale):
-        B, H, n, D = q.shape
+    def forward(self, q, k, v, scale, order: "SlotOrder | None" = None):
+        """o, lse of q, k, v ``[B, H, tokens, D]``; with a planned ``order`` the
+        kernels walk ``self.n`` slots and read and write tokens by it."""
+        B, H, tokens, D = q.shape
+        n = self.n
+        order = order or SlotOrder.natural(n)
         cfg, t = self.config, self.tables
-        o = torch.empty((B, H, n, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, n), dtype=torch.float32, device=q.device)
+        o = torch.empty((B, H, tokens, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, tokens), dtype=torch.float32, device=q.device)
+        if order.q == 2:  # gathered query rows: tokens in no slot keep o = 0, lse = -inf
+            o.zero_()
+            lse.fill_(float("-inf"))
         grid = (triton_cdiv(n, cfg.block_m), B * H)
         self.module.attn_fwd[grid](
             q, k, v, o, lse, t.random, *t.fwd,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            scale, n, H, H // self.Hkv,
+            scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
-            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+            Q_ORDER=order.q, K_ORDER=order.k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
         return o, lse
 
     def backward(self, q, k, v, o, lse, do, dlse, scale):
@@ -357,27 +364,60 @@ class _Run:
             delta = delta - dlse.to(torch.float32)
         return delta
 
-    def backward_from_delta(self, q, k, v, lse, do, delta, scale):
+    def backward_from_delta(self, q, k, v, lse, do, delta, scale, order: "SlotOrder | None" = None):
         """dq, dk, dv with P recomputed from ``lse`` and the given ``delta``
         (a planned run passes the merged ones to every component)."""
-        B, H, n, D = q.shape
+        B, H, tokens, D = q.shape
+        n = self.n
+        order = order or SlotOrder.natural(n)
         cfg, t = self.config, self.tables
-        dq = torch.empty((B, H, n, D), dtype=q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        # Natural and residue orders reach every token; gathered columns do not,
+        # and the tokens in no slot get zero gradients.
+        dq = (torch.zeros if order.q == 2 else torch.empty)((B, H, tokens, D), dtype=q.dtype, device=q.device)
+        dk = (torch.zeros if order.k == 2 else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
+        dv = (torch.zeros if order.k == 2 else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
         common = dict(**self._constexprs(), NUM_STAGES=cfg.bwd_stages,
                       num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
         self.module.attn_bwd_dkdv[(triton_cdiv(n, cfg.block_n1), B * self.Hkv)](
             q, k, v, do, lse, delta, dk, dv, t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-            scale, n, H, H // self.Hkv,
-            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, **common)
+            scale, n, H, H // self.Hkv, *order.args(tokens),
+            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k, **common)
         self.module.attn_bwd_dq[(triton_cdiv(n, cfg.block_m2), B * H)](
             q, k, v, do, lse, delta, dq, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            scale, n, H, H // self.Hkv,
-            BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, **common)
+            scale, n, H, H // self.Hkv, *order.args(tokens),
+            BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k, **common)
         return dq, dk, dv
+
+
+@dataclass(frozen=True)
+class SlotOrder:
+    """How a planned component's kernel slots map to tokens (the kernels'
+    ``_token``): ``q``/``k`` codes 0 natural, 1 residue(l), 2 columns(l, c);
+    ``S = ceil(n / l)`` slots per residue class."""
+
+    q: int = 0
+    k: int = 0
+    l: int = 1
+    S: int = 1
+    c: int = 1
+
+    @staticmethod
+    def natural(n: int) -> "SlotOrder":
+        return SlotOrder()
+
+    @staticmethod
+    def of(q_order, k_order, n: int) -> "SlotOrder":
+        """From the planner's TokenOrders of one component."""
+        codes = {"natural": 0, "residue": 1, "columns": 2}
+        shaped = q_order if q_order.kind != "natural" else k_order
+        l = max(1, shaped.l)
+        return SlotOrder(codes[q_order.kind], codes[k_order.kind], l, -(-n // l), max(1, shaped.c))
+
+    def args(self, tokens: int) -> tuple[int, int, int, int]:
+        """N_TOK, ORD_L, ORD_S, ORD_C for the kernels."""
+        return tokens, self.l, self.S, self.c
 
 
 class _SparseAttention(torch.autograd.Function):
