@@ -45,6 +45,23 @@ def _token(slot, ORDER: tl.constexpr, L, S, C):
         return slot
 
 
+@triton.jit
+def _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
+              N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr):
+    """K and V pointers of one key step, and which of its slots hold a token."""
+    if K_ORDER == 0:  # natural order: one contiguous step
+        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
+        k_ok = k_pos < N
+    else:  # a planned order: each slot's row at its token position
+        k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k_ptrs = k_base + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+        k_ok = (k_pos < N) & (k_tok < N_TOK)
+    return k_ptrs, v_ptrs, k_ok
+
+
 # ----------------------------------------------------------------------------
 # Forward: one program per (query tile, batch * head)
 # ----------------------------------------------------------------------------
@@ -61,16 +78,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
-        if K_ORDER == 0:  # natural order: one contiguous step
-            k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
-            v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
-            k_ok = k_pos < N
-        else:  # a planned order: each slot's row at its token position
-            k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
-            offs_d = tl.arange(0, HEAD_DIM)
-            k_ptrs = k_base + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-            v_ptrs = v_base + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-            k_ok = (k_pos < N) & (k_tok < N_TOK)
+        k_ptrs, v_ptrs, k_ok = _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
+                                         N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
         # -- scores of this key step, in log2 units
         if MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
@@ -339,16 +348,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
-        if K_ORDER == 0:  # natural order: one contiguous step
-            k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
-            v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
-            k_ok = k_pos < N
-        else:  # a planned order: each slot's row at its token position
-            k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
-            offs_d = tl.arange(0, HEAD_DIM)
-            k_ptrs = k_base + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-            v_ptrs = v_base + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-            k_ok = (k_pos < N) & (k_tok < N_TOK)
+        k_ptrs, v_ptrs, k_ok = _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
+                                         N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
         if MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
