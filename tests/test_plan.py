@@ -249,7 +249,7 @@ def test_a_refused_component_falls_back_to_natural(monkeypatch):
 
 @pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
 def test_merge_kernel_matches_the_formula_and_keeps_unreached_rows_empty():
-    from patterncc.backends.triton.planned import _merge
+    from patterncc.backends.triton.runtime import _merge
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(3)

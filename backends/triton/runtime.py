@@ -100,7 +100,7 @@ class TritonAttention:
             q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
         key = (q.shape[2], q.shape[1], k.shape[1], Dp, q.dtype, q.device)
         run = self._runs.get(key) or self.prepare(*key)
-        o, lse = _SparseAttention.apply(q, k, v, scale, run)
+        o, lse = _AttentionFunction.apply(q, k, v, scale, [(run, SlotOrder())])
         if Dp != D:
             o = o[..., :D]
         return (o, lse) if return_lse else o
@@ -349,10 +349,6 @@ class _Run:
             Q_ORDER=order.q, K_ORDER=order.k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
         return o, lse
 
-    def backward(self, q, k, v, o, lse, do, dlse, scale):
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        return self.backward_from_delta(q, k, v, lse, do, self.delta(o, do, dlse), scale)
-
     def delta(self, o, do, dlse=None):
         """fp32 ``[B, H, n]``: rowsum(dO * O); an lse gradient enters as delta - dlse."""
         B, H, n, D = o.shape
@@ -420,15 +416,19 @@ class SlotOrder:
         return tokens, self.l, self.S, self.c
 
 
-class _SparseAttention(torch.autograd.Function):
-    """(q, k, v) -> (o, lse); the backward recomputes P from lse, never stores it."""
+class _AttentionFunction(torch.autograd.Function):
+    """(q, k, v) -> (o, lse) over one or more launches ``(run, SlotOrder)``:
+    one launch is plain attention; several are a plan's components, merged
+    by log-sum-exp. The backward pass recomputes P from the merged lse (never
+    stored) and gives every launch the merged delta; gradients add in fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, run):
-        with _on_device_of(q):
-            o, lse = run.forward(q, k, v, scale)
+    def forward(ctx, q, k, v, scale, launches):
+        with _on_device_of(q), torch.no_grad():
+            parts = [run.forward(q, k, v, scale, order) for run, order in launches]
+            o, lse = _merge(parts, q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.run, ctx.scale = run, scale
+        ctx.launches, ctx.scale = launches, scale
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -437,8 +437,15 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
+        do = do if do.stride(-1) == 1 else do.contiguous()
         with _on_device_of(q):
-            dq, dk, dv = ctx.run.backward(q, k, v, o, lse, do, dlse, ctx.scale)
+            delta = ctx.launches[0][0].delta(o, do, dlse)  # merged: the same for every launch
+            grads = [run.backward_from_delta(q, k, v, lse, do, delta, ctx.scale, order)
+                     for run, order in ctx.launches]
+            if len(grads) == 1:
+                dq, dk, dv = grads[0]
+            else:  # sum in fp32, round once
+                dq, dk, dv = (sum(g[i].float() for g in grads).to(x.dtype) for i, x in enumerate((q, k, v)))
         return dq, dk, dv, None, None
 
 
@@ -447,3 +454,28 @@ def _on_device_of(x: torch.Tensor):
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+def _merge(parts, dtype):
+    """Log-sum-exp merge: o in ``dtype``, lse fp32 (-inf where no component
+    reaches). One kernel pass per extra component, reading each part once:
+    the running pair (o, lse) stays fp32 until the last pass writes ``dtype``."""
+    o, lse = parts[0]
+    for idx, (o_c, lse_c) in enumerate(parts[1:]):
+        last = idx == len(parts) - 2
+        o, lse = _merge_pair(o, lse, o_c, lse_c, dtype if last else torch.float32)
+    return o.to(dtype), lse
+
+
+def _merge_pair(o0, l0, o1, l1, out_dtype):
+    """(o0, l0) (+) (o1, l1) by ``merge.merge_kernel``; every tensor contiguous
+    ``[B, H, n, D]`` / ``[B, H, n]``."""
+    from .merge import merge_kernel  # imports triton: only once a kernel runs
+
+    o0, o1, l0, l1 = (x.contiguous() for x in (o0, o1, l0, l1))
+    rows, D = l0.numel(), o0.shape[-1]
+    o = torch.empty(o0.shape, dtype=out_dtype, device=o0.device)
+    lse = torch.empty(l0.shape, dtype=torch.float32, device=o0.device)
+    block_r = 64 if D <= 64 else 32
+    merge_kernel[(-(-rows // block_r),)](o0, l0, o1, l1, o, lse, rows, HEAD_DIM=D, BLOCK_R=block_r)
+    return o, lse
