@@ -430,6 +430,34 @@ class _Tiles:
         return _Tiles(self.i[sel], self.j[sel], self.ctx)
 
 
+class _Rects(_Tiles):
+    """Arbitrary rectangles ``[qlo, qhi] x [klo, khi]`` (not block-aligned):
+    classified in closed form only, never evaluated."""
+
+    def __init__(self, qlo, qhi, klo, khi, ctx: _Ctx):
+        self.ctx = ctx
+        self.i = self.j = None
+        self.qlo, self.qhi, self.klo, self.khi = qlo, qhi, klo, khi
+
+    @property
+    def size(self) -> int:
+        return self.qlo.size
+
+    def take(self, sel) -> "_Rects":
+        return _Rects(self.qlo[sel], self.qhi[sel], self.klo[sel], self.khi[sel], self.ctx)
+
+
+def classify_rectangles(p: ir.Pattern, n: int, qlo, qhi, klo, khi) -> np.ndarray:
+    """int8 classes of a bound, head-free pattern over token rectangles
+    ``[qlo, qhi] x [klo, khi]`` (int64 arrays, inside ``[0, n)``): sound, not
+    always exact — whatever closed forms cannot decide is PARTIAL. The
+    planner uses it for gathered columns, whose slot blocks map to rectangles."""
+    if any(isinstance(node, ir.Random) for node in ir.walk(p)):
+        raise ValueError("classify_rectangles cannot look up random() tables over rectangles")
+    rects = _Rects(*(np.asarray(a, dtype=np.int64) for a in (qlo, qhi, klo, khi)), _Ctx(n, 1))
+    return _classify(p, rects, rects.ctx)
+
+
 def _classes(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
     return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
 
@@ -984,7 +1012,10 @@ def _depends_on(node: ir.Pattern) -> str:
 
 
 def _resolve(node: ir.Pattern, t: _Tiles) -> np.ndarray:
-    """Exact classes of tiles ``t`` by evaluating ``node``."""
+    """Exact classes of tiles ``t`` by evaluating ``node`` (PARTIAL, which is
+    sound, for rectangles: see ``classify_rectangles``)."""
+    if isinstance(t, _Rects):
+        return np.full(t.size, PARTIAL, dtype=np.int8)
     anything, everything = _scan_tiles(node, t, count=False)
     return _classes(anything, everything)
 

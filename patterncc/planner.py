@@ -32,7 +32,8 @@ import numpy as np
 
 from . import ir
 from .errors import LimitError, PatternValueError
-from .blocklayout import BlockLayout, build as build_layout, estimate_blocks
+from .blocklayout import BlockLayout, build as build_layout, classify_rectangles, estimate_blocks
+from .blocklayout import _from_pairs as layouts_from_pairs
 from .simplify import simplify
 
 # Above this many terms the union-of-intersections expansion stops and the
@@ -127,9 +128,11 @@ class Component:
     ``pattern`` is the piece over token positions. ``slot_pattern`` is the
     same piece over slots: ``(tq, tk)`` is allowed when the positions of
     slot ``tq`` of ``q_order`` and slot ``tk`` of ``k_order`` are (padding
-    slots never are). The kernels run ``slot_pattern`` on q, k, v gathered
-    into slot order; ``layout`` is its BlockLayout, ``layout.seq_len`` slots
-    a side (keys gathered into fewer slots are padded to the query count).
+    slots never are). The kernels run ``slot_pattern`` with the slots mapped
+    to tokens in their address arithmetic; ``layout`` is its BlockLayout,
+    ``layout.seq_len`` slots a side (keys gathered into fewer slots are
+    padded to the query count): exact, except for gathered columns, where it
+    is sound (``_columns_layout``: some EMPTY or FULL blocks may be PARTIAL).
     """
 
     pattern: ir.Pattern
@@ -401,12 +404,67 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
             slot_pattern = slot_pattern & _inside(qo, "q", n) & _inside(ko, "k", n)
         reason = f"residue order: stride({l}) becomes block({S}), each residue class contiguous"
     else:
-        slots = n
         keys = _columns_count(ko, n)
         translated = _translate_where(piece, None, _position_expr(ko, "k", n))
         slot_pattern = translated & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
         reason = f"gathered columns: only the {keys} keys of summary({ko.l}, {ko.c}) are read"
+        return Component(piece, qo, ko, slot_pattern, _columns_layout(piece, slot_pattern, ko, n, block, H), reason)
     return Component(piece, qo, ko, slot_pattern, build_layout(slot_pattern, slots, block, H), reason)
+
+
+def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrder, n: int, block: int,
+                    H: int) -> BlockLayout:
+    """The layout of gathered columns, sound but not always exact, in closed
+    form: slot block ``j`` holds the summary keys between positions
+    ``K(j * block)`` and ``K((j + 1) * block - 1)``, and on those keys the
+    piece is the piece with ``summary(l, c)`` read as ``all``. So each (query
+    block, slot block) is that pattern's class over a token rectangle
+    (``classify_rectangles``): FULL or EMPTY there is FULL or EMPTY on the
+    keys, anything undecided PARTIAL (the kernels apply the predicate). No
+    element is evaluated, so a million tokens cost seconds, not a refusal."""
+    l, c, B = order.l, order.c, block
+    keys = _columns_count(order, n)
+    nb, nu = -(-n // B), -(-keys // B)
+    plain = ir._map(piece, lambda node: ir.All() if isinstance(node, ir.Summary) and (node.l, node.c) == (l, c)
+                    else node)
+    rows = np.arange(nb, dtype=np.int64)
+    qhi_rows = np.minimum((rows + 1) * B, n) - 1
+    if _has_causal_factor(plain):  # slots whose first key is past the row's last query are empty
+        reach = (qhi_rows + 1) // l * c + np.maximum(0, (qhi_rows + 1) % l - (l - c))  # summary keys <= qhi
+        count = np.clip(-(-reach // B), 0, nu)
+    else:
+        count = np.full(nb, nu, dtype=np.int64)
+    i = np.repeat(rows, count)
+    j = np.arange(i.size, dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    qlo, qhi = i * B, qhi_rows[i]
+    klo = order.positions(j * B, n)
+    khi = order.positions(np.minimum((j + 1) * B, keys) - 1, n)
+    heads = []
+    seen: dict = {}
+    for h in range(H):
+        ph = ir.for_head(plain, h)
+        if ph not in seen:
+            cls = classify_rectangles(ph, n, qlo, qhi, klo, khi)
+            keep = cls != 0
+            # A slot block that runs past the last key holds padding slots: never FULL.
+            full = (cls == 2) & ((j + 1) * B <= keys)
+            seen[ph] = (i[keep].astype(np.int32), j[keep].astype(np.int32), full[keep])
+        heads.append(seen[ph])
+    return layouts_from_pairs(slot_pattern, n, B, heads, nb)
+
+
+def _has_causal_factor(p: ir.Pattern) -> bool:
+    """True when every head's pattern lies inside ``causal`` by its structure."""
+    match p:
+        case ir.Causal():
+            return True
+        case ir.Intersect(parts=parts):
+            return any(_has_causal_factor(x) for x in parts)
+        case ir.Difference(left=a):
+            return _has_causal_factor(a)
+        case ir.Heads(ranges=ranges):
+            return all(_has_causal_factor(r.pattern) for r in ranges)
+    return False
 
 
 def _position_expr(order: TokenOrder, var: str, n: int) -> ir.Expr:

@@ -14,7 +14,7 @@ from patterncc.backends.reference import ReferenceAttention
 from patterncc.masks import dense_mask
 from patterncc.planner import build_plan
 from patterncc.planned import PlannedAttention
-from patterncc.testing import patterns
+from patterncc.testing import block_classes, patterns
 
 PLANNED = [
     "strided(8)",
@@ -56,9 +56,14 @@ def check_cover(src, n, heads=2, block=8, mode="planned"):
         assert not (m & got).any(), f"components overlap in {src} at n={n}"
         assert not (m & ~dense_mask(comp.pattern, n, heads)).any(), "slot pattern allows more than its piece"
         got |= m
-        # the layout is the slot pattern's, exact
+        # the layout is sound for the slot pattern (exact except gathered columns)
         lay = comp.layout
-        assert lay.seq_len == comp.layout.seq_len
+        truth = block_classes(comp.slot_pattern, lay.seq_len, lay.block, heads)
+        dense = np.broadcast_to(lay.to_dense(), truth.shape)
+        assert not ((truth > 0) & (dense == 0)).any(), f"a non-empty block is missing in {src} at n={n}"
+        assert not ((truth == 1) & (dense == 2)).any(), f"a partial block is marked full in {src} at n={n}"
+        if comp.k_order.kind != "columns":
+            np.testing.assert_array_equal(dense, truth)
     np.testing.assert_array_equal(got, want, err_msg=f"{src} at n={n}")
     return plan
 
@@ -202,6 +207,7 @@ TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available
     ("cycle(causal & local(16), causal & stride(16))", 50, 2, 2, 16, torch.float32),
     ("strided(12) | sink(3)", 61, 2, 1, 16, torch.bfloat16),
     ("fixed(16, 4) | (causal & stride(5))", 45, 2, 1, 16, torch.float32),  # three components
+    ("fixed(8, 3)", 33, 2, 1, 16, torch.float32),  # the last slot block is part padding
 ])
 def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
     from patterncc.backends.triton.config import KernelConfig
