@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `patterncc show ... | head`: the reader left, nothing is wrong
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as err:  # a file that is missing or unreadable
+        print(f"error: cannot read {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 # -- argument parsing -------------------------------------------------------------
@@ -66,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--block", type=int, default=None)
+    p.add_argument("--seq-len", "-n", type=int, default=None,
+                   help="length to specialize for (patterns whose arguments use n)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("explain", help="explain the execution plan")
@@ -226,7 +231,8 @@ def cmd_compile(args) -> int:
         return 0
     from .backends.triton import codegen
 
-    print(codegen.generate_source(pat, codegen.default_config(args.head_dim, args.dtype, args.block)))
+    config = codegen.default_config(args.head_dim, args.dtype, args.block)
+    print(codegen.generate_source(pat, config, seq_len=args.seq_len))
     return 0
 
 

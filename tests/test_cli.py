@@ -133,3 +133,23 @@ def test_test_command_runs_the_kernels_in_the_interpreter_without_a_gpu(tmp_path
     assert any("reference" in r and "passed" in r for r in rows)
     if not torch.cuda.is_available():
         assert any("triton" in r and "passed" in r for r in rows), proc.stdout
+
+
+def test_compile_emits_the_generated_triton_source(capsys):
+    code, out, _ = run(capsys, "compile", "strided(64)", "--emit", "triton")
+    assert code == 0
+    assert "@triton.jit" in out and "def pattern_mask" in out and "def attn_fwd" in out
+    assert "pattern: causal & (local(64) | stride(64))" in out
+
+
+def test_compile_specializes_patterns_that_use_n(capsys):
+    path = str(Path(__file__).parent.parent / "examples" / "sqrt_strided.pat")
+    code, _, err = run(capsys, "compile", path)
+    assert code == 1 and "depend on n" in err
+    code, out, _ = run(capsys, "compile", path, "--seq-len", "4096")
+    assert code == 0 and "local(64)" in out
+
+
+def test_missing_pattern_file_is_an_error_not_a_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "show", str(tmp_path / "missing.pat"))
+    assert code == 1 and "cannot read" in err and "missing.pat" in err
