@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -31,14 +32,23 @@ _CACHE_ENTRIES = 16
 
 @dataclass(frozen=True, eq=False)
 class _Run:
-    """One component at one length: its attention and its gathers (None: natural)."""
+    """One component at one length: its attention, and (built on first use,
+    by backends that gather instead of folding the order into their kernels)
+    index tensors between token order and its slot order."""
 
     attn: object
     slots: int       # the component's slot count a side (its layout's seq_len)
     component: Component
-    q_index: object  # LongTensor [slots]: token position of each query slot (clamped)
-    k_index: object  # LongTensor [slots]: token position of each key slot (clamped)
-    q_back: object   # LongTensor [n]: the slot of each token position (queries)
+    n: int           # tokens
+    device: object
+
+    @cached_property
+    def gathers(self):
+        """(q_index [slots], k_index [slots], q_back [n]) LongTensors, None where natural:
+        the token of each query slot and key slot (clamped), the slot of each query token."""
+        import torch
+
+        return _gathers(self.component, self.n, torch, self.device)
 
 
 class PlannedAttention:
@@ -82,7 +92,7 @@ class PlannedAttention:
             if out is not None:
                 return out
         runs = self._runs(plan, q.device)
-        if len(runs) == 1 and runs[0].q_index is None and runs[0].k_index is None:
+        if len(runs) == 1 and not runs[0].component.reordered:
             return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse)
         o, lse = self.combine(runs, q, k, v, scale)
         return (o, lse) if return_lse else o
@@ -95,8 +105,6 @@ class PlannedAttention:
         return o.to(q.dtype), lse
 
     def _runs(self, plan: Plan, device) -> list[_Run]:
-        import torch
-
         cached = self._plans[(plan.seq_len, plan.heads)][1]
         key = str(device)
         if key not in cached:
@@ -105,23 +113,24 @@ class PlannedAttention:
                 attn = self._inner.get(comp.slot_pattern)
                 if attn is None:
                     attn = self._inner[comp.slot_pattern] = self.make_inner(comp, plan.heads)
-                runs.append(_Run(attn, comp.layout.seq_len, comp, *_gathers(comp, plan.seq_len, torch, device)))
+                runs.append(_Run(attn, comp.layout.seq_len, comp, plan.seq_len, device))
             cached[key] = runs
         return cached[key]
 
     @staticmethod
     def _run_one(run: _Run, q, k, v, scale):
-        if run.q_index is not None:
-            q = q.index_select(2, run.q_index)
-        if run.k_index is not None:
-            k = k.index_select(2, run.k_index)
-            v = v.index_select(2, run.k_index)
-        if run.q_index is None and run.k_index is not None and k.shape[2] != q.shape[2]:
+        q_index, k_index, q_back = run.gathers
+        if q_index is not None:
+            q = q.index_select(2, q_index)
+        if k_index is not None:
+            k = k.index_select(2, k_index)
+            v = v.index_select(2, k_index)
+        if q_index is None and k_index is not None and k.shape[2] != q.shape[2]:
             raise AssertionError("gathered keys must be padded to the query count")
         o, lse = run.attn(q, k, v, scale=scale, return_lse=True)
-        if run.q_back is not None:
-            o = o.index_select(2, run.q_back)
-            lse = lse.index_select(2, run.q_back)
+        if q_back is not None:
+            o = o.index_select(2, q_back)
+            lse = lse.index_select(2, q_back)
         return o, lse
 
 
