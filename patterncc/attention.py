@@ -81,7 +81,7 @@ class Attention:
         block = options.get("block") or getattr(options.get("config"), "block", None) or DEFAULT_BLOCK
 
         def make_inner(component, heads):
-            attn = TritonAttention(component.slot_pattern, **options)
+            attn = TritonAttention(component.predicate, **options)  # the same kernels for every length
             attn.use_layout(component.layout, heads)
             return attn
 

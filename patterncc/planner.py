@@ -133,6 +133,7 @@ class Component:
     ``layout.seq_len`` slots a side (keys gathered into fewer slots are
     padded to the query count): exact, except for gathered columns, where it
     is sound (``_columns_layout``: some EMPTY or FULL blocks may be PARTIAL).
+    ``predicate`` is what the kernels evaluate (see there).
     """
 
     pattern: ir.Pattern
@@ -141,6 +142,16 @@ class Component:
     slot_pattern: ir.Pattern
     layout: BlockLayout
     reason: str
+    kernel_pattern: ir.Pattern | None = None
+
+    @property
+    def predicate(self) -> ir.Pattern:
+        """What the kernels evaluate on PARTIAL blocks: ``kernel_pattern``, the
+        slot pattern with its length-specific parts written over the kernels'
+        runtime ``n`` (the slot count) and without the padding tests (the
+        kernels mask slots past the tokens themselves). It is the same for
+        every length, so kernels are generated once."""
+        return self.kernel_pattern if self.kernel_pattern is not None else self.slot_pattern
 
     @property
     def reordered(self) -> bool:
@@ -397,19 +408,28 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
         l, S = qo.l, -(-n // qo.l)
         slots = qo.length(n)
         translated, exact = _translate_residue(piece, l, True)
-        if not exact:  # a node that is not a rule of q - k: rewrite every rule over slot positions
-            translated = _translate_where(piece, _position_expr(qo, "q", n), _position_expr(ko, "k", n))
+        # In the kernels, n is the slot count l * S, so S = n // l for every length.
+        S_runtime = ir.BinOp("//", ir.Var("n"), ir.Const(l))
+        same_class = ir.Where(ir.Compare("==", ir.BinOp("//", ir.Var("q"), S_runtime),
+                                         ir.BinOp("//", ir.Var("k"), S_runtime)))
+        if exact:
+            kernel_pattern = same_class & translated
+        else:  # a node that is not a rule of q - k: rewrite every rule over slot positions
+            translated = _translate_where(piece, _position_expr(qo, "q", S), _position_expr(ko, "k", S))
+            kernel_pattern = same_class & _translate_where(piece, _position_expr(qo, "q", S_runtime),
+                                                           _position_expr(ko, "k", S_runtime))
         slot_pattern = ir.Block(S) & translated
         if slots > n:  # padding slots: the tails of the residue classes that end early
             slot_pattern = slot_pattern & _inside(qo, "q", n) & _inside(ko, "k", n)
         reason = f"residue order: stride({l}) becomes block({S}), each residue class contiguous"
+        lay = build_layout(slot_pattern, slots, block, H)
     else:
         keys = _columns_count(ko, n)
-        translated = _translate_where(piece, None, _position_expr(ko, "k", n))
-        slot_pattern = translated & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
+        kernel_pattern = _translate_where(piece, None, _position_expr(ko, "k", None))
+        slot_pattern = kernel_pattern & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
         reason = f"gathered columns: only the {keys} keys of summary({ko.l}, {ko.c}) are read"
-        return Component(piece, qo, ko, slot_pattern, _columns_layout(piece, slot_pattern, ko, n, block, H), reason)
-    return Component(piece, qo, ko, slot_pattern, build_layout(slot_pattern, slots, block, H), reason)
+        lay = _columns_layout(piece, slot_pattern, ko, n, block, H)
+    return Component(piece, qo, ko, slot_pattern, lay, reason, kernel_pattern)
 
 
 def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrder, n: int, block: int,
@@ -467,12 +487,13 @@ def _has_causal_factor(p: ir.Pattern) -> bool:
     return False
 
 
-def _position_expr(order: TokenOrder, var: str, n: int) -> ir.Expr:
-    """The token position of slot ``var`` in ``order``, as an expression."""
+def _position_expr(order: TokenOrder, var: str, S) -> ir.Expr:
+    """The token position of slot ``var`` in ``order``, as an expression;
+    ``S`` is the residue class size (an int, or an expression over ``n``)."""
     t = ir.Var(var)
     if order.kind == "residue":
-        S = -(-n // order.l)
-        return ir.BinOp("+", ir.BinOp("*", ir.BinOp("%", t, ir.Const(S)), ir.Const(order.l)), ir.BinOp("//", t, ir.Const(S)))
+        S = ir.Const(S) if isinstance(S, int) else S
+        return ir.BinOp("+", ir.BinOp("*", ir.BinOp("%", t, S), ir.Const(order.l)), ir.BinOp("//", t, S))
     if order.kind == "columns":
         l, c = order.l, order.c
         return ir.BinOp("+", ir.BinOp("+", ir.BinOp("*", ir.BinOp("//", t, ir.Const(c)), ir.Const(l)), ir.Const(l - c)),
@@ -481,7 +502,7 @@ def _position_expr(order: TokenOrder, var: str, n: int) -> ir.Expr:
 
 
 def _inside(order: TokenOrder, var: str, n: int) -> ir.Pattern:
-    return ir.Where(ir.Compare("<", _position_expr(order, var, n), ir.Const(n)))
+    return ir.Where(ir.Compare("<", _position_expr(order, var, -(-n // order.l)), ir.Const(n)))
 
 
 def _columns_count(order: TokenOrder, n: int) -> int:

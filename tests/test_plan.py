@@ -64,6 +64,15 @@ def check_cover(src, n, heads=2, block=8, mode="planned"):
         assert not ((truth == 1) & (dense == 2)).any(), f"a partial block is marked full in {src} at n={n}"
         if comp.k_order.kind != "columns":
             np.testing.assert_array_equal(dense, truth)
+        # the kernels' predicate is the slot pattern on every slot that holds a token
+        slots = lay.seq_len
+        valid = ((comp.q_order.positions(np.arange(slots), n) >= 0)[:, None]
+                 & (comp.k_order.positions(np.arange(slots), n) >= 0)[None, :])
+        np.testing.assert_array_equal(dense_mask(comp.predicate, slots, heads) & valid,
+                                      dense_mask(comp.slot_pattern, slots, heads) & valid)
+        assert not ir.uses_n(comp.predicate) or not any(
+            isinstance(a, ir.Expr) for node in ir.walk(comp.predicate) if type(node) in ir.PRIMITIVE_NAMES
+            for a in ir.args_of(node)), "the predicate would need kernels per length"
     np.testing.assert_array_equal(got, want, err_msg=f"{src} at n={n}")
     return plan
 
@@ -277,3 +286,12 @@ def test_merge_kernel_matches_the_formula_and_keeps_unreached_rows_empty():
     torch.testing.assert_close(lse.cpu()[finite], want_lse[finite], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(o.cpu(), want_o, rtol=1e-6, atol=1e-6)
     assert (o.cpu()[~finite] == 0).all()
+
+
+@pytest.mark.parametrize("src", ["strided(16)", "fixed(16, 4)", "causal & stride(16) - global(3)"])
+def test_reordered_components_need_no_new_kernels_for_a_new_length(src):
+    predicates = []
+    for n in (90, 100, 333):
+        plan = build_plan(pipeline.parse(src), n, 16, 1, mode="planned")
+        predicates.append(tuple(c.predicate for c in plan.components))
+    assert predicates[0] == predicates[1] == predicates[2]
