@@ -531,9 +531,12 @@ def check_heads(p: Pattern, heads: int) -> None:
             )
 
 
-def substitute(e: Expr, name: str, value: int) -> Expr:
+def substitute(e: Expr, name: str, value: "int | Expr") -> Expr:
+    """``e`` with variable ``name`` replaced by ``value`` (an int or an expression)."""
     if isinstance(e, Var):
-        return Const(value, e.loc) if e.name == name else e
+        if e.name != name:
+            return e
+        return Const(value, e.loc) if isinstance(value, int) else value
     if isinstance(e, (BinOp, Compare)):
         return replace(e, left=substitute(e.left, name, value), right=substitute(e.right, name, value))
     if isinstance(e, (Call, BoolOp)):

@@ -554,26 +554,14 @@ def _translate_where(p: ir.Pattern, q_pos: ir.Expr | None, k_pos: ir.Expr | None
         if cond is None:
             return node
         if k_pos is not None:
-            cond = _substitute_expr(cond, "k", ir.Var("k_slot"))
+            cond = ir.substitute(cond, "k", ir.Var("k_slot"))
         if q_pos is not None:
-            cond = _substitute_expr(cond, "q", q_pos)
+            cond = ir.substitute(cond, "q", q_pos)
         if k_pos is not None:
-            cond = _substitute_expr(cond, "k_slot", k_pos)
+            cond = ir.substitute(cond, "k_slot", k_pos)
         return ir.Where(cond)
 
     return ir._map(p, rewrite)
-
-
-def _substitute_expr(e: ir.Expr, name: str, value: ir.Expr) -> ir.Expr:
-    if isinstance(e, ir.Var):
-        return value if e.name == name else e
-    if isinstance(e, (ir.BinOp, ir.Compare)):
-        return replace(e, left=_substitute_expr(e.left, name, value), right=_substitute_expr(e.right, name, value))
-    if isinstance(e, (ir.Call, ir.BoolOp)):
-        return replace(e, args=tuple(_substitute_expr(a, name, value) for a in e.args))
-    if isinstance(e, ir.Not):
-        return replace(e, arg=_substitute_expr(e.arg, name, value))
-    return e
 
 
 def as_condition(p: ir.Pattern) -> ir.Expr | None:

@@ -333,7 +333,7 @@ class _Run:
         kernels walk ``self.n`` slots and read and write tokens by it."""
         B, H, tokens, D = q.shape
         n = self.n
-        order = order or SlotOrder.natural(n)
+        order = order or SlotOrder()
         cfg, t = self.config, self.tables
         o = torch.empty((B, H, tokens, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, tokens), dtype=torch.float32, device=q.device)
@@ -365,7 +365,7 @@ class _Run:
         (a planned run passes the merged ones to every component)."""
         B, H, tokens, D = q.shape
         n = self.n
-        order = order or SlotOrder.natural(n)
+        order = order or SlotOrder()
         cfg, t = self.config, self.tables
         # Natural and residue orders reach every token; gathered columns do not,
         # and the tokens in no slot get zero gradients.
@@ -398,10 +398,6 @@ class SlotOrder:
     l: int = 1
     S: int = 1
     c: int = 1
-
-    @staticmethod
-    def natural(n: int) -> "SlotOrder":
-        return SlotOrder()
 
     @staticmethod
     def of(q_order, k_order, n: int) -> "SlotOrder":
