@@ -265,6 +265,13 @@ def test_scale_and_lse_gradient():
     check_against_reference(fixed(2 * U, 3), scale=0.3, lse_grad=True)
 
 
+@pytest.mark.parametrize("scale", [-0.4, 0.0])
+def test_negative_and_zero_scale(scale):
+    """The forward kernel moves the scale's sign into q (its running max needs
+    a positive multiplier); a zero scale is uniform attention over the allowed keys."""
+    check_against_reference(sliding_window(U) | ir.Global(3), scale=scale, lse_grad=True)
+
+
 def test_rows_without_keys_give_zero_and_minus_inf():
     """~causal leaves the last row empty; `none` empties every row."""
     for pattern in (~C, ir.Empty()):

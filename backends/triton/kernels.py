@@ -85,19 +85,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # raw q.k: the scale is applied in the exp2's argument below, one fused
+        # multiply-add per score instead of a multiply and a subtract (the
+        # non-matmul work per score is what bounds this loop at D <= 64)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
             allowed = allowed & k_ok[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
-        # -- update m_i, the running max; a row that has seen no allowed key
-        #    keeps m_i = -inf and subtracts 0 instead, so exp2 gives 0, not NaN
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # -- update m_i, the running max (log2 units; qk_scale > 0 keeps the max
+        #    a max); a row that has seen no allowed key keeps m_i = -inf and
+        #    subtracts 0 instead, so exp2 gives 0, not NaN
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MASKED:
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_sub = m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
@@ -153,13 +157,18 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     q_ok = (q_pos < N) & (q_tok < N_TOK)
     q_in = q_ok[:, None]
     q = tl.load(q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
+    # The inner loop needs qk_scale > 0 (its running max is max(q.k) * qk_scale):
+    # the scale's sign moves into q (exact: q times 1, -1 or 0), a zero scale
+    # makes every score 0 (uniform over the allowed keys) with any positive qk_scale.
+    sign = tl.where(sm_scale > 0, 1.0, tl.where(sm_scale < 0, -1.0, 0.0))
+    q = (q * sign).to(Q.dtype.element_ty)
+    qk_scale = tl.where(sm_scale == 0, 1.0, tl.abs(sm_scale)) * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     # -- online softmax state, fp32
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     csr_row = layout_h * n_tiles + tile
     # -- FULL steps: every pair allowed, no predicate, no bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
@@ -262,7 +271,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
 
 
 @triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                   stride_qb, stride_qh, stride_qn,  #
                   stride_kb, stride_kh, stride_kn,  #
@@ -272,9 +281,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
                   sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                  Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0):
+                  Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False):
     """dK and dV of one key tile, summed over the query heads that share its
-    key/value head: accumulated in registers, written once, no atomics."""
+    key/value head: accumulated in registers, written once, no atomics.
+
+    ADD_IN: add DK_IN and DV_IN (fp32, DK's strides; may be DK and DV
+    themselves) before the store: a planned run sums its components'
+    gradients here, with no extra pass (each token is one program's)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M1 >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N1 >= 16, "tl.dot needs tiles of at least 16")
@@ -328,7 +341,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, RANDOM,  #
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
         + k_tok[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_in)
+    dk = dk * sm_scale
+    if ADD_IN:
+        dk += tl.load(DK_IN + out, mask=k_in, other=0.0)
+        dv += tl.load(DV_IN + out, mask=k_in, other=0.0)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=k_in)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in)
 
 
@@ -372,7 +389,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
 
 
 @triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                 stride_qb, stride_qh, stride_qn,  #
                 stride_kb, stride_kh, stride_kn,  #
@@ -382,8 +399,8 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
                 sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0):
-    """dQ of one query tile of one head."""
+                Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False):
+    """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M2 >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N2 >= 16, "tl.dot needs tiles of at least 16")
@@ -428,9 +445,12 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, RANDOM,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
         N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
     # -- write dQ, with the softmax scale applied once
-    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-             + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
+    out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
+        + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
+    dq = dq * sm_scale
+    if ADD_IN:
+        dq += tl.load(DQ_IN + out, mask=q_in, other=0.0)
+    tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=q_in)
 
 
 # ----------------------------------------------------------------------------
