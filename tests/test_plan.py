@@ -288,6 +288,32 @@ def test_merge_kernel_matches_the_formula_and_keeps_unreached_rows_empty():
     assert (o.cpu()[~finite] == 0).all()
 
 
+@pytest.mark.parametrize("covers", [(True,), (False,), (True, True), (True, False), (False, True), (False, False),
+                                    (True, False, True), (False, True, False), (False, False, False)])
+def test_gradients_sum_over_launches_whatever_they_cover(covers):
+    """runtime._summed: every launch's contribution lands once, tokens no
+    launch covers read zero, the sum runs in fp32 and comes back in the
+    inputs' dtype, whatever the order the launches are run in."""
+    from patterncc.backends.triton.runtime import _summed
+
+    like = torch.zeros(2, 3, 7, 4, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(len(covers))
+    parts = [torch.randn(like.shape, generator=g) for _ in covers]
+    reach = [torch.ones(7, dtype=torch.bool) if c else torch.rand(7, generator=g) < 0.5 for c in covers]
+    ran = []
+
+    def launch(i, outs, ins):  # a kernel: writes only the tokens it reaches, plus ins there
+        ran.append(i)
+        (out,) = outs
+        value = parts[i] + (ins[0] if ins else 0)
+        out[:, :, reach[i]] = value[:, :, reach[i]].to(out.dtype)
+
+    (got,) = _summed(list(covers), list(covers), (like,), launch)
+    want = sum(torch.where(r[:, None], p, 0.0) for p, r in zip(parts, reach))
+    assert sorted(ran) == list(range(len(covers))) and got.dtype == like.dtype
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-6)  # one bf16 rounding
+
+
 @pytest.mark.parametrize("src", ["strided(16)", "fixed(16, 4)", "causal & stride(16) - global(3)"])
 def test_reordered_components_need_no_new_kernels_for_a_new_length(src):
     predicates = []

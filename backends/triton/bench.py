@@ -322,10 +322,11 @@ def cold_start(n: int = 4096, heads: int = 16, head_dim: int = 64, who: str = "p
 # Tile sweep: candidates for config.py's table
 # ----------------------------------------------------------------------------
 
-FWD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
-                  (128, 32, 4, 3)]
-BWD_CANDIDATES = [(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3), (32, 128, 128, 32, 8, 3),
-                  (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 3)]
+FWD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                  (128, 64, 4, 4), (128, 32, 4, 3)]
+BWD_CANDIDATES = [(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3),
+                  (64, 64, 64, 64, 8, 3), (64, 64, 64, 64, 4, 2), (64, 64, 128, 64, 4, 3), (64, 64, 128, 64, 8, 3),
+                  (32, 64, 64, 32, 4, 3)]
 
 
 def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 64, dtype: str = "bfloat16",
@@ -432,7 +433,7 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
 
 
 def _arg_type(name: str, dtype: str) -> str:
-    if name in ("LSE", "DELTA"):
+    if name in ("LSE", "DELTA", "DK_IN", "DV_IN", "DQ_IN"):
         return "*fp32"
     if name in ("RANDOM", "FULL_PTR", "FULL_STEPS", "PART_PTR", "PART_STEPS", "TILE_ORDER"):
         return "*i32"

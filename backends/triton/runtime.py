@@ -360,31 +360,35 @@ class _Run:
             delta = delta - dlse.to(torch.float32)
         return delta
 
-    def backward_from_delta(self, q, k, v, lse, do, delta, scale, order: "SlotOrder | None" = None):
-        """dq, dk, dv with P recomputed from ``lse`` and the given ``delta``
-        (a planned run passes the merged ones to every component)."""
-        B, H, tokens, D = q.shape
-        n = self.n
-        order = order or SlotOrder()
+    def dkdv(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dk, dv, dk_in=None, dv_in=None):
+        """Write this launch's dk, dv (plus ``dk_in``, ``dv_in`` if given: fp32,
+        dk's strides) into ``dk``, ``dv``; P recomputed from ``lse`` with the
+        given ``delta`` (a planned run passes the merged ones to every component)."""
+        B, H = q.shape[:2]
         cfg, t = self.config, self.tables
-        # Natural and residue orders reach every token; gathered columns do not,
-        # and the tokens in no slot get zero gradients.
-        dq = (torch.zeros if order.q == 2 else torch.empty)((B, H, tokens, D), dtype=q.dtype, device=q.device)
-        dk = (torch.zeros if order.k == 2 else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
-        dv = (torch.zeros if order.k == 2 else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
-        common = dict(**self._constexprs(), NUM_STAGES=cfg.bwd_stages,
-                      num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
-        self.module.attn_bwd_dkdv[(triton_cdiv(n, cfg.block_n1), B * self.Hkv)](
-            q, k, v, do, lse, delta, dk, dv, t.random, *t.dkdv,
+        self.module.attn_bwd_dkdv[(triton_cdiv(self.n, cfg.block_n1), B * self.Hkv)](
+            q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
+            t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-            scale, n, H, H // self.Hkv, *order.args(tokens),
-            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k, **common)
-        self.module.attn_bwd_dq[(triton_cdiv(n, cfg.block_m2), B * H)](
-            q, k, v, do, lse, delta, dq, t.random, *t.dq,
+            scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
+            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
+            ADD_IN=dk_in is not None, **self._backward_constexprs())
+
+    def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None):
+        """Write this launch's dq (plus ``dq_in`` if given) into ``dq``."""
+        B, H = q.shape[:2]
+        cfg, t = self.config, self.tables
+        self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
+            q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            scale, n, H, H // self.Hkv, *order.args(tokens),
-            BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k, **common)
-        return dq, dk, dv
+            scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
+            BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
+            ADD_IN=dq_in is not None, **self._backward_constexprs())
+
+    def _backward_constexprs(self):
+        cfg = self.config
+        return dict(**self._constexprs(), NUM_STAGES=cfg.bwd_stages, num_warps=cfg.bwd_warps,
+                    num_stages=cfg.bwd_stages)
 
 
 @dataclass(frozen=True)
@@ -435,14 +439,48 @@ class _AttentionFunction(torch.autograd.Function):
             do = torch.zeros_like(o)
         do = do if do.stride(-1) == 1 else do.contiguous()
         with _on_device_of(q):
-            delta = ctx.launches[0][0].delta(o, do, dlse)  # merged: the same for every launch
-            grads = [run.backward_from_delta(q, k, v, lse, do, delta, ctx.scale, order)
-                     for run, order in ctx.launches]
-            if len(grads) == 1:
-                dq, dk, dv = grads[0]
-            else:  # sum in fp32, round once
-                dq, dk, dv = (sum(g[i].float() for g in grads).to(x.dtype) for i, x in enumerate((q, k, v)))
+            launches = ctx.launches
+            delta = launches[0][0].delta(o, do, dlse)  # merged: the same for every launch
+            args = (q, k, v, lse, do, delta, ctx.scale)
+            dk, dv = _summed(launches, [order.k != 2 for _, order in launches], (k, v),
+                             lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins))
+            (dq,) = _summed(launches, [order.q != 2 for _, order in launches], (q,),
+                            lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins))
         return dq, dk, dv, None, None
+
+
+def _summed(launches, covers, like, launch):
+    """Gradients (shaped and typed as ``like``) summed over ``launches`` inside
+    the kernels: ``launch(i, outs, ins)`` writes launch i's gradients plus
+    ``ins`` (fp32, or ``()``) into ``outs``. ``covers[i]``: launch i writes
+    every token (natural and residue orders do; gathered columns do not, and
+    the tokens they skip must read zero).
+
+    The sum runs in fp32 and is rounded once: the first launch writes an fp32
+    buffer, each later one adds to it, and the last one, if it covers every
+    token, writes the inputs' dtype directly; a covering launch goes last and
+    another first where there is one, so the buffer needs no zero fill and
+    the result no cast."""
+    if len(launches) == 1:
+        outs = tuple((torch.empty if covers[0] else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
+                     for x in like)
+        launch(0, outs, ())
+        return outs
+    seq = sorted(range(len(launches)), key=lambda i: not covers[i])  # covering ones first
+    if covers[seq[0]]:
+        seq = seq[1:] + seq[:1]  # one covering launch last; a second one, if any, is now first
+    first, last = seq[0], seq[-1]
+    acc = tuple((torch.empty if covers[first] else torch.zeros)(x.shape, dtype=torch.float32, device=x.device)
+                for x in like)
+    launch(first, acc, ())
+    for i in seq[1:-1]:
+        launch(i, acc, acc)
+    if covers[last]:
+        outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in like)
+        launch(last, outs, acc)
+        return outs
+    launch(last, acc, acc)
+    return tuple(a.to(x.dtype) for a, x in zip(acc, like))
 
 
 def _on_device_of(x: torch.Tensor):
