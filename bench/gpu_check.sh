@@ -8,8 +8,9 @@
 #   smoke     fwd+bwd of five patterns at n=1000 (not a multiple of the block),
 #             bf16 and fp32, against the float64 reference            (~1 min)
 #   memcheck  compute-sanitizer memcheck on the same, n=300, bf16     (~1 min)
-#   tests     pytest tests/test_triton.py in GPU mode (default H100 config,
-#             n up to 1024, D 64/128/256), 8 workers                  (~2 min)
+#   tests     pytest tests/test_triton.py and tests/test_plan.py in GPU mode
+#             (default H100 config, n up to 1024, D 64/128/256), 8 workers;
+#             TESTS_K="expr" selects tests as pytest -k does         (~2 min)
 #   check     = smoke memcheck tests
 #   bench     the table: causal, sliding_window(1024),
 #             local_global(512,64), fixed(128,32); bf16, B=1, H=16,
@@ -19,9 +20,11 @@
 #             one per head dim, then 1.5 minutes of cold starts)      (~7 min)
 #   plan      the planner: strided(128), fixed(128,32) at n=16384/65536, D=64,
 #             natural order vs plan vs Flex vs SDPA                  (~5 min)
-#   profile   where a planned strided(128) call at n=65536 spends its time (~1 min)
-#   sweep     registers/spills of the default table as compiled here, then
-#             tile candidates for config.py (causal, n=16384, D=64/128) (~4 min)
+#   profile   where planned strided(128) and fixed(128,32) calls at n=16384
+#             and 65536 spend their time, launch by launch          (~2 min)
+#   sweep     tile candidates for config.py (causal, n=16384, D=64/128 or
+#             SWEEP_D) (~3 min; --resources, run where Triton can
+#             compile for sm_90, reports registers and spills)
 #
 # Every section runs under `timeout` and writes its log under $OUT as it goes,
 # so a cut-off section still leaves what it finished; the exit status is
@@ -65,8 +68,10 @@ run_tests() {
     local workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
     # From $PKGROOT: the checkout's own patterncc/ (without backends/) must not be sys.path[0].
-    (cd "$PKGROOT" && timeout 240 python3 -m pytest "$REPO/tests/test_triton.py" -q -p no:cacheprovider \
-        "${workers[@]}" 2>&1) | tee "$OUT/pytest.log" || fail tests
+    local select=()
+    [ -n "${TESTS_K:-}" ] && select=(-k "$TESTS_K")
+    (cd "$PKGROOT" && timeout 240 python3 -m pytest "$REPO/tests/test_triton.py" "$REPO/tests/test_plan.py" -q \
+        -p no:cacheprovider "${workers[@]}" "${select[@]}" 2>&1) | tee "$OUT/pytest.log" || fail tests
     tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
 }
 
@@ -90,13 +95,13 @@ run_plan() {
 
 run_profile() {
     echo "== profile" | tee -a "$OUT/summary.txt"
-    timeout 180 python3 bench/profile_plan.py 2>&1 | tee "$OUT/profile.log" || fail profile
+    timeout 240 python3 bench/profile_plan.py --pattern "strided(128)" "fixed(128,32)" --seq-len 16384 65536 \
+        2>&1 | tee "$OUT/profile.log" || fail profile
 }
 
 run_sweep() {
     echo "== sweep" | tee -a "$OUT/summary.txt"
-    timeout 120 python3 bench/bench_triton.py --resources 2>&1 | tee "$OUT/resources.md" || fail resources
-    timeout 240 python3 bench/bench_triton.py --sweep --patterns causal --seq-len 16384 --head-dim 64 128 \
+    timeout 300 python3 bench/bench_triton.py --sweep --patterns causal --seq-len 16384 --head-dim ${SWEEP_D:-64 128} \
         --out "$OUT/sweep.md" 2>&1 | tee "$OUT/sweep.log" || fail sweep
 }
 

@@ -22,21 +22,21 @@ would compute it. The price is a layout with about 4x the entries of block
 128 (host memory and build time, once per sequence length). Tests use
 ``block=16`` with every tile 16.
 
-Defaults for one NVIDIA H100 (``default_config``). Forward tiles follow
-FlexAttention's H100 table (torch/_inductor/template_heuristics) for D = 128
-and 256, and take 128 x 64 rather than its 128 x 128 for D <= 64 (which spills
-registers here); every entry was compiled for sm_90 (Triton 3.9) and checked
+Defaults for one NVIDIA H100 (``default_config``), chosen by
+``bench/bench_triton.py --sweep`` on the card (causal, n = 16384, H = 16;
+PERFORMANCE.md has the tables): at D = 64 every forward candidate ran within
+2% of the others, and the 64 x 64 backward with 4 warps beat Flex's 64 x 128 /
+128 x 64 with 8 warps by 24%; at D = 128 the 128 x 128 forward with 8 warps
+beat 128 x 64 by 20%. Every entry is also compiled for sm_90 and checked
 free of register spills with ``python bench/bench_triton.py --resources``
-(cuobjdump -res-usage, no GPU needed), which is why the backward tiles for
-D >= 128 and the float32 ones (exact products, ``input_precision="ieee"``,
-on the FMA units) are smaller than Flex's. ``bench/bench_triton.py --sweep``
-times the alternatives on the GPU:
+(cuobjdump -res-usage, no GPU needed), which is why the float32 tiles (exact
+products, ``input_precision="ieee"``, on the FMA units) are small:
 
 ======  ===========  ================================  ===========================================
 D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
 ======  ===========  ================================  ===========================================
-<= 64   bf16, fp16   128 x 64, 4, 3                    64 x 128 / 128 x 64, 8, 3
-128     bf16, fp16   128 x 64, 8, 3                    32 x 128 / 128 x 64, 8, 3
+<= 64   bf16, fp16   128 x 64, 8, 3                    64 x 64 / 64 x 64, 4, 3
+128     bf16, fp16   128 x 128, 8, 3                   64 x 128 / 128 x 64, 8, 3
 256     bf16, fp16   64 x 32, 4, 3                     32 x 32 / 64 x 32, 8, 2
 <= 64   fp32         64 x 32, 8, 2                     32 x 32 / 64 x 32, 8, 1
 128     fp32         32 x 16, 8, 2                     32 x 32 / 32 x 32, 8, 1
@@ -64,14 +64,14 @@ class KernelConfig:
     # forward
     block_m: int = 128
     block_n: int = 64
-    fwd_warps: int = 4
+    fwd_warps: int = 8
     fwd_stages: int = 3
     # backward: dK/dV (block_m1 x block_n1) and dQ (block_m2 x block_n2)
     block_m1: int = 64
-    block_n1: int = 128
-    block_m2: int = 128
+    block_n1: int = 64
+    block_m2: int = 64
     block_n2: int = 64
-    bwd_warps: int = 8
+    bwd_warps: int = 4
     bwd_stages: int = 3
 
     def __post_init__(self):
@@ -94,8 +94,8 @@ class KernelConfig:
 
 # (16-bit?, padded head dim) -> (forward M, N, warps, stages), (backward M1, N1, M2, N2, warps, stages)
 _H100 = {
-    (True, 64): ((128, 64, 4, 3), (64, 128, 128, 64, 8, 3)),
-    (True, 128): ((128, 64, 8, 3), (32, 128, 128, 64, 8, 3)),
+    (True, 64): ((128, 64, 8, 3), (64, 64, 64, 64, 4, 3)),
+    (True, 128): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
     (True, 256): ((64, 32, 4, 3), (32, 32, 64, 32, 8, 2)),
     (False, 64): ((64, 32, 8, 2), (32, 32, 64, 32, 8, 1)),
     (False, 128): ((32, 16, 8, 2), (32, 32, 32, 32, 8, 1)),
