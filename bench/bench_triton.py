@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="do_bench's rep (ms) per measurement")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--lean", action="store_true", help="leave out the diagnostic pcc@128 and flex(layout) timings")
     ap.add_argument("--out", help="write the markdown table to this file too")
     ap.add_argument("--cold-start", action="store_true", help="time first calls in fresh processes instead")
     ap.add_argument("--sweep", action="store_true", help="time tile candidates instead")
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     rows.append(bench.bench_case(pattern, name, n, heads=args.heads, kv_heads=args.kv_heads,
                                                  head_dim=D, batch=args.batch, dtype=args.dtype,
-                                                 flex=not args.no_flex, sdpa=not args.no_sdpa, rep=args.rep))
+                                                 flex=not args.no_flex, sdpa=not args.no_sdpa, rep=args.rep,
+                                                 extras=not args.lean))
                     print(f"{name} n={n} D={D}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                     print(bench.markdown(rows[-1:]).splitlines()[-1], flush=True)
         out.append(bench.markdown(rows))

@@ -12,12 +12,16 @@
 #             (default H100 config, n up to 1024, D 64/128/256), 8 workers;
 #             TESTS_K="expr" selects tests as pytest -k does         (~2 min)
 #   check     = smoke memcheck tests
-#   bench     the issue's table: causal, sliding_window(1024),
-#             local_global(512,64), fixed(128,32); bf16, B=1, H=16,
-#             D=64/128, n=16384/65536; patterncc vs Flex (create_block_mask
-#             and our layout's BlockMask) vs SDPA flash; plus cold and warm
-#             first-call times (two processes of at most 4 minutes,
-#             one per head dim, then 1.5 minutes of cold starts)      (~7 min)
+#   bench     the issue-3 table and the planner's: causal, sliding_window(1024),
+#             local_global(512,64), fixed(128,32), strided(128); bf16, B=1,
+#             H=16, D=64 at n=16384/65536 and D=128 at n=16384; patterncc
+#             (natural order and plan) vs Flex (create_block_mask, block 128)
+#             vs SDPA flash, all in one process per head dim          (~9 min)
+#   cold      first forward+backward of a new pattern in a fresh process
+#             (cold caches) and in a second one (warm disk caches), patterncc
+#             and Flex                                              (~1.5 min)
+#   long      local_global(512,64) forward+backward at n=262144: time, peak
+#             memory; Flex's uncompiled create_block_mask at 131072   (~1 min)
 #   plan      the planner: strided(128), fixed(128,32) at n=16384/65536, D=64,
 #             natural order vs plan vs Flex vs SDPA                  (~5 min)
 #   profile   where planned strided(128) and fixed(128,32) calls at n=16384
@@ -78,12 +82,25 @@ run_tests() {
 run_bench() {
     echo "== bench" | tee -a "$OUT/summary.txt"
     # One process per head dim, each under its own timeout: the rows it finished stay in the log.
-    for D in 64 128; do
-        timeout 240 python3 bench/bench_triton.py --head-dim "$D" --rep 60 --out "$OUT/bench.md" 2>&1 \
-            | tee -a "$OUT/bench.log" || fail "bench D=$D"
-    done
-    timeout 90 python3 bench/bench_triton.py --cold-start --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" \
+    # D=64: the issue-3 patterns and the planner's (strided, fixed: natural order and plan) at 16K and 64K;
+    # D=128: the issue-3 patterns at 16K. The first case of a fresh machine spends ~4 min compiling.
+    timeout 420 python3 bench/bench_triton.py --lean --head-dim 64 --seq-len 16384 65536 --rep 60 \
+        --patterns causal "sliding_window(1024)" "local_global(512,64)" "fixed(128,32)" "strided(128)" \
+        --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" || fail "bench D=64"
+    timeout 120 python3 bench/bench_triton.py --lean --head-dim 128 --seq-len 16384 --rep 60 \
+        --patterns causal "sliding_window(1024)" "local_global(512,64)" "fixed(128,32)" \
+        --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" || fail "bench D=128"
+}
+
+run_cold() {
+    echo "== cold" | tee -a "$OUT/summary.txt"
+    timeout 120 python3 bench/bench_triton.py --cold-start --out "$OUT/cold.md" 2>&1 | tee -a "$OUT/cold.log" \
         || fail cold-start
+}
+
+run_long() {
+    echo "== long" | tee -a "$OUT/summary.txt"
+    timeout 150 python3 bench/long_context.py 2>&1 | tee "$OUT/long.log" || fail long
 }
 
 run_plan() {
@@ -112,10 +129,12 @@ for section in "${sections[@]}"; do
         tests) run_tests ;;
         check) run_smoke; run_memcheck; run_tests ;;
         bench) run_bench ;;
+        cold) run_cold ;;
+        long) run_long ;;
         plan) run_plan ;;
         profile) run_profile ;;
         sweep) run_sweep ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench sweep)" >&2; status=2 ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

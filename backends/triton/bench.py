@@ -111,9 +111,11 @@ def _flex(device="cuda"):
 
 def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_heads: int | None = None,
                head_dim: int = 64, batch: int = 1, dtype: str = "bfloat16", config: KernelConfig | None = None,
-               flex: bool = True, sdpa: bool = True, rep: int = 100, device: str = "cuda") -> Row:
+               flex: bool = True, sdpa: bool = True, rep: int = 100, device: str = "cuda",
+               extras: bool = True) -> Row:
     """One row: every contender on the same inputs (``device="cpu"`` under
-    TRITON_INTERPRET=1 only checks that the harness runs)."""
+    TRITON_INTERPRET=1 only checks that the harness runs). ``extras=False``
+    leaves out the two diagnostic contenders (``pcc@128``, ``flex(layout)``)."""
     from . import flex as flex_interop
 
     H, Hkv, D, B = heads, kv_heads or heads, head_dim, batch
@@ -141,7 +143,7 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
     o_pcc.backward(do)
     timer = partial(_time, row, rep=rep, device=device)
     timer("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), grads, fwd_flops)
-    if cfg.block != FLEX_BLOCK:
+    if extras and cfg.block != FLEX_BLOCK:
         timer("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), grads, fwd_flops)
 
     # -- patterncc with its plan (what pcc.compile runs): only when the plan reorders
@@ -178,8 +180,9 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
             timer("flex", lambda: flex_attention(q, k, v, block_mask=bm, **gqa),
                   lambda: flex_attention(q, k, v, block_mask=bm, **gqa).backward(do), grads, fwd_flops)
             bm_layout = flex_interop.to_flex_block_mask(lay, pattern, device=device, mask_mod_fn=mask_mod)
-            timer("flex(layout)", lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa),
-                  lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa).backward(do), grads, fwd_flops)
+            if extras:
+                timer("flex(layout)", lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa),
+                      lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa).backward(do), grads, fwd_flops)
         except Exception as err:  # a table with a note beats no table
             row.notes.append(f"flex failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
 

@@ -85,23 +85,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        # raw q.k: the scale is applied in the exp2's argument below, one fused
-        # multiply-add per score instead of a multiply and a subtract (the
-        # non-matmul work per score is what bounds this loop at D <= 64)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
             allowed = allowed & k_ok[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
-        # -- update m_i, the running max (log2 units; qk_scale > 0 keeps the max
-        #    a max); a row that has seen no allowed key keeps m_i = -inf and
-        #    subtracts 0 instead, so exp2 gives 0, not NaN
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # -- update m_i, the running max; a row that has seen no allowed key
+        #    keeps m_i = -inf and subtracts 0 instead, so exp2 gives 0, not NaN
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_sub = m_new
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
@@ -157,18 +153,13 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     q_ok = (q_pos < N) & (q_tok < N_TOK)
     q_in = q_ok[:, None]
     q = tl.load(q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
-    # The inner loop needs qk_scale > 0 (its running max is max(q.k) * qk_scale):
-    # the scale's sign moves into q (exact: q times 1, -1 or 0), a zero scale
-    # makes every score 0 (uniform over the allowed keys) with any positive qk_scale.
-    sign = tl.where(sm_scale > 0, 1.0, tl.where(sm_scale < 0, -1.0, 0.0))
-    q = (q * sign).to(Q.dtype.element_ty)
-    qk_scale = tl.where(sm_scale == 0, 1.0, tl.abs(sm_scale)) * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     # -- online softmax state, fp32
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     csr_row = layout_h * n_tiles + tile
     # -- FULL steps: every pair allowed, no predicate, no bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
