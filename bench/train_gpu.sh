@@ -4,7 +4,7 @@
 #     OUT=/path/to/results bash bench/train_gpu.sh
 #
 # 1. Training: dense (SDPA flash, causal), fixed(128, 32) and strided(128) at
-#    context 16384, with equal steps, batch, learning-rate schedule and seed
+#    context 32768, with equal steps, batch, learning-rate schedule and seed
 #    (the same initial weights and batches). Targets: fixed's median step time
 #    <= 0.5x dense's, its validation loss within 2% of dense's.
 # 2. Sweep: forward+backward time and peak activation memory over contexts
@@ -12,7 +12,7 @@
 #    (target: with recompute, activation memory linear in context, i.e.
 #    flat bytes/token in results.md).
 #
-# Budget: about 6 minutes of GPU time, each stage under `timeout`; each stage
+# Budget: about 5 minutes of GPU time, each stage under `timeout`; each stage
 # writes results.json/results.md as it goes, so a cut-off stage still leaves
 # what it finished. Results: $OUT/train and $OUT/sweep (json, md, png).
 set -uo pipefail
@@ -25,13 +25,13 @@ source bench/gpu_env.sh
 MODEL=(--device cuda --dim 256 --depth 4 --heads 4 --dtype bf16 --seed 0)
 status=0
 
-timeout 300 python3 examples/train_char_lm.py "${MODEL[@]}" \
-    --context 16384 --batch 2 --steps 1200 --lr 2e-3 --eval-every 200 --eval-batches 8 \
+timeout ${TRAIN_TIMEOUT:-220} python3 examples/train_char_lm.py "${MODEL[@]}" \
+    --context 32768 --batch 1 --steps 800 --lr 2e-3 --eval-every 200 --eval-batches 8 \
     --timing-warmup 20 --models dense,fixed,strided --l 128 --c 32 \
     --out "$OUT/train" || { status=1; echo "train stage failed or timed out" >&2; }
 
-timeout 120 python3 examples/train_char_lm.py "${MODEL[@]}" --no-train --sweep \
-    --sweep-contexts 1024,2048,4096,8192,16384,32768 --sweep-models dense,fixed,strided \
+timeout ${SWEEP_TIMEOUT:-120} python3 examples/train_char_lm.py "${MODEL[@]}" --no-train --sweep \
+    --sweep-contexts 2048,4096,8192,16384,32768 --sweep-models dense,fixed \
     --sweep-batch 1 --sweep-steps 5 --sweep-warmup 2 \
     --out "$OUT/sweep" || { status=1; echo "sweep stage failed or timed out" >&2; }
 
