@@ -4,7 +4,8 @@
 #     OUT=/path/to/results bash bench/train_gpu.sh
 #
 # 1. Training: dense (SDPA flash, causal), fixed(128, 32) and strided(128) at
-#    context 32768, with equal steps, batch, learning-rate schedule and seed
+#    context 32768 (CONTEXT, STEPS, EVAL_EVERY override), with equal steps,
+#    batch, learning-rate schedule and seed
 #    (the same initial weights and batches). Targets: fixed's median step time
 #    <= 0.5x dense's, its validation loss within 2% of dense's.
 # 2. Sweep: forward+backward time and peak activation memory over contexts
@@ -26,11 +27,11 @@ MODEL=(--device cuda --dim 256 --depth 4 --heads 4 --dtype bf16 --seed 0)
 status=0
 
 timeout ${TRAIN_TIMEOUT:-220} python3 examples/train_char_lm.py "${MODEL[@]}" \
-    --context 32768 --batch 1 --steps 800 --lr 2e-3 --eval-every 200 --eval-batches 8 \
+    --context ${CONTEXT:-32768} --batch 1 --steps ${STEPS:-800} --lr 2e-3 --eval-every ${EVAL_EVERY:-200} --eval-batches 8 \
     --timing-warmup 20 --models dense,fixed,strided --l 128 --c 32 \
     --out "$OUT/train" || { status=1; echo "train stage failed or timed out" >&2; }
 
-timeout ${SWEEP_TIMEOUT:-120} python3 examples/train_char_lm.py "${MODEL[@]}" --no-train --sweep \
+[ "${SWEEP_TIMEOUT:-120}" = 0 ] || timeout ${SWEEP_TIMEOUT:-120} python3 examples/train_char_lm.py "${MODEL[@]}" --no-train --sweep \
     --sweep-contexts 2048,4096,8192,16384,32768 --sweep-models dense,fixed \
     --sweep-batch 1 --sweep-steps 5 --sweep-warmup 2 \
     --out "$OUT/sweep" || { status=1; echo "sweep stage failed or timed out" >&2; }
