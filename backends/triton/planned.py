@@ -4,13 +4,15 @@ Forward: each component runs the forward kernel with its token order folded
 into the kernels' address arithmetic (``kernels._token``: residue order and
 gathered columns are closed forms), so q, k, v are read and o, lse written
 in token order with no copies; the partial results merge exactly by
-log-sum-exp (``runtime._merge``, one ``merge.py`` pass per extra component). Only q, k, v, the merged o and the
-merged lse are saved.
+log-sum-exp (``runtime._merge``, one ``merge.py`` pass per extra
+component). Only q, k, v, the merged o and the merged lse are saved.
 
 Backward: ``delta = rowsum(dO * O)`` once, from the merged o; then every
 component runs the dK/dV and dQ kernels with the *merged* lse and delta (the
 Sparse Transformer's recomputation: P is rebuilt from lse, never stored),
-and the gradients add up in token order.
+and the gradients add up in token order inside the kernels: each launch adds
+the fp32 sum of the launches before it, the last writes the inputs' dtype
+(``runtime._summed``).
 """
 
 from __future__ import annotations
