@@ -41,16 +41,22 @@ from .simplify import simplify
 MAX_TERMS = 16
 
 # -- the cost model --------------------------------------------------------------
-# Costs are in units of one FULL block pair computed forward and backward.
-# PARTIAL blocks also evaluate the predicate; each extra component is one more
-# launch of every kernel and a log-sum-exp merge of its output (bytes ~ n * D,
-# expressed in blocks per query-block row). Reordered components also apply
-# the sequence-end mask on every block and read rows at strided addresses.
+# Costs are in units of one FULL block pair computed forward and backward,
+# fitted to per-launch times of the Triton kernels on the GPU (block 64,
+# H = 16, bf16, D = 64; bench/profile_plan.py, PERFORMANCE.md "The cost
+# model"): a FULL block on a long row costs 0.24 us (forward + dK/dV + dQ); a
+# PARTIAL one also evaluates the predicate; every query-block row of every
+# component pays for loading its queries, storing its output, filling the
+# software pipeline and its share of the merge, which is what makes short
+# rows (bands, residue classes) dear per block. Blocks in residue order read
+# K and V rows 128 bytes at a time from addresses l rows apart and measured
+# 2.6-3.5x the natural cost; gathered columns (runs of c keys) 1.0-1.1x.
 COST_FULL = 1.0
-COST_PARTIAL = 1.25
-COST_REORDERED = 1.1          # multiplier for blocks of a reordered component
-COST_PASS_PER_ROW = 0.5       # per component, per query-block row (launch + merge)
-COST_DENSE_FLASH = 0.8        # SDPA flash per causal block, relative to ours
+COST_PARTIAL = 1.6
+COST_RESIDUE = 3.0            # multiplier for the blocks of a residue-order component
+COST_COLUMNS = 1.1            # multiplier for the blocks of a gathered-columns component
+COST_PASS_PER_ROW = 2.7       # per component, per query-block row (prologue, epilogue, merge)
+COST_DENSE_FLASH = 1.2        # SDPA flash per causal block, relative to our causal kernel
 
 # The natural layout is not built when its upper bound is over this many
 # times the planned blocks and over SKIP_NATURAL_MIN blocks (the bound is
@@ -165,8 +171,10 @@ class Component:
         full = self.layout.n_full
         partial = self.layout.nnz - full
         blocks = COST_FULL * full + COST_PARTIAL * partial
-        if self.reordered:
-            blocks *= COST_REORDERED
+        if "residue" in (self.q_order.kind, self.k_order.kind):
+            blocks *= COST_RESIDUE
+        elif "columns" in (self.q_order.kind, self.k_order.kind):
+            blocks *= COST_COLUMNS
         return blocks + COST_PASS_PER_ROW * self.layout.heads * self.layout.n_qblocks
 
 
@@ -290,7 +298,10 @@ def _choose(costs: dict, mode: str, dense: bool, planned, natural_blocks: int) -
     if planned is None:
         why = "planning is off" if mode == "natural" else "no component needs another token order"
         if dense and mode != "natural":
-            return "dense", f"the pattern is dense attention; {why}"
+            if costs["dense"] < costs["natural"]:
+                return "dense", f"the pattern is dense attention and SDPA flash is predicted cheaper; {why}"
+            return "natural", (f"the pattern is dense attention, and the generated kernels are predicted "
+                               f"cheaper than SDPA flash ({costs['natural'] / costs['dense']:.2f}x its cost); {why}")
         return "natural", why
     if mode == "planned":
         return "planned", "planning forced on"
