@@ -419,8 +419,12 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
         l, S = qo.l, -(-n // qo.l)
         slots = qo.length(n)
         translated, exact = _translate_residue(piece, l, True)
-        # In the kernels, n is the slot count l * S, so S = n // l for every length.
-        S_runtime = ir.BinOp("//", ir.Var("n"), ir.Const(l))
+        # In the kernels, n is the slot count l * S, so S = n // l for every
+        # length. Written max(n // l, 1) (the same, as n >= l): a divisor the
+        # code generator can see is positive lets it divide in int32 with the
+        # native operator instead of an emulated int64 floor division, which
+        # cost the residue kernels 5-7x per PARTIAL step (PERFORMANCE.md).
+        S_runtime = ir.Call("max", (ir.BinOp("//", ir.Var("n"), ir.Const(l)), ir.Const(1)))
         same_class = ir.Where(ir.Compare("==", ir.BinOp("//", ir.Var("q"), S_runtime),
                                          ir.BinOp("//", ir.Var("k"), S_runtime)))
         if exact:

@@ -377,6 +377,44 @@ def test_int64_decision():
     assert "q.to(tl.int64)" in source and "floor_mod" not in source
 
 
+_LEAVES = st.one_of(st.sampled_from(["q", "k", "n"]).map(V), st.integers(-40, 40).map(K_))
+
+
+def _exprs():
+    return st.recursive(_LEAVES, lambda sub: st.one_of(
+        st.tuples(st.sampled_from(["+", "-", "*", "//", "%"]), sub, sub).map(lambda t: ir.BinOp(t[0], t[1], t[2])),
+        st.tuples(st.sampled_from(["min", "max"]), sub, sub).map(lambda t: ir.Call(t[0], (t[1], t[2]))),
+    ), max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_exprs(), st.data())
+def test_interval_bounds_every_value(e, data):
+    """codegen._interval decides int32 vs int64: every value an expression
+    takes over the variables' ranges must lie inside it (Python semantics)."""
+    lo, hi = codegen._interval(e)
+    env = {name: data.draw(st.one_of(st.integers(a, b), st.sampled_from([a, b])), label=name)
+           for name, (a, b) in codegen._VAR_RANGES.items()}
+    try:
+        value = ir.eval_int(e, env)
+    except PatternError:  # division by zero: no value
+        return
+    assert lo <= value <= hi, (ir.expr_source(e), env, value, (lo, hi))
+
+
+def test_residue_predicate_divides_natively_in_int32():
+    """The planner's residue class test divides by max(n // l, 1): positive,
+    so the kernels divide with int32 `//`, not an emulated int64 floor_div."""
+    from patterncc.planner import build_plan
+
+    plan = build_plan(ir.Causal() & (ir.Local(128) | ir.Stride(128)), 16384, 64, 1, mode="planned")
+    (residue,) = [c for c in plan.components if c.q_order.kind == "residue"]
+    source = codegen.generate_source(residue.predicate)
+    body = source[source.index("def pattern_mask"):source.index("@triton.jit", source.index("def pattern_mask"))]
+    assert "q // tl.maximum((N // 128), 1)" in body
+    assert "int64" not in body and "floor_div" not in body
+
+
 def test_floor_helpers_only_where_operands_can_be_negative():
     source = codegen.generate_source(STANDARD["where_floor"])
     assert "floor_div((q - k), 3)" in source and "floor_mod((k - q), 5)" in source

@@ -454,6 +454,11 @@ def _interval(e: ir.Expr) -> tuple[int, int]:
         if e.op == "*":
             corners = (a0 * b0, a0 * b1, a1 * b0, a1 * b1)
             return min(corners), max(corners)
+        if b0 > 0:  # a positive divisor: floor division is monotone in a, and in b for a fixed sign of a
+            if e.op == "%":
+                return 0, (min(a1, b1 - 1) if a0 >= 0 else b1 - 1)
+            corners = (a0 // b0, a0 // b1, a1 // b0, a1 // b1)
+            return min(corners), max(corners)
         big = max(abs(b0), abs(b1), 1)
         if e.op == "%":
             return -(big - 1), big - 1
