@@ -315,7 +315,7 @@ def test_gradients_sum_over_launches_whatever_they_cover(covers):
         value = parts[i] + (ins[0] if ins else 0)
         out[:, :, reach[i]] = value[:, :, reach[i]].to(out.dtype)
 
-    (got,) = _summed(list(covers), list(covers), (like,), launch)
+    (got,) = _summed(list(covers), (like,), launch)
     want = sum(torch.where(r[:, None], p, 0.0) for p, r in zip(parts, reach))
     assert sorted(ran) == list(range(len(covers))) and got.dtype == like.dtype
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-6)  # one bf16 rounding

@@ -443,15 +443,15 @@ class _AttentionFunction(torch.autograd.Function):
             launches = ctx.launches
             delta = launches[0][0].delta(o, do, dlse)  # merged: the same for every launch
             args = (q, k, v, lse, do, delta, ctx.scale)
-            dk, dv = _summed(launches, [order.k != 2 for _, order in launches], (k, v),
+            dk, dv = _summed([order.k != 2 for _, order in launches], (k, v),
                              lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins))
-            (dq,) = _summed(launches, [order.q != 2 for _, order in launches], (q,),
+            (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
                             lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins))
         return dq, dk, dv, None, None
 
 
-def _summed(launches, covers, like, launch):
-    """Gradients (shaped and typed as ``like``) summed over ``launches`` inside
+def _summed(covers, like, launch):
+    """Gradients (shaped and typed as ``like``) summed over launches inside
     the kernels: ``launch(i, outs, ins)`` writes launch i's gradients plus
     ``ins`` (fp32, or ``()``) into ``outs``. ``covers[i]``: launch i writes
     every token (natural and residue orders do; gathered columns do not, and
@@ -462,12 +462,12 @@ def _summed(launches, covers, like, launch):
     token, writes the inputs' dtype directly; a covering launch goes last and
     another first where there is one, so the buffer needs no zero fill and
     the result no cast."""
-    if len(launches) == 1:
+    if len(covers) == 1:
         outs = tuple((torch.empty if covers[0] else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
                      for x in like)
         launch(0, outs, ())
         return outs
-    seq = sorted(range(len(launches)), key=lambda i: not covers[i])  # covering ones first
+    seq = sorted(range(len(covers)), key=lambda i: not covers[i])  # covering ones first
     if covers[seq[0]]:
         seq = seq[1:] + seq[:1]  # one covering launch last; a second one, if any, is now first
     first, last = seq[0], seq[-1]
