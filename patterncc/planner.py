@@ -507,8 +507,14 @@ def _position_expr(order: TokenOrder, var: str, S) -> ir.Expr:
     ``S`` is the residue class size (an int, or an expression over ``n``)."""
     t = ir.Var(var)
     if order.kind == "residue":
-        S = ir.Const(S) if isinstance(S, int) else S
-        return ir.BinOp("+", ir.BinOp("*", ir.BinOp("%", t, S), ir.Const(order.l)), ir.BinOp("//", t, S))
+        if isinstance(S, int):
+            return ir.BinOp("+", ir.BinOp("*", ir.BinOp("%", t, ir.Const(S)), ir.Const(order.l)),
+                            ir.BinOp("//", t, ir.Const(S)))
+        # Over the kernels' runtime S: t // S <= l - 1 for every slot t < l * S,
+        # written min(t // S, l - 1) so that the code generator can bound the
+        # position below 2**31 and compute it in int32 (with native division).
+        cls = ir.Call("min", (ir.BinOp("//", t, S), ir.Const(order.l - 1)))
+        return ir.BinOp("+", ir.BinOp("*", ir.BinOp("%", t, S), ir.Const(order.l)), cls)
     if order.kind == "columns":
         l, c = order.l, order.c
         return ir.BinOp("+", ir.BinOp("+", ir.BinOp("*", ir.BinOp("//", t, ir.Const(c)), ir.Const(l)), ir.Const(l - c)),

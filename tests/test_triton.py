@@ -402,12 +402,15 @@ def test_interval_bounds_every_value(e, data):
     assert lo <= value <= hi, (ir.expr_source(e), env, value, (lo, hi))
 
 
-def test_residue_predicate_divides_natively_in_int32():
-    """The planner's residue class test divides by max(n // l, 1): positive,
-    so the kernels divide with int32 `//`, not an emulated int64 floor_div."""
+@pytest.mark.parametrize("extra", [ir.Empty(), ir.Sink(64), ir.Global(64)])
+def test_residue_predicate_divides_natively_in_int32(extra):
+    """The planner's residue predicates divide by max(n // l, 1) and take
+    min(t // S, l - 1) as a slot's class: provably in int32, so the kernels
+    divide with int32 `//`, not an emulated int64 floor division, also when a
+    sink or global part is rewritten over slot positions."""
     from patterncc.planner import build_plan
 
-    plan = build_plan(ir.Causal() & (ir.Local(128) | ir.Stride(128)), 16384, 64, 1, mode="planned")
+    plan = build_plan(ir.Causal() & (ir.Local(128) | ir.Stride(128) | extra), 16384, 64, 1, mode="planned")
     (residue,) = [c for c in plan.components if c.q_order.kind == "residue"]
     source = codegen.generate_source(residue.predicate)
     body = source[source.index("def pattern_mask"):source.index("@triton.jit", source.index("def pattern_mask"))]
