@@ -226,6 +226,8 @@ def _from_pairs(pattern: ir.Pattern, seq_len: int, block: int, heads: list, nb: 
         offset += len(i)
 
     def cat(arrays, dtype):
+        if len(arrays) == 1:  # one head (or heads sharing one layout): no copy
+            return np.asarray(arrays[0]).astype(dtype, copy=False)
         return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
     return BlockLayout(

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import ir
 from .errors import LimitError, PatternValueError
-from .blocklayout import BlockLayout, build as build_layout, classify_rectangles, estimate_blocks
+from .blocklayout import EMPTY, FULL, PARTIAL, BlockLayout, build as build_layout, classify_rectangles, estimate_blocks
 from .blocklayout import _from_pairs as layouts_from_pairs
 from .simplify import simplify
 
@@ -447,6 +447,9 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
     return Component(piece, qo, ko, slot_pattern, lay, reason, kernel_pattern)
 
 
+_COLUMN_RUN = 32  # slot blocks classified together before block by block (_columns_layout)
+
+
 def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrder, n: int, block: int,
                     H: int) -> BlockLayout:
     """The layout of gathered columns, sound but not always exact, in closed
@@ -469,23 +472,52 @@ def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrd
         count = np.clip(-(-reach // B), 0, nu)
     else:
         count = np.full(nb, nu, dtype=np.int64)
-    i = np.repeat(rows, count)
-    j = np.arange(i.size, dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
-    qlo, qhi = i * B, qhi_rows[i]
-    klo = order.positions(j * B, n)
-    khi = order.positions(np.minimum((j + 1) * B, keys) - 1, n)
+    # Classify runs of G slot blocks first: a run FULL or EMPTY as a whole
+    # is so block by block (a sound class of a rectangle holds on its parts),
+    # and only the runs it cannot decide are classified block by block. At
+    # 1M tokens that is ~1/G of the 8.4M rectangles of fixed(128, 32).
+    G = _COLUMN_RUN
+    runs = -(-count // G)
+    gi = np.repeat(rows, runs)
+    j0 = (np.arange(gi.size, dtype=np.int64) - np.repeat(np.cumsum(runs) - runs, runs)) * G
+    j1 = np.minimum(j0 + G, count[gi])  # one past the run's last slot block
+
+    def rectangles(i, jlo, jhi):  # the token rectangle of query row i and slot blocks jlo .. jhi - 1
+        return (i * B, qhi_rows[i], order.positions(jlo * B, n),
+                order.positions(np.minimum(jhi * B, keys) - 1, n))
+
     heads = []
     seen: dict = {}
     for h in range(H):
         ph = ir.for_head(plain, h)
         if ph not in seen:
-            cls = classify_rectangles(ph, n, qlo, qhi, klo, khi)
-            keep = cls != 0
-            # A slot block that runs past the last key holds padding slots: never FULL.
-            full = (cls == 2) & ((j + 1) * B <= keys)
-            seen[ph] = (i[keep].astype(np.int32), j[keep].astype(np.int32), full[keep])
+            run_cls = classify_rectangles(ph, n, *rectangles(gi, j0, j1))
+            length = np.where(run_cls != EMPTY, j1 - j0, 0)
+            start = np.cumsum(length) - length  # each run's first entry
+            # entries in (row, slot block) order, built in int32: 8.4M of them at 1M tokens
+            i = np.repeat(gi.astype(np.int32), length)
+            j = np.arange(i.size, dtype=np.int32) - np.repeat((start - j0).astype(np.int32), length)
+            cls = np.repeat(run_cls, length)
+            open_runs = np.flatnonzero(run_cls == PARTIAL)
+            undecided = _ranges(start[open_runs], length[open_runs])
+            if undecided.size:
+                iu, ju = i[undecided].astype(np.int64), j[undecided].astype(np.int64)
+                cls[undecided] = classify_rectangles(ph, n, *rectangles(iu, ju, ju + 1))
+            full = cls == FULL
+            if keys % B:  # the last slot block runs past the last key: padding slots, never FULL
+                full[j == nu - 1] = False
+            if undecided.size:  # only blocks of undecided runs can be EMPTY
+                keep = cls != EMPTY
+                i, j, full = i[keep], j[keep], full[keep]
+            seen[ph] = (i, j, full)
         heads.append(seen[ph])
     return layouts_from_pairs(slot_pattern, n, B, heads, nb)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ranges ``starts[r] .. starts[r] + lengths[r] - 1``."""
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - offsets, lengths)
 
 
 def _has_causal_factor(p: ir.Pattern) -> bool:
