@@ -22,16 +22,19 @@ would compute it. The price is a layout with about 4x the entries of block
 128 (host memory and build time, once per sequence length). Tests use
 ``block=16`` with every tile 16.
 
-Defaults for one NVIDIA H100 (``default_config``), chosen by
-``bench/bench_triton.py --sweep`` on the card (causal, n = 16384, H = 16;
-PERFORMANCE.md has the tables): at D = 64 the 128 x 64 forward with 4 warps
-was within 2% of the best candidate (with 8 warps it is 1.6x slower), and
-the 64 x 64 backward with 4 warps and 2 stages beat Flex's 64 x 128 /
-128 x 64 with 8 warps by 29%; at D = 128 the 128 x 128 forward with 8 warps
-beat 128 x 64 by 20%. Every entry is also compiled for sm_90 and checked
-free of register spills with ``python bench/bench_triton.py --resources``
-(cuobjdump -res-usage, no GPU needed), which is why the float32 tiles (exact
-products, ``input_precision="ieee"``, on the FMA units) are small:
+Defaults for one NVIDIA H100 / H200 (``default_config``). The 16-bit rows
+were chosen by time on the card (``bench/bench_triton.py --sweep``, causal,
+n = 16384, H = 16; PERFORMANCE.md has the tables): at D = 64 the 128 x 64
+forward with 4 warps was within 2% of the best candidate (with 8 warps it is
+1.6x slower), and the 64 x 64 backward with 4 warps and 2 stages beat Flex's
+64 x 128 / 128 x 64 with 8 warps by 29%; at D = 128 the 128 x 128 forward
+with 8 warps beat 128 x 64 by 20%. The float32 rows (exact products,
+``input_precision="ieee"``, on the FMA units) are small tiles, untimed.
+``python bench/bench_triton.py --resources`` compiles the table for sm_90
+without a GPU and reports registers and spills: with Triton 3.9 some
+entries spill a little (the D = 64 forward 96 bytes, the D = 128 forward
+464), which the measured times include; under Triton 3.6 (the GPU image)
+the report's compile call fails, so it runs where a newer Triton is.
 
 ======  ===========  ================================  ===========================================
 D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
