@@ -27,10 +27,11 @@ class Attention:
 
     Options: ``plan`` (``"auto"``: the cost model decides; ``"planned"``;
     ``"natural"`` or ``False``: no reordering), ``dense_sdpa`` (default
-    True: a plain ``causal``/``all`` pattern runs SDPA flash on CUDA where
-    the cost model predicts it cheaper than the generated kernels, i.e. at
-    short lengths, and ``lse`` is not asked for), and the Triton backend's
-    ``block`` and ``config``; the reference backend's ``dense_limit``.
+    True: a plain ``causal``/``all`` pattern runs SDPA on CUDA where the
+    cost model predicts it cheaper than the generated kernels, i.e. at short
+    lengths, and for float32 inputs, when ``lse`` is not asked for), and
+    the Triton backend's ``block`` and ``config``; the reference backend's
+    ``dense_limit``.
     """
 
     def __init__(self, pattern: ir.Pattern, backend: str = "auto", *, plan="auto", dense_sdpa: bool = True,

@@ -87,7 +87,12 @@ class PlannedAttention:
             q, k, v = self.check(q, k, v)
         n, H = q.shape[-2], q.shape[1]
         plan = self.plan(n, H)
-        if plan.strategy == "dense" and self.dense is not None and not return_lse:
+        # The cost model was fitted to the 16-bit kernels; the float32 ones
+        # (exact products on the FMA units) are untimed, so a dense pattern in
+        # float32 keeps the dense path whatever the model predicts.
+        float32 = str(getattr(q, "dtype", "")) == "torch.float32"
+        wants_dense = plan.strategy == "dense" or ("dense" in plan.costs and float32)
+        if wants_dense and self.dense is not None and not return_lse:
             out = self.dense(plan.pattern, q, k, v, scale)
             if out is not None:
                 return out

@@ -174,6 +174,28 @@ def test_dense_patterns_choose_between_sdpa_and_the_kernels_by_cost():
     assert build_plan(pipeline.parse("causal"), 1024, 64, 1, mode="natural").strategy == "natural"
 
 
+def test_dense_path_for_float32_whatever_the_cost_model_says():
+    """At 16384 tokens the model prefers our causal kernels (fitted to 16-bit
+    runs); float32 inputs, whose kernels are untimed, keep the dense path."""
+    from patterncc.planned import PlannedAttention
+
+    calls = []
+
+    def dense(pattern, q, k, v, scale):
+        calls.append("dense")
+        return q
+
+    def make_inner(component, heads):
+        return lambda q, k, v, scale=None, return_lse=False: calls.append("kernels") or q
+
+    attn = PlannedAttention(ir.Causal(), make_inner, block=64, dense=dense)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.zeros(1, 1, 16384, 16, dtype=dtype)
+        attn(x, x, x)
+    assert attn.plan(16384, 1).strategy == "natural"
+    assert calls == ["dense", "kernels"]
+
+
 def test_short_sequence_prefers_natural():
     # At n = block every pattern is one block: reordering only adds passes.
     plan = pipeline.plan("strided(16)", seq_len=64, block=64)
