@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench
 
 import patterncc as pcc
-from patterncc.backends.triton.runtime import SlotOrder, _merge
+from patterncc.backends.triton.runtime import _merge
 
 
 def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
@@ -56,9 +56,8 @@ def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     with torch.no_grad():
         qd, kd, vd = (x.detach() for x in (q, k, v))
         parts = []
-        for i, run in enumerate(impl._runs(plan, q.device)):
-            launch = run.attn.launcher(run.slots, heads, heads, head_dim, q.dtype, q.device)
-            order = SlotOrder.of(run.component.q_order, run.component.k_order, n)
+        runs = impl._runs(plan, q.device)
+        for i, (run, (launch, order)) in enumerate(zip(runs, impl.launches(runs, qd, kd))):
             parts.append(launch.forward(qd, kd, vd, scale, order))
             o, lse = parts[-1]
             delta = torch.randn_like(lse)

@@ -200,6 +200,13 @@ def from_dense_classes(pattern: ir.Pattern, seq_len: int, block: int, classes: n
     return _from_pairs(pattern, seq_len, block, [(i[h == x], j[h == x], full[h == x]) for x in range(H)], nq)
 
 
+def run_offsets(lengths: np.ndarray, dtype=np.int64) -> np.ndarray:
+    """Each entry's index inside its run, for runs of ``lengths`` laid end to
+    end: ``0 .. lengths[r] - 1`` for every run ``r``, concatenated."""
+    lengths = np.asarray(lengths)
+    return np.arange(int(lengths.sum()), dtype=dtype) - np.repeat((np.cumsum(lengths) - lengths).astype(dtype), lengths)
+
+
 def _from_pairs(pattern: ir.Pattern, seq_len: int, block: int, heads: list, nb: int) -> BlockLayout:
     """The CSR record from per-head ``(i, j, full)`` arrays sorted by ``(i, j)``."""
     H = len(heads)
@@ -538,7 +545,7 @@ def _diagonals(ctx, rows, win, step, mmin=None, mmax=None):
         lo, hi = np.maximum(lo, mmin), np.minimum(hi, mmax)
     count = np.maximum(hi - lo + 1, 0)
     r = np.repeat(rows, count)
-    m = np.repeat(hi + np.cumsum(count) - count, count) - np.arange(count.sum())
+    m = np.repeat(hi, count) - run_offsets(count)
     qlo, qhi = _row_bounds(ctx, r)
     return _key_interval(ctx, r, qlo - m * step, qhi - m * step)
 
@@ -686,7 +693,7 @@ class _RandomTable:
         width = j1 - j0 + 1
         per = (i1 - i0 + 1) * width
         cell = np.repeat(np.arange(qb.size), per)
-        o = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+        o = run_offsets(per)
         keys = (i0[cell] + o // width[cell]) * nb + j0[cell] + o % width[cell]
         self.tile_keys, self.tile_counts = _unique(keys, counts=True)
 
@@ -768,7 +775,7 @@ def _rows_where(node, ctx, rows, win):
     parts = []
     for ra, ca, size in _where_cells(node, ctx, r0, r1, c0, c1):
         height = np.minimum(ra + size, r1) - ra  # one interval per row of each cell
-        r = np.repeat(ra, height) + np.arange(height.sum()) - np.repeat(np.cumsum(height) - height, height)
+        r = np.repeat(ra, height) + run_offsets(height)
         lo = np.repeat(ca, height)
         parts.append((r, lo, np.minimum(lo + size, c1) - 1))
     return tuple(np.concatenate([p[x] for p in parts]) for x in range(3))

@@ -90,8 +90,8 @@ class PlannedAttention:
         # The cost model was fitted to the 16-bit kernels; the float32 ones
         # (exact products on the FMA units) are untimed, so a dense pattern in
         # float32 keeps the dense path whatever the model predicts.
-        float32 = str(getattr(q, "dtype", "")) == "torch.float32"
-        wants_dense = plan.strategy == "dense" or ("dense" in plan.costs and float32)
+        wants_dense = plan.strategy == "dense" or (
+            "dense" in plan.costs and str(getattr(q, "dtype", "")) == "torch.float32")
         if wants_dense and self.dense is not None and not return_lse:
             out = self.dense(plan.pattern, q, k, v, scale)
             if out is not None:

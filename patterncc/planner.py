@@ -32,7 +32,8 @@ import numpy as np
 
 from . import ir
 from .errors import LimitError, PatternValueError
-from .blocklayout import EMPTY, FULL, PARTIAL, BlockLayout, build as build_layout, classify_rectangles, estimate_blocks
+from .blocklayout import (EMPTY, FULL, PARTIAL, BlockLayout, build as build_layout, classify_rectangles,
+                          estimate_blocks, run_offsets)
 from .blocklayout import _from_pairs as layouts_from_pairs
 from .simplify import simplify
 
@@ -479,7 +480,7 @@ def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrd
     G = _COLUMN_RUN
     runs = -(-count // G)
     gi = np.repeat(rows, runs)
-    j0 = (np.arange(gi.size, dtype=np.int64) - np.repeat(np.cumsum(runs) - runs, runs)) * G
+    j0 = run_offsets(runs) * G
     j1 = np.minimum(j0 + G, count[gi])  # one past the run's last slot block
 
     def rectangles(i, jlo, jhi):  # the token rectangle of query row i and slot blocks jlo .. jhi - 1
@@ -496,10 +497,10 @@ def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrd
             start = np.cumsum(length) - length  # each run's first entry
             # entries in (row, slot block) order, built in int32: 8.4M of them at 1M tokens
             i = np.repeat(gi.astype(np.int32), length)
-            j = np.arange(i.size, dtype=np.int32) - np.repeat((start - j0).astype(np.int32), length)
+            j = np.repeat(j0.astype(np.int32), length) + run_offsets(length, np.int32)
             cls = np.repeat(run_cls, length)
             open_runs = np.flatnonzero(run_cls == PARTIAL)
-            undecided = _ranges(start[open_runs], length[open_runs])
+            undecided = np.repeat(start[open_runs], length[open_runs]) + run_offsets(length[open_runs])
             if undecided.size:
                 iu, ju = i[undecided].astype(np.int64), j[undecided].astype(np.int64)
                 cls[undecided] = classify_rectangles(ph, n, *rectangles(iu, ju, ju + 1))
@@ -512,12 +513,6 @@ def _columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: TokenOrd
             seen[ph] = (i, j, full)
         heads.append(seen[ph])
     return layouts_from_pairs(slot_pattern, n, B, heads, nb)
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenated ranges ``starts[r] .. starts[r] + lengths[r] - 1``."""
-    offsets = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - offsets, lengths)
 
 
 def _has_causal_factor(p: ir.Pattern) -> bool:

@@ -24,43 +24,13 @@ from patterncc import ir
 from patterncc.errors import HeadsError, LimitError, PatternValueError
 from patterncc.blocklayout import EMPTY, FULL, PARTIAL, build, from_dense_classes, sparse_mask
 from patterncc.masks import dense_mask, evaluate
+from stdlib_ir import axial, bigbird, fixed, local_global, longformer, sliding_window, strided
 
 # The module (the package's `layout` attribute is the public function).
 layout = importlib.import_module("patterncc.blocklayout")
 
 GOLDEN = Path(__file__).parent / "golden" / "layouts"
 C = ir.Causal()
-
-# The standard library (DESIGN.md), written with IR nodes.
-
-
-def strided(l):
-    return C & (ir.Local(l) | ir.Stride(l))
-
-
-def fixed(l, c):
-    return C & (ir.Block(l) | ir.Summary(l, c))
-
-
-def sliding_window(w):
-    return C & ir.Local(w)
-
-
-def local_global(w, g):
-    return C & (ir.Local(w) | ir.Global(g))
-
-
-def longformer(w, g):
-    return ir.Local(w) | ir.Global(g)
-
-
-def bigbird(w, g, r, b, seed):
-    return ir.Local(w) | ir.Global(g) | ir.Random(r, b, seed)
-
-
-def axial(width):
-    return C & (ir.Block(width) | ir.Stride(width))
-
 
 def brute_classes(p: ir.Pattern, n: int, block: int, heads: int) -> np.ndarray:
     """int8 [H, nq, nk] straight from the dense element mask."""

@@ -26,16 +26,9 @@ from patterncc.nn import (
     layer_patterns,
 )
 from patterncc.pipeline import mask
+from stdlib_ir import fixed, strided
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def strided(l):
-    return ir.Causal() & (ir.Local(l) | ir.Stride(l))
-
-
-def fixed(l, c):
-    return ir.Causal() & (ir.Block(l) | ir.Summary(l, c))
 
 
 LOCAL = ir.Causal() & ir.Local(3)

@@ -24,16 +24,9 @@ from patterncc.backends.reference import ReferenceAttention, backward, forward
 from patterncc.backends.reference import dense as dense_kernel, masks, sparse as sparse_kernel
 from patterncc.errors import HeadsError
 from patterncc.masks import dense_mask
+from stdlib_ir import fixed, strided
 
 pytestmark = pytest.mark.filterwarnings("error")
-
-
-def strided(l):
-    return ir.Causal() & (ir.Local(l) | ir.Stride(l))
-
-
-def fixed(l, c):
-    return ir.Causal() & (ir.Block(l) | ir.Summary(l, c))
 
 
 def where(op, left, right):

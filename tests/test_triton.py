@@ -70,6 +70,7 @@ def _interpreter_and_cache(tmp_path_factory):
 from patterncc.backends.reference import ReferenceAttention  # noqa: E402
 from patterncc.backends.triton import KernelConfig, TritonAttention, cache, codegen, tables  # noqa: E402
 from patterncc.backends.triton.config import default_config  # noqa: E402
+from stdlib_ir import fixed, local_global, sliding_window, strided  # noqa: E402
 
 # -- shapes: interpreter-sized on the CPU, real on the GPU
 
@@ -97,22 +98,6 @@ TOL = {  # dtype -> (o, lse, gradients), absolute
 }
 
 C = ir.Causal()
-
-
-def strided(l):
-    return C & (ir.Local(l) | ir.Stride(l))
-
-
-def fixed(l, c):
-    return C & (ir.Block(l) | ir.Summary(l, c))
-
-
-def sliding_window(w):
-    return C & ir.Local(w)
-
-
-def local_global(w, g):
-    return C & (ir.Local(w) | ir.Global(g))
 
 
 def V(name):

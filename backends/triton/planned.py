@@ -34,13 +34,18 @@ class TritonPlannedAttention(PlannedAttention):
         super().__init__(*args, check=check_inputs, **kwargs)
 
     def combine(self, runs, q, k, v, scale):
-        H, D = q.shape[1], q.shape[3]
+        D = q.shape[3]
         scale = _check_scale(scale, D)
         Dp = padded_head_dim(D)
         if Dp != D:  # zeros add nothing to q.k, and o's extra columns are sliced away
             q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
-        n = q.shape[2]
-        launches = [(run.attn.launcher(run.slots, H, k.shape[1], Dp, q.dtype, q.device),
-                     SlotOrder.of(run.component.q_order, run.component.k_order, n)) for run in runs]
-        o, lse = _AttentionFunction.apply(q, k, v, scale, launches)
+        o, lse = _AttentionFunction.apply(q, k, v, scale, self.launches(runs, q, k))
         return (o[..., :D] if Dp != D else o), lse
+
+    @staticmethod
+    def launches(runs, q, k) -> list:
+        """``(launcher, SlotOrder)`` per component for inputs shaped like ``q``
+        and ``k`` (head dim already padded)."""
+        H, n, Dp = q.shape[1], q.shape[2], q.shape[3]
+        return [(run.attn.launcher(run.slots, H, k.shape[1], Dp, q.dtype, q.device),
+                 SlotOrder.of(run.component.q_order, run.component.k_order, n)) for run in runs]
