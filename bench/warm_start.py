@@ -1,0 +1,62 @@
+"""Where a warm start's first call spends its time (one GPU).
+
+    python bench/warm_start.py [--top 30]
+
+Runs the cold-start case of ``patterncc.backends.triton.bench.cold_start``
+(the first forward+backward of a pattern no cache has seen) in a fresh
+process to fill the disk caches, then twice more on the warm caches: once
+plain (the figure the issue's 0.5 s target is about) and once under
+cProfile, printing the functions with the most cumulative time, so the
+seconds can be assigned to import, layout, module load, Triton's cache
+lookup (``triton_key``), cubin load and launcher build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+from patterncc.backends.triton.bench import _FIRST_CALL
+
+_PROFILED = """
+import cProfile, io, pstats, sys
+source = {source!r}
+profiler = cProfile.Profile()
+profiler.enable()
+exec(compile(source, "<first call>", "exec"), {{"__name__": "__main__"}})
+profiler.disable()
+stream = io.StringIO()
+pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats({top})
+print(stream.getvalue())
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--top", type=int, default=40)
+    args = ap.parse_args()
+    spec = json.dumps(dict(n=4096, H=16, D=64, w=777 + int(time.time()) % 1000, g=33, who="pcc"))
+    source = textwrap.dedent(_FIRST_CALL)
+    with tempfile.TemporaryDirectory(prefix="patterncc-warm-") as tmp:
+        env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(tmp, "pcc"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
+        env.pop("TRITON_INTERPRET", None)
+        runs = [("cold", [sys.executable, "-c", source, spec]), ("warm", [sys.executable, "-c", source, spec]),
+                ("warm, profiled", [sys.executable, "-c", _PROFILED.format(source=source, top=args.top), spec])]
+        for label, cmd in runs:
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+            wall = time.perf_counter() - t0
+            result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            print(f"== {label}: process wall {wall:.2f} s, {result[0] if result else proc.stderr[-2000:]}", flush=True)
+            if label == "warm, profiled":
+                print(proc.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()
