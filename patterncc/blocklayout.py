@@ -203,44 +203,86 @@ def from_dense_classes(pattern: ir.Pattern, seq_len: int, block: int, classes: n
 def run_offsets(lengths: np.ndarray, dtype=np.int64) -> np.ndarray:
     """Each entry's index inside its run, for runs of ``lengths`` laid end to
     end: ``0 .. lengths[r] - 1`` for every run ``r``, concatenated."""
-    lengths = np.asarray(lengths)
-    return np.arange(int(lengths.sum()), dtype=dtype) - np.repeat((np.cumsum(lengths) - lengths).astype(dtype), lengths)
+    return run_ranges(0, lengths, dtype)
+
+
+def run_ranges(starts, lengths: np.ndarray, dtype=np.int64) -> np.ndarray:
+    """``starts[r] .. starts[r] + lengths[r] - 1`` for every run ``r``,
+    concatenated (``starts`` may be one number for every run).
+
+    Built as one cumulative sum, in place, over steps of 1 with a jump where
+    each run begins, so that the result is the only array of its length (the
+    index arrays of a layout hold millions of entries; ``arange - repeat``
+    would take three such arrays)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.broadcast_to(np.asarray(starts, dtype=np.int64), lengths.shape)
+    nonempty = lengths > 0
+    starts, lengths = starts[nonempty], lengths[nonempty]
+    out = np.ones(int(lengths.sum()), dtype=dtype)
+    if out.size:
+        begins = np.cumsum(lengths) - lengths  # where each run begins in `out`
+        out[0] = starts[0]
+        out[begins[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)  # from the last value of the run before
+        np.cumsum(out, dtype=dtype, out=out)
+    return out
+
+
+class HeadCSR(NamedTuple):
+    """One head's block pairs both ways, as in ``BlockLayout`` but with int64
+    pointers ``[nb + 1]`` that start at 0 (``from_heads`` offsets them)."""
+
+    kv_ptr: np.ndarray
+    kv_idx: np.ndarray
+    kv_full: np.ndarray
+    q_ptr: np.ndarray
+    q_idx: np.ndarray
+    q_full: np.ndarray
 
 
 def _from_pairs(pattern: ir.Pattern, seq_len: int, block: int, heads: list, nb: int) -> BlockLayout:
     """The CSR record from per-head ``(i, j, full)`` arrays sorted by ``(i, j)``."""
-    H = len(heads)
-    total = sum(len(i) for i, _, _ in heads)
+    check_entries(sum(len(i) for i, _, _ in heads))
+    by_key: dict[int, HeadCSR] = {}  # heads sharing arrays share their transpose
+    for i, j, full in heads:
+        if id(i) not in by_key:
+            by_key[id(i)] = head_csr(i, j, full, nb)
+    return from_heads(pattern, seq_len, block, [by_key[id(i)] for i, _, _ in heads])
+
+
+def check_entries(total: int) -> None:
+    """Refuse layouts whose offsets would not fit the int32 pointers."""
     if total > ir.MAX_VALUE:
         raise LimitError(f"the layout has {total} non-empty blocks, more than int32 offsets can address; use a larger block")
-    kv_ptr = np.zeros((H, nb + 1), dtype=np.int64)
-    q_ptr = np.zeros((H, nb + 1), dtype=np.int64)
-    kv_idx, kv_full, q_idx, q_full = [], [], [], []
-    by_key: dict[int, tuple] = {}  # heads sharing arrays share their transpose
-    offset = 0
-    for h, (i, j, full) in enumerate(heads):
-        if id(i) not in by_key:
-            kv = np.zeros(nb + 1, dtype=np.int64)
-            kv[1:] = np.cumsum(np.bincount(i, minlength=nb))
-            by_key[id(i)] = (kv, *_transpose(i, j, kv, nb))
-        kv, qp, qi, order = by_key[id(i)]
-        kv_ptr[h] = kv + offset
-        q_ptr[h] = qp + offset
-        kv_idx.append(j)
-        kv_full.append(full)
-        q_idx.append(qi)
-        q_full.append(full[order])
-        offset += len(i)
 
-    def cat(arrays, dtype):
+
+def head_csr(i: np.ndarray, j: np.ndarray, full: np.ndarray, nb: int) -> HeadCSR:
+    """One head's CSR both ways from its pairs ``(i, j, full)`` sorted by ``(i, j)``."""
+    kv_ptr = np.zeros(nb + 1, dtype=np.int64)
+    kv_ptr[1:] = np.cumsum(np.bincount(i, minlength=nb))
+    q_ptr, q_idx, order = _transpose(i, j, kv_ptr, nb)
+    return HeadCSR(kv_ptr, j, full, q_ptr, q_idx, full[order])
+
+
+def from_heads(pattern: ir.Pattern, seq_len: int, block: int, heads: list[HeadCSR]) -> BlockLayout:
+    """The BlockLayout of per-head CSRs: every head's entries one after
+    another, pointers offset to match, int32 indices and pointers."""
+    total = sum(len(h.kv_idx) for h in heads)
+    check_entries(total)
+    starts = np.cumsum([0] + [len(h.kv_idx) for h in heads[:-1]])
+
+    def ptrs(field):  # int32 [H, nb + 1]
+        return np.stack([getattr(h, field) + start for h, start in zip(heads, starts)]).astype(np.int32)
+
+    def cat(field, dtype):
+        arrays = [getattr(h, field) for h in heads]
         if len(arrays) == 1:  # one head (or heads sharing one layout): no copy
             return np.asarray(arrays[0]).astype(dtype, copy=False)
-        return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+        return np.concatenate(arrays).astype(dtype, copy=False)
 
     return BlockLayout(
-        pattern=pattern, seq_len=seq_len, block=block, heads=H,
-        kv_ptr=kv_ptr.astype(np.int32), kv_idx=cat(kv_idx, np.int32), kv_full=cat(kv_full, bool),
-        q_ptr=q_ptr.astype(np.int32), q_idx=cat(q_idx, np.int32), q_full=cat(q_full, bool),
+        pattern=pattern, seq_len=seq_len, block=block, heads=len(heads),
+        kv_ptr=ptrs("kv_ptr"), kv_idx=cat("kv_idx", np.int32), kv_full=cat("kv_full", bool),
+        q_ptr=ptrs("q_ptr"), q_idx=cat("q_idx", np.int32), q_full=cat("q_full", bool),
     )
 
 

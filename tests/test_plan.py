@@ -156,6 +156,72 @@ def test_fixed_is_planned_with_gathered_columns():
     assert {str(c.k_order) for c in plan.components} == {"natural", "columns(128, 32)"}
 
 
+# Gathered columns whose query rows are prefixes of the slot blocks (causal or
+# full-width pieces) take _prefix_csr's closed form (True); the others list
+# their pairs and sort them (summary & local: rows with a gap). Heads 0..1
+# and 1..2 share one columns order, with different pieces.
+COLUMNS = [
+    ("fixed(8, 3)", 8, True),
+    ("fixed(16, 5)", 8, True),
+    ("causal & summary(8, 3) & ~local(5)", 8, True),
+    ("summary(8, 2)", 8, True),
+    ("heads { 0..1 => fixed(8, 2), 1..2 => causal & summary(8, 2) & ~local(3) }", 8, True),
+    ("summary(8, 2) & local(20)", 8, False),
+    ("fixed(128, 32)", 128, True),
+]
+LAYOUT_FIELDS = ("kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")
+
+
+def columns_layout(src, n, block, heads=2):
+    plan = build_plan(pipeline.as_pattern(src), n, block, heads, mode="planned")
+    return next((c.layout for c in plan.components if c.k_order.kind == "columns"), None)
+
+
+def assert_same_layout(a, b, what):
+    assert (a.seq_len, a.block, a.heads, a.pattern) == (b.seq_len, b.block, b.heads, b.pattern), what
+    for f in LAYOUT_FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype, f"{f} of {what}: {x.dtype} != {y.dtype}"
+        np.testing.assert_array_equal(x, y, err_msg=f"{f} of {what}")
+
+
+@pytest.mark.parametrize("src, block, prefix", COLUMNS)
+@pytest.mark.parametrize("n", [1, 5, 16, 61, 100, 250, 1000, 1283])
+def test_columns_closed_form_equals_the_sorted_pairs(src, block, prefix, n, monkeypatch):
+    """_prefix_csr against the pair list sorted by key block (_pieces_csr, the
+    construction it replaces), and both orientations against the layout
+    rebuilt from its own dense classes."""
+    from patterncc import blocklayout, planner
+
+    closed_form, taken = planner._prefix_csr, []
+
+    def spy(*args):  # what the closed form returned, None where it declined
+        taken.append(closed_form(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(planner, "_prefix_csr", spy)
+    fast = columns_layout(src, n, block)
+    if fast is None:  # too short for any gathered key
+        return
+    if n >= 100:  # long enough for the band of summary & local to leave a gap
+        assert any(t is not None for t in taken) == prefix
+    monkeypatch.setattr(planner, "_prefix_csr", lambda *a: None)
+    assert_same_layout(fast, columns_layout(src, n, block), f"{src} at n={n}")
+    rebuilt = blocklayout.from_dense_classes(fast.pattern, fast.seq_len, fast.block, fast.to_dense())
+    assert_same_layout(fast, rebuilt, f"{src} at n={n} (from its dense classes)")
+
+
+def test_columns_closed_form_at_a_large_length(monkeypatch):
+    """Past 2**20 entries the pair list is sorted by scipy's CSR -> CSC."""
+    from patterncc import planner
+
+    n = 400_003  # neither a multiple of 128 nor of l
+    fast = columns_layout("fixed(128, 32)", n, 128)
+    assert fast.nnz > 2**20
+    monkeypatch.setattr(planner, "_prefix_csr", lambda *a: None)
+    assert_same_layout(fast, columns_layout("fixed(128, 32)", n, 128), f"fixed(128, 32) at n={n}")
+
+
 @pytest.mark.parametrize("src", ["local_global(512, 64)", "sliding_window(1024)", "longformer(512, 64)",
                                  "bigbird(192, 64, 3, 128, 0)"])
 def test_band_patterns_stay_natural(src):
