@@ -252,8 +252,9 @@ def test_scale_and_lse_gradient():
 
 @pytest.mark.parametrize("scale", [-0.4, 0.0])
 def test_negative_and_zero_scale(scale):
-    """The forward kernel moves the scale's sign into q (its running max needs
-    a positive multiplier); a zero scale is uniform attention over the allowed keys."""
+    """The forward kernel moves the scale's sign into q (its FULL steps fold
+    the scale into exp2's argument, after the max: that needs a multiplier
+    >= 0); a zero scale is uniform attention over the allowed keys."""
     check_against_reference(sliding_window(U) | ir.Global(3), scale=scale, lse_grad=True)
 
 
@@ -514,6 +515,37 @@ def test_kernel_steps_match_the_layout(n, block, tile, step):
     order = tables.tile_order(lists.cost)
     assert sorted(order[0].tolist()) == list(range(lists.n_tiles))
     assert all(lists.cost[0][order[0][i]] >= lists.cost[0][order[0][i + 1]] for i in range(lists.n_tiles - 1))
+
+
+@pytest.mark.parametrize("n", [64, 70, 1, 200])
+@pytest.mark.parametrize("pattern", ["cycle", "local_sink"])
+def test_full_runs_are_the_full_steps(n, pattern):
+    """tables.full_runs: the FULL steps of every tile, as maximal runs of consecutive steps."""
+    pat = HEAD_DEPENDENT["cycle"] if pattern == "cycle" else C & (ir.Local(40) | ir.Sink(20))
+    lay = build_layout(pat, n, 16, 3)
+    lists = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, 16, 16, 16)
+    runs = tables.full_runs(lists)
+    assert runs.ptr.dtype == runs.bounds.dtype == np.int32 and runs.ptr.size == lists.full_ptr.size
+    for row in range(lists.full_ptr.size - 1):
+        steps = lists.full_steps[lists.full_ptr[row]:lists.full_ptr[row + 1]].tolist()
+        pairs = runs.bounds[2 * runs.ptr[row]:2 * runs.ptr[row + 1]].reshape(-1, 2).tolist()
+        assert [s for first, end in pairs for s in range(first, end)] == steps
+        assert all(first < end for first, end in pairs)
+        assert all(a[1] < b[0] for a, b in zip(pairs, pairs[1:])), "runs that touch were not merged"
+
+
+@pytest.mark.parametrize("walk", ["runs", "steps"])
+def test_kernels_walk_full_runs_and_step_lists(walk, monkeypatch):
+    """Both ways of walking FULL steps, forced, against the reference: a band
+    and a sink give two runs per tile (a bug in the runs' bounds would skip
+    or repeat keys); the tables say which way the kernels went."""
+    monkeypatch.setattr(tables, "RUN_MIN", 0 if walk == "runs" else 10**9)
+    pattern = C & (ir.Local(40) | ir.Sink(20))
+    check_against_reference(pattern, n=150, H=2)
+    check_against_reference(pattern, n=150, H=4, Hkv=2, dtype=torch.bfloat16, scale=-0.3, lse_grad=True)
+    attn = TritonAttention(pattern, config=CONFIG)
+    run = attn.prepare(150, 2, 2, D_SMALL, torch.float32, torch.device(DEVICE))
+    assert {run.tables.fwd_runs, run.tables.dq_runs, run.tables.dkdv_runs} == {walk == "runs"}
 
 
 def test_fine_blocks_skip_empty_steps():

@@ -28,7 +28,11 @@ n = 16384, H = 16; PERFORMANCE.md has the tables): at D = 64 the 128 x 64
 forward with 4 warps was within 2% of the best candidate (with 8 warps it is
 1.6x slower), and the 64 x 64 backward with 4 warps and 2 stages beat Flex's
 64 x 128 / 128 x 64 with 8 warps by 29%; at D = 128 the 128 x 128 forward
-with 8 warps beat 128 x 64 by 20%. The float32 rows (exact products,
+with 8 warps beat 128 x 64 by 20%, and the D = 128 backward takes each
+kernel's best alone (``bench/kernel_experiments.py bwd``, causal and
+local_global(512, 64)): dK/dV 32 x 64 with 4 warps (5% slower than 64 x 128
+with 8 on causal, 28% faster on local_global), dQ 64 x 64 with 4 warps
+(15-20% faster than 128 x 64 with 8 on both). The float32 rows (exact products,
 ``input_precision="ieee"``, on the FMA units) are small tiles, untimed.
 ``python bench/bench_triton.py --resources`` compiles the table for sm_90
 without a GPU and reports registers and spills: with Triton 3.9 some
@@ -40,7 +44,7 @@ the report's compile call fails, so it runs where a newer Triton is.
 D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
 ======  ===========  ================================  ===========================================
 <= 64   bf16, fp16   128 x 64, 4, 3                    64 x 64 / 64 x 64, 4, 2
-128     bf16, fp16   128 x 128, 8, 3                   64 x 128 / 128 x 64, 8, 3
+128     bf16, fp16   128 x 128, 8, 3                   32 x 64 / 64 x 64, 4, 2
 256     bf16, fp16   64 x 32, 4, 3                     32 x 32 / 64 x 32, 8, 2
 <= 64   fp32         64 x 32, 8, 2                     32 x 32 / 64 x 32, 8, 1
 128     fp32         32 x 16, 8, 2                     32 x 32 / 32 x 32, 8, 1
@@ -99,7 +103,7 @@ class KernelConfig:
 # (16-bit?, padded head dim) -> (forward M, N, warps, stages), (backward M1, N1, M2, N2, warps, stages)
 _H100 = {
     (True, 64): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
-    (True, 128): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
+    (True, 128): ((128, 128, 8, 3), (32, 64, 64, 64, 4, 2)),
     (True, 256): ((64, 32, 4, 3), (32, 32, 64, 32, 8, 2)),
     (False, 64): ((64, 32, 8, 2), (32, 32, 64, 32, 8, 1)),
     (False, 128): ((32, 16, 8, 2), (32, 32, 32, 32, 8, 1)),

@@ -72,11 +72,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
                     STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr):
-    """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's softmax state."""
+                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr):
+    """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's
+    softmax state; RUN: the steps lo .. hi - 1 themselves (STEPS unused)."""
     offs_n = tl.arange(0, BLOCK_N)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
+        if RUN:
+            start_n = tl.multiple_of(i * BLOCK_N, BLOCK_N)
+        else:
+            start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
         k_ptrs, v_ptrs, k_ok = _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
                                          N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
@@ -85,19 +89,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
+            qk = qk * qk_scale
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
             allowed = allowed & k_ok[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
-        # -- update m_i, the running max; a row that has seen no allowed key
-        #    keeps m_i = -inf and subtracts 0 instead, so exp2 gives 0, not NaN
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
+            # -- update m_i, the running max; a row that has seen no allowed key
+            #    keeps m_i = -inf and subtracts 0 instead, so exp2 gives 0, not NaN
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
         else:
+            # -- every score is finite here: the scale goes into exp2's argument
+            #    as one fused multiply-add (qk_scale >= 0: the max commutes with it)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
@@ -121,12 +129,13 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
              sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
              HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-             Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0):
+             Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
     N counts the kernel's slots, N_TOK the tokens; a planned component's
     slots map to tokens by ``_token`` (Q_ORDER, K_ORDER; natural: the same).
-    o and lse are indexed by token."""
+    o and lse are indexed by token. FULL_RUNS: FULL_PTR and FULL_STEPS hold
+    runs of consecutive steps (``tables.Runs``), not steps."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -153,24 +162,35 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     q_ok = (q_pos < N) & (q_tok < N_TOK)
     q_in = q_ok[:, None]
     q = tl.load(q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
+    if sm_scale < 0:  # the FULL steps' max needs a multiplier >= 0: the sign goes into q (exact)
+        q = (-q.to(tl.float32)).to(q.dtype)  # via fp32: the interpreter negates 16-bit floats' bits wrongly
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     # -- online softmax state, fp32
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
+    qk_scale = tl.abs(sm_scale) * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     csr_row = layout_h * n_tiles + tile
     # -- FULL steps: every pair allowed, no predicate, no bounds mask
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-        FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
+    lo = tl.load(FULL_PTR + csr_row)
+    hi = tl.load(FULL_PTR + csr_row + 1)
+    if FULL_RUNS:  # one loop per run of consecutive steps: no step index loaded per step
+        for r in range(lo, hi):
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                FULL_STEPS, tl.load(FULL_STEPS + 2 * r), tl.load(FULL_STEPS + 2 * r + 1), qk_scale, off_h, N,  #
+                RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+    else:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
     # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -217,11 +237,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
                          LSE_row, DELTA_row, STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                          BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
                          DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                         HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr):
-    """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key tile's dK and dV."""
+                         HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr, RUN: tl.constexpr):
+    """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key
+    tile's dK and dV; RUN: the steps lo .. hi - 1 themselves."""
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
+        if RUN:
+            start_m = tl.multiple_of(i * BLOCK_M1, BLOCK_M1)
+        else:
+            start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
         if Q_ORDER == 0:  # natural order: one contiguous step
             q_tok = q_pos
@@ -272,9 +296,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                  Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False):
+                  Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
+                  FULL_RUNS: tl.constexpr = False):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics.
+    FULL_RUNS as in attn_fwd.
 
     ADD_IN: add DK_IN and DV_IN (fp32, DK's strides; may be DK and DV
     themselves) before the store: a planned run sums its components'
@@ -319,16 +345,26 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
         LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N_TOK
         DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N_TOK
         csr_col = layout_h * n_tiles + tile
-        # -- FULL steps: no predicate, no bounds mask
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
-            FULL_STEPS, tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER)
+        # -- FULL steps: no predicate, no bounds mask (one loop per run, or the step list)
+        lo = tl.load(FULL_PTR + csr_col)
+        hi = tl.load(FULL_PTR + csr_col + 1)
+        if FULL_RUNS:
+            for r in range(lo, hi):
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
+                    LSE_row, DELTA_row, FULL_STEPS, tl.load(FULL_STEPS + 2 * r), tl.load(FULL_STEPS + 2 * r + 1),  #
+                    qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION,  #
+                    NUM_STAGES, HEAD_DIM, Q_ORDER, True)
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
+                LSE_row, DELTA_row, FULL_STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, False)
         # -- PARTIAL steps: the pattern's predicate and the bounds mask
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
             PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, False)
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
         + k_tok[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
@@ -350,11 +386,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
                        STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                        BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
                        DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr):
-    """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query tile's dQ."""
+                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr):
+    """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query
+    tile's dQ; RUN: the steps lo .. hi - 1 themselves."""
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
+        if RUN:
+            start_n = tl.multiple_of(i * BLOCK_N2, BLOCK_N2)
+        else:
+            start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
         k_ptrs, v_ptrs, k_ok = _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
                                          N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
@@ -390,8 +430,10 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False):
-    """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv)."""
+                Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
+                FULL_RUNS: tl.constexpr = False):
+    """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
+    FULL_RUNS as in attn_fwd)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M2 >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N2 >= 16, "tl.dot needs tiles of at least 16")
@@ -425,16 +467,25 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     csr_row = layout_h * n_tiles + tile
-    # -- FULL steps: no predicate, no bounds mask
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-        FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
+    # -- FULL steps: no predicate, no bounds mask (one loop per run, or the step list)
+    lo = tl.load(FULL_PTR + csr_row)
+    hi = tl.load(FULL_PTR + csr_row + 1)
+    if FULL_RUNS:
+        for r in range(lo, hi):
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                FULL_STEPS, tl.load(FULL_STEPS + 2 * r), tl.load(FULL_STEPS + 2 * r + 1), qk_scale, off_h, N,  #
+                RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+    else:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
     # -- write dQ, with the softmax scale applied once
     out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
         + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]

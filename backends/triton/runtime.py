@@ -260,6 +260,11 @@ class _DeviceTables:
     dq: tuple  # the same for query tiles of block_m2
     dkdv: tuple  # the same for key tiles of block_n1 (tile order per key/value head)
     random: torch.Tensor  # int32: table offsets, then the random(...) tables
+    # whether each kernel's FULL lists are runs (tables.Runs: full_ptr over
+    # runs, full_steps their (first, end) pairs) rather than steps
+    fwd_runs: bool = False
+    dq_runs: bool = False
+    dkdv_runs: bool = False
 
     @staticmethod
     def build(lay, Hkv: int, config: KernelConfig, random_specs, device) -> "_DeviceTables":
@@ -270,8 +275,12 @@ class _DeviceTables:
             return torch.from_numpy(a if a.size else np.zeros(1, dtype=np.int32)).to(device)
 
         def lists(steps: tables.StepLists, cost):
-            arrays = (steps.full_ptr, steps.full_steps, steps.part_ptr, steps.part_steps, tables.tile_order(cost))
-            return tuple(dev(a) for a in arrays)
+            """The kernel's device tables, and whether its FULL lists are runs."""
+            runs = tables.full_runs(steps)
+            walk = tables.walks_runs(steps, runs)
+            full = (runs.ptr, runs.bounds) if walk else (steps.full_ptr, steps.full_steps)
+            arrays = (*full, steps.part_ptr, steps.part_steps, tables.tile_order(cost))
+            return tuple(dev(a) for a in arrays), walk
 
         rows = {}
         for tile, step in {(config.block_m, config.block_n), (config.block_m2, config.block_n2)}:
@@ -279,13 +288,11 @@ class _DeviceTables:
             rows[tile, step] = lists(steps, steps.cost)
         cols = tables.kernel_steps(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
         kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
-        return _DeviceTables(
-            layout_heads=lay.heads,
-            fwd=rows[config.block_m, config.block_n],
-            dq=rows[config.block_m2, config.block_n2],
-            dkdv=lists(cols, kv_cost),
-            random=_random_buffer(random_specs, n, device),
-        )
+        (fwd, fwd_runs), (dq, dq_runs) = rows[config.block_m, config.block_n], rows[config.block_m2, config.block_n2]
+        dkdv, dkdv_runs = lists(cols, kv_cost)
+        return _DeviceTables(layout_heads=lay.heads, fwd=fwd, dq=dq, dkdv=dkdv,
+                             random=_random_buffer(random_specs, n, device),
+                             fwd_runs=fwd_runs, dq_runs=dq_runs, dkdv_runs=dkdv_runs)
 
 
 def _random_buffer(specs, n: int, device) -> torch.Tensor:
@@ -346,7 +353,8 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
-            Q_ORDER=order.q, K_ORDER=order.k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+            Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_runs, num_warps=cfg.fwd_warps,
+            num_stages=cfg.fwd_stages)
         return o, lse
 
     def delta(self, o, do, dlse=None):
@@ -372,7 +380,7 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dk_in is not None, **self._backward_constexprs())
+            ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_runs, **self._backward_constexprs())
 
     def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None):
         """Write this launch's dq (plus ``dq_in`` if given) into ``dq``."""
@@ -383,7 +391,7 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dq_in is not None, **self._backward_constexprs())
+            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, **self._backward_constexprs())
 
     def _backward_constexprs(self):
         cfg = self.config

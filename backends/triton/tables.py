@@ -17,9 +17,16 @@ Each tile's non-empty steps, ascending, go to one of two lists:
   walked with the predicate and the bounds mask.
 
 Each list is one software-pipelined loop in the kernel that reads the step
-index, then the step's keys (or queries): contiguous or scattered steps cost
-the same, and causal attention is one FULL list and one short PARTIAL list
-per tile.
+index, then the step's keys (or queries). A step index loaded inside the loop
+puts a dependent global load in front of every K/V address, which the
+pipeline does not hide: on an H200 the causal forward ran 15-19% faster
+when the FULL loop computed its steps instead (``bench/kernel_experiments.py``,
+PERFORMANCE.md). So a kernel's FULL list can also be given as *runs* of
+consecutive steps (``full_runs``: per tile, pairs ``(first, end)``), walked as
+one loop per run with no index load; causal and banded tiles are one run. A
+kernel walks runs where they are long (``RUN_MIN`` steps per run on average),
+since every run costs the pipeline's fill and drain, and the step list
+otherwise (scattered FULL blocks: random, per-block summaries).
 
 ``StepLists`` (all int32, pointers are global offsets):
 
@@ -29,6 +36,9 @@ per tile.
 - ``part_ptr``, ``part_steps``: the same for PARTIAL steps;
 - ``cost`` (int64 ``[H, n_tiles]``): non-empty steps per tile, for ordering programs;
 - ``steps`` (int): the number of non-empty (tile, step) pairs, all heads.
+
+``Runs`` (int32): ``ptr`` ``[H * n_tiles + 1]`` over runs, ``bounds``
+``[2 * n_runs]`` the runs' ``first, end`` steps, interleaved.
 
 ``tile_order`` turns a cost into the order programs take their tiles
 (heaviest first, so the last wave of a launch is short).
@@ -92,6 +102,40 @@ def kernel_steps(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: in
     cost = np.bincount(u_row, minlength=H * n_tiles).reshape(H, n_tiles)
     return StepLists(n_tiles, full_ptr, u_step[fast].astype(np.int32), part_ptr, u_step[~fast].astype(np.int32),
                      cost, int(uniq.size))
+
+
+RUN_MIN = 3  # mean FULL steps per run from which a kernel walks runs (see the module docstring)
+
+
+@dataclass(frozen=True, eq=False)
+class Runs:
+    """A FULL step list as runs of consecutive steps (see the module docstring)."""
+
+    ptr: np.ndarray
+    bounds: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return self.bounds.size // 2
+
+
+def full_runs(lists: StepLists) -> Runs:
+    """``lists``' FULL steps as runs: a run ends where the next step is not
+    its successor or belongs to the next tile."""
+    steps = lists.full_steps.astype(np.int64)
+    rows = lists.full_ptr.size - 1
+    row = np.repeat(np.arange(rows), np.diff(lists.full_ptr))
+    first = np.ones(steps.size, dtype=bool)
+    first[1:] = (steps[1:] != steps[:-1] + 1) | (row[1:] != row[:-1])
+    starts = np.flatnonzero(first)
+    lasts = np.append(starts[1:], steps.size)[: starts.size] - 1
+    bounds = np.stack([steps[starts], steps[lasts] + 1], axis=1).ravel().astype(np.int32)
+    return Runs(_pointers(row[starts], rows), bounds)
+
+
+def walks_runs(lists: StepLists, runs: Runs) -> bool:
+    """Whether a kernel should walk ``lists``' FULL steps as ``runs``."""
+    return runs.count > 0 and lists.full_steps.size >= RUN_MIN * runs.count
 
 
 def _overlapping(blocks: np.ndarray, block: int, size: int) -> np.ndarray:
