@@ -659,6 +659,48 @@ def test_cache_falls_back_when_the_directory_is_read_only(tmp_path, monkeypatch)
     monkeypatch.setattr(cache, "_fallback_dir", None)
 
 
+def test_triton_key_is_remembered_and_renewed(tmp_path, monkeypatch):
+    """remember_triton_key hands Triton the hash its own function computes,
+    from a file on a warm start; a corrupt file, or any change to Triton's
+    files (here: a new size reported by stat), computes it afresh."""
+    import triton.runtime.cache as triton_cache
+
+    real = triton_cache.triton_key
+    monkeypatch.setattr(triton_cache, "triton_key", real)  # restored after the test
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cache, "_fallback_dir", None)
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    counted.cache_clear = real.cache_clear  # looks like the lru_cache'd function
+    want = real()
+
+    def remember():
+        monkeypatch.setattr(cache, "_triton_key_done", False)
+        triton_cache.triton_key = counted
+        cache.remember_triton_key()
+        assert triton_cache.triton_key() == want
+
+    remember()  # cold: computed and written
+    (memo,) = tmp_path.glob("triton_key_*.txt")
+    remember()  # warm: read back
+    assert len(calls) == 1
+    memo.write_text(memo.read_text()[:-5])  # corrupt: recomputed and rewritten
+    remember()
+    assert len(calls) == 2 and memo.read_text().endswith(want)
+    real_stat = os.stat
+    with monkeypatch.context() as m:  # Triton's files "changed" (another size): a new memo file
+        m.setattr(cache.os, "stat", lambda p, *a, **k: os.stat_result((*real_stat(p, *a, **k)[:6], 7, 8, 9, 10)))
+        remember()
+    assert len(calls) == 3 and len(list(tmp_path.glob("triton_key_*.txt"))) == 2
+    monkeypatch.setenv("PATTERNCC_TRITON_KEY_MEMO", "0")
+    remember()  # off: Triton's own function stays
+    assert len(calls) == 4
+
+
 def _compile_in_child(cache_dir: str, queue) -> None:
     os.environ["PATTERNCC_CACHE_DIR"] = cache_dir
     if not torch.cuda.is_available():

@@ -179,6 +179,8 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
+    if not interpreting():
+        cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
     key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH, ir.source(pattern),
                           repr(pattern), config, triton.__version__, capability)
     return cache.load_module(key, lambda: codegen.generate_source(pattern, config))
