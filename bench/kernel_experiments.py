@@ -21,7 +21,9 @@ checked against the unedited kernel's output:
 ``bwd``: the dK/dV and dQ kernels timed alone (not as one backward) over
 tile, warp and stage candidates, so each kernel gets its own best.
 
-Variants that only hold for contiguous FULL lists are checked against
+The variants edit the kernel template as it was at commit c832409, before
+the kernels took runs (the figures in PERFORMANCE.md); on a later template
+only ``base`` means what it says. Variants that only hold for contiguous FULL lists are checked against
 ``base`` on every pattern they run on (a wrong variant shows as a large diff).
 """
 

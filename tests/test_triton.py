@@ -519,8 +519,10 @@ def test_kernel_steps_match_the_layout(n, block, tile, step):
 
 @pytest.mark.parametrize("n", [64, 70, 1, 200])
 @pytest.mark.parametrize("pattern", ["cycle", "local_sink"])
-def test_full_runs_are_the_full_steps(n, pattern):
-    """tables.full_runs: the FULL steps of every tile, as maximal runs of consecutive steps."""
+def test_full_runs_are_the_full_steps(n, pattern, monkeypatch):
+    """tables.full_runs: the FULL steps of every tile, as maximal runs of
+    consecutive steps; tables.run_table: the same, two per tile."""
+    monkeypatch.setattr(tables, "RUN_MIN", 0)  # short runs too: the table is built wherever it can be
     pat = HEAD_DEPENDENT["cycle"] if pattern == "cycle" else C & (ir.Local(40) | ir.Sink(20))
     lay = build_layout(pat, n, 16, 3)
     lists = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, 16, 16, 16)
@@ -532,6 +534,17 @@ def test_full_runs_are_the_full_steps(n, pattern):
         assert [s for first, end in pairs for s in range(first, end)] == steps
         assert all(first < end for first, end in pairs)
         assert all(a[1] < b[0] for a, b in zip(pairs, pairs[1:])), "runs that touch were not merged"
+    table = tables.run_table(lists)
+    if table is None:  # no FULL steps, some tile has more than two runs, or the runs are short
+        per_tile = np.diff(runs.ptr)
+        assert (runs.count == 0 or per_tile.max() > tables.MAX_RUNS
+                or lists.full_steps.size < tables.RUN_MIN * runs.count)
+        return
+    for row in range(table.shape[0]):
+        steps = lists.full_steps[lists.full_ptr[row]:lists.full_ptr[row + 1]].tolist()
+        a0, a1, b0, b1 = table[row].tolist()
+        assert list(range(a0, a1)) + list(range(b0, b1)) == steps
+    assert pattern == "cycle" or n == 1 or (table[:, 3] > table[:, 2]).any(), "no tile with two runs was checked"
 
 
 @pytest.mark.parametrize("walk", ["runs", "steps"])
@@ -540,12 +553,15 @@ def test_kernels_walk_full_runs_and_step_lists(walk, monkeypatch):
     and a sink give two runs per tile (a bug in the runs' bounds would skip
     or repeat keys); the tables say which way the kernels went."""
     monkeypatch.setattr(tables, "RUN_MIN", 0 if walk == "runs" else 10**9)
-    pattern = C & (ir.Local(40) | ir.Sink(20))
-    check_against_reference(pattern, n=150, H=2)
-    check_against_reference(pattern, n=150, H=4, Hkv=2, dtype=torch.bfloat16, scale=-0.3, lse_grad=True)
+    pattern, n = C & (ir.Local(5 * U) | ir.Sink(5 * U // 2)), 150 if not LARGE else N_RAGGED
+    check_against_reference(pattern, n=n, H=2)
+    check_against_reference(pattern, n=n, H=4, Hkv=2, dtype=torch.bfloat16, scale=-0.3, lse_grad=True)
     attn = TritonAttention(pattern, config=CONFIG)
-    run = attn.prepare(150, 2, 2, D_SMALL, torch.float32, torch.device(DEVICE))
+    run = attn.prepare(n, 2, 2, D_SMALL, torch.float32, torch.device(DEVICE))
     assert {run.tables.fwd_runs, run.tables.dq_runs, run.tables.dkdv_runs} == {walk == "runs"}
+    if walk == "runs":  # some tile has two runs
+        table = run.tables.fwd[1].cpu().numpy().reshape(-1, 2 * tables.MAX_RUNS)
+        assert (table[:, 3] > table[:, 2]).any()
 
 
 def test_fine_blocks_skip_empty_steps():
@@ -665,8 +681,8 @@ def test_triton_key_is_remembered_and_renewed(tmp_path, monkeypatch):
     files (here: a new size reported by stat), computes it afresh."""
     import triton.runtime.cache as triton_cache
 
-    real = triton_cache.triton_key
-    monkeypatch.setattr(triton_cache, "triton_key", real)  # restored after the test
+    monkeypatch.setattr(triton_cache, "triton_key", triton_cache.triton_key)  # restored after the test
+    real = getattr(triton_cache.triton_key, "patterncc_real", triton_cache.triton_key)  # a kernel ran before
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cache, "_fallback_dir", None)
     calls = []

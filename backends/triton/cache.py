@@ -110,7 +110,13 @@ def remember_triton_key() -> None:
         if text is None:
             text = _write_atomic(path, real())
         key = text.partition("\n")[2]
-        triton_cache.triton_key = lambda: key
+
+        def remembered():
+            return key
+
+        remembered.cache_clear = real.cache_clear
+        remembered.patterncc_real = real  # Triton's own, for tests
+        triton_cache.triton_key = remembered
 
 
 _triton_key_done = False

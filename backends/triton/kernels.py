@@ -72,7 +72,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
                     STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                    SCALE_NONNEG: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's
     softmax state; RUN: the steps lo .. hi - 1 themselves (STEPS unused)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -100,12 +101,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_sub[:, None])
-        else:
-            # -- every score is finite here: the scale goes into exp2's argument
-            #    as one fused multiply-add (qk_scale >= 0: the max commutes with it)
+        elif SCALE_NONNEG:
+            # -- every score is finite here, and the max commutes with a scale
+            #    >= 0: the scale goes into exp2's argument as one fused multiply-add
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
             p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        else:
+            qk = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = m_new
+            p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
@@ -129,13 +135,15 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
              sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
              HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-             Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False):
+             Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False,  #
+             SCALE_NONNEG: tl.constexpr = True):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
     N counts the kernel's slots, N_TOK the tokens; a planned component's
     slots map to tokens by ``_token`` (Q_ORDER, K_ORDER; natural: the same).
-    o and lse are indexed by token. FULL_RUNS: FULL_PTR and FULL_STEPS hold
-    runs of consecutive steps (``tables.Runs``), not steps."""
+    o and lse are indexed by token. FULL_RUNS: FULL_STEPS holds each tile's
+    two runs of consecutive steps (``tables.run_table``), not a step list.
+    SCALE_NONNEG: sm_scale >= 0 (the FULL steps then fold it into exp2)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -162,35 +170,37 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     q_ok = (q_pos < N) & (q_tok < N_TOK)
     q_in = q_ok[:, None]
     q = tl.load(q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
-    if sm_scale < 0:  # the FULL steps' max needs a multiplier >= 0: the sign goes into q (exact)
-        q = (-q.to(tl.float32)).to(q.dtype)  # via fp32: the interpreter negates 16-bit floats' bits wrongly
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     # -- online softmax state, fp32
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qk_scale = tl.abs(sm_scale) * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
+    qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
     csr_row = layout_h * n_tiles + tile
-    # -- FULL steps: every pair allowed, no predicate, no bounds mask
-    lo = tl.load(FULL_PTR + csr_row)
-    hi = tl.load(FULL_PTR + csr_row + 1)
-    if FULL_RUNS:  # one loop per run of consecutive steps: no step index loaded per step
-        for r in range(lo, hi):
-            acc, l_i, m_i = _attn_fwd_inner(
-                acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-                FULL_STEPS, tl.load(FULL_STEPS + 2 * r), tl.load(FULL_STEPS + 2 * r + 1), qk_scale, off_h, N,  #
-                RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+    # -- FULL steps: every pair allowed, no predicate, no bounds mask; as two
+    #    runs of consecutive steps, each its own loop (no step index loaded
+    #    per step), or as a step list
+    if FULL_RUNS:
+        runs = FULL_STEPS + 4 * csr_row
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, SCALE_NONNEG)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, SCALE_NONNEG)
     else:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-            FULL_STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
+            FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG)
     # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -345,21 +355,23 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
         LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N_TOK
         DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N_TOK
         csr_col = layout_h * n_tiles + tile
-        # -- FULL steps: no predicate, no bounds mask (one loop per run, or the step list)
-        lo = tl.load(FULL_PTR + csr_col)
-        hi = tl.load(FULL_PTR + csr_col + 1)
+        # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
         if FULL_RUNS:
-            for r in range(lo, hi):
-                dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
-                    LSE_row, DELTA_row, FULL_STEPS, tl.load(FULL_STEPS + 2 * r), tl.load(FULL_STEPS + 2 * r + 1),  #
-                    qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION,  #
-                    NUM_STAGES, HEAD_DIM, Q_ORDER, True)
+            runs = FULL_STEPS + 4 * csr_col
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
+                DELTA_row, FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
+                DELTA_row, FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don,  #
-                LSE_row, DELTA_row, FULL_STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
-                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, False)
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
+                DELTA_row, FULL_STEPS, tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1), qk_scale,  #
+                off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM,  #
+                Q_ORDER, False)
         # -- PARTIAL steps: the pattern's predicate and the bounds mask
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
@@ -467,19 +479,21 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     csr_row = layout_h * n_tiles + tile
-    # -- FULL steps: no predicate, no bounds mask (one loop per run, or the step list)
-    lo = tl.load(FULL_PTR + csr_row)
-    hi = tl.load(FULL_PTR + csr_row + 1)
+    # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
     if FULL_RUNS:
-        for r in range(lo, hi):
-            dq = _attn_bwd_dq_inner(
-                dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-                FULL_STEPS, tl.load(FULL_STEPS + 2 * r), tl.load(FULL_STEPS + 2 * r + 1), qk_scale, off_h, N,  #
-                RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+        runs = FULL_STEPS + 4 * csr_row
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-            FULL_STEPS, lo, hi, qk_scale, off_h, N, RANDOM,  #
+            FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     dq = _attn_bwd_dq_inner(

@@ -262,8 +262,8 @@ class _DeviceTables:
     dq: tuple  # the same for query tiles of block_m2
     dkdv: tuple  # the same for key tiles of block_n1 (tile order per key/value head)
     random: torch.Tensor  # int32: table offsets, then the random(...) tables
-    # whether each kernel's FULL lists are runs (tables.Runs: full_ptr over
-    # runs, full_steps their (first, end) pairs) rather than steps
+    # whether each kernel's full_steps is its tables.run_table (two runs per
+    # tile, flattened) rather than the step list
     fwd_runs: bool = False
     dq_runs: bool = False
     dkdv_runs: bool = False
@@ -278,11 +278,10 @@ class _DeviceTables:
 
         def lists(steps: tables.StepLists, cost):
             """The kernel's device tables, and whether its FULL lists are runs."""
-            runs = tables.full_runs(steps)
-            walk = tables.walks_runs(steps, runs)
-            full = (runs.ptr, runs.bounds) if walk else (steps.full_ptr, steps.full_steps)
-            arrays = (*full, steps.part_ptr, steps.part_steps, tables.tile_order(cost))
-            return tuple(dev(a) for a in arrays), walk
+            runs = tables.run_table(steps)
+            full = steps.full_steps if runs is None else runs.ravel()
+            arrays = (steps.full_ptr, full, steps.part_ptr, steps.part_steps, tables.tile_order(cost))
+            return tuple(dev(a) for a in arrays), runs is not None
 
         rows = {}
         for tile, step in {(config.block_m, config.block_n), (config.block_m2, config.block_n2)}:
@@ -355,8 +354,8 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
-            Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_runs, num_warps=cfg.fwd_warps,
-            num_stages=cfg.fwd_stages)
+            Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_runs, SCALE_NONNEG=scale >= 0,
+            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
         return o, lse
 
     def delta(self, o, do, dlse=None):

@@ -22,11 +22,14 @@ puts a dependent global load in front of every K/V address, which the
 pipeline does not hide: on an H200 the causal forward ran 15-19% faster
 when the FULL loop computed its steps instead (``bench/kernel_experiments.py``,
 PERFORMANCE.md). So a kernel's FULL list can also be given as *runs* of
-consecutive steps (``full_runs``: per tile, pairs ``(first, end)``), walked as
-one loop per run with no index load; causal and banded tiles are one run. A
-kernel walks runs where they are long (``RUN_MIN`` steps per run on average),
-since every run costs the pipeline's fill and drain, and the step list
-otherwise (scattered FULL blocks: random, per-block summaries).
+consecutive steps, walked as one loop per run with no index load: causal
+and banded tiles are one run, a band plus global or sink columns two. The
+kernels take at most ``MAX_RUNS`` = 2 runs per tile (``run_table``), as
+separate loops in sequence: a loop over runs around the step loop measured
+slower than the step list (its inner loop pipelines badly). A kernel walks
+runs when every tile has at most two and they are long (``RUN_MIN`` steps
+per run on average: every loop costs the pipeline's fill and drain), and the
+step list otherwise (scattered FULL blocks: random, per-block summaries).
 
 ``StepLists`` (all int32, pointers are global offsets):
 
@@ -38,7 +41,9 @@ otherwise (scattered FULL blocks: random, per-block summaries).
 - ``steps`` (int): the number of non-empty (tile, step) pairs, all heads.
 
 ``Runs`` (int32): ``ptr`` ``[H * n_tiles + 1]`` over runs, ``bounds``
-``[2 * n_runs]`` the runs' ``first, end`` steps, interleaved.
+``[2 * n_runs]`` the runs' ``first, end`` steps, interleaved; ``run_table``
+(int32 ``[H * n_tiles, 2 * MAX_RUNS]``) the same as a fixed-width table,
+empty runs ``(0, 0)``.
 
 ``tile_order`` turns a cost into the order programs take their tiles
 (heaviest first, so the last wave of a launch is short).
@@ -105,6 +110,7 @@ def kernel_steps(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: in
 
 
 RUN_MIN = 3  # mean FULL steps per run from which a kernel walks runs (see the module docstring)
+MAX_RUNS = 2  # FULL runs per tile the kernels' run loops cover
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,9 +139,19 @@ def full_runs(lists: StepLists) -> Runs:
     return Runs(_pointers(row[starts], rows), bounds)
 
 
-def walks_runs(lists: StepLists, runs: Runs) -> bool:
-    """Whether a kernel should walk ``lists``' FULL steps as ``runs``."""
-    return runs.count > 0 and lists.full_steps.size >= RUN_MIN * runs.count
+def run_table(lists: StepLists) -> np.ndarray | None:
+    """The kernels' runs table of ``lists``' FULL steps, or None where the
+    kernels should walk the step list (see the module docstring)."""
+    runs = full_runs(lists)
+    per_tile = np.diff(runs.ptr)
+    if runs.count == 0 or per_tile.max() > MAX_RUNS or lists.full_steps.size < RUN_MIN * runs.count:
+        return None
+    table = np.zeros((per_tile.size, 2 * MAX_RUNS), dtype=np.int32)
+    rows = np.repeat(np.arange(per_tile.size), per_tile)
+    slot = np.arange(runs.count) - runs.ptr[rows]  # a run's place in its tile
+    table[rows, 2 * slot] = runs.bounds[0::2]
+    table[rows, 2 * slot + 1] = runs.bounds[1::2]
+    return table
 
 
 def _overlapping(blocks: np.ndarray, block: int, size: int) -> np.ndarray:
