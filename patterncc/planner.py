@@ -51,11 +51,15 @@ MAX_TERMS = 16
 # component pays for loading its queries, storing its output, filling the
 # software pipeline and its share of the merge, which is what makes short
 # rows (bands, residue classes) dear per block. Blocks in residue order read
-# K and V rows 128 bytes at a time from addresses l rows apart and measured
-# 2.6-3.5x the natural cost; gathered columns (runs of c keys) 1.0-1.1x.
+# K and V rows 128 bytes at a time from addresses l rows apart: they
+# measured 2.6-3.5x the natural cost while their predicate divided in
+# int64, and 1.6-1.7x since it divides in int32 (session 3's profile,
+# relative to the natural component of the same plan, which the model
+# over-predicts by 15-22% since the kernels walk runs); gathered columns
+# (runs of c keys) 1.0-1.1x.
 COST_FULL = 1.0
 COST_PARTIAL = 1.6
-COST_RESIDUE = 3.0            # multiplier for the blocks of a residue-order component
+COST_RESIDUE = 1.7            # multiplier for the blocks of a residue-order component
 COST_COLUMNS = 1.1            # multiplier for the blocks of a gathered-columns component
 COST_PASS_PER_ROW = 2.7       # per component, per query-block row (prologue, epilogue, merge)
 COST_DENSE_FLASH = 1.2        # SDPA flash per causal block, relative to our causal kernel
