@@ -5,9 +5,10 @@
 For each length: the whole planned call (forward, forward+backward; GPU
 medians from do_bench), the host's time to issue one call (CPU wall time per
 call with the GPU never waited on: if it is near the GPU time, the call is
-host-bound), and each component's kernels alone (forward; dK/dV; dQ) plus
-the merge, so the gap between the measured time and the floor (FLOPs and
-bytes, PERFORMANCE.md) can be assigned to a launch.
+host-bound), and each component's kernels alone (forward, without the
+merge a planned call does in its epilogue; dK/dV; dQ), so the gap between
+the measured time and the floor (FLOPs and bytes, PERFORMANCE.md) can be
+assigned to a launch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from triton.testing import do_bench
 
 import patterncc as pcc
-from patterncc.backends.triton.runtime import _merge
 
 
 def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
@@ -55,11 +55,9 @@ def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     scale = head_dim ** -0.5
     with torch.no_grad():
         qd, kd, vd = (x.detach() for x in (q, k, v))
-        parts = []
         runs = impl._runs(plan, q.device)
         for i, (run, (launch, order)) in enumerate(zip(runs, impl.launches(runs, qd, kd))):
-            parts.append(launch.forward(qd, kd, vd, scale, order))
-            o, lse = parts[-1]
+            o, lse = launch.forward(qd, kd, vd, scale, order)
             delta = torch.randn_like(lse)
             dk, dv, dq = (torch.empty_like(x) for x in (kd, vd, qd))
             t_f = do_bench(lambda: launch.forward(qd, kd, vd, scale, order), return_mode="median")
@@ -69,8 +67,6 @@ def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
             lines.append(f"| component {i} ({run.component.q_order.kind} x {run.component.k_order.kind}, "
                          f"{run.component.layout.nnz} blocks): forward / dK,dV / dQ | "
                          f"{t_f:.3f} / {t_kv:.3f} / {t_q:.3f} |")
-        t_m = do_bench(lambda: _merge(parts, q.dtype), return_mode="median")
-        lines.append(f"| merge of {len(parts)} parts | {t_m:.3f} |")
     return lines + [""]
 
 

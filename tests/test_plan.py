@@ -358,10 +358,31 @@ def test_a_refused_component_falls_back_to_natural(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
-def test_merge_kernel_matches_the_formula_and_keeps_unreached_rows_empty():
-    from patterncc.backends.triton.runtime import _merge
+def test_epilogue_merge_matches_the_formula_and_keeps_unreached_rows_empty():
+    """The forward kernels' epilogue merge (kernels._merge_rows), chained over
+    three parts as a planned call chains its components, against
+    torch.logsumexp: rows one part does not reach, rows no part reaches."""
+    import triton
+    import triton.language as tl
+
+    from patterncc.backends.triton.runtime import TritonAttention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = TritonAttention(ir.Causal()).kernels(64, TritonAttention(ir.Causal()).config_for(16, torch.float32),
+                                                 device)
+    globals()["_merge_rows_under_test"] = module._merge_rows  # a global of this module, as Triton resolves names
+
+    @triton.jit
+    def merge_into(O1, L1, O0, L0, ROWS, D: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < ROWS
+        offs = rows[:, None] * D + tl.arange(0, D)[None, :]
+        o1 = tl.load(O1 + offs, mask=ok[:, None], other=0.0)
+        l1 = tl.load(L1 + rows, mask=ok, other=float("-inf"))
+        o, lse = _merge_rows_under_test(o1, l1, O0 + offs, L0 + rows, ok[:, None], ok)  # noqa: F821
+        tl.store(O0 + offs, o, mask=ok[:, None])  # in place, as a planned call's running pair
+        tl.store(L0 + rows, lse, mask=ok)
+
     g = torch.Generator().manual_seed(3)
     parts = []
     for c in range(3):
@@ -371,7 +392,10 @@ def test_merge_kernel_matches_the_formula_and_keeps_unreached_rows_empty():
         lse[:, :, 3::4] = float("-inf")  # rows no component reaches
         o[torch.isinf(lse)] = 0.0
         parts.append((o.to(device), lse.to(device)))
-    o, lse = _merge(parts, torch.float32)
+    o, lse = (x.clone() for x in parts[0])
+    rows = lse.numel()
+    for o1, l1 in parts[1:]:
+        merge_into[(triton.cdiv(rows, 32),)](o1, l1, o, lse, rows, D=16, BLOCK=32)
     stacked = torch.stack([p[1] for p in parts]).cpu()
     want_lse = torch.logsumexp(stacked, dim=0)
     weights = torch.nan_to_num(torch.exp(stacked - want_lse), nan=0.0)

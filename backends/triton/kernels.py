@@ -125,8 +125,25 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
     return acc, l_i, m_i
 
 
+@triton.jit
+def _merge_rows(o1, lse1, o0_ptrs, lse0_ptrs, rows_in, rows_ok):
+    """(o1, lse1) merged by log-sum-exp with the (o0, lse0) stored at the
+    pointers: o = (e^(lse0 - m) o0 + e^(lse1 - m) o1) / s, lse = m + log s;
+    a row neither reaches (both -inf) stays o = 0, lse = -inf."""
+    lse0 = tl.load(lse0_ptrs, mask=rows_ok, other=float("-inf"))
+    o0 = tl.load(o0_ptrs, mask=rows_in, other=0.0).to(tl.float32)
+    m = tl.maximum(lse0, lse1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # subtract 0, not -inf
+    w0 = tl.exp(lse0 - m)
+    w1 = tl.exp(lse1 - m)
+    s = w0 + w1
+    s_safe = tl.where(s > 0.0, s, 1.0)
+    o = (w0[:, None] * o0 + w1[:, None] * o1) / s_safe[:, None]
+    return o, tl.where(s > 0.0, m + tl.log(s_safe), float("-inf"))
+
+
 @triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
-def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
+def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
              FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
              stride_qb, stride_qh, stride_qn,  #
              stride_kb, stride_kh, stride_kn,  #
@@ -136,14 +153,18 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
              HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
              Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False,  #
-             SCALE_NONNEG: tl.constexpr = True):
+             SCALE_NONNEG: tl.constexpr = True, MERGE_IN: tl.constexpr = False):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
     N counts the kernel's slots, N_TOK the tokens; a planned component's
     slots map to tokens by ``_token`` (Q_ORDER, K_ORDER; natural: the same).
     o and lse are indexed by token. FULL_RUNS: FULL_STEPS holds each tile's
     two runs of consecutive steps (``tables.run_table``), not a step list.
-    SCALE_NONNEG: sm_scale >= 0 (the FULL steps then fold it into exp2)."""
+    SCALE_NONNEG: sm_scale >= 0 (the FULL steps then fold it into exp2).
+    MERGE_IN: merge the result with the (O_IN, LSE_IN) of the planned
+    components before it (fp32, O's and LSE's strides; may be O and LSE
+    themselves) before the store, so that a plan needs no merge pass (each
+    token is one program's)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -165,7 +186,6 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     q_tok = _token(q_pos, Q_ORDER, ORD_L, ORD_S, ORD_C)
     q_ok = (q_pos < N) & (q_tok < N_TOK)
     q_in = q_ok[:, None]
@@ -206,9 +226,13 @@ def attn_fwd(Q, K, V, O, LSE, RANDOM,  #
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
-    tl.store(o_base + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=q_in)
-    tl.store(LSE + off_bh.to(tl.int64) * N_TOK + q_tok, lse, mask=q_ok)
+    o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
+        + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    lse_off = off_bh.to(tl.int64) * N_TOK + q_tok
+    if MERGE_IN:
+        acc, lse = _merge_rows(acc, lse, O_IN + o_off, LSE_IN + lse_off, q_in, q_ok)
+    tl.store(O + o_off, acc.to(O.dtype.element_ty), mask=q_in)
+    tl.store(LSE + lse_off, lse, mask=q_ok)
 
 
 # ----------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Forward: each component runs the forward kernel with its token order folded
 into the kernels' address arithmetic (``kernels._token``: residue order and
 gathered columns are closed forms), so q, k, v are read and o, lse written
 in token order with no copies; the partial results merge exactly by
-log-sum-exp (``runtime._merge``, one ``merge.py`` pass per extra
-component). Only q, k, v, the merged o and the merged lse are saved.
+log-sum-exp inside the forward kernels (each launch after the first merges
+its result into the running one in its epilogue: ``runtime._merged``).
+Only q, k, v, the merged o and the merged lse are saved.
 
 Backward: ``delta = rowsum(dO * O)`` once, from the merged o; then every
 component runs the dK/dV and dQ kernels with the *merged* lse and delta (the

@@ -336,26 +336,32 @@ class _Run:
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
                     DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
 
-    def forward(self, q, k, v, scale, order: "SlotOrder | None" = None):
+    def forward(self, q, k, v, scale, order: "SlotOrder | None" = None, o=None, lse=None, o_in=None, lse_in=None):
         """o, lse of q, k, v ``[B, H, tokens, D]``; with a planned ``order`` the
-        kernels walk ``self.n`` slots and read and write tokens by it."""
+        kernels walk ``self.n`` slots and read and write tokens by it. Given
+        ``o`` and ``lse``, the kernel writes into them (only the tokens it
+        covers); given ``o_in`` and ``lse_in`` (fp32, o's and lse's strides),
+        it writes its result merged with theirs by log-sum-exp."""
         B, H, tokens, D = q.shape
         n = self.n
         order = order or SlotOrder()
         cfg, t = self.config, self.tables
-        o = torch.empty((B, H, tokens, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, tokens), dtype=torch.float32, device=q.device)
-        if order.q == 2:  # gathered query rows: tokens in no slot keep o = 0, lse = -inf
-            o.zero_()
-            lse.fill_(float("-inf"))
+        if o is None:
+            o = torch.empty((B, H, tokens, D), dtype=q.dtype, device=q.device)
+            lse = torch.empty((B, H, tokens), dtype=torch.float32, device=q.device)
+            if order.q == 2:  # gathered query rows: tokens in no slot keep o = 0, lse = -inf
+                o.zero_()
+                lse.fill_(float("-inf"))
+        if o_in is not None and (o_in.stride() != o.stride() or lse_in.stride() != lse.stride()):
+            raise AssertionError("o_in and lse_in must have o's and lse's strides")
         grid = (triton_cdiv(n, cfg.block_m), B * H)
         self.module.attn_fwd[grid](
-            q, k, v, o, lse, t.random, *t.fwd,
+            q, k, v, o, lse, o if o_in is None else o_in, lse if lse_in is None else lse_in, t.random, *t.fwd,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
             Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_runs, SCALE_NONNEG=scale >= 0,
-            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+            MERGE_IN=o_in is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
         return o, lse
 
     def delta(self, o, do, dlse=None):
@@ -428,15 +434,14 @@ class SlotOrder:
 class _AttentionFunction(torch.autograd.Function):
     """(q, k, v) -> (o, lse) over one or more launches ``(run, SlotOrder)``:
     one launch is plain attention; several are a plan's components, merged
-    by log-sum-exp. The backward pass recomputes P from the merged lse (never
+    by log-sum-exp inside the forward kernels (``_merged``). The backward pass recomputes P from the merged lse (never
     stored) and gives every launch the merged delta; the launches sum the
     gradients in fp32 inside the kernels (``_summed``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, launches):
         with _on_device_of(q), torch.no_grad():
-            parts = [run.forward(q, k, v, scale, order) for run, order in launches]
-            o, lse = _merge(parts, q.dtype)
+            o, lse = _merged(launches, q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.set_materialize_grads(False)
@@ -459,6 +464,51 @@ class _AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def _launch_order(covers) -> list[int]:
+    """The order to run launches in when each adds to the ones before:
+    ``covers[i]``, launch i writes every token. A covering launch goes last
+    (it can then write a fresh output in the final dtype) and another first
+    where there is one (it then needs no initialized buffer)."""
+    seq = sorted(range(len(covers)), key=lambda i: not covers[i])  # covering ones first
+    if covers[seq[0]]:
+        seq = seq[1:] + seq[:1]  # one covering launch last; a second one, if any, is now first
+    return seq
+
+
+def _merged(launches, q, k, v, scale):
+    """o (q's dtype) and lse (fp32) of several launches merged by
+    log-sum-exp, inside the forward kernels (``MERGE_IN``): the first writes
+    an fp32 running pair, each later one merges its result into it, and the
+    last, if it covers every token, writes o in q's dtype (the running pair
+    is fp32 so that the merge rounds once). Gathered query rows cover only
+    some tokens: a running pair they start holds o = 0, lse = -inf elsewhere."""
+    if len(launches) == 1:
+        run, order = launches[0]
+        return run.forward(q, k, v, scale, order)
+    covers = [order.q != 2 for _, order in launches]
+    seq = _launch_order(covers)
+    B, H, n, D = q.shape
+    if covers[seq[0]]:
+        acc = torch.empty((B, H, n, D), dtype=torch.float32, device=q.device)
+        acc_lse = torch.empty((B, H, n), dtype=torch.float32, device=q.device)
+    else:
+        acc = torch.zeros((B, H, n, D), dtype=torch.float32, device=q.device)
+        acc_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32, device=q.device)
+    run, order = launches[seq[0]]
+    run.forward(q, k, v, scale, order, acc, acc_lse)
+    for i in seq[1:-1]:
+        run, order = launches[i]
+        run.forward(q, k, v, scale, order, acc, acc_lse, acc, acc_lse)
+    run, order = launches[seq[-1]]
+    if covers[seq[-1]]:
+        o = torch.empty((B, H, n, D), dtype=q.dtype, device=q.device)  # acc's strides: the kernel reads both
+        lse = torch.empty_like(acc_lse)
+        run.forward(q, k, v, scale, order, o, lse, acc, acc_lse)
+        return o, lse
+    run.forward(q, k, v, scale, order, acc, acc_lse, acc, acc_lse)
+    return acc.to(q.dtype), acc_lse
+
+
 def _summed(covers, like, launch):
     """Gradients (shaped and typed as ``like``) summed over launches inside
     the kernels: ``launch(i, outs, ins)`` writes launch i's gradients plus
@@ -469,16 +519,14 @@ def _summed(covers, like, launch):
     The sum runs in fp32 and is rounded once: the first launch writes an fp32
     buffer, each later one adds to it, and the last one, if it covers every
     token, writes the inputs' dtype directly; a covering launch goes last and
-    another first where there is one, so the buffer needs no zero fill and
-    the result no cast."""
+    another first where there is one (``_launch_order``), so the buffer
+    needs no zero fill and the result no cast."""
     if len(covers) == 1:
         outs = tuple((torch.empty if covers[0] else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
                      for x in like)
         launch(0, outs, ())
         return outs
-    seq = sorted(range(len(covers)), key=lambda i: not covers[i])  # covering ones first
-    if covers[seq[0]]:
-        seq = seq[1:] + seq[:1]  # one covering launch last; a second one, if any, is now first
+    seq = _launch_order(covers)
     first, last = seq[0], seq[-1]
     acc = tuple((torch.empty if covers[first] else torch.zeros)(x.shape, dtype=torch.float32, device=x.device)
                 for x in like)
@@ -498,28 +546,3 @@ def _on_device_of(x: torch.Tensor):
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
-
-
-def _merge(parts, dtype):
-    """Log-sum-exp merge: o in ``dtype``, lse fp32 (-inf where no component
-    reaches). One kernel pass per extra component, reading each part once:
-    the running pair (o, lse) stays fp32 until the last pass writes ``dtype``."""
-    o, lse = parts[0]
-    for idx, (o_c, lse_c) in enumerate(parts[1:]):
-        last = idx == len(parts) - 2
-        o, lse = _merge_pair(o, lse, o_c, lse_c, dtype if last else torch.float32)
-    return o.to(dtype), lse
-
-
-def _merge_pair(o0, l0, o1, l1, out_dtype):
-    """(o0, l0) (+) (o1, l1) by ``merge.merge_kernel``; every tensor contiguous
-    ``[B, H, n, D]`` / ``[B, H, n]``."""
-    from .merge import merge_kernel  # imports triton: only once a kernel runs
-
-    o0, o1, l0, l1 = (x.contiguous() for x in (o0, o1, l0, l1))
-    rows, D = l0.numel(), o0.shape[-1]
-    o = torch.empty(o0.shape, dtype=out_dtype, device=o0.device)
-    lse = torch.empty(l0.shape, dtype=torch.float32, device=o0.device)
-    block_r = 64 if D <= 64 else 32
-    merge_kernel[(-(-rows // block_r),)](o0, l0, o1, l1, o, lse, rows, HEAD_DIM=D, BLOCK_R=block_r)
-    return o, lse
