@@ -433,6 +433,55 @@ def test_gradients_sum_over_launches_whatever_they_cover(covers):
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-6)  # one bf16 rounding
 
 
+@pytest.mark.parametrize("covers", [(True,), (False,), (True, True), (True, False), (False, True), (False, False),
+                                    (True, False, True), (False, True, False), (False, False, False)])
+def test_forward_merges_over_launches_whatever_they_cover(covers):
+    """runtime._merged: every launch merges into the running (o, lse) once,
+    tokens no launch covers hold o = 0 and lse = -inf, o comes back in q's
+    dtype and lse in fp32, whatever the order the launches run in (each
+    stand-in launch writes only the tokens it reaches, as the kernels do)."""
+    from patterncc.backends.triton.runtime import SlotOrder, _merged
+
+    q = torch.zeros(2, 3, 7, 4, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(len(covers))
+    parts = [(torch.randn(q.shape, generator=g), torch.randn(q.shape[:3], generator=g)) for _ in covers]
+    reach = [torch.ones(7, dtype=torch.bool) if c else torch.rand(7, generator=g) < 0.5 for c in covers]
+    ran = []
+
+    class Launch:
+        def __init__(self, i):
+            self.i = i
+
+        def forward(self, q, k, v, scale, order, o=None, lse=None, o_in=None, lse_in=None):
+            ran.append(self.i)
+            o1, l1 = parts[self.i]
+            if o is None:  # a lone launch allocates, as _Run.forward does
+                o = torch.zeros(q.shape, dtype=q.dtype)
+                lse = torch.full(q.shape[:3], float("-inf"))
+            if o_in is not None:
+                lse_m = torch.logaddexp(lse_in, l1)
+                o1 = (torch.exp(lse_in - lse_m)[..., None] * o_in + torch.exp(l1 - lse_m)[..., None] * o1)
+                l1 = lse_m
+            r = reach[self.i]
+            o[:, :, r] = o1[:, :, r].to(o.dtype)
+            lse[:, :, r] = l1[:, :, r]
+            return o, lse
+
+    launches = [(Launch(i), SlotOrder(q=0 if c else 2)) for i, c in enumerate(covers)]
+    o, lse = _merged(launches, q, q, q, 1.0)
+    lses = torch.stack([torch.where(r, l, float("-inf")) for (_, l), r in zip(parts, reach)])
+    want_lse = torch.logsumexp(lses, dim=0)
+    weights = torch.nan_to_num(torch.exp(lses - want_lse), nan=0.0)
+    want_o = sum(w[..., None] * p for w, (p, _) in zip(weights, parts))
+    assert sorted(ran) == list(range(len(covers)))
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(o.float(), want_o, rtol=8e-3, atol=1e-6)  # one bf16 rounding
+    assert (o[~finite] == 0).all()
+
+
 @pytest.mark.parametrize("src", ["strided(16)", "fixed(16, 4)", "causal & stride(16) - global(3)"])
 def test_reordered_components_need_no_new_kernels_for_a_new_length(src):
     predicates = []

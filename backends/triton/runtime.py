@@ -434,9 +434,10 @@ class SlotOrder:
 class _AttentionFunction(torch.autograd.Function):
     """(q, k, v) -> (o, lse) over one or more launches ``(run, SlotOrder)``:
     one launch is plain attention; several are a plan's components, merged
-    by log-sum-exp inside the forward kernels (``_merged``). The backward pass recomputes P from the merged lse (never
-    stored) and gives every launch the merged delta; the launches sum the
-    gradients in fp32 inside the kernels (``_summed``)."""
+    by log-sum-exp inside the forward kernels (``_merged``). The backward
+    pass recomputes P from the merged lse (never stored) and gives every
+    launch the merged delta; the launches sum the gradients in fp32 inside
+    the kernels (``_summed``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, launches):
