@@ -497,6 +497,25 @@ def _walked_steps(lists, H):
     return walked
 
 
+def test_resources_report_types_every_pointer_argument():
+    """bench.resources compiles the kernels from a signature it writes by
+    argument name (``_arg_type``): every tensor argument must get a pointer
+    type there, or the report's compile fails for that kernel."""
+    import inspect
+
+    from patterncc.backends.triton import bench
+
+    attn = TritonAttention(C, config=CONFIG)
+    module = attn.kernels(64, attn.config_for(64, torch.bfloat16), DEVICE)
+    scalars = {"sm_scale", "N", "H", "GROUP", "N_TOK", "ORD_L", "ORD_S", "ORD_C"}
+    for kernel in (module.attn_fwd, module.attn_bwd_preprocess, module.attn_bwd_dkdv, module.attn_bwd_dq):
+        params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        for name, param in params.items():
+            if "constexpr" in str(param.annotation) or name.startswith("stride") or name in scalars:
+                continue
+            assert bench._arg_type(name, "bf16").startswith("*"), f"{name} would be typed as a scalar"
+
+
 @pytest.mark.parametrize("n", [64, 70, 1])
 @pytest.mark.parametrize("block,tile,step", [(16, 16, 16), (32, 16, 16), (16, 32, 16), (16, 16, 64), (64, 32, 16)])
 def test_kernel_steps_match_the_layout(n, block, tile, step):

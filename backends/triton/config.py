@@ -36,8 +36,8 @@ with 8 on causal, 28% faster on local_global), dQ 64 x 64 with 4 warps
 ``input_precision="ieee"``, on the FMA units) are small tiles, untimed.
 ``python bench/bench_triton.py --resources`` compiles the table for sm_90
 without a GPU and reports registers and spills: with Triton 3.9 some
-entries spill a little (the D = 64 forward 96 bytes, the D = 128 forward
-464), which the measured times include; under Triton 3.6 (the GPU image)
+16-bit entries spill a little (bytes: D = 64 dK/dV 168; D = 128 forward
+336, dK/dV 232, dQ 80), which the measured times include; under Triton 3.6 (the GPU image)
 the report's compile call fails, so it runs where a newer Triton is.
 
 ======  ===========  ================================  ===========================================
