@@ -343,16 +343,11 @@ def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 
     lines = [f"sweep: {pattern} n={n} H={heads} D={head_dim} {dtype} (default {base.describe()})",
              "| kernel | tiles (M, N[, M2, N2]), warps, stages | ms |", "|---|---|---|"]
     for m, nn, w, s in FWD_CANDIDATES:
-        cfg = KernelConfig(block=base.block, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s,
-                           block_m1=base.block_m1, block_n1=base.block_n1, block_m2=base.block_m2,
-                           block_n2=base.block_n2, bwd_warps=base.bwd_warps, bwd_stages=base.bwd_stages)
-        attn = TritonAttention(pattern, config=cfg)
+        attn = TritonAttention(pattern, config=replace(base, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s))
         lines.append(f"| forward | {m}x{nn}, {w}, {s} | {_try(lambda: _bench(lambda: attn(q, k, v), rep=rep))} |")
     for m1, n1, m2, n2, w, s in BWD_CANDIDATES:
-        cfg = KernelConfig(block=base.block, block_m=base.block_m, block_n=base.block_n, fwd_warps=base.fwd_warps,
-                           fwd_stages=base.fwd_stages, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
-                           bwd_warps=w, bwd_stages=s)
-        attn = TritonAttention(pattern, config=cfg)
+        attn = TritonAttention(pattern, config=replace(base, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
+                                                       bwd_warps=w, bwd_stages=s))
 
         def backward_only():
             o = attn(q, k, v)

@@ -46,20 +46,23 @@ def _token(slot, ORDER: tl.constexpr, L, S, C):
 
 
 @triton.jit
-def _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-              N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr):
-    """K and V pointers of one key step, and which of its slots hold a token."""
-    if K_ORDER == 0:  # natural order: one contiguous step
-        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + k_tile
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_tile
-        k_ok = k_pos < N
+def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  #
+               N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr):
+    """One step of slots ``pos`` (from ``start``) on the walked axis: pointers
+    to its rows of two tensors (K and V, or Q and dO), the slots' tokens, and
+    which slots hold a token."""
+    if ORDER == 0:  # natural order: one contiguous step
+        a_ptrs = a_base + start.to(tl.int64) * stride_a + a_tile
+        b_ptrs = b_base + start.to(tl.int64) * stride_b + b_tile
+        tok = pos
+        ok = pos < N
     else:  # a planned order: each slot's row at its token position
-        k_tok = _token(k_pos, K_ORDER, ORD_L, ORD_S, ORD_C)
+        tok = _token(pos, ORDER, ORD_L, ORD_S, ORD_C)
         offs_d = tl.arange(0, HEAD_DIM)
-        k_ptrs = k_base + k_tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + k_tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-        k_ok = (k_pos < N) & (k_tok < N_TOK)
-    return k_ptrs, v_ptrs, k_ok
+        a_ptrs = a_base + tok[:, None].to(tl.int64) * stride_a + offs_d[None, :]
+        b_ptrs = b_base + tok[:, None].to(tl.int64) * stride_b + offs_d[None, :]
+        ok = (pos < N) & (tok < N_TOK)
+    return a_ptrs, b_ptrs, tok, ok
 
 
 # ----------------------------------------------------------------------------
@@ -83,8 +86,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
-        k_ptrs, v_ptrs, k_ok = _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                         N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
+        k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
+                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
         # -- scores of this key step, in log2 units
         if MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
@@ -281,17 +284,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
         else:
             start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
-        if Q_ORDER == 0:  # natural order: one contiguous step
-            q_tok = q_pos
-            q_ptrs = q_base + start_m.to(tl.int64) * stride_qn + q_tile
-            do_ptrs = do_base + start_m.to(tl.int64) * stride_don + do_tile
-            q_in = q_pos < N
-        else:  # a planned order: each slot's row at its token position
-            q_tok = _token(q_pos, Q_ORDER, ORD_L, ORD_S, ORD_C)
-            offs_d = tl.arange(0, HEAD_DIM)
-            q_ptrs = q_base + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
-            do_ptrs = do_base + q_tok[:, None].to(tl.int64) * stride_don + offs_d[None, :]
-            q_in = (q_pos < N) & (q_tok < N_TOK)
+        q_ptrs, do_ptrs, q_tok, q_in = _step_rows(q_base, do_base, q_tile, do_tile, stride_qn, stride_don, start_m,  #
+                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER)
         if MASKED:
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
@@ -432,8 +426,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
-        k_ptrs, v_ptrs, k_ok = _key_step(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                         N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
+        k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
+                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
         if MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)

@@ -18,12 +18,11 @@ the fp32 sum of the launches before it, the last writes the inputs' dtype
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from patterncc.planned import PlannedAttention
 
-from .config import padded_head_dim
-from .runtime import SlotOrder, _AttentionFunction, _check_scale, check_inputs
+from .runtime import SlotOrder, attend, check_inputs, launch_key
+
+_LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
 
 
 class TritonPlannedAttention(PlannedAttention):
@@ -33,20 +32,23 @@ class TritonPlannedAttention(PlannedAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, check=check_inputs, **kwargs)
+        self._launches: dict = {}
 
     def combine(self, runs, q, k, v, scale):
-        D = q.shape[3]
-        scale = _check_scale(scale, D)
-        Dp = padded_head_dim(D)
-        if Dp != D:  # zeros add nothing to q.k, and o's extra columns are sliced away
-            q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
-        o, lse = _AttentionFunction.apply(q, k, v, scale, self.launches(runs, q, k))
-        return (o[..., :D] if Dp != D else o), lse
+        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k))
 
-    @staticmethod
-    def launches(runs, q, k) -> list:
+    def launches(self, runs, q, k) -> list:
         """``(launcher, SlotOrder)`` per component for inputs shaped like ``q``
-        and ``k`` (head dim already padded)."""
-        H, n, Dp = q.shape[1], q.shape[2], q.shape[3]
-        return [(run.attn.launcher(run.slots, H, k.shape[1], Dp, q.dtype, q.device),
-                 SlotOrder.of(run.component.q_order, run.component.k_order, n)) for run in runs]
+        and ``k`` (head dim already padded); kept per shape, since a planned
+        call is often bound by the host's time to issue it."""
+        key = launch_key(q, k)
+        hit = self._launches.get(key)
+        if hit is not None and hit[0] is runs:  # the list it was made for (it holds runs: no id reuse)
+            return hit[1]
+        n = key[0]
+        made = [(run.attn.launcher(run.slots, *key[1:]), SlotOrder.of(run.component.q_order, run.component.k_order, n))
+                for run in runs]
+        if len(self._launches) >= _LAUNCH_ENTRIES:
+            self._launches.clear()
+        self._launches[key] = (runs, made)
+        return made

@@ -29,8 +29,6 @@ the pattern's arguments use ``n``.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -93,16 +91,7 @@ class TritonAttention:
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False):
         q, k, v = _check_inputs(q, k, v)
-        D = q.shape[-1]
-        scale = _check_scale(scale, D)
-        Dp = padded_head_dim(D)
-        if Dp != D:  # zeros add nothing to q.k, and o's extra columns are sliced away
-            q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
-        key = (q.shape[2], q.shape[1], k.shape[1], Dp, q.dtype, q.device)
-        run = self._runs.get(key) or self.prepare(*key)
-        o, lse = _AttentionFunction.apply(q, k, v, scale, [(run, SlotOrder())])
-        if Dp != D:
-            o = o[..., :D]
+        o, lse = attend(q, k, v, scale, lambda q, k: [(self.launcher(*launch_key(q, k)), SlotOrder())])
         return (o, lse) if return_lse else o
 
     def config_for(self, head_dim: int, dtype) -> KernelConfig:
@@ -172,6 +161,24 @@ class TritonAttention:
         grid = (triton_cdiv(n, 16), triton_cdiv(n, 16), heads)
         module.pattern_mask_picture[grid](out, rand, n, BLOCK_M=16, BLOCK_N=16)
         return out
+
+
+def launch_key(q, k) -> tuple:
+    """``(n, H, Hkv, head_dim, dtype, device)`` of inputs as the kernels take them."""
+    return q.shape[2], q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device
+
+
+def attend(q, k, v, scale, launches_for):
+    """o, lse of checked inputs through ``_AttentionFunction`` over the launches
+    ``launches_for(q, k)`` gives for them once their head dim is padded
+    (zeros add nothing to q.k, and o's extra columns are sliced away)."""
+    D = q.shape[-1]
+    scale = _check_scale(scale, D)
+    Dp = padded_head_dim(D)
+    if Dp != D:
+        q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
+    o, lse = _AttentionFunction.apply(q, k, v, scale, launches_for(q, k))
+    return (o[..., :D] if Dp != D else o), lse
 
 
 def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
