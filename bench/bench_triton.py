@@ -92,6 +92,15 @@ def smoke(n: int = 1000, heads: int = 2, head_dim: int = 64, dtypes=("bfloat16",
     return failures
 
 
+def _tiles(text: str) -> tuple[int, ...]:
+    """"128x64:4:3" -> (128, 64, 4, 3); "32x64/64x64:4:2" -> (32, 64, 64, 64, 4, 2)."""
+    try:
+        tiles, warps, stages = text.split(":")
+        return (*(int(t) for pair in tiles.split("/") for t in pair.split("x")), int(warps), int(stages))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MxN:WARPS:STAGES or M1xN1/M2xN2:WARPS:STAGES, got {text!r}")
+
+
 def main(argv=None) -> int:
     from patterncc.backends.triton.bench import PATTERNS
 
@@ -112,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the markdown table to this file too")
     ap.add_argument("--cold-start", action="store_true", help="time first calls in fresh processes instead")
     ap.add_argument("--sweep", action="store_true", help="time tile candidates instead")
+    ap.add_argument("--fwd-candidates", nargs="*", type=_tiles, default=None, metavar="MxN:W:S",
+                    help="the sweep's forward candidates (default bench.FWD_CANDIDATES; the option with no values: no forward)")
+    ap.add_argument("--bwd-candidates", nargs="*", type=_tiles, default=None, metavar="M1xN1/M2xN2:W:S",
+                    help="the sweep's backward candidates (default bench.BWD_CANDIDATES; the option with no values: no backward)")
     ap.add_argument("--smoke", action="store_true", help="check fwd+bwd against the reference instead")
     ap.add_argument("--resources", action="store_true",
                     help="compile for sm_90 without a GPU: registers, spills, shared memory of the default table")
@@ -146,7 +159,13 @@ def main(argv=None) -> int:
     elif args.sweep:
         for D in args.head_dim:
             for name, pattern in _patterns(args).items():
-                out.append(bench.sweep(pattern, n=args.seq_len[0], heads=args.heads, head_dim=D, dtype=args.dtype))
+                lists = {}
+                if args.fwd_candidates is not None:
+                    lists["fwd"] = args.fwd_candidates
+                if args.bwd_candidates is not None:
+                    lists["bwd"] = args.bwd_candidates
+                out.append(bench.sweep(pattern, n=args.seq_len[0], heads=args.heads, head_dim=D, dtype=args.dtype,
+                                       **lists))
                 print(out[-1], flush=True)
     else:
         rows = []

@@ -13,10 +13,11 @@
 #             TESTS_K="expr" selects tests as pytest -k does         (~2 min)
 #   check     = smoke memcheck tests
 #   bench     the issue-3 table and the planner's: causal, sliding_window(1024),
-#             local_global(512,64), fixed(128,32), strided(128); bf16, B=1,
-#             H=16, D=64 at n=16384/65536 and D=128 at n=16384; patterncc
-#             (natural order and plan) vs Flex (create_block_mask, block 128)
-#             vs SDPA flash, all in one process per head dim   (~9.5 min)
+#             local_global(512,64), fixed(128,32), strided(128) (D=64 only);
+#             bf16, B=1, H=16, n=16384/65536, D=64 and 128 (BENCH_D=64 or 128:
+#             one of them); patterncc (natural order and plan) vs Flex
+#             (create_block_mask, block 128) vs SDPA flash, all in one process
+#             per head dim (~8 min each on a fresh machine, BENCH_TIMEOUT caps each)
 #   cold      first forward+backward of a new pattern in a fresh process
 #             (cold caches) and in a second one (warm disk caches), patterncc
 #             and Flex                                              (~1.5 min)
@@ -29,6 +30,11 @@
 #   sweep     tile candidates for config.py (causal, n=16384, D=64/128 or
 #             SWEEP_D) (~3 min; --resources, run where Triton can
 #             compile for sm_90, reports registers and spills)
+#   tiles     forward tiles on the banded patterns and causal (D=64: sliding_window,
+#             causal; D=128: local_global, sliding_window, causal) and D=128
+#             backward tile sets on causal and sliding_window, n=16384  (~5 min)
+#   host      the host's cost of a planned strided(128) forward at n=16384,
+#             layer by layer, and a cProfile of it                 (~30 s)
 #
 # Every section runs under `timeout` and writes its log under $OUT as it goes,
 # so a cut-off section still leaves what it finished; the exit status is
@@ -81,16 +87,18 @@ run_tests() {
 
 run_bench() {
     echo "== bench" | tee -a "$OUT/summary.txt"
-    # One process per head dim, each under its own timeout: the rows it finished stay in the log.
-    # D=64: the issue-3 patterns and the planner's (strided, fixed: natural order and plan) at 16K and 64K;
-    # D=128: the issue-3 patterns at 16K. On a fresh H200 the first case spends ~265 s compiling
-    # (Flex), the D=64 process ~470 s in all, the D=128 one ~90 s: both fit one 600 s device call.
-    timeout 485 python3 bench/bench_triton.py --lean --head-dim 64 --seq-len 16384 65536 --rep 60 \
-        --patterns causal "sliding_window(1024)" "local_global(512,64)" "fixed(128,32)" "strided(128)" \
-        --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" || fail "bench D=64"
-    timeout 105 python3 bench/bench_triton.py --lean --head-dim 128 --seq-len 16384 --rep 60 \
-        --patterns causal "sliding_window(1024)" "local_global(512,64)" "fixed(128,32)" \
-        --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" || fail "bench D=128"
+    # One process per head dim (BENCH_D picks them; default both), each under its own timeout: the
+    # rows it finished stay in the log. D=64: the issue-3 patterns and the planner's (strided, fixed:
+    # natural order and plan); D=128: the issue-3 patterns; both at 16K and 64K. On a fresh H200 the
+    # first case spends ~265 s compiling (Flex): run each head dim as its own device call.
+    local D
+    for D in ${BENCH_D:-64 128}; do
+        local patterns=(causal "sliding_window(1024)" "local_global(512,64)" "fixed(128,32)")
+        [ "$D" = 64 ] && patterns+=("strided(128)")
+        timeout "${BENCH_TIMEOUT:-540}" python3 bench/bench_triton.py --lean --head-dim "$D" --seq-len 16384 65536 \
+            --rep 60 --patterns "${patterns[@]}" --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" \
+            || fail "bench D=$D"
+    done
 }
 
 run_cold() {
@@ -123,6 +131,26 @@ run_sweep() {
         --out "$OUT/sweep.md" 2>&1 | tee "$OUT/sweep.log" || fail sweep
 }
 
+run_tiles() {
+    echo "== tiles" | tee -a "$OUT/summary.txt"
+    local sweep=(python3 bench/bench_triton.py --sweep --seq-len 16384 --rep 40)
+    local f64=(128x64:4:3 128x128:8:3 128x128:4:3 64x64:4:3 64x128:4:3 128x64:4:2 64x64:4:2)
+    local f128=(128x128:8:3 128x64:8:3 128x64:4:3 64x64:4:3 64x128:4:3 64x128:8:3 128x128:8:2)
+    local b128=(32x64/64x64:4:2 64x128/64x64:8:2 64x128/128x64:8:3 32x128/64x64:4:2 64x64/64x64:4:2)
+    timeout 120 "${sweep[@]}" --head-dim 64 --patterns "sliding_window(1024)" causal \
+        --fwd-candidates "${f64[@]}" --bwd-candidates 2>&1 | tee "$OUT/tiles.log" || fail "tiles D=64"
+    timeout 200 "${sweep[@]}" --head-dim 128 --patterns "local_global(512,64)" "sliding_window(1024)" causal \
+        --fwd-candidates "${f128[@]}" --bwd-candidates 2>&1 | tee -a "$OUT/tiles.log" || fail "tiles D=128 fwd"
+    timeout 150 "${sweep[@]}" --head-dim 128 --patterns causal "sliding_window(1024)" \
+        --fwd-candidates --bwd-candidates "${b128[@]}" 2>&1 | tee -a "$OUT/tiles.log" || fail "tiles D=128 bwd"
+}
+
+run_host() {
+    echo "== host" | tee -a "$OUT/summary.txt"
+    timeout 90 python3 bench/profile_plan.py --host --pattern "strided(128)" --seq-len 16384 2>&1 \
+        | tee "$OUT/host.log" || fail host
+}
+
 for section in "${sections[@]}"; do
     case "$section" in
         smoke) run_smoke ;;
@@ -135,7 +163,9 @@ for section in "${sections[@]}"; do
         plan) run_plan ;;
         profile) run_profile ;;
         sweep) run_sweep ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep)" >&2; status=2 ;;
+        tiles) run_tiles ;;
+        host) run_host ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

@@ -14,6 +14,9 @@ assigned to a launch.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -70,18 +73,114 @@ def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     return lines + [""]
 
 
+def _host_us(fn, reps: int = 300) -> float:
+    """Host microseconds per call of ``fn`` while the GPU is kept busy (a
+    sleep kernel queued first), so no call waits on the device."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time: the queue never drains
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+class _Identity(torch.autograd.Function):
+    """The cheapest autograd Function of the same shape as the attention's:
+    what autograd itself costs per call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, launches):
+        o, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=q.device)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return None, None, None, None, None
+
+
+def host_split(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
+    """Host cost of a planned forward layer by layer, its time measured as the
+    benchmark does and as GPU time alone (a CUDA graph of it), and cProfile's top entries."""
+    attn = pcc.compile(pattern, backend="triton")
+    shape = (1, heads, n, head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    attn(q, k, v)
+    impl = attn.impl("triton")
+    plan = impl.plan(n, heads)
+    scale = head_dim ** -0.5
+    qd, kd, vd = (x.detach() for x in (q, k, v))
+    runs = impl._runs(plan, q.device)
+    launches = impl.launches(runs, qd, kd)
+    launch, order = launches[0]
+    o, lse = launch.forward(qd, kd, vd, scale, order)
+    kernels = [kernel for run, _ in launches for kernel in run.kernels.values()]
+
+    def triton_path(on: bool):
+        for kernel in kernels:
+            kernel.direct = not on
+
+    triton_path(False)
+    grad = lambda: attn(q, k, v)  # noqa: E731
+    no_grad = lambda: attn(qd, kd, vd)  # noqa: E731
+    rows = [("planned forward, inputs requiring grad", grad),
+            ("planned forward, no_grad inputs", no_grad),
+            ("planned forward, inputs requiring grad (again)", grad),
+            ("planned forward, no_grad inputs (again)", no_grad),
+            ("one component's kernel launch (outputs given), direct", lambda: launch.forward(qd, kd, vd, scale, order, o, lse)),
+            ("autograd round trip alone, inputs requiring grad", lambda: _Identity.apply(q, k, v, scale, launches)),
+            ("autograd round trip alone, no_grad inputs", lambda: _Identity.apply(qd, kd, vd, scale, launches)),
+            ("torch.empty of o's shape", lambda: torch.empty(shape, dtype=torch.bfloat16, device="cuda"))]
+    lines = [f"### host cost, {pattern}, n = {n} ({len(plan.components)} components)", "",
+             "| what | host us per call |", "|---|---|"]
+    lines += [f"| {label} | {_host_us(fn):.1f} |" for label, fn in rows]
+    triton_path(True)
+    lines += [f"| planned forward, inputs requiring grad, Triton's launch path | {_host_us(grad):.1f} |",
+              f"| one component's kernel launch, Triton's launch path | "
+              f"{_host_us(lambda: launch.forward(qd, kd, vd, scale, order, o, lse)):.1f} |"]
+    bench_triton_path = do_bench(grad, return_mode="median")
+    triton_path(False)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            no_grad()
+        replay = f"{do_bench(graph.replay, return_mode='median'):.3f}"
+    except RuntimeError as err:
+        replay = f"capture failed: {str(err).splitlines()[0][:100]}"
+    lines += ["", "| planned forward | ms |", "|---|---|",
+              f"| do_bench median, inputs requiring grad (as bench_triton.py) | "
+              f"{do_bench(grad, return_mode='median'):.3f} |",
+              f"| do_bench median, Triton's launch path | {bench_triton_path:.3f} |",
+              f"| GPU alone: do_bench median of a CUDA graph replay | {replay} |"]
+    prof = cProfile.Profile()
+    torch.cuda._sleep(int(2e9))
+    prof.enable()
+    for _ in range(300):
+        attn(q, k, v)
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return lines + ["", "cProfile of 300 planned forwards (tottime):", "```", text.getvalue().strip(), "```", ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", nargs="+", default=["strided(128)"])
     ap.add_argument("--seq-len", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--host", action="store_true", help="the host's cost per layer and a cProfile instead")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}", flush=True)
     for pattern in args.pattern:
         for n in args.seq_len:
-            print("\n".join(profile(pattern, n, args.heads, args.head_dim)), flush=True)
+            report = host_split if args.host else profile
+            print("\n".join(report(pattern, n, args.heads, args.head_dim)), flush=True)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,13 @@ class BlockLayout:
         """Non-empty block pairs over all block pairs."""
         return self.nnz / max(1, self.heads * self.n_qblocks * self.n_kblocks)
 
+    @property
+    def mean_walk(self) -> float:
+        """Keys in the blocks of a query block row, on average over the rows
+        that have any: how long a forward program's loop is."""
+        rows = int(np.count_nonzero(np.diff(self.kv_ptr, axis=1)))
+        return self.nnz * self.block / max(1, rows)
+
     def kv_rows(self) -> np.ndarray:
         """int64 ``[nnz]``: the flat row ``h * nq + i`` of every kv entry."""
         counts = np.diff(self.kv_ptr, axis=1).ravel()

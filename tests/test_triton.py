@@ -230,6 +230,49 @@ def test_layout_block_smaller_than_the_tiles():
     check_against_reference(fixed(2 * U, U // 2), config=MERGED, n=N_RAGGED + 30)
 
 
+# The 16-bit rows of the default table, long and short walk (config.py):
+# the tiles real runs use, against the reference on a ragged length.
+TABLE_ROWS = [(D, walk) for D in (64, 128) for walk in (None, 0.0)]
+
+
+@pytest.mark.parametrize("D, walk", TABLE_ROWS, ids=[f"D{D}-{'short' if w is not None else 'long'}"
+                                                    for D, w in TABLE_ROWS])
+def test_default_table_rows(D, walk):
+    config = default_config(D, torch.float16, walk=walk)
+    n = 300 if LARGE else 150  # several query and key tiles of every row, the last one ragged
+    check_against_reference(sliding_window(U) | ir.Global(3), D=D, dtype=torch.float16, config=config, n=n, H=1)
+
+
+def test_tiles_follow_the_layouts_walk():
+    """A short mean walk (banded layouts) takes the short-walk row, a long one
+    (causal over many blocks) the long row; float32 and D = 256 have one row."""
+    from patterncc.backends.triton.config import SHORT_WALK
+
+    band = TritonAttention(sliding_window(256))
+    causal = TritonAttention(C)
+    n = 16384
+    band_layout, causal_layout = band.layout(n, 1, 64), causal.layout(n, 1, 64)
+    assert band_layout.mean_walk < SHORT_WALK <= causal_layout.mean_walk
+    for D in (64, 128):
+        assert band.config_for(D, torch.bfloat16, band_layout) == default_config(D, torch.bfloat16, walk=0.0)
+        assert causal.config_for(D, torch.bfloat16, causal_layout) == default_config(D, torch.bfloat16)
+        assert default_config(D, torch.bfloat16, walk=0.0) != default_config(D, torch.bfloat16)
+    for D, dtype in ((256, torch.bfloat16), (64, torch.float32), (128, torch.float32)):
+        assert default_config(D, dtype, walk=0.0) == default_config(D, dtype)
+    given = KernelConfig(block=64)
+    assert TritonAttention(C, config=given).config_for(64, torch.bfloat16, band_layout) is given
+
+
+@pytest.mark.parametrize("pattern", [C, sliding_window(100), ir.Local(3) | ir.Global(2), ir.Block(64) - ir.All()],
+                         ids=["causal", "band", "local_global", "empty"])
+def test_mean_walk_counts_keys_per_nonempty_row(pattern):
+    lay = build_layout(pattern, 1000, 64, 1)
+    dense = lay.to_dense()[0]
+    rows = (dense > 0).any(axis=1)
+    want = (dense > 0).sum() * 64 / max(1, rows.sum())
+    assert lay.mean_walk == pytest.approx(want)
+
+
 @pytest.mark.parametrize("Hkv", [2, 1], ids=["gqa", "mqa"])
 def test_grouped_query_attention(Hkv):
     check_against_reference(sliding_window(U), B=2, H=4, Hkv=Hkv)

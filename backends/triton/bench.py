@@ -333,8 +333,10 @@ BWD_CANDIDATES = [(64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (32, 128, 
 
 
 def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 64, dtype: str = "bfloat16",
-          rep: int = 50) -> str:
-    """Forward and backward time of each candidate tile set (default block) at one shape."""
+          rep: int = 50, fwd=FWD_CANDIDATES, bwd=BWD_CANDIDATES) -> str:
+    """Forward and backward time of each candidate tile set (default block) at
+    one shape: ``fwd`` (M, N, warps, stages) and ``bwd`` (M1, N1, M2, N2,
+    warps, stages) tuples, default the lists above."""
     dt = _DTYPES[dtype]
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=dt, generator=g) for _ in range(4))
@@ -342,10 +344,10 @@ def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 
     base = TritonAttention(pattern).config_for(head_dim, dt)
     lines = [f"sweep: {pattern} n={n} H={heads} D={head_dim} {dtype} (default {base.describe()})",
              "| kernel | tiles (M, N[, M2, N2]), warps, stages | ms |", "|---|---|---|"]
-    for m, nn, w, s in FWD_CANDIDATES:
+    for m, nn, w, s in fwd:
         attn = TritonAttention(pattern, config=replace(base, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s))
         lines.append(f"| forward | {m}x{nn}, {w}, {s} | {_try(lambda: _bench(lambda: attn(q, k, v), rep=rep))} |")
-    for m1, n1, m2, n2, w, s in BWD_CANDIDATES:
+    for m1, n1, m2, n2, w, s in bwd:
         attn = TritonAttention(pattern, config=replace(base, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
                                                        bwd_warps=w, bwd_stages=s))
 
@@ -390,43 +392,45 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
     target = GPUTarget("cuda", capability, 32)
     lines = ["| D | dtype | kernel | tiles, warps, stages | registers | spilled bytes | shared KiB |",
              "|---|---|---|---|---|---|---|"]
-    for dtype in dtypes:
-        for D in head_dims:
-            cfg = config or default_config(D, dtype)
-            module = load_kernels(pattern, cfg)
-            short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-            common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
-            kernels = [
-                ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
-                 f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
-                ("dK/dV", module.attn_bwd_dkdv, dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, NUM_STAGES=cfg.bwd_stages),
-                 f"{cfg.block_m1}x{cfg.block_n1}", cfg.bwd_warps, cfg.bwd_stages),
-                ("dQ", module.attn_bwd_dq, dict(BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, NUM_STAGES=cfg.bwd_stages),
-                 f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
-            ]
-            for name, fn, constexprs, tiles, warps, stages in kernels:
-                constexprs = {**common, **constexprs}
-                signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
-                # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16
-                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                         if signature[a].startswith("*") or a.startswith("stride_")}
-                try:
-                    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                              options=dict(num_warps=warps, num_stages=stages))
-                    regs, stack = "?", "?"
-                    if cuobjdump:
-                        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                            f.write(compiled.asm["cubin"])
-                            f.flush()
-                            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
-                                                   text=True).stdout
-                        found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-                        regs, stack = found.groups() if found else ("?", "?")
-                    lines.append(f"| {D} | {short} | {name} | {tiles}, {warps}, {stages} | {regs} | {stack} "
-                                 f"| {compiled.metadata.shared / 1024:.0f} |")
-                except Exception as err:
-                    lines.append(f"| {D} | {short} | {name} | {tiles}, {warps}, {stages} | failed: "
-                                 f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | |")
+    # every row of the table: the long-walk one, and the short-walk one where it differs
+    configs = [(D, dtype, config or default_config(D, dtype, walk=walk), "" if walk is None else " short")
+               for dtype in dtypes for D in head_dims for walk in (None, 0.0)
+               if walk is None or (config is None and default_config(D, dtype, walk=walk) != default_config(D, dtype))]
+    for D, dtype, cfg, walk_label in configs:
+        module = load_kernels(pattern, cfg)
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+        common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
+        kernels = [
+            ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
+             f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
+            ("dK/dV", module.attn_bwd_dkdv, dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, NUM_STAGES=cfg.bwd_stages),
+             f"{cfg.block_m1}x{cfg.block_n1}", cfg.bwd_warps, cfg.bwd_stages),
+            ("dQ", module.attn_bwd_dq, dict(BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, NUM_STAGES=cfg.bwd_stages),
+             f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
+        ]
+        for name, fn, constexprs, tiles, warps, stages in kernels:
+            constexprs = {**common, **constexprs}
+            signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
+            # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16
+            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                     if signature[a].startswith("*") or a.startswith("stride_")}
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                          options=dict(num_warps=warps, num_stages=stages))
+                regs, stack = "?", "?"
+                if cuobjdump:
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                                               text=True).stdout
+                    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+                    regs, stack = found.groups() if found else ("?", "?")
+                lines.append(f"| {D} | {short}{walk_label} | {name} | {tiles}, {warps}, {stages} | {regs} | {stack} "
+                             f"| {compiled.metadata.shared / 1024:.0f} |")
+            except Exception as err:
+                lines.append(f"| {D} | {short}{walk_label} | {name} | {tiles}, {warps}, {stages} | failed: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | |")
     return "\n".join(lines)
 
 

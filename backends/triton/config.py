@@ -22,34 +22,44 @@ would compute it. The price is a layout with about 4x the entries of block
 128 (host memory and build time, once per sequence length). Tests use
 ``block=16`` with every tile 16.
 
-Defaults for one NVIDIA H100 / H200 (``default_config``). The 16-bit rows
-were chosen by time on the card (``bench/bench_triton.py --sweep``, causal,
-n = 16384, H = 16; PERFORMANCE.md has the tables): at D = 64 the 128 x 64
-forward with 4 warps was within 2% of the best candidate (with 8 warps it is
-1.6x slower), and the 64 x 64 backward with 4 warps and 2 stages beat Flex's
-64 x 128 / 128 x 64 with 8 warps by 29%; at D = 128 the 128 x 128 forward
-with 8 warps beat 128 x 64 by 20%, and the D = 128 backward takes each
-kernel's best alone (``bench/kernel_experiments.py bwd``, causal and
-local_global(512, 64)): dK/dV 32 x 64 with 4 warps (5% slower than 64 x 128
-with 8 on causal, 28% faster on local_global), dQ 64 x 64 with 4 warps
-(15-20% faster than 128 x 64 with 8 on both). The float32 rows (exact products,
-``input_precision="ieee"``, on the FMA units) are small tiles, untimed.
+Defaults for one NVIDIA H100 / H200 (``default_config``) depend on the head
+dim, the dtype and, for 16-bit inputs, on how long the forward's loop is:
+the layout's ``mean_walk`` (keys per query block row, on average over the
+rows that have any). Under ``SHORT_WALK`` keys (banded and planned
+patterns: sliding_window(1024) walks about 1150, local_global(512, 64)
+about 700, a planned strided(128)'s components 100-200) a program spends
+most of its time loading its tile and writing its result, so smaller tiles
+win: more programs per SM, one's loads under another's math. Long walks
+(causal, fixed(128, 32) in natural order) amortize that and want the
+larger tiles' arithmetic intensity. Chosen by time on an H200
+(``gpu_check.sh tiles``, n = 16384, H = 16; PERFORMANCE.md "session 4"):
+D = 64 forward, sliding_window 0.251 ms at 128 x 64 -> 0.208 at 64 x 64 with
+2 stages, causal best at 128 x 64 (64 x 64 is 1% slower); D = 128 forward,
+local_global 0.370 -> 0.277 and sliding_window 0.418 -> 0.386 at 64 x 64,
+causal 2.075 at 128 x 128 against 2.372; D = 128 backward, causal 7.52 ->
+7.10 with dK/dV 64 x 128 and dQ 128 x 64 (8 warps, 3 stages), sliding_window
+1.16 with dK/dV 32 x 64 and dQ 64 x 64 (4 warps) against 1.32 (the long
+column of a global token is walked by one program: a 32-key tile halves
+it). Earlier sweeps (session 2, causal) chose the D = 64 backward: 64 x 64
+with 4 warps beat Flex's 64 x 128 / 128 x 64 with 8 warps by 29%.
+The float32 rows (exact products, ``input_precision="ieee"``, on the FMA
+units) are small tiles, untimed, for every walk.
 ``python bench/bench_triton.py --resources`` compiles the table for sm_90
-without a GPU and reports registers and spills: with Triton 3.9 some
-16-bit entries spill a little (bytes: D = 64 dK/dV 168; D = 128 forward
-336, dK/dV 232, dQ 80), which the measured times include; under Triton 3.6 (the GPU image)
-the report's compile call fails, so it runs where a newer Triton is.
+without a GPU and reports registers and spills (under Triton 3.6, the GPU
+image, its compile call fails, so it runs where a newer Triton is).
 
-======  ===========  ================================  ===========================================
-D       dtype        forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
-======  ===========  ================================  ===========================================
-<= 64   bf16, fp16   128 x 64, 4, 3                    64 x 64 / 64 x 64, 4, 2
-128     bf16, fp16   128 x 128, 8, 3                   32 x 64 / 64 x 64, 4, 2
-256     bf16, fp16   64 x 32, 4, 3                     32 x 32 / 64 x 32, 8, 2
-<= 64   fp32         64 x 32, 8, 2                     32 x 32 / 64 x 32, 8, 1
-128     fp32         32 x 16, 8, 2                     32 x 32 / 32 x 32, 8, 1
-256     fp32         32 x 16, 8, 2                     16 x 32 / 32 x 32, 8, 1
-======  ===========  ================================  ===========================================
+======  ===========  =====  ================================  ===========================================
+D       dtype        walk   forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
+======  ===========  =====  ================================  ===========================================
+<= 64   bf16, fp16   long   128 x 64, 4, 3                    64 x 64 / 64 x 64, 4, 2
+<= 64   bf16, fp16   short  64 x 64, 4, 2                     64 x 64 / 64 x 64, 4, 2
+128     bf16, fp16   long   128 x 128, 8, 3                   64 x 128 / 128 x 64, 8, 3
+128     bf16, fp16   short  64 x 64, 4, 3                     32 x 64 / 64 x 64, 4, 2
+256     bf16, fp16   any    64 x 32, 4, 3                     32 x 32 / 64 x 32, 8, 2
+<= 64   fp32         any    64 x 32, 8, 2                     32 x 32 / 64 x 32, 8, 1
+128     fp32         any    32 x 16, 8, 2                     32 x 32 / 32 x 32, 8, 1
+256     fp32         any    32 x 16, 8, 2                     16 x 32 / 32 x 32, 8, 1
+======  ===========  =====  ================================  ===========================================
 
 Head dims that are not a power of two use the row of the next power of two
 (the runtime pads them with zeros).
@@ -62,6 +72,7 @@ from dataclasses import asdict, dataclass, replace
 MAX_HEAD_DIM = 256
 MIN_TILE = 16  # the smallest M, N and K that tl.dot accepts
 DEFAULT_BLOCK = 64
+SHORT_WALK = 2048  # keys: a layout whose mean_walk is under this takes the short-walk tiles
 
 
 @dataclass(frozen=True)
@@ -103,11 +114,17 @@ class KernelConfig:
 # (16-bit?, padded head dim) -> (forward M, N, warps, stages), (backward M1, N1, M2, N2, warps, stages)
 _H100 = {
     (True, 64): ((128, 64, 4, 3), (64, 64, 64, 64, 4, 2)),
-    (True, 128): ((128, 128, 8, 3), (32, 64, 64, 64, 4, 2)),
+    (True, 128): ((128, 128, 8, 3), (64, 128, 128, 64, 8, 3)),
     (True, 256): ((64, 32, 4, 3), (32, 32, 64, 32, 8, 2)),
     (False, 64): ((64, 32, 8, 2), (32, 32, 64, 32, 8, 1)),
     (False, 128): ((32, 16, 8, 2), (32, 32, 32, 32, 8, 1)),
     (False, 256): ((32, 16, 8, 2), (16, 32, 32, 32, 8, 1)),
+}
+
+# the 16-bit rows for layouts with a short walk
+_H100_SHORT = {
+    (True, 64): ((64, 64, 4, 2), (64, 64, 64, 64, 4, 2)),
+    (True, 128): ((64, 64, 4, 3), (32, 64, 64, 64, 4, 2)),
 }
 
 _DTYPES = {"bfloat16": True, "float16": True, "float32": False}
@@ -118,16 +135,21 @@ def padded_head_dim(head_dim: int) -> int:
     return max(MIN_TILE, 1 << (head_dim - 1).bit_length())
 
 
-def default_config(head_dim: int = 64, dtype="bfloat16", block: int | None = None) -> KernelConfig:
+def default_config(head_dim: int = 64, dtype="bfloat16", block: int | None = None,
+                   walk: float | None = None) -> KernelConfig:
     """The H100 table's entry for ``head_dim`` and ``dtype`` (a torch dtype or
-    its name), with layout block ``block`` (default 64)."""
+    its name), with layout block ``block`` (default 64); ``walk``, the
+    layout's ``mean_walk``, picks the short-walk row under ``SHORT_WALK``
+    (None: the long-walk row)."""
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of bfloat16, float16, float32; got {dtype!r}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be an integer in 1..{MAX_HEAD_DIM}, got {head_dim=!r}")
     row = max(64, padded_head_dim(head_dim))
-    (m, n, fw, fs), (m1, n1, m2, n2, bw, bs) = _H100[(_DTYPES[name], row)]
+    key = (_DTYPES[name], row)
+    short = walk is not None and walk < SHORT_WALK and key in _H100_SHORT
+    (m, n, fw, fs), (m1, n1, m2, n2, bw, bs) = (_H100_SHORT if short else _H100)[key]
     cfg = KernelConfig(DEFAULT_BLOCK, m, n, fw, fs, m1, n1, m2, n2, bw, bs)
     if block is None or block == cfg.block:
         return cfg

@@ -32,6 +32,7 @@ import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ from patterncc.errors import LimitError
 from patterncc.backends.reference.attention import check_scale as _check_scale
 
 from . import cache, codegen, tables
-from .config import MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
+from .launch import Launcher
+from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (batch * heads here)
@@ -94,9 +96,11 @@ class TritonAttention:
         o, lse = attend(q, k, v, scale, lambda q, k: [(self.launcher(*launch_key(q, k)), SlotOrder())])
         return (o, lse) if return_lse else o
 
-    def config_for(self, head_dim: int, dtype) -> KernelConfig:
-        """The kernel configuration used for this head dim (padded) and dtype."""
-        return self.config or default_config(padded_head_dim(head_dim), dtype, self.block)
+    def config_for(self, head_dim: int, dtype, layout: BlockLayout | None = None) -> KernelConfig:
+        """The kernel configuration for this head dim (padded), dtype and
+        layout (its ``mean_walk`` picks the tiles: config.py)."""
+        walk = None if layout is None else layout.mean_walk
+        return self.config or default_config(padded_head_dim(head_dim), dtype, self.block, walk=walk)
 
     def launcher(self, n: int, H: int, Hkv: int, head_dim: int, dtype, device) -> "_Run":
         """The cached kernels, tables and config for one shape (``prepare`` on a miss)."""
@@ -107,9 +111,9 @@ class TritonAttention:
         """Everything one call needs, built once per shape and cached."""
         run_key = (n, H, Hkv, head_dim, dtype, device)
         device = torch.device(device)
-        config = self.config_for(head_dim, dtype)
+        lay = self.layout(n, H, self.config.block if self.config else (self.block or DEFAULT_BLOCK))
+        config = self.config_for(head_dim, dtype, lay)
         module = self.kernels(n, config, device)
-        lay = self.layout(n, H, config.block)
         key = (n, H, Hkv, str(device), config)
         if key not in self._tables:
             self._tables[key] = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device)
@@ -339,6 +343,12 @@ class _Run:
     n: int
     dtype: torch.dtype
 
+    @cached_property
+    def kernels(self) -> dict[str, Launcher]:
+        """The module's four kernels, each behind a ``Launcher`` (launch.py)."""
+        names = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
+        return {name: Launcher(getattr(self.module, name)) for name in names}
+
     def _constexprs(self):
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
                     DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
@@ -362,8 +372,8 @@ class _Run:
         if o_in is not None and (o_in.stride() != o.stride() or lse_in.stride() != lse.stride()):
             raise AssertionError("o_in and lse_in must have o's and lse's strides")
         grid = (triton_cdiv(n, cfg.block_m), B * H)
-        self.module.attn_fwd[grid](
-            q, k, v, o, lse, o if o_in is None else o_in, lse if lse_in is None else lse_in, t.random, *t.fwd,
+        self.kernels["attn_fwd"](
+            grid, q, k, v, o, lse, o if o_in is None else o_in, lse if lse_in is None else lse_in, t.random, *t.fwd,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
@@ -375,8 +385,8 @@ class _Run:
         """fp32 ``[B, H, n]``: rowsum(dO * O); an lse gradient enters as delta - dlse."""
         B, H, n, D = o.shape
         delta = torch.empty((B, H, n), dtype=torch.float32, device=o.device)
-        self.module.attn_bwd_preprocess[(triton_cdiv(n, self.config.block_m2), B * H)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H,
+        self.kernels["attn_bwd_preprocess"](
+            (triton_cdiv(n, self.config.block_m2), B * H), o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H,
             HEAD_DIM=D, BLOCK_M=self.config.block_m2)
         if dlse is not None:
             delta = delta - dlse.to(torch.float32)
@@ -388,8 +398,8 @@ class _Run:
         given ``delta`` (a planned run passes the merged ones to every component)."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
-        self.module.attn_bwd_dkdv[(triton_cdiv(self.n, cfg.block_n1), B * self.Hkv)](
-            q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
+        self.kernels["attn_bwd_dkdv"](
+            (triton_cdiv(self.n, cfg.block_n1), B * self.Hkv), q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
             t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
@@ -400,8 +410,8 @@ class _Run:
         """Write this launch's dq (plus ``dq_in`` if given) into ``dq``."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
-        self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
-            q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
+        self.kernels["attn_bwd_dq"](
+            (triton_cdiv(self.n, cfg.block_m2), B * H), q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
