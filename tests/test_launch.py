@@ -129,3 +129,30 @@ def test_tail_binds_constexprs_and_defaults_in_signature_order():
     assert launch._tail(kernel_fn, (1, 2, 3, 4.0), dict(FLAG=False, BLOCK=8)) == (8, False)
     with pytest.raises(TypeError, match="BLOCK"):
         launch._tail(kernel_fn, (1, 2, 3, 4.0), {})
+
+
+def test_hook_chains_count_only_when_they_hold_a_hook():
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not launch._active(None) and not launch._active(Chain([]))
+    assert launch._active(Chain([print])) and launch._active(print)
+
+
+def test_scalars_before_tensors_keep_tritons_path(direct):
+    """The key assumes tensors first; a kernel taking them otherwise is never launched directly."""
+    def mixed(n, X, BLOCK):
+        """n first, then a pointer."""
+
+    fn = JITStandIn()
+    fn.fn = mixed
+    go = launch.Launcher(fn)
+    for _ in range(3):
+        go((1,), 5, torch.zeros(4), BLOCK=16)
+    assert len(fn.launches) == 3 and not go.direct
+
+
+def test_the_installed_triton_has_no_hook_by_default():
+    """Triton 3.6+ keeps empty hook chains: they must not send every launch down Triton's path."""
+    assert not launch._hooked()

@@ -34,7 +34,8 @@ win: more programs per SM, one's loads under another's math. Long walks
 larger tiles' arithmetic intensity. Chosen by time on an H200
 (``gpu_check.sh tiles``, n = 16384, H = 16; PERFORMANCE.md "session 4"):
 D = 64 forward, sliding_window 0.251 ms at 128 x 64 -> 0.208 at 64 x 64 with
-2 stages, causal best at 128 x 64 (64 x 64 is 1% slower); D = 128 forward,
+2 stages; for long walks 128 x 64 stays (64 x 128 was 7% faster on causal
+at 16384 but 3% slower at 65536 and 2x slower on fixed(128, 32)); D = 128 forward,
 local_global 0.370 -> 0.277 and sliding_window 0.418 -> 0.386 at 64 x 64,
 causal 2.075 at 128 x 128 against 2.372; D = 128 backward, causal 7.52 ->
 7.10 with dK/dV 64 x 128 and dQ 128 x 64 (8 warps, 3 stages), sliding_window
