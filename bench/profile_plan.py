@@ -117,32 +117,19 @@ def host_split(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     launches = impl.launches(runs, qd, kd)
     launch, order = launches[0]
     o, lse = launch.forward(qd, kd, vd, scale, order)
-    kernels = [kernel for run, _ in launches for kernel in run.kernels.values()]
-
-    def triton_path(on: bool):
-        for kernel in kernels:
-            kernel.direct = not on
-
-    triton_path(False)
     grad = lambda: attn(q, k, v)  # noqa: E731
     no_grad = lambda: attn(qd, kd, vd)  # noqa: E731
     rows = [("planned forward, inputs requiring grad", grad),
             ("planned forward, no_grad inputs", no_grad),
             ("planned forward, inputs requiring grad (again)", grad),
             ("planned forward, no_grad inputs (again)", no_grad),
-            ("one component's kernel launch (outputs given), direct", lambda: launch.forward(qd, kd, vd, scale, order, o, lse)),
+            ("one component's kernel launch (outputs given)", lambda: launch.forward(qd, kd, vd, scale, order, o, lse)),
             ("autograd round trip alone, inputs requiring grad", lambda: _Identity.apply(q, k, v, scale, launches)),
             ("autograd round trip alone, no_grad inputs", lambda: _Identity.apply(qd, kd, vd, scale, launches)),
             ("torch.empty of o's shape", lambda: torch.empty(shape, dtype=torch.bfloat16, device="cuda"))]
     lines = [f"### host cost, {pattern}, n = {n} ({len(plan.components)} components)", "",
              "| what | host us per call |", "|---|---|"]
     lines += [f"| {label} | {_host_us(fn):.1f} |" for label, fn in rows]
-    triton_path(True)
-    lines += [f"| planned forward, inputs requiring grad, Triton's launch path | {_host_us(grad):.1f} |",
-              f"| one component's kernel launch, Triton's launch path | "
-              f"{_host_us(lambda: launch.forward(qd, kd, vd, scale, order, o, lse)):.1f} |"]
-    bench_triton_path = do_bench(grad, return_mode="median")
-    triton_path(False)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
@@ -153,7 +140,6 @@ def host_split(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     lines += ["", "| planned forward | ms |", "|---|---|",
               f"| do_bench median, inputs requiring grad (as bench_triton.py) | "
               f"{do_bench(grad, return_mode='median'):.3f} |",
-              f"| do_bench median, Triton's launch path | {bench_triton_path:.3f} |",
               f"| GPU alone: do_bench median of a CUDA graph replay | {replay} |"]
     prof = cProfile.Profile()
     torch.cuda._sleep(int(2e9))

@@ -32,7 +32,6 @@ import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -45,7 +44,6 @@ from patterncc.errors import LimitError
 from patterncc.backends.reference.attention import check_scale as _check_scale
 
 from . import cache, codegen, tables
-from .launch import Launcher
 from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -343,12 +341,6 @@ class _Run:
     n: int
     dtype: torch.dtype
 
-    @cached_property
-    def kernels(self) -> dict[str, Launcher]:
-        """The module's four kernels, each behind a ``Launcher`` (launch.py)."""
-        names = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
-        return {name: Launcher(getattr(self.module, name)) for name in names}
-
     def _constexprs(self):
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
                     DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
@@ -372,8 +364,8 @@ class _Run:
         if o_in is not None and (o_in.stride() != o.stride() or lse_in.stride() != lse.stride()):
             raise AssertionError("o_in and lse_in must have o's and lse's strides")
         grid = (triton_cdiv(n, cfg.block_m), B * H)
-        self.kernels["attn_fwd"](
-            grid, q, k, v, o, lse, o if o_in is None else o_in, lse if lse_in is None else lse_in, t.random, *t.fwd,
+        self.module.attn_fwd[grid](
+            q, k, v, o, lse, o if o_in is None else o_in, lse if lse_in is None else lse_in, t.random, *t.fwd,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
@@ -385,8 +377,8 @@ class _Run:
         """fp32 ``[B, H, n]``: rowsum(dO * O); an lse gradient enters as delta - dlse."""
         B, H, n, D = o.shape
         delta = torch.empty((B, H, n), dtype=torch.float32, device=o.device)
-        self.kernels["attn_bwd_preprocess"](
-            (triton_cdiv(n, self.config.block_m2), B * H), o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H,
+        self.module.attn_bwd_preprocess[(triton_cdiv(n, self.config.block_m2), B * H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H,
             HEAD_DIM=D, BLOCK_M=self.config.block_m2)
         if dlse is not None:
             delta = delta - dlse.to(torch.float32)
@@ -398,8 +390,8 @@ class _Run:
         given ``delta`` (a planned run passes the merged ones to every component)."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
-        self.kernels["attn_bwd_dkdv"](
-            (triton_cdiv(self.n, cfg.block_n1), B * self.Hkv), q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
+        self.module.attn_bwd_dkdv[(triton_cdiv(self.n, cfg.block_n1), B * self.Hkv)](
+            q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
             t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
@@ -410,8 +402,8 @@ class _Run:
         """Write this launch's dq (plus ``dq_in`` if given) into ``dq``."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
-        self.kernels["attn_bwd_dq"](
-            (triton_cdiv(self.n, cfg.block_m2), B * H), q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
+        self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
+            q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
