@@ -26,8 +26,9 @@ Defaults for one NVIDIA H100 / H200 (``default_config``) depend on the head
 dim, the dtype and, for 16-bit inputs, on how long the forward's loop is:
 the layout's ``mean_walk`` (keys per query block row, on average over the
 rows that have any). Under ``SHORT_WALK`` keys (banded and planned
-patterns: sliding_window(1024) walks about 1150, local_global(512, 64)
-about 700, a planned strided(128)'s components 100-200) a program spends
+patterns: at n = 16384 sliding_window(1024) walks 1054, local_global(512,
+64) 629, a planned strided(128)'s components 191 and 96; causal 8224,
+fixed(128, 32) in natural order 4160) a program spends
 most of its time loading its tile and writing its result, so smaller tiles
 win: more programs per SM, one's loads under another's math. Long walks
 (causal, fixed(128, 32) in natural order) amortize that and want the
@@ -47,7 +48,10 @@ The float32 rows (exact products, ``input_precision="ieee"``, on the FMA
 units) are small tiles, untimed, for every walk.
 ``python bench/bench_triton.py --resources`` compiles the table for sm_90
 without a GPU and reports registers and spills (under Triton 3.6, the GPU
-image, its compile call fails, so it runs where a newer Triton is).
+image, its compile call fails, so it runs where a newer Triton is): with
+Triton 3.9 some 16-bit entries spill (bytes: D = 64 dK/dV 168; D = 128
+long forward 336 and dK/dV 472, short dK/dV 232 and dQ 80), which the
+measured times include.
 
 ======  ===========  =====  ================================  ===========================================
 D       dtype        walk   forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
