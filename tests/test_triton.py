@@ -235,11 +235,12 @@ def test_layout_block_smaller_than_the_tiles():
 TABLE_ROWS = [(D, walk) for D in (64, 128) for walk in (None, 0.0)]
 
 
+@pytest.mark.parametrize("n", [300 if LARGE else 150, 1], ids=["ragged", "n1"])
 @pytest.mark.parametrize("D, walk", TABLE_ROWS, ids=[f"D{D}-{'short' if w is not None else 'long'}"
                                                     for D, w in TABLE_ROWS])
-def test_default_table_rows(D, walk):
+def test_default_table_rows(D, walk, n):
+    """Several query and key tiles of every row, the last one ragged; and one token."""
     config = default_config(D, torch.float16, walk=walk)
-    n = 300 if LARGE else 150  # several query and key tiles of every row, the last one ragged
     check_against_reference(sliding_window(U) | ir.Global(3), D=D, dtype=torch.float16, config=config, n=n, H=1)
 
 
@@ -344,6 +345,17 @@ def test_new_length_reuses_the_module_unless_arguments_use_n():
     assert attn.kernels(20, cfg) is attn.kernels(30, cfg)
     sym = TritonAttention(STANDARD["symbolic"], config=CONFIG)
     assert sym.kernels(20, cfg) is not sym.kernels(30, cfg)
+
+
+def test_default_tiles_give_at_most_two_modules_over_lengths():
+    """With the default table a length can move the layout's walk across
+    SHORT_WALK (causal: short at 1000, long at 9000): one module per tile
+    set, shared by every length on the same side."""
+    attn = TritonAttention(C)
+    configs = {n: attn.config_for(64, torch.bfloat16, attn.layout(n, 1, 64)) for n in (100, 1000, 5000, 9000)}
+    assert configs[100] == configs[1000] != configs[5000] == configs[9000]
+    assert attn.kernels(100, configs[100]) is attn.kernels(1000, configs[1000])
+    assert attn.kernels(5000, configs[5000]) is attn.kernels(9000, configs[9000])
 
 
 @settings(max_examples=8 if not LARGE else 6, deadline=None, database=None,

@@ -23,7 +23,9 @@ pass as ``delta - dlse``), which is what merging partial results needs.
 Caches: layouts and the device tables derived from them per
 ``(n, H, Hkv, device, config)``; kernel modules per (pattern, config, device
 capability), on disk (``cache.py``), regenerated for a new length only when
-the pattern's arguments use ``n``.
+the pattern's arguments use ``n``. The default tiles depend on the layout's
+mean walk (config.py), so lengths on either side of ``SHORT_WALK`` use two
+modules (compiled once each), not one per length.
 """
 
 from __future__ import annotations
