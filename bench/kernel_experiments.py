@@ -288,12 +288,18 @@ def _tma_launcher(module, run, q, k, v, scale, run_mode: bool):
 DKDV_CANDIDATES = {  # (block_m1, block_n1, warps, stages)
     64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3)],
     128: [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2),
-          (64, 64, 8, 2), (16, 128, 8, 2), (64, 128, 8, 1)],
+          (64, 64, 8, 2), (16, 128, 8, 2), (64, 128, 8, 1),
+          # not yet timed: no spills with 8 warps (248 registers; 4 warps spill 232 bytes), and
+          # one stage (48 KiB of shared memory against 98), from `bench_triton.py --resources`
+          (32, 64, 8, 2), (32, 64, 4, 1)],
 }
 DQ_CANDIDATES = {  # (block_m2, block_n2, warps, stages)
     64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2), (64, 64, 4, 3)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2),
-          (128, 32, 4, 2), (64, 128, 8, 2), (128, 64, 8, 1)],
+          (128, 32, 4, 2), (64, 128, 8, 2), (128, 64, 8, 1),
+          # not yet timed: 64 x 64 with 4 warps takes 161 KiB of shared memory at 2 stages (one
+          # program per SM), 64 KiB at one stage; 64 x 32 at one stage 48 KiB
+          (64, 64, 4, 1), (64, 32, 4, 1)],
 }
 
 
