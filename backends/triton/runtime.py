@@ -489,68 +489,56 @@ def _launch_order(covers) -> list[int]:
 
 def _merged(launches, q, k, v, scale):
     """o (q's dtype) and lse (fp32) of several launches merged by
-    log-sum-exp, inside the forward kernels (``MERGE_IN``): the first writes
-    an fp32 running pair, each later one merges its result into it, and the
-    last, if it covers every token, writes o in q's dtype (the running pair
-    is fp32 so that the merge rounds once). Gathered query rows cover only
-    some tokens: a running pair they start holds o = 0, lse = -inf elsewhere."""
-    if len(launches) == 1:
-        run, order = launches[0]
-        return run.forward(q, k, v, scale, order)
-    covers = [order.q != 2 for _, order in launches]
-    seq = _launch_order(covers)
+    log-sum-exp inside the forward kernels (``MERGE_IN``), through
+    ``_accumulated``: tokens no launch reaches keep o = 0, lse = -inf."""
     B, H, n, D = q.shape
-    if covers[seq[0]]:
-        acc = torch.empty((B, H, n, D), dtype=torch.float32, device=q.device)
-        acc_lse = torch.empty((B, H, n), dtype=torch.float32, device=q.device)
-    else:
-        acc = torch.zeros((B, H, n, D), dtype=torch.float32, device=q.device)
-        acc_lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32, device=q.device)
-    run, order = launches[seq[0]]
-    run.forward(q, k, v, scale, order, acc, acc_lse)
-    for i in seq[1:-1]:
-        run, order = launches[i]
-        run.forward(q, k, v, scale, order, acc, acc_lse, acc, acc_lse)
-    run, order = launches[seq[-1]]
-    if covers[seq[-1]]:
-        o = torch.empty((B, H, n, D), dtype=q.dtype, device=q.device)  # acc's strides: the kernel reads both
-        lse = torch.empty_like(acc_lse)
-        run.forward(q, k, v, scale, order, o, lse, acc, acc_lse)
-        return o, lse
-    run.forward(q, k, v, scale, order, acc, acc_lse, acc, acc_lse)
-    return acc.to(q.dtype), acc_lse
+    outputs = (((B, H, n, D), q.dtype, 0.0), ((B, H, n), torch.float32, float("-inf")))
+    return _accumulated([order.q != 2 for _, order in launches], outputs, q.device,
+                        lambda i, outs, ins: launches[i][0].forward(q, k, v, scale, launches[i][1], *outs, *ins))
 
 
 def _summed(covers, like, launch):
     """Gradients (shaped and typed as ``like``) summed over launches inside
-    the kernels: ``launch(i, outs, ins)`` writes launch i's gradients plus
-    ``ins`` (fp32, or ``()``) into ``outs``. ``covers[i]``: launch i writes
-    every token (natural and residue orders do; gathered columns do not, and
-    the tokens they skip must read zero).
+    the kernels, through ``_accumulated``: tokens no launch reaches get zero."""
+    return _accumulated(covers, tuple((x.shape, x.dtype, 0.0) for x in like), like[0].device, launch)
 
-    The sum runs in fp32 and is rounded once: the first launch writes an fp32
-    buffer, each later one adds to it, and the last one, if it covers every
-    token, writes the inputs' dtype directly; a covering launch goes last and
-    another first where there is one (``_launch_order``), so the buffer
-    needs no zero fill and the result no cast."""
+
+def _accumulated(covers, outputs, device, launch):
+    """Outputs combined over launches inside the kernels (the forward's
+    log-sum-exp merge, the backward's gradient sums). ``outputs``: ``(shape,
+    dtype, blank)`` per output, ``blank`` the value of a token no launch
+    reaches; ``launch(i, outs, ins)`` writes launch i's result combined with
+    ``ins`` (the fp32 running outputs, or ``()``) into ``outs``;
+    ``covers[i]``: launch i writes every token (natural and residue orders
+    do; gathered rows or columns do not).
+
+    The running outputs are fp32 so that the result rounds once: the first
+    launch writes them, each later one combines into them, and the last, if
+    it covers every token, writes the outputs' dtypes directly. A covering
+    launch goes last and another first where there is one
+    (``_launch_order``), so the running outputs need no fill and the
+    result no cast."""
+
+    def new(final: bool, blank: bool):
+        return tuple(torch.full(shape, fill, dtype=dtype if final else torch.float32, device=device) if blank
+                     else torch.empty(shape, dtype=dtype if final else torch.float32, device=device)
+                     for shape, dtype, fill in outputs)
+
     if len(covers) == 1:
-        outs = tuple((torch.empty if covers[0] else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
-                     for x in like)
+        outs = new(final=True, blank=not covers[0])
         launch(0, outs, ())
         return outs
     seq = _launch_order(covers)
-    first, last = seq[0], seq[-1]
-    acc = tuple((torch.empty if covers[first] else torch.zeros)(x.shape, dtype=torch.float32, device=x.device)
-                for x in like)
-    launch(first, acc, ())
+    acc = new(final=False, blank=not covers[seq[0]])
+    launch(seq[0], acc, ())
     for i in seq[1:-1]:
         launch(i, acc, acc)
-    if covers[last]:
-        outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in like)
-        launch(last, outs, acc)
+    if covers[seq[-1]]:
+        outs = new(final=True, blank=False)  # acc's strides: the kernels read both
+        launch(seq[-1], outs, acc)
         return outs
-    launch(last, acc, acc)
-    return tuple(a.to(x.dtype) for a, x in zip(acc, like))
+    launch(seq[-1], acc, acc)
+    return tuple(a.to(dtype) for a, (_, dtype, _) in zip(acc, outputs))
 
 
 def _on_device_of(x: torch.Tensor):
