@@ -134,7 +134,7 @@ def full_runs(lists: StepLists) -> Runs:
     first = np.ones(steps.size, dtype=bool)
     first[1:] = (steps[1:] != steps[:-1] + 1) | (row[1:] != row[:-1])
     starts = np.flatnonzero(first)
-    lasts = np.append(starts[1:], steps.size) - 1
+    lasts = np.append(starts[1:], steps.size)[: starts.size] - 1  # the slice: no runs, no lasts
     bounds = np.stack([steps[starts], steps[lasts] + 1], axis=1).ravel().astype(np.int32)
     return Runs(_pointers(row[starts], rows), bounds)
 
