@@ -344,6 +344,37 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int) ->
                 lines.append(f"| {pattern} | {n} | {head_dim} | {kind} | {m}x{nn}, {w}, {s} | failed: "
                              f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''} | |")
             print(lines[-1], flush=True)
+    default = TritonAttention(pat).prepare(n, heads, heads, head_dim, dt, q.device)  # tiles by the layout's walk
+    lines += _overlap(default, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+    return lines
+
+
+def _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> list[str]:
+    """The default tiles' dK/dV and dQ launches one after the other (as the
+    backward runs them) and on two streams (dQ beside dK/dV): what a single
+    launch holding both kinds of program (FlexAttention's) could gain from
+    filling the first launch's last wave with the second's programs."""
+    dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+    side = torch.cuda.Stream() if DEVICE == "cuda" else None
+
+    def serial():
+        run.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)
+        run.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)
+
+    def paired():
+        if side is None:
+            return serial()
+        side.wait_stream(torch.cuda.current_stream())
+        run.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)
+        with torch.cuda.stream(side):
+            run.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)
+        torch.cuda.current_stream().wait_stream(side)
+
+    lines = []
+    for name, fn in (("dkdv then dq", serial), ("dkdv beside dq (two streams)", paired)):
+        fn()
+        lines.append(f"| {pattern} | {n} | {head_dim} | {name} | {run.config.describe()} | {_time(fn, rep):.3f} | |")
+        print(lines[-1], flush=True)
     return lines
 
 
