@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    pattern = PATTERNS.get(args.pattern) or pcc.parse(args.pattern)
+    pattern = PATTERNS[args.pattern] if args.pattern in PATTERNS else pcc.parse(args.pattern)
     n, H, D = args.seq_len, args.heads, args.head_dim
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
