@@ -2,6 +2,8 @@
 
     python bench/flex_profile.py --pattern "sliding_window(1024)" --seq-len 16384 --head-dim 128 \
         [--source flex_kernels.py]
+    ncu --clock-control none -k regex:attn_bwd_dkdv --launch-count 1 --section SpeedOfLight \
+        python bench/flex_profile.py --plain
 
 Runs forward+backward of both on the same inputs under ``torch.profiler``
 and prints every GPU kernel's mean time per call (what each backward spends
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--source", help="write Inductor's Triton source for Flex's kernels here")
+    ap.add_argument("--plain", action="store_true",
+                    help="run each forward+backward twice, no profiler (for running under ncu)")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -79,8 +83,12 @@ def main() -> None:
         return lambda: torch.autograd.backward(f(), do)
 
     print(f"{args.pattern}, n={n}, H={H}, D={D}, bf16; {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    report("FlexAttention", kernel_times(step(lambda: flex(q, k, v, block_mask=bm)), args.iters))
-    report("patterncc", kernel_times(step(lambda: attn(q, k, v)), args.iters))
+    for who, f in (("FlexAttention", lambda: flex(q, k, v, block_mask=bm)), ("patterncc", lambda: attn(q, k, v))):
+        if args.plain:
+            step(f)(), step(f)()
+            torch.cuda.synchronize()
+        else:
+            report(who, kernel_times(step(f), args.iters))
 
     if args.source:
         root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or f"/tmp/torchinductor_{os.environ.get('USER', 'root')}"
