@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--source", help="write Inductor's Triton source for Flex's kernels here")
+    ap.add_argument("--only", choices=("flex", "pcc"), help="run one of the two")
     ap.add_argument("--plain", action="store_true",
                     help="run each forward+backward twice, no profiler (for running under ncu)")
     args = ap.parse_args()
@@ -84,6 +85,8 @@ def main() -> None:
 
     print(f"{args.pattern}, n={n}, H={H}, D={D}, bf16; {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for who, f in (("FlexAttention", lambda: flex(q, k, v, block_mask=bm)), ("patterncc", lambda: attn(q, k, v))):
+        if args.only and who != {"flex": "FlexAttention", "pcc": "patterncc"}[args.only]:
+            continue
         if args.plain:
             step(f)(), step(f)()
             torch.cuda.synchronize()

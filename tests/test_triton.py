@@ -294,6 +294,21 @@ def test_scale_and_lse_gradient():
     check_against_reference(fixed(2 * U, 3), scale=0.3, lse_grad=True)
 
 
+def test_delta_pass_only_where_needed(monkeypatch):
+    """One launch writes delta in its dQ programs (no pass of its own over O
+    and dO); an lse gradient (delta - dlse) takes the separate pass. Both
+    against the reference."""
+    from patterncc.backends.triton import runtime
+
+    passes = []
+    real = runtime._Run.delta
+    monkeypatch.setattr(runtime._Run, "delta", lambda self, *args: passes.append(1) or real(self, *args))
+    check_against_reference(fixed(2 * U, 3), H=3, Hkv=1, seed=4)
+    assert passes == []
+    check_against_reference(fixed(2 * U, 3), scale=0.3, lse_grad=True)
+    assert passes == [1]
+
+
 @pytest.mark.parametrize("scale", [-0.4, 0.0])
 def test_negative_and_zero_scale(scale):
     """The forward kernel moves the scale's sign into q (its FULL steps fold

@@ -450,20 +450,26 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
 
 
 @triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
+def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                 stride_qb, stride_qh, stride_qn,  #
                 stride_kb, stride_kh, stride_kn,  #
                 stride_vb, stride_vh, stride_vn,  #
                 stride_dob, stride_doh, stride_don,  #
+                stride_ob, stride_oh, stride_on,  #
                 stride_dqb, stride_dqh, stride_dqn,  #
                 sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                 Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
-                FULL_RUNS: tl.constexpr = False):
+                FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
-    FULL_RUNS as in attn_fwd)."""
+    FULL_RUNS as in attn_fwd).
+
+    WRITE_DELTA: compute this tile's delta from O and dO (already loaded for
+    dQ) and write it to DELTA, instead of reading it there: a launch whose
+    dQ programs reach every query then spares the backward its delta pass (a
+    read of O and dO of its own), and dK/dV runs after it."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M2 >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N2 >= 16, "tl.dot needs tiles of at least 16")
@@ -489,7 +495,13 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
                  + q_tok[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=q_in, other=0.0)
     lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0) * 1.44269504  # 1/ln(2)
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0)
+    if WRITE_DELTA:
+        o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+                    + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :], mask=q_in, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + off_bh.to(tl.int64) * N_TOK + q_tok, delta, mask=q_ok)
+    else:
+        delta = tl.load(DELTA + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0)
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]

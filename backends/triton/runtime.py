@@ -400,16 +400,19 @@ class _Run:
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_runs, **self._backward_constexprs())
 
-    def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None):
-        """Write this launch's dq (plus ``dq_in`` if given) into ``dq``."""
+    def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None, o=None):
+        """Write this launch's dq (plus ``dq_in`` if given) into ``dq``; given
+        ``o``, also write ``delta`` (rowsum(dO * O), every query this launch
+        reaches) rather than read it."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
         self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
-            q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            q, k, v, do, do if o is None else o, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *(do if o is None else o).stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, **self._backward_constexprs())
+            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, WRITE_DELTA=o is not None, **self._backward_constexprs())
 
     def _backward_constexprs(self):
         cfg = self.config
@@ -467,12 +470,17 @@ class _AttentionFunction(torch.autograd.Function):
         do = do if do.stride(-1) == 1 else do.contiguous()
         with _on_device_of(q):
             launches = ctx.launches
-            delta = launches[0][0].delta(o, do, dlse)  # merged: the same for every launch
+            # delta, merged: the same for every launch. One launch that reaches
+            # every query writes it in its dQ programs (they load dO anyway);
+            # otherwise, or with an lse gradient to take in, a pass of its own.
+            in_dq = len(launches) == 1 and launches[0][1].q != 2 and dlse is None
+            delta = torch.empty_like(lse) if in_dq else launches[0][0].delta(o, do, dlse)
             args = (q, k, v, lse, do, delta, ctx.scale)
+            (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
+                            lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
+                                                                   o=o if in_dq else None))
             dk, dv = _summed([order.k != 2 for _, order in launches], (k, v),
                              lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins))
-            (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
-                            lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins))
         return dq, dk, dv, None, None
 
 
