@@ -303,7 +303,11 @@ DQ_CANDIDATES = {  # (block_m2, block_n2, warps, stages)
 }
 
 
-def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int) -> list[str]:
+def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, candidates: bool = True,
+                   pairs=()) -> list[str]:
+    """Each backward kernel over the candidates (``candidates``), then the
+    default tiles' two kernels in sequence and side by side, and the same
+    for each of ``pairs`` ((block_m1, block_n1, block_m2, block_n2, warps, stages))."""
     pat = pcc.parse(pattern)
     dt = torch.bfloat16
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -321,8 +325,9 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int) ->
         fields.update(tiles)
         return KernelConfig(**fields)
 
-    for kind, candidates in (("dkdv", DKDV_CANDIDATES[head_dim]), ("dq", DQ_CANDIDATES[head_dim])):
-        for m, nn, w, s in candidates:
+    lists = (("dkdv", DKDV_CANDIDATES[head_dim]), ("dq", DQ_CANDIDATES[head_dim])) if candidates else ()
+    for kind, tried in lists:
+        for m, nn, w, s in tried:
             tiles = (dict(block_m1=m, block_n1=nn, bwd_warps=w, bwd_stages=s) if kind == "dkdv"
                      else dict(block_m2=m, block_n2=nn, bwd_warps=w, bwd_stages=s))
             try:
@@ -346,6 +351,10 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int) ->
             print(lines[-1], flush=True)
     default = TritonAttention(pat).prepare(n, heads, heads, head_dim, dt, q.device)  # tiles by the layout's walk
     lines += _overlap(default, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+    for m1, n1, m2, n2, w, s in pairs:
+        run = TritonAttention(pat, config=config(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2, bwd_warps=w,
+                                                 bwd_stages=s)).prepare(n, heads, heads, head_dim, dt, q.device)
+        lines += _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
     return lines
 
 
@@ -378,6 +387,13 @@ def _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> 
     return lines
 
 
+def _pair(text: str) -> tuple[int, ...]:
+    """"64x128/128x64:8:3" -> (64, 128, 128, 64, 8, 3)."""
+    tiles, warps, stages = text.split(":")
+    (m1, n1), (m2, n2) = (map(int, t.split("x")) for t in tiles.split("/"))
+    return m1, n1, m2, n2, int(warps), int(stages)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("fwd", "bwd"))
@@ -387,6 +403,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["base", "run", "run+ptr", "run+ffma", "tma", "tma+run"])
+    ap.add_argument("--no-candidates", action="store_true", help="bwd: leave out the per-kernel candidates")
+    ap.add_argument("--pairs", nargs="*", default=[], type=_pair, metavar="M1xN1/M2xN2:W:S",
+                    help="bwd: backward tile sets to time in sequence and side by side too")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (dry run)'}", flush=True)
     if args.what == "fwd":
@@ -400,7 +419,7 @@ def main() -> None:
                 if args.what == "fwd":
                     fwd_experiment(pattern, n, d, args.heads, args.rep, args.variants)
                 else:
-                    bwd_experiment(pattern, n, d, args.heads, args.rep)
+                    bwd_experiment(pattern, n, d, args.heads, args.rep, not args.no_candidates, args.pairs)
 
 
 if __name__ == "__main__":
