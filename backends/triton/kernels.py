@@ -239,7 +239,9 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
 
 
 # ----------------------------------------------------------------------------
-# Backward, 1 of 3: delta = rowsum(dO * O), one program per (query tile, batch * head)
+# Backward, 1 of 3: delta = rowsum(dO * O), one program per (query tile, batch * head).
+# Only where no single launch reaches every query (planned runs) or an lse
+# gradient enters; otherwise attn_bwd_dq writes delta (WRITE_DELTA).
 # ----------------------------------------------------------------------------
 
 
