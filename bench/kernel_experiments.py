@@ -19,7 +19,14 @@ checked against the unedited kernel's output:
   TMA descriptors (Hopper's bulk copy engine), PARTIAL steps as before.
 
 ``bwd``: the dK/dV and dQ kernels timed alone (not as one backward) over
-tile, warp and stage candidates, so each kernel gets its own best.
+tile, warp and stage candidates, so each kernel gets its own best; then the
+default tiles' two kernels in sequence and on two streams (``--pairs``: other
+tile sets too); ``--bwd-variants base i32addr``: each kernel of those tiles
+with the current template and with per-step int32 row offsets (the
+``_step_rows`` edit below), gradients checked against ``base``:
+
+    python bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" --head-dim 128 \
+        --no-candidates --pairs 64x128/128x64:8:3 --bwd-variants base i32addr
 
 The variants edit the kernel template as it was at commit c832409, before
 the kernels took runs (the figures in PERFORMANCE.md); on a later template
@@ -225,6 +232,31 @@ def variant_source(src: str, name: str) -> str:
     return out
 
 
+# -- backward (and forward) step addresses: int32 offsets per step instead of a
+# loop-invariant offset tile (compile-only evidence, sm_90, triton 3.9: the
+# D = 128 dK/dV kernel at 64 x 128 keeps the tile's row offsets live across
+# the loop and re-reads 17 spilled values per step; FlexAttention's
+# backward, which recomputes int32 offsets per step, re-reads 2). Valid only
+# while n * stride fits in int32, which the benchmark shapes do.
+
+_I32_OLD = """        a_ptrs = a_base + start.to(tl.int64) * stride_a + a_tile
+        b_ptrs = b_base + start.to(tl.int64) * stride_b + b_tile
+"""
+_I32_NEW = """        offs_d = tl.arange(0, HEAD_DIM)  # VARIANT: int32 offsets recomputed per step
+        a_ptrs = a_base + (pos[:, None] * stride_a + offs_d[None, :])
+        b_ptrs = b_base + (pos[:, None] * stride_b + offs_d[None, :])
+"""
+
+
+def bwd_variant_source(src: str, name: str) -> str:
+    """The generated module's text with backward variant ``name``'s edits."""
+    if name == "base":
+        return src
+    assert name == "i32addr", f"unknown backward variant {name!r}"
+    assert src.count(_I32_OLD) == 1, "the i32addr edit did not apply"
+    return src.replace(_I32_OLD, _I32_NEW)
+
+
 def load_variant(src: str):
     key = hashlib.sha256(src.encode()).hexdigest()
     return cache.load_module(key, lambda: src)
@@ -304,10 +336,12 @@ DQ_CANDIDATES = {  # (block_m2, block_n2, warps, stages)
 
 
 def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, candidates: bool = True,
-                   pairs=()) -> list[str]:
+                   pairs=(), variants=()) -> list[str]:
     """Each backward kernel over the candidates (``candidates``), then the
     default tiles' two kernels in sequence and side by side, and the same
-    for each of ``pairs`` ((block_m1, block_n1, block_m2, block_n2, warps, stages))."""
+    for each of ``pairs`` ((block_m1, block_n1, block_m2, block_n2, warps,
+    stages)); with ``variants`` (``base``, ``i32addr``), each kernel of the
+    default tiles and of the pairs once per variant of the module's text."""
     pat = pcc.parse(pattern)
     dt = torch.bfloat16
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -355,6 +389,32 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, ca
         run = TritonAttention(pat, config=config(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2, bwd_warps=w,
                                                  bwd_stages=s)).prepare(n, heads, heads, head_dim, dt, q.device)
         lines += _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+    runs = [default] + [TritonAttention(pat, config=config(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
+                                                           bwd_warps=w, bwd_stages=s))
+                        .prepare(n, heads, heads, head_dim, dt, q.device) for m1, n1, m2, n2, w, s in pairs]
+    for run in runs if variants else ():
+        lines += _variants(run, variants, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+    return lines
+
+
+def _variants(run, variants, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> list[str]:
+    """dK/dV and dQ of ``run``'s tiles with each variant's module, checked
+    against the first variant's gradients."""
+    src = codegen.generate_source(pcc.parse(pattern), run.config)
+    lines, first = [], None
+    for name in variants:
+        vrun = dataclasses.replace(run, module=load_variant(bwd_variant_source(src, name)))
+        dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+        dkdv = lambda: vrun.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)  # noqa: E731
+        dqf = lambda: vrun.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)  # noqa: E731
+        dkdv(), dqf()
+        grads = torch.cat([dk.flatten(), dv.flatten(), dq.flatten()]).float()
+        first = grads if first is None else first
+        diff = (grads - first).abs().max().item()
+        ms_kv, ms_q = _time(dkdv, rep), _time(dqf, rep)
+        lines.append(f"| {pattern} | {n} | {head_dim} | {name}: dkdv + dq | {run.config.describe()} | "
+                     f"{ms_kv:.3f} + {ms_q:.3f} = {ms_kv + ms_q:.3f} | {diff:.2g} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -404,6 +464,8 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["base", "run", "run+ptr", "run+ffma", "tma", "tma+run"])
     ap.add_argument("--no-candidates", action="store_true", help="bwd: leave out the per-kernel candidates")
+    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr"),
+                    help="bwd: time each kernel of the default tiles and the pairs with these module variants")
     ap.add_argument("--pairs", nargs="*", default=[], type=_pair, metavar="M1xN1/M2xN2:W:S",
                     help="bwd: backward tile sets to time in sequence and side by side too")
     args = ap.parse_args()
@@ -419,7 +481,8 @@ def main() -> None:
                 if args.what == "fwd":
                     fwd_experiment(pattern, n, d, args.heads, args.rep, args.variants)
                 else:
-                    bwd_experiment(pattern, n, d, args.heads, args.rep, not args.no_candidates, args.pairs)
+                    bwd_experiment(pattern, n, d, args.heads, args.rep, not args.no_candidates, args.pairs,
+                                   args.bwd_variants)
 
 
 if __name__ == "__main__":

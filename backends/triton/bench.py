@@ -375,8 +375,11 @@ def _try(fn) -> str:
 def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat16", "float32"),
               config: KernelConfig | None = None, capability: int = 90) -> str:
     """Compile every kernel for ``sm_<capability>`` (no GPU needed; not under
-    TRITON_INTERPRET=1) and report registers per thread, spilled bytes (the
-    stack frame) and shared memory, from ``cuobjdump -res-usage``."""
+    TRITON_INTERPRET=1) as a launch without GQA specializes it (``GROUP`` =
+    1 is a constant) and report registers per thread, spilled bytes (the
+    stack frame) and shared memory, from ``cuobjdump -res-usage``, and the
+    local-memory loads and stores in the code (``LDL``/``STL`` in the SASS:
+    spills re-read inside a loop cost every step)."""
     import re
     import shutil
 
@@ -390,8 +393,8 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
     target = GPUTarget("cuda", capability, 32)
-    lines = ["| D | dtype | kernel | tiles, warps, stages | registers | spilled bytes | shared KiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| D | dtype | kernel | tiles, warps, stages | registers | spilled bytes | LDL / STL | shared KiB |",
+             "|---|---|---|---|---|---|---|---|"]
     # every row of the table: the long-walk one, and the short-walk one where it differs
     configs = [(D, dtype, config or default_config(D, dtype, walk=walk), "" if walk is None else " short")
                for dtype in dtypes for D in head_dims for walk in (None, 0.0)
@@ -399,7 +402,8 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
     for D, dtype, cfg, walk_label in configs:
         module = load_kernels(pattern, cfg)
         short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-        common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
+        common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                      GROUP=1)
         kernels = [
             ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
              f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
@@ -409,7 +413,7 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
              f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
         ]
         for name, fn, constexprs, tiles, warps, stages in kernels:
-            constexprs = {**common, **constexprs}
+            constexprs = {k: v for k, v in {**common, **constexprs}.items() if k in fn.arg_names}
             signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
             # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
@@ -417,20 +421,22 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
             try:
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                           options=dict(num_warps=warps, num_stages=stages))
-                regs, stack = "?", "?"
+                regs, stack, local = "?", "?", "?"
                 if cuobjdump:
                     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                         f.write(compiled.asm["cubin"])
                         f.flush()
-                        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
-                                               text=True).stdout
+                        usage, sass = (subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True).stdout
+                                       for flag in ("-res-usage", "-sass"))
                     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
                     regs, stack = found.groups() if found else ("?", "?")
+                    ldl, stl = (len(re.findall(rf"\b{op}\b", sass)) for op in ("LDL", "STL"))
+                    local = f"{ldl} / {stl}"
                 lines.append(f"| {D} | {short}{walk_label} | {name} | {tiles}, {warps}, {stages} | {regs} | {stack} "
-                             f"| {compiled.metadata.shared / 1024:.0f} |")
+                             f"| {local} | {compiled.metadata.shared / 1024:.0f} |")
             except Exception as err:
                 lines.append(f"| {D} | {short}{walk_label} | {name} | {tiles}, {warps}, {stages} | failed: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | |")
+                             f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | | |")
     return "\n".join(lines)
 
 
