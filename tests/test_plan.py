@@ -345,6 +345,36 @@ def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
         torch.testing.assert_close(a.double().cpu(), b, **gtol, msg=f"d{name}")
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+@pytest.mark.parametrize("src,n", [("causal & stride(5) - local(1)", 23), ("strided(16)", 90)])
+def test_planned_triton_delta_pass(src, n, monkeypatch):
+    """A plan of one residue-order launch reaches every query: its dQ
+    programs write delta (no pass of its own); a plan of several launches
+    takes the pass (the merged delta). Gradients of o alone, against the
+    reference."""
+    from patterncc.backends.triton import runtime
+    from patterncc.backends.triton.config import KernelConfig
+    from patterncc.planner import build_plan
+
+    passes = []
+    real = runtime._Run.delta
+    monkeypatch.setattr(runtime._Run, "delta", lambda self, *args: passes.append(1) or real(self, *args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
+    pat = pipeline.parse(src)
+    attn = pipeline.compile(pat, backend="triton", config=config, plan="planned")
+    launches = len(build_plan(pat, n, 16, 2, mode="planned").components)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).to(device).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, n, 16, generator=g)
+    grads = torch.autograd.grad((attn(q, k, v) * do.to(device)).sum(), (q, k, v))
+    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    grads_ref = torch.autograd.grad((ReferenceAttention(pat)(*ref_in) * do.double()).sum(), ref_in)
+    for name, a, b in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=2e-5, atol=2e-5, msg=f"d{name}")
+    assert passes == ([] if launches == 1 else [1])
+
+
 def test_a_refused_component_falls_back_to_natural(monkeypatch):
     from patterncc import planner
     from patterncc.errors import LimitError
