@@ -21,12 +21,13 @@ checked against the unedited kernel's output:
 ``bwd``: the dK/dV and dQ kernels timed alone (not as one backward) over
 tile, warp and stage candidates, so each kernel gets its own best; then the
 default tiles' two kernels in sequence and on two streams (``--pairs``: other
-tile sets too); ``--bwd-variants base i32addr``: each kernel of those tiles
-with the current template and with per-step int32 row offsets (the
-``_step_rows`` edit below), gradients checked against ``base``:
+tile sets too); ``--bwd-variants base i32addr tma``: each kernel of those
+tiles with the current template, with per-step int32 row offsets (the
+``_step_rows`` edit below) and with dK/dV reading Q and dO through tensor
+descriptors, gradients checked against ``base``:
 
     python bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" --head-dim 128 \
-        --no-candidates --pairs 64x128/128x64:8:3 --bwd-variants base i32addr
+        --no-candidates --pairs 64x128/128x64:8:3 --bwd-variants base i32addr tma
 
 The variants edit the kernel template as it was at commit c832409, before
 the kernels took runs (the figures in PERFORMANCE.md); on a later template
@@ -248,10 +249,54 @@ _I32_NEW = """        offs_d = tl.arange(0, HEAD_DIM)  # VARIANT: int32 offsets 
 """
 
 
+# -- dK/dV: Q and dO through tensor descriptors (TMA), natural order only
+# (compile-only: no spill re-reads left in any dK/dV loop, stack 120 -> 32
+# bytes at 64 x 128). Rows past the sequence read as zeros; the predicate
+# and the lse/delta loads keep their bounds mask.
+
+_TMA_STEP_OLD = """        q_ptrs, do_ptrs, q_tok, q_in = _step_rows(q_base, do_base, q_tile, do_tile, stride_qn, stride_don, start_m,  #
+                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER)
+        if MASKED:
+            q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
+"""
+_TMA_STEP_NEW = """        q_tok = q_pos  # VARIANT: Q and dO by tensor descriptor (natural order)
+        q_in = q_pos < N
+        q = q_tile.load([start_m, 0])
+        do = do_tile.load([start_m, 0])
+        if MASKED:
+"""
+_TMA_FULL_OLD = """            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+"""
+_TMA_DESC = """        csr_col = layout_h * n_tiles + tile
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N_TOK, HEAD_DIM], strides=[stride_qn, 1],  # VARIANT
+                                           block_shape=[BLOCK_M1, HEAD_DIM])
+        do_desc = tl.make_tensor_descriptor(do_base, shape=[N_TOK, HEAD_DIM], strides=[stride_don, 1],
+                                            block_shape=[BLOCK_M1, HEAD_DIM])
+"""
+
+
+def _tma_dkdv(src: str) -> str:
+    inner = src.index("def _attn_bwd_dkdv_inner")
+    kernel = src.index("def attn_bwd_dkdv(")
+    end = src.index("def _attn_bwd_dq_inner")
+    head, body, kern, tail = src[:inner], src[inner:kernel], src[kernel:end], src[end:]
+    assert body.count(_TMA_STEP_OLD) == 1 and body.count(_TMA_FULL_OLD) == 1, "the tma edit did not apply"
+    body = body.replace(_TMA_STEP_OLD, _TMA_STEP_NEW).replace(_TMA_FULL_OLD, "")
+    csr = "        csr_col = layout_h * n_tiles + tile\n"
+    assert kern.count(csr) == 1, "the tma edit did not apply"
+    kern = kern.replace(csr, _TMA_DESC).replace("q_base, do_base, q_tile, do_tile,", "q_base, do_base, q_desc, do_desc,")
+    return head + body + kern + tail
+
+
 def bwd_variant_source(src: str, name: str) -> str:
-    """The generated module's text with backward variant ``name``'s edits."""
+    """The generated module's text with backward variant ``name``'s edits
+    (``tma``: natural-order launches only; the caller sets Triton's allocator)."""
     if name == "base":
         return src
+    if name == "tma":
+        return _tma_dkdv(src)
     assert name == "i32addr", f"unknown backward variant {name!r}"
     assert src.count(_I32_OLD) == 1, "the i32addr edit did not apply"
     return src.replace(_I32_OLD, _I32_NEW)
@@ -402,6 +447,10 @@ def _variants(run, variants, q, k, v, lse, do, delta, scale, pattern, n, head_di
     against the first variant's gradients."""
     src = codegen.generate_source(pcc.parse(pattern), run.config)
     lines, first = [], None
+    if "tma" in variants:  # device-side descriptors need a scratch allocator
+        import triton
+
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
     for name in variants:
         vrun = dataclasses.replace(run, module=load_variant(bwd_variant_source(src, name)))
         dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
@@ -464,7 +513,7 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["base", "run", "run+ptr", "run+ffma", "tma", "tma+run"])
     ap.add_argument("--no-candidates", action="store_true", help="bwd: leave out the per-kernel candidates")
-    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr"),
+    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr", "tma"),
                     help="bwd: time each kernel of the default tiles and the pairs with these module variants")
     ap.add_argument("--pairs", nargs="*", default=[], type=_pair, metavar="M1xN1/M2xN2:W:S",
                     help="bwd: backward tile sets to time in sequence and side by side too")
