@@ -9,6 +9,8 @@ untouched until a variant wins), timed side by side on the same inputs and
 checked against the unedited kernel's output:
 
 - ``base``: the kernel as generated;
+- ``i32addr``: per-step int32 row offsets (the backward variant of that
+  name; on the current template);
 - ``run``: a FULL step list that is one contiguous run (causal and banded
   patterns) read as ``first + i``: no step-index load in the loop;
 - ``run+ptr``: ``run``, with K and V pointers advanced by one step per
@@ -225,6 +227,8 @@ def variant_source(src: str, name: str) -> str:
         return new
 
     edits = {"base": lambda b: b, "run": run, "run+ptr": ptr, "run+ffma": ffma}
+    if name == "i32addr":  # the module-wide step-address edit (bwd_variant_source)
+        return bwd_variant_source(src, name)
     if name in edits:
         out = _edit_inner(src, edits[name])
     else:  # tma variants add a kernel
