@@ -49,9 +49,9 @@ units) are small tiles, untimed, for every walk.
 ``python bench/bench_triton.py --resources`` compiles the table for sm_90
 without a GPU and reports registers and spills (under Triton 3.6, the GPU
 image, its compile call fails, so it runs where a newer Triton is): with
-Triton 3.9 some 16-bit entries spill (bytes: D = 64 dK/dV 168; D = 128
-long forward 336 and dK/dV 472, short dK/dV 232 and dQ 80), which the
-measured times include.
+Triton 3.9, compiled as a launch without GQA specializes them, some 16-bit
+entries spill (bytes: D = 128 long forward 336 and dK/dV 280, short dK/dV 64
+and dQ 48; D = 256 forward 96 and dQ 32), which the measured times include.
 
 ======  ===========  =====  ================================  ===========================================
 D       dtype        walk   forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages

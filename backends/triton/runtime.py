@@ -353,16 +353,12 @@ class _Run:
         ``o`` and ``lse``, the kernel writes into them (only the tokens it
         covers); given ``o_in`` and ``lse_in`` (fp32, o's and lse's strides),
         it writes its result merged with theirs by log-sum-exp."""
+        order = order or SlotOrder()
+        if o is None:  # a launch of its own: outputs made (blank where no slot reaches) as for a plan
+            return _merged([(self, order)], q, k, v, scale)
         B, H, tokens, D = q.shape
         n = self.n
-        order = order or SlotOrder()
         cfg, t = self.config, self.tables
-        if o is None:
-            o = torch.empty((B, H, tokens, D), dtype=q.dtype, device=q.device)
-            lse = torch.empty((B, H, tokens), dtype=torch.float32, device=q.device)
-            if order.q == 2:  # gathered query rows: tokens in no slot keep o = 0, lse = -inf
-                o.zero_()
-                lse.fill_(float("-inf"))
         if o_in is not None and (o_in.stride() != o.stride() or lse_in.stride() != lse.stride()):
             raise AssertionError("o_in and lse_in must have o's and lse's strides")
         grid = (triton_cdiv(n, cfg.block_m), B * H)
@@ -406,10 +402,10 @@ class _Run:
         reaches) rather than read it."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
+        o_arg = do if o is None else o  # any [B, H, n, D] pointer when WRITE_DELTA is off
         self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
-            q, k, v, do, do if o is None else o, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *(do if o is None else o).stride()[:3], *dq.stride()[:3],
+            q, k, v, do, o_arg, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_arg.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, WRITE_DELTA=o is not None, **self._backward_constexprs())
