@@ -436,9 +436,9 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
         if exact:
             kernel_pattern = same_class & translated
         else:  # a node that is not a rule of q - k: rewrite every rule over slot positions
-            translated = _translate_where(piece, _position_expr(qo, "q", S), _position_expr(ko, "k", S))
+            translated = _translate_where(piece, _position_expr(qo, "q", S), _position_expr(ko, "k", S), n)
             kernel_pattern = same_class & _translate_where(piece, _position_expr(qo, "q", S_runtime),
-                                                           _position_expr(ko, "k", S_runtime))
+                                                           _position_expr(ko, "k", S_runtime), n)
         slot_pattern = ir.Block(S) & translated
         if slots > n:  # padding slots: the tails of the residue classes that end early
             slot_pattern = slot_pattern & _inside(qo, "q", n) & _inside(ko, "k", n)
@@ -446,7 +446,7 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
         lay = build_layout(slot_pattern, slots, block, H)
     else:
         keys = _columns_count(ko, n)
-        kernel_pattern = _translate_where(piece, None, _position_expr(ko, "k", None))
+        kernel_pattern = _translate_where(piece, None, _position_expr(ko, "k", None), n)
         slot_pattern = kernel_pattern & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
         reason = f"gathered columns: only the {keys} keys of summary({ko.l}, {ko.c}) are read"
         lay = _columns_layout(piece, slot_pattern, ko, n, block, H)
@@ -654,15 +654,19 @@ def _translate_residue(p: ir.Pattern, l: int, positive: bool) -> tuple[ir.Patter
     return (ir.All() if positive else ir.Empty()), False
 
 
-def _translate_where(p: ir.Pattern, q_pos: ir.Expr | None, k_pos: ir.Expr | None) -> ir.Pattern:
+def _translate_where(p: ir.Pattern, q_pos: ir.Expr | None, k_pos: ir.Expr | None, n: int) -> ir.Pattern:
     """The pattern over slots: every primitive is rewritten as its ``where``
     rule with ``q`` and ``k`` replaced by the slots' positions (exact; the
-    planner never reorders a piece holding ``random``, a table)."""
+    planner never reorders a piece holding ``random``, a table). A rule's
+    ``n`` becomes the token count ``n``: over slots, the layout's and the
+    kernels' ``n`` is the slot count, which padding makes larger (and the
+    position expressions may use it, so it is replaced first)."""
 
     def rewrite(node: ir.Pattern) -> ir.Pattern:
         cond = as_condition(node)
         if cond is None:
             return node
+        cond = ir.substitute(cond, "n", n)
         if k_pos is not None:
             cond = ir.substitute(cond, "k", ir.Var("k_slot"))
         if q_pos is not None:

@@ -126,6 +126,21 @@ def test_planned_execution_with_gqa_and_empty_rows():
     run_planned("causal & stride(5) - local(1)", 23, heads=4, kv_heads=2)
 
 
+@pytest.mark.parametrize("src,n", [
+    ("causal & (stride(2) | (where q < (n - 1) * 1))", 3),  # found by the drawn-pattern test below
+    ("~causal | stride(2) | (where n < 4 and k == 0)", 3),
+    ("stride(3) & (where q + k < n + 1)", 7),
+    ("strided(8) | (where k >= n - 3 and k <= q)", 21),
+    ("causal & (summary(8, 2) | (where q - k < n // 4))", 30),
+])
+def test_planned_rules_over_n_mean_the_token_count(src, n):
+    """A rule's ``n`` is the sequence length in tokens, also inside a
+    reordered component, whose slots outnumber the tokens where the last
+    residue class ends early (the slot count once stood in for it there)."""
+    plan = run_planned(src, n)
+    assert any(c.q_order.kind != "natural" or c.k_order.kind != "natural" for c in plan.components)
+
+
 @settings(max_examples=25, deadline=None)
 @given(pat=patterns(max_depth=2, max_leaves=4, heads=2, allow_random=False), n=st.integers(1, 30))
 def test_planned_execution_matches_reference_on_drawn_patterns(pat, n):
@@ -312,6 +327,8 @@ TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available
     ("strided(12) | sink(3)", 61, 2, 1, 16, torch.bfloat16),
     ("fixed(16, 4) | (causal & stride(5))", 45, 2, 1, 16, torch.float32),  # three components
     ("fixed(8, 3)", 33, 2, 1, 16, torch.float32),  # the last slot block is part padding
+    ("causal & (stride(16) | (where q < n - 2))", 45, 2, 1, 16, torch.float32),  # n: tokens, not slots
+    ("causal & (summary(16, 4) | (where q - k < n // 4))", 45, 2, 1, 16, torch.float32),
 ])
 def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
     from patterncc.backends.triton.config import KernelConfig
