@@ -129,7 +129,8 @@ def test_attention_inputs_are_consistent(data):
 def test_attention_inputs_reach_mqa_odd_lengths_and_length_one():
     seen = {"mqa": False, "gqa": False, "odd": False, "one": False}
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    # derandomized: what 200 draws reach must not depend on a run's luck (random seeds missed n = 1 at times)
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(attention_inputs(max_seq_len=48, max_heads=4))
     def collect(case):
         seen["mqa"] |= case.Hkv == 1 and case.H > 1
