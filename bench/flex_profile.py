@@ -1,7 +1,7 @@
 """FlexAttention and patterncc, kernel by kernel, on one GPU.
 
     python bench/flex_profile.py --pattern "sliding_window(1024)" --seq-len 16384 --head-dim 128 \
-        [--source flex_kernels.py]
+        [--source flex_kernels.py] [--timeline] [--only flex|pcc]
     ncu --clock-control none -k regex:attn_bwd_dkdv --launch-count 1 --section SpeedOfLight \
         python bench/flex_profile.py --plain
 
@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
+import tempfile
+import time
 from collections import defaultdict
 
 import torch
@@ -46,6 +49,62 @@ def kernel_times(fn, iters: int) -> dict[str, tuple[int, float]]:
     return {name: (count[name] // iters, total[name] / iters) for name in total}
 
 
+def timeline(fn, grads, iters: int) -> list[str]:
+    """Each forward+backward as ``do_bench`` runs it (grads set to None, L2
+    flushed by a fill kernel, then the call), under the profiler: the span
+    from the call's first kernel's start to its last kernel's end, the
+    kernels' busy time inside it, and the idle gaps between them (where the
+    GPU waited for the host). Also do_bench's median and the host's time to
+    issue one call while the GPU is kept busy."""
+    from triton.testing import do_bench
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for g in grads:
+                g.grad = None
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    kernels = sorted((e["ts"], e["dur"], e["name"]) for e in trace["traceEvents"]
+                     if e.get("cat") == "kernel" and "dur" in e)
+    calls, current = [], None  # split at the flush (a fill kernel)
+    for ts, dur, name in kernels:
+        if "fill" in name.lower() or "FillFunctor" in name:
+            current = []
+            calls.append(current)
+        elif current is not None:
+            current.append((ts, dur, name))
+    rows = []
+    for call in calls:
+        if call:
+            span = call[-1][0] + call[-1][1] - call[0][0]
+            busy = sum(d for _, d, _ in call)
+            gaps = [b[0] - (a[0] + a[1]) for a, b in zip(call, call[1:])]
+            rows.append((span, busy, gaps, [n for _, _, n in call]))
+    rows.sort(key=lambda r: r[0])
+    span, busy, gaps, names = rows[len(rows) // 2]
+    lines = [f"calls profiled: {len(rows)}; median span {span:.1f} us, kernels busy {busy:.1f} us, "
+             f"idle {span - busy:.1f} us",
+             "kernels of the median call and the gap before each: "
+             + ", ".join(f"{n[:32]} (+{g:.1f})" for n, g in zip(names, [0.0] + gaps))]
+    lines.append(f"do_bench median: {do_bench(fn, grad_to_none=grads, return_mode='median') * 1e3:.1f} us")
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU work queued: no call waits on the device
+    t0 = time.perf_counter()
+    for _ in range(50):
+        fn()
+    lines.append(f"host time to issue one call: {(time.perf_counter() - t0) / 50 * 1e6:.1f} us")
+    torch.cuda.synchronize()
+    return lines
+
+
 def report(who: str, times: dict[str, tuple[int, float]]) -> None:
     print(f"\n{who}: GPU time per forward+backward, by kernel")
     print("| kernel | launches | us |\n|---|---|---|")
@@ -63,6 +122,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--source", help="write Inductor's Triton source for Flex's kernels here")
     ap.add_argument("--only", choices=("flex", "pcc"), help="run one of the two")
+    ap.add_argument("--timeline", action="store_true",
+                    help="idle gaps between a call's kernels, do_bench's median, the host's time per call")
     ap.add_argument("--plain", action="store_true",
                     help="run each forward+backward twice, no profiler (for running under ncu)")
     args = ap.parse_args()
@@ -92,6 +153,8 @@ def main() -> None:
             torch.cuda.synchronize()
         else:
             report(who, kernel_times(step(f), args.iters))
+        if args.timeline:
+            print("\n".join(timeline(step(f), [q, k, v], args.iters)))
 
     if args.source:
         root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or f"/tmp/torchinductor_{os.environ.get('USER', 'root')}"

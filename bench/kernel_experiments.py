@@ -26,7 +26,9 @@ default tiles' two kernels in sequence and on two streams (``--pairs``: other
 tile sets too); ``--bwd-variants base i32addr tma``: each kernel of those
 tiles with the current template, with per-step int32 row offsets (the
 ``_step_rows`` edit below) and with dK/dV reading Q and dO through tensor
-descriptors, gradients checked against ``base``:
+descriptors, gradients checked against ``base``. Since session 6 the
+template's backward takes int32 offsets itself (ADDR32), so ``i32addr``
+differs from ``base`` in the forward only (``fwd --variants i32addr``):
 
     python bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" --head-dim 128 \
         --no-candidates --pairs 64x128/128x64:8:3 --bwd-variants base i32addr tma
@@ -242,7 +244,8 @@ def variant_source(src: str, name: str) -> str:
 # D = 128 dK/dV kernel at 64 x 128 keeps the tile's row offsets live across
 # the loop and re-reads 17 spilled values per step; FlexAttention's
 # backward, which recomputes int32 offsets per step, re-reads 2). Valid only
-# while n * stride fits in int32, which the benchmark shapes do.
+# while n * stride fits in int32, which the benchmark shapes do. The
+# backward took it (ADDR32) in session 6; the edit now reaches the forward.
 
 _I32_OLD = """        a_ptrs = a_base + start.to(tl.int64) * stride_a + a_tile
         b_ptrs = b_base + start.to(tl.int64) * stride_b + b_tile
@@ -259,7 +262,7 @@ _I32_NEW = """        offs_d = tl.arange(0, HEAD_DIM)  # VARIANT: int32 offsets 
 # and the lse/delta loads keep their bounds mask.
 
 _TMA_STEP_OLD = """        q_ptrs, do_ptrs, q_tok, q_in = _step_rows(q_base, do_base, q_tile, do_tile, stride_qn, stride_don, start_m,  #
-                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER)
+                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER, ADDR32)
         if MASKED:
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)

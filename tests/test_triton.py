@@ -309,6 +309,36 @@ def test_delta_pass_only_where_needed(monkeypatch):
     assert passes == [1]
 
 
+def test_backward_row_addressing_both_ways(monkeypatch):
+    """The backward kernels address a step's rows by int32 offsets where
+    every row offset fits (ADDR32, what every test shape takes) and by the
+    64-bit offset tile otherwise: both against the reference, natural and
+    strided inputs, GQA; and the host's bound at the int32 edge."""
+    from patterncc.backends.triton import runtime
+
+    seen = []
+    real = runtime._Run._rows_fit_int32
+    monkeypatch.setattr(runtime._Run, "_rows_fit_int32", lambda self, *xs: seen.append(real(self, *xs)) or False)
+    check_against_reference(sliding_window(U) | ir.Global(3), H=4, Hkv=2, seed=5)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, N_RAGGED, 2, D_SMALL, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    check_against_reference(fixed(2 * U, 3), inputs=[q, k, v, torch.randn(1, 2, N_RAGGED, D_SMALL).to(DEVICE)])
+    assert seen and all(seen)  # these shapes would have taken int32 offsets
+
+    class Rows:  # the stride and shape of a tensor too large to make here
+        def __init__(self, row_stride, d):
+            self.shape, self._stride = (1, 1, 0, d), (0, 0, row_stride, 1)
+
+        def stride(self, i):
+            return self._stride[i]
+
+    run = TritonAttention(C).prepare(N_RAGGED, 1, 1, 128, torch.float32, DEVICE)
+    slots = N_RAGGED + max(run.config.block_m1, run.config.block_n2)  # the last step padded to a whole tile
+    edge = (2**31 - 1 - 128) // slots  # the largest row stride whose offsets fit
+    assert real(run, Rows(edge, 128)) and not real(run, Rows(edge + 1, 128))
+    assert not real(run, Rows(128, 128), Rows(edge + 1, 128))  # every walked tensor must fit
+
+
 @pytest.mark.parametrize("scale", [-0.4, 0.0])
 def test_negative_and_zero_scale(scale):
     """The forward kernel moves the scale's sign into q (its FULL steps fold

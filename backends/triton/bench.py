@@ -403,7 +403,7 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
         module = load_kernels(pattern, cfg)
         short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
         common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                      GROUP=1)
+                      GROUP=1, ADDR32=True)  # the backward's int32 row offsets, as every usual shape takes
         kernels = [
             ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
              f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),

@@ -47,11 +47,22 @@ def _token(slot, ORDER: tl.constexpr, L, S, C):
 
 @triton.jit
 def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  #
-               N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr):
+               N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr,  #
+               ADDR32: tl.constexpr = False):
     """One step of slots ``pos`` (from ``start``) on the walked axis: pointers
     to its rows of two tensors (K and V, or Q and dO), the slots' tokens, and
-    which slots hold a token."""
-    if ORDER == 0:  # natural order: one contiguous step
+    which slots hold a token. ADDR32 (natural order, set by the host where
+    every row offset fits in int32): the step's offsets are recomputed in
+    int32 from ``pos``, so no 64-bit offset tile stays live across the loop
+    (the dK/dV loop re-read 17 spilled values per step without it at D = 128,
+    PERFORMANCE.md session 6)."""
+    if ORDER == 0 and ADDR32:  # natural order, int32 offsets
+        offs_d = tl.arange(0, HEAD_DIM)
+        a_ptrs = a_base + (pos[:, None] * stride_a + offs_d[None, :])
+        b_ptrs = b_base + (pos[:, None] * stride_b + offs_d[None, :])
+        tok = pos
+        ok = pos < N
+    elif ORDER == 0:  # natural order: one contiguous step
         a_ptrs = a_base + start.to(tl.int64) * stride_a + a_tile
         b_ptrs = b_base + start.to(tl.int64) * stride_b + b_tile
         tok = pos
@@ -276,7 +287,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
                          LSE_row, DELTA_row, STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                          BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
                          DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                         HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr, RUN: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                         ADDR32: tl.constexpr):
     """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key
     tile's dK and dV; RUN: the steps lo .. hi - 1 themselves."""
     offs_m = tl.arange(0, BLOCK_M1)
@@ -287,7 +299,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
         q_ptrs, do_ptrs, q_tok, q_in = _step_rows(q_base, do_base, q_tile, do_tile, stride_qn, stride_don, start_m,  #
-                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER)
+                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER, ADDR32)
         if MASKED:
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
@@ -327,10 +339,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                   Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
-                  FULL_RUNS: tl.constexpr = False):
+                  FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics.
-    FULL_RUNS as in attn_fwd.
+    FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows.
 
     ADD_IN: add DK_IN and DV_IN (fp32, DK's strides; may be DK and DV
     themselves) before the store: a planned run sums its components'
@@ -381,22 +393,22 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
-                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True)
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
-                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True)
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1), qk_scale,  #
                 off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM,  #
-                Q_ORDER, False)
+                Q_ORDER, False, ADDR32)
         # -- PARTIAL steps: the pattern's predicate and the bounds mask
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
             PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, False)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, False, ADDR32)
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
         + k_tok[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
@@ -418,7 +430,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
                        STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
                        BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
                        DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                       ADDR32: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query
     tile's dQ; RUN: the steps lo .. hi - 1 themselves."""
     offs_n = tl.arange(0, BLOCK_N2)
@@ -429,7 +442,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
         k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
+                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32)
         if MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
@@ -464,9 +477,9 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                 Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
-                FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False):
+                FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False, ADDR32: tl.constexpr = False):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
-    FULL_RUNS as in attn_fwd).
+    FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows).
 
     WRITE_DELTA: compute this tile's delta from O and dO (already loaded for
     dQ) and write it to DELTA, instead of reading it there: a launch whose
@@ -517,21 +530,21 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32)
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
     # -- write dQ, with the softmax scale applied once
     out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
         + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]

@@ -394,7 +394,8 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_runs, **self._backward_constexprs())
+            ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_runs, ADDR32=self._rows_fit_int32(q, do),
+            **self._backward_constexprs())
 
     def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None, o=None):
         """Write this launch's dq (plus ``dq_in`` if given) into ``dq``; given
@@ -408,7 +409,16 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_arg.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, WRITE_DELTA=o is not None, **self._backward_constexprs())
+            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, WRITE_DELTA=o is not None,
+            ADDR32=self._rows_fit_int32(k, v), **self._backward_constexprs())
+
+    def _rows_fit_int32(self, *walked) -> bool:
+        """Whether the kernel may address the rows of the tensors it walks
+        (``[B, H, tokens, D]``) by int32 offsets from each head's base: every
+        slot a step reaches, padded to a whole tile, times the row stride,
+        plus D, stays under 2**31 (the kernels' ADDR32)."""
+        slots = self.n + max(self.config.block_m1, self.config.block_n2)  # the walked step sizes
+        return all(slots * x.stride(2) + x.shape[3] < 2**31 for x in walked)
 
     def _backward_constexprs(self):
         cfg = self.config
