@@ -24,6 +24,7 @@ process (empty caches) and the warm start of a second process (disk caches).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -414,6 +415,10 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
         ]
         for name, fn, constexprs, tiles, warps, stages in kernels:
             constexprs = {k: v for k, v in {**common, **constexprs}.items() if k in fn.arg_names}
+            # every other constexpr at its default (natural order, no ADD_IN, ...), as a plain
+            # launch passes it: left out, it would compile as a runtime argument with its branches
+            constexprs.update({p.name: p.default for p in fn.params
+                               if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty})
             signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
             # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
