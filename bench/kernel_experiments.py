@@ -297,6 +297,15 @@ def _tma_dkdv(src: str) -> str:
     return head + body + kern + tail
 
 
+# -- dK/dV: dP^T after dV's product (the order before session 6: the tensor
+# cores wait while P^T's exp2 runs; 16-bit inputs now issue dP^T first)
+
+_LATE_DP = (('        if DOT_PRECISION != "ieee":\n            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)\n',
+             ""),
+            ('        if DOT_PRECISION == "ieee":\n            dpT',
+             '        if True:  # VARIANT: dP^T after dV, whatever the dtype\n            dpT'))
+
+
 def bwd_variant_source(src: str, name: str) -> str:
     """The generated module's text with backward variant ``name``'s edits
     (``tma``: natural-order launches only; the caller sets Triton's allocator)."""
@@ -304,6 +313,11 @@ def bwd_variant_source(src: str, name: str) -> str:
         return src
     if name == "tma":
         return _tma_dkdv(src)
+    if name == "late_dp":
+        for old, new in _LATE_DP:
+            assert src.count(old) == 1, "the late_dp edit did not apply"
+            src = src.replace(old, new)
+        return src
     assert name == "i32addr", f"unknown backward variant {name!r}"
     assert src.count(_I32_OLD) == 1, "the i32addr edit did not apply"
     return src.replace(_I32_OLD, _I32_NEW)
@@ -520,7 +534,7 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["base", "run", "run+ptr", "run+ffma", "tma", "tma+run"])
     ap.add_argument("--no-candidates", action="store_true", help="bwd: leave out the per-kernel candidates")
-    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr", "tma"),
+    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr", "tma", "late_dp"),
                     help="bwd: time each kernel of the default tiles and the pairs with these module variants")
     ap.add_argument("--pairs", nargs="*", default=[], type=_pair, metavar="M1xN1/M2xN2:W:S",
                     help="bwd: backward tile sets to time in sequence and side by side too")

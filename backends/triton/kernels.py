@@ -310,9 +310,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             do = tl.load(do_ptrs)
             lse2 = tl.load(LSE_row + q_tok) * 1.44269504  # 1/ln(2)
             delta = tl.load(DELTA_row + q_tok)
-        # -- P^T, recomputed from the saved log-sum-exp
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pT = tl.math.exp2(qkT - lse2[None, :])
+        # -- P^T, recomputed from the saved log-sum-exp. 16-bit inputs: dP^T = V dO^T
+        #    is issued before P^T's exp2 (not after dV's product, which needs P^T),
+        #    so the tensor cores work on it while the exp2 runs; fp32 tiles keep
+        #    the other order (both score tiles live at once spill there)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if DOT_PRECISION != "ieee":
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
             allowed = pattern_mask(q_pos[None, :], k_pos[:, None], off_h, N, RANDOM)
             allowed = allowed & q_in[None, :] & k_ok[:, None]
@@ -320,8 +325,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             pT = tl.where(allowed, pT, 0.0)
         # -- dV += P^T dO
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if DOT_PRECISION == "ieee":
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         # -- dS^T = P^T * (dP^T - delta); dK += dS^T Q (the softmax scale comes at the end)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
