@@ -49,9 +49,11 @@ units) are small tiles, untimed, for every walk.
 ``python bench/bench_triton.py --resources`` compiles the table for sm_90
 without a GPU and reports registers and spills (under Triton 3.6, the GPU
 image, its compile call fails, so it runs where a newer Triton is): with
-Triton 3.9, compiled as a launch without GQA specializes them, some 16-bit
-entries spill (bytes: D = 128 long forward 336 and dK/dV 280, short dK/dV 64
-and dQ 48; D = 256 forward 96 and dQ 32), which the measured times include.
+Triton 3.9, compiled as a plain launch specializes them (no GQA, natural
+order, int32 row offsets), few 16-bit entries spill (bytes: D = 64 long
+forward 16, D = 128 long forward 16 and dK/dV 32; the short rows none),
+which the measured times include; the fp32 D = 128 and 256 backward spill
+more (up to 3 KiB in the D = 256 dQ).
 
 ======  ===========  =====  ================================  ===========================================
 D       dtype        walk   forward M x N, warps, stages      backward M1 x N1 / M2 x N2, warps, stages
