@@ -347,6 +347,15 @@ def test_negative_and_zero_scale(scale):
     check_against_reference(sliding_window(U) | ir.Global(3), scale=scale, lse_grad=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-40, -2.2e-313])
+def test_scale_below_float32s_normal_range(scale, dtype):
+    """A scale below float32's smallest normal number is uniform attention,
+    as the float64 reference has it (once, under the interpreter, bfloat16
+    gave zeros for it)."""
+    check_against_reference(sliding_window(U) | ir.Global(3), scale=scale, dtype=dtype)
+
+
 def test_rows_without_keys_give_zero_and_minus_inf():
     """~causal leaves the last row empty; `none` empties every row."""
     for pattern in (~C, ir.Empty()):
@@ -718,6 +727,8 @@ def test_input_validation_messages():
         attn(q, k, v, scale="0.1")
     with pytest.raises(ValueError, match="scale must be finite"):
         attn(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"scale=-1e\+300 is outside float32's range"):
+        attn(q, k, v, scale=-1e300)
     big = torch.zeros(1, 1, 2, 300, device=DEVICE)
     with pytest.raises(ValueError, match="D=300"):
         attn(big, big, big)

@@ -49,6 +49,8 @@ from . import cache, codegen, tables
 from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FP32 = torch.finfo(torch.float32)
+_LOG2E = 1.4426950408889634  # the kernels multiply the scale by 1/ln(2) to use exp2
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (batch * heads here)
 _CACHE_ENTRIES = 32  # layouts / device tables kept per TritonAttention
 
@@ -177,12 +179,25 @@ def attend(q, k, v, scale, launches_for):
     ``launches_for(q, k)`` gives for them once their head dim is padded
     (zeros add nothing to q.k, and o's extra columns are sliced away)."""
     D = q.shape[-1]
-    scale = _check_scale(scale, D)
+    scale = _float32_scale(_check_scale(scale, D))
     Dp = padded_head_dim(D)
     if Dp != D:
         q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
     o, lse = _AttentionFunction.apply(q, k, v, scale, launches_for(q, k))
     return (o[..., :D] if Dp != D else o), lse
+
+
+def _float32_scale(scale: float) -> float:
+    """The scale as the kernels can use it: they compute scores in float32,
+    times 1/ln(2). One that overflows there is an error (the scores would be
+    inf or NaN); one below float32's smallest normal number becomes 0.0, what
+    it is at float32's resolution (every score it makes rounds away against
+    the softmax's 1; left subnormal, its products are flushed or not
+    depending on where the kernel runs)."""
+    if abs(scale) * _LOG2E > _FP32.max:
+        raise ValueError(f"scale={scale!r} is outside float32's range: the Triton kernels compute the scores "
+                         f"in float32, so |scale| must be at most {_FP32.max / _LOG2E:.3g}")
+    return 0.0 if abs(scale) * _LOG2E < _FP32.tiny else scale
 
 
 def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
