@@ -463,6 +463,37 @@ def test_mask_mod_matches_mask(name):
     np.testing.assert_array_equal(got, dense_mask(pattern, n, heads))
 
 
+@pytest.mark.parametrize("src", ["where k < min(q, 5)", "where k > max(q - 9, 2)", "where min(3, k) == min(q, 3)",
+                                 "where k <= max(n // 2, q)"])
+def test_mask_mod_min_and_max_with_one_constant(src):
+    """min/max of a tensor and a constant in the torch predicate (the mask_mod
+    Flex runs): min caps from above. Found by the drawn test below; both
+    spellings once had it the other way."""
+    from patterncc import pipeline
+    from patterncc.backends.triton import flex
+
+    pattern, n = pipeline.parse(src), 23
+    pos = torch.arange(n, dtype=torch.int32)
+    got = np.broadcast_to(flex.mask_mod(pattern, n)(0, torch.tensor(0), pos[:, None], pos[None, :]).numpy(), (n, n))
+    np.testing.assert_array_equal(got, dense_mask(pattern, n, 1)[0])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mask_mod_matches_mask_on_drawn_patterns(data):
+    from patterncc.backends.triton import flex
+    from patterncc.testing import patterns
+
+    pattern = data.draw(patterns(max_depth=3, max_leaves=5, heads=3), label="pattern")
+    n = data.draw(st.integers(1, 60), label="n")
+    mod = flex.mask_mod(pattern, n)
+    pos = torch.arange(n, dtype=torch.int32)
+    want = dense_mask(pattern, n, 3)
+    for h in range(3):
+        got = np.broadcast_to(mod(0, torch.tensor(h), pos[:, None], pos[None, :]).numpy(), (n, n))
+        np.testing.assert_array_equal(got, want[h % want.shape[0]])
+
+
 def test_int64_decision():
     q, k, n = V("q"), V("k"), V("n")
     assert not codegen._needs_int64(ir.Compare("<", ir.BinOp("-", q, k), K_(5)))

@@ -198,9 +198,9 @@ class _TorchDialect:
         ta, tb = kinds
         if ta and tb:
             return f"torch.{fn}imum({a}, {b})"
-        if ta or tb:
+        if ta or tb:  # min(t, s) caps t at s from above: clamp's max=, and max(t, s) its min=
             t, s = (a, b) if ta else (b, a)
-            return f"torch.clamp({t}, {fn}={s})"
+            return f"torch.clamp({t}, {'max' if fn == 'min' else 'min'}={s})"
         return f"{fn}({a}, {b})"
 
     def floor_op(self, op, a, b, nonneg): return f"({a} {op} {b})"  # torch floors, like Python
