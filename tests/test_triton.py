@@ -456,11 +456,14 @@ def test_mask_mod_matches_mask(name):
 
     pattern = {**STANDARD, **HEAD_DEPENDENT}[name]
     heads, n = (4 if name in HEAD_DEPENDENT else 1), 45
-    mod = flex.mask_mod(pattern, n)
+    np.testing.assert_array_equal(mask_mod_picture(flex.mask_mod(pattern, n), n, heads), dense_mask(pattern, n, heads))
+
+
+def mask_mod_picture(mod, n: int, heads: int) -> np.ndarray:
+    """bool ``[heads, n, n]``: a mask_mod evaluated at every (query, key) pair."""
     pos = torch.arange(n, dtype=torch.int32)
-    got = np.stack([np.broadcast_to(mod(0, torch.tensor(h), pos[:, None], pos[None, :]).numpy(), (n, n))
-                    for h in range(heads)])
-    np.testing.assert_array_equal(got, dense_mask(pattern, n, heads))
+    return np.stack([np.broadcast_to(mod(0, torch.tensor(h), pos[:, None], pos[None, :]).numpy(), (n, n))
+                     for h in range(heads)])
 
 
 @pytest.mark.parametrize("src", ["where k < min(q, 5)", "where k > max(q - 9, 2)", "where min(3, k) == min(q, 3)",
@@ -473,9 +476,7 @@ def test_mask_mod_min_and_max_with_one_constant(src):
     from patterncc.backends.triton import flex
 
     pattern, n = pipeline.parse(src), 23
-    pos = torch.arange(n, dtype=torch.int32)
-    got = np.broadcast_to(flex.mask_mod(pattern, n)(0, torch.tensor(0), pos[:, None], pos[None, :]).numpy(), (n, n))
-    np.testing.assert_array_equal(got, dense_mask(pattern, n, 1)[0])
+    np.testing.assert_array_equal(mask_mod_picture(flex.mask_mod(pattern, n), n, 1), dense_mask(pattern, n, 1))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -486,12 +487,8 @@ def test_mask_mod_matches_mask_on_drawn_patterns(data):
 
     pattern = data.draw(patterns(max_depth=3, max_leaves=5, heads=3), label="pattern")
     n = data.draw(st.integers(1, 60), label="n")
-    mod = flex.mask_mod(pattern, n)
-    pos = torch.arange(n, dtype=torch.int32)
     want = dense_mask(pattern, n, 3)
-    for h in range(3):
-        got = np.broadcast_to(mod(0, torch.tensor(h), pos[:, None], pos[None, :]).numpy(), (n, n))
-        np.testing.assert_array_equal(got, want[h % want.shape[0]])
+    np.testing.assert_array_equal(mask_mod_picture(flex.mask_mod(pattern, n), n, 3), np.broadcast_to(want, (3, n, n)))
 
 
 def test_int64_decision():
