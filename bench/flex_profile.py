@@ -16,6 +16,7 @@ reading next to ours. A measuring tool: no assertion about speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -29,6 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 import patterncc as pcc
 from patterncc.backends.triton import flex as flex_interop
 from patterncc.backends.triton.bench import PATTERNS
+from patterncc.backends.triton.config import DEFAULT_BLOCK
+from patterncc.backends.triton.runtime import TritonAttention
 
 
 def kernel_times(fn, iters: int) -> dict[str, tuple[int, float]]:
@@ -126,6 +129,8 @@ def main() -> None:
                     help="idle gaps between a call's kernels, do_bench's median, the host's time per call")
     ap.add_argument("--plain", action="store_true",
                     help="run each forward+backward twice, no profiler (for running under ncu)")
+    ap.add_argument("--bwd-tiles", metavar="M1xN1/M2xN2:W:S",
+                    help="patterncc's backward tiles, warps and stages (default: the table's)")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -139,7 +144,14 @@ def main() -> None:
     mask = flex_interop.mask_mod(pattern, n, "cuda")
     bm = create_block_mask(mask, 1, None, n, n, device="cuda", _compile=True)
     flex = torch.compile(flex_attention, dynamic=False)
-    attn = pcc.compile(pattern, backend="triton")
+    config = None
+    if args.bwd_tiles:
+        tiles, warps, stages = args.bwd_tiles.split(":")
+        (m1, n1), (m2, n2) = (map(int, t.split("x")) for t in tiles.split("/"))
+        base = TritonAttention(pattern).config_for(D, torch.bfloat16, pcc.layout(pattern, n, block=DEFAULT_BLOCK))
+        config = dataclasses.replace(base, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
+                                     bwd_warps=int(warps), bwd_stages=int(stages))
+    attn = pcc.compile(pattern, backend="triton", config=config)
 
     def step(f):
         return lambda: torch.autograd.backward(f(), do)

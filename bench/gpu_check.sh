@@ -33,6 +33,10 @@
 #   tiles     forward tiles on the banded patterns and causal (D=64: sliding_window,
 #             causal; D=128: local_global, sliding_window, causal) and D=128
 #             backward tile sets on causal and sliding_window, n=16384  (~5 min)
+#   ncu       Nsight Compute on one backward of each (sliding_window(1024), n=16384,
+#             D=128): Flex's fused backward, our dK/dV and dQ at the table's tiles
+#             and at Flex's (NCU_PATTERN, NCU_D override); a plain profiled run
+#             first compiles Flex and gives the kernel-by-kernel times (~6 min)
 #   host      the host's cost of a planned strided(128) forward at n=16384,
 #             layer by layer, and a cProfile of it                 (~30 s)
 #
@@ -145,6 +149,24 @@ run_tiles() {
         --fwd-candidates --bwd-candidates "${b128[@]}" 2>&1 | tee -a "$OUT/tiles.log" || fail "tiles D=128 bwd"
 }
 
+run_ncu() {
+    echo "== ncu" | tee -a "$OUT/summary.txt"
+    local what=(--pattern "${NCU_PATTERN:-sliding_window(1024)}" --seq-len 16384 --head-dim "${NCU_D:-128}")
+    local ncu=(ncu --clock-control none --import-source no --section SpeedOfLight --section Occupancy
+               --section LaunchStats --section WarpStateStats --section SchedulerStats
+               --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SourceCounters)
+    # The first run compiles Flex (Inductor's disk cache serves the runs under ncu) and times
+    # every kernel under torch.profiler.
+    timeout 300 python3 bench/flex_profile.py "${what[@]}" 2>&1 | tee "$OUT/ncu_profile.log" || fail "ncu profile"
+    # --plain runs forward, backward, forward, backward: Flex's second template launch is its backward.
+    timeout 120 "${ncu[@]}" -k regex:triton_tem --launch-skip 1 --launch-count 1 \
+        python3 bench/flex_profile.py --plain --only flex "${what[@]}" > "$OUT/ncu_flex.log" 2>&1 || fail "ncu flex"
+    timeout 90 "${ncu[@]}" -k regex:attn_bwd --launch-count 2 \
+        python3 bench/flex_profile.py --plain --only pcc "${what[@]}" > "$OUT/ncu_pcc.log" 2>&1 || fail "ncu pcc"
+    timeout 90 "${ncu[@]}" -k regex:attn_bwd --launch-count 2 python3 bench/flex_profile.py --plain --only pcc \
+        --bwd-tiles "${NCU_TILES:-64x128/128x64:8:3}" "${what[@]}" > "$OUT/ncu_pcc_tiles.log" 2>&1 || fail "ncu pcc tiles"
+}
+
 run_host() {
     echo "== host" | tee -a "$OUT/summary.txt"
     timeout 90 python3 bench/profile_plan.py --host --pattern "strided(128)" --seq-len 16384 2>&1 \
@@ -165,7 +187,8 @@ for section in "${sections[@]}"; do
         sweep) run_sweep ;;
         tiles) run_tiles ;;
         host) run_host ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host)" >&2; status=2 ;;
+        ncu) run_ncu ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles ncu host)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"
