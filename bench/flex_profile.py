@@ -56,15 +56,17 @@ def timeline(fn, grads, iters: int) -> list[str]:
     """Each forward+backward as ``do_bench`` runs it (grads set to None, L2
     flushed by a fill kernel, then the call), under the profiler: the span
     from the call's first kernel's start to its last kernel's end, the
-    kernels' busy time inside it, and the idle gaps between them (where the
-    GPU waited for the host). Also do_bench's median and the host's time to
-    issue one call while the GPU is kept busy."""
+    kernels' busy time inside it, the idle gaps between them, the lead-in
+    from the flush's end to the first kernel (where the GPU waited for the
+    host to issue the call's first launch), and for each kernel the host's
+    time to its launch from the call's first launch. Also do_bench's median
+    and the host's time to issue one call while the GPU is kept busy."""
     from triton.testing import do_bench
 
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             for g in grads:
                 g.grad = None
@@ -74,28 +76,34 @@ def timeline(fn, grads, iters: int) -> list[str]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.load(open(f.name))
-    kernels = sorted((e["ts"], e["dur"], e["name"]) for e in trace["traceEvents"]
-                     if e.get("cat") == "kernel" and "dur" in e)
-    calls, current = [], None  # split at the flush (a fill kernel)
-    for ts, dur, name in kernels:
+    events = trace["traceEvents"]
+    launched = {e["args"]["correlation"]: e["ts"] for e in events  # host side of each launch
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    kernels = sorted((e["ts"], e["dur"], e["name"], launched.get(e.get("args", {}).get("correlation")))
+                     for e in events if e.get("cat") == "kernel" and "dur" in e)
+    calls, flush_end, current = [], None, None  # split at the flush (a fill kernel)
+    for ts, dur, name, host in kernels:
         if "fill" in name.lower() or "FillFunctor" in name:
             current = []
-            calls.append(current)
+            calls.append((ts + dur, current))
         elif current is not None:
-            current.append((ts, dur, name))
+            current.append((ts, dur, name, host))
     rows = []
-    for call in calls:
+    for flush_end, call in calls:
         if call:
             span = call[-1][0] + call[-1][1] - call[0][0]
-            busy = sum(d for _, d, _ in call)
+            busy = sum(c[1] for c in call)
             gaps = [b[0] - (a[0] + a[1]) for a, b in zip(call, call[1:])]
-            rows.append((span, busy, gaps, [n for _, _, n in call]))
+            issued = [None if c[3] is None or call[0][3] is None else c[3] - call[0][3] for c in call]
+            rows.append((span, busy, gaps, [c[2] for c in call], call[0][0] - flush_end, issued))
     rows.sort(key=lambda r: r[0])
-    span, busy, gaps, names = rows[len(rows) // 2]
+    span, busy, gaps, names, lead, issued = rows[len(rows) // 2]
+    leads = sorted(r[4] for r in rows)
     lines = [f"calls profiled: {len(rows)}; median span {span:.1f} us, kernels busy {busy:.1f} us, "
-             f"idle {span - busy:.1f} us",
-             "kernels of the median call and the gap before each: "
-             + ", ".join(f"{n[:32]} (+{g:.1f})" for n, g in zip(names, [0.0] + gaps))]
+             f"idle {span - busy:.1f} us; lead-in (flush end to first kernel) median {leads[len(leads) // 2]:.1f} us",
+             "kernels of the median call, the gap before each and the host's launch time after the first launch: "
+             + ", ".join(f"{n[:32]} (+{g:.1f}, host +{'?' if h is None else f'{h:.0f}'})"
+                         for n, g, h in zip(names, [lead] + gaps, issued))]
     lines.append(f"do_bench median: {do_bench(fn, grad_to_none=grads, return_mode='median') * 1e3:.1f} us")
     fn()
     torch.cuda.synchronize()
@@ -106,6 +114,27 @@ def timeline(fn, grads, iters: int) -> list[str]:
     lines.append(f"host time to issue one call: {(time.perf_counter() - t0) / 50 * 1e6:.1f} us")
     torch.cuda.synchronize()
     return lines
+
+
+def host_profile(fn, grads, calls: int = 50) -> None:
+    """Where the host's time to issue a call goes: cProfile over ``calls``
+    calls queued behind a long GPU sleep (no call waits on the device)."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        for g in grads:
+            g.grad = None
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
 def report(who: str, times: dict[str, tuple[int, float]]) -> None:
@@ -127,6 +156,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("flex", "pcc"), help="run one of the two")
     ap.add_argument("--timeline", action="store_true",
                     help="idle gaps between a call's kernels, do_bench's median, the host's time per call")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="a cProfile of 50 forward+backward calls issued while the GPU is kept busy")
     ap.add_argument("--plain", action="store_true",
                     help="run each forward+backward twice, no profiler (for running under ncu)")
     ap.add_argument("--bwd-tiles", metavar="M1xN1/M2xN2:W:S",
@@ -167,6 +198,8 @@ def main() -> None:
             report(who, kernel_times(step(f), args.iters))
         if args.timeline:
             print("\n".join(timeline(step(f), [q, k, v], args.iters)))
+        if args.host_profile:
+            host_profile(step(f), [q, k, v])
 
     if args.source:
         root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or f"/tmp/torchinductor_{os.environ.get('USER', 'root')}"
