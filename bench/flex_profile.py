@@ -52,7 +52,7 @@ def kernel_times(fn, iters: int) -> dict[str, tuple[int, float]]:
     return {name: (count[name] // iters, total[name] / iters) for name in total}
 
 
-def timeline(fn, grads, iters: int) -> list[str]:
+def timeline(fn, grads, iters: int, forward=None, grad=None) -> list[str]:
     """Each forward+backward as ``do_bench`` runs it (grads set to None, L2
     flushed by a fill kernel, then the call), under the profiler: the span
     from the call's first kernel's start to its last kernel's end, the
@@ -60,7 +60,10 @@ def timeline(fn, grads, iters: int) -> list[str]:
     from the flush's end to the first kernel (where the GPU waited for the
     host to issue the call's first launch), and for each kernel the host's
     time to its launch from the call's first launch. Also do_bench's median
-    and the host's time to issue one call while the GPU is kept busy."""
+    and the host's time to issue one call while the GPU is kept busy; given
+    ``forward`` (the call's forward, whose output takes ``grad``), the same
+    loop without the profiler, timed by CUDA events around the forward and
+    the backward."""
     from triton.testing import do_bench
 
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
@@ -105,6 +108,22 @@ def timeline(fn, grads, iters: int) -> list[str]:
              + ", ".join(f"{n[:32]} (+{g:.1f}, host +{'?' if h is None else f'{h:.0f}'})"
                          for n, g, h in zip(names, [lead] + gaps, issued))]
     lines.append(f"do_bench median: {do_bench(fn, grad_to_none=grads, return_mode='median') * 1e3:.1f} us")
+    if forward is not None:  # the same loop, no profiler, CUDA events between the forward and the backward
+        parts = []
+        for _ in range(iters):
+            for g in grads:
+                g.grad = None
+            flush.zero_()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+            out = forward()
+            ev[1].record()
+            torch.autograd.backward(out, grad)
+            ev[2].record()
+            torch.cuda.synchronize()
+            parts.append((ev[0].elapsed_time(ev[1]) * 1e3, ev[1].elapsed_time(ev[2]) * 1e3))
+        fw, bw = (sorted(p[i] for p in parts)[len(parts) // 2] for i in (0, 1))
+        lines.append(f"event-timed, no profiler (medians): forward {fw:.1f} us, backward {bw:.1f} us")
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(int(2e9))  # ~1 s of GPU work queued: no call waits on the device
@@ -197,7 +216,7 @@ def main() -> None:
         else:
             report(who, kernel_times(step(f), args.iters))
         if args.timeline:
-            print("\n".join(timeline(step(f), [q, k, v], args.iters)))
+            print("\n".join(timeline(step(f), [q, k, v], args.iters, forward=f, grad=do)))
         if args.host_profile:
             host_profile(step(f), [q, k, v])
 
