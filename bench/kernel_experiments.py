@@ -33,6 +33,9 @@ differs from ``base`` in the forward only (``fwd --variants i32addr``):
     python bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" --head-dim 128 \
         --no-candidates --pairs 64x128/128x64:8:3 --bwd-variants base i32addr tma
 
+``bwd --band``: the same kernels walking their step lists and walking bands
+(``KernelConfig.bwd_band``, session 7), gradients checked against the lists'.
+
 The variants edit the kernel template as it was at commit c832409, before
 the kernels took runs (the figures in PERFORMANCE.md); on a later template
 only ``base`` means what it says. Variants that only hold for contiguous FULL lists are checked against
@@ -402,12 +405,13 @@ DQ_CANDIDATES = {  # (block_m2, block_n2, warps, stages)
 
 
 def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, candidates: bool = True,
-                   pairs=(), variants=()) -> list[str]:
+                   pairs=(), variants=(), band: bool = False) -> list[str]:
     """Each backward kernel over the candidates (``candidates``), then the
     default tiles' two kernels in sequence and side by side, and the same
     for each of ``pairs`` ((block_m1, block_n1, block_m2, block_n2, warps,
     stages)); with ``variants`` (``base``, ``i32addr``), each kernel of the
-    default tiles and of the pairs once per variant of the module's text."""
+    default tiles and of the pairs once per variant of the module's text;
+    with ``band``, each of them walking step lists and walking bands."""
     pat = pcc.parse(pattern)
     dt = torch.bfloat16
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -460,6 +464,32 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, ca
                         .prepare(n, heads, heads, head_dim, dt, q.device) for m1, n1, m2, n2, w, s in pairs]
     for run in runs if variants else ():
         lines += _variants(run, variants, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+    for run in runs if band else ():
+        lines += _band(pat, run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+    return lines
+
+
+def _band(pat, run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> list[str]:
+    """dK/dV and dQ of ``run``'s tiles walking their step lists and walking
+    bands (``KernelConfig.bwd_band``: one loop per tile, the predicate
+    behind a branch), gradients checked against the lists'."""
+    lines, first = [], None
+    B, H = q.shape[:2]
+    for band in (False, True):
+        config = dataclasses.replace(run.config, bwd_band=band)
+        brun = TritonAttention(pat, config=config).prepare(n, H, k.shape[1], head_dim, q.dtype, q.device)
+        walks = f"{brun.tables.dkdv_walk} / {brun.tables.dq_walk}"
+        dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+        dkdv = lambda: brun.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)  # noqa: E731
+        dqf = lambda: brun.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)  # noqa: E731
+        dkdv(), dqf()
+        grads = torch.cat([dk.flatten(), dv.flatten(), dq.flatten()]).float()
+        first = grads if first is None else first
+        diff = (grads - first).abs().max().item()
+        ms_kv, ms_q = _time(dkdv, rep), _time(dqf, rep)
+        lines.append(f"| {pattern} | {n} | {head_dim} | walk {walks}: dkdv + dq | {config.describe()} | "
+                     f"{ms_kv:.3f} + {ms_q:.3f} = {ms_kv + ms_q:.3f} | {diff:.2g} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -536,6 +566,8 @@ def main() -> None:
     ap.add_argument("--no-candidates", action="store_true", help="bwd: leave out the per-kernel candidates")
     ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr", "tma", "late_dp"),
                     help="bwd: time each kernel of the default tiles and the pairs with these module variants")
+    ap.add_argument("--band", action="store_true",
+                    help="bwd: time the default tiles and the pairs walking step lists and walking bands")
     ap.add_argument("--pairs", nargs="*", default=[], type=_pair, metavar="M1xN1/M2xN2:W:S",
                     help="bwd: backward tile sets to time in sequence and side by side too")
     args = ap.parse_args()
@@ -552,7 +584,7 @@ def main() -> None:
                     fwd_experiment(pattern, n, d, args.heads, args.rep, args.variants)
                 else:
                     bwd_experiment(pattern, n, d, args.heads, args.rep, not args.no_candidates, args.pairs,
-                                   args.bwd_variants)
+                                   args.bwd_variants, args.band)
 
 
 if __name__ == "__main__":

@@ -335,6 +335,19 @@ def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
+@pytest.mark.parametrize("src,n,kv_heads", [
+    ("strided(16)", 90, 1),  # residue components: bands over slots, with padding slots
+    ("fixed(8, 3)", 33, 1),  # the last slot block is part padding
+    ("strided(12) | sink(3)", 61, 2),
+])
+def test_planned_triton_walks_bands(src, n, kv_heads):
+    """A plan's components with the backward walking bands
+    (KernelConfig.bwd_band): the reordered ones load their slots through a
+    bounds mask (slots past the tokens), the natural ones clamp."""
+    check_planned_triton(pipeline.parse(src), n, 2, kv_heads, 16, torch.float32, bwd_band=True)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)")
 @settings(max_examples=20, deadline=None)
 @given(pat=patterns(max_depth=2, max_leaves=4, heads=2, allow_random=False), n=st.integers(1, 50),
        kv_heads=st.sampled_from([1, 2]))
@@ -345,9 +358,10 @@ def test_planned_triton_matches_reference_on_drawn_patterns(pat, n, kv_heads):
     check_planned_triton(pat, n, 2, kv_heads, 16, torch.float32, seed=n)
 
 
-def check_planned_triton(pat, n, heads, kv_heads, D, dtype, seed=1):
+def check_planned_triton(pat, n, heads, kv_heads, D, dtype, seed=1, bwd_band=False):
     """Output, lse and the gradients of o and lse of a forced plan on the
-    kernels (16 x 16 tiles), against the float64 reference."""
+    kernels (16 x 16 tiles; ``bwd_band``: the backward walks bands where
+    it can), against the float64 reference."""
     from patterncc.backends.triton.config import KernelConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -355,7 +369,8 @@ def check_planned_triton(pat, n, heads, kv_heads, D, dtype, seed=1):
         from patterncc.backends.triton import _interpret
 
         _interpret.patch_bf16_dot()  # the interpreter's bf16 tl.dot multiplies bit patterns (triton#11584)
-    config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
+    config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16,
+                          bwd_band=bwd_band)
     attn = pipeline.compile(pat, backend="triton", config=config, plan="planned")
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, h, n, D, generator=g).to(device, dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))

@@ -26,6 +26,7 @@ import re
 import stat
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -714,10 +715,62 @@ def test_kernels_walk_full_runs_and_step_lists(walk, monkeypatch):
     check_against_reference(pattern, n=n, H=4, Hkv=2, dtype=torch.bfloat16, scale=-0.3, lse_grad=True)
     attn = TritonAttention(pattern, config=CONFIG)
     run = attn.prepare(n, 2, 2, D_SMALL, torch.float32, torch.device(DEVICE))
-    assert {run.tables.fwd_runs, run.tables.dq_runs, run.tables.dkdv_runs} == {walk == "runs"}
+    assert {run.tables.fwd_walk, run.tables.dq_walk, run.tables.dkdv_walk} == {walk}
     if walk == "runs":  # some tile has two runs
         table = run.tables.fwd[1].cpu().numpy().reshape(-1, 2 * tables.MAX_RUNS)
         assert (table[:, 3] > table[:, 2]).any()
+
+
+@pytest.mark.parametrize("n", [64, 70, 1, 200])
+@pytest.mark.parametrize("pattern", ["sliding_window", "causal", "local_sink", "cycle"])
+def test_band_table_is_the_steps(n, pattern):
+    """tables.band_table: where it is built, each tile's range holds exactly
+    its steps, FULL inside and PARTIAL outside; it is None only when some
+    tile's steps are not such a band (a sink's columns are not)."""
+    pat = {"sliding_window": sliding_window(40), "causal": C, "local_sink": C & (ir.Local(40) | ir.Sink(20)),
+           "cycle": HEAD_DEPENDENT["cycle"]}[pattern]
+    lay = build_layout(pat, n, 16, 3)
+    for tile, step in ((16, 16), (32, 16), (16, 32)):
+        lists = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, 16, tile, step)
+        table = tables.band_table(lists)
+        rows = range(lists.full_ptr.size - 1)
+        full = [lists.full_steps[lists.full_ptr[r]:lists.full_ptr[r + 1]].tolist() for r in rows]
+        part = [lists.part_steps[lists.part_ptr[r]:lists.part_ptr[r + 1]].tolist() for r in rows]
+        bands = [not f or f == list(range(f[0], f[-1] + 1)) for f in full]
+        bands = [b and sorted(f + p) == list(range(min(f + p), max(f + p) + 1)) if f + p else b
+                 for b, f, p in zip(bands, full, part)]
+        assert (table is not None) == all(bands)
+        if table is None:
+            assert pattern in ("local_sink", "cycle") and n > 1
+            continue
+        assert table.dtype == np.int32 and table.shape == (len(full), 4)
+        for (lo, f_lo, f_hi, hi), f, p in zip(table.tolist(), full, part):
+            assert lo <= f_lo <= f_hi <= hi
+            assert list(range(f_lo, f_hi)) == f
+            assert list(range(lo, f_lo)) + list(range(f_hi, hi)) == p
+
+
+@pytest.mark.parametrize("pattern", ["sliding_window", "causal", "local_sink"])
+def test_band_walk_matches_the_reference(pattern):
+    """The backward kernels walking bands (KernelConfig.bwd_band), against the
+    reference at a ragged length, with GQA, bf16 and an lse gradient. A band
+    with sink columns far behind it is no band for dQ (its query tiles walk
+    the sink, a gap, then the band: lists), one for dK/dV (a sink key's tile
+    walks every query after it)."""
+    pat = {"sliding_window": sliding_window(3 * U), "causal": C,
+           "local_sink": C & (ir.Local(5 * U) | ir.Sink(5 * U // 2))}[pattern]
+    n = 150 if pattern == "local_sink" and not LARGE else N_RAGGED
+    config = replace(CONFIG or default_config(D_SMALL, torch.float32), bwd_band=True)
+    check_against_reference(pat, n=n, H=2, config=config)
+    check_against_reference(pat, n=n, H=4, Hkv=2, dtype=torch.bfloat16, config=config, lse_grad=True)
+    run = TritonAttention(pat, config=config).prepare(n, 2, 2, D_SMALL, torch.float32, torch.device(DEVICE))
+    assert (run.tables.dq_walk == "band", run.tables.dkdv_walk) == (pattern != "local_sink", "band")
+    with pytest.MonkeyPatch.context() as mp:  # the 64-bit row addressing too (tensors past 2**31 elements)
+        from patterncc.backends.triton import runtime
+
+        mp.setattr(runtime._Run, "_rows_fit_int32", lambda self, *xs: False)
+        check_against_reference(pat, n=n, H=2, Hkv=1, config=config, seed=3)
+    assert run.tables.fwd_walk != "band"
 
 
 def test_fine_blocks_skip_empty_steps():

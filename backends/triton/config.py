@@ -99,9 +99,16 @@ class KernelConfig:
     block_n2: int = 64
     bwd_warps: int = 4
     bwd_stages: int = 2
+    # the backward kernels walk each tile's steps as one loop where every tile
+    # is a band (tables.band_table); off until timed (PERFORMANCE.md, session 7)
+    bwd_band: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.bwd_band, bool):
+            raise ValueError(f"KernelConfig.bwd_band must be True or False, got bwd_band={self.bwd_band!r}")
         for name, value in asdict(self).items():
+            if name == "bwd_band":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name} must be a positive integer, got {name}={value!r}")
         if self.block & (self.block - 1) or self.block < MIN_TILE:
@@ -115,7 +122,7 @@ class KernelConfig:
         return (f"block={self.block}; forward {self.block_m}x{self.block_n} "
                 f"({self.fwd_warps} warps, {self.fwd_stages} stages); backward dK/dV "
                 f"{self.block_m1}x{self.block_n1}, dQ {self.block_m2}x{self.block_n2} "
-                f"({self.bwd_warps} warps, {self.bwd_stages} stages)")
+                f"({self.bwd_warps} warps, {self.bwd_stages} stages{', band walk' if self.bwd_band else ''})")
 
 
 # (16-bit?, padded head dim) -> (forward M, N, warps, stages), (backward M1, N1, M2, N2, warps, stages)

@@ -4,7 +4,9 @@
 generated module that first defines ``pattern_mask(q, k, h, N, RANDOM)``, the
 pattern's predicate. Each program walks its tile's step lists from
 ``tables.py``: the FULL steps with no predicate and no bounds mask, then the
-PARTIAL steps with both, each list one software-pipelined loop.
+PARTIAL steps with both, each list one software-pipelined loop; or, for the
+backward kernels where ``KernelConfig.bwd_band`` asks for it and every tile is
+a band, the whole contiguous walk as one loop, the predicate behind a branch.
 
 Shapes and conventions, for every kernel:
 
@@ -48,15 +50,29 @@ def _token(slot, ORDER: tl.constexpr, L, S, C):
 @triton.jit
 def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  #
                N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr,  #
-               ADDR32: tl.constexpr = False):
+               ADDR32: tl.constexpr = False, CLAMP: tl.constexpr = False):
     """One step of slots ``pos`` (from ``start``) on the walked axis: pointers
     to its rows of two tensors (K and V, or Q and dO), the slots' tokens, and
     which slots hold a token. ADDR32 (natural order, set by the host where
     every row offset fits in int32): the step's offsets are recomputed in
     int32 from ``pos``, so no 64-bit offset tile stays live across the loop
     (the dK/dV loop re-read 17 spilled values per step without it at D = 128,
-    PERFORMANCE.md session 6)."""
-    if ORDER == 0 and ADDR32:  # natural order, int32 offsets
+    PERFORMANCE.md session 6). CLAMP (natural order): slots past the end
+    point at the last row, so the step loads without a bounds mask (the
+    band walk: its loop holds FULL steps, where such a mask costs ~80
+    instructions a step; the predicate's branch masks those slots)."""
+    if ORDER == 0 and CLAMP:  # natural order, rows past the end read the last one
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = tl.minimum(pos, N - 1)
+        if ADDR32:
+            a_ptrs = a_base + (rows[:, None] * stride_a + offs_d[None, :])
+            b_ptrs = b_base + (rows[:, None] * stride_b + offs_d[None, :])
+        else:
+            a_ptrs = a_base + rows[:, None].to(tl.int64) * stride_a + offs_d[None, :]
+            b_ptrs = b_base + rows[:, None].to(tl.int64) * stride_b + offs_d[None, :]
+        tok = rows
+        ok = pos < N
+    elif ORDER == 0 and ADDR32:  # natural order, int32 offsets
         offs_d = tl.arange(0, HEAD_DIM)
         a_ptrs = a_base + (pos[:, None] * stride_a + offs_d[None, :])
         b_ptrs = b_base + (pos[:, None] * stride_b + offs_d[None, :])
@@ -288,19 +304,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
                          BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
                          DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                          HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr, RUN: tl.constexpr,  #
-                         ADDR32: tl.constexpr):
+                         ADDR32: tl.constexpr, BAND: tl.constexpr = False, full_lo=0, full_hi=0):
     """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key
-    tile's dK and dV; RUN: the steps lo .. hi - 1 themselves."""
+    tile's dK and dV; RUN: the steps lo .. hi - 1 themselves; BAND: those
+    steps, the ones outside full_lo .. full_hi - 1 PARTIAL (tables.band_table)."""
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        if RUN:
+        if RUN or BAND:
             start_m = tl.multiple_of(i * BLOCK_M1, BLOCK_M1)
         else:
             start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
         q_ptrs, do_ptrs, q_tok, q_in = _step_rows(q_base, do_base, q_tile, do_tile, stride_qn, stride_don, start_m,  #
-                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER, ADDR32)
-        if MASKED:
+                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER, ADDR32, BAND)
+        if MASKED or (BAND and Q_ORDER != 0):
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
             lse2 = tl.load(LSE_row + q_tok, mask=q_in, other=0.0) * 1.44269504  # 1/ln(2)
@@ -323,6 +340,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             allowed = allowed & q_in[None, :] & k_ok[:, None]
             # select, not multiply: a row with lse = -inf has pT = +inf here
             pT = tl.where(allowed, pT, 0.0)
+        elif BAND:
+            if (i < full_lo) | (i >= full_hi):  # a PARTIAL step of the band
+                allowed = pattern_mask(q_pos[None, :], k_pos[:, None], off_h, N, RANDOM)
+                pT = tl.where(allowed & q_in[None, :] & k_ok[:, None], pT, 0.0)
         # -- dV += P^T dO
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if DOT_PRECISION == "ieee":
@@ -345,10 +366,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                   Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
-                  FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False):
+                  FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False, BAND: tl.constexpr = False):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics.
-    FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows.
+    FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows; BAND: FULL_STEPS is
+    tables.band_table (PART_PTR and PART_STEPS unused).
 
     ADD_IN: add DK_IN and DV_IN (fp32, DK's strides; may be DK and DV
     themselves) before the store: a planned run sums its components'
@@ -393,8 +415,15 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
         LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N_TOK
         DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N_TOK
         csr_col = layout_h * n_tiles + tile
+        if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range
+            band = FULL_STEPS + 4 * csr_col
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
+                DELTA_row, FULL_STEPS, tl.load(band), tl.load(band + 3), qk_scale, off_h, N, RANDOM,  #
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
+                True, tl.load(band + 1), tl.load(band + 2))
         # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
-        if FULL_RUNS:
+        elif FULL_RUNS:
             runs = FULL_STEPS + 4 * csr_col
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
@@ -411,10 +440,12 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                 off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM,  #
                 Q_ORDER, False, ADDR32)
         # -- PARTIAL steps: the pattern's predicate and the bounds mask
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row, DELTA_row,  #
-            PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, False, ADDR32)
+        if not BAND:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
+                DELTA_row, PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale,  #
+                off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM,  #
+                Q_ORDER, False, ADDR32)
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
         + k_tok[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
@@ -437,19 +468,20 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
                        BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
                        DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                        HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
-                       ADDR32: tl.constexpr):
+                       ADDR32: tl.constexpr, BAND: tl.constexpr = False, full_lo=0, full_hi=0):
     """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query
-    tile's dQ; RUN: the steps lo .. hi - 1 themselves."""
+    tile's dQ; RUN: the steps lo .. hi - 1 themselves; BAND as in
+    _attn_bwd_dkdv_inner."""
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        if RUN:
+        if RUN or BAND:
             start_n = tl.multiple_of(i * BLOCK_N2, BLOCK_N2)
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
         k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32)
-        if MASKED:
+                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32, BAND)
+        if MASKED or (BAND and K_ORDER != 0):
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
@@ -463,6 +495,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             allowed = allowed & q_ok[:, None] & k_ok[None, :]
             # select, not multiply: a row with lse = -inf has p = +inf here
             p = tl.where(allowed, p, 0.0)
+        elif BAND:
+            if (i < full_lo) | (i >= full_hi):  # a PARTIAL step of the band
+                allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
+                p = tl.where(allowed & q_ok[:, None] & k_ok[None, :], p, 0.0)
         # -- dS = P * (dP - delta); dQ += dS K (the softmax scale comes at the end)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -483,9 +519,10 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                 Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
-                FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False, ADDR32: tl.constexpr = False):
+                FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False, ADDR32: tl.constexpr = False,  #
+                BAND: tl.constexpr = False):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
-    FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows).
+    FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows, BAND as in attn_bwd_dkdv).
 
     WRITE_DELTA: compute this tile's delta from O and dO (already loaded for
     dQ) and write it to DELTA, instead of reading it there: a launch whose
@@ -530,8 +567,15 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     csr_row = layout_h * n_tiles + tile
+    if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range
+        band = FULL_STEPS + 4 * csr_row
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, tl.load(band), tl.load(band + 3), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
+            True, tl.load(band + 1), tl.load(band + 2))
     # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
-    if FULL_RUNS:
+    elif FULL_RUNS:
         runs = FULL_STEPS + 4 * csr_row
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
@@ -547,10 +591,11 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-        PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
+    if not BAND:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
     # -- write dQ, with the softmax scale applied once
     out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
         + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]

@@ -288,11 +288,12 @@ class _DeviceTables:
     dq: tuple  # the same for query tiles of block_m2
     dkdv: tuple  # the same for key tiles of block_n1 (tile order per key/value head)
     random: torch.Tensor  # int32: table offsets, then the random(...) tables
-    # whether each kernel's full_steps is its tables.run_table (two runs per
-    # tile, flattened) rather than the step list
-    fwd_runs: bool = False
-    dq_runs: bool = False
-    dkdv_runs: bool = False
+    # how each kernel walks its tiles: "steps" (full_steps is the FULL step
+    # list), "runs" (full_steps is tables.run_table, two runs per tile,
+    # flattened) or "band" (tables.band_table, flattened; backward only)
+    fwd_walk: str = "steps"
+    dq_walk: str = "steps"
+    dkdv_walk: str = "steps"
 
     @staticmethod
     def build(lay, Hkv: int, config: KernelConfig, random_specs, device) -> "_DeviceTables":
@@ -302,24 +303,30 @@ class _DeviceTables:
             a = np.ascontiguousarray(a, dtype=np.int32)
             return torch.from_numpy(a if a.size else np.zeros(1, dtype=np.int32)).to(device)
 
-        def lists(steps: tables.StepLists, cost):
-            """The kernel's device tables, and whether its FULL lists are runs."""
-            runs = tables.run_table(steps)
-            full = steps.full_steps if runs is None else runs.ravel()
-            arrays = (steps.full_ptr, full, steps.part_ptr, steps.part_steps, tables.tile_order(cost))
-            return tuple(dev(a) for a in arrays), runs is not None
+        def lists(steps: tables.StepLists, cost, band: bool = False):
+            """The kernel's device tables, and how it walks them."""
+            table = tables.band_table(steps) if band else None
+            walk = "band"
+            if table is None:
+                table, walk = tables.run_table(steps), "runs"
+            if table is None:
+                table, walk = steps.full_steps, "steps"
+            arrays = (steps.full_ptr, table.ravel(), steps.part_ptr, steps.part_steps, tables.tile_order(cost))
+            return tuple(dev(a) for a in arrays), walk
 
-        rows = {}
-        for tile, step in {(config.block_m, config.block_n), (config.block_m2, config.block_n2)}:
-            steps = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, tile, step)
-            rows[tile, step] = lists(steps, steps.cost)
+        rows = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, config.block_m, config.block_n)
+        fwd, fwd_walk = lists(rows, rows.cost)
+        if (config.block_m2, config.block_n2) != (config.block_m, config.block_n):
+            rows = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, config.block_m2, config.block_n2)
+            dq, dq_walk = lists(rows, rows.cost, config.bwd_band)
+        else:  # the forward's tiles: its tables too, unless dQ walks bands
+            dq, dq_walk = lists(rows, rows.cost, True) if config.bwd_band else (fwd, fwd_walk)
         cols = tables.kernel_steps(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
         kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
-        (fwd, fwd_runs), (dq, dq_runs) = rows[config.block_m, config.block_n], rows[config.block_m2, config.block_n2]
-        dkdv, dkdv_runs = lists(cols, kv_cost)
+        dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
         return _DeviceTables(layout_heads=lay.heads, fwd=fwd, dq=dq, dkdv=dkdv,
                              random=_random_buffer(random_specs, n, device),
-                             fwd_runs=fwd_runs, dq_runs=dq_runs, dkdv_runs=dkdv_runs)
+                             fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
 
 
 def _random_buffer(specs, n: int, device) -> torch.Tensor:
@@ -382,7 +389,7 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
-            Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_runs, SCALE_NONNEG=scale >= 0,
+            Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_walk == "runs", SCALE_NONNEG=scale >= 0,
             MERGE_IN=o_in is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
         return o, lse
 
@@ -409,7 +416,8 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_runs, ADDR32=self._rows_fit_int32(q, do),
+            ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_walk == "runs", BAND=t.dkdv_walk == "band",
+            ADDR32=self._rows_fit_int32(q, do),
             **self._backward_constexprs())
 
     def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None, o=None):
@@ -424,7 +432,8 @@ class _Run:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_arg.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
-            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_runs, WRITE_DELTA=o is not None,
+            ADD_IN=dq_in is not None, FULL_RUNS=t.dq_walk == "runs", BAND=t.dq_walk == "band",
+            WRITE_DELTA=o is not None,
             ADDR32=self._rows_fit_int32(k, v), **self._backward_constexprs())
 
     def _rows_fit_int32(self, *walked) -> bool:

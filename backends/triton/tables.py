@@ -45,6 +45,15 @@ step list otherwise (scattered FULL blocks: random, per-block summaries).
 (int32 ``[H * n_tiles, 2 * MAX_RUNS]``) the same as a fixed-width table,
 empty runs ``(0, 0)``.
 
+A *band* (``band_table``, the backward kernels' walk where
+``KernelConfig.bwd_band`` asks for it) is a tile whose non-empty steps are
+one contiguous range with its FULL steps one contiguous range inside it, so
+its PARTIAL steps lie only before and after them: causal and banded
+patterns. The kernel then walks the whole range as one software-pipelined
+loop, computing the predicate only on the steps outside the FULL range (a
+branch on the step index): one pipeline fill and drain per tile instead of
+one per loop.
+
 ``tile_order`` turns a cost into the order programs take their tiles
 (heaviest first, so the last wave of a launch is short).
 """
@@ -152,6 +161,34 @@ def run_table(lists: StepLists) -> np.ndarray | None:
     table[rows, 2 * slot] = runs.bounds[0::2]
     table[rows, 2 * slot + 1] = runs.bounds[1::2]
     return table
+
+
+def band_table(lists: StepLists) -> np.ndarray | None:
+    """int32 ``[H * n_tiles, 4]``: each tile's ``first, full_first, full_end,
+    end`` steps (all 0 for an empty tile, ``full_first = full_end = first``
+    for one without FULL steps), or None unless every tile is a band (see the
+    module docstring)."""
+    n_full, n_part = np.diff(lists.full_ptr), np.diff(lists.part_ptr)
+    f_lo, f_last = _first_last(lists.full_ptr, lists.full_steps)
+    p_lo, p_last = _first_last(lists.part_ptr, lists.part_steps)
+    big = np.iinfo(np.int64).max
+    lo = np.minimum(np.where(n_full > 0, f_lo, big), np.where(n_part > 0, p_lo, big))
+    hi = np.maximum(np.where(n_full > 0, f_last, -1), np.where(n_part > 0, p_last, -1)) + 1
+    some = n_full + n_part > 0
+    contiguous = (hi - lo == n_full + n_part) & (f_last - f_lo + 1 == n_full)
+    if not contiguous[some].all():
+        return None
+    f_lo, f_hi = np.where(n_full > 0, f_lo, lo), np.where(n_full > 0, f_last + 1, lo)
+    return np.where(some[:, None], np.stack([lo, f_lo, f_hi, hi], axis=1), 0).astype(np.int32)
+
+
+def _first_last(ptr: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each CSR row's first and last step (0 and -1 for an empty row)."""
+    count = np.diff(ptr)
+    padded = np.append(steps.astype(np.int64), 0)  # a valid index for empty rows
+    first = np.where(count > 0, padded[ptr[:-1]], 0)
+    last = np.where(count > 0, padded[np.maximum(ptr[1:] - 1, 0)], -1)
+    return first, last
 
 
 def _overlapping(blocks: np.ndarray, block: int, size: int) -> np.ndarray:
