@@ -422,7 +422,9 @@ def test_hypothesis_compositions(data):
     H = data.draw(st.sampled_from([1, 2]), label="H")
     pattern = data.draw(patterns(max_depth=2, max_leaves=4, heads=H), label="pattern")
     n = data.draw(st.integers(1, 48 if not LARGE else 600), label="n")
-    check_against_reference(pattern, H=H, n=n, seed=data.draw(st.integers(0, 99), label="seed"))
+    # the backward walking bands where the tiles are bands, or its step lists
+    config = replace(CONFIG or default_config(D_SMALL, torch.float32), bwd_band=data.draw(st.booleans(), label="band"))
+    check_against_reference(pattern, H=H, n=n, config=config, seed=data.draw(st.integers(0, 99), label="seed"))
 
 
 # ----------------------------------------------------------------------------
