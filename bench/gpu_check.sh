@@ -37,6 +37,8 @@
 #             D=128): Flex's fused backward, our dK/dV and dQ at the table's tiles
 #             and at Flex's (NCU_PATTERN, NCU_D override); a plain profiled run
 #             first compiles Flex and gives the kernel-by-kernel times (~6 min)
+#   placement the sliding_window(1024) D=128 forward+backward with q, k, v, dO
+#             placed at several distances apart, in three processes (~2 min)
 #   host      the host's cost of a planned strided(128) forward at n=16384,
 #             layer by layer, and a cProfile of it                 (~30 s)
 #
@@ -167,6 +169,14 @@ run_ncu() {
         --bwd-tiles "${NCU_TILES:-64x128/128x64:8:3}" "${what[@]}" > "$OUT/ncu_pcc_tiles.log" 2>&1 || fail "ncu pcc tiles"
 }
 
+run_placement() {
+    echo "== placement" | tee -a "$OUT/summary.txt"
+    local i
+    for i in 1 2 3; do
+        timeout 150 python3 bench/placement.py 2>&1 | tee -a "$OUT/placement.log" || fail "placement $i"
+    done
+}
+
 run_host() {
     echo "== host" | tee -a "$OUT/summary.txt"
     timeout 90 python3 bench/profile_plan.py --host --pattern "strided(128)" --seq-len 16384 2>&1 \
@@ -188,7 +198,8 @@ for section in "${sections[@]}"; do
         tiles) run_tiles ;;
         host) run_host ;;
         ncu) run_ncu ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles ncu host)" >&2; status=2 ;;
+        placement) run_placement ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles ncu placement host)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"
