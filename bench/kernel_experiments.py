@@ -482,46 +482,40 @@ def _band(pat, run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -
     """dK/dV and dQ of ``run``'s tiles walking their step lists and walking
     bands (``KernelConfig.bwd_band``: one loop per tile, the predicate
     behind a branch), gradients checked against the lists'."""
-    lines, first = [], None
-    B, H = q.shape[:2]
+    H, Hkv = q.shape[1], k.shape[1]
+    cases = []
     for band in (False, True):
         config = dataclasses.replace(run.config, bwd_band=band)
-        brun = TritonAttention(pat, config=config).prepare(n, H, k.shape[1], head_dim, q.dtype, q.device)
-        walks = f"{brun.tables.dkdv_walk} / {brun.tables.dq_walk}"
-        dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
-        dkdv = lambda: brun.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)  # noqa: E731
-        dqf = lambda: brun.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)  # noqa: E731
-        dkdv(), dqf()
-        grads = torch.cat([dk.flatten(), dv.flatten(), dq.flatten()]).float()
-        first = grads if first is None else first
-        diff = (grads - first).abs().max().item()
-        ms_kv, ms_q = _time(dkdv, rep), _time(dqf, rep)
-        lines.append(f"| {pattern} | {n} | {head_dim} | walk {walks}: dkdv + dq | {config.describe()} | "
-                     f"{ms_kv:.3f} + {ms_q:.3f} = {ms_kv + ms_q:.3f} | {diff:.2g} |")
-        print(lines[-1], flush=True)
-    return lines
+        brun = TritonAttention(pat, config=config).prepare(n, H, Hkv, head_dim, q.dtype, q.device)
+        cases.append((f"walk {brun.tables.dkdv_walk} / {brun.tables.dq_walk}", brun))
+    return _compare(cases, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
 
 
 def _variants(run, variants, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> list[str]:
     """dK/dV and dQ of ``run``'s tiles with each variant's module, checked
     against the first variant's gradients."""
     src = codegen.generate_source(pcc.parse(pattern), run.config)
-    lines, first = [], None
     if "tma" in variants:  # device-side descriptors need a scratch allocator
         import triton
 
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
-    for name in variants:
-        vrun = dataclasses.replace(run, module=load_variant(bwd_variant_source(src, name)))
+    cases = [(name, dataclasses.replace(run, module=load_variant(bwd_variant_source(src, name)))) for name in variants]
+    return _compare(cases, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
+
+
+def _compare(cases, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> list[str]:
+    """dK/dV and dQ of each ``(label, run)``, timed, gradients checked against the first's."""
+    lines, first = [], None
+    for label, run in cases:
         dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
-        dkdv = lambda: vrun.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)  # noqa: E731
-        dqf = lambda: vrun.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)  # noqa: E731
+        dkdv = lambda: run.dkdv(q, k, v, lse, do, delta, scale, SlotOrder(), dk, dv)  # noqa: E731
+        dqf = lambda: run.dq(q, k, v, lse, do, delta, scale, SlotOrder(), dq)  # noqa: E731
         dkdv(), dqf()
         grads = torch.cat([dk.flatten(), dv.flatten(), dq.flatten()]).float()
         first = grads if first is None else first
         diff = (grads - first).abs().max().item()
         ms_kv, ms_q = _time(dkdv, rep), _time(dqf, rep)
-        lines.append(f"| {pattern} | {n} | {head_dim} | {name}: dkdv + dq | {run.config.describe()} | "
+        lines.append(f"| {pattern} | {n} | {head_dim} | {label}: dkdv + dq | {run.config.describe()} | "
                      f"{ms_kv:.3f} + {ms_q:.3f} = {ms_kv + ms_q:.3f} | {diff:.2g} |")
         print(lines[-1], flush=True)
     return lines
