@@ -37,6 +37,9 @@
 #             D=128): Flex's fused backward, our dK/dV and dQ at the table's tiles
 #             and at Flex's (NCU_PATTERN, NCU_D override); a plain profiled run
 #             first compiles Flex and gives the kernel-by-kernel times (~6 min)
+#   walks     the backward kernels alone, walking step lists and bands
+#             (KernelConfig.bwd_band) and with N_TOK specialized (ntok), on
+#             sliding_window(1024) and causal, n=16384/65536, D=128 and 64 (~6 min)
 #   placement the sliding_window(1024) D=128 forward+backward with q, k, v, dO
 #             placed at several distances apart, in three processes (~2 min)
 #   host      the host's cost of a planned strided(128) forward at n=16384,
@@ -169,6 +172,13 @@ run_ncu() {
         --bwd-tiles "${NCU_TILES:-64x128/128x64:8:3}" "${what[@]}" > "$OUT/ncu_pcc_tiles.log" 2>&1 || fail "ncu pcc tiles"
 }
 
+run_walks() {
+    echo "== walks" | tee -a "$OUT/summary.txt"
+    timeout 540 python3 bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" causal \
+        --seq-len 16384 65536 --head-dim 128 64 --no-candidates --band --bwd-variants base ntok 2>&1 \
+        | tee "$OUT/walks.log" || fail walks
+}
+
 run_placement() {
     echo "== placement" | tee -a "$OUT/summary.txt"
     local i
@@ -198,8 +208,9 @@ for section in "${sections[@]}"; do
         tiles) run_tiles ;;
         host) run_host ;;
         ncu) run_ncu ;;
+        walks) run_walks ;;
         placement) run_placement ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles ncu placement host)" >&2; status=2 ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles ncu walks placement host)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"
