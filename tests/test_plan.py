@@ -343,7 +343,7 @@ def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
 def test_planned_triton_walks_bands(src, n, kv_heads):
     """A plan's components with the backward walking bands
     (KernelConfig.bwd_band): the reordered ones load their slots through a
-    bounds mask (slots past the tokens), the natural ones clamp."""
+    mask even inside the band (padding slots past the tokens)."""
     check_planned_triton(pipeline.parse(src), n, 2, kv_heads, 16, torch.float32, bwd_band=True)
 
 

@@ -50,29 +50,15 @@ def _token(slot, ORDER: tl.constexpr, L, S, C):
 @triton.jit
 def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  #
                N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr,  #
-               ADDR32: tl.constexpr = False, CLAMP: tl.constexpr = False):
+               ADDR32: tl.constexpr = False):
     """One step of slots ``pos`` (from ``start``) on the walked axis: pointers
     to its rows of two tensors (K and V, or Q and dO), the slots' tokens, and
     which slots hold a token. ADDR32 (natural order, set by the host where
     every row offset fits in int32): the step's offsets are recomputed in
     int32 from ``pos``, so no 64-bit offset tile stays live across the loop
     (the dK/dV loop re-read 17 spilled values per step without it at D = 128,
-    PERFORMANCE.md session 6). CLAMP (natural order): slots past the end
-    point at the last row, so the step loads without a bounds mask (the
-    band walk: its loop holds FULL steps, where such a mask costs ~80
-    instructions a step; the predicate's branch masks those slots)."""
-    if ORDER == 0 and CLAMP:  # natural order, rows past the end read the last one
-        offs_d = tl.arange(0, HEAD_DIM)
-        rows = tl.minimum(pos, N - 1)
-        if ADDR32:
-            a_ptrs = a_base + (rows[:, None] * stride_a + offs_d[None, :])
-            b_ptrs = b_base + (rows[:, None] * stride_b + offs_d[None, :])
-        else:
-            a_ptrs = a_base + rows[:, None].to(tl.int64) * stride_a + offs_d[None, :]
-            b_ptrs = b_base + rows[:, None].to(tl.int64) * stride_b + offs_d[None, :]
-        tok = rows
-        ok = pos < N
-    elif ORDER == 0 and ADDR32:  # natural order, int32 offsets
+    PERFORMANCE.md session 6)."""
+    if ORDER == 0 and ADDR32:  # natural order, int32 offsets
         offs_d = tl.arange(0, HEAD_DIM)
         a_ptrs = a_base + (pos[:, None] * stride_a + offs_d[None, :])
         b_ptrs = b_base + (pos[:, None] * stride_b + offs_d[None, :])
@@ -307,7 +293,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
                          ADDR32: tl.constexpr, BAND: tl.constexpr = False, full_lo=0, full_hi=0):
     """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key
     tile's dK and dV; RUN: the steps lo .. hi - 1 themselves; BAND: those
-    steps, the ones outside full_lo .. full_hi - 1 PARTIAL (tables.band_table)."""
+    steps, the ones outside full_lo .. full_hi - 1 PARTIAL (tables.band_table),
+    all inside the sequence (no bounds mask; a planned order's padding slots
+    still need their load mask)."""
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN or BAND:
@@ -316,7 +304,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
         q_pos = start_m + offs_m
         q_ptrs, do_ptrs, q_tok, q_in = _step_rows(q_base, do_base, q_tile, do_tile, stride_qn, stride_don, start_m,  #
-                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER, ADDR32, BAND)
+                                                  q_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, Q_ORDER, ADDR32)
         if MASKED or (BAND and Q_ORDER != 0):
             q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
@@ -415,13 +403,20 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
         LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N_TOK
         DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N_TOK
         csr_col = layout_h * n_tiles + tile
-        if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range
+        if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range;
+            #            a step reaching past the end (the band's last, if any) as a masked loop of its own
             band = FULL_STEPS + 4 * csr_col
+            lo, hi = tl.load(band), tl.load(band + 3)
+            inside = tl.maximum(tl.minimum(hi, N // BLOCK_M1), lo)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
-                DELTA_row, FULL_STEPS, tl.load(band), tl.load(band + 3), qk_scale, off_h, N, RANDOM,  #
+                DELTA_row, FULL_STEPS, lo, inside, qk_scale, off_h, N, RANDOM,  #
                 N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
                 True, tl.load(band + 1), tl.load(band + 2))
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
+                DELTA_row, FULL_STEPS, inside, hi, qk_scale, off_h, N, RANDOM,  #
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32)
         # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
         elif FULL_RUNS:
             runs = FULL_STEPS + 4 * csr_col
@@ -480,7 +475,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
         k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32, BAND)
+                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32)
         if MASKED or (BAND and K_ORDER != 0):
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
@@ -567,13 +562,20 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     csr_row = layout_h * n_tiles + tile
-    if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range
+    if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range;
+        #            a step reaching past the end (the band's last, if any) as a masked loop of its own
         band = FULL_STEPS + 4 * csr_row
+        lo, hi = tl.load(band), tl.load(band + 3)
+        inside = tl.maximum(tl.minimum(hi, N // BLOCK_N2), lo)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-            FULL_STEPS, tl.load(band), tl.load(band + 3), qk_scale, off_h, N, RANDOM,  #
+            FULL_STEPS, lo, inside, qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
             True, tl.load(band + 1), tl.load(band + 2))
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+            FULL_STEPS, inside, hi, qk_scale, off_h, N, RANDOM,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32)
     # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
     elif FULL_RUNS:
         runs = FULL_STEPS + 4 * csr_row
