@@ -92,17 +92,8 @@ def smoke(n: int = 1000, heads: int = 2, head_dim: int = 64, dtypes=("bfloat16",
     return failures
 
 
-def _tiles(text: str) -> tuple[int, ...]:
-    """"128x64:4:3" -> (128, 64, 4, 3); "32x64/64x64:4:2" -> (32, 64, 64, 64, 4, 2)."""
-    try:
-        tiles, warps, stages = text.split(":")
-        return (*(int(t) for pair in tiles.split("/") for t in pair.split("x")), int(warps), int(stages))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MxN:WARPS:STAGES or M1xN1/M2xN2:WARPS:STAGES, got {text!r}")
-
-
 def main(argv=None) -> int:
-    from patterncc.backends.triton.bench import PATTERNS
+    from patterncc.backends.triton.bench import PATTERNS, tile_spec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patterns", nargs="*", default=["causal", "sliding_window(1024)", "local_global(512,64)",
@@ -121,9 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the markdown table to this file too")
     ap.add_argument("--cold-start", action="store_true", help="time first calls in fresh processes instead")
     ap.add_argument("--sweep", action="store_true", help="time tile candidates instead")
-    ap.add_argument("--fwd-candidates", nargs="*", type=_tiles, default=None, metavar="MxN:W:S",
+    ap.add_argument("--fwd-candidates", nargs="*", type=tile_spec, default=None, metavar="MxN:W:S",
                     help="the sweep's forward candidates (default bench.FWD_CANDIDATES; the option with no values: no forward)")
-    ap.add_argument("--bwd-candidates", nargs="*", type=_tiles, default=None, metavar="M1xN1/M2xN2:W:S",
+    ap.add_argument("--bwd-candidates", nargs="*", type=tile_spec, default=None, metavar="M1xN1/M2xN2:W:S",
                     help="the sweep's backward candidates (default bench.BWD_CANDIDATES; the option with no values: no backward)")
     ap.add_argument("--smoke", action="store_true", help="check fwd+bwd against the reference instead")
     ap.add_argument("--resources", action="store_true",

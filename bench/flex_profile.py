@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import patterncc as pcc
 from patterncc.backends.triton import flex as flex_interop
-from patterncc.backends.triton.bench import PATTERNS
+from patterncc.backends.triton.bench import PATTERNS, backward_tile_spec
 from patterncc.backends.triton.config import DEFAULT_BLOCK
 from patterncc.backends.triton.runtime import TritonAttention
 
@@ -84,7 +84,7 @@ def timeline(fn, grads, iters: int, forward=None, grad=None) -> list[str]:
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     kernels = sorted((e["ts"], e["dur"], e["name"], launched.get(e.get("args", {}).get("correlation")))
                      for e in events if e.get("cat") == "kernel" and "dur" in e)
-    calls, flush_end, current = [], None, None  # split at the flush (a fill kernel)
+    calls, current = [], None  # split at the flush (a fill kernel)
     for ts, dur, name, host in kernels:
         if "fill" in name.lower() or "FillFunctor" in name:
             current = []
@@ -179,7 +179,7 @@ def main() -> None:
                     help="a cProfile of 50 forward+backward calls issued while the GPU is kept busy")
     ap.add_argument("--plain", action="store_true",
                     help="run each forward+backward twice, no profiler (for running under ncu)")
-    ap.add_argument("--bwd-tiles", metavar="M1xN1/M2xN2:W:S",
+    ap.add_argument("--bwd-tiles", type=backward_tile_spec, metavar="M1xN1/M2xN2:W:S",
                     help="patterncc's backward tiles, warps and stages (default: the table's)")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -196,11 +196,10 @@ def main() -> None:
     flex = torch.compile(flex_attention, dynamic=False)
     config = None
     if args.bwd_tiles:
-        tiles, warps, stages = args.bwd_tiles.split(":")
-        (m1, n1), (m2, n2) = (map(int, t.split("x")) for t in tiles.split("/"))
+        m1, n1, m2, n2, warps, stages = args.bwd_tiles
         base = TritonAttention(pattern).config_for(D, torch.bfloat16, pcc.layout(pattern, n, block=DEFAULT_BLOCK))
         config = dataclasses.replace(base, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
-                                     bwd_warps=int(warps), bwd_stages=int(stages))
+                                     bwd_warps=warps, bwd_stages=stages)
     attn = pcc.compile(pattern, backend="triton", config=config)
 
     def step(f):

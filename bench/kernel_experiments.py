@@ -59,6 +59,7 @@ from triton.testing import do_bench
 
 import patterncc as pcc
 from patterncc.backends.triton import cache, codegen
+from patterncc.backends.triton.bench import backward_tile_spec
 from patterncc.backends.triton.config import KernelConfig
 from patterncc.backends.triton.runtime import SlotOrder, TritonAttention, triton_cdiv
 
@@ -463,14 +464,11 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, ca
                              f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''} | |")
             print(lines[-1], flush=True)
     default = TritonAttention(pat).prepare(n, heads, heads, head_dim, dt, q.device)  # tiles by the layout's walk
-    lines += _overlap(default, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
-    for m1, n1, m2, n2, w, s in pairs:
-        run = TritonAttention(pat, config=config(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2, bwd_warps=w,
-                                                 bwd_stages=s)).prepare(n, heads, heads, head_dim, dt, q.device)
-        lines += _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
     runs = [default] + [TritonAttention(pat, config=config(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
                                                            bwd_warps=w, bwd_stages=s))
                         .prepare(n, heads, heads, head_dim, dt, q.device) for m1, n1, m2, n2, w, s in pairs]
+    for run in runs:
+        lines += _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
     for run in runs if variants else ():
         lines += _variants(run, variants, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
     for run in runs if band else ():
@@ -550,13 +548,6 @@ def _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep) -> 
     return lines
 
 
-def _pair(text: str) -> tuple[int, ...]:
-    """"64x128/128x64:8:3" -> (64, 128, 128, 64, 8, 3)."""
-    tiles, warps, stages = text.split(":")
-    (m1, n1), (m2, n2) = (map(int, t.split("x")) for t in tiles.split("/"))
-    return m1, n1, m2, n2, int(warps), int(stages)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("fwd", "bwd"))
@@ -571,7 +562,7 @@ def main() -> None:
                     help="bwd: time each kernel of the default tiles and the pairs with these module variants")
     ap.add_argument("--band", action="store_true",
                     help="bwd: time the default tiles and the pairs walking step lists and walking bands")
-    ap.add_argument("--pairs", nargs="*", default=[], type=_pair, metavar="M1xN1/M2xN2:W:S",
+    ap.add_argument("--pairs", nargs="*", default=[], type=backward_tile_spec, metavar="M1xN1/M2xN2:W:S",
                     help="bwd: backward tile sets to time in sequence and side by side too")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (dry run)'}", flush=True)

@@ -24,6 +24,7 @@ process (empty caches) and the warm start of a second process (disk caches).
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import math
@@ -56,6 +57,25 @@ PATTERNS = {
     "fixed(128,32)": C & (ir.Block(128) | ir.Summary(128, 32)),
     "strided(128)": C & (ir.Local(128) | ir.Stride(128)),
 }
+
+
+def tile_spec(text: str) -> tuple[int, ...]:
+    """A command line's tile set: "128x64:4:3" -> (128, 64, 4, 3) (forward M x N,
+    warps, stages); "32x64/64x64:4:2" -> (32, 64, 64, 64, 4, 2) (backward
+    M1 x N1 / M2 x N2, warps, stages)."""
+    try:
+        tiles, warps, stages = text.split(":")
+        return (*(int(t) for pair in tiles.split("/") for t in pair.split("x")), int(warps), int(stages))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MxN:WARPS:STAGES or M1xN1/M2xN2:WARPS:STAGES, got {text!r}")
+
+
+def backward_tile_spec(text: str) -> tuple[int, int, int, int, int, int]:
+    """``tile_spec`` of a backward tile set only."""
+    spec = tile_spec(text)
+    if len(spec) != 6:
+        raise argparse.ArgumentTypeError(f"expected M1xN1/M2xN2:WARPS:STAGES, got {text!r}")
+    return spec
 
 
 def is_causal(p: ir.Pattern) -> bool:

@@ -292,13 +292,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
                          HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr, RUN: tl.constexpr,  #
                          ADDR32: tl.constexpr, BAND: tl.constexpr = False, full_lo=0, full_hi=0):
     """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key
-    tile's dK and dV; RUN: the steps lo .. hi - 1 themselves; BAND: those
-    steps, the ones outside full_lo .. full_hi - 1 PARTIAL (tables.band_table),
+    tile's dK and dV; RUN: the steps lo .. hi - 1 themselves; BAND (with
+    RUN): those steps, the ones outside full_lo .. full_hi - 1 PARTIAL (tables.band_table),
     all inside the sequence (no bounds mask; a planned order's padding slots
     still need their load mask)."""
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        if RUN or BAND:
+        if RUN:
             start_m = tl.multiple_of(i * BLOCK_M1, BLOCK_M1)
         else:
             start_m = tl.multiple_of(tl.load(STEPS + i) * BLOCK_M1, BLOCK_M1)
@@ -469,7 +469,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
     _attn_bwd_dkdv_inner."""
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-        if RUN or BAND:
+        if RUN:
             start_n = tl.multiple_of(i * BLOCK_N2, BLOCK_N2)
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
