@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rep", type=int, default=100, help="do_bench's rep (ms) per measurement")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every contender this many times, back to back, and keep the medians")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--lean", action="store_true", help="leave out the diagnostic pcc@128 and flex(layout) timings")
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
                     rows.append(bench.bench_case(pattern, name, n, heads=args.heads, kv_heads=args.kv_heads,
                                                  head_dim=D, batch=args.batch, dtype=args.dtype,
                                                  flex=not args.no_flex, sdpa=not args.no_sdpa, rep=args.rep,
-                                                 extras=not args.lean))
+                                                 extras=not args.lean, rounds=args.rounds))
                     print(f"{name} n={n} D={D}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                     print(bench.markdown(rows[-1:]).splitlines()[-1], flush=True)
         out.append(bench.markdown(rows))

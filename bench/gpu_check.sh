@@ -38,7 +38,7 @@
 #             and at Flex's (NCU_PATTERN, NCU_D override); a plain profiled run
 #             first compiles Flex and gives the kernel-by-kernel times (~6 min)
 #   walks     the backward kernels alone, walking step lists and bands
-#             (KernelConfig.bwd_band) and with N_TOK specialized (ntok), on
+#             (KernelConfig.bwd_band) and with N_TOK not specialized (plain_ntok), on
 #             sliding_window(1024) and causal, n=16384/65536, D=128 and 64 (~6 min)
 #   placement the sliding_window(1024) D=128 forward+backward with q, k, v, dO
 #             placed at several distances apart, in three processes (~2 min)
@@ -105,7 +105,7 @@ run_bench() {
         local patterns=(causal "sliding_window(1024)" "local_global(512,64)" "fixed(128,32)")
         [ "$D" = 64 ] && patterns+=("strided(128)")
         timeout "${BENCH_TIMEOUT:-540}" python3 bench/bench_triton.py --lean --head-dim "$D" --seq-len 16384 65536 \
-            --rep 60 --patterns "${patterns[@]}" --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" \
+            --rep 60 --rounds "${BENCH_ROUNDS:-3}" --patterns "${patterns[@]}" --out "$OUT/bench.md" 2>&1 | tee -a "$OUT/bench.log" \
             || fail "bench D=$D"
     done
 }
@@ -175,7 +175,7 @@ run_ncu() {
 run_walks() {
     echo "== walks" | tee -a "$OUT/summary.txt"
     timeout 540 python3 bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" causal \
-        --seq-len 16384 65536 --head-dim 128 64 --no-candidates --band --bwd-variants base ntok 2>&1 \
+        --seq-len 16384 65536 --head-dim 128 64 --no-candidates --band --bwd-variants base plain_ntok 2>&1 \
         | tee "$OUT/walks.log" || fail walks
 }
 

@@ -33,10 +33,11 @@ differs from ``base`` in the forward only (``fwd --variants i32addr``):
     python bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" --head-dim 128 \
         --no-candidates --pairs 64x128/128x64:8:3 --bwd-variants base i32addr tma
 
-``--bwd-variants ntok``: dK/dV with ``N_TOK`` specialized by Triton (a
-multiple of 16 makes each head's lse and delta row 64-byte aligned: its
-per-step loads of them become 8-byte cp.async, 287 -> 271 instructions a
-FULL step at D = 128, 32 x 64, compiled with Triton 3.6; session 7).
+``--bwd-variants plain_ntok``: dK/dV with ``N_TOK`` not specialized, as
+before session 8 (the template now lets Triton specialize it: a multiple of
+16 makes each head's lse and delta row 64-byte aligned and its per-step
+loads of them 8-byte cp.async, 287 -> 271 instructions a FULL step at
+D = 128, 32 x 64, compiled with Triton 3.6; timed in session 8).
 
 ``bwd --band``: the same kernels walking their step lists and walking bands
 (``KernelConfig.bwd_band``, session 7), gradients checked against the lists'.
@@ -322,10 +323,10 @@ def bwd_variant_source(src: str, name: str) -> str:
         return src
     if name == "tma":
         return _tma_dkdv(src)
-    if name == "ntok":  # Triton specializes N_TOK (its divisibility by 16): dK/dV's lse and delta rows align
-        old = '@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])\ndef attn_bwd_dkdv('
-        assert src.count(old) == 1, "the ntok edit did not apply"
-        return src.replace(old, '@triton.jit(do_not_specialize=["N", "ORD_L", "ORD_S", "ORD_C"])\ndef attn_bwd_dkdv(')
+    if name == "plain_ntok":  # N_TOK not specialized in dK/dV: lse and delta rows of unknown alignment
+        old = '@triton.jit(do_not_specialize=["N", "ORD_L", "ORD_S", "ORD_C"])\ndef attn_bwd_dkdv('
+        assert src.count(old) == 1, "the plain_ntok edit did not apply"
+        return src.replace(old, '@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])\ndef attn_bwd_dkdv(')
     if name == "late_dp":
         for old, new in _LATE_DP:
             assert src.count(old) == 1, "the late_dp edit did not apply"
@@ -558,7 +559,7 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["base", "run", "run+ptr", "run+ffma", "tma", "tma+run"])
     ap.add_argument("--no-candidates", action="store_true", help="bwd: leave out the per-kernel candidates")
-    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr", "tma", "late_dp", "ntok"),
+    ap.add_argument("--bwd-variants", nargs="*", default=[], choices=("base", "i32addr", "tma", "late_dp", "plain_ntok"),
                     help="bwd: time each kernel of the default tiles and the pairs with these module variants")
     ap.add_argument("--band", action="store_true",
                     help="bwd: time the default tiles and the pairs walking step lists and walking bands")

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, nargs="+", default=[64])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every contender this many times, back to back, and keep the medians")
     p.add_argument("--out", metavar="FILE.md", help="append the markdown table to FILE")
     p.set_defaults(run=cmd_bench)
 
@@ -254,7 +256,7 @@ def cmd_bench(args) -> int:
 
     pat = load_pattern(args.pattern, args.param)
     table = bench.run(pat, seq_lens=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
-                      head_dims=args.head_dim, batch=args.batch, dtype=args.dtype)
+                      head_dims=args.head_dim, batch=args.batch, dtype=args.dtype, rounds=args.rounds)
     print(table)
     if args.out:
         with open(args.out, "a") as f:

@@ -29,6 +29,7 @@ import inspect
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,8 +118,6 @@ def _bench(fn, grad_to_none=None, rep: int = 100, device="cuda") -> float:
 
 
 def _flex(device="cuda"):
-    from functools import partial
-
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if device != "cuda":  # dry run: eager flex, uncompiled block masks
@@ -133,10 +132,17 @@ def _flex(device="cuda"):
 def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_heads: int | None = None,
                head_dim: int = 64, batch: int = 1, dtype: str = "bfloat16", config: KernelConfig | None = None,
                flex: bool = True, sdpa: bool = True, rep: int = 100, device: str = "cuda",
-               extras: bool = True) -> Row:
+               extras: bool = True, rounds: int = 1) -> Row:
     """One row: every contender on the same inputs (``device="cpu"`` under
     TRITON_INTERPRET=1 only checks that the harness runs). ``extras=False``
-    leaves out the two diagnostic contenders (``pcc@128``, ``flex(layout)``)."""
+    leaves out the two diagnostic contenders (``pcc@128``, ``flex(layout)``).
+
+    ``rounds`` > 1 times all contenders that many times over, one after the
+    other in each round (in reverse order every other round), and keeps the
+    median over rounds: two do_bench medians of the same kernels taken
+    minutes apart differ by up to 8% on the H200 (session 8, placement.py),
+    so contenders timed back to back in one round compare under the same
+    conditions; the per-round flex/pcc ratios go into the row's notes."""
     from . import flex as flex_interop
 
     H, Hkv, D, B = heads, kv_heads or heads, head_dim, batch
@@ -162,10 +168,15 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
     row.density = lay.density
     o_pcc = attn(q, k, v)  # compile
     o_pcc.backward(do)
-    timer = partial(_time, row, rep=rep, device=device)
-    timer("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), grads, fwd_flops)
+    contenders = []  # (who, forward, forward+backward, FLOPs): timed together at the end
+
+    def timer(who, fwd, fwd_bwd, flops):
+        fwd_bwd()  # compile (Flex's backward compiles on its first call) before anything is timed
+        contenders.append((who, fwd, fwd_bwd, flops))
+
+    timer("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), fwd_flops)
     if extras and cfg.block != FLEX_BLOCK:
-        timer("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), grads, fwd_flops)
+        timer("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), fwd_flops)
 
     # -- patterncc with its plan (what pcc.compile runs): only when the plan reorders
     from patterncc.attention import Attention
@@ -179,7 +190,7 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
         o_plan.backward(do)
         diff = (o_plan.float() - o_pcc.float()).abs().max().item()
         row.notes.append(f"plan vs natural order: max abs diff {diff:.3g}")
-        timer("plan", lambda: planned(q, k, v), lambda: planned(q, k, v).backward(do), grads, fwd_flops)
+        timer("plan", lambda: planned(q, k, v), lambda: planned(q, k, v).backward(do), fwd_flops)
         row.notes.append(f"plan: {len(plan.components)} components, {plan.computed_blocks} blocks of "
                          f"{plan.block} vs {plan.natural_blocks} natural, built in {plan_ms:.0f} ms")
 
@@ -199,11 +210,11 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
             o_flex = flex_attention(q, k, v, block_mask=bm, **gqa)
             row.max_diff = (o_flex.float() - o_pcc.float()).abs().max().item()
             timer("flex", lambda: flex_attention(q, k, v, block_mask=bm, **gqa),
-                  lambda: flex_attention(q, k, v, block_mask=bm, **gqa).backward(do), grads, fwd_flops)
+                  lambda: flex_attention(q, k, v, block_mask=bm, **gqa).backward(do), fwd_flops)
             bm_layout = flex_interop.to_flex_block_mask(lay, pattern, device=device, mask_mod_fn=mask_mod)
             if extras:
                 timer("flex(layout)", lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa),
-                      lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa).backward(do), grads, fwd_flops)
+                      lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa).backward(do), fwd_flops)
         except Exception as err:  # a table with a note beats no table
             row.notes.append(f"flex failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
 
@@ -221,11 +232,12 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return sdpa_fn(q, k, v, is_causal=causal, **extra)
 
-            timer("sdpa", fwd, lambda: fwd().backward(do), grads, dense_flops)
+            timer("sdpa", fwd, lambda: fwd().backward(do), dense_flops)
             if not causal:
                 row.notes.append("sdpa dense (not causal)")
         except Exception as err:
             row.notes.append(f"sdpa failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    _time_rounds(row, contenders, grads, rounds=rounds, rep=rep, device=device)
     return row
 
 
@@ -234,12 +246,22 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(row: Row, who: str, fwd, fwd_bwd, grads, fwd_flops: float, rep: int, device: str) -> None:
-    ms_f = _bench(fwd, rep=rep, device=device)
-    ms_fb = _bench(fwd_bwd, grad_to_none=grads, rep=rep, device=device)
-    row.ms[f"{who} fwd"], row.ms[f"{who} fwd+bwd"] = ms_f, ms_fb
-    row.tflops[f"{who} fwd"] = fwd_flops / ms_f * 1e-9
-    row.tflops[f"{who} fwd+bwd"] = 3.5 * fwd_flops / ms_fb * 1e-9
+def _time_rounds(row: Row, contenders, grads, rounds: int, rep: int, device: str) -> None:
+    """Median ms over ``rounds`` of each contender's forward and forward+backward
+    medians; with more than one round, the per-round flex/pcc ratios as a note."""
+    times = {}  # "who mode" -> one median per round
+    for r in range(rounds):
+        for who, fwd, fwd_bwd, _ in contenders[::-1] if r % 2 else contenders:
+            times.setdefault(f"{who} fwd", []).append(_bench(fwd, rep=rep, device=device))
+            times.setdefault(f"{who} fwd+bwd", []).append(_bench(fwd_bwd, grad_to_none=grads, rep=rep, device=device))
+    for who, _, _, flops in contenders:
+        for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
+            ms = statistics.median(times[f"{who} {mode}"])
+            row.ms[f"{who} {mode}"], row.tflops[f"{who} {mode}"] = ms, work / ms * 1e-9
+    if rounds > 1 and "flex fwd" in times:
+        for mode in ("fwd", "fwd+bwd"):
+            per_round = [f / p for f, p in zip(times[f"flex {mode}"], times[f"pcc {mode}"])]
+            row.notes.append(f"flex/pcc {mode} per round: " + ", ".join(f"{x:.3f}" for x in per_round))
 
 
 def markdown(rows: list[Row]) -> str:
@@ -440,9 +462,11 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
             constexprs.update({p.name: p.default for p in fn.params
                                if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty})
             signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
-            # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16
+            # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16, and
+            # the scalars the kernel leaves to Triton to specialize (dK/dV's N_TOK) a multiple of 16
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                     if signature[a].startswith("*") or a.startswith("stride_")}
+                     if signature[a].startswith("*") or a.startswith("stride_")
+                     or (a in ("N", "N_TOK") and not fn.params[i].do_not_specialize)}
             try:
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                           options=dict(num_warps=warps, num_stages=stages))

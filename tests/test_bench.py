@@ -1,0 +1,69 @@
+"""The benchmark harness's bookkeeping (what it measures is for the GPU: bench/gpu_check.sh).
+
+``_time_rounds`` turns per-round do_bench medians into the row's figures;
+here do_bench is replaced by a script of times, so the medians, the order of
+the contenders in each round and the per-round ratios can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from patterncc.backends.triton import bench  # noqa: E402
+
+# per call of a contender's timer: forward, then forward+backward; rounds 0, 1, 2
+SCRIPT = {
+    "pcc": [(1.0, 3.0), (1.2, 3.3), (0.9, 3.1)],
+    "flex": [(1.1, 3.0), (1.3, 3.6), (1.0, 2.9)],
+}
+
+
+def _scripted(monkeypatch):
+    calls, rounds_seen = [], {}
+
+    def fake_bench(fn, grad_to_none=None, rep=100, device="cuda"):
+        who, mode = fn()
+        calls.append((who, mode))
+        r = rounds_seen.get((who, mode), 0)
+        rounds_seen[(who, mode)] = r + 1
+        assert (grad_to_none is not None) == (mode == 1), "forward+backward resets the grads, the forward does not"
+        return SCRIPT[who][r][mode]
+
+    monkeypatch.setattr(bench, "_bench", fake_bench)
+    contenders = [(who, (lambda w=who: (w, 0)), (lambda w=who: (w, 1)), 2.0e9) for who in SCRIPT]
+    return calls, contenders
+
+
+def test_rounds_take_the_median_and_alternate_the_order(monkeypatch):
+    calls, contenders = _scripted(monkeypatch)
+    row = bench.Row("p", 64, 16, 2, 2, "bfloat16")
+    bench._time_rounds(row, contenders, grads=[], rounds=3, rep=1, device="cuda")
+    assert [who for who, mode in calls if mode == 0] == ["pcc", "flex", "flex", "pcc", "pcc", "flex"]
+    assert row.ms == {"pcc fwd": 1.0, "pcc fwd+bwd": 3.1, "flex fwd": 1.1, "flex fwd+bwd": 3.0}
+    assert row.tflops["pcc fwd"] == pytest.approx(2.0e9 / 1.0 * 1e-9)
+    assert row.tflops["flex fwd+bwd"] == pytest.approx(3.5 * 2.0e9 / 3.0 * 1e-9)
+    assert row.notes == ["flex/pcc fwd per round: 1.100, 1.083, 1.111",
+                         "flex/pcc fwd+bwd per round: 1.000, 1.091, 0.935"]
+
+
+def test_one_round_is_one_measurement_and_no_note(monkeypatch):
+    calls, contenders = _scripted(monkeypatch)
+    row = bench.Row("p", 64, 16, 2, 2, "bfloat16")
+    bench._time_rounds(row, contenders, grads=[], rounds=1, rep=1, device="cuda")
+    assert len(calls) == 4 and row.notes == []
+    assert row.ms == {"pcc fwd": 1.0, "pcc fwd+bwd": 3.0, "flex fwd": 1.1, "flex fwd+bwd": 3.0}
+
+
+def test_bench_case_runs_on_the_cpu_in_rounds():
+    """The whole harness as a dry run (one timed call each, kernels interpreted):
+    patterncc's and SDPA's figures are there, and each contender was timed."""
+    row = bench.bench_case(bench.PATTERNS["sliding_window(1024)"], "sliding", 40, heads=2, head_dim=16,
+                           dtype="float32", device="cpu", rounds=2, extras=False)
+    for key in ("pcc fwd", "pcc fwd+bwd", "sdpa fwd", "sdpa fwd+bwd"):
+        assert row.ms[key] > 0, key
+    assert row.density == 1.0  # n = 40 fits in one block of 128
+    assert "| sliding | 40 | 16 |" in bench.markdown([row])
