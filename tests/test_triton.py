@@ -494,6 +494,26 @@ def test_mask_mod_matches_mask_on_drawn_patterns(data):
     np.testing.assert_array_equal(mask_mod_picture(flex.mask_mod(pattern, n), n, 3), np.broadcast_to(want, (3, n, n)))
 
 
+def test_kernel_key_of_a_cpu_device_on_a_cuda_machine(monkeypatch):
+    """``flex.mask_mod`` evaluates on the CPU by default; on a machine with
+    CUDA the kernel cache key must not ask CUDA for a CPU device's
+    capability (it raised there, for every mask_mod test: found by the whole
+    file on the H200, session 8)."""
+    from patterncc.backends.triton import runtime
+
+    def capability_of(device):
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"Expected a cuda device, but got: {device}")
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    assert runtime._capability("cpu") == "none"
+    assert runtime._capability(torch.device("cpu")) == "none"
+    assert runtime._capability(None) == "sm_90"
+    assert runtime._capability("cuda:0") == "sm_90"
+
+
 def test_int64_decision():
     q, k, n = V("q"), V("k"), V("n")
     assert not codegen._needs_int64(ir.Compare("<", ir.BinOp("-", q, k), K_(5)))

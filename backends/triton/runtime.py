@@ -217,9 +217,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _capability(device) -> str:
-    if not torch.cuda.is_available():
-        return "none"
+    # A CPU device on a CUDA machine is legitimate (flex.mask_mod evaluates its
+    # torch predicate on the CPU by default): no capability to ask for there.
     device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "none"
     return "sm_%d%d" % torch.cuda.get_device_capability(device)
 
 
