@@ -66,10 +66,6 @@ from patterncc.backends.triton.runtime import SlotOrder, TritonAttention, triton
 
 PATTERNS = ("causal", "sliding_window(1024)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1
-if DEVICE == "cpu":
-    from patterncc.backends.triton import _interpret
-
-    _interpret.patch_bf16_dot()  # the interpreter's bf16 tl.dot multiplies bit patterns (triton#11584)
 
 
 def _time(fn, rep: int) -> float:

@@ -137,19 +137,30 @@ def _gpu_section() -> None:
     import triton.testing
 
     print("\n   Triton kernels on", torch.cuda.get_device_name())
-    B, H, D, n = 1, 16, 64, 16384
+    for src, err, ms, sdpa in kernel_checks("cuda", lambda fn: triton.testing.do_bench(fn, return_mode="median")):
+        print(f"   {src:24s} rel. error {err:.1e}   {ms:7.3f} ms   dense causal SDPA {sdpa:7.3f} ms   ({sdpa / ms:.2f}x)")
+
+
+def kernel_checks(device, timer, n: int = 16384, heads: int = 16, head_dim: int = 64, prefix: int = 1024):
+    """``(pattern, relative error, ms, dense causal SDPA ms)`` for each pattern
+    the GPU section shows: the Triton kernels' bf16 forward on ``[1, heads, n,
+    head_dim]`` inputs, checked against the reference backend on the first
+    ``prefix`` queries of two heads, and ``timer(fn)`` (milliseconds) of it
+    and of SDPA."""
+    import torch
+
+    out = []
     for src in ("causal", "sliding_window(1024)", "fixed(128, 32)", "strided(128)"):
         pat = pipeline.parse(src)
         attn = pipeline.compile(pat, backend="triton")
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
         o = attn(q, k, v)
-        # Causal patterns: the first 1024 queries see only the first 1024 keys,
-        # so the reference on that prefix checks the long run.
-        small = [t[:, :2, :1024].double().cpu() for t in (q, k, v)]
+        # Every one of these patterns is causal: the first `prefix` queries see
+        # only the first `prefix` keys, so the reference on that prefix checks the long run.
+        small = [t[:, :2, :prefix].double().cpu() for t in (q, k, v)]
         ref = pipeline.compile(pat, backend="reference")(*small)
-        err = ((o[:, :2, :1024].double().cpu() - ref).norm() / ref.norm()).item()
-        ms = triton.testing.do_bench(lambda: attn(q, k, v), return_mode="median")
-        sdpa = triton.testing.do_bench(
-            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median"
-        )
-        print(f"   {src:24s} rel. error {err:.1e}   {ms:7.3f} ms   dense causal SDPA {sdpa:7.3f} ms   ({sdpa / ms:.2f}x)")
+        err = ((o[:, :2, :prefix].double().cpu() - ref).norm() / ref.norm()).item()
+        ms = timer(lambda: attn(q, k, v))
+        sdpa = timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        out.append((src, err, ms, sdpa))
+    return out

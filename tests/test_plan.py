@@ -365,10 +365,6 @@ def check_planned_triton(pat, n, heads, kv_heads, D, dtype, seed=1, bwd_band=Fal
     from patterncc.backends.triton.config import KernelConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and dtype == torch.bfloat16:
-        from patterncc.backends.triton import _interpret
-
-        _interpret.patch_bf16_dot()  # the interpreter's bf16 tl.dot multiplies bit patterns (triton#11584)
     config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16,
                           bwd_band=bwd_band)
     attn = pipeline.compile(pat, backend="triton", config=config, plan="planned")

@@ -55,10 +55,7 @@ def _interpreter_and_cache(tmp_path_factory):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run the suite with "
                     "TRITON_INTERPRET=1 (scripts/test.sh does) or this file on its own")
     if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-        from patterncc.backends.triton import _interpret
-
-        _interpret.patch_bf16_dot()  # the interpreter's bf16 tl.dot multiplies bit patterns
+        os.environ["TRITON_INTERPRET"] = "1"  # (the runtime fixes the interpreter's bf16 tl.dot itself)
     os.environ["PATTERNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
     yield
     for key, value in saved.items():
@@ -284,6 +281,20 @@ def test_grouped_query_attention(Hkv):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_dtypes(dtype):
     check_against_reference(strided(U), dtype=dtype, D=D_LARGE)
+
+
+def test_bfloat16_is_right_in_a_process_nobody_patched(monkeypatch):
+    """The interpreter's own bf16 tl.dot multiplies bit patterns (o ~ 1e9): the
+    runtime must fix it before it launches (once only tests did, and the demo's
+    kernel check found bf16 garbage through ``pcc.compile``, session 8)."""
+    from triton.runtime import interpreter
+
+    from patterncc.backends.triton import _interpret
+
+    if _interpret._original is not None:  # undo the patch an earlier test's launch applied: a fresh process
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", _interpret._original)
+        monkeypatch.setattr(_interpret, "_patched", False)
+    check_against_reference(C & ir.Local(7), dtype=torch.bfloat16, D=D_LARGE, seed=3)
 
 
 @pytest.mark.parametrize("D", [8, 20] if not LARGE else [40, 80, 256])

@@ -1,36 +1,45 @@
-"""A fix for the Triton interpreter's bfloat16 ``tl.dot`` (tests on the CPU only).
+"""A fix for the Triton interpreter's bfloat16 ``tl.dot`` (CPU runs only).
 
 Under ``TRITON_INTERPRET=1`` Triton stores bfloat16 as uint16 and its
 ``create_dot`` multiplies those bit patterns (triton-lang/triton#11584; the
-interpreter documents bfloat16 arithmetic as unsupported). GPU kernels are
+interpreter documents bfloat16 arithmetic as unsupported): a bfloat16
+attention comes out as numbers of order 1e9, silently. GPU kernels are
 unaffected. ``patch_bf16_dot()`` converts bfloat16 operands to float32 before
-the interpreter's matmul, the way its own casts do; the tests apply it so that
-the bfloat16 kernels (their loads, casts and stores) can be checked on a CPU.
+the interpreter's matmul, the way its own casts do. The runtime applies it
+before any interpreted launch (``runtime.load_kernels``), so bfloat16 on the
+CPU is right for tests, the testing kit and users alike.
 """
 
 from __future__ import annotations
 
+import functools
+
 _patched = False
+_original = None  # the interpreter's own create_dot, once patched
 
 
 def bf16_dot_needs_patch() -> bool:
     """True when this Triton's interpreter multiplies bfloat16 bit patterns."""
+    return not _patched and not _interpreter_handles_bf16()
+
+
+@functools.cache
+def _interpreter_handles_bf16() -> bool:
     import inspect
 
     from triton.runtime import interpreter
 
-    source = inspect.getsource(interpreter.InterpreterBuilder.create_dot)
-    return "bfloat16" not in source and not _patched
+    return "bfloat16" in inspect.getsource(interpreter.InterpreterBuilder.create_dot)
 
 
 def patch_bf16_dot() -> None:
-    global _patched
+    global _patched, _original
     if not bf16_dot_needs_patch():
         return
     import triton.language as tl
     from triton.runtime import interpreter
 
-    original = interpreter.InterpreterBuilder.create_dot
+    original = _original = interpreter.InterpreterBuilder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if a.dtype.scalar == tl.bfloat16:

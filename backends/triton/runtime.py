@@ -45,7 +45,7 @@ from patterncc.errors import LimitError
 
 from patterncc.backends.reference.attention import check_scale as _check_scale
 
-from . import cache, codegen, tables
+from . import _interpret, cache, codegen, tables
 from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -205,7 +205,9 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
-    if not interpreting():
+    if interpreting():
+        _interpret.patch_bf16_dot()  # else the interpreter's bf16 tl.dot multiplies bit patterns
+    else:
         cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
     key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH, ir.source(pattern),
                           repr(pattern), config, triton.__version__, capability)
