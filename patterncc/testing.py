@@ -800,7 +800,7 @@ def _kernel_shapes(backend: str, pat: ir.Pattern) -> dict:
         longest = min(320, max(96, 2 * _largest_constant(pat) + 8))
         return dict(dtypes=("float64",), max_seq_len=longest, head_dims=(8, 16), max_batch=2, max_heads=4)
     if _interpreted():
-        return dict(dtypes=("float32", "float16"), max_seq_len=40, head_dims=(16,), max_batch=1, max_heads=2,
+        return dict(dtypes=("float32", "float16", "bfloat16"), max_seq_len=40, head_dims=(16,), max_batch=1, max_heads=2,
                     blocks=(16, 32))
     return dict(dtypes=("float16", "bfloat16", "float32"), max_seq_len=300, head_dims=(16, 32, 64, 128),
                 max_batch=2, max_heads=4, blocks=(16, 32, 64, 128))
