@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rep", type=int, default=100, help="do_bench's rep (ms) per measurement")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="time every contender this many times, back to back, and keep the medians")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="time every contender this many times, back to back, and keep the medians (default 3)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--lean", action="store_true", help="leave out the diagnostic pcc@128 and flex(layout) timings")

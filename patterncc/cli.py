@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, nargs="+", default=[64])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="time every contender this many times, back to back, and keep the medians")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="time every contender this many times, back to back, and keep the medians (default 3)")
     p.add_argument("--out", metavar="FILE.md", help="append the markdown table to FILE")
     p.set_defaults(run=cmd_bench)
 

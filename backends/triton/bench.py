@@ -5,7 +5,9 @@
 
 For each (pattern, n, D), on the same random inputs (standard normal, never
 zeros) and in one process: forward and forward+backward medians
-(``triton.testing.do_bench(..., return_mode="median")``) of
+(``triton.testing.do_bench(..., return_mode="median")``; with ``rounds`` > 1
+every contender is timed once per round, back to back, and the median over
+rounds is kept: see ``bench_case``) of
 
 - patterncc (``TritonAttention``),
 - FlexAttention, ``torch.compile``'d, with a BlockMask from
