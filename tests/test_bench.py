@@ -67,3 +67,19 @@ def test_bench_case_runs_on_the_cpu_in_rounds():
         assert row.ms[key] > 0, key
     assert row.density == 1.0  # n = 40 fits in one block of 128
     assert "| sliding | 40 | 16 |" in bench.markdown([row])
+
+
+def test_a_contender_whose_timing_fails_leaves_a_note(monkeypatch):
+    calls, contenders = _scripted(monkeypatch)
+    scripted = bench._bench
+
+    def flex_runs_out_of_memory(fn, grad_to_none=None, rep=100, device="cuda"):
+        if fn()[0] == "flex" and grad_to_none is not None:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
+        return scripted(fn, grad_to_none, rep, device)
+
+    monkeypatch.setattr(bench, "_bench", flex_runs_out_of_memory)
+    row = bench.Row("p", 64, 16, 2, 2, "bfloat16")
+    bench._time_rounds(row, contenders, grads=[], rounds=3, rep=1, device="cuda")
+    assert row.ms == {"pcc fwd": 1.0, "pcc fwd+bwd": 3.1}
+    assert row.notes == ["flex timing failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]

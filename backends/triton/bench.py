@@ -250,17 +250,31 @@ def _sync(device) -> None:
 
 def _time_rounds(row: Row, contenders, grads, rounds: int, rep: int, device: str) -> None:
     """Median ms over ``rounds`` of each contender's forward and forward+backward
-    medians; with more than one round, the per-round flex/pcc ratios as a note."""
+    medians; with more than one round, the per-round flex/pcc ratios as a note.
+    A contender whose timing raises (out of memory, say) leaves the row with a
+    note, as a failed compile does, and the others are still timed."""
     times = {}  # "who mode" -> one median per round
+    failed = set()
     for r in range(rounds):
         for who, fwd, fwd_bwd, _ in contenders[::-1] if r % 2 else contenders:
-            times.setdefault(f"{who} fwd", []).append(_bench(fwd, rep=rep, device=device))
-            times.setdefault(f"{who} fwd+bwd", []).append(_bench(fwd_bwd, grad_to_none=grads, rep=rep, device=device))
+            if who in failed:
+                continue
+            try:
+                ms_f = _bench(fwd, rep=rep, device=device)
+                ms_fb = _bench(fwd_bwd, grad_to_none=grads, rep=rep, device=device)
+            except Exception as err:
+                failed.add(who)
+                row.notes.append(f"{who} timing failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                continue
+            times.setdefault(f"{who} fwd", []).append(ms_f)
+            times.setdefault(f"{who} fwd+bwd", []).append(ms_fb)
     for who, _, _, flops in contenders:
+        if who in failed:
+            continue
         for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
             ms = statistics.median(times[f"{who} {mode}"])
             row.ms[f"{who} {mode}"], row.tflops[f"{who} {mode}"] = ms, work / ms * 1e-9
-    if rounds > 1 and "flex fwd" in times:
+    if rounds > 1 and "flex" not in failed and "pcc" not in failed and "flex fwd" in times:
         for mode in ("fwd", "fwd+bwd"):
             per_round = [f / p for f, p in zip(times[f"flex {mode}"], times[f"pcc {mode}"])]
             row.notes.append(f"flex/pcc {mode} per round: " + ", ".join(f"{x:.3f}" for x in per_round))
