@@ -16,7 +16,6 @@ reading next to ours. A measuring tool: no assertion about speed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -29,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import patterncc as pcc
 from patterncc.backends.triton import flex as flex_interop
-from patterncc.backends.triton.bench import PATTERNS, backward_tile_spec
+from patterncc.backends.triton.bench import PATTERNS, backward_tile_spec, with_backward_tiles
 from patterncc.backends.triton.config import DEFAULT_BLOCK
 from patterncc.backends.triton.runtime import TritonAttention
 
@@ -124,9 +123,7 @@ def timeline(fn, grads, iters: int, forward=None, grad=None) -> list[str]:
             parts.append((ev[0].elapsed_time(ev[1]) * 1e3, ev[1].elapsed_time(ev[2]) * 1e3))
         fw, bw = (sorted(p[i] for p in parts)[len(parts) // 2] for i in (0, 1))
         lines.append(f"event-timed, no profiler (medians): forward {fw:.1f} us, backward {bw:.1f} us")
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU work queued: no call waits on the device
+    _queue_behind_gpu_sleep(fn)
     t0 = time.perf_counter()
     for _ in range(50):
         fn()
@@ -141,9 +138,7 @@ def host_profile(fn, grads, calls: int = 50) -> None:
     import cProfile
     import pstats
 
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))
+    _queue_behind_gpu_sleep(fn)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
@@ -154,6 +149,14 @@ def host_profile(fn, grads, calls: int = 50) -> None:
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
+def _queue_behind_gpu_sleep(fn) -> None:
+    """Call ``fn`` once (warm), then queue ~1 s of GPU work: the calls issued
+    next never wait on the device, so the host's own time shows."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
 
 
 def report(who: str, times: dict[str, tuple[int, float]]) -> None:
@@ -196,10 +199,8 @@ def main() -> None:
     flex = torch.compile(flex_attention, dynamic=False)
     config = None
     if args.bwd_tiles:
-        m1, n1, m2, n2, warps, stages = args.bwd_tiles
         base = TritonAttention(pattern).config_for(D, torch.bfloat16, pcc.layout(pattern, n, block=DEFAULT_BLOCK))
-        config = dataclasses.replace(base, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
-                                     bwd_warps=warps, bwd_stages=stages)
+        config = with_backward_tiles(base, args.bwd_tiles)
     attn = pcc.compile(pattern, backend="triton", config=config)
 
     def step(f):

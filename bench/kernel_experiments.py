@@ -60,7 +60,7 @@ from triton.testing import do_bench
 
 import patterncc as pcc
 from patterncc.backends.triton import cache, codegen
-from patterncc.backends.triton.bench import backward_tile_spec
+from patterncc.backends.triton.bench import backward_tile_spec, with_backward_tiles
 from patterncc.backends.triton.config import KernelConfig
 from patterncc.backends.triton.runtime import SlotOrder, TritonAttention, triton_cdiv
 
@@ -461,9 +461,8 @@ def bwd_experiment(pattern: str, n: int, head_dim: int, heads: int, rep: int, ca
                              f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''} | |")
             print(lines[-1], flush=True)
     default = TritonAttention(pat).prepare(n, heads, heads, head_dim, dt, q.device)  # tiles by the layout's walk
-    runs = [default] + [TritonAttention(pat, config=config(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
-                                                           bwd_warps=w, bwd_stages=s))
-                        .prepare(n, heads, heads, head_dim, dt, q.device) for m1, n1, m2, n2, w, s in pairs]
+    runs = [default] + [TritonAttention(pat, config=with_backward_tiles(base, pair))
+                        .prepare(n, heads, heads, head_dim, dt, q.device) for pair in pairs]
     for run in runs:
         lines += _overlap(run, q, k, v, lse, do, delta, scale, pattern, n, head_dim, rep)
     for run in runs if variants else ():

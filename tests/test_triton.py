@@ -293,7 +293,7 @@ def test_bfloat16_is_right_in_a_process_nobody_patched(monkeypatch):
 
     if _interpret._original is not None:  # undo the patch an earlier test's launch applied: a fresh process
         monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", _interpret._original)
-        monkeypatch.setattr(_interpret, "_patched", False)
+        monkeypatch.setattr(_interpret, "_original", None)
     check_against_reference(C & ir.Local(7), dtype=torch.bfloat16, D=D_LARGE, seed=3)
 
 

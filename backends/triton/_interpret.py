@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 
-_patched = False
-_original = None  # the interpreter's own create_dot, once patched
+_original = None  # the interpreter's own create_dot, once patched (None: not patched)
 
 
 def bf16_dot_needs_patch() -> bool:
     """True when this Triton's interpreter multiplies bfloat16 bit patterns."""
-    return not _patched and not _interpreter_handles_bf16()
+    return _original is None and not _interpreter_handles_bf16()
 
 
 @functools.cache
@@ -33,7 +32,7 @@ def _interpreter_handles_bf16() -> bool:
 
 
 def patch_bf16_dot() -> None:
-    global _patched, _original
+    global _original
     if not bf16_dot_needs_patch():
         return
     import triton.language as tl
@@ -49,4 +48,3 @@ def patch_bf16_dot() -> None:
         return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
-    _patched = True

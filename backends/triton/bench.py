@@ -81,6 +81,12 @@ def backward_tile_spec(text: str) -> tuple[int, int, int, int, int, int]:
     return spec
 
 
+def with_backward_tiles(config: KernelConfig, spec) -> KernelConfig:
+    """``config`` with a ``backward_tile_spec`` tuple's tiles, warps and stages."""
+    m1, n1, m2, n2, warps, stages = spec
+    return replace(config, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2, bwd_warps=warps, bwd_stages=stages)
+
+
 def is_causal(p: ir.Pattern) -> bool:
     """The pattern is within ``causal`` by construction (causal, or an intersection with it)."""
     if isinstance(p, ir.Causal):
@@ -172,13 +178,13 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
     o_pcc.backward(do)
     contenders = []  # (who, forward, forward+backward, FLOPs): timed together at the end
 
-    def timer(who, fwd, fwd_bwd, flops):
+    def contend(who, fwd, fwd_bwd, flops):
         fwd_bwd()  # compile (Flex's backward compiles on its first call) before anything is timed
         contenders.append((who, fwd, fwd_bwd, flops))
 
-    timer("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), fwd_flops)
+    contend("pcc", lambda: attn(q, k, v), lambda: attn(q, k, v).backward(do), fwd_flops)
     if extras and cfg.block != FLEX_BLOCK:
-        timer("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), fwd_flops)
+        contend("pcc@128", lambda: attn128(q, k, v), lambda: attn128(q, k, v).backward(do), fwd_flops)
 
     # -- patterncc with its plan (what pcc.compile runs): only when the plan reorders
     from patterncc.attention import Attention
@@ -192,7 +198,7 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
         o_plan.backward(do)
         diff = (o_plan.float() - o_pcc.float()).abs().max().item()
         row.notes.append(f"plan vs natural order: max abs diff {diff:.3g}")
-        timer("plan", lambda: planned(q, k, v), lambda: planned(q, k, v).backward(do), fwd_flops)
+        contend("plan", lambda: planned(q, k, v), lambda: planned(q, k, v).backward(do), fwd_flops)
         row.notes.append(f"plan: {len(plan.components)} components, {plan.computed_blocks} blocks of "
                          f"{plan.block} vs {plan.natural_blocks} natural, built in {plan_ms:.0f} ms")
 
@@ -211,11 +217,11 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
             gqa = dict(enable_gqa=True) if Hkv != H else {}
             o_flex = flex_attention(q, k, v, block_mask=bm, **gqa)
             row.max_diff = (o_flex.float() - o_pcc.float()).abs().max().item()
-            timer("flex", lambda: flex_attention(q, k, v, block_mask=bm, **gqa),
+            contend("flex", lambda: flex_attention(q, k, v, block_mask=bm, **gqa),
                   lambda: flex_attention(q, k, v, block_mask=bm, **gqa).backward(do), fwd_flops)
             bm_layout = flex_interop.to_flex_block_mask(lay, pattern, device=device, mask_mod_fn=mask_mod)
             if extras:
-                timer("flex(layout)", lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa),
+                contend("flex(layout)", lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa),
                       lambda: flex_attention(q, k, v, block_mask=bm_layout, **gqa).backward(do), fwd_flops)
         except Exception as err:  # a table with a note beats no table
             row.notes.append(f"flex failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
@@ -234,7 +240,7 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return sdpa_fn(q, k, v, is_causal=causal, **extra)
 
-            timer("sdpa", fwd, lambda: fwd().backward(do), dense_flops)
+            contend("sdpa", fwd, lambda: fwd().backward(do), dense_flops)
             if not causal:
                 row.notes.append("sdpa dense (not causal)")
         except Exception as err:
@@ -406,9 +412,9 @@ def sweep(pattern: ir.Pattern, n: int = 16384, heads: int = 16, head_dim: int = 
     for m, nn, w, s in fwd:
         attn = TritonAttention(pattern, config=replace(base, block_m=m, block_n=nn, fwd_warps=w, fwd_stages=s))
         lines.append(f"| forward | {m}x{nn}, {w}, {s} | {_try(lambda: _bench(lambda: attn(q, k, v), rep=rep))} |")
-    for m1, n1, m2, n2, w, s in bwd:
-        attn = TritonAttention(pattern, config=replace(base, block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2,
-                                                       bwd_warps=w, bwd_stages=s))
+    for spec in bwd:
+        attn = TritonAttention(pattern, config=with_backward_tiles(base, spec))
+        m1, n1, m2, n2, w, s = spec
 
         def backward_only():
             o = attn(q, k, v)
