@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from patterncc import ir, randomblocks
 from patterncc.blocklayout import BlockLayout, build as build_layout
 from patterncc.errors import LimitError
+from patterncc.scores import NO_TERMS, ScoreTerms
 
 from patterncc.backends.reference.attention import check_scale as _check_scale
 
@@ -479,18 +480,50 @@ class SlotOrder:
         return tokens, self.l, self.S, self.c
 
 
+def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
+    """o, lse of one or more launches ``(run, SlotOrder)``: one launch is
+    plain attention; several are a plan's components, merged by log-sum-exp
+    inside the forward kernels (``_merged``)."""
+    if terms:
+        raise NotImplementedError("score terms are not yet fused into the Triton kernels")
+    with _on_device_of(q), torch.no_grad():
+        return _merged(launches, q, k, v, scale)
+
+
+def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTerms = NO_TERMS):
+    """dq, dk, dv and the terms' gradients (``terms.tensors()`` order, None
+    where absent) of the launches' forward, P recomputed from the merged lse
+    (never stored); every launch gets the merged delta, and the launches sum
+    the gradients in fp32 inside the kernels (``_summed``). ``do`` or ``dlse``
+    may be None (no gradient reached that output)."""
+    if terms:
+        raise NotImplementedError("score terms are not yet fused into the Triton kernels")
+    if do is None:
+        do = torch.zeros_like(o)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    with _on_device_of(q):
+        # delta, merged: the same for every launch. One launch that reaches
+        # every query writes it in its dQ programs (they load dO anyway);
+        # otherwise, or with an lse gradient to take in, a pass of its own.
+        in_dq = len(launches) == 1 and launches[0][1].q != 2 and dlse is None
+        delta = torch.empty_like(lse) if in_dq else launches[0][0].delta(o, do, dlse)
+        args = (q, k, v, lse, do, delta, scale)
+        (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
+                        lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
+                                                               o=o if in_dq else None))
+        dk, dv = _summed([order.k != 2 for _, order in launches], (k, v),
+                         lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins))
+    return dq, dk, dv, (None, None, None)
+
+
 class _AttentionFunction(torch.autograd.Function):
-    """(q, k, v) -> (o, lse) over one or more launches ``(run, SlotOrder)``:
-    one launch is plain attention; several are a plan's components, merged
-    by log-sum-exp inside the forward kernels (``_merged``). The backward
-    pass recomputes P from the merged lse (never stored) and gives every
-    launch the merged delta; the launches sum the gradients in fp32 inside
-    the kernels (``_summed``)."""
+    """(q, k, v) -> (o, lse) over the launches, differentiable in q, k, v
+    (``launches_forward`` / ``launches_backward``). Only q, k, v, o and lse
+    are saved."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, launches):
-        with _on_device_of(q), torch.no_grad():
-            o, lse = _merged(launches, q, k, v, scale)
+        o, lse = launches_forward(launches, q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.set_materialize_grads(False)
@@ -499,22 +532,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        with _on_device_of(q):
-            launches = ctx.launches
-            # delta, merged: the same for every launch. One launch that reaches
-            # every query writes it in its dQ programs (they load dO anyway);
-            # otherwise, or with an lse gradient to take in, a pass of its own.
-            in_dq = len(launches) == 1 and launches[0][1].q != 2 and dlse is None
-            delta = torch.empty_like(lse) if in_dq else launches[0][0].delta(o, do, dlse)
-            args = (q, k, v, lse, do, delta, ctx.scale)
-            (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
-                            lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
-                                                                   o=o if in_dq else None))
-            dk, dv = _summed([order.k != 2 for _, order in launches], (k, v),
-                             lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins))
+        dq, dk, dv, _ = launches_backward(ctx.launches, q, k, v, o, lse, do, dlse, ctx.scale)
         return dq, dk, dv, None, None
 
 
