@@ -34,3 +34,36 @@ class ScoreTerms:
 
 
 NO_TERMS = ScoreTerms()
+
+
+def check_terms(terms: ScoreTerms, heads: int, device) -> ScoreTerms:
+    """``terms`` as the kernels take them, or a TypeError/ValueError naming
+    the argument: softcap a finite float > 0; each tensor floating-point, on
+    the inputs' ``device``, shaped ``[heads]`` (``rel_bias``: ``[heads, 2 * M
+    + 1]``)."""
+    import math
+
+    import torch
+
+    softcap = terms.softcap
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a number, got {type(softcap).__name__}")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite number > 0, got {softcap=}")
+    for name, t in (("alibi_slopes", terms.alibi_slopes), ("sinks", terms.sinks), ("rel_bias", terms.rel_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating-point, got dtype {t.dtype}")
+        if t.device != torch.device(device):
+            raise ValueError(f"{name} is on {t.device} but q is on {device}: they must share one device")
+        want = "[H, 2 * max_distance + 1]" if name == "rel_bias" else "[H]"
+        ok = (t.dim() == 2 and t.shape[0] == heads and t.shape[1] % 2 == 1) if name == "rel_bias" else \
+            (t.dim() == 1 and t.shape[0] == heads)
+        if not ok:
+            raise ValueError(f"{name} must be shaped {want} with H = {heads} (q's heads), got {tuple(t.shape)}")
+    return ScoreTerms(softcap, terms.alibi_slopes, terms.sinks, terms.rel_bias)
