@@ -10,12 +10,34 @@ definition of correct.
 
 from __future__ import annotations
 
-import os
-
 from . import ir
 
 BACKENDS = ("auto", "reference", "triton")
 PLAN_MODES = ("auto", "planned", "natural")
+# The keyword arguments of ``pcc.compile`` beyond ``backend``, ``plan`` and ``dense_sdpa``,
+# per backend that reads them.
+BACKEND_OPTIONS = {"triton": ("block", "config"), "reference": ("dense_limit",)}
+
+
+def choose_backend(backend: str, q) -> str:
+    """The backend a call runs on, the one rule for ``"auto"`` everywhere
+    (``pcc.compile``, ``patterncc.nn``): the generated Triton kernels for CUDA
+    tensors, the float64 reference for anything else. Under
+    ``TRITON_INTERPRET=1`` the kernels run on the CPU too, but only when asked
+    for by name: on the CPU the reference is the faster and exact one."""
+    if backend != "auto":
+        return backend
+    return "triton" if getattr(getattr(q, "device", None), "type", None) == "cuda" else "reference"
+
+
+def check_options(options: dict) -> None:
+    """Unknown keyword arguments are errors (a typo such as ``blok=64`` is never ignored)."""
+    allowed = [name for names in BACKEND_OPTIONS.values() for name in names]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"compile() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))}; the allowed ones are backend, plan, dense_sdpa, "
+                        f"{', '.join(allowed)}")
 
 
 class Attention:
@@ -38,6 +60,7 @@ class Attention:
                  **options):
         if backend not in BACKENDS:
             raise ValueError(f"{backend=} is not one of {', '.join(BACKENDS)}")
+        check_options(options)
         plan = "natural" if plan is False else ("auto" if plan is True else plan)
         if plan not in PLAN_MODES:
             raise ValueError(f"{plan=} is not one of {', '.join(PLAN_MODES)} (or True/False)")
@@ -55,13 +78,12 @@ class Attention:
         return self.impl(self.backend_for(q))(q, k, v, scale=scale, return_lse=return_lse)
 
     def backend_for(self, q) -> str:
-        if self.backend != "auto":
-            return self.backend
-        is_cuda = getattr(getattr(q, "device", None), "type", None) == "cuda"
-        # Under TRITON_INTERPRET=1 the generated kernels run on the CPU too.
-        if is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and hasattr(q, "device")):
-            return "triton"
-        return "reference"
+        return choose_backend(self.backend, q)
+
+    def plan(self, seq_len: int, heads: int = 1):
+        """The Plan the Triton backend runs at this length (its block, its plan
+        mode): what ``pcc.plan`` and ``patterncc explain`` show by default."""
+        return self.impl("triton").plan(seq_len, heads)
 
     def impl(self, name: str):
         if name not in self._impls:
@@ -71,15 +93,15 @@ class Attention:
     def _reference(self):
         from .backends.reference import ReferenceAttention
 
-        keep = {k: v for k, v in self.options.items() if k == "dense_limit"}
+        keep = {k: v for k, v in self.options.items() if k in BACKEND_OPTIONS["reference"]}
         return ReferenceAttention(self.pattern, **keep)
 
     def _triton(self):
-        from .backends.triton.config import DEFAULT_BLOCK
         from .backends.triton.planned import TritonPlannedAttention
         from .backends.triton.runtime import TritonAttention
+        from .planner import DEFAULT_BLOCK
 
-        options = {k: v for k, v in self.options.items() if k in ("block", "config")}
+        options = {k: v for k, v in self.options.items() if k in BACKEND_OPTIONS["triton"]}
         block = options.get("block") or getattr(options.get("config"), "block", None) or DEFAULT_BLOCK
 
         def make_inner(component, heads):

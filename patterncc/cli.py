@@ -113,13 +113,15 @@ def _pattern_args(p: argparse.ArgumentParser) -> None:
 
 def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", "-n", type=int, default=4096)
-    p.add_argument("--block", "-b", type=int, default=128)
+    p.add_argument("--block", "-b", type=int, default=None,
+                   help="layout block (default: the block a compiled attention uses)")
     p.add_argument("--heads", type=int, default=None,
                    help="head count (default: what a heads { .. } block covers, else 1)")
 
 
 def load_pattern(text: str, params: list[str]):
-    """A path to an existing file is loaded; anything else is parsed as source."""
+    """FILE|EXPR by ``patterncc.as_pattern``'s rule (a one-line argument ending in
+    ``.pat`` names a file, anything else is source), with ``-D`` overrides."""
     from . import pipeline
 
     overrides = {}
@@ -131,9 +133,7 @@ def load_pattern(text: str, params: list[str]):
             overrides[name.strip()] = int(value)
         except ValueError:
             raise PatternError(f"-D {name.strip()}: {value!r} is not an integer") from None
-    if text.endswith(".pat") or Path(text).is_file():
-        return pipeline.load(text, **overrides)
-    return pipeline.parse(text, "<command line>", **overrides)
+    return pipeline.as_pattern(text, filename="<command line>", **overrides)
 
 
 def heads_for(args, pat) -> int:
@@ -141,26 +141,6 @@ def heads_for(args, pat) -> int:
     from . import ir
 
     return args.heads or ir.natural_heads(pat) or 1
-
-
-class Progress:
-    """A one-line progress display on stderr for work that takes more than a second."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done = total, label, 0
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def step(self, what: str = "") -> None:
-        self.done += 1
-        if time.perf_counter() - self.start < 1.0 and self.done < self.total:
-            return
-        line = f"{self.label} [{self.done}/{self.total}] {what}"
-        print(("\r" + line.ljust(78)) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty and time.perf_counter() - self.start >= 1.0:
-            print(file=sys.stderr)
 
 
 # -- commands ---------------------------------------------------------------------

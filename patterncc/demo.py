@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -37,9 +38,28 @@ TABLE_LEN = 65536
 BLOCK = 128
 
 
-def run_demo(out_dir: str = "out", seq_len: int | None = None) -> int:
-    from .cli import Progress
+class Progress:
+    """A one-line progress display on stderr for work that takes more than a second."""
 
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        if time.perf_counter() - self.start < 1.0 and self.done < self.total:
+            return
+        line = f"{self.label} [{self.done}/{self.total}] {what}"
+        print(("\r" + line.ljust(78)) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and time.perf_counter() - self.start >= 1.0:
+            print(file=sys.stderr)
+
+
+
+def run_demo(out_dir: str = "out", seq_len: int | None = None) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     patterns = {name: pipeline.parse(src) for name, src in STANDARD.items()}

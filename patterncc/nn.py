@@ -17,7 +17,8 @@ Transformers*, section 5.2:
 Written-down choices:
 
 - **Patterns** are pattern objects, ``.pat`` source text, or a path to a
-  ``.pat`` file (a ``str`` ending in ``.pat`` or an ``os.PathLike``).
+  ``.pat`` file (an ``os.PathLike``, or a one-line ``str`` ending in ``.pat``):
+  ``patterncc.as_pattern``'s rule, the same everywhere.
   ``None`` means dense causal attention through
   ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, the
   baseline to compare against.
@@ -51,7 +52,6 @@ import functools
 import math
 import operator
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,7 +60,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ir
-from .pipeline import as_pattern, compile as compile_pattern, load, mask
+from .attention import BACKENDS, choose_backend
+from .pipeline import as_pattern, compile as compile_pattern, mask
 
 __all__ = [
     "MODES",
@@ -72,7 +73,6 @@ __all__ = [
     "resolve_pattern",
 ]
 
-BACKENDS = ("auto", "reference", "triton")
 MODES = ("interleaved", "merged", "multihead")
 
 # Causality is checked on a dense mask of this many positions (or max_len, if
@@ -87,21 +87,9 @@ CAUSAL_CHECK_LEN = 512
 
 
 def resolve_pattern(pattern) -> ir.Pattern | None:
-    """A pattern object, ``.pat`` source text, or a ``.pat`` path -> IR (None stays None)."""
-    if pattern is None or isinstance(pattern, ir.Pattern):
-        return pattern
-    if isinstance(pattern, os.PathLike):
-        return load(pattern)
-    if isinstance(pattern, str):
-        text = pattern.strip()
-        if text.endswith(".pat") and "\n" not in text:
-            if not Path(text).is_file():
-                raise FileNotFoundError(f"pattern file {text!r} does not exist")
-            return load(text)
-        return as_pattern(pattern)
-    raise TypeError(
-        f"expected a pattern, pattern source text or a .pat path, got {type(pattern).__name__}"
-    )
+    """A pattern object, ``.pat`` source text, or a ``.pat`` path -> IR (None stays None),
+    by ``patterncc.as_pattern``'s rule."""
+    return None if pattern is None else as_pattern(pattern)
 
 
 def layer_patterns(patterns, mode: str, depth: int, heads: int) -> list[ir.Pattern | None]:
@@ -221,9 +209,7 @@ class SparseSelfAttention(nn.Module):
         return attn(q, k, v).to(q.dtype)  # strided views: the backends take any strides
 
     def backend_for(self, x: torch.Tensor) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "triton" if x.device.type == "cuda" else "reference"
+        return choose_backend(self.backend, x)
 
     def compiled(self, backend: str):
         """The pattern compiled for one backend (shared by every layer with this pattern)."""

@@ -47,13 +47,33 @@ def load(path: str | os.PathLike, *, entry: str | None = None, **overrides: int)
     return parse(text, str(path), entry=entry, **overrides)
 
 
-def as_pattern(pat: ir.Pattern | str) -> ir.Pattern:
-    """Accept a pattern object or source text wherever a pattern is expected."""
+def as_pattern(pat: ir.Pattern | str | os.PathLike, *, filename: str = "<pattern>", entry: str | None = None,
+               **overrides: int) -> ir.Pattern:
+    """The one rule for a pattern argument, used by every entry point that takes one
+    (``compile``, ``layout``, ``plan``, ``mask``, ``patterncc.nn``, the testing kit, the CLI):
+
+    - a pattern object is itself;
+    - an ``os.PathLike`` (``pathlib.Path``) is the ``.pat`` file it names (``load``);
+    - a ``str`` is pattern source text, except a one-line string ending in
+      ``.pat``, which names a file (no source text can end so: names have no dot).
+
+    ``entry`` and keyword arguments (parameter overrides) apply to source text
+    and files, as in ``parse`` and ``load``.
+    """
     if isinstance(pat, ir.Pattern):
+        if entry is not None or overrides:
+            raise TypeError("entry and parameter overrides apply to source text or a .pat file, not a pattern object")
         return pat
+    if isinstance(pat, os.PathLike) or (isinstance(pat, str) and _names_file(pat)):
+        return load(os.fspath(pat).strip(), entry=entry, **overrides)
     if isinstance(pat, str):
-        return parse(pat)
-    raise TypeError(f"expected a pattern or pattern source text, got {type(pat).__name__}")
+        return parse(pat, filename, entry=entry, **overrides)
+    raise TypeError(f"expected a pattern, pattern source text or a .pat path, got {type(pat).__name__}")
+
+
+def _names_file(text: str) -> bool:
+    text = text.strip()
+    return text.endswith(".pat") and "\n" not in text
 
 
 def mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
@@ -70,17 +90,23 @@ def sparse_mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
     return build_sparse(as_pattern(pat), _positive("seq_len", seq_len), _positive("heads", heads))
 
 
-def layout(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
-    """The BlockLayout of a pattern at one length, in natural token order."""
+def layout(pat: ir.Pattern | str, seq_len: int, block: int | None = None, heads: int = 1):
+    """The BlockLayout of a pattern at one length, in natural token order.
+    ``block=None``: the block a compiled attention uses (``planner.DEFAULT_BLOCK``)."""
     from .blocklayout import build
+    from .planner import DEFAULT_BLOCK
 
+    block = DEFAULT_BLOCK if block is None else block
     return build(as_pattern(pat), _positive("seq_len", seq_len), _positive("block", block), _positive("heads", heads))
 
 
-def plan(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
-    """The execution plan: components, their token orders and layouts, and why."""
-    from .planner import build_plan
+def plan(pat: ir.Pattern | str, seq_len: int, block: int | None = None, heads: int = 1):
+    """The execution plan: components, their token orders and layouts, and why.
+    ``block=None``: the block a compiled attention uses, so the plan is the
+    one ``compile``'s attention runs at this length (``Attention.plan``)."""
+    from .planner import DEFAULT_BLOCK, build_plan
 
+    block = DEFAULT_BLOCK if block is None else block
     return build_plan(as_pattern(pat), _positive("seq_len", seq_len), _positive("block", block), _positive("heads", heads))
 
 

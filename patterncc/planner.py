@@ -38,6 +38,12 @@ from .blocklayout import (EMPTY, FULL, PARTIAL, BlockLayout, HeadCSR, build as b
 from .blocklayout import from_heads as layouts_from_heads
 from .simplify import simplify
 
+# The layout block a compiled attention plans at unless ``block`` or ``config``
+# says otherwise, and so the default of ``pcc.layout``, ``pcc.plan`` and
+# ``patterncc explain``: what they show is what ``pcc.compile`` runs. Why 64:
+# ``backends/triton/config.py``'s docstring.
+DEFAULT_BLOCK = 64
+
 # Above this many terms the union-of-intersections expansion stops and the
 # pattern is kept whole (the expansion is a product over intersections).
 MAX_TERMS = 16

@@ -1021,10 +1021,7 @@ def reproduce(pattern, *, entry: str | None = None, check: str = "kernel", backe
     call this). ``pattern``: source text, a pattern, or a ``.pat`` file."""
     from . import pipeline
 
-    if isinstance(pattern, str) and (pattern.endswith(".pat") or os.path.isfile(pattern)):
-        pat = pipeline.load(pattern, entry=entry)
-    else:
-        pat = pipeline.as_pattern(pattern)
+    pat = pipeline.as_pattern(pattern, entry=entry)
     if check == "layout":
         assert_layout_sound(pat, seq_len, block, heads)
     else:

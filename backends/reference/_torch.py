@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from .attention import check_scale, check_shapes
+from .checks import check_scale, check_shapes
 
 
 def attention(attn, q, k, v, scale):

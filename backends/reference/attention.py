@@ -14,7 +14,6 @@ it only the allowed pairs are (``sparse.py``). Masks are cached per
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import sys
 from collections import OrderedDict
@@ -24,6 +23,7 @@ import numpy as np
 from patterncc import ir
 
 from . import dense, masks, sparse
+from .checks import check_scale, check_shapes
 
 # Masks kept per attention object, most recently used last.
 CACHE_SIZE = 8
@@ -140,42 +140,6 @@ def backward(pattern: ir.Pattern, q, k, v, o, lse, do, scale=None, dlse=None):
 @functools.lru_cache(maxsize=16)
 def _attention_for(pattern: ir.Pattern) -> ReferenceAttention:
     return ReferenceAttention(pattern)
-
-
-# ----------------------------------------------------------------------------
-# Input checks, shared with the torch glue
-# ----------------------------------------------------------------------------
-
-
-def check_shapes(q_shape, k_shape, v_shape) -> None:
-    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-        if len(shape) != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, n, D), got shape {tuple(shape)}")
-    B, H, n, D = q_shape
-    if tuple(v_shape) != tuple(k_shape):
-        raise ValueError(f"v must have k's shape {tuple(k_shape)}, got {tuple(v_shape)}")
-    Bk, Hkv, nk, Dk = k_shape
-    for what, mine, theirs in (("batch size", Bk, B), ("sequence length", nk, n), ("head dim", Dk, D)):
-        if mine != theirs:
-            raise ValueError(f"k and v have {what} {mine} but q has {theirs} (q {tuple(q_shape)}, k {tuple(k_shape)})")
-    if n < 1:
-        raise ValueError(f"the sequence length n (q.shape[2]) must be >= 1, got {n}")
-    if D < 1:
-        raise ValueError(f"the head dim D (q.shape[3]) must be >= 1, got {D}")
-    if H < 1 or Hkv < 1:
-        raise ValueError(f"q and k need at least one head, got H={H} (q), Hkv={Hkv} (k, v)")
-    if H % Hkv:
-        raise ValueError(f"q's heads H={H} must be a multiple of k's and v's heads Hkv={Hkv}")
-
-
-def check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale=}")
-    return float(scale)
 
 
 def _float64(name: str, x) -> np.ndarray:

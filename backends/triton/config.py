@@ -76,9 +76,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from patterncc.planner import DEFAULT_BLOCK
+
 MAX_HEAD_DIM = 256
 MIN_TILE = 16  # the smallest M, N and K that tl.dot accepts
-DEFAULT_BLOCK = 64
 SHORT_WALK = 2048  # keys: a layout whose mean_walk is under this takes the short-walk tiles
 
 

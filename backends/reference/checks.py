@@ -1,0 +1,38 @@
+"""Input checks shared by the numpy reference and its torch glue (``_torch.py``):
+messages name the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def check_shapes(q_shape, k_shape, v_shape) -> None:
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, n, D), got shape {tuple(shape)}")
+    B, H, n, D = q_shape
+    if tuple(v_shape) != tuple(k_shape):
+        raise ValueError(f"v must have k's shape {tuple(k_shape)}, got {tuple(v_shape)}")
+    Bk, Hkv, nk, Dk = k_shape
+    for what, mine, theirs in (("batch size", Bk, B), ("sequence length", nk, n), ("head dim", Dk, D)):
+        if mine != theirs:
+            raise ValueError(f"k and v have {what} {mine} but q has {theirs} (q {tuple(q_shape)}, k {tuple(k_shape)})")
+    if n < 1:
+        raise ValueError(f"the sequence length n (q.shape[2]) must be >= 1, got {n}")
+    if D < 1:
+        raise ValueError(f"the head dim D (q.shape[3]) must be >= 1, got {D}")
+    if H < 1 or Hkv < 1:
+        raise ValueError(f"q and k need at least one head, got H={H} (q), Hkv={Hkv} (k, v)")
+    if H % Hkv:
+        raise ValueError(f"q's heads H={H} must be a multiple of k's and v's heads Hkv={Hkv}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale=}")
+    return float(scale)
