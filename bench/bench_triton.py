@@ -1,6 +1,6 @@
 """patterncc's Triton kernels against FlexAttention and SDPA flash, on one GPU.
 
-    python bench/bench_triton.py                        # the issue's targets -> markdown table
+    python bench/bench_triton.py                        # the record's patterns -> markdown table
     python bench/bench_triton.py --out results.md       # also write the table
     python bench/bench_triton.py --patterns causal --seq-len 4096 --head-dim 64
     python bench/bench_triton.py --expr "causal & local(256)"   # any pattern (needs the parser)
@@ -9,11 +9,12 @@
     python bench/bench_triton.py --smoke                # fwd+bwd vs the float64 reference (memcheck runs this)
     python bench/bench_triton.py --resources            # registers/spills/shared per kernel (sm_90, no GPU needed)
 
-Targets (bf16, B=1, H=16, D=64 and 128, n=16384 and 65536): forward and
-forward+backward at least as fast as FlexAttention on the same sparsity for
-causal, sliding_window(1024), local_global(512,64) and fixed(128,32); dense
-causal at least 0.9x SDPA flash. Columns are described in
-``patterncc.backends.triton.bench``.
+The performance record's table (bf16, B=1, H=16, D=64 and 128, n=16384 and
+65536): causal, sliding_window(1024), local_global(512,64) and
+fixed(128,32), with FlexAttention on the same sparsity and dense SDPA
+(flash) beside them; ``bench/gpu_check.sh bench`` runs it. Columns are
+described in ``patterncc.backends.triton.bench``; the tile sweeps, resource
+probes and first-call timings are in ``bench/probes.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 
 
 def _patterns(args):
-    from patterncc.backends.triton.bench import PATTERNS
+    from probes import PATTERNS
 
     chosen = {name: PATTERNS[name] for name in args.patterns}
     for text in args.expr:
@@ -93,7 +94,7 @@ def smoke(n: int = 1000, heads: int = 2, head_dim: int = 64, dtypes=("bfloat16",
 
 
 def main(argv=None) -> int:
-    from patterncc.backends.triton.bench import PATTERNS, tile_spec
+    from probes import PATTERNS, tile_spec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patterns", nargs="*", default=["causal", "sliding_window(1024)", "local_global(512,64)",
@@ -115,9 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-start", action="store_true", help="time first calls in fresh processes instead")
     ap.add_argument("--sweep", action="store_true", help="time tile candidates instead")
     ap.add_argument("--fwd-candidates", nargs="*", type=tile_spec, default=None, metavar="MxN:W:S",
-                    help="the sweep's forward candidates (default bench.FWD_CANDIDATES; the option with no values: no forward)")
+                    help="the sweep's forward candidates (default probes.FWD_CANDIDATES; the option with no values: no forward)")
     ap.add_argument("--bwd-candidates", nargs="*", type=tile_spec, default=None, metavar="M1xN1/M2xN2:W:S",
-                    help="the sweep's backward candidates (default bench.BWD_CANDIDATES; the option with no values: no backward)")
+                    help="the sweep's backward candidates (default probes.BWD_CANDIDATES; the option with no values: no backward)")
     ap.add_argument("--smoke", action="store_true", help="check fwd+bwd against the reference instead")
     ap.add_argument("--resources", action="store_true",
                     help="compile for sm_90 without a GPU: registers, spills, shared memory of the default table")
@@ -128,14 +129,15 @@ def main(argv=None) -> int:
     import torch
 
     if args.resources:
-        from patterncc.backends.triton import bench
+        import probes
 
-        print(bench.resources(head_dims=tuple(args.head_dim) if args.head_dim != [64, 128] else (64, 128, 256),
+        print(probes.resources(head_dims=tuple(args.head_dim) if args.head_dim != [64, 128] else (64, 128, 256),
                               dtypes=("bfloat16", "float32") if args.dtype == "bfloat16" else (args.dtype,)))
         return 0
     if not torch.cuda.is_available():
         print("bench_triton needs a CUDA GPU; none is available here.", file=sys.stderr)
         return 2
+    import probes
     from patterncc.backends.triton import bench
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     out = []
     if args.cold_start:
         for who in ("pcc", "flex"):
-            result = bench.cold_start(who=who)
+            result = probes.cold_start(who=who)
             out.append(f"- first forward+backward of a new pattern, {who}: cold process {result['cold']}, "
                        f"warm process (disk caches) {result['warm']} (seconds)")
             print(out[-1], flush=True)
@@ -157,8 +159,8 @@ def main(argv=None) -> int:
                     lists["fwd"] = args.fwd_candidates
                 if args.bwd_candidates is not None:
                     lists["bwd"] = args.bwd_candidates
-                out.append(bench.sweep(pattern, n=args.seq_len[0], heads=args.heads, head_dim=D, dtype=args.dtype,
-                                       **lists))
+                out.append(probes.sweep(pattern, n=args.seq_len[0], heads=args.heads, head_dim=D, dtype=args.dtype,
+                                        **lists))
                 print(out[-1], flush=True)
     else:
         rows = []

@@ -12,8 +12,9 @@
 #             (default H100 config, n up to 1024, D 64/128/256), 12 workers;
 #             TESTS_K="expr" selects tests as pytest -k does (whole: ~4 min)
 #   check     = smoke memcheck tests
-#   bench     the issue-3 table and the planner's: causal, sliding_window(1024),
-#             local_global(512,64), fixed(128,32), strided(128) (D=64 only);
+#   bench     the performance record's table (PERFORMANCE.md) and the planner's:
+#             causal, sliding_window(1024), local_global(512,64),
+#             fixed(128,32), strided(128) (D=64 only);
 #             bf16, B=1, H=16, n=16384/65536, D=64 and 128 (BENCH_D=64 or 128:
 #             one of them); patterncc (natural order and plan) vs Flex
 #             (create_block_mask, block 128) vs SDPA flash, all in one process
@@ -33,15 +34,6 @@
 #   tiles     forward tiles on the banded patterns and causal (D=64: sliding_window,
 #             causal; D=128: local_global, sliding_window, causal) and D=128
 #             backward tile sets on causal and sliding_window, n=16384  (~5 min)
-#   ncu       Nsight Compute on one backward of each (sliding_window(1024), n=16384,
-#             D=128): Flex's fused backward, our dK/dV and dQ at the table's tiles
-#             and at Flex's (NCU_PATTERN, NCU_D override); a plain profiled run
-#             first compiles Flex and gives the kernel-by-kernel times (~6 min)
-#   walks     the backward kernels alone, walking step lists and bands
-#             (KernelConfig.bwd_band) and with N_TOK not specialized (plain_ntok), on
-#             sliding_window(1024) and causal, n=16384/65536, D=128 and 64 (~6 min)
-#   placement the sliding_window(1024) D=128 forward+backward with q, k, v, dO
-#             placed at several distances apart, in three processes (~2 min)
 #   host      the host's cost of a planned strided(128) forward at n=16384,
 #             layer by layer, and a cProfile of it                 (~30 s)
 #
@@ -89,8 +81,8 @@ run_tests() {
     # From $PKGROOT: the checkout's own patterncc/ (without backends/) must not be sys.path[0].
     local select=()
     [ -n "${TESTS_K:-}" ] && select=(-k "$TESTS_K")
-    # Both files whole: ~4 min on an H200 with 12 workers (session 8: test_triton.py 168 s, test_plan.py 68 s).
-    # A TESTS_K subset is quicker but missed a CUDA-only failure of every mask_mod test until session 8.
+    # Both files whole: ~4 min on an H200 with 12 workers (test_triton.py 168 s, test_plan.py 68 s). A TESTS_K
+    # subset is quicker but can miss a CUDA-only failure: every mask_mod test once failed only on a CUDA machine.
     (cd "$PKGROOT" && timeout 420 python3 -m pytest "$REPO/tests/test_triton.py" "$REPO/tests/test_plan.py" -q \
         -p no:cacheprovider "${workers[@]}" "${select[@]}" 2>&1) | tee "$OUT/pytest.log" || fail tests
     tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
@@ -99,8 +91,8 @@ run_tests() {
 run_bench() {
     echo "== bench" | tee -a "$OUT/summary.txt"
     # One process per head dim (BENCH_D picks them; default both), each under its own timeout: the
-    # rows it finished stay in the log. D=64: the issue-3 patterns and the planner's (strided, fixed:
-    # natural order and plan); D=128: the issue-3 patterns; both at 16K and 64K. On a fresh H200 the
+    # rows it finished stay in the log. D=64: the record's patterns and the planner's (strided, fixed:
+    # natural order and plan); D=128: the record's patterns; both at 16K and 64K. On a fresh H200 the
     # first case spends ~265 s compiling (Flex): run each head dim as its own device call.
     local D
     for D in ${BENCH_D:-64 128}; do
@@ -156,39 +148,6 @@ run_tiles() {
         --fwd-candidates --bwd-candidates "${b128[@]}" 2>&1 | tee -a "$OUT/tiles.log" || fail "tiles D=128 bwd"
 }
 
-run_ncu() {
-    echo "== ncu" | tee -a "$OUT/summary.txt"
-    local what=(--pattern "${NCU_PATTERN:-sliding_window(1024)}" --seq-len 16384 --head-dim "${NCU_D:-128}")
-    local ncu=(ncu --clock-control none --import-source no --section SpeedOfLight --section Occupancy
-               --section LaunchStats --section WarpStateStats --section SchedulerStats
-               --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SourceCounters)
-    # The first run compiles Flex (Inductor's disk cache serves the runs under ncu) and times
-    # every kernel under torch.profiler.
-    timeout 300 python3 bench/flex_profile.py "${what[@]}" 2>&1 | tee "$OUT/ncu_profile.log" || fail "ncu profile"
-    # --plain runs forward, backward, forward, backward: Flex's second template launch is its backward.
-    timeout 120 "${ncu[@]}" -k regex:triton_tem --launch-skip 1 --launch-count 1 \
-        python3 bench/flex_profile.py --plain --only flex "${what[@]}" > "$OUT/ncu_flex.log" 2>&1 || fail "ncu flex"
-    timeout 90 "${ncu[@]}" -k regex:attn_bwd --launch-count 2 \
-        python3 bench/flex_profile.py --plain --only pcc "${what[@]}" > "$OUT/ncu_pcc.log" 2>&1 || fail "ncu pcc"
-    timeout 90 "${ncu[@]}" -k regex:attn_bwd --launch-count 2 python3 bench/flex_profile.py --plain --only pcc \
-        --bwd-tiles "${NCU_TILES:-64x128/128x64:8:3}" "${what[@]}" > "$OUT/ncu_pcc_tiles.log" 2>&1 || fail "ncu pcc tiles"
-}
-
-run_walks() {
-    echo "== walks" | tee -a "$OUT/summary.txt"
-    timeout 540 python3 bench/kernel_experiments.py bwd --patterns "sliding_window(1024)" causal \
-        --seq-len 16384 65536 --head-dim 128 64 --no-candidates --band --bwd-variants base plain_ntok 2>&1 \
-        | tee "$OUT/walks.log" || fail walks
-}
-
-run_placement() {
-    echo "== placement" | tee -a "$OUT/summary.txt"
-    local i
-    for i in 1 2 3; do
-        timeout 150 python3 bench/placement.py 2>&1 | tee -a "$OUT/placement.log" || fail "placement $i"
-    done
-}
-
 run_host() {
     echo "== host" | tee -a "$OUT/summary.txt"
     timeout 90 python3 bench/profile_plan.py --host --pattern "strided(128)" --seq-len 16384 2>&1 \
@@ -209,10 +168,7 @@ for section in "${sections[@]}"; do
         sweep) run_sweep ;;
         tiles) run_tiles ;;
         host) run_host ;;
-        ncu) run_ncu ;;
-        walks) run_walks ;;
-        placement) run_placement ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles ncu walks placement host)" >&2; status=2 ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

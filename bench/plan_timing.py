@@ -3,7 +3,7 @@
     python bench/plan_timing.py
 
 One row per (pattern, n): the strategy, computed blocks against causal
-attention's block count at block 128 (the issue's targets: strided(128) at
+attention's block count at block 128 (the targets: strided(128) at
 most 2.5%, fixed(128, 32) at most 30% at n = 65536), the first build's
 time and the median of three (target: at most 100 ms at n = 1,048,576).
 The planner's modules (and numpy) are imported before anything is timed:

@@ -2,10 +2,10 @@
 
     python bench/warm_start.py [--top 30]
 
-Runs the cold-start case of ``patterncc.backends.triton.bench.cold_start``
+Runs the cold-start case of ``probes.cold_start``
 (the first forward+backward of a pattern no cache has seen) in a fresh
 process to fill the disk caches, then twice more on the warm caches: once
-plain (the figure the issue's 0.5 s target is about) and once with the
+plain (the warm-start figure, aimed under 0.5 s) and once with the
 first call alone under cProfile, printing the functions with the most
 cumulative time, so the seconds can be assigned to layout, module load,
 Triton's cache lookup (``triton_key``), cubin load and launcher build.
@@ -22,7 +22,7 @@ import tempfile
 import textwrap
 import time
 
-from patterncc.backends.triton.bench import _FIRST_CALL
+from probes import FIRST_CALL
 
 _PROFILED = """
 import cProfile, io, pstats, sys
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
     spec = json.dumps(dict(n=4096, H=16, D=64, w=777 + int(time.time()) % 1000, g=33, who="pcc"))
-    source = textwrap.dedent(_FIRST_CALL)
+    source = textwrap.dedent(FIRST_CALL)
     with tempfile.TemporaryDirectory(prefix="patterncc-warm-") as tmp:
         env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(tmp, "pcc"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
         env.pop("TRITON_INTERPRET", None)

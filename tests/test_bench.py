@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+from patterncc import ir  # noqa: E402
 from patterncc.backends.triton import bench  # noqa: E402
 
 # per call of a contender's timer: forward, then forward+backward; rounds 0, 1, 2
@@ -61,7 +62,7 @@ def test_one_round_is_one_measurement_and_no_note(monkeypatch):
 def test_bench_case_runs_on_the_cpu_in_rounds():
     """The whole harness as a dry run (one timed call each, kernels interpreted):
     patterncc's and SDPA's figures are there, and each contender was timed."""
-    row = bench.bench_case(bench.PATTERNS["sliding_window(1024)"], "sliding", 40, heads=2, head_dim=16,
+    row = bench.bench_case(ir.Causal() & ir.Local(1024), "sliding", 40, heads=2, head_dim=16,
                            dtype="float32", device="cpu", rounds=2, extras=False)
     for key in ("pcc fwd", "pcc fwd+bwd", "sdpa fwd", "sdpa fwd+bwd"):
         assert row.ms[key] > 0, key
@@ -83,3 +84,23 @@ def test_a_contender_whose_timing_fails_leaves_a_note(monkeypatch):
     bench._time_rounds(row, contenders, grads=[], rounds=3, rep=1, device="cuda")
     assert row.ms == {"pcc fwd": 1.0, "pcc fwd+bwd": 3.1}
     assert row.notes == ["flex timing failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+
+
+# -- bench/probes.py: what the bench scripts use beyond `patterncc bench` -------------
+
+
+def test_probes_read_tile_specs_and_keep_the_record_patterns():
+    import argparse
+
+    import bench_probes
+
+    probes = bench_probes.load()
+    assert probes.tile_spec("128x64:4:3") == (128, 64, 4, 3)
+    assert probes.backward_tile_spec("32x64/64x64:4:2") == (32, 64, 64, 64, 4, 2)
+    with pytest.raises(argparse.ArgumentTypeError):
+        probes.backward_tile_spec("128x64:4:3")
+    config = probes.with_backward_tiles(bench.KernelConfig(), (32, 64, 64, 32, 8, 3))
+    assert (config.block_m1, config.block_n1, config.block_m2, config.block_n2) == (32, 64, 64, 32)
+    assert (config.bwd_warps, config.bwd_stages) == (8, 3)
+    assert probes.PATTERNS["sliding_window(1024)"] == ir.Causal() & ir.Local(1024)
+    assert not hasattr(bench, "sweep") and not hasattr(bench, "resources") and not hasattr(bench, "cold_start")

@@ -669,12 +669,14 @@ def _walked_steps(lists, H):
 
 
 def test_resources_report_types_every_pointer_argument():
-    """bench.resources compiles the kernels from a signature it writes by
+    """bench/probes.py's resources compiles the kernels from a signature it writes by
     argument name (``_arg_type``): every tensor argument must get a pointer
     type there, or the report's compile fails for that kernel."""
     import inspect
 
-    from patterncc.backends.triton import bench
+    import bench_probes
+
+    probes = bench_probes.load()
 
     attn = TritonAttention(C, config=CONFIG)
     module = attn.kernels(64, attn.config_for(64, torch.bfloat16), DEVICE)
@@ -684,7 +686,7 @@ def test_resources_report_types_every_pointer_argument():
         for name, param in params.items():
             if "constexpr" in str(param.annotation) or name.startswith("stride") or name in scalars:
                 continue
-            assert bench._arg_type(name, "bf16").startswith("*"), f"{name} would be typed as a scalar"
+            assert probes._arg_type(name, "bf16").startswith("*"), f"{name} would be typed as a scalar"
 
 
 @pytest.mark.parametrize("n", [64, 70, 1])
