@@ -6,7 +6,7 @@
     attn = pcc.compile(pat)            # backend="auto": Triton on CUDA, reference on CPU
     o    = attn(q, k, v)
 
-See README.md for the language and DESIGN.md for the architecture.
+See README.md for the language, the pipeline and the repository's layout.
 """
 
 from . import ir

@@ -1203,8 +1203,8 @@ def _scan_elements(node: ir.Pattern, t: _Tiles, count: bool):
 
 
 def _evaluate(node: ir.Pattern, q: np.ndarray, k: np.ndarray, ctx: _Ctx) -> np.ndarray:
-    """``mask.evaluate``, but ``random`` looks up its drawn cells sparsely
-    (mask.py builds a dense table of them, too big for long sequences)."""
+    """``masks.evaluate``, but ``random`` looks up its drawn cells sparsely
+    (masks.py builds a dense table of them, too big for long sequences)."""
     return evaluate(node, q, k, ctx.n, random=lambda r, qq, kk: ctx.random(r).allowed(qq, kk))
 
 

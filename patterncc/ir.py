@@ -210,7 +210,7 @@ def _flatten(kind, parts) -> tuple:
     return tuple(out)
 
 
-# -- primitives. Each docstring is the exact rule; mask.py, layout.py and the
+# -- primitives. Each docstring is the exact rule; masks.py, blocklayout.py and the
 #    Triton code generator implement it in the same order.
 
 

@@ -59,7 +59,8 @@ MAX_TERMS = 16
 # rows (bands, residue classes) dear per block. Blocks in residue order read
 # K and V rows 128 bytes at a time from addresses l rows apart: they
 # measured 2.6-3.5x the natural cost while their predicate divided in
-# int64, and 1.6-1.7x since it divides in int32 (session 3's profile,
+# int64, and 1.6-1.7x since it divides in int32 (gpu_check.sh profile:
+# bench/results/2026-11-28-h200-profile-residue/profile.log,
 # relative to the natural component of the same plan, which the model
 # over-predicts by 15-22% since the kernels walk runs); gathered columns
 # (runs of c keys) 1.0-1.1x.

@@ -1,4 +1,4 @@
-"""The standard library's patterns (grammar/stdlib.pat, DESIGN.md), written
+"""The standard library's patterns (grammar/stdlib.pat), written
 with IR nodes, for tests that must not depend on the parser."""
 
 from patterncc import ir

@@ -285,8 +285,9 @@ def test_dtypes(dtype):
 
 def test_bfloat16_is_right_in_a_process_nobody_patched(monkeypatch):
     """The interpreter's own bf16 tl.dot multiplies bit patterns (o ~ 1e9): the
-    runtime must fix it before it launches (once only tests did, and the demo's
-    kernel check found bf16 garbage through ``pcc.compile``, session 8)."""
+    runtime must fix it before it launches, not only the tests' setup: a
+    process that never imports the tests (the demo) gets right bf16 results
+    through ``pcc.compile`` too."""
     from triton.runtime import interpreter
 
     from patterncc.backends.triton import _interpret
@@ -508,8 +509,8 @@ def test_mask_mod_matches_mask_on_drawn_patterns(data):
 def test_kernel_key_of_a_cpu_device_on_a_cuda_machine(monkeypatch):
     """``flex.mask_mod`` evaluates on the CPU by default; on a machine with
     CUDA the kernel cache key must not ask CUDA for a CPU device's
-    capability (it raised there, for every mask_mod test: found by the whole
-    file on the H200, session 8)."""
+    capability (it raises there, and every mask_mod test failed on a CUDA
+    machine while no CPU-only run could see it)."""
     from patterncc.backends.triton import runtime
 
     def capability_of(device):

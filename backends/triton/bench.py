@@ -106,10 +106,12 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
 
     ``rounds`` > 1 times all contenders that many times over, one after the
     other in each round (in reverse order every other round), and keeps the
-    median over rounds: two do_bench medians of the same kernels taken
-    minutes apart differ by up to 8% on the H200 (session 8, placement.py),
-    so contenders timed back to back in one round compare under the same
-    conditions; the per-round flex/pcc ratios go into the row's notes."""
+    median over rounds: two do_bench medians of the same call taken seconds
+    apart differ by up to 8% on an H200, whatever the inputs' placement in
+    memory, and one round's flex/pcc ratio by up to ~6% (PERFORMANCE.md,
+    "Run-to-run spread"), so contenders timed back to back in one round
+    compare under the same conditions; the per-round flex/pcc ratios go
+    into the row's notes."""
     from . import flex as flex_interop
 
     H, Hkv, D, B = heads, kv_heads or heads, head_dim, batch

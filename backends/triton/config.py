@@ -33,7 +33,7 @@ most of its time loading its tile and writing its result, so smaller tiles
 win: more programs per SM, one's loads under another's math. Long walks
 (causal, fixed(128, 32) in natural order) amortize that and want the
 larger tiles' arithmetic intensity. Chosen by time on an H200
-(``gpu_check.sh tiles``, n = 16384, H = 16; PERFORMANCE.md "session 4"):
+(``gpu_check.sh tiles``, n = 16384, H = 16; PERFORMANCE.md "Tile choice"):
 D = 64 forward, sliding_window 0.251 ms at 128 x 64 -> 0.208 at 64 x 64 with
 2 stages; for long walks 128 x 64 stays (64 x 128 was 7% faster on causal
 at 16384 but 3% slower at 65536 and 2x slower on fixed(128, 32)); D = 128 forward,
@@ -42,7 +42,7 @@ causal 2.075 at 128 x 128 against 2.372; D = 128 backward, causal 7.52 ->
 7.10 with dK/dV 64 x 128 and dQ 128 x 64 (8 warps, 3 stages), sliding_window
 1.16 with dK/dV 32 x 64 and dQ 64 x 64 (4 warps) against 1.32 (the long
 column of a global token is walked by one program: a 32-key tile halves
-it). Earlier sweeps (session 2, causal) chose the D = 64 backward: 64 x 64
+it). A causal sweep (``gpu_check.sh sweep``) chose the D = 64 backward: 64 x 64
 with 4 warps beat Flex's 64 x 128 / 128 x 64 with 8 warps by 29%.
 The float32 rows (exact products, ``input_precision="ieee"``, on the FMA
 units) are small tiles, untimed, for every walk.
@@ -101,7 +101,8 @@ class KernelConfig:
     bwd_warps: int = 4
     bwd_stages: int = 2
     # the backward kernels walk each tile's steps as one loop where every tile
-    # is a band (tables.band_table); off until timed (PERFORMANCE.md, session 7)
+    # is a band (tables.band_table); off: on an H200 it gained no more than the run-to-run
+    # spread on short walks and made causal's dK/dV up to 1.7x slower (its long loops spill)
     bwd_band: bool = False
 
     def __post_init__(self):
