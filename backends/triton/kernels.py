@@ -57,7 +57,7 @@ def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  
     every row offset fits in int32): the step's offsets are recomputed in
     int32 from ``pos``, so no 64-bit offset tile stays live across the loop
     (the dK/dV loop re-read 17 spilled values per step without it at D = 128,
-    PERFORMANCE.md session 6)."""
+    counted in its sm_90 code; ``bench/bench_triton.py --resources`` counts a kernel's spills)."""
     if ORDER == 0 and ADDR32:  # natural order, int32 offsets
         offs_d = tl.arange(0, HEAD_DIM)
         a_ptrs = a_base + (pos[:, None] * stride_a + offs_d[None, :])
@@ -344,7 +344,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
 
 # N_TOK is left to Triton to specialize here (and only here): a multiple of 16 makes each head's
 # lse and delta row 64-byte aligned, so the per-step loads of them are 8-byte rather than 4-byte
-# copies (dK/dV -3..-7% on the card, session 8). At most three compiles: n % 16 == 0, n == 1, other.
+# copies (dK/dV -3..-7% on an H200, each kernel timed alone). At most three compiles: n % 16 == 0, n == 1, other.
 @triton.jit(do_not_specialize=["N", "ORD_L", "ORD_S", "ORD_C"])
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #

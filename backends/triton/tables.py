@@ -20,8 +20,8 @@ Each list is one software-pipelined loop in the kernel that reads the step
 index, then the step's keys (or queries). A step index loaded inside the loop
 puts a dependent global load in front of every K/V address, which the
 pipeline does not hide: on an H200 the causal forward ran 15-19% faster
-when the FULL loop computed its steps instead (``bench/kernel_experiments.py``,
-PERFORMANCE.md). So a kernel's FULL list can also be given as *runs* of
+when the FULL loop computed its steps instead (the forward's inner loop timed
+alone in both forms). So a kernel's FULL list can also be given as *runs* of
 consecutive steps, walked as one loop per run with no index load: causal
 and banded tiles are one run, a band plus global or sink columns two. The
 kernels take at most ``MAX_RUNS`` = 2 runs per tile (``run_table``), as
