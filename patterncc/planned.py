@@ -17,7 +17,6 @@ components' dq, dk, dv back in token order.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from . import ir
+from .lru import LRU
 from .planner import Component, Plan, build_plan
 
 _CACHE_ENTRIES = 16
@@ -71,15 +71,13 @@ class PlannedAttention:
         self.block = block
         self.mode = mode
         self.dense = dense
-        self._plans: OrderedDict = OrderedDict()
+        self._plans = LRU(_CACHE_ENTRIES)
         self._inner: dict = {}
 
     def plan(self, n: int, heads: int) -> Plan:
         key = (n, heads)
         if key not in self._plans:
             self._plans[key] = (build_plan(self.pattern, n, self.block, heads, mode=self.mode), {})
-            while len(self._plans) > _CACHE_ENTRIES:
-                self._plans.popitem(last=False)
         return self._plans[key][0]
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False):

@@ -221,3 +221,45 @@ def test_no_import_circles():
 def test_pattern_objects_take_no_overrides():
     with pytest.raises(TypeError, match="overrides"):
         pcc.as_pattern(ir.Causal(), w=3)
+
+
+# -- one cache helper -----------------------------------------------------------------
+
+
+def test_lru_keeps_the_most_recently_used_entries():
+    from patterncc.lru import LRU
+
+    cache = LRU(2)
+    cache["a"], cache["b"] = 1, 2
+    assert cache["a"] == 1            # a read makes "a" the most recent
+    cache["c"] = 3                    # so "b" goes
+    assert "b" not in cache and cache.keys() == ["a", "c"]
+    assert cache.get("a") == 1 and cache.keys() == ["c", "a"]
+    assert cache.get("b", "missing") == "missing"
+    cache["c"] = 4                    # a write refreshes too
+    cache["d"] = 5
+    assert cache.keys() == ["c", "d"] and cache["c"] == 4 and len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="maxsize"):
+            LRU(bad)
+
+
+def test_the_attention_caches_are_bounded_lrus():
+    from patterncc.backends.reference.attention import CACHE_SIZE, ReferenceAttention
+    from patterncc.lru import LRU
+    from patterncc.planned import PlannedAttention
+
+    attn = ReferenceAttention(pcc.parse("causal & local(3)"))
+    first = attn.masks(4, 1)
+    for n in range(5, 5 + CACHE_SIZE - 1):
+        attn.masks(n, 1)
+        assert attn.masks(4, 1) is first      # read every time: never the one to go
+    attn.masks(100, 1)
+    assert isinstance(attn._masks, LRU) and len(attn._masks) == CACHE_SIZE
+    assert attn.masks(4, 1) is first
+    planned = PlannedAttention(pcc.parse("strided(4)"), make_inner=None, block=16)
+    assert isinstance(planned._plans, LRU)
+    plan = planned.plan(64, 1)
+    assert planned.plan(64, 1) is plan

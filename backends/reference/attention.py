@@ -16,11 +16,10 @@ from __future__ import annotations
 import functools
 import numbers
 import sys
-from collections import OrderedDict
-
 import numpy as np
 
 from patterncc import ir
+from patterncc.lru import LRU
 
 from . import dense, masks, sparse
 from .checks import check_scale, check_shapes
@@ -44,7 +43,7 @@ class ReferenceAttention:
             raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit=!r}")
         self.pattern = pattern
         self.dense_limit = int(dense_limit)
-        self._masks: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        self._masks = LRU(CACHE_SIZE)  # (seq_len, heads) -> (kernel module, masks)
 
     def __repr__(self) -> str:
         return f"ReferenceAttention({str(self.pattern)!r}, dense_limit={self.dense_limit})"
@@ -115,15 +114,12 @@ class ReferenceAttention:
         """``(kernel module, [mask per layout head])`` for this length, cached."""
         key = (seq_len, heads)
         if key in self._masks:
-            self._masks.move_to_end(key)
             return self._masks[key]
         if seq_len <= self.dense_limit:
             entry = (dense, masks.dense_masks(self.pattern, seq_len, heads))
         else:
             entry = (sparse, masks.sparse_masks(self.pattern, seq_len, heads))
         self._masks[key] = entry
-        if len(self._masks) > CACHE_SIZE:
-            self._masks.popitem(last=False)
         return entry
 
 

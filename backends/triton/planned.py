@@ -18,6 +18,7 @@ the fp32 sum of the launches before it, the last writes the inputs' dtype
 
 from __future__ import annotations
 
+from patterncc.lru import LRU
 from patterncc.planned import PlannedAttention
 
 from .runtime import SlotOrder, attend, check_inputs, launch_key
@@ -32,7 +33,7 @@ class TritonPlannedAttention(PlannedAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, check=check_inputs, **kwargs)
-        self._launches: dict = {}
+        self._launches = LRU(_LAUNCH_ENTRIES)
 
     def combine(self, runs, q, k, v, scale):
         return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k))
@@ -48,7 +49,5 @@ class TritonPlannedAttention(PlannedAttention):
         n = key[0]
         made = [(run.attn.launcher(run.slots, *key[1:]), SlotOrder.of(run.component.q_order, run.component.k_order, n))
                 for run in runs]
-        if len(self._launches) >= _LAUNCH_ENTRIES:
-            self._launches.clear()
         self._launches[key] = (runs, made)
         return made

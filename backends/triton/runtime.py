@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from patterncc import ir, randomblocks
 from patterncc.blocklayout import BlockLayout, build as build_layout
 from patterncc.errors import LimitError
+from patterncc.lru import LRU
 from patterncc.scores import NO_TERMS, ScoreTerms
 
 from patterncc.backends.reference.attention import check_scale as _check_scale
@@ -83,11 +83,11 @@ class TritonAttention:
         self.block = block
         self.config = config
         self._needs_length = codegen.needs_length(pattern)
-        self._layouts: OrderedDict = OrderedDict()
-        self._tables: OrderedDict = OrderedDict()
-        self._modules: OrderedDict = OrderedDict()
+        self._layouts = LRU(_CACHE_ENTRIES)
+        self._tables = LRU(_CACHE_ENTRIES)
+        self._modules = LRU(_CACHE_ENTRIES)
         # The per-call fast path: one dict lookup from the call's shape to its launches.
-        self._runs: OrderedDict = OrderedDict()
+        self._runs = LRU(_CACHE_ENTRIES)
 
     def __repr__(self) -> str:
         return f"TritonAttention({str(self.pattern)!r}, block={self.block}, config={self.config})"
@@ -120,18 +120,14 @@ class TritonAttention:
         key = (n, H, Hkv, str(device), config)
         if key not in self._tables:
             self._tables[key] = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device)
-            _trim(self._tables)
-        self._tables.move_to_end(key)
         run = _Run(module, self._tables[key], config, head_dim, H, Hkv, n, dtype)
         self._runs[run_key] = run
-        _trim(self._runs)
         return run
 
     def use_layout(self, lay: BlockLayout, H: int) -> None:
         """Adopt a layout of this pattern built elsewhere (the planner builds
         each component's layout to cost it; the kernels reuse it)."""
         self._layouts[(lay.seq_len, H, lay.block)] = lay
-        _trim(self._layouts)
 
     def layout(self, n: int, H: int, block: int) -> BlockLayout:
         """The BlockLayout at length ``n`` for ``H`` heads (cached)."""
@@ -142,8 +138,6 @@ class TritonAttention:
             if lay.heads not in (1, H):
                 raise AssertionError(f"layout.build gave {lay.heads} heads for {H=}")
             self._layouts[key] = lay
-            _trim(self._layouts)
-        self._layouts.move_to_end(key)
         return self._layouts[key]
 
     def kernels(self, n: int, config: KernelConfig, device=None):
@@ -153,7 +147,6 @@ class TritonAttention:
         if key not in self._modules:
             bound = ir.bind(self.pattern, n) if self._needs_length else self.pattern
             self._modules[key] = load_kernels(bound, config, device)
-            _trim(self._modules)
         return self._modules[key]
 
     def mask_picture(self, n: int, heads: int = 1, device=None) -> torch.Tensor:
@@ -226,11 +219,6 @@ def _capability(device) -> str:
     if device.type != "cuda" or not torch.cuda.is_available():
         return "none"
     return "sm_%d%d" % torch.cuda.get_device_capability(device)
-
-
-def _trim(d: OrderedDict) -> None:
-    while len(d) > _CACHE_ENTRIES:
-        d.popitem(last=False)
 
 
 # ----------------------------------------------------------------------------
