@@ -75,8 +75,10 @@ class Attention:
         import torch
         import torch.nn.functional as F
 
-        from .backends.reference.attention import check_cache_seqlens
+        from .backends.reference.attention import check_cache_seqlens, check_shapes
 
+        if cache_seqlens is None:
+            check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
         if not (torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))):
             if self._rows_impl is None:
                 from .backends.triton.decode import RowsAttention
@@ -93,8 +95,6 @@ class Attention:
         outs = []
         for qb, kb, vb in batch:
             pad = kb.shape[2] - qb.shape[2]
-            if pad < 0:
-                raise ValueError(f"q has {qb.shape[2]} positions but k and v only {kb.shape[2]}: n_q <= n_k")
             o, lse = triton(F.pad(qb, (0, 0, pad, 0)), kb, vb, scale=scale, return_lse=True)
             outs.append((o[:, :, pad:], lse[:, :, pad:]))
         return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from patterncc import ir
+from patterncc.backends.reference.attention import check_cache_seqlens
 from patterncc.blocklayout import row_pairs
 
 from . import codegen
@@ -199,11 +200,5 @@ def check_rows(q, k, v, lens) -> list[int]:
         raise ValueError(f"every dimension must be >= 1 and q's heads H={H} a multiple of k's Hkv={Hkv}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is over the Triton backend's limit of {MAX_HEAD_DIM}")
-    lens = [int(x) for x in (lens.tolist() if isinstance(lens, torch.Tensor) else lens)]
-    if len(lens) != B:
-        raise ValueError(f"cache_seqlens must hold one length per batch row ({B}), got {len(lens)}")
-    for b, n in enumerate(lens):
-        if not nq <= n <= max_len:
-            raise ValueError(f"cache_seqlens[{b}] = {n}: each length must count the {nq} new queries and fit the "
-                             f"cache ({nq} <= length <= {max_len})")
+    lens = check_cache_seqlens(lens, q.shape, k.shape)
     return lens
