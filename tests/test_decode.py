@@ -231,8 +231,9 @@ def test_generation_with_the_cache_equals_recomputing(backend, patterns_, mode):
     model = SparseTransformer(40, 32, 2, 4, patterns_, mode=mode, max_len=48, backend=backend, kv_heads=2)
     model = model.to(DEVICE).eval()
     idx = torch.randint(0, 40, (2, 9), device=DEVICE)
-    with_cache = model.generate(idx, 20, temperature=0)
-    recomputed = model.generate(idx, 20, temperature=0, use_cache=False)
+    steps = 20 if backend == "reference" or GPU else 6  # the interpreter recomputes slowly
+    with_cache = model.generate(idx, steps, temperature=0)
+    recomputed = model.generate(idx, steps, temperature=0, use_cache=False)
     assert torch.equal(with_cache, recomputed)
     # and the logits themselves: a cached step against the full sequence's last row
     cache = model.new_cache(2)

@@ -15,9 +15,10 @@ Shapes and conventions:
   (batch row, layout head) may touch, from the pattern's block layout at that
   row's length (``decode.py``), ascending; each program takes one slice of
   its tile's list (split-KV, "flash-decoding");
-- ``O_PART`` fp32 ``[SPLITS, B, H, NQ, D_OUT]``, ``LSE_PART`` fp32
-  ``[SPLITS, B, H, NQ]``: each split's normalized output and natural-log
-  log-sum-exp, merged on the host side by log-sum-exp.
+- ``O_PART`` fp32 ``[ALL_SPLITS, B, H, NQ, D]``, ``LSE_PART`` fp32
+  ``[ALL_SPLITS, B, H, NQ]``: each split's (of each planned piece's)
+  normalized output and natural-log log-sum-exp, merged on the host side by
+  log-sum-exp.
 
 Every visited block is masked by the predicate and by ``k < LENS[b]``: a
 query tile's list is the union of its block rows' lists, so a block FULL
@@ -33,16 +34,36 @@ pattern_mask = None  # defined by the generated module above the kernels
 # ---- query-rows kernel: everything below this line is appended to the generated module ----
 
 
-@triton.jit(do_not_specialize=["NQ", "D", "H", "GROUP", "LAYOUT_HEADS", "TILES", "SPLITS"])
+@triton.jit
+def _key_tokens(slot, K_ORDER: tl.constexpr, L, S, C):
+    """The token of each key slot in a planned piece's key order
+    (patterncc.planner.TokenOrder): 0 natural, 1 residue(L) with S slots per
+    class, 2 the gathered columns of summary(L, C); and whether the slot holds one."""
+    if K_ORDER == 1:
+        return (slot % S) * L + slot // S, slot < L * S
+    elif K_ORDER == 2:
+        return (slot // C) * L + (L - C) + slot % C, slot >= 0
+    else:
+        return slot, slot >= 0
+
+
+@triton.jit(do_not_specialize=["NQ", "D", "H", "GROUP", "LAYOUT_HEADS", "TILES", "SPLITS", "ORD_L", "ORD_C",
+                               "SPLIT0", "ALL_SPLITS"])
 def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX,  #
                   stride_qb, stride_qh, stride_qn,  #
                   stride_kb, stride_kh, stride_kn,  #
                   stride_vb, stride_vh, stride_vn,  #
-                  sm_scale, NQ, D, H, GROUP, LAYOUT_HEADS, TILES, SPLITS,  #
+                  sm_scale, NQ, D, H, GROUP, LAYOUT_HEADS, TILES, SPLITS, ORD_L, ORD_C, SPLIT0, ALL_SPLITS,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ORDER: tl.constexpr = 0):
     """One split of one query tile of one (batch row, head): its normalized
-    output and lse over the key blocks of its slice of the tile's list."""
+    output and lse over the key blocks of its slice of the tile's list.
+
+    A planned piece (``K_ORDER`` residue or columns) lists key *slot* blocks:
+    its keys are read at their tokens (``_key_tokens``), so the stride or
+    summary keys of a query are a few contiguous slot blocks. The predicate
+    is always the piece's own, over token positions. The piece's splits are
+    ``SPLIT0 .. SPLIT0 + SPLITS - 1`` of ``ALL_SPLITS`` (every piece's)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tile = tl.program_id(0)
@@ -79,9 +100,11 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX,  
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    ord_s = tl.cdiv(n_b, ORD_L)  # a residue class's slots at this row's length
     for e in range(lo, hi):
-        k_pos = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
-        k_ok = k_pos < n_b
+        k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
+        k_pos, k_ok = _key_tokens(k_slot, K_ORDER, ORD_L, ord_s, ORD_C)
+        k_ok = k_ok & (k_pos < n_b)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_pos[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -104,7 +127,7 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX,  
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2)
-    part = ((split * (tl.num_programs(1) // H) + off_b) * H + off_h).to(tl.int64) * NQ
+    part = (((SPLIT0 + split) * (tl.num_programs(1) // H) + off_b) * H + off_h).to(tl.int64) * NQ
     o_ptrs = O_PART + (part + rows[:, None]) * D + offs_d[None, :]
     tl.store(o_ptrs, o, mask=(rows < NQ)[:, None] & d_ok[None, :])
     tl.store(LSE_PART + part + rows, lse, mask=rows < NQ)
