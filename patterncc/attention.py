@@ -70,12 +70,57 @@ class Attention:
         self.dense_sdpa = dense_sdpa
         self.options = options
         self._impls: dict[str, object] = {}
+        self._rows_impl = None  # the query-rows kernel, built on the first call that needs it
 
     def __repr__(self) -> str:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
-    def __call__(self, q, k, v, scale=None, return_lse: bool = False):
-        return self.impl(self.backend_for(q))(q, k, v, scale=scale, return_lse=return_lse)
+    def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, cache_seqlens=None):
+        """Queries may be fewer than keys (``n_q <= n_k``): they are then the
+        last ``n_q`` positions. ``cache_seqlens`` (int32 ``[B]`` or a list):
+        ``k``, ``v`` are caches ``[B, Hkv, max_len, D]`` and row ``b``'s
+        queries the last of its first ``cache_seqlens[b]`` positions."""
+        name = self.backend_for(q)
+        rows = cache_seqlens is not None or _shape(q, 2) != _shape(k, 2)
+        if not rows or name == "reference":
+            kwargs = {"cache_seqlens": cache_seqlens} if cache_seqlens is not None else {}
+            return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **kwargs)
+        o, lse = self._rows(q, k, v, scale, cache_seqlens)
+        return (o, lse) if return_lse else o
+
+    def _rows(self, q, k, v, scale, cache_seqlens):
+        """Queries at the end of their keys on the Triton backend: the
+        query-rows kernel (reads only the key blocks the pattern allows
+        there) when no gradient is needed; otherwise the training kernels on
+        queries padded with zero rows in front, whose outputs are dropped: a
+        padded row's output gradient is 0, so it adds nothing to dk, dv
+        (exact; it costs the padded rows' work)."""
+        import torch
+        import torch.nn.functional as F
+
+        from .backends.reference.checks import check_cache_seqlens, check_shapes
+
+        if cache_seqlens is None:
+            check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
+        if not (torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))):
+            if self._rows_impl is None:
+                from .backends.triton.decode import RowsAttention
+
+                self._rows_impl = RowsAttention(self.pattern, block=self.options.get("block"))
+            lens = cache_seqlens if cache_seqlens is not None else [k.shape[2]] * q.shape[0]
+            return self._rows_impl(q, k, v, lens, scale)
+        triton = self.impl("triton")
+        if cache_seqlens is None:
+            lens, batch = [k.shape[2]], [(q, k, v)]
+        else:
+            lens = check_cache_seqlens(cache_seqlens, q.shape, k.shape)
+            batch = [(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]) for b, n in enumerate(lens)]
+        outs = []
+        for qb, kb, vb in batch:
+            pad = kb.shape[2] - qb.shape[2]
+            o, lse = triton(F.pad(qb, (0, 0, pad, 0)), kb, vb, scale=scale, return_lse=True)
+            outs.append((o[:, :, pad:], lse[:, :, pad:]))
+        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
 
     def backend_for(self, q) -> str:
         return choose_backend(self.backend, q)
@@ -123,3 +168,10 @@ def sdpa_dense(pattern: ir.Pattern, q, k, v, scale):
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, is_causal=isinstance(pattern, ir.Causal), scale=scale,
                                           enable_gqa=gqa)
+
+
+def _shape(x, dim: int):
+    """``x.shape[dim]``, or None for what is not an array of that rank (the
+    backend's own checks then name the problem)."""
+    shape = getattr(x, "shape", None)
+    return shape[dim] if shape is not None and len(shape) > dim else None

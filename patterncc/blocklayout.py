@@ -1521,3 +1521,26 @@ def _row_elements(t, boxes, box_of, boxed, diag_tile, diag_d, s0, s1, q0, rows, 
     a, col = np.nonzero(grid)
     keys = base[col] + slope[col] * q[a]
     return keys.astype(np.int32), np.bincount(a, minlength=rows)
+
+
+def row_pairs(p: ir.Pattern, seq_len: int, block: int, heads: int, first: int, last: int) -> list:
+    """The non-empty pairs of query-block rows ``first .. last`` only, per
+    layout head (``H`` as in ``BlockLayout``): ``(i, j, full)`` sorted by
+    ``(i, j)``, as ``build`` would give them for those rows. Decoding reads
+    the last rows of a long sequence: their cost is that of the rows, not of
+    the layout."""
+    bound, H = _prepare(p, seq_len, block, heads)
+    ctx_n, block = int(seq_len), int(block)
+    built: dict[ir.Pattern, tuple] = {}
+    out = []
+    for h in range(H):
+        ph = ir.for_head(bound, h)
+        if ph not in built:
+            ctx = _Ctx(ctx_n, block)
+            rows = np.arange(max(0, first), min(ctx.nb - 1, last) + 1, dtype=np.int64)
+            cand = _candidates(ph, rows, (np.zeros_like(rows), np.full_like(rows, ctx.nb - 1)), ctx, top=True)
+            t = _Tiles(cand // ctx.nb, cand % ctx.nb, ctx)
+            keep = _classify(ph, t, ctx) if t.size else np.zeros(0, dtype=np.int8)
+            built[ph] = (t.i[keep != EMPTY], t.j[keep != EMPTY], keep[keep != EMPTY] == FULL)
+        out.append(built[ph])
+    return out

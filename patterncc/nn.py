@@ -64,6 +64,7 @@ from .attention import BACKENDS, choose_backend
 from .pipeline import as_pattern, compile as compile_pattern, mask
 
 __all__ = [
+    "KVCache",
     "MODES",
     "SparseSelfAttention",
     "SparseTransformer",
@@ -186,27 +187,41 @@ class SparseSelfAttention(nn.Module):
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
                 f"head_dim={self.head_dim}, pattern={pattern}, backend={self.backend!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
+        """x ``(B, n, dim)``; with a ``cache`` the n tokens follow the
+        ``cache.length`` cached ones: their keys and values are appended and
+        they attend to every cached token the pattern allows."""
         B, n, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, n, H, D).transpose(1, 2)  # (B, H, n, D)
         k = k.view(B, n, Hkv, D).transpose(1, 2)  # (B, Hkv, n, D)
         v = v.view(B, n, Hkv, D).transpose(1, 2)  # (B, Hkv, n, D)
-        o = self.attend(q, k, v)  # (B, H, n, D)
+        if cache is None:
+            o = self.attend(q, k, v)  # (B, H, n, D)
+        else:
+            k, v = cache.append(k, v)  # (B, Hkv, max_len, D) with the first cache.length + n tokens valid
+            o = self.attend(q, k, v, cache_seqlens=[cache.length + n] * B)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return self.dropout(self.proj(o))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``(B, H, n, D)``, k and v ``(B, Hkv, n, D)`` -> ``(B, H, n, D)``."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens=None) -> torch.Tensor:
+        """q ``(B, H, n, D)``, k and v ``(B, Hkv, n, D)`` -> ``(B, H, n, D)``;
+        with ``cache_seqlens``, k and v are caches (``Attention.__call__``)."""
         if self.pattern is None:
             if self.kv_heads != self.heads:
                 group = self.heads // self.kv_heads
                 k = k.repeat_interleave(group, dim=1)
                 v = v.repeat_interleave(group, dim=1)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if cache_seqlens is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            n_q, n_k = q.shape[2], cache_seqlens[0]
+            # bottom-right causal: SDPA's is_causal aligns a short query block top-left
+            keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            return F.scaled_dot_product_attention(q, k[:, :, :n_k], v[:, :, :n_k], attn_mask=keep)
         attn = self.compiled(self.backend_for(q))
-        return attn(q, k, v).to(q.dtype)  # strided views: the backends take any strides
+        kwargs = {} if cache_seqlens is None else {"cache_seqlens": cache_seqlens}
+        return attn(q, k, v, **kwargs).to(q.dtype)  # strided views: the backends take any strides
 
     def backend_for(self, x: torch.Tensor) -> str:
         return choose_backend(self.backend, x)
@@ -278,15 +293,15 @@ class SparseTransformerBlock(nn.Module):
         self.attn.proj.weight.mul_(out_scale)
         self.ff.proj.weight.mul_(out_scale)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
+    def forward(self, h: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled() and cache is None:
             # Non-reentrant checkpoint; preserve_rng_state replays the dropout masks.
             return h + checkpoint(self.residual, h, use_reentrant=False, preserve_rng_state=True)
-        return h + self.residual(h)
+        return h + self.residual(h, cache)
 
-    def residual(self, h: torch.Tensor) -> torch.Tensor:
+    def residual(self, h: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
         """``a(H) + b(H)``, the paper's resblock."""
-        a = self.attn(self.norm1(h))  # dropout(attention(norm(H)))
+        a = self.attn(self.norm1(h), cache)  # dropout(attention(norm(H)))
         b = self.ff_dropout(self.ff(self.norm2(h + a)))  # dropout(ff(norm(H + a(H))))
         return a + b
 
@@ -347,18 +362,104 @@ class SparseTransformer(nn.Module):
         for block in self.blocks:
             block.recompute = value
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        """logits ``(B, n, vocab_size)`` of ``idx (B, n)``; with a ``cache``
+        (``new_cache``), ``idx`` continues the tokens it holds, and is added to it."""
         B, n = idx.shape
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} is longer than the model's max_len={self.max_len}")
-        pos = torch.arange(n, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + n > self.max_len:
+            raise ValueError(f"sequence length {start + n} is longer than the model's max_len={self.max_len}")
+        pos = torch.arange(start, start + n, device=idx.device)
         h = self.tok_emb(idx) + self.pos_emb(pos)  # (B, n, dim)
-        for block in self.blocks:
-            h = block(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.length += n
         return self.head(self.norm(h))  # (B, n, vocab_size)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> "KVCache":
+        """An empty KV cache for ``batch`` sequences of up to ``max_len``
+        tokens (default: the model's), on the model's device and dtype."""
+        attn = self.blocks[0].attn
+        weight = attn.qkv.weight
+        return KVCache(len(self.blocks), batch, attn.kv_heads, max_len or self.max_len, attn.head_dim,
+                       dtype=weight.dtype, device=weight.device)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """``idx (B, n)`` followed by ``max_new_tokens`` sampled tokens.
+        ``temperature=0`` is greedy; ``top_k`` keeps the k likeliest tokens.
+        With ``use_cache`` the prompt is run once and every new token attends
+        to the cached keys through the decode path; without, every step
+        recomputes the whole sequence (the reference the cache must match)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if idx.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"{idx.shape[1]} prompt tokens + {max_new_tokens=} exceed max_len={self.max_len}")
+        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
+        step = idx
+        for _ in range(max_new_tokens):
+            logits = self(step, cache) if use_cache else self(idx)
+            nxt = _sample(logits[:, -1, :].float(), temperature, top_k)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            step = nxt
+        return idx
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy in nats of ``targets (B, n)`` given ``idx (B, n)``
         (divide by ln 2 for bits per token)."""
         logits = self(idx)  # (B, n, vocab_size)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+# ----------------------------------------------------------------------------
+# Generation: a KV cache and sampling
+# ----------------------------------------------------------------------------
+
+
+class LayerCache:
+    """One layer's keys and values ``(B, Hkv, max_len, D)``, the first
+    ``length`` positions valid (``length`` is the whole cache's, shared)."""
+
+    def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor):
+        self.owner, self.k, self.v = owner, k, v
+
+    @property
+    def length(self) -> int:
+        return self.owner.length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``n`` new positions after the valid ones; the whole buffers back."""
+        n = k.shape[2]
+        if self.length + n > self.k.shape[2]:
+            raise ValueError(f"the cache holds {self.k.shape[2]} positions: {self.length} + {n} do not fit")
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every layer of a ``SparseTransformer`` for
+    generation; ``length`` counts the tokens it holds (the model advances it)."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, *,
+                 dtype=torch.float32, device=None):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.length = 0
+        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
+                                  torch.zeros(shape, dtype=dtype, device=device)) for _ in range(layers)]
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Next tokens ``(B, 1)`` from last-position logits ``(B, vocab)``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)

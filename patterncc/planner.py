@@ -274,7 +274,7 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
     bound = ir.bind(p, seq_len)
     H = heads if ir.depends_on_head(bound) else 1
 
-    pieces = [_decompose(ir.for_head(bound, h)) for h in range(H)]
+    pieces = _pieces(bound, H)
     reorders = any(o != (NATURAL, NATURAL) for ps in pieces for o in ps)
     refused = None
     try:
@@ -400,14 +400,35 @@ def _decompose(p: ir.Pattern) -> dict[tuple[TokenOrder, TokenOrder], ir.Pattern]
 # -- 2./3. components and their layouts --------------------------------------------
 
 
-def _components(pieces: list[dict], n: int, block: int, H: int) -> list[Component]:
+def _pieces(bound: ir.Pattern, H: int) -> list[dict]:
+    """Each layout head's disjoint pieces keyed by their orders."""
+    return [_decompose(ir.for_head(bound, h)) for h in range(H)]
+
+
+def pieces(p: ir.Pattern, seq_len: int, heads: int = 1) -> list[tuple[TokenOrder, TokenOrder, ir.Pattern]]:
+    """The pattern's disjoint pieces at ``seq_len`` over token positions, with
+    the (query, key) orders that make each block-dense: what the planner's
+    components run, without their layouts (decoding builds just the rows it
+    reads, ``slot_pattern_of``). A pattern with heads gets one piece per
+    order, ``heads { .. }`` over the heads."""
+    ir.check_heads(p, heads)
+    bound = ir.bind(p, seq_len)
+    H = heads if ir.depends_on_head(bound) else 1
+    return [(qo, ko, piece) for (qo, ko), piece in _by_order(_pieces(bound, H), H)]
+
+
+def _by_order(per_head_pieces: list[dict], H: int):
     orders = []
-    for ps in pieces:
+    for ps in per_head_pieces:
         orders += [o for o in ps if o not in orders]
-    out = []
     for order in orders:
-        per_head = [ps.get(order, ir.Empty()) for ps in pieces]
-        piece = per_head[0] if H == 1 else _per_head(per_head)
+        per_head = [ps.get(order, ir.Empty()) for ps in per_head_pieces]
+        yield order, per_head[0] if H == 1 else _per_head(per_head)
+
+
+def _components(pieces: list[dict], n: int, block: int, H: int) -> list[Component]:
+    out = []
+    for order, piece in _by_order(pieces, H):
         comp = _component(piece, order[0], order[1], n, block, H)
         if comp.layout.nnz:
             out.append(comp)
@@ -425,9 +446,16 @@ def _per_head(per_head: list[ir.Pattern]) -> ir.Pattern:
     return ir.Heads(tuple(ranges))
 
 
-def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block: int, H: int) -> Component:
-    if qo.kind == "natural" and ko.kind == "natural":
-        return Component(piece, qo, ko, piece, build_layout(piece, n, block, H), "natural order: a band or blocks")
+def slot_pattern_of(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, padding: bool = True) -> ir.Pattern:
+    """A reordered piece over slots at ``n`` tokens (``Component.slot_pattern``);
+    ``padding=False`` leaves out the tests that keep padding slots out (for
+    a caller that masks slots past the tokens itself): the pattern then
+    depends on ``n`` only through the class size ``S = ceil(n / l)``."""
+    return _slot_patterns(piece, qo, ko, n, padding)[0]
+
+
+def _slot_patterns(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, padding: bool = True) -> tuple:
+    """``(slot_pattern, kernel_pattern, reason)`` of a reordered piece at ``n`` tokens."""
     if qo.kind == "residue":
         l, S = qo.l, -(-n // qo.l)
         slots = qo.length(n)
@@ -447,15 +475,24 @@ def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block:
             kernel_pattern = same_class & _translate_where(piece, _position_expr(qo, "q", S_runtime),
                                                            _position_expr(ko, "k", S_runtime), n)
         slot_pattern = ir.Block(S) & translated
-        if slots > n:  # padding slots: the tails of the residue classes that end early
+        if slots > n and padding:  # padding slots: the tails of the residue classes that end early
             slot_pattern = slot_pattern & _inside(qo, "q", n) & _inside(ko, "k", n)
         reason = f"residue order: stride({l}) becomes block({S}), each residue class contiguous"
-        lay = build_layout(slot_pattern, slots, block, H)
     else:
         keys = _columns_count(ko, n)
         kernel_pattern = _translate_where(piece, None, _position_expr(ko, "k", None), n)
         slot_pattern = kernel_pattern & ir.Where(ir.Compare("<", ir.Var("k"), ir.Const(keys)))
         reason = f"gathered columns: only the {keys} keys of summary({ko.l}, {ko.c}) are read"
+    return slot_pattern, kernel_pattern, reason
+
+
+def _component(piece: ir.Pattern, qo: TokenOrder, ko: TokenOrder, n: int, block: int, H: int) -> Component:
+    if qo.kind == "natural" and ko.kind == "natural":
+        return Component(piece, qo, ko, piece, build_layout(piece, n, block, H), "natural order: a band or blocks")
+    slot_pattern, kernel_pattern, reason = _slot_patterns(piece, qo, ko, n)
+    if qo.kind == "residue":
+        lay = build_layout(slot_pattern, qo.length(n), block, H)
+    else:
         lay = _columns_layout(piece, slot_pattern, ko, n, block, H)
     return Component(piece, qo, ko, slot_pattern, lay, reason, kernel_pattern)
 

@@ -495,7 +495,8 @@ GOOD = dict(q=np.zeros((B, H, n, D)), k=np.zeros((B, 2, n, D)), v=np.zeros((B, 2
         (dict(k=np.zeros((B, 2, n))), ValueError, "k must be 4-D"),
         (dict(v=np.zeros((B, 2, n, D + 1))), ValueError, "v must have k's shape"),
         (dict(k=np.zeros((2, 2, n, D)), v=np.zeros((2, 2, n, D))), ValueError, "batch size"),
-        (dict(k=np.zeros((B, 2, n + 1, D)), v=np.zeros((B, 2, n + 1, D))), ValueError, "sequence length"),
+        # queries may be fewer than keys (the last positions), never more
+        (dict(k=np.zeros((B, 2, n - 1, D)), v=np.zeros((B, 2, n - 1, D))), ValueError, "n_q <= n_k"),
         (dict(k=np.zeros((B, 2, n, 4)), v=np.zeros((B, 2, n, 4))), ValueError, "head dim"),
         (dict(k=np.zeros((B, 3, n, D)), v=np.zeros((B, 3, n, D))), ValueError, "multiple of"),
         (dict(k=np.zeros((B, 0, n, D)), v=np.zeros((B, 0, n, D))), ValueError, "at least one head"),

@@ -1,7 +1,11 @@
 """ReferenceAttention: the definition of correct, in float64.
 
-``q`` ``(B, H, n, D)``; ``k``, ``v`` ``(B, Hkv, n, D)`` with ``Hkv`` dividing
-``H``: query head ``h`` reads kv head ``h // (H // Hkv)``. Outputs: ``o``
+``q`` ``(B, H, n_q, D)``; ``k``, ``v`` ``(B, Hkv, n, D)`` with ``Hkv`` dividing
+``H``: query head ``h`` reads kv head ``h // (H // Hkv)``. With ``n_q < n``
+the queries are the last ``n_q`` positions, ``n - n_q .. n - 1``
+(bottom-right), and the pattern is evaluated there with its own ``n``;
+``cache_seqlens`` (one length per batch row) reads only the first
+``cache_seqlens[b]`` keys of row ``b``, its queries the last of those. Outputs: ``o``
 ``(B, H, n, D)`` and ``lse`` ``(B, H, n)``, the natural-log logsumexp of the
 scaled scores over the allowed keys. A query row with no allowed key gets
 ``o = 0``, ``lse = -inf`` and zero gradients.
@@ -22,7 +26,7 @@ from patterncc import ir
 from patterncc.lru import LRU
 
 from . import dense, masks, sparse
-from .checks import check_scale, check_shapes
+from .checks import check_cache_seqlens, check_scale, check_shapes
 
 # Masks kept per attention object, most recently used last.
 CACHE_SIZE = 8
@@ -48,8 +52,10 @@ class ReferenceAttention:
     def __repr__(self) -> str:
         return f"ReferenceAttention({str(self.pattern)!r}, dense_limit={self.dense_limit})"
 
-    def __call__(self, q, k, v, scale=None, return_lse=False):
-        if any(_is_torch(x) for x in (q, k, v)):
+    def __call__(self, q, k, v, scale=None, return_lse=False, *, cache_seqlens=None):
+        if cache_seqlens is not None:
+            o, lse = self._cached(q, k, v, scale, cache_seqlens)
+        elif any(_is_torch(x) for x in (q, k, v)):
             from . import _torch
 
             o, lse = _torch.attention(self, q, k, v, scale)
@@ -57,16 +63,31 @@ class ReferenceAttention:
             o, lse = self.forward(q, k, v, scale)
         return (o, lse) if return_lse else o
 
+    def _cached(self, q, k, v, scale, cache_seqlens):
+        """Each batch row ``b`` against the first ``cache_seqlens[b]`` keys of
+        its cache, as a call of its own (numpy or torch, with autograd)."""
+        lens = check_cache_seqlens(cache_seqlens, q.shape, k.shape)
+        rows = [self(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale, return_lse=True)
+                for b, n in enumerate(lens)]
+        if _is_torch(q):
+            import torch
+
+            return torch.cat([o for o, _ in rows]), torch.cat([lse for _, lse in rows])
+        return np.concatenate([o for o, _ in rows]), np.concatenate([lse for _, lse in rows])
+
     def forward(self, q, k, v, scale=None):
-        """float64 numpy ``(o, lse)``."""
+        """float64 numpy ``(o, lse)``; queries shorter than keys are the last
+        ``n_q`` positions (``check_shapes``)."""
         q, k, v = (_float64(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
         check_shapes(q.shape, k.shape, v.shape)
-        B, H, n, D = q.shape
+        B, H, n_q, D = q.shape
+        n = k.shape[2]
         scale = check_scale(scale, D)
         kernel, head_masks = self.masks(n, H)
+        head_masks = [m[n - n_q:] for m in head_masks]  # the queries' rows
         group = H // k.shape[1]
-        o = np.zeros((B, H, n, D))
-        lse = np.full((B, H, n), -np.inf)
+        o = np.zeros((B, H, n_q, D))
+        lse = np.full((B, H, n_q), -np.inf)
         for b in range(B):
             for h in range(H):
                 kv = h // group
@@ -86,6 +107,7 @@ class ReferenceAttention:
         )
         check_shapes(q.shape, k.shape, v.shape)
         B, H, n, D = q.shape
+        n_k = k.shape[2]
         for name, x in (("o", o), ("do", do)):
             if x.shape != q.shape:
                 raise ValueError(f"{name} must have q's shape {q.shape}, got {x.shape}")
@@ -96,7 +118,8 @@ class ReferenceAttention:
             if x is not None and x.shape != (B, H, n):
                 raise ValueError(f"{name} must have shape {(B, H, n)} (B, H, n), got {x.shape}")
         scale = check_scale(scale, D)
-        kernel, head_masks = self.masks(n, H)
+        kernel, head_masks = self.masks(n_k, H)
+        head_masks = [m[n_k - n:] for m in head_masks]
         group = H // k.shape[1]
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
         for b in range(B):

@@ -15,9 +15,12 @@ def check_shapes(q_shape, k_shape, v_shape) -> None:
     if tuple(v_shape) != tuple(k_shape):
         raise ValueError(f"v must have k's shape {tuple(k_shape)}, got {tuple(v_shape)}")
     Bk, Hkv, nk, Dk = k_shape
-    for what, mine, theirs in (("batch size", Bk, B), ("sequence length", nk, n), ("head dim", Dk, D)):
+    for what, mine, theirs in (("batch size", Bk, B), ("head dim", Dk, D)):
         if mine != theirs:
             raise ValueError(f"k and v have {what} {mine} but q has {theirs} (q {tuple(q_shape)}, k {tuple(k_shape)})")
+    if nk < n:
+        raise ValueError(f"q has {n} positions but k and v only {nk}: queries are the last n_q of the n_k keys' "
+                         f"positions, so n_q <= n_k (q {tuple(q_shape)}, k {tuple(k_shape)})")
     if n < 1:
         raise ValueError(f"the sequence length n (q.shape[2]) must be >= 1, got {n}")
     if D < 1:
@@ -26,6 +29,24 @@ def check_shapes(q_shape, k_shape, v_shape) -> None:
         raise ValueError(f"q and k need at least one head, got H={H} (q), Hkv={Hkv} (k, v)")
     if H % Hkv:
         raise ValueError(f"q's heads H={H} must be a multiple of k's and v's heads Hkv={Hkv}")
+
+
+def check_cache_seqlens(lens, q_shape, k_shape) -> list[int]:
+    """``cache_seqlens`` as ints: one per batch row, each counting the row's
+    ``n_q`` new queries and fitting its cache (``n_q <= lens[b] <= max_len``)."""
+    if hasattr(lens, "tolist"):  # a torch tensor (read on the host) or a numpy array
+        lens = lens.tolist()
+    if not isinstance(lens, (list, tuple)) or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                       for x in lens):
+        raise TypeError(f"cache_seqlens must be a 1-D int tensor or a list of ints, got {lens!r}")
+    B, n_q, max_len = q_shape[0], q_shape[2], k_shape[2]
+    if len(lens) != B:
+        raise ValueError(f"cache_seqlens must hold one length per batch row ({B}), got {len(lens)}")
+    for b, n in enumerate(lens):
+        if not n_q <= n <= max_len:
+            raise ValueError(f"cache_seqlens[{b}] = {n}: each length counts the row's {n_q} new queries and fits "
+                             f"its cache ({n_q} <= length <= {max_len})")
+    return [int(x) for x in lens]
 
 
 def check_scale(scale, head_dim: int) -> float:

@@ -2,9 +2,9 @@
 the mask decides which ones count. For short sequences only (``n * n`` work
 and memory per head).
 
-Shapes, all float64: ``q``, ``k``, ``v``, ``o``, ``do`` ``(n, D)``; ``lse``,
-``dlse`` ``(n,)``; ``mask`` bool ``(n, n)``, ``mask[i, j]`` True when query
-``i`` may attend to key ``j``.
+Shapes, all float64: ``q``, ``o``, ``do`` ``(n_q, D)``; ``k``, ``v``
+``(n_k, D)``; ``lse``, ``dlse`` ``(n_q,)``; ``mask`` bool ``(n_q, n_k)``,
+``mask[i, j]`` True when query ``i`` may attend to key ``j``.
 """
 
 from __future__ import annotations

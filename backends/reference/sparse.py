@@ -8,9 +8,9 @@ segmented max / sum over the CSR row pointers (``np.maximum.reduceat``,
 ``np.add.reduceat``), and products with ``V``, ``K``, ``Q`` and ``dO`` are
 scipy sparse-times-dense products.
 
-Shapes, all float64: ``q``, ``k``, ``v``, ``o``, ``do`` ``(n, D)``; ``lse``,
-``dlse`` ``(n,)``; ``mask`` a ``scipy.sparse`` CSR array ``(n, n)`` whose
-stored entries are the allowed pairs.
+Shapes, all float64: ``q``, ``o``, ``do`` ``(n_q, D)``; ``k``, ``v``
+``(n_k, D)``; ``lse``, ``dlse`` ``(n_q,)``; ``mask`` a ``scipy.sparse`` CSR
+array ``(n_q, n_k)`` whose stored entries are the allowed pairs.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def forward_head(mask, q, k, v, scale):
     for c in chunks(mask, max_pairs(D)):
         s = scale * _pair_dots(q, k, c)  # (pairs,)
         p, lse[c.start : c.stop] = _row_softmax(s, c)
-        o[c.start : c.stop] = _matrix(p, c, n) @ v
+        o[c.start : c.stop] = _matrix(p, c, k.shape[0]) @ v
     return o, lse
 
 
@@ -88,10 +88,10 @@ def backward_head(mask, q, k, v, o, lse, do, dlse, scale):
         # Every row of a pair has a key, so its lse is finite.
         p = np.exp(scale * _pair_dots(q, k, c) - lse[c.rows])  # (pairs,)
         ds = p * (_pair_dots(do, v, c) - delta[c.rows])  # (pairs,)
-        ds_matrix = _matrix(ds, c, n)  # (rows, n)
+        ds_matrix = _matrix(ds, c, k.shape[0])  # (rows, n_k)
         dq[rows] = scale * (ds_matrix @ k)
         dk += scale * (ds_matrix.T @ q[rows])
-        dv += _matrix(p, c, n).T @ do[rows]
+        dv += _matrix(p, c, k.shape[0]).T @ do[rows]
     return dq, dk, dv
 
 

@@ -194,8 +194,9 @@ def _float32_scale(scale: float) -> float:
     return 0.0 if abs(scale) * _LOG2E < _FP32.tiny else scale
 
 
-def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
-    """The kernel module of a bound pattern and config, through the disk cache."""
+def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendix: str = ""):
+    """The kernel module of a bound pattern and config, through the disk cache;
+    ``appendix``: more kernels to append to it (``decode.py``'s), part of the key."""
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
@@ -204,8 +205,8 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
     else:
         cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
     key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH, ir.source(pattern),
-                          repr(pattern), config, triton.__version__, capability)
-    return cache.load_module(key, lambda: codegen.generate_source(pattern, config))
+                          repr(pattern), config, triton.__version__, capability, *([appendix] if appendix else []))
+    return cache.load_module(key, lambda: codegen.generate_source(pattern, config) + appendix)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -1,0 +1,173 @@
+"""Decoding from a KV cache on one GPU: patterncc's query-rows kernel against
+SDPA on the full cache and FlexAttention's decoding with a block mask.
+
+    python bench/bench_decode.py                           # the table below, markdown
+    python bench/bench_decode.py --contexts 32768 131072 --batches 1 --patterns causal
+
+One decode step: q ``[B, 32, 1, 128]`` bf16 at position ``n - 1`` against
+caches ``[B, 8, n, 128]`` (GQA 4:1). Contenders, timed back to back in
+rounds (order reversed every other round), median over rounds of
+``triton.testing.do_bench`` medians:
+
+- ``pcc``: ``attn(q, k, v, cache_seqlens=lens)`` at a fixed length (the
+  lists of key blocks cached: the kernels and the per-call host work);
+- ``pcc loop``: 64 steps at lengths ``n - 63 .. n`` (each a new length, so
+  the host builds the lists as a generation loop does), per step;
+- ``sdpa <backend>``: ``scaled_dot_product_attention`` over the whole cache
+  (dense: a decoding query attends every earlier key under causal), each
+  SDPA backend that runs, named;
+- ``flex``: ``flex_attention`` (compiled) with the pattern's block mask for
+  the one query row (``create_block_mask`` over ``1 x n``, built outside
+  the timing).
+
+``bytes`` is what the pattern makes a step read at least: the K and V rows
+of the keys the query may attend, for every batch row and key/value head;
+``GB/s`` that over ``pcc``'s time, and ``% copy`` against the card's
+device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+PATTERNS = ["causal", "sliding_window(4096)", "strided(128)", "fixed(128, 32)"]
+
+
+def copy_bandwidth(torch, gib: float = 4.0) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    from triton.testing import do_bench
+
+    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), rep=200)
+    return 2 * x.numel() * 2 / (ms * 1e-3)
+
+
+def allowed_keys(pattern, n: int) -> int:
+    """Keys the query at position ``n - 1`` may attend (evaluated exactly)."""
+    import numpy as np
+
+    from patterncc import ir
+    from patterncc.masks import evaluate
+
+    bound = ir.for_head(ir.bind(pattern, n), 0)
+    count = 0
+    for start in range(0, n, 2**22):
+        k = np.arange(start, min(n, start + 2**22), dtype=np.int64)
+        count += int(evaluate(bound, np.int64(n - 1), k, n).sum())
+    return count
+
+
+def rounds(contenders: dict, rounds_: int, rep: int) -> dict:
+    """name -> median over rounds of do_bench medians (ms); a contender that
+    raises is dropped with its error printed."""
+    from triton.testing import do_bench
+
+    times = {name: [] for name in contenders}
+    for r in range(rounds_):
+        names = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        for name in names:
+            if name not in times:
+                continue
+            try:
+                times[name].append(do_bench(contenders[name], rep=rep))
+            except Exception as err:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
+                print(f"  {name}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                del times[name]
+    return {name: statistics.median(t) for name, t in times.items() if t}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072, 1048576])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--patterns", nargs="+", default=PATTERNS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rep", type=int, default=50, help="do_bench's rep (ms) per timing")
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import patterncc as pcc
+    from patterncc.backends.triton.flex import mask_mod
+
+    H, Hkv, D = 32, 8, 128
+    bw = copy_bandwidth(torch)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    header = ("| pattern | B | context | keys read | bytes | pcc ms | pcc loop ms/step | GB/s | % copy | "
+              "sdpa (backend) ms | flex ms | sdpa/pcc | flex/pcc |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for B in args.batches:
+        for n in args.contexts:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            lens = torch.full((B,), n, dtype=torch.int32, device="cuda")
+            sdpa = {}
+            for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                def run_sdpa(backend=backend):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                try:
+                    run_sdpa()
+                    sdpa[backend.name.lower().replace("_attention", "")] = run_sdpa
+                except Exception:  # noqa: BLE001 - a backend that does not take this shape is left out
+                    pass
+            for src in args.patterns:
+                pat = pcc.parse(src)
+                attn = pcc.compile(pat, backend="triton")
+                with torch.no_grad():
+                    out = attn(q, k, v, cache_seqlens=lens)
+                contenders = {"pcc": lambda: attn(q, k, v, cache_seqlens=lens)}
+                contenders.update({f"sdpa {name}": fn for name, fn in sdpa.items()})
+                if flex is not None:
+                    mm = mask_mod(pat, n, device="cuda")
+                    last = n - 1
+                    bm = create_block_mask(lambda b, h, qi, ki: mm(b, h, qi + last, ki), None, None, 1, n,
+                                           device="cuda")
+                    contenders["flex"] = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)
+                    ref = contenders["flex"]()
+                    err = (out.float() - ref.float()).abs().max().item()
+                    if err > 0.05:
+                        print(f"  {src} B={B} n={n}: patterncc differs from Flex by {err:.3g}")
+                with torch.no_grad():
+                    med = rounds(contenders, args.rounds, args.rep)
+                    # a generation loop: a new length every step, the host's lists included
+                    steps = [torch.full((B,), n - 63 + i, dtype=torch.int32, device="cuda") for i in range(64)]
+                    attn(q, k, v, cache_seqlens=steps[0])
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for s in steps:
+                        attn(q, k, v, cache_seqlens=s)
+                    torch.cuda.synchronize()
+                    loop = (time.perf_counter() - t0) / len(steps) * 1e3
+                keys = allowed_keys(pat, n)
+                nbytes = B * Hkv * keys * D * 2 * 2
+                pcc_ms = med.get("pcc", float("nan"))
+                best_sdpa = min(((t, name) for name, t in med.items() if name.startswith("sdpa")), default=None)
+                sdpa_txt = f"{best_sdpa[0]:.3f} ({best_sdpa[1][5:]})" if best_sdpa else "-"
+                flex_ms = med.get("flex")
+                print(f"| {src} | {B} | {n} | {keys} | {nbytes / 2**20:.1f} MiB | {pcc_ms:.4f} | {loop:.4f} | "
+                      f"{nbytes / (pcc_ms * 1e-3) / 1e9:.0f} | {100 * nbytes / (pcc_ms * 1e-3) / bw:.0f}% | "
+                      f"{sdpa_txt} | {'-' if flex_ms is None else f'{flex_ms:.4f}'} | "
+                      f"{(best_sdpa[0] / pcc_ms) if best_sdpa else float('nan'):.1f} | "
+                      f"{(flex_ms / pcc_ms) if flex_ms else float('nan'):.1f} |", flush=True)
+            del k, v
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
