@@ -19,8 +19,8 @@ def check_shapes(q_shape, k_shape, v_shape) -> None:
         if mine != theirs:
             raise ValueError(f"k and v have {what} {mine} but q has {theirs} (q {tuple(q_shape)}, k {tuple(k_shape)})")
     if nk < n:
-        raise ValueError(f"q has {n} positions but k and v only {nk}: queries are the last n_q of the n_k keys' "
-                         f"positions, so n_q <= n_k (q {tuple(q_shape)}, k {tuple(k_shape)})")
+        raise ValueError(f"q's sequence length {n} is longer than k's and v's {nk}: queries are the last n_q of "
+                         f"the n_k keys' positions, so n_q <= n_k (q {tuple(q_shape)}, k {tuple(k_shape)})")
     if n < 1:
         raise ValueError(f"the sequence length n (q.shape[2]) must be >= 1, got {n}")
     if D < 1:
