@@ -722,11 +722,12 @@ class _RandomTable:
         self.b = b
         self.nbr = nbr = -(-n // b)
         count = min(r, nbr)
-        span = -(-b // B) + 1  # tiles a cell can meet along one side
+        span = min(-(-b // B) + 1, nb)  # tiles a cell can meet along one side (no more than there are)
         # randomblocks.draw compares each new draw with the row's earlier ones.
         if nbr * count * span * span > MAX_CANDIDATES or nbr * count * count > MAX_ELEMENT_EVALS:
             raise LimitError(
-                f"random(r={r}, b={b}) draws {nbr * count} blocks at seq_len={n}: too many to lay out",
+                f"random(r={r}, b={b}) at seq_len={n}, block={B}: {nbr * count} drawn cells meeting up to "
+                f"{nbr * count * span * span} tiles, over the limit of {MAX_CANDIDATES}",
                 hint="use a larger random block b or a smaller r",
             )
         if count == 0:

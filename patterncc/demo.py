@@ -38,7 +38,7 @@ BLOCK = 128
 
 
 def run_demo(out_dir: str = "out", seq_len: int | None = None) -> int:
-    from .cli import Progress
+    from .cli import Progress, picture_support
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +79,9 @@ def run_demo(out_dir: str = "out", seq_len: int | None = None) -> int:
 
     _gpu_section()
 
+    if not picture_support():
+        print("\n3. Pictures: skipped, matplotlib is not installed (pip install matplotlib)")
+        return 0 if ok else 1
     print(f"\n3. Pictures in {out}/")
     progress = Progress(len(patterns), "pictures")
     from .pictures import draw_pattern

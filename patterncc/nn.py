@@ -199,6 +199,8 @@ class SparseSelfAttention(nn.Module):
                 f"head_dim={self.head_dim}, pattern={pattern}, backend={self.backend!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (batch, seq_len, dim={self.dim}), got shape {tuple(x.shape)}")
         B, n, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
