@@ -25,6 +25,8 @@ from .errors import HeadsError, LimitError, Loc, PatternError, PatternValueError
 # Every integer a user writes or a parameter evaluates to must fit in int32:
 # generated kernels do their index arithmetic in 32 bits.
 MAX_VALUE = 2**31 - 1
+# Head counts beyond any real model's: layouts, masks and plans are built per head.
+MAX_HEADS = 4096
 
 _LOC = dict(default=None, compare=False, hash=False, repr=False)
 
@@ -513,7 +515,10 @@ def natural_heads(p: Pattern) -> int | None:
 
 
 def check_heads(p: Pattern, heads: int) -> None:
-    """Every ``heads { .. }`` must cover ``0..heads`` exactly, without overlap."""
+    """Every ``heads { .. }`` must cover ``0..heads`` exactly, without overlap;
+    and ``heads`` is within ``MAX_HEADS`` (layouts and masks work per head)."""
+    if heads > MAX_HEADS:
+        raise LimitError(f"{heads=} is over the limit of {MAX_HEADS} heads")
     for node in walk(p):
         if not isinstance(node, Heads):
             continue
