@@ -472,11 +472,18 @@ def check_args(p: Pattern, values: dict[str, int]) -> None:
 
 def bind(p: Pattern, n: int) -> Pattern:
     """Evaluate every symbolic primitive argument at sequence length ``n`` and
-    check its range. ``where`` conditions keep ``n`` symbolic."""
+    check its range. ``where`` conditions keep ``n`` symbolic; their values
+    are proven to stay within what the backends' integers hold at this ``n``
+    (``bounds.py``)."""
     return _map(p, lambda node: _bind_node(node, n))
 
 
 def _bind_node(node: Pattern, n: int) -> Pattern:
+    if isinstance(node, Where):
+        from .bounds import check_where
+
+        check_where(node.cond, n, node.loc)
+        return node
     if type(node) not in PRIMITIVE_NAMES or not any(isinstance(a, Expr) for a in args_of(node)):
         return node
     names = [f.name for f in fields(node) if f.name != "loc"]
