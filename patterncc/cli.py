@@ -114,11 +114,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time patterncc against FlexAttention and SDPA on a GPU")
     _pattern_args(p)
-    p.add_argument("--seq-len", type=positive_int, nargs="+", default=[4096, 16384])
-    p.add_argument("--heads", type=positive_int, default=16)
-    p.add_argument("--kv-heads", type=positive_int, default=None)
-    p.add_argument("--head-dim", type=head_dim, nargs="+", default=[64])
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, nargs="+", default=[4096, 16384],
+                   help="sequence lengths (default 4096 16384)")
+    p.add_argument("--heads", type=positive_int, default=16, help="query heads (default 16)")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("--head-dim", type=head_dim, nargs="+", default=[64], help="head dims (default 64)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--rounds", type=positive_int, default=3,
                    help="time every contender this many times, back to back, and keep the medians (default 3)")

@@ -390,3 +390,11 @@ def test_every_entry_point_just_past_each_limit_is_refused_under_a_memory_cap():
     assert len(lines) == 14 and all(": refused in " in line for line in lines), result.stdout
     for line in lines:
         assert float(line.split(" refused in ")[1].split(" s")[0]) < 20, line
+
+
+@pytest.mark.parametrize("command", ["show", "layout", "explain"])
+def test_shape_flags_have_help_with_defaults(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "sequence length (default 4096)" in out and "block size (default 128)" in out
