@@ -257,8 +257,11 @@ FUZZ = textwrap.dedent(r"""
     import contextlib, io, json, os, random, resource, sys, time
     from patterncc.cli import main
 
+    import torch
+
     tmp = sys.argv[1]
     rng = random.Random(int(sys.argv[2]))
+    cuda = torch.cuda.is_available()
     files = {}
     for name, data in [("ok.pat", b"pattern p(w = 4) = causal & local(w)\n"), ("bin.pat", bytes(range(256))),
                        ("bad.pat", b"pattern p() = causal & summary(8, 9)\n"), ("empty.pat", b"")]:
@@ -303,6 +306,8 @@ FUZZ = textwrap.dedent(r"""
             argv += ["--backend", "reference"] if rng.random() < 0.8 else []
         if command == "demo" and "--bogus" not in argv:
             argv += ["--bogus"]  # the demo itself takes minutes: only its argument errors are fuzzed
+        if command == "bench" and cuda:
+            argv += ["--rounds", "0"]  # on a GPU only its argument errors: a benchmark takes minutes
         out, err = io.StringIO(), io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
