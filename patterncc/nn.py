@@ -191,6 +191,8 @@ class SparseSelfAttention(nn.Module):
         """x ``(B, n, dim)``; with a ``cache`` the n tokens follow the
         ``cache.length`` cached ones: their keys and values are appended and
         they attend to every cached token the pattern allows."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (batch, seq_len, dim={self.dim}), got shape {tuple(x.shape)}")
         B, n, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from . import ir
 from .errors import PatternError, PatternValueError
 
@@ -123,8 +125,9 @@ def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise PatternValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)  # numpy integers (np.int64(256)) are integers too
     if value < 1:
         raise PatternValueError(f"{name} must be >= 1, got {name}={value}")
     return value

@@ -769,14 +769,20 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.results)
+        """Nothing failed and something was checked: a run of only skips is not a pass."""
+        return bool(self.checked) and all(r.status != "failed" for r in self.results)
+
+    @property
+    def checked(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "passed" and r.examples > 0]
 
     @property
     def failures(self) -> list[CheckResult]:
         return [r for r in self.results if r.status == "failed"]
 
     def __str__(self) -> str:
-        lines = [f"pattern `{self.pattern}` (hypothesis seed {self.seed}): {'ok' if self.ok else 'FAILED'}"]
+        lines = [f"pattern `{self.pattern}` (hypothesis seed {self.seed}): {'ok' if self.ok else 'FAILED'}"
+                 + ("" if self.checked else ", nothing was checked")]
         for r in self.results:
             label = r.check + (f" [{r.backend}]" if r.backend else "")
             extra = f" ({r.reason})" if r.reason else ""
@@ -846,20 +852,38 @@ def check_pattern(
     from .pipeline import as_pattern
 
     pat = as_pattern(pat)
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ValueError(f"examples must be an integer >= 1, got {examples=!r}")
+    status = available_backends()
+    wanted = checked_backends(backends, status)
     seed = _random.randrange(2**32) if seed is None else seed
     report = Report(pattern=str(pat), seed=seed)
-    wanted = list(available_backends()) if backends is None else list(backends)
-    status = available_backends()
 
     report.results.append(_run_check("layout", None, pat, examples, seed, exact, source, progress))
     for backend in wanted:
-        if backend not in status:
-            report.results.append(CheckResult("kernel", backend, "skipped", reason=f"unknown backend {backend!r}"))
-        elif status[backend] is not None:
-            report.results.append(CheckResult("kernel", backend, "skipped", reason=status[backend]))
+        if status[backend] is not None:
+            # Asked for by name (or the only one there is) and unable to run: a
+            # check that did not happen is a failure, never a quiet skip.
+            named = backends is not None
+            report.results.append(CheckResult("kernel", backend, "failed" if named else "skipped",
+                                              reason=status[backend]))
         else:
             report.results.append(_run_check("kernel", backend, pat, examples, seed, exact, source, progress))
     return report
+
+
+def checked_backends(backends, status: dict | None = None) -> list[str]:
+    """The backends a run checks: every known one for None, else the names
+    given (one name or several; none checks the layout alone). An unknown
+    name is an error, not a skip."""
+    status = available_backends() if status is None else status
+    if backends is None:
+        return list(status)
+    names = [backends] if isinstance(backends, str) else list(backends)
+    for name in names:
+        if not isinstance(name, str) or name not in status:
+            raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(map(repr, status))}")
+    return list(dict.fromkeys(names))
 
 
 def _run_check(check, backend, pat, examples, seed, exact, source, progress) -> CheckResult:
@@ -1044,8 +1068,13 @@ def file_entries(path: str) -> list[tuple[str | None, ir.Pattern]]:
         from .parser import parse_source
     except ImportError:
         return [(None, pipeline.load(path))]
-    with open(path, encoding="utf-8") as f:
-        module = parse_source(f.read(), str(path))
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PatternError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    module = parse_source(text, str(path))
     out: list[tuple[str | None, ir.Pattern]] = []
     for d in module.definitions:
         if all(p.default is not None for p in d.params):
@@ -1083,6 +1112,13 @@ def run_files(files: Sequence[str], examples: int = 30, backends: Sequence[str] 
     """Property-test every pattern in each file; print progress on stderr and
     a summary table on stdout. Returns 0 if everything passed, 1 otherwise
     (with each minimal counterexample and the command that reproduces it)."""
+    try:
+        checked_backends(backends)
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise ValueError(f"examples must be an integer >= 1, got {examples=!r}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if backends and "triton" in backends and "triton" not in sys.modules:
         import torch
 
@@ -1147,5 +1183,8 @@ def _summary(reports) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"({i}) {reason}" for i, reason in enumerate(reasons, 1)]
     passed = sum(1 for _, report in reports if report.ok)
-    lines.append(f"{passed} of {len(reports)} patterns passed")
+    ran = [r for _, report in reports for r in report.checked]
+    what = sorted({r.check + (f" [{r.backend}]" if r.backend else "") for r in ran})
+    lines.append(f"{passed} of {len(reports)} patterns passed; checked: "
+                 + (", ".join(what) + f" ({sum(r.examples for r in ran)} examples in all)" if ran else "nothing"))
     return "\n".join(lines)

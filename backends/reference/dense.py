@@ -5,6 +5,10 @@ and memory per head).
 Shapes, all float64: ``q``, ``o``, ``do`` ``(n_q, D)``; ``k``, ``v``
 ``(n_k, D)``; ``lse``, ``dlse`` ``(n_q,)``; ``mask`` bool ``(n_q, n_k)``,
 ``mask[i, j]`` True when query ``i`` may attend to key ``j``.
+Every product runs over the allowed pairs only (``masked_matmul``), so a NaN
+or inf in ``q``, ``k``, ``v`` or ``do`` reaches exactly what exact
+arithmetic says it reaches: the rows that attend it and their gradients,
+never a row that does not, through a ``0 * NaN`` of a masked pair.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def forward_head(mask, q, k, v, scale):
     row_sum = np.where(has_key, p.sum(axis=1), 1.0)  # >= 1 where there is a key
     p /= row_sum[:, None]
     lse = np.where(has_key, m + np.log(row_sum), -np.inf)
-    return p @ v, lse
+    return masked_matmul(p, mask, v), lse
 
 
 def backward_head(mask, q, k, v, o, lse, do, dlse, scale):
@@ -35,15 +39,30 @@ def backward_head(mask, q, k, v, o, lse, do, dlse, scale):
     delta = np.sum(do * o, axis=1)  # (n,)
     if dlse is not None:
         delta = delta - dlse
-    ds = p * (do @ v.T - delta[:, None])  # (n, n)
-    dq = scale * (ds @ k)
-    dk = scale * (ds.T @ q)
-    dv = p.T @ do
+    ds = np.where(mask, p * (do @ v.T - delta[:, None]), 0.0)  # (n, n)
+    dq = scale * masked_matmul(ds, mask, k)
+    dk = scale * masked_matmul(ds.T, mask.T, q)
+    dv = masked_matmul(p.T, mask.T, do)
     return dq, dk, dv
 
 
 def probabilities(mask, q, k, lse, scale):
     """``p = exp(s - lse)`` on allowed pairs, 0 elsewhere (and on rows with no key)."""
-    finite_lse = np.where(np.isfinite(lse), lse, 0.0)
+    finite_lse = np.where(lse == -np.inf, 0.0, lse)  # a NaN lse stays: its row attends a NaN
     s = np.where(mask, scale * (q @ k.T) - finite_lse[:, None], -np.inf)
     return np.exp(s)
+
+
+def masked_matmul(a, mask, b):
+    """``sum_j a[i, j] * b[j]`` over the allowed ``j`` of each row ``i`` (``a``
+    is 0 off the mask): ``a @ b``, except that a non-finite ``b[j, d]`` reaches
+    only the rows allowed to read it, where ``a @ b`` would spread it to every
+    row as ``0 * inf = NaN``."""
+    bad = ~np.isfinite(b)
+    if not bad.any():
+        return a @ b
+    out = a @ np.where(bad, 0.0, b)
+    for j in np.flatnonzero(bad.any(axis=1)):
+        rows = mask[:, j]
+        out[rows] += a[rows, j, None] * np.where(bad[j], b[j], 0.0)
+    return out

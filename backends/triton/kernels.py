@@ -238,9 +238,10 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
         N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG)
     # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
+    #    (select, not divide: a NaN in a V tile the row's tile visited is in acc as 0 * NaN)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    acc = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
         + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :]
@@ -604,7 +605,8 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     # -- write dQ, with the softmax scale applied once
     out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
         + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
-    dq = dq * sm_scale
+    # a row with no allowed key (lse = -inf) has dQ = 0, whatever 0 * NaN its tile's steps summed
+    dq = tl.where((lse2 == float("-inf"))[:, None], 0.0, dq * sm_scale)
     if ADD_IN:
         dq += tl.load(DQ_IN + out, mask=q_in, other=0.0)
     tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=q_in)
