@@ -120,6 +120,8 @@ def validate(p: ir.Pattern) -> None:
             assert not any(isinstance(c, type(node)) for c in node.parts), "unflattened chain"
         if isinstance(node, ir.Cycle):
             assert node.parts, "empty cycle"
+        if isinstance(node, ir.Scored):
+            assert node is p and node.terms, "score terms below the top of the pattern, or none"
         if type(node) in ir.PRIMITIVE_NAMES:
             for a in ir.args_of(node):
                 assert isinstance(a, (int, ir.Expr)) and not isinstance(a, bool), f"bad argument {a!r}"
