@@ -3,8 +3,15 @@
 ``q`` ``(B, H, n, D)``; ``k``, ``v`` ``(B, Hkv, n, D)`` with ``Hkv`` dividing
 ``H``: query head ``h`` reads kv head ``h // (H // Hkv)``. Outputs: ``o``
 ``(B, H, n, D)`` and ``lse`` ``(B, H, n)``, the natural-log logsumexp of the
-scaled scores over the allowed keys. A query row with no allowed key gets
+scores over the allowed keys. A query row with no allowed key gets
 ``o = 0``, ``lse = -inf`` and zero gradients.
+
+Score terms (``patterncc/scores.py`` has the formulas): ``softcap`` (a float
+> 0), ``alibi_slopes`` and ``sinks`` (``(H,)``), ``rel_bias`` (``(H, 2 * M +
+1)``), all per query head, all optional. A pattern that carries terms
+(``A with softcap(50), alibi``) supplies defaults: its softcap where the call
+gives none, the standard ALiBi slopes where the call gives no
+``alibi_slopes``. With a sink a row with no allowed key gets ``lse = sink``.
 
 Up to ``dense_limit`` tokens every score is computed (``dense.py``); beyond
 it only the allowed pairs are (``sparse.py``). Masks are cached per
@@ -22,19 +29,22 @@ from collections import OrderedDict
 import numpy as np
 
 from patterncc import ir
+from patterncc.scores import ScoreTerms, alibi_slopes as standard_alibi_slopes
 
 from . import dense, masks, sparse
+from .terms import HeadTerms
 
 # Masks kept per attention object, most recently used last.
 CACHE_SIZE = 8
 
 
 class ReferenceAttention:
-    """``attn(q, k, v, scale=None, return_lse=False)`` for one pattern.
+    """``attn(q, k, v, scale=None, return_lse=False, *, softcap=None,
+    alibi_slopes=None, sinks=None, rel_bias=None)`` for one pattern.
 
     numpy arrays in give float64 numpy arrays out; torch tensors in give
     tensors of the inputs' dtype and device (computed in float64 on the CPU)
-    with autograd through the explicit backward.
+    with autograd through the explicit backward, to the term tensors too.
     """
 
     def __init__(self, pattern: ir.Pattern, *, dense_limit: int = 4096):
@@ -43,27 +53,31 @@ class ReferenceAttention:
         if isinstance(dense_limit, bool) or not isinstance(dense_limit, numbers.Integral) or dense_limit < 0:
             raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit=!r}")
         self.pattern = pattern
+        self.mask_pattern, self.pattern_terms = ir.split_terms(pattern)
         self.dense_limit = int(dense_limit)
         self._masks: OrderedDict[tuple[int, int], tuple] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"ReferenceAttention({str(self.pattern)!r}, dense_limit={self.dense_limit})"
 
-    def __call__(self, q, k, v, scale=None, return_lse=False):
+    def __call__(self, q, k, v, scale=None, return_lse=False, *, softcap=None, alibi_slopes=None, sinks=None,
+                 rel_bias=None):
+        terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
         if any(_is_torch(x) for x in (q, k, v)):
             from . import _torch
 
-            o, lse = _torch.attention(self, q, k, v, scale)
+            o, lse = _torch.attention(self, q, k, v, scale, terms)
         else:
-            o, lse = self.forward(q, k, v, scale)
+            o, lse = self.forward(q, k, v, scale, terms)
         return (o, lse) if return_lse else o
 
-    def forward(self, q, k, v, scale=None):
-        """float64 numpy ``(o, lse)``."""
+    def forward(self, q, k, v, scale=None, terms: ScoreTerms | None = None):
+        """float64 numpy ``(o, lse)``; ``terms`` holds numpy arrays (or None)."""
         q, k, v = (_float64(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
         check_shapes(q.shape, k.shape, v.shape)
         B, H, n, D = q.shape
         scale = check_scale(scale, D)
+        per_head = self.head_terms(terms, H)
         kernel, head_masks = self.masks(n, H)
         group = H // k.shape[1]
         o = np.zeros((B, H, n, D))
@@ -72,12 +86,14 @@ class ReferenceAttention:
             for h in range(H):
                 kv = h // group
                 o[b, h], lse[b, h] = kernel.forward_head(
-                    head_masks[h % len(head_masks)], q[b, h], k[b, kv], v[b, kv], scale
+                    head_masks[h % len(head_masks)], q[b, h], k[b, kv], v[b, kv], scale, per_head[h]
                 )
         return o, lse
 
-    def backward(self, q, k, v, o, lse, do, scale=None, dlse=None):
-        """float64 numpy ``(dq, dk, dv)`` from the forward's ``o`` and ``lse``.
+    def backward(self, q, k, v, o, lse, do, scale=None, dlse=None, terms: ScoreTerms | None = None):
+        """float64 numpy ``(dq, dk, dv)`` from the forward's ``o`` and ``lse``;
+        with ``terms`` (even empty ones) ``(dq, dk, dv, (d_alibi_slopes,
+        d_sinks, d_rel_bias))``, None for each tensor the terms do not give.
 
         ``dlse`` (optional, ``(B, H, n)``) is a gradient arriving at ``lse``
         itself. ``dk`` and ``dv`` sum over the query heads sharing a kv head.
@@ -97,19 +113,56 @@ class ReferenceAttention:
             if x is not None and x.shape != (B, H, n):
                 raise ValueError(f"{name} must have shape {(B, H, n)} (B, H, n), got {x.shape}")
         scale = check_scale(scale, D)
+        per_head = self.head_terms(terms, H)
         kernel, head_masks = self.masks(n, H)
         group = H // k.shape[1]
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        d_slopes, d_bias = np.zeros(H), [None] * H
         for b in range(B):
             for h in range(H):
                 kv = h // group
-                dq[b, h], dk_h, dv_h = kernel.backward_head(
+                dq[b, h], dk_h, dv_h, d_slope, d_bias_h = kernel.backward_head(
                     head_masks[h % len(head_masks)], q[b, h], k[b, kv], v[b, kv],
-                    o[b, h], lse[b, h], do[b, h], None if dlse is None else dlse[b, h], scale,
+                    o[b, h], lse[b, h], do[b, h], None if dlse is None else dlse[b, h], scale, per_head[h],
                 )
                 dk[b, kv] += dk_h
                 dv[b, kv] += dv_h
-        return dq, dk, dv
+                if d_slope is not None:
+                    d_slopes[h] += d_slope
+                if d_bias_h is not None:
+                    d_bias[h] = d_bias_h if d_bias[h] is None else d_bias[h] + d_bias_h
+        if terms is None:
+            return dq, dk, dv
+        d_sinks = None
+        if terms.sinks is not None:
+            # lse = log(sum exp(s) + exp(t)): d lse / d t = exp(t - lse), and a
+            # change of lse moves the loss by dlse - dO . O (o scales by exp(-lse)).
+            delta = np.sum(do * o, axis=-1) - (0.0 if dlse is None else dlse)  # (B, H, n)
+            sinks = _float64("sinks", np.asarray(terms.sinks))
+            d_sinks = -np.sum(np.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
+        return dq, dk, dv, (
+            None if terms.alibi_slopes is None else d_slopes,
+            d_sinks,
+            None if terms.rel_bias is None else np.stack([np.zeros(np.shape(terms.rel_bias)[1]) if d is None else d
+                                                         for d in d_bias]),
+        )
+
+    def head_terms(self, terms: ScoreTerms | None, heads: int) -> list[HeadTerms]:
+        """The call's terms (numpy arrays), with the pattern's as defaults, per query head."""
+        terms = check_numpy_terms(terms or ScoreTerms(), heads)
+        softcap = terms.softcap if terms.softcap is not None else self.pattern_terms.softcap
+        slopes = terms.alibi_slopes
+        if slopes is None and self.pattern_terms.alibi:
+            slopes = np.array(standard_alibi_slopes(heads))
+        return [
+            HeadTerms(
+                softcap,
+                None if slopes is None else float(slopes[h]),
+                None if terms.sinks is None else float(terms.sinks[h]),
+                None if terms.rel_bias is None else terms.rel_bias[h],
+            )
+            for h in range(heads)
+        ]
 
     def masks(self, seq_len: int, heads: int):
         """``(kernel module, [mask per layout head])`` for this length, cached."""
@@ -118,23 +171,24 @@ class ReferenceAttention:
             self._masks.move_to_end(key)
             return self._masks[key]
         if seq_len <= self.dense_limit:
-            entry = (dense, masks.dense_masks(self.pattern, seq_len, heads))
+            entry = (dense, masks.dense_masks(self.mask_pattern, seq_len, heads))
         else:
-            entry = (sparse, masks.sparse_masks(self.pattern, seq_len, heads))
+            entry = (sparse, masks.sparse_masks(self.mask_pattern, seq_len, heads))
         self._masks[key] = entry
         if len(self._masks) > CACHE_SIZE:
             self._masks.popitem(last=False)
         return entry
 
 
-def forward(pattern: ir.Pattern, q, k, v, scale=None):
+def forward(pattern: ir.Pattern, q, k, v, scale=None, terms: ScoreTerms | None = None):
     """float64 ``(o, lse)`` of ``pattern``; see ``ReferenceAttention``."""
-    return _attention_for(pattern).forward(q, k, v, scale)
+    return _attention_for(pattern).forward(q, k, v, scale, terms)
 
 
-def backward(pattern: ir.Pattern, q, k, v, o, lse, do, scale=None, dlse=None):
-    """float64 ``(dq, dk, dv)`` of ``pattern``; see ``ReferenceAttention.backward``."""
-    return _attention_for(pattern).backward(q, k, v, o, lse, do, scale, dlse)
+def backward(pattern: ir.Pattern, q, k, v, o, lse, do, scale=None, dlse=None, terms: ScoreTerms | None = None):
+    """float64 ``(dq, dk, dv)`` of ``pattern`` (and the terms' gradients when
+    ``terms`` is given); see ``ReferenceAttention.backward``."""
+    return _attention_for(pattern).backward(q, k, v, o, lse, do, scale, dlse, terms)
 
 
 @functools.lru_cache(maxsize=16)
@@ -176,6 +230,26 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale=}")
     return float(scale)
+
+
+def check_numpy_terms(terms: ScoreTerms, heads: int) -> ScoreTerms:
+    """``terms`` with float64 numpy arrays, or a TypeError/ValueError naming
+    the argument (the numpy counterpart of ``patterncc.scores.check_terms``)."""
+    softcap = ir.check_softcap(terms.softcap)
+    arrays = {}
+    for name, t in (("alibi_slopes", terms.alibi_slopes), ("sinks", terms.sinks), ("rel_bias", terms.rel_bias)):
+        if t is None:
+            arrays[name] = None
+            continue
+        t = _float64(name, t)
+        if name == "rel_bias":
+            if t.ndim != 2 or t.shape[0] != heads or t.shape[1] % 2 != 1:
+                raise ValueError(f"rel_bias must be shaped [H, 2 * max_distance + 1] with H = {heads} (q's heads), "
+                                 f"got {t.shape}")
+        elif t.shape != (heads,):
+            raise ValueError(f"{name} must be shaped [H] with H = {heads} (q's heads), got {t.shape}")
+        arrays[name] = t
+    return ScoreTerms(softcap, **arrays)
 
 
 def _float64(name: str, x) -> np.ndarray:

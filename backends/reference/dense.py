@@ -4,46 +4,53 @@ and memory per head).
 
 Shapes, all float64: ``q``, ``k``, ``v``, ``o``, ``do`` ``(n, D)``; ``lse``,
 ``dlse`` ``(n,)``; ``mask`` bool ``(n, n)``, ``mask[i, j]`` True when query
-``i`` may attend to key ``j``.
+``i`` may attend to key ``j``. ``terms`` are the head's score terms
+(``terms.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def forward_head(mask, q, k, v, scale):
-    """Return ``(o, lse)``; a row with no allowed key gets ``o = 0``, ``lse = -inf``."""
-    has_key = mask.any(axis=1)  # (n,)
-    s = np.where(mask, scale * (q @ k.T), -np.inf)  # (n, n)
-    # Rows without a key keep a max of 0, so exp(-inf - 0) = 0 and no inf - inf.
-    m = np.where(has_key, s.max(axis=1), 0.0)  # (n,)
-    p = np.exp(s - m[:, None])  # (n, n), 0 where masked
-    row_sum = np.where(has_key, p.sum(axis=1), 1.0)  # >= 1 where there is a key
-    p /= row_sum[:, None]
-    lse = np.where(has_key, m + np.log(row_sum), -np.inf)
-    return p @ v, lse
+from .terms import NO_TERMS, HeadTerms, logsumexp_rows, score_grads, scores
 
 
-def backward_head(mask, q, k, v, o, lse, do, dlse, scale):
-    """Return ``(dq, dk, dv)`` with the probabilities recomputed from ``lse``.
+def forward_head(mask, q, k, v, scale, terms: HeadTerms = NO_TERMS):
+    """Return ``(o, lse)``; a row with no allowed key gets ``o = 0`` and
+    ``lse = -inf`` (``lse = sink`` with a sink)."""
+    s = np.where(mask, scores(scale * (q @ k.T), _diff(q.shape[0]), terms), -np.inf)  # (n, n)
+    lse = logsumexp_rows(s, terms.sink)  # (n,)
+    return _probabilities(s, lse) @ v, lse
+
+
+def backward_head(mask, q, k, v, o, lse, do, dlse, scale, terms: HeadTerms = NO_TERMS):
+    """Return ``(dq, dk, dv, d_slope, d_bias)`` with the probabilities
+    recomputed from ``lse``; ``d_slope`` and ``d_bias`` are None when the term
+    is absent. (The sink's gradient needs only ``o``, ``lse`` and ``do``:
+    ``attention.py`` computes it.)
 
     ``dlse`` (or None) is the gradient reaching ``lse`` directly: since
     ``d lse / d s = p``, it adds ``p * dlse`` to ``ds``.
     """
-    p = probabilities(mask, q, k, lse, scale)  # (n, n)
+    raw, diff = scale * (q @ k.T), _diff(q.shape[0])  # (n, n) each
+    p = _probabilities(np.where(mask, scores(raw, diff, terms), -np.inf), lse)  # (n, n)
     delta = np.sum(do * o, axis=1)  # (n,)
     if dlse is not None:
         delta = delta - dlse
-    ds = p * (do @ v.T - delta[:, None])  # (n, n)
+    ds = p * (do @ v.T - delta[:, None])  # (n, n): d loss / d score
+    ds, d_slope, d_bias = score_grads(ds, raw, diff, terms)
     dq = scale * (ds @ k)
     dk = scale * (ds.T @ q)
     dv = p.T @ do
-    return dq, dk, dv
+    return dq, dk, dv, d_slope, d_bias
 
 
-def probabilities(mask, q, k, lse, scale):
-    """``p = exp(s - lse)`` on allowed pairs, 0 elsewhere (and on rows with no key)."""
-    finite_lse = np.where(np.isfinite(lse), lse, 0.0)
-    s = np.where(mask, scale * (q @ k.T) - finite_lse[:, None], -np.inf)
-    return np.exp(s)
+def _probabilities(s, lse):
+    finite_lse = np.where(np.isfinite(lse), lse, 0.0)  # rows with no key: s is all -inf
+    return np.exp(s - finite_lse[:, None])
+
+
+def _diff(n: int) -> np.ndarray:
+    """``q - k`` for every pair: int64 ``(n, n)``."""
+    pos = np.arange(n)
+    return pos[:, None] - pos[None, :]

@@ -1,0 +1,266 @@
+"""Score terms (softcap, alibi, sinks, relative bias) in the reference backend.
+
+The reference is checked against a naive float64 formula written here with
+torch ops and differentiated by torch autograd (output, lse and the
+gradients of q, k, v and of every term tensor), on both of its paths (dense,
+and sparse with tiny chunks), and by finite differences (``gradcheck``).
+``BACKENDS`` lists the backends the public-API tests run; the Triton backend
+joins it where it takes the terms.
+
+Any RuntimeWarning (inf - inf, log(0), 0/0) fails a test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import patterncc as pcc
+from patterncc import ir
+from patterncc.backends.reference import ReferenceAttention, sparse as sparse_kernel
+from patterncc.masks import dense_mask
+from patterncc.scores import ScoreTerms, alibi_slopes
+from stdlib_ir import strided
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+BACKENDS = ["reference"]
+
+# (name, softcap, alibi, sinks, rel_bias): every term alone, then together.
+TERM_SETS = [
+    ("softcap", 0.7, False, False, None),
+    ("alibi", None, True, False, None),
+    ("sinks", None, False, True, None),
+    ("rel_bias", None, False, False, 3),
+    ("all", 0.9, True, True, 2),
+]
+
+PATTERNS = {
+    "causal": ir.Causal(),
+    "strided(3)": strided(3),
+    "local(3)|global(2)": ir.Local(3) | ir.Global(2),
+    "causal-local(1)": ir.Causal() - ir.Local(1),  # row 0 has no key
+}
+
+
+def inputs(B, H, Hkv, n, D, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape) for shape in ((B, H, n, D), (B, Hkv, n, D), (B, Hkv, n, D), (B, H, n, D)))
+
+
+def term_tensors(H, alibi, sinks, max_distance, seed=0):
+    """Random float64 term tensors (None where absent), sinks around the scores' size."""
+    rng = np.random.default_rng(seed + 100)
+    return (
+        torch.tensor(rng.uniform(0.05, 0.6, H)) if alibi else None,
+        torch.tensor(rng.standard_normal(H)) if sinks else None,
+        torch.tensor(rng.standard_normal((H, 2 * max_distance + 1))) if max_distance is not None else None,
+    )
+
+
+def naive_attention(mask, q, k, v, scale, softcap=None, slopes=None, sinks=None, bias=None):
+    """The exact formulas, with torch ops (differentiable): mask [H or 1, n, n] bool."""
+    B, H, n, D = q.shape
+    group = H // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = scale * q @ k.transpose(-1, -2)  # (B, H, n, n)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    diff = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # q - k
+    if slopes is not None:
+        s = s - slopes[:, None, None] * diff.abs()
+    if bias is not None:
+        M = (bias.shape[1] - 1) // 2
+        s = s + bias[:, diff.clamp(-M, M) + M]
+    s = s.masked_fill(~torch.as_tensor(mask), -math.inf)
+    with_sink = s if sinks is None else torch.cat([s, sinks[None, :, None, None].expand(B, H, n, 1)], dim=-1)
+    lse = torch.logsumexp(with_sink, dim=-1)  # (B, H, n)
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - finite[..., None])
+    return p @ v, lse
+
+
+def loss_of(o, lse, do, dlse):
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (o * torch.as_tensor(do)).sum() + (finite * torch.as_tensor(dlse)).sum()
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    monkeypatch.setattr(sparse_kernel, "MAX_CHUNK_PAIRS", 7)
+
+
+@pytest.mark.parametrize("terms", TERM_SETS, ids=lambda t: t[0])
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("dense_limit", [4096, 0], ids=["dense", "sparse"])
+def test_reference_matches_autograd_of_the_formula(terms, name, dense_limit, tiny_chunks):
+    _, softcap, alibi, sinks, max_distance = terms
+    B, H, Hkv, n, D, scale = 2, 4, 2, 13, 8, 0.6
+    pattern = PATTERNS[name]
+    q, k, v, do = inputs(B, H, Hkv, n, D, seed=len(name))
+    dlse = np.random.default_rng(5).standard_normal((B, H, n))
+    tensors = term_tensors(H, alibi, sinks, max_distance)
+
+    leaves = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    term_leaves = [None if t is None else t.clone().requires_grad_() for t in tensors]
+    o_ref, lse_ref = naive_attention(dense_mask(pattern, n), *leaves, scale, softcap, *term_leaves)
+    wrt = leaves + [t for t in term_leaves if t is not None]
+    grads_ref = torch.autograd.grad(loss_of(o_ref, lse_ref, do, dlse), wrt)
+
+    attn = ReferenceAttention(pattern, dense_limit=dense_limit)
+    leaves2 = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    term_leaves2 = [None if t is None else t.clone().requires_grad_() for t in tensors]
+    slopes, sink_t, bias = term_leaves2
+    o, lse = attn(*leaves2, scale=scale, return_lse=True, softcap=softcap, alibi_slopes=slopes, sinks=sink_t,
+                  rel_bias=bias)
+    np.testing.assert_allclose(o.detach().numpy(), o_ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.isfinite(lse.detach().numpy()), np.isfinite(lse_ref.detach().numpy()))
+    np.testing.assert_allclose(lse.detach().numpy(), lse_ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss_of(o, lse, do, dlse), leaves2 + [t for t in term_leaves2 if t is not None])
+    assert len(grads) == len(grads_ref)
+    for got, want in zip(grads, grads_ref):
+        assert torch.isfinite(got).all()
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-11)
+
+
+def test_numpy_backward_returns_the_term_gradients():
+    q, k, v, do = inputs(1, 2, 1, 9, 4, seed=3)
+    slopes, sinks, bias = (t.numpy() for t in term_tensors(2, True, True, 2))
+    attn = ReferenceAttention(strided(3))
+    terms = ScoreTerms(0.8, slopes, sinks, bias)
+    o, lse = attn.forward(q, k, v, 0.5, terms)
+    dq, dk, dv, (d_slopes, d_sinks, d_bias) = attn.backward(q, k, v, o, lse, do, 0.5, terms=terms)
+    assert d_slopes.shape == (2,) and d_sinks.shape == (2,) and d_bias.shape == (2, 5)
+    assert len(attn.backward(q, k, v, o, lse, do, 0.5)) == 3
+    no_tensors = attn.backward(q, k, v, o, lse, do, 0.5, terms=ScoreTerms(0.8))
+    assert no_tensors[3] == (None, None, None)
+
+
+def test_gradcheck_every_term():
+    """Finite differences of the reference's torch entry point, all terms at once."""
+    q, k, v, _ = inputs(1, 2, 1, 7, 3, seed=4)
+    slopes, sinks, bias = term_tensors(2, True, True, 2)
+    attn = ReferenceAttention(ir.Causal() - ir.Local(1))  # row 0 has no key: lse = sink there
+    args = tuple(torch.tensor(x, requires_grad=True) for x in (q, k, v)) + tuple(
+        t.clone().requires_grad_() for t in (slopes, sinks, bias)
+    )
+
+    def run(q, k, v, slopes, sinks, bias):
+        return attn(q, k, v, return_lse=True, softcap=1.3, alibi_slopes=slopes, sinks=sinks, rel_bias=bias)
+
+    assert torch.autograd.gradcheck(run, args)
+
+
+@pytest.mark.parametrize("dense_limit", [4096, 0])
+def test_rows_without_a_key_with_sinks(dense_limit):
+    q, k, v, do = inputs(1, 2, 2, 6, 4)
+    sinks = torch.tensor([0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    attn = ReferenceAttention(ir.Causal() - ir.Local(1), dense_limit=dense_limit)
+    tq = torch.tensor(q, requires_grad=True)
+    o, lse = attn(tq, torch.tensor(k), torch.tensor(v), return_lse=True, sinks=sinks)
+    assert torch.all(o[:, :, 0] == 0)
+    np.testing.assert_array_equal(lse[0, :, 0].detach().numpy(), [0.5, -2.0])
+    assert torch.isfinite(lse).all()
+    (lse[:, :, 0].sum()).backward()
+    np.testing.assert_allclose(sinks.grad.numpy(), [1.0, 1.0])  # d lse / d t = exp(t - lse) = 1
+    assert torch.all(tq.grad == 0)
+
+
+def test_sink_bounds_the_weights():
+    """With a sink the weights of a row sum to 1 - exp(t - lse) < 1."""
+    q, k, v, _ = inputs(1, 1, 1, 5, 4)
+    attn = ReferenceAttention(ir.Causal())
+    ones = np.ones_like(v)
+    o, lse = attn.forward(q, k, ones, 1.0, ScoreTerms(sinks=np.array([0.3])))
+    np.testing.assert_allclose(o[0, 0, :, 0], 1 - np.exp(0.3 - lse[0, 0]), rtol=1e-14)
+
+
+def test_pattern_terms_are_defaults_of_the_reference():
+    q, k, v, _ = inputs(1, 4, 4, 9, 4)
+    plain = ReferenceAttention(ir.Causal())
+    scored = ReferenceAttention(ir.Causal().scored(softcap=2.0, alibi=True))
+    want = plain.forward(q, k, v, None, ScoreTerms(2.0, np.array(alibi_slopes(4))))
+    for got, ref in zip(scored.forward(q, k, v), want):
+        np.testing.assert_array_equal(got, ref)
+    # the call's softcap and slopes replace the pattern's
+    mine = ScoreTerms(3.0, np.array([0.1, 0.2, 0.3, 0.4]))
+    for got, ref in zip(scored.forward(q, k, v, None, mine), plain.forward(q, k, v, None, mine)):
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_term_gradients_have_the_tensors_dtype(dtype):
+    q, k, v, do = inputs(1, 2, 1, 5, 4)
+    tensors = [t.to(dtype).requires_grad_() for t in term_tensors(2, True, True, 1)]
+    o = ReferenceAttention(ir.Causal())(*(torch.tensor(x, dtype=torch.float16) for x in (q, k, v)),
+                                         alibi_slopes=tensors[0], sinks=tensors[1], rel_bias=tensors[2])
+    o.float().sum().backward()
+    for t in tensors:
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape
+
+
+# ----------------------------------------------------------------------------
+# Standard ALiBi slopes
+# ----------------------------------------------------------------------------
+
+
+def bloom_slopes(n):
+    """BLOOM's / the ALiBi paper's own code, transcribed."""
+
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + bloom_slopes(2 * closest)[0::2][: n - closest]
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 5, 6, 8, 12, 16, 20, 40, 64])
+def test_alibi_slopes_are_the_standard_ones(heads):
+    np.testing.assert_allclose(alibi_slopes(heads), bloom_slopes(heads), rtol=1e-14)
+    if heads & (heads - 1) == 0:
+        np.testing.assert_allclose(alibi_slopes(heads), [2 ** (-8 * (h + 1) / heads) for h in range(heads)],
+                                   rtol=1e-15)
+
+
+def test_alibi_slopes_refuses_bad_heads():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="heads"):
+            alibi_slopes(bad)
+
+
+# ----------------------------------------------------------------------------
+# Validation of the terms
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(softcap=0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softcap="50"), TypeError, "softcap must be a number"),
+    (dict(sinks=torch.zeros(3)), ValueError, r"sinks must be shaped \[H\] with H = 2"),
+    (dict(sinks=torch.zeros(2, dtype=torch.int64)), TypeError, "sinks must be floating-point"),
+    (dict(alibi_slopes=[0.5, 0.25]), TypeError, "alibi_slopes must be a torch.Tensor"),
+    (dict(rel_bias=torch.zeros(2, 4)), ValueError, r"rel_bias must be shaped \[H, 2 \* max_distance \+ 1\]"),
+    (dict(rel_bias=torch.zeros(2)), ValueError, "rel_bias"),
+])
+def test_bad_terms_raise_clear_errors(kwargs, error, match):
+    q, k, v, _ = inputs(1, 2, 1, 4, 3)
+    attn = ReferenceAttention(ir.Causal())
+    with pytest.raises(error, match=match):
+        attn(*(torch.tensor(x) for x in (q, k, v)), **kwargs)
+
+
+def test_bad_numpy_terms_raise_clear_errors():
+    q, k, v, _ = inputs(1, 2, 1, 4, 3)
+    attn = ReferenceAttention(ir.Causal())
+    with pytest.raises(ValueError, match=r"sinks must be shaped \[H\] with H = 2"):
+        attn(q, k, v, sinks=np.zeros(3))
+    with pytest.raises(TypeError, match="rel_bias must have a floating-point dtype"):
+        attn(q, k, v, rel_bias=np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="softcap"):
+        attn(q, k, v, softcap=-2)
