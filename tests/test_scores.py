@@ -264,3 +264,86 @@ def test_bad_numpy_terms_raise_clear_errors():
         attn(q, k, v, rel_bias=np.zeros((2, 3), dtype=np.int64))
     with pytest.raises(ValueError, match="softcap"):
         attn(q, k, v, softcap=-2)
+
+
+# ----------------------------------------------------------------------------
+# The language: `with softcap(c), alibi`
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, body, softcap, alibi", [
+    ("causal with softcap(50)", "causal", 50.0, False),
+    ("causal with alibi", "causal", None, True),
+    ("sliding_window(4096) with softcap(30.5), alibi", "causal & local(4096)", 30.5, True),
+    ("causal & (local(8) | sink(2)) with alibi, softcap(0.25)", "causal & (local(8) | sink(2))", 0.25, True),
+    ("where q - k < 3 with softcap(2)", "where q - k < 3", 2.0, False),
+    ("pattern g(c = 50) = sliding_window(64) with softcap(c)\ng(c = 20)", "causal & local(64)", 20.0, False),
+    ("pattern gemma2_local = sliding_window(4096)\n    with softcap(50)", "causal & local(4096)", 50.0, False),
+    ("pattern g = causal with softcap(5)\ng with alibi", "causal", 5.0, True),
+])
+def test_parse_terms(text, body, softcap, alibi):
+    p = pcc.parse(text)
+    assert isinstance(p, ir.Scored)
+    assert ir.split_terms(p) == (pcc.parse(body), ir.Terms(softcap, alibi))
+    assert pcc.parse(str(p)) == p  # prints back to source that means the same
+
+
+def test_load_a_file_with_terms(tmp_path):
+    path = tmp_path / "gemma.pat"
+    path.write_text("pattern gemma2_local(w = 4096) = sliding_window(w) with softcap(50)\n")
+    p = pcc.load(path, w=128)
+    assert p == ir.Scored(pcc.parse("sliding_window(128)"), ir.Terms(50.0))
+
+
+@pytest.mark.parametrize("text, error, match, column", [
+    ("causal with softcap(0)", pcc.PatternValueError, r"softcap\(c\) needs c > 0, got c=0", 21),
+    ("causal with softcap(-1)", pcc.PatternValueError, r"needs c > 0, got c=-1", 21),
+    ("causal with softcap(0.0)", pcc.PatternValueError, "needs c > 0", 21),
+    ("causal with softcup(3)", pcc.UnknownNameError, "unknown score term `softcup`", 13),
+    ("3 with alibi", pcc.PatternValueError, "`with` adds score terms to a pattern", 1),
+    ("q < k with alibi", pcc.PatternValueError, "its left side is a comparison", 1),
+    ("heads { 0..2 => causal with alibi }", pcc.PatternSyntaxError, "`with` cannot be inside brackets", 24),
+    ("(causal with alibi) | local(3)", pcc.PatternSyntaxError, "`with` cannot be inside brackets", 9),
+    ("causal with alibi, alibi", pcc.PatternValueError, "`alibi` is given twice", 20),
+    ("causal with alibi(2)", pcc.ArityError, "`alibi` takes no arguments", 13),
+    ("causal with softcap", pcc.ArityError, "`softcap` takes exactly one argument", 13),
+    ("causal with softcap(n)", pcc.PatternValueError, "cannot depend on `n`", 21),
+    ("local(3.5)", pcc.PatternSyntaxError, "found `3.5`", 7),
+    ("causal with", pcc.PatternSyntaxError, "expected a name", 12),
+])
+def test_term_errors_are_located(text, error, match, column):
+    with pytest.raises(error, match=match) as info:
+        pcc.parse(text)
+    assert (info.value.line, info.value.column) == (1, column)
+
+
+@pytest.mark.parametrize("use, where", [("g | local(3)", "`|`"), ("~g", "`~`"), ("causal - g", "`-`"),
+                                        ("heads { 0..1 => g }", "`heads`"), ("cycle(g, causal)", "`cycle`")])
+def test_a_scored_definition_cannot_be_combined(use, where):
+    with pytest.raises(pcc.PatternValueError, match=f"`g` has score terms .* cannot be a part of {where}") as info:
+        pcc.parse(f"pattern g = causal with alibi\n{use}")
+    assert info.value.line == 2
+
+
+def test_python_terms():
+    p = ir.Causal().scored(softcap=30)
+    assert p == pcc.parse("causal with softcap(30)")
+    assert p.scored(alibi=True) == pcc.parse("causal with softcap(30), alibi")
+    assert ir.Causal().scored() == ir.Causal()
+    for combine in (lambda: p | ir.Local(3), lambda: ir.Local(3) & p, lambda: ~p, lambda: ir.Local(3) - p):
+        with pytest.raises(TypeError, match="score terms"):
+            combine()
+    with pytest.raises(ValueError, match="already has softcap"):
+        p.scored(softcap=2)
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        ir.Causal().scored(softcap=0)
+    assert str(ir.Local(2).scored(softcap=1e-5)) == "local(2) with softcap(0.00001)"
+
+
+def test_terms_change_no_mask_layout_or_plan():
+    plain, scored = pcc.parse("strided(8)"), pcc.parse("strided(8) with softcap(20), alibi")
+    np.testing.assert_array_equal(pcc.mask(scored, 40, heads=2), pcc.mask(plain, 40, heads=2))
+    assert pcc.layout(scored, 200, 16).to_dense().tolist() == pcc.layout(plain, 200, 16).to_dense().tolist()
+    assert pcc.plan(scored, 200, 16).describe() == pcc.plan(plain, 200, 16).describe()
+    for got, want in zip(pcc.sparse_mask(scored, 50), pcc.sparse_mask(plain, 50)):
+        assert (got != want).nnz == 0
