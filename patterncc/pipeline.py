@@ -85,11 +85,13 @@ def plan(pat: ir.Pattern | str, seq_len: int, block: int = 128, heads: int = 1):
 
 
 def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
-    """A callable ``attn(q, k, v, scale=None, return_lse=False)`` for the pattern.
+    """A callable ``attn(q, k, v, scale=None, return_lse=False, *,
+    alibi_slopes=None, sinks=None, rel_bias=None)`` for the pattern.
 
     ``backend``: ``"reference"`` (numpy/scipy, float64), ``"triton"`` (the
     generated GPU kernels) or ``"auto"`` (Triton for CUDA tensors, the
-    reference otherwise, chosen per call).
+    reference otherwise, chosen per call). ``softcap=c`` adds (or replaces)
+    the pattern's ``softcap(c)``.
     """
     from .attention import Attention
 
