@@ -440,3 +440,65 @@ def test_numpy_inputs_through_the_public_api():
     want = ReferenceAttention(ir.Causal())(q, k, v, alibi_slopes=np.array(alibi_slopes(4)),
                                            sinks=np.array([0.1, 0.2, 0.3, 0.4]))
     np.testing.assert_allclose(o, want, rtol=1e-14, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------
+# patterncc.nn
+# ----------------------------------------------------------------------------
+
+
+def test_nn_attention_with_every_term():
+    from patterncc.nn import SparseSelfAttention
+
+    torch.manual_seed(0)
+    layer = SparseSelfAttention(16, 4, "strided(3) with alibi", kv_heads=2, backend="reference", softcap=2.5,
+                                sinks=True, rel_bias_distance=2).double()
+    assert layer.sinks.shape == (4,) and layer.rel_bias.shape == (4, 5)
+    assert {"sinks", "rel_bias"} <= {name for name, _ in layer.named_parameters()}
+    with torch.no_grad():
+        layer.sinks.normal_()
+        layer.rel_bias.normal_()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    out = layer(x)
+
+    # the same layer, written out with the formula
+    q, k, v = layer.qkv(x).split([16, 8, 8], dim=-1)
+    q, k, v = (t.view(2, 11, -1, 4).transpose(1, 2) for t in (q, k, v))
+    slopes = torch.tensor(alibi_slopes(4), dtype=torch.float32).double()
+    o = naive_attention(dense_mask(strided(3), 11), q, k, v, 0.5, 2.5, slopes, layer.sinks, layer.rel_bias)[0]
+    want = layer.proj(o.transpose(1, 2).reshape(2, 11, 16))
+    np.testing.assert_allclose(out.detach().numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+    grads = torch.autograd.grad(out.square().sum(), (layer.sinks, layer.rel_bias))
+    grads_ref = torch.autograd.grad(want.square().sum(), (layer.sinks, layer.rel_bias))
+    for got, ref in zip(grads, grads_ref):
+        assert got.abs().max() > 0
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-9, atol=1e-12)
+    assert "softcap=2.5, sinks=True, rel_bias_distance=2" in repr(layer)
+
+
+def test_nn_model_trains_its_terms():
+    from patterncc.nn import SparseTransformer
+
+    torch.manual_seed(1)
+    lm = SparseTransformer(32, 16, 2, 2, ["sliding_window(4) with alibi", "causal"], max_len=16,
+                           backend="reference", softcap=30, sinks=True, rel_bias_distance=3)
+    idx = torch.randint(0, 32, (2, 13))
+    lm.loss(idx[:, :-1], idx[:, 1:]).backward()
+    for block in lm.blocks:
+        assert block.attn.sinks.grad.abs().max() > 0 and block.attn.rel_bias.grad.abs().max() > 0
+    assert isinstance(lm.layer_patterns[0], ir.Scored) and lm.blocks[0].attn.softcap == 30.0
+
+
+def test_nn_refuses_terms_it_cannot_apply():
+    from patterncc.nn import SparseSelfAttention, SparseTransformer
+
+    with pytest.raises(ValueError, match="score terms need a pattern"):
+        SparseSelfAttention(16, 2, None, sinks=True)
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        SparseSelfAttention(16, 2, "causal", softcap=-1)
+    with pytest.raises(ValueError, match="rel_bias_distance must be an integer >= 0"):
+        SparseSelfAttention(16, 2, "causal", rel_bias_distance=-1)
+    for mode in ("merged", "multihead"):
+        with pytest.raises(ValueError, match=f"{mode} mode combines the patterns, but .* has score terms"):
+            SparseTransformer(32, 16, 2, 2, ["causal with alibi", "sliding_window(4)"], mode=mode, max_len=16)
