@@ -502,3 +502,90 @@ def test_nn_refuses_terms_it_cannot_apply():
     for mode in ("merged", "multihead"):
         with pytest.raises(ValueError, match=f"{mode} mode combines the patterns, but .* has score terms"):
             SparseTransformer(32, 16, 2, 2, ["causal with alibi", "sliding_window(4)"], mode=mode, max_len=16)
+
+
+# ----------------------------------------------------------------------------
+# The testing kit with terms
+# ----------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, find, given, settings, strategies as st  # noqa: E402
+
+from patterncc import testing  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("text", ["strided(4) with softcap(2.5), alibi", "causal - local(1)", "local(3) | global(2)"])
+def test_check_pattern_with_terms(backend, text):
+    report = testing.check_pattern(pcc.parse(text), backends=[backend], examples=8, seed=1, terms=True)
+    assert report.ok, report
+    assert [r.status for r in report.results] == ["passed", "passed"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data())
+def test_drawn_patterns_and_terms_match_the_kits_dense_formula(data):
+    pat = data.draw(testing.patterns(max_depth=2, max_leaves=3, terms=True))
+    case = data.draw(testing.attention_inputs(pat, dtypes=("float64",), max_seq_len=24, head_dims=(4,), terms=True))
+    q, k, v, do = testing.make_tensors(case)
+    for dense_limit in (4096, 0):
+        testing.assert_matches_reference(ReferenceAttention(pat, dense_limit=dense_limit), pat, q, k, v, case.scale,
+                                         do, against="dense", **testing.make_terms(case))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drawn_terms_through_a_backend(backend):
+    @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(data=st.data())
+    def run(data):
+        pat = data.draw(testing.patterns(max_depth=2, max_leaves=3, allow_where=False, terms=True))
+        case = data.draw(testing.attention_inputs(pat, dtypes=("float32",), max_seq_len=40, head_dims=(16,),
+                                                  max_heads=2, blocks=(16,), terms=True))
+        q, k, v, do = testing.make_tensors(case)
+        attn = pcc.compile(pat, backend=backend, **({"block": case.block} if backend == "triton" else {}))
+        testing.assert_matches_reference(attn, pat, q, k, v, case.scale, do, **testing.make_terms(case))
+
+    run()
+
+
+def test_the_strategies_reach_every_term():
+    pats = testing.patterns(max_depth=1, max_leaves=2, terms=True)
+    assert find(pats, lambda p: ir.split_terms(p)[1].softcap is not None) is not None
+    assert find(pats, lambda p: ir.split_terms(p)[1].alibi) is not None
+    cases = testing.attention_inputs(max_seq_len=16, terms=True)
+    case = find(cases, lambda c: c.sinks and c.alibi_slopes and c.rel_bias_distance is not None)
+    made = testing.make_terms(case)
+    assert made["sinks"].shape == (case.H,) and made["alibi_slopes"].shape == (case.H,)
+    assert made["rel_bias"].shape == (case.H, 2 * case.rel_bias_distance + 1)
+    assert "sinks" in case.describe()
+    assert testing.make_terms(find(testing.attention_inputs(), lambda c: True)) == {}
+
+
+class _Wrong:
+    """The reference with one mistake, to see the kit catch it."""
+
+    def __init__(self, pat, mistake):
+        self.inner, self.mistake = pcc.compile(pat, backend="reference"), mistake
+
+    def __call__(self, q, k, v, scale=None, return_lse=False, **terms):
+        if self.mistake == "detached rel_bias":
+            terms["rel_bias"] = terms["rel_bias"].detach()
+        if self.mistake == "sinks ignored":
+            terms.pop("sinks")
+        if self.mistake == "slopes off by 1e-3":
+            terms["alibi_slopes"] = terms["alibi_slopes"] * 1.001
+        return self.inner(q, k, v, scale=scale, return_lse=return_lse, **terms)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("detached rel_bias", "d_rel_bias is None: no gradient reached rel_bias"),
+    ("sinks ignored", "o: .* values off"),
+    ("slopes off by 1e-3", "values off"),
+])
+def test_the_kit_catches_wrong_terms(mistake, message):
+    case = testing.AttentionCase(B=1, H=2, Hkv=1, n=20, D=8, dtype="float32", scale=None, seed=5,
+                                 alibi_slopes=True, sinks=True, rel_bias_distance=3)
+    pat = pcc.parse("causal")
+    q, k, v, do = testing.make_tensors(case)
+    testing.assert_matches_reference(_Wrong(pat, None), pat, q, k, v, None, do, **testing.make_terms(case))
+    with pytest.raises(AssertionError, match=message):
+        testing.assert_matches_reference(_Wrong(pat, mistake), pat, q, k, v, None, do, **testing.make_terms(case))
