@@ -81,8 +81,9 @@ class Attention:
 
     def call_terms(self, q, terms: ScoreTerms) -> ScoreTerms:
         """A call's terms as the backends take them: checked, and the standard
-        ALiBi slopes (float32, on q's device) where the pattern says ``alibi``
-        and the call gives none."""
+        ALiBi slopes where the pattern says ``alibi`` and the call gives none:
+        float32 values (what a model holds; every backend sees the same
+        numbers), on q's device (float64 numpy for numpy inputs)."""
         if getattr(q, "ndim", None) != 4:
             return terms  # the backend's shape check names the problem
         heads = q.shape[1]
@@ -93,7 +94,7 @@ class Attention:
         else:
             import numpy as np
 
-            make = np.array
+            make = lambda slopes: np.array(slopes, dtype=np.float32).astype(np.float64)
         if terms.alibi_slopes is None and self.terms.alibi:
             slopes = make(alibi_slopes(heads))
             terms = ScoreTerms(terms.softcap, slopes, terms.sinks, terms.rel_bias)

@@ -180,7 +180,7 @@ def test_pattern_terms_are_defaults_of_the_reference():
     q, k, v, _ = inputs(1, 4, 4, 9, 4)
     plain = ReferenceAttention(ir.Causal())
     scored = ReferenceAttention(ir.Causal().scored(softcap=2.0, alibi=True))
-    want = plain.forward(q, k, v, None, ScoreTerms(2.0, np.array(alibi_slopes(4))))
+    want = plain.forward(q, k, v, None, ScoreTerms(2.0, np.float32(alibi_slopes(4)).astype(np.float64)))
     for got, ref in zip(scored.forward(q, k, v), want):
         np.testing.assert_array_equal(got, ref)
     # the call's softcap and slopes replace the pattern's
@@ -437,7 +437,7 @@ def test_compile_refuses_a_bad_softcap():
 def test_numpy_inputs_through_the_public_api():
     q, k, v = (x.numpy() for x in call_inputs())
     o = pcc.compile("causal with alibi", backend="reference")(q, k, v, sinks=np.array([0.1, 0.2, 0.3, 0.4]))
-    want = ReferenceAttention(ir.Causal())(q, k, v, alibi_slopes=np.array(alibi_slopes(4)),
+    want = ReferenceAttention(ir.Causal())(q, k, v, alibi_slopes=np.float32(alibi_slopes(4)).astype(np.float64),
                                            sinks=np.array([0.1, 0.2, 0.3, 0.4]))
     np.testing.assert_allclose(o, want, rtol=1e-14, atol=1e-15)
 
@@ -589,3 +589,14 @@ def test_the_kit_catches_wrong_terms(mistake, message):
     testing.assert_matches_reference(_Wrong(pat, None), pat, q, k, v, None, do, **testing.make_terms(case))
     with pytest.raises(AssertionError, match=message):
         testing.assert_matches_reference(_Wrong(pat, mistake), pat, q, k, v, None, do, **testing.make_terms(case))
+
+
+def test_standard_slopes_are_the_same_numbers_everywhere():
+    """16 heads: slopes 2^(-h/2), not float32 numbers; every path rounds them alike."""
+    q, k, v, do = testing.make_tensors(testing.AttentionCase(B=1, H=16, Hkv=4, n=30, D=8, dtype="float64",
+                                                             scale=None, seed=2))
+    pat = pcc.parse("causal with alibi")
+    for attn in (ReferenceAttention(pat), ReferenceAttention(pat, dense_limit=0), pcc.compile(pat, backend="reference")):
+        testing.assert_matches_reference(attn, pat, q, k, v, None, do, against="dense")
+    np.testing.assert_array_equal(pcc.compile(pat, backend="reference")(q.numpy(), k.numpy(), v.numpy()),
+                                  ReferenceAttention(pat)(q.numpy(), k.numpy(), v.numpy()))

@@ -10,8 +10,8 @@ Score terms (``patterncc/scores.py`` has the formulas): ``softcap`` (a float
 > 0), ``alibi_slopes`` and ``sinks`` (``(H,)``), ``rel_bias`` (``(H, 2 * M +
 1)``), all per query head, all optional. A pattern that carries terms
 (``A with softcap(50), alibi``) supplies defaults: its softcap where the call
-gives none, the standard ALiBi slopes where the call gives no
-``alibi_slopes``. With a sink a row with no allowed key gets ``lse = sink``.
+gives none, the standard ALiBi slopes (as float32 numbers, like the public
+API's) where the call gives no ``alibi_slopes``. With a sink a row with no allowed key gets ``lse = sink``.
 
 Up to ``dense_limit`` tokens every score is computed (``dense.py``); beyond
 it only the allowed pairs are (``sparse.py``). Masks are cached per
@@ -153,7 +153,8 @@ class ReferenceAttention:
         softcap = terms.softcap if terms.softcap is not None else self.pattern_terms.softcap
         slopes = terms.alibi_slopes
         if slopes is None and self.pattern_terms.alibi:
-            slopes = np.array(standard_alibi_slopes(heads))
+            # float32 values, as the public API passes them to every backend
+            slopes = np.array(standard_alibi_slopes(heads), dtype=np.float32).astype(np.float64)
         return [
             HeadTerms(
                 softcap,
