@@ -11,7 +11,8 @@ Score terms (``patterncc/scores.py`` has the formulas): ``softcap`` (a float
 1)``), all per query head, all optional. A pattern that carries terms
 (``A with softcap(50), alibi``) supplies defaults: its softcap where the call
 gives none, the standard ALiBi slopes (as float32 numbers, like the public
-API's) where the call gives no ``alibi_slopes``. With a sink a row with no allowed key gets ``lse = sink``.
+API's) where the call gives no ``alibi_slopes``. With a sink, a row with no
+allowed key gets ``lse = sink``.
 
 Up to ``dense_limit`` tokens every score is computed (``dense.py``); beyond
 it only the allowed pairs are (``sparse.py``). Masks are cached per
@@ -117,7 +118,8 @@ class ReferenceAttention:
         kernel, head_masks = self.masks(n, H)
         group = H // k.shape[1]
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-        d_slopes, d_bias = np.zeros(H), [None] * H
+        d_slopes = np.zeros(H)
+        d_bias = None if per_head[0].bias is None else np.zeros((H, per_head[0].bias.size))
         for b in range(B):
             for h in range(H):
                 kv = h // group
@@ -130,7 +132,7 @@ class ReferenceAttention:
                 if d_slope is not None:
                     d_slopes[h] += d_slope
                 if d_bias_h is not None:
-                    d_bias[h] = d_bias_h if d_bias[h] is None else d_bias[h] + d_bias_h
+                    d_bias[h] += d_bias_h
         if terms is None:
             return dq, dk, dv
         d_sinks = None
@@ -138,13 +140,12 @@ class ReferenceAttention:
             # lse = log(sum exp(s) + exp(t)): d lse / d t = exp(t - lse), and a
             # change of lse moves the loss by dlse - dO . O (o scales by exp(-lse)).
             delta = np.sum(do * o, axis=-1) - (0.0 if dlse is None else dlse)  # (B, H, n)
-            sinks = _float64("sinks", np.asarray(terms.sinks))
+            sinks = np.array([t.sink for t in per_head])  # (H,)
             d_sinks = -np.sum(np.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
         return dq, dk, dv, (
             None if terms.alibi_slopes is None else d_slopes,
             d_sinks,
-            None if terms.rel_bias is None else np.stack([np.zeros(np.shape(terms.rel_bias)[1]) if d is None else d
-                                                         for d in d_bias]),
+            None if terms.rel_bias is None else d_bias,
         )
 
     def head_terms(self, terms: ScoreTerms | None, heads: int) -> list[HeadTerms]:
