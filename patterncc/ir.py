@@ -474,12 +474,14 @@ def check_softcap(c) -> float | None:
 
 
 def number_source(x: float) -> str:
-    """A float as the language writes it: ``50``, ``30.5``, ``0.00001`` (no exponent)."""
-    if float(x).is_integer():
+    """A float as the language writes it: ``50``, ``30.5``, ``0.00001`` (no
+    exponent; an integer beyond int32 as a decimal, ``3000000000.0``)."""
+    if float(x).is_integer() and abs(x) <= MAX_VALUE:
         return str(int(x))
     from decimal import Decimal
 
-    return format(Decimal(repr(float(x))), "f")
+    text = format(Decimal(repr(float(x))), "f")
+    return text if "." in text else text + ".0"
 
 
 PRIMITIVES = {

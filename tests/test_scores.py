@@ -338,6 +338,9 @@ def test_python_terms():
     with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
         ir.Causal().scored(softcap=0)
     assert str(ir.Local(2).scored(softcap=1e-5)) == "local(2) with softcap(0.00001)"
+    for c in (1e-5, 3e9, 1e20, 0.1, 30.5, 50):
+        p = ir.Causal().scored(softcap=c)
+        assert pcc.parse(str(p)) == p
 
 
 def test_terms_change_no_mask_layout_or_plan():
