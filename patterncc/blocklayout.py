@@ -403,6 +403,7 @@ def _check_int(name: str, value) -> None:
 
 def _prepare(p: ir.Pattern, seq_len: int, block: int, heads: int) -> tuple[ir.Pattern, int]:
     """Check the sizes, the heads and the arguments; bind ``n``."""
+    p = ir.split_terms(p)[0]  # score terms never change which pairs attend
     _check_int("seq_len", seq_len)
     _check_int("block", block)
     _check_int("heads", heads)

@@ -198,10 +198,16 @@ class Pattern:
     def __str__(self) -> str:
         return source(self)
 
+    def scored(self, softcap: float | None = None, alibi: bool = False) -> "Pattern":
+        """This pattern with score terms: ``softcap(c)``, ``alibi`` (see ``Terms``)."""
+        return scored(self, softcap, alibi)
+
 
 def _check(other, op: str) -> "Pattern":
     if not isinstance(other, Pattern):
         raise TypeError(f"cannot combine a pattern with {type(other).__name__!r} using `{op}`")
+    if isinstance(other, Scored):
+        raise _scored_operand(op)
     return other
 
 
@@ -376,6 +382,110 @@ class Cycle(Pattern):
     loc: Loc | None = field(**_LOC)
 
 
+# -- score terms: what a pattern adds to the scores of the pairs it allows.
+#    They sit only at the top of a tree (``Scored``), never change which pairs
+#    may attend, and every stage that works on the mask (masks, layouts,
+#    plans, kernels' predicates) takes ``split_terms(p)[0]``.
+
+
+@dataclass(frozen=True)
+class Terms:
+    """A pattern's score terms: ``softcap(c)`` (``s = c * tanh(s / c)`` on the
+    scaled score, ``c > 0``) and ``alibi`` (``s -= slope_h * abs(q - k)``, the
+    standard slopes unless the call gives its own)."""
+
+    softcap: float | None = None
+    alibi: bool = False
+
+    def __bool__(self) -> bool:
+        return self.softcap is not None or self.alibi
+
+    def __str__(self) -> str:
+        """The text after ``with``: ``softcap(50), alibi``."""
+        out = [] if self.softcap is None else [f"softcap({number_source(self.softcap)})"]
+        return ", ".join(out + (["alibi"] if self.alibi else []))
+
+
+NO_TERMS = Terms()
+TERM_NAMES = ("softcap", "alibi")
+
+
+@dataclass(frozen=True)
+class Scored(Pattern):
+    """``BODY with softcap(c), alibi``: the mask ``body`` with score terms. Only
+    at the top of a pattern: combining it (``| & - ~``, ``heads``, ``cycle``)
+    is an error, since terms apply to the whole attention."""
+
+    body: Pattern
+    terms: Terms
+    loc: Loc | None = field(**_LOC)
+
+    def __or__(self, other):
+        raise _scored_operand("|")
+
+    def __and__(self, other):
+        raise _scored_operand("&")
+
+    def __sub__(self, other):
+        raise _scored_operand("-")
+
+    def __invert__(self):
+        raise _scored_operand("~")
+
+
+
+def _scored_operand(op: str) -> TypeError:
+    return TypeError(
+        f"cannot use `{op}` on a pattern with score terms: terms apply to the whole attention; "
+        "combine the mask patterns first, then add the terms (`(A | B).scored(softcap=50)`)"
+    )
+
+
+def scored(p: Pattern, softcap: float | None = None, alibi: bool = False) -> Pattern:
+    """``p`` with these terms added to its own (a term given twice is an error)."""
+    if not isinstance(p, Pattern):
+        raise TypeError(f"expected a pattern, got {type(p).__name__}")
+    softcap = check_softcap(softcap)
+    if not isinstance(alibi, bool):
+        raise TypeError(f"alibi must be True or False, got {alibi!r}")
+    body, terms = split_terms(p)
+    if softcap is not None and terms.softcap is not None:
+        raise PatternValueError(f"the pattern already has softcap({number_source(terms.softcap)})", p.loc)
+    merged = Terms(terms.softcap if softcap is None else softcap, terms.alibi or alibi)
+    return Scored(body, merged, p.loc) if merged else body
+
+
+def split_terms(p: Pattern) -> tuple[Pattern, Terms]:
+    """``(mask pattern, score terms)``: what decides which pairs attend, and
+    what is added to their scores."""
+    if isinstance(p, Scored):
+        return p.body, p.terms
+    return p, NO_TERMS
+
+
+def check_softcap(c) -> float | None:
+    """``c`` as a float, or a ValueError/TypeError naming it: a finite number > 0."""
+    if c is None:
+        return None
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise TypeError(f"softcap must be a number, got {type(c).__name__}")
+    c = float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise PatternValueError(f"softcap must be a finite number > 0, got softcap={c:g}")
+    return c
+
+
+def number_source(x: float) -> str:
+    """A float as the language writes it: ``50``, ``30.5``, ``0.00001`` (no
+    exponent; an integer beyond int32 as a decimal, ``3000000000.0``)."""
+    if float(x).is_integer() and abs(x) <= MAX_VALUE:
+        return str(int(x))
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(x))), "f")
+    return text if "." in text else text + ".0"
+
+
 PRIMITIVES = {
     "all": All,
     "none": Empty,
@@ -406,6 +516,8 @@ def children(p: Pattern) -> tuple[Pattern, ...]:
         return (p.arg,)
     if isinstance(p, Heads):
         return tuple(r.pattern for r in p.ranges)
+    if isinstance(p, Scored):
+        return (p.body,)
     return ()
 
 
@@ -571,6 +683,8 @@ def _map(p: Pattern, fn) -> Pattern:
         return replace(node, arg=_map(node.arg, fn))
     if isinstance(node, Heads):
         return replace(node, ranges=tuple(replace(r, pattern=_map(r.pattern, fn)) for r in node.ranges))
+    if isinstance(node, Scored):
+        return replace(node, body=_map(node.body, fn))
     return node
 
 
@@ -608,6 +722,9 @@ def _src(p: Pattern, need: int) -> str:
     if isinstance(p, Heads):
         body = ", ".join(f"{r.start}..{r.stop} => {_src(r.pattern, _P_WHERE)}" for r in p.ranges)
         return "heads { " + body + " }"
+    if isinstance(p, Scored):
+        # `with` is looser than anything, `where` included: never parenthesized.
+        return f"{_src(p.body, _P_WHERE)} with {p.terms}"
     name = PRIMITIVE_NAMES[type(p)]
     args = args_of(p)
     return f"{name}({', '.join(expr_source(a) for a in args)})" if args else name

@@ -136,6 +136,7 @@ def dense_mask(p: ir.Pattern, seq_len: int, heads: int = 1) -> np.ndarray:
             f"a dense mask of {heads=} x {n} x {n} elements is over the limit of "
             f"{MAX_MASK_ELEMENTS}; use layout() or sparse_mask() for long sequences"
         )
+    p = ir.split_terms(p)[0]  # score terms never change which pairs attend
     ir.check_heads(p, heads)
     bound = ir.bind(p, n)
     pos = np.arange(n, dtype=np.int64)
