@@ -200,6 +200,18 @@ def test_rel_bias_distances(M):
     check(natural(ir.All()), ir.All(), terms={"rel_bias": M})
 
 
+@pytest.mark.parametrize("pattern, n", [(C, 100), (ir.All(), 48), (sliding_window(80), 100)],
+                         ids=["causal", "all", "sliding_window"])
+@pytest.mark.parametrize("M", [2, 20])
+def test_rel_bias_on_runs(pattern, n, M):
+    """FULL steps walked as runs: with a bias, each run is a loop over the
+    steps wholly in a tail of it and one over the near steps (_near_steps)."""
+    attn = natural(pattern)
+    tables = attn.prepare(n, 2, 2, 16, torch.float32, torch.device(DEVICE)).tables
+    assert tables.fwd_walk == tables.dq_walk == "runs"
+    check(attn, pattern, n=n, terms={"rel_bias": M, "alibi_slopes": None})
+
+
 @pytest.mark.parametrize("config", [MIXED, BAND], ids=["mixed_tiles", "band_walk"])
 def test_all_terms_other_walks(config):
     check(natural(C, config), C, n=45)

@@ -98,7 +98,7 @@ def _tanh(x):
 
 @triton.jit
 def _score_terms(qk, dist, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,  #
-                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr):
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, REL_SPLIT: tl.constexpr = 0):
     """The scores, in log2 units, of the raw products ``qk = q.k`` with the
     terms applied in their order; ``dist = q - k`` (token positions, int32).
     Also ``tanh(scale * qk / c)`` for the backward's chain rule (qk itself
@@ -106,7 +106,8 @@ def _score_terms(qk, dist, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_
     slope / ln(2); REL_h: this head's fp32 row of 2 * rel_m + 1 biases;
     rel_mode 1 (2): every pair of the tile lies at q - k >= rel_m (<= -rel_m),
     so the bias is the scalar rel_hi (rel_lo, both / ln(2)) and no table is
-    gathered."""
+    gathered. REL_SPLIT (_near_steps): 1, every tile is one of those two;
+    2, none is (the table is gathered); 0, either."""
     if SOFTCAP:
         th = _tanh(qk * cap_in)
         s = th * cap_out
@@ -116,7 +117,12 @@ def _score_terms(qk, dist, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_
     if ALIBI:
         s = s - slope2 * tl.abs(dist).to(tl.float32)
     if REL_BIAS:
-        if rel_mode == 1:
+        if REL_SPLIT == 1:
+            s = s + tl.where(rel_mode == 1, rel_hi, rel_lo)
+        elif REL_SPLIT == 2:
+            bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
+            s = s + tl.load(REL_h + bucket) * 1.44269504  # 1/ln(2)
+        elif rel_mode == 1:
             s = s + rel_hi
         elif rel_mode == 2:
             s = s + rel_lo
@@ -134,6 +140,34 @@ def _rel_mode(d_min, d_max, rel_m, NATURAL: tl.constexpr):
         return tl.where(d_min >= rel_m, 1, tl.where(d_max <= -rel_m, 2, 0))
     else:
         return 0
+
+
+@triton.jit
+def _loop_rel_mode(d_min, d_max, rel_m, NATURAL: tl.constexpr, REL_SPLIT: tl.constexpr):
+    """_rel_mode inside a loop of _near_steps' split (REL_SPLIT 1: far, 2: near)."""
+    if REL_SPLIT == 1:
+        return tl.where(d_min >= rel_m, 1, 2)
+    elif REL_SPLIT == 2:
+        return 0
+    else:
+        return _rel_mode(d_min, d_max, rel_m, NATURAL)
+
+
+@triton.jit
+def _near_steps(lo, hi, t_lo, t_hi, rel_m, STEP: tl.constexpr):
+    """The steps na .. nb - 1 of lo .. hi - 1 (natural order, STEP positions
+    each) that hold a pair of the tile t_lo .. t_hi with |q - k| < rel_m:
+    the others lie wholly in a tail of the relative bias (_score_terms'
+    rel_mode 1 or 2). A run with a bias walks the two kinds in two loops,
+    the far ones adding one scalar, the near ones gathering the table: one
+    loop that may gather keeps the gather's 64-bit pointer tile live
+    throughout, and spilled (sm_90: 176 bytes in the D = 64 forward)."""
+    x = t_lo - (STEP - 1) - rel_m  # steps s <= x // STEP have q - k >= rel_m
+    s_a = tl.where(x >= 0, x // STEP + 1, 0)
+    s_b = (t_hi + rel_m + STEP - 1) // STEP  # steps s >= s_b have q - k <= -rel_m
+    na = tl.minimum(tl.maximum(s_a, lo), hi)
+    nb = tl.maximum(tl.minimum(s_b, hi), na)
+    return na, nb
 
 
 @triton.jit
@@ -168,15 +202,54 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
                     SCALE_NONNEG: tl.constexpr,  #
                     q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr):
+    """The key steps STEPS[lo:hi] into one query tile's softmax state
+    (_attn_fwd_loop); a run in natural order with a relative bias as two
+    loops, its far steps and its near ones (_near_steps)."""
+    if RUN and REL_BIAS and NATURAL:
+        na, nb = _near_steps(lo, hi, q_lo, q_hi, rel_m, BLOCK_N)
+        far_hi = hi - (nb - na)
+        acc, l_i, m_i = _attn_fwd_loop(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, far_hi,
+            qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES,
+            HEAD_DIM, K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo,
+            rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, na, nb - na, 1)
+        acc, l_i, m_i = _attn_fwd_loop(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na, nb, qk_scale,
+            off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES, HEAD_DIM,
+            K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 2)
+    else:
+        acc, l_i, m_i = _attn_fwd_loop(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, hi, qk_scale,
+            off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES, HEAD_DIM,
+            K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 0)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_loop(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                    STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
+                    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                    SCALE_NONNEG: tl.constexpr,  #
+                    q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
+                   skip_at, skip_len, REL_SPLIT: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's
     softmax state; RUN: the steps lo .. hi - 1 themselves (STEPS unused).
     The score terms as in _score_terms: q_tok the tile's query tokens, q_lo
-    and q_hi its first and last slot."""
+    and q_hi its first and last slot; REL_SPLIT 1 (a run's far steps): step
+    i is i + skip_len from skip_at on, 2 its near ones (_near_steps)."""
     TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
     offs_n = tl.arange(0, BLOCK_N)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
-            start_n = tl.multiple_of(i * BLOCK_N, BLOCK_N)
+            step = i
+            if REL_SPLIT == 1:
+                step = i + tl.where(i >= skip_at, skip_len, 0)
+            start_n = tl.multiple_of(step * BLOCK_N, BLOCK_N)
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
@@ -189,9 +262,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if TERMS:  # -- the score terms, scale included
-            rel_mode = _rel_mode(q_lo - start_n - (BLOCK_N - 1), q_hi - start_n, rel_m, NATURAL)
+            rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N - 1), q_hi - start_n, rel_m, NATURAL, REL_SPLIT)
             qk, _ = _score_terms(qk, q_tok[:, None] - k_tok[None, :], qk_scale, cap_in, cap_out, slope2, REL_h,
-                                 rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS)
+                                 rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS, REL_SPLIT)
         if MASKED:
             if not TERMS:
                 qk = qk * qk_scale
@@ -613,18 +686,61 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
                        q_tok, q_lo, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
                        d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr):
+    """The key steps STEPS[lo:hi] into one query tile's dQ and the terms'
+    gradients (_attn_bwd_dq_loop); a run in natural order with a relative
+    bias as two loops, as in _attn_fwd_inner."""
+    if RUN and REL_BIAS and NATURAL and not BAND:
+        na, nb = _near_steps(lo, hi, q_lo, q_lo + (BLOCK_M2 - 1), rel_m, BLOCK_N2)
+        far_hi = hi - (nb - na)
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, far_hi,
+             qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION,
+            NUM_STAGES, HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out,
+            slope2, REL_h, rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST,
+            BLOCK_M2, SKEW, na, nb - na, 1)
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na,
+            nb, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, NUM_STAGES,
+            HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
+            rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
+            SKEW, 0, 0, 2)
+    else:
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo,
+            hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, NUM_STAGES,
+            HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
+            rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
+            SKEW, 0, 0, 0)
+    return dq, d_alibi, d_lo, d_hi
+
+
+@triton.jit
+def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                       STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
+                       BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
+                       DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                       ADDR32: tl.constexpr, BAND: tl.constexpr, full_lo, full_hi,  #
+                       q_tok, q_lo, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                       SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
+                       d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr,  #
+                      skip_at, skip_len, REL_SPLIT: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query
     tile's dQ; RUN: the steps lo .. hi - 1 themselves; BAND as in
     _attn_bwd_dkdv_inner. The score terms as in _attn_fwd_inner, and their
     gradients from dS (the gradient of the post-term score), summed in a
     fixed order: d_alibi += sum dS * |q - k| (its negative is the slope's);
     the relative bias's buckets 1 .. 2M - 1 into this program's HIST row,
-    d_lo and d_hi its buckets 0 and 2M (_rel_bias_grad)."""
+    d_lo and d_hi its buckets 0 and 2M (_rel_bias_grad). REL_SPLIT, skip_at
+    and skip_len as in _attn_fwd_loop."""
     TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
-            start_n = tl.multiple_of(i * BLOCK_N2, BLOCK_N2)
+            step = i
+            if REL_SPLIT == 1:
+                step = i + tl.where(i >= skip_at, skip_len, 0)
+            start_n = tl.multiple_of(step * BLOCK_N2, BLOCK_N2)
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
@@ -639,10 +755,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
         # -- P, recomputed from the saved log-sum-exp
         if TERMS:  # -- the score terms, scale included
             dist = q_tok[:, None] - k_tok[None, :]
-            rel_mode = _rel_mode(q_lo - start_n - (BLOCK_N2 - 1), q_lo + (BLOCK_M2 - 1) - start_n, rel_m, NATURAL)
+            rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N2 - 1), q_lo + (BLOCK_M2 - 1) - start_n, rel_m,
+                                      NATURAL, REL_SPLIT)
             qk, th = _score_terms(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), dist, qk_scale,
                                   cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,
-                                  SOFTCAP, ALIBI, REL_BIAS)
+                                  SOFTCAP, ALIBI, REL_BIAS, REL_SPLIT)
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
@@ -664,7 +781,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             d_alibi += tl.sum(tl.sum(ds * tl.abs(dist).to(tl.float32), 1), 0)
         if REL_BIAS:
             d_lo, d_hi = _rel_bias_grad(ds, dist, rel_mode, q_lo - start_n, q_tok, k_tok, k_ok, rel_m,
-                                        d_lo, d_hi, SCR, HIST, BLOCK_M2, BLOCK_N2, SKEW, NATURAL)
+                                        d_lo, d_hi, SCR, HIST, BLOCK_M2, BLOCK_N2, SKEW, NATURAL, REL_SPLIT)
         if SOFTCAP:  # -- back through c * tanh(s / c): its derivative is 1 - tanh^2
             ds = ds * (1.0 - th * th)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -673,7 +790,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
 
 @triton.jit
 def _rel_bias_grad(ds, dist, rel_mode, d0, q_tok, k_tok, k_ok, rel_m, d_lo, d_hi, SCR, HIST,  #
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW: tl.constexpr, NATURAL: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW: tl.constexpr, NATURAL: tl.constexpr,  #
+                   REL_SPLIT: tl.constexpr):
     """One step's dS [BLOCK_M, BLOCK_N] into the relative bias's gradient,
     deterministically (no atomics: this program alone owns its HIST row and
     its SCR scratch, and adds in a fixed order). Buckets 0 and 2M (q - k <=
@@ -685,10 +803,15 @@ def _rel_bias_grad(ds, dist, rel_mode, d0, q_tok, k_tok, k_ok, rel_m, d_lo, d_hi
     comes back skewed (column t of the gather is diagonal i - j = t -
     BLOCK_N + 1), so one reduction gives every diagonal's sum, each a
     distinct bucket. In a planned order each query row's keys are distinct
-    tokens, so a row's buckets are distinct: the rows go in one at a time."""
-    if rel_mode == 1:
+    tokens, so a row's buckets are distinct: the rows go in one at a time.
+    REL_SPLIT as in _score_terms."""
+    if REL_SPLIT == 1:
+        tile = tl.sum(tl.sum(ds, 1), 0)
+        d_hi += tl.where(rel_mode == 1, tile, 0.0)
+        d_lo += tl.where(rel_mode == 1, 0.0, tile)
+    elif REL_SPLIT != 2 and rel_mode == 1:
         d_hi += tl.sum(tl.sum(ds, 1), 0)
-    elif rel_mode == 2:
+    elif REL_SPLIT != 2 and rel_mode == 2:
         d_lo += tl.sum(tl.sum(ds, 1), 0)
     else:
         offs_m = tl.arange(0, BLOCK_M)
