@@ -161,7 +161,10 @@ def _near_steps(lo, hi, t_lo, t_hi, rel_m, STEP: tl.constexpr):
     rel_mode 1 or 2). A run with a bias walks the two kinds in two loops,
     the far ones adding one scalar, the near ones gathering the table: one
     loop that may gather keeps the gather's 64-bit pointer tile live
-    throughout, and spilled (sm_90: 176 bytes in the D = 64 forward)."""
+    throughout, and spilled (sm_90: 176 bytes in the D = 64 forward). The
+    near loop runs unpipelined (one stage): pipelined, its gathered fp32
+    tile took shared memory per stage (64 KiB more in the D = 64 forward),
+    for the few steps near the diagonal."""
     x = t_lo - (STEP - 1) - rel_m  # steps s <= x // STEP have q - k >= rel_m
     s_a = tl.where(x >= 0, x // STEP + 1, 0)
     s_b = (t_hi + rel_m + STEP - 1) // STEP  # steps s >= s_b have q - k <= -rel_m
@@ -215,7 +218,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, na, nb - na, 1)
         acc, l_i, m_i = _attn_fwd_loop(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na, nb, qk_scale,
-            off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES, HEAD_DIM,
+            off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, 1, HEAD_DIM,
             K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
             SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 2)
     else:
@@ -700,7 +703,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             BLOCK_M2, SKEW, na, nb - na, 1)
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na,
-            nb, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, NUM_STAGES,
+            nb, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, 1,
             HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
             rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
             SKEW, 0, 0, 2)
