@@ -311,6 +311,7 @@ def test_no_terms_is_the_plain_call():
 @pytest.mark.parametrize("kwargs, error, words", [
     ({"softcap": 0.0}, ValueError, "softcap"),
     ({"softcap": "50"}, TypeError, "softcap"),
+    ({"softcap": 1e-45}, ValueError, "softcap"),
     ({"sinks": torch.zeros(3)}, ValueError, "sinks"),
     ({"alibi_slopes": torch.zeros(2, dtype=torch.int64)}, TypeError, "alibi_slopes"),
     ({"rel_bias": torch.zeros(2, 4)}, ValueError, "rel_bias"),

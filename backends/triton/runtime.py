@@ -184,6 +184,9 @@ def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS):
     the score terms ``terms`` (checked: ``check_terms``)."""
     D = q.shape[-1]
     scale = _float32_scale(_check_scale(scale, D))
+    if terms.softcap is not None and max(abs(scale) / terms.softcap, terms.softcap * _LOG2E) > _FP32.max:
+        raise ValueError(f"softcap={terms.softcap!r} with scale={scale!r} is outside float32's range: the "
+                         "Triton kernels compute scale / softcap and softcap / ln(2) in float32")
     Dp = padded_head_dim(D)
     if Dp != D:
         q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
@@ -656,17 +659,20 @@ def _launch_order(covers) -> list[int]:
     return seq
 
 
-def _merged(launches, q, k, v, scale, terms: _KernelTerms):
+def _merged(launches, q, k, v, scale, terms: _KernelTerms | None = None):
     """o (q's dtype) and lse (fp32) of several launches merged by
     log-sum-exp inside the forward kernels (``MERGE_IN``), through
     ``_accumulated``: tokens no launch reaches keep o = 0, lse = -inf.
-    The sink, if any, joins in one launch (``_sink_launch``)."""
+    The sink, if any among ``terms``, joins in one launch (``_sink_launch``)."""
     B, H, n, D = q.shape
     outputs = (((B, H, n, D), q.dtype, 0.0), ((B, H, n), torch.float32, float("-inf")))
     sink = _sink_launch(launches)
-    return _accumulated([order.q != 2 for _, order in launches], outputs, q.device,
-                        lambda i, outs, ins: launches[i][0].forward(q, k, v, scale, launches[i][1], *outs, *ins,
-                                                                    terms=terms, sink=i == sink))
+
+    def launch(i, outs, ins):
+        with_terms = {} if terms is None else dict(terms=terms, sink=i == sink)
+        return launches[i][0].forward(q, k, v, scale, launches[i][1], *outs, *ins, **with_terms)
+
+    return _accumulated([order.q != 2 for _, order in launches], outputs, q.device, launch)
 
 
 def _summed(covers, like, launch):
