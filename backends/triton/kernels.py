@@ -395,27 +395,31 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, SCALE_NONNEG,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True,  #
+            SCALE_NONNEG,  #
             q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
             SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, SCALE_NONNEG,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True,  #
+            SCALE_NONNEG,  #
             q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
             SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     else:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG,  #
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False,  #
+            SCALE_NONNEG,  #
             q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
             SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG,  #
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False,  #
+            SCALE_NONNEG,  #
         q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
         SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     if SINKS:  # -- the sink joins the denominator: exp2 of it against the running max, as a key would
@@ -623,7 +627,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, lo, inside, qk_scale, off_h, N, RANDOM,  #
                 N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
-                True, tl.load(band + 1), tl.load(band + 2), k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                True, tl.load(band + 1), tl.load(band + 2),  #
+                k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
                 SOFTCAP, ALIBI, REL_BIAS, NATURAL)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
@@ -939,7 +944,8 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, lo, inside, qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
-            True, tl.load(band + 1), tl.load(band + 2), q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            True, tl.load(band + 1), tl.load(band + 2),  #
+            q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
             SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
