@@ -25,7 +25,7 @@ from stdlib_ir import strided
 
 pytestmark = pytest.mark.filterwarnings("error")
 
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "triton"]
 
 # (name, softcap, alibi, sinks, rel_bias): every term alone, then together.
 TERM_SETS = [
