@@ -10,12 +10,20 @@ definition of correct.
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
+import weakref
 
 from . import ir
 
 BACKENDS = ("auto", "reference", "triton")
 PLAN_MODES = ("auto", "planned", "natural")
+
+# Every Attention by its key, the integer that names it to the torch ops
+# (ops.py): only tensors and plain numbers cross an op's boundary.
+live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_keys = itertools.count()
 
 
 class Attention:
@@ -47,11 +55,22 @@ class Attention:
         self.dense_sdpa = dense_sdpa
         self.options = options
         self._impls: dict[str, object] = {}
+        self.key = next(_keys)
+        live[self.key] = self
+
+    def __reduce__(self):
+        # Copies and pickles are new compiled attentions of the same pattern
+        # and options: each has its own key and (empty) caches.
+        return _rebuilt, (self.pattern, self.backend, self.plan_mode, self.dense_sdpa, self.options)
 
     def __repr__(self) -> str:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False):
+        if _is_torch(q) and _traced(q):
+            from . import ops
+
+            return ops.call(self, q, k, v, scale, return_lse)  # one opaque op in the graph
         return self.impl(self.backend_for(q))(q, k, v, scale=scale, return_lse=return_lse)
 
     def backend_for(self, q) -> str:
@@ -101,3 +120,26 @@ def sdpa_dense(pattern: ir.Pattern, q, k, v, scale):
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, is_causal=isinstance(pattern, ir.Causal), scale=scale,
                                           enable_gqa=gqa)
+
+
+def _rebuilt(pattern, backend, plan, dense_sdpa, options) -> Attention:
+    return Attention(pattern, backend, plan=plan, dense_sdpa=dense_sdpa, **options)
+
+
+def _traced(q) -> bool:
+    """Whether a torch call may be traced (torch.compile, export, make_fx:
+    any dispatch mode, or a tensor subclass such as fake tensors): it then
+    goes through the ``patterncc::attention`` op (ops.py), which tracers see
+    as one node. Plain eager calls run the same launches directly, without
+    the op's dispatch cost, and may take SDPA's dense path, which the op
+    never does (whether it pays depends on the length, and a graph must not)."""
+    import torch
+
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(q) not in (torch.Tensor, torch.nn.Parameter))
+
+
+def _is_torch(x) -> bool:
+    # Only look for torch if the caller has imported it: numpy inputs never load it.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)

@@ -16,6 +16,14 @@ from .attention import check_scale, check_shapes
 
 def attention(attn, q, k, v, scale):
     """``(o, lse)`` as tensors of ``q``'s dtype and device, differentiable in q, k, v."""
+    check_tensors(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    return _Attention.apply(q, k, v, attn, scale)
+
+
+def check_tensors(q, k, v) -> None:
+    """TypeError/ValueError naming the argument unless q, k, v are floating-point
+    tensors of one dtype and device, shaped as ``check_shapes`` wants."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor like the others, got {type(x).__name__}")
@@ -26,8 +34,6 @@ def attention(attn, q, k, v, scale):
         if x.device != q.device:
             raise ValueError(f"q, k and v must be on one device, got q on {q.device} and {name} on {x.device}")
     check_shapes(q.shape, k.shape, v.shape)
-    scale = check_scale(scale, q.shape[-1])
-    return _Attention.apply(q, k, v, attn, scale)
 
 
 class _Attention(torch.autograd.Function):
