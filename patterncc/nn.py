@@ -189,6 +189,9 @@ class SparseSelfAttention(nn.Module):
         self.pattern = resolve_pattern(pattern)
         if self.pattern is not None:
             ir.check_heads(self.pattern, heads)  # `heads { .. }` must cover exactly our heads
+        # Compiled here, not in forward: torch.compile then traces no compiling
+        # and finds one attention op per call.
+        self._attentions = {} if self.pattern is None else {b: _compiled(self.pattern, b) for b in BACKENDS[1:]}
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -227,7 +230,7 @@ class SparseSelfAttention(nn.Module):
 
     def compiled(self, backend: str):
         """The pattern compiled for one backend (shared by every layer with this pattern)."""
-        return _compiled(self.pattern, backend)
+        return self._attentions[backend]
 
 
 @functools.lru_cache(maxsize=64)
