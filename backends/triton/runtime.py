@@ -480,12 +480,23 @@ class SlotOrder:
         return tokens, self.l, self.S, self.c
 
 
+# Launches recorded into a CUDA graph: their device tables must outlive the
+# per-shape caches' evictions, since a replay reads them with no reference.
+_CAPTURED: dict[int, list] = {}
+
+
+def _keep_if_captured(launches, q) -> None:
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.setdefault(id(launches), launches)
+
+
 def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     """o, lse of one or more launches ``(run, SlotOrder)``: one launch is
     plain attention; several are a plan's components, merged by log-sum-exp
     inside the forward kernels (``_merged``)."""
     if terms:
         raise NotImplementedError("score terms are not yet fused into the Triton kernels")
+    _keep_if_captured(launches, q)
     with _on_device_of(q), torch.no_grad():
         return _merged(launches, q, k, v, scale)
 
@@ -498,6 +509,7 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
     may be None (no gradient reached that output)."""
     if terms:
         raise NotImplementedError("score terms are not yet fused into the Triton kernels")
+    _keep_if_captured(launches, q)
     if do is None:
         do = torch.zeros_like(o)
     do = do if do.stride(-1) == 1 else do.contiguous()
