@@ -21,6 +21,10 @@ dtype, GQA) or ``"reference"`` (float64 numpy on the CPU). ``scale`` None
 is ``1/sqrt(D)``. ``lse`` is float32 from the Triton backend and q's dtype
 from the reference one, as each backend returns it outside the op.
 
+``Attention.__call__`` takes the op when a call may be traced (under
+``torch.compile`` or export, a dispatch mode, tensor subclasses); a plain
+eager call runs the same launches without the op's dispatch cost.
+
 Once a shape has been seen, a call reads no device tensor on the host and
 makes no host-side tensor: layouts, plans, kernels and device tables are
 cached per shape by the backend, so a captured CUDA graph replays the same
@@ -33,11 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from . import attention as _attention
-from .scores import ScoreTerms, check_terms
+from .scores import NO_TERMS, ScoreTerms, check_terms
 
 __all__ = ["attention", "attention_backward", "call"]
-
-_TERM_NAMES = ("alibi_slopes", "sinks", "rel_bias")
 
 
 def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms | None = None):
@@ -50,7 +52,7 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
         from .backends.reference.attention import check_scale
 
         scale = check_scale(scale, q.shape[-1])
-    terms = terms or ScoreTerms()
+    terms = terms or NO_TERMS
     o, lse = torch.ops.patterncc.attention(q, k, v, attn.key, attn.backend_for(q), scale, terms.softcap,
                                            *terms.tensors())
     return (o, lse) if return_lse else o

@@ -202,8 +202,9 @@ def test_copies_are_attentions_of_their_own():
 
 def test_no_host_work_once_a_shape_is_seen(monkeypatch):
     """The CUDA-graph rule, checked where it can be on the CPU: the second
-    call of a shape builds no plan, layout, module or table, and no op in it
-    reads a tensor on the host (``.item()``, ``bool(t)``, ``.cpu()``)."""
+    call of a shape builds no plan, layout, module or table, eager or
+    through the op, and no op in the op's body reads a tensor on the host
+    (``.item()``, ``bool(t)``, ``.cpu()``)."""
     from patterncc.backends.triton import runtime
     from patterncc.scores import ScoreTerms
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -221,6 +222,8 @@ def test_no_host_work_once_a_shape_is_seen(monkeypatch):
                         (attn.impl("triton"), "make_inner"), (torch, "from_numpy"), (torch, "tensor")):
         monkeypatch.setattr(owner, name, refuse)
     monkeypatch.setattr("patterncc.planned.build_plan", refuse)
+    o, lse = attn(q, k, v, return_lse=True)  # the eager path (no dispatch mode: see below)
+    (o.sum() + lse.sum()).backward()
     seen = set()
 
     class Ops(TorchDispatchMode):
