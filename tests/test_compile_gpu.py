@@ -169,7 +169,7 @@ def test_training_step_captured_in_a_cuda_graph():
 def test_captured_tables_outlive_the_caches(monkeypatch):
     """A replay reads the device tables it was captured with, whatever the
     per-shape caches have evicted since (a replay holds no reference)."""
-    from patterncc.backends.triton import runtime
+    from patterncc.backends.triton import planned, runtime
 
     model = _model(max_len=2048)
     idx, targets = _batch(1000, seed=7)
@@ -185,6 +185,7 @@ def test_captured_tables_outlive_the_caches(monkeypatch):
         graph.replay()
         want = static_logits.clone()
         monkeypatch.setattr(runtime, "_CACHE_ENTRIES", 1)
+        monkeypatch.setattr(planned, "_LAUNCH_ENTRIES", 1)
         for n in (1500, 2000):  # other lengths evict length 1000's tables from every cache
             model(_batch(n, seed=n)[0])
         torch.cuda.empty_cache()
