@@ -16,7 +16,9 @@ standard slopes here unless the call gives its own.
 
 from __future__ import annotations
 
+import itertools
 import sys
+import weakref
 
 from . import ir
 from .scores import ScoreTerms, alibi_slopes, check_terms
@@ -47,6 +49,11 @@ def check_options(options: dict) -> None:
         raise TypeError(f"compile() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
                         f"{', '.join(map(repr, unknown))}; the allowed ones are backend, plan, dense_sdpa, "
                         f"{', '.join(allowed)}")
+
+# Every Attention by its key, the integer that names it to the torch ops
+# (ops.py): only tensors and plain numbers cross an op's boundary.
+live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_keys = itertools.count()
 
 
 class Attention:
@@ -92,6 +99,13 @@ class Attention:
         self.options = options
         self._impls: dict[str, object] = {}
         self._rows_impl = None  # the query-rows kernel, built on the first call that needs it
+        self.key = next(_keys)
+        live[self.key] = self
+
+    def __reduce__(self):
+        # Copies and pickles are new compiled attentions of the same pattern
+        # and options: each has its own key and (empty) caches.
+        return _rebuilt, (self.pattern, self.backend, self.plan_mode, self.dense_sdpa, self.options)
 
     def __repr__(self) -> str:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
@@ -106,6 +120,13 @@ class Attention:
         given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
         # Only the terms in use: a call without terms is the plain call.
         given = {name: value for name, value in given.items() if value is not None}
+        if _is_torch(q) and _traced(q):
+            if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
+                raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
+                                          "call them outside the compiled region")
+            from . import ops
+
+            return ops.call(self, q, k, v, scale, return_lse, terms)  # one opaque op in the graph
         name = self.backend_for(q)
         rows = cache_seqlens is not None or _shape(q, 2) != _shape(k, 2)
         if not rows or name == "reference":
@@ -225,3 +246,26 @@ def _shape(x, dim: int):
     backend's own checks then name the problem)."""
     shape = getattr(x, "shape", None)
     return shape[dim] if shape is not None and len(shape) > dim else None
+
+
+def _rebuilt(pattern, backend, plan, dense_sdpa, options) -> Attention:
+    return Attention(pattern, backend, plan=plan, dense_sdpa=dense_sdpa, **options)
+
+
+def _traced(q) -> bool:
+    """Whether a torch call may be traced (torch.compile, export, make_fx:
+    any dispatch mode, or a tensor subclass such as fake tensors): it then
+    goes through the ``patterncc::attention`` op (ops.py), which tracers see
+    as one node. Plain eager calls run the same launches directly, without
+    the op's dispatch cost, and may take SDPA's dense path, which the op
+    never does (whether it pays depends on the length, and a graph must not)."""
+    import torch
+
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(q) not in (torch.Tensor, torch.nn.Parameter))
+
+
+def _is_torch(x) -> bool:
+    # Only look for torch if the caller has imported it: numpy inputs never load it.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)

@@ -206,6 +206,9 @@ class SparseSelfAttention(nn.Module):
                              "write pattern='causal' to use them")
         self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
         self.rel_bias = None if rel_bias_distance is None else nn.Parameter(torch.zeros(heads, 2 * rel_bias_distance + 1))
+        # Compiled here, not in forward: torch.compile then traces no compiling
+        # and finds one attention op per call.
+        self._attentions = {} if self.pattern is None else {b: _compiled(self.pattern, b, self.softcap) for b in BACKENDS[1:]}
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -265,7 +268,7 @@ class SparseSelfAttention(nn.Module):
 
     def compiled(self, backend: str):
         """The pattern compiled for one backend (shared by every layer with this pattern)."""
-        return _compiled(self.pattern, backend, self.softcap)
+        return self._attentions[backend]
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,6 +19,15 @@ from .checks import check_scale, check_shapes
 def attention(attn, q, k, v, scale, terms: ScoreTerms):
     """``(o, lse)`` as tensors of ``q``'s dtype and device, differentiable in q,
     k, v and the term tensors (each gradient in its tensor's dtype)."""
+    check_tensors(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    terms = check_terms(terms, q.shape[1], q.device)
+    return _Attention.apply(q, k, v, *terms.tensors(), attn, scale, terms.softcap)
+
+
+def check_tensors(q, k, v) -> None:
+    """TypeError/ValueError naming the argument unless q, k, v are floating-point
+    tensors of one dtype and device, shaped as ``check_shapes`` wants."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor like the others, got {type(x).__name__}")
@@ -29,9 +38,6 @@ def attention(attn, q, k, v, scale, terms: ScoreTerms):
         if x.device != q.device:
             raise ValueError(f"q, k and v must be on one device, got q on {q.device} and {name} on {x.device}")
     check_shapes(q.shape, k.shape, v.shape)
-    scale = check_scale(scale, q.shape[-1])
-    terms = check_terms(terms, q.shape[1], q.device)
-    return _Attention.apply(q, k, v, *terms.tensors(), attn, scale, terms.softcap)
 
 
 class _Attention(torch.autograd.Function):

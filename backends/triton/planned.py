@@ -44,6 +44,15 @@ class TritonPlannedAttention(PlannedAttention):
     def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
         return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms)
 
+    def launches_for(self, q, k) -> list:
+        """The launches ``(launcher, SlotOrder)`` of a call on checked inputs
+        whose head dim is padded: what ``__call__`` runs (never SDPA), for
+        the ``patterncc::attention`` op, which owns the autograd."""
+        runs = self._runs(self.plan(q.shape[2], q.shape[1]), q.device)
+        if len(runs) == 1 and not runs[0].component.reordered:
+            return [(runs[0].attn.launcher(*launch_key(q, k)), SlotOrder())]
+        return self.launches(runs, q, k)
+
     def launches(self, runs, q, k) -> list:
         """``(launcher, SlotOrder)`` per component for inputs shaped like ``q``
         and ``k`` (head dim already padded); kept per shape, since a planned

@@ -547,12 +547,23 @@ def _sink_launch(launches) -> int | None:
     return next((i for i, (_, order) in enumerate(launches) if order.q != 2), None)
 
 
+# Launches recorded into a CUDA graph: their device tables must outlive the
+# per-shape caches' evictions, since a replay reads them with no reference.
+_CAPTURED: dict[int, list] = {}
+
+
+def _keep_if_captured(launches, q) -> None:
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.setdefault(id(launches), launches)
+
+
 def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     """o, lse of one or more launches ``(run, SlotOrder)``: one launch is
     plain attention; several are a plan's components, merged by log-sum-exp
     inside the forward kernels (``_merged``). ``terms``: the score terms,
     fused into every launch at the tokens' own positions; the sink joins
     the denominators in one launch that reaches every query."""
+    _keep_if_captured(launches, q)
     with _on_device_of(q), torch.no_grad():
         kterms = _KernelTerms.of(terms)
         o, lse = _merged(launches, q, k, v, scale, kterms)
@@ -571,6 +582,7 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
     (never stored); every launch gets the merged delta, and the launches sum
     the gradients in fp32 inside the kernels (``_summed``). ``do`` or ``dlse``
     may be None (no gradient reached that output)."""
+    _keep_if_captured(launches, q)
     if do is None:
         do = torch.zeros_like(o)
     do = do if do.stride(-1) == 1 else do.contiguous()
