@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) with patterncc installed editable and its test extras.
+# Create .venv (once) with patterncc installed editable and its test extras
+# (plot: the pictures; hf: the transformers integration and its tests).
 # torch is pinned to 2.13.0 when none is importable: that takes the CPU build
 # from local disk on our CPU machines; a GPU machine's own torch is reused
 # through --system-site-packages.
@@ -12,4 +13,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e ".[test,plot]"
+.venv/bin/python -m pip install -q -e ".[test,plot,hf]"
