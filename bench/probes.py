@@ -246,10 +246,10 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
 
 
 def _arg_type(name: str, dtype: str) -> str:
-    if name in ("LSE", "LSE_IN", "DELTA", "DK_IN", "DV_IN", "DQ_IN"):
+    if name in ("LSE", "LSE_IN", "DELTA", "DK_IN", "DV_IN", "DQ_IN", "SLOPES", "SINK", "REL", "PART", "SCR", "HIST"):
         return "*fp32"
     if name in ("RANDOM", "FULL_PTR", "FULL_STEPS", "PART_PTR", "PART_STEPS", "TILE_ORDER"):
         return "*i32"
     if name in ("Q", "K", "V", "O", "O_IN", "DO", "DK", "DV", "DQ"):
         return "*" + dtype
-    return "fp32" if name == "sm_scale" else "i32"
+    return "fp32" if name in ("sm_scale", "softcap") else "i32"

@@ -6,12 +6,16 @@ On a CPU-only machine the attention runs on the float64 reference backend;
 on a GPU it runs the generated Triton kernels (with the planner's plan).
 """
 
+from pathlib import Path
+
 import torch
 
 import patterncc as pcc
 
+HERE = Path(__file__).resolve().parent  # run from any directory
+
 # 1. A pattern: the Sparse Transformer's strided attention, from a file or a string.
-pat = pcc.load("examples/strided.pat", l=64)  # keyword arguments override the file's defaults
+pat = pcc.load(HERE / "strided.pat", l=64)  # keyword arguments override the file's defaults
 assert pat == pcc.parse("causal & (local(64) | stride(64))")
 print("pattern:", pat)
 

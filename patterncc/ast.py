@@ -129,7 +129,33 @@ class Cycle:
     loc: Loc | None = field(**_LOC)
 
 
-Node = TUnion[Num, Name, Call, Unary, Binary, Chain, Compare, Where, Heads, Cycle]
+@dataclass(frozen=True)
+class Real:
+    """A decimal number such as ``30.5`` (only a score term's argument)."""
+
+    value: float
+    loc: Loc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class ScoreTerm:
+    """``softcap(50)`` or ``alibi``, after ``with``."""
+
+    name: str
+    args: tuple["Node", ...]
+    loc: Loc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """``body with term, term``; located at ``with``."""
+
+    body: "Node"
+    terms: tuple[ScoreTerm, ...]
+    loc: Loc | None = field(**_LOC)
+
+
+Node = TUnion[Num, Name, Call, Unary, Binary, Chain, Compare, Where, Heads, Cycle, Real, Scored]
 
 
 @dataclass(frozen=True)
@@ -177,8 +203,8 @@ def _is_node(value) -> bool:
 def start_loc(node) -> Loc | None:
     """Where a node's text begins (a chain or operator is located at its operator)."""
     while True:
-        if isinstance(node, Binary):
-            node = node.left
+        if isinstance(node, (Binary, Scored)):
+            node = node.left if isinstance(node, Binary) else node.body
         elif isinstance(node, (Chain, Compare)):
             node = node.operands[0]
         else:

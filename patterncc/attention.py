@@ -6,11 +6,22 @@ The Triton backend runs the planner's plan (``plan="auto"``): strided and
 fixed patterns as components in their own token orders, merged by
 log-sum-exp. The reference backend computes the pattern directly: it is the
 definition of correct.
+
+Score terms (patterncc/scores.py): the pattern's own (``A with softcap(c),
+alibi``), ``compile``'s ``softcap=``, and the call's tensors. Backends get the
+mask pattern alone and every term as a keyword argument of the call: alibi is
+on for a backend iff it gets ``alibi_slopes``, so ``with alibi`` becomes the
+standard slopes here unless the call gives its own.
 """
 
 from __future__ import annotations
 
+import itertools
+import sys
+import weakref
+
 from . import ir
+from .scores import ScoreTerms, alibi_slopes, check_terms
 
 BACKENDS = ("auto", "reference", "triton")
 PLAN_MODES = ("auto", "planned", "natural")
@@ -39,13 +50,26 @@ def check_options(options: dict) -> None:
                         f"{', '.join(map(repr, unknown))}; the allowed ones are backend, plan, dense_sdpa, "
                         f"{', '.join(allowed)}")
 
+# Every Attention by its key, the integer that names it to the torch ops
+# (ops.py): only tensors and plain numbers cross an op's boundary.
+live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_keys = itertools.count()
+
 
 class Attention:
-    """``attn(q, k, v, scale=None, return_lse=False)``.
+    """``attn(q, k, v, scale=None, return_lse=False, *, alibi_slopes=None,
+    sinks=None, rel_bias=None)``.
 
     q ``[B, H, n, D]``; k, v ``[B, Hkv, n, D]`` with ``Hkv`` dividing ``H``.
     Returns ``o`` ``[B, H, n, D]`` (and ``lse`` ``[B, H, n]``, natural log,
-    ``-inf`` for rows with no allowed key).
+    ``-inf`` for rows with no allowed key; the sink's value there with
+    ``sinks``).
+
+    Score terms: ``softcap`` (``compile``'s option; it replaces the pattern's
+    ``softcap(c)``), the pattern's ``alibi`` (standard slopes, see
+    ``scores.alibi_slopes``), and per call ``alibi_slopes`` (``[H]``, turns
+    ALiBi on with these slopes), ``sinks`` (``[H]``) and ``rel_bias`` (``[H,
+    2 * max_distance + 1]``), floating-point tensors on q's device, learnable.
 
     Options: ``plan`` (``"auto"``: the cost model decides; ``"planned"``;
     ``"natural"`` or ``False``: no reordering), ``dense_sdpa`` (default
@@ -57,44 +81,69 @@ class Attention:
     """
 
     def __init__(self, pattern: ir.Pattern, backend: str = "auto", *, plan="auto", dense_sdpa: bool = True,
-                 **options):
+                 softcap: float | None = None, **options):
         if backend not in BACKENDS:
             raise ValueError(f"{backend=} is not one of {', '.join(BACKENDS)}")
         check_options(options)
         plan = "natural" if plan is False else ("auto" if plan is True else plan)
         if plan not in PLAN_MODES:
             raise ValueError(f"{plan=} is not one of {', '.join(PLAN_MODES)} (or True/False)")
-        self.pattern = pattern
+        self.mask_pattern, self.terms = ir.split_terms(pattern)
+        if softcap is not None:
+            self.terms = ir.Terms(ir.check_softcap(softcap), self.terms.alibi)
+        # The pattern with the terms in effect (compile's softcap included).
+        self.pattern = ir.Scored(self.mask_pattern, self.terms, pattern.loc) if self.terms else self.mask_pattern
         self.backend = backend
         self.plan_mode = plan
         self.dense_sdpa = dense_sdpa
         self.options = options
         self._impls: dict[str, object] = {}
         self._rows_impl = None  # the query-rows kernel, built on the first call that needs it
+        self.key = next(_keys)
+        live[self.key] = self
+
+    def __reduce__(self):
+        # Copies and pickles are new compiled attentions of the same pattern
+        # and options: each has its own key and (empty) caches.
+        return _rebuilt, (self.pattern, self.backend, self.plan_mode, self.dense_sdpa, self.options)
 
     def __repr__(self) -> str:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
-    def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, cache_seqlens=None):
+    def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, alibi_slopes=None, sinks=None,
+                 rel_bias=None, cache_seqlens=None):
         """Queries may be fewer than keys (``n_q <= n_k``): they are then the
         last ``n_q`` positions. ``cache_seqlens`` (int32 ``[B]`` or a list):
         ``k``, ``v`` are caches ``[B, Hkv, max_len, D]`` and row ``b``'s
         queries the last of its first ``cache_seqlens[b]`` positions."""
+        terms = self.call_terms(q, ScoreTerms(self.terms.softcap, alibi_slopes, sinks, rel_bias))
+        given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
+        # Only the terms in use: a call without terms is the plain call.
+        given = {name: value for name, value in given.items() if value is not None}
+        if _is_torch(q) and _traced(q):
+            if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
+                raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
+                                          "call them outside the compiled region")
+            from . import ops
+
+            return ops.call(self, q, k, v, scale, return_lse, terms)  # one opaque op in the graph
         name = self.backend_for(q)
         rows = cache_seqlens is not None or _shape(q, 2) != _shape(k, 2)
         if not rows or name == "reference":
-            kwargs = {"cache_seqlens": cache_seqlens} if cache_seqlens is not None else {}
-            return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **kwargs)
-        o, lse = self._rows(q, k, v, scale, cache_seqlens)
+            if cache_seqlens is not None:
+                given["cache_seqlens"] = cache_seqlens
+            return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **given)
+        o, lse = self._rows(q, k, v, scale, cache_seqlens, given)
         return (o, lse) if return_lse else o
 
-    def _rows(self, q, k, v, scale, cache_seqlens):
+    def _rows(self, q, k, v, scale, cache_seqlens, terms: dict):
         """Queries at the end of their keys on the Triton backend: the
         query-rows kernel (reads only the key blocks the pattern allows
         there) when no gradient is needed; otherwise the training kernels on
         queries padded with zero rows in front, whose outputs are dropped: a
-        padded row's output gradient is 0, so it adds nothing to dk, dv
-        (exact; it costs the padded rows' work)."""
+        padded row's output gradient is 0, so it adds nothing to dk, dv or the
+        terms' tensors (exact; it costs the padded rows' work). The query-rows
+        kernel has no score terms: calls with terms take the second way too."""
         import torch
         import torch.nn.functional as F
 
@@ -102,11 +151,12 @@ class Attention:
 
         if cache_seqlens is None:
             check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
-        if not (torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))):
+        needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
+        if not needs_grad and not terms:
             if self._rows_impl is None:
                 from .backends.triton.decode import RowsAttention
 
-                self._rows_impl = RowsAttention(self.pattern, block=self.options.get("block"))
+                self._rows_impl = RowsAttention(self.mask_pattern, block=self.options.get("block"))
             lens = cache_seqlens if cache_seqlens is not None else [k.shape[2]] * q.shape[0]
             return self._rows_impl(q, k, v, lens, scale)
         triton = self.impl("triton")
@@ -118,9 +168,30 @@ class Attention:
         outs = []
         for qb, kb, vb in batch:
             pad = kb.shape[2] - qb.shape[2]
-            o, lse = triton(F.pad(qb, (0, 0, pad, 0)), kb, vb, scale=scale, return_lse=True)
+            o, lse = triton(F.pad(qb, (0, 0, pad, 0)), kb, vb, scale=scale, return_lse=True, **terms)
             outs.append((o[:, :, pad:], lse[:, :, pad:]))
         return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+
+    def call_terms(self, q, terms: ScoreTerms) -> ScoreTerms:
+        """A call's terms as the backends take them: checked, and the standard
+        ALiBi slopes where the pattern says ``alibi`` and the call gives none:
+        float32 values (what a model holds; every backend sees the same
+        numbers), on q's device (float64 numpy for numpy inputs)."""
+        if getattr(q, "ndim", None) != 4:
+            return terms  # the backend's shape check names the problem
+        heads = q.shape[1]
+        torch = sys.modules.get("torch")  # loaded already if q is a tensor
+        if torch is not None and isinstance(q, torch.Tensor):
+            terms = check_terms(terms, heads, q.device)
+            make = lambda slopes: torch.tensor(slopes, dtype=torch.float32, device=q.device)
+        else:
+            import numpy as np
+
+            make = lambda slopes: np.array(slopes, dtype=np.float32).astype(np.float64)
+        if terms.alibi_slopes is None and self.terms.alibi:
+            slopes = make(alibi_slopes(heads))
+            terms = ScoreTerms(terms.softcap, slopes, terms.sinks, terms.rel_bias)
+        return terms
 
     def backend_for(self, q) -> str:
         return choose_backend(self.backend, q)
@@ -139,7 +210,7 @@ class Attention:
         from .backends.reference import ReferenceAttention
 
         keep = {k: v for k, v in self.options.items() if k in BACKEND_OPTIONS["reference"]}
-        return ReferenceAttention(self.pattern, **keep)
+        return ReferenceAttention(self.mask_pattern, **keep)
 
     def _triton(self):
         from .backends.triton.planned import TritonPlannedAttention
@@ -154,7 +225,7 @@ class Attention:
             attn.use_layout(component.layout, heads)
             return attn
 
-        return TritonPlannedAttention(self.pattern, make_inner, block=block, mode=self.plan_mode,
+        return TritonPlannedAttention(self.mask_pattern, make_inner, block=block, mode=self.plan_mode,
                                       dense=sdpa_dense if self.dense_sdpa else None)
 
 
@@ -175,3 +246,26 @@ def _shape(x, dim: int):
     backend's own checks then name the problem)."""
     shape = getattr(x, "shape", None)
     return shape[dim] if shape is not None and len(shape) > dim else None
+
+
+def _rebuilt(pattern, backend, plan, dense_sdpa, options) -> Attention:
+    return Attention(pattern, backend, plan=plan, dense_sdpa=dense_sdpa, **options)
+
+
+def _traced(q) -> bool:
+    """Whether a torch call may be traced (torch.compile, export, make_fx:
+    any dispatch mode, or a tensor subclass such as fake tensors): it then
+    goes through the ``patterncc::attention`` op (ops.py), which tracers see
+    as one node. Plain eager calls run the same launches directly, without
+    the op's dispatch cost, and may take SDPA's dense path, which the op
+    never does (whether it pays depends on the length, and a graph must not)."""
+    import torch
+
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(q) not in (torch.Tensor, torch.nn.Parameter))
+
+
+def _is_torch(x) -> bool:
+    # Only look for torch if the caller has imported it: numpy inputs never load it.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)

@@ -29,9 +29,13 @@ query-block rows at a time, in two steps:
    interval arithmetic first and is evaluated only where that cannot decide.
 
 So every class is exact (never PARTIAL when the tile is really EMPTY or
-FULL), not just sound. Size guards (``MAX_CANDIDATES``,
-``MAX_ELEMENT_EVALS``) refuse clearly, with ``LimitError``, instead of
-running out of memory.
+FULL), not just sound. Size guards refuse clearly, with ``LimitError``,
+before the work they bound, instead of running out of time or memory. They
+bound one call's work over all its heads together (a pattern of ``h`` has
+one layout per distinct head): ``MAX_CANDIDATES`` candidate block pairs
+(estimated before any is generated), ``MAX_ELEMENT_EVALS`` element
+evaluations, ``MAX_SPARSE_ELEMENTS`` elements of a ``sparse_mask`` and
+``MAX_BLOCKS`` blocks a side; ``ir.MAX_HEADS`` heads.
 """
 
 from __future__ import annotations
@@ -53,11 +57,15 @@ if TYPE_CHECKING:
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-# A head may examine at most this many candidate block pairs (an upper bound
-# computed before any work); beyond it build() refuses.
-MAX_CANDIDATES = 2**27
-# At most this many single (q, k) evaluations when classes need evaluating.
-MAX_ELEMENT_EVALS = 2**31
+# One call may examine at most this many candidate block pairs, all heads
+# together (an upper bound computed before any work): about 20 s and 2 GB.
+MAX_CANDIDATES = 2**26
+# At most this many single (q, k) evaluations when classes need evaluating,
+# all heads together (25-100 ns each: seconds, not minutes).
+MAX_ELEMENT_EVALS = 2**28
+# sparse_mask() builds at most this many allowed elements, all heads together
+# (about 5 bytes each).
+MAX_SPARSE_ELEMENTS = 2**27
 # At most this many blocks a side (per-row tables are this long).
 MAX_BLOCKS = 2**24
 # Query-block rows are processed in bands of about this many candidates.
@@ -187,9 +195,10 @@ class BlockLayout:
         n, B = self.seq_len, self.block
         total = 0
         rows = self.kv_rows()
+        budget = _Budget(n, B)
         for h in range(self.heads):
             lo, hi = self.kv_ptr[h, 0], self.kv_ptr[h, -1]
-            ctx = _Ctx(n, B)
+            ctx = _Ctx(n, B, budget)
             t = _Tiles(rows[lo:hi] - h * self.n_qblocks, self.kv_idx[lo:hi].astype(np.int64), ctx)
             full = self.kv_full[lo:hi]
             total += int(np.sum(t.rows[full] * t.cols[full]))
@@ -320,14 +329,9 @@ def build(p: ir.Pattern, seq_len: int, block: int, heads: int = 1) -> BlockLayou
     bound, H = _prepare(p, seq_len, block, heads)
     seq_len, block = int(seq_len), int(block)
     nb = -(-seq_len // block)
-    built: dict[ir.Pattern, tuple] = {}
-    per_head = []
-    for h in range(H):
-        ph = ir.for_head(bound, h)
-        if ph not in built:
-            built[ph] = _head_pairs(ph, seq_len, block)
-        per_head.append(built[ph])
-    return _from_pairs(bound, seq_len, block, per_head, nb)
+    heads_of, ctxs = _head_contexts(bound, H, seq_len, block)
+    built = {ph: _head_pairs(ph, ctx) for ph, ctx in ctxs.items()}
+    return _from_pairs(bound, seq_len, block, [built[ph] for ph in heads_of], nb)
 
 
 def estimate_blocks(p: ir.Pattern, seq_len: int, block: int, heads: int = 1) -> int:
@@ -353,15 +357,39 @@ def sparse_mask(p: ir.Pattern, seq_len: int, heads: int = 1, *, block: int = 64)
     itself holds about 5 bytes per allowed element."""
     bound, H = _prepare(p, seq_len, block, heads)
     n, block = int(seq_len), int(block)
-    built: dict[ir.Pattern, sp.csr_matrix] = {}
-    out = []
-    for h in range(H):
-        ph = ir.for_head(bound, h)
-        if ph not in built:
-            i, j, full = _head_pairs(ph, n, block)
-            built[ph] = _elements_csr(ph, i, j, full, n, block)
-        out.append(built[ph])
-    return out
+    heads_of, ctxs = _head_contexts(bound, H, n, block)
+    pairs = {ph: _head_pairs(ph, ctx) for ph, ctx in ctxs.items()}
+    # FULL blocks alone are a lower bound on the elements: refuse before expanding any.
+    side = min(block, n)
+    at_least = sum(int(np.count_nonzero(full)) for _, _, full in pairs.values()) * side * side
+    _check_elements(at_least, n, "at least ")
+    budget = next(iter(ctxs.values())).budget
+    built = {ph: _elements_csr(ph, *pairs[ph], n, block, budget) for ph in pairs}
+    return [built[ph] for ph in heads_of]
+
+
+def _check_elements(count: int, n: int, qualifier: str = "") -> None:
+    if count > MAX_SPARSE_ELEMENTS:
+        raise LimitError(
+            f"sparse_mask at seq_len={n} holds {qualifier}{count} allowed elements, over the limit of "
+            f"{MAX_SPARSE_ELEMENTS}",
+            hint="use layout() (blocks, not elements) or a shorter sequence",
+        )
+
+
+def _head_contexts(bound: ir.Pattern, H: int, n: int, B: int):
+    """``(pattern of each head, {distinct head pattern: its _Ctx})``, all
+    contexts sharing one ``_Budget``: every distinct head's candidates are
+    estimated and charged before any is generated, so a call over many heads
+    is refused before it starts, not after hours."""
+    budget = _Budget(n, B)
+    heads_of = [ir.for_head(bound, h) for h in range(H)]
+    ctxs: dict[ir.Pattern, _Ctx] = {}
+    for ph in heads_of:
+        if ph not in ctxs:
+            ctx = ctxs[ph] = _Ctx(n, B, budget)
+            budget.reserve(_estimate(ph, ctx), len(ctxs))
+    return heads_of, ctxs
 
 
 def _check_int(name: str, value) -> None:
@@ -375,6 +403,7 @@ def _check_int(name: str, value) -> None:
 
 def _prepare(p: ir.Pattern, seq_len: int, block: int, heads: int) -> tuple[ir.Pattern, int]:
     """Check the sizes, the heads and the arguments; bind ``n``."""
+    p = ir.split_terms(p)[0]  # score terms never change which pairs attend
     _check_int("seq_len", seq_len)
     _check_int("block", block)
     _check_int("heads", heads)
@@ -389,18 +418,12 @@ def _prepare(p: ir.Pattern, seq_len: int, block: int, heads: int) -> tuple[ir.Pa
     return bound, (int(heads) if ir.depends_on_head(p) else 1)
 
 
-def _head_pairs(p: ir.Pattern, n: int, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-empty pairs of one head-free pattern: int32 ``i``, ``j`` sorted by
-    ``(i, j)`` and bool ``full``."""
-    ctx = _Ctx(n, B)
+def _head_pairs(p: ir.Pattern, ctx: "_Ctx") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-empty pairs of one head-free pattern (its candidates already
+    charged to ``ctx.budget``): int32 ``i``, ``j`` sorted by ``(i, j)`` and
+    bool ``full``."""
     nb = ctx.nb
     est = _estimate(p, ctx)
-    if est > MAX_CANDIDATES:
-        raise LimitError(
-            f"the layout of this pattern at seq_len={n}, block={B} would examine up to {est} block pairs "
-            f"per head, over the limit of {MAX_CANDIDATES}",
-            hint="use a larger block or a shorter sequence",
-        )
     band = max(1, int(nb * _BAND_PAIRS // max(est, 1)))
     out_i, out_j, out_full = [], [], []
     for r0 in range(0, nb, band):
@@ -420,15 +443,25 @@ def _head_pairs(p: ir.Pattern, n: int, B: int) -> tuple[np.ndarray, np.ndarray, 
 # ----------------------------------------------------------------------------
 
 
-class _Ctx:
-    """One head-free pattern at one length and block: shared tables and budgets."""
+class _Budget:
+    """The work one call may do, all its heads together."""
 
     def __init__(self, n: int, B: int):
-        self.n, self.B = int(n), int(B)
-        self.nb = -(-self.n // self.B)
+        self.n, self.B = n, B
+        self.candidates = 0
         self.evals = 0
-        self._estimates: dict[int, int] = {}
-        self._random: dict[tuple, _RandomTable] = {}
+        self.elements = 0  # of sparse_mask, all heads together
+
+    def reserve(self, candidates: int, heads: int) -> None:
+        """Count a head's estimated candidates against ``MAX_CANDIDATES``."""
+        self.candidates += candidates
+        if self.candidates > MAX_CANDIDATES:
+            over = f"{heads} distinct heads" if heads > 1 else "one head"
+            raise LimitError(
+                f"the layout at seq_len={self.n}, block={self.B} would examine at least {self.candidates} "
+                f"candidate block pairs ({over}), over the limit of {MAX_CANDIDATES}",
+                hint="use a larger block, a shorter sequence or fewer heads",
+            )
 
     def charge(self, count: int) -> None:
         """Count element evaluations against ``MAX_ELEMENT_EVALS``."""
@@ -440,6 +473,25 @@ class _Ctx:
                 hint="the pattern has many blocks that only evaluation can classify (a generic `where`?); "
                 "use a shorter sequence, or write it with the primitives",
             )
+
+
+class _Ctx:
+    """One head-free pattern at one length and block: shared tables, and the
+    call's ``_Budget`` (its own when none is given)."""
+
+    def __init__(self, n: int, B: int, budget: _Budget | None = None):
+        self.n, self.B = int(n), int(B)
+        self.nb = -(-self.n // self.B)
+        self.budget = budget or _Budget(self.n, self.B)
+        self._estimates: dict[int, int] = {}
+        self._random: dict[tuple, _RandomTable] = {}
+
+    def charge(self, count: int) -> None:
+        self.budget.charge(count)
+
+    @property
+    def evals(self) -> int:
+        return self.budget.evals
 
     def random(self, node: ir.Random) -> "_RandomTable":
         key = (node.r, node.b, node.seed)
@@ -722,11 +774,12 @@ class _RandomTable:
         self.b = b
         self.nbr = nbr = -(-n // b)
         count = min(r, nbr)
-        span = -(-b // B) + 1  # tiles a cell can meet along one side
+        span = min(-(-b // B) + 1, nb)  # tiles a cell can meet along one side (no more than there are)
         # randomblocks.draw compares each new draw with the row's earlier ones.
         if nbr * count * span * span > MAX_CANDIDATES or nbr * count * count > MAX_ELEMENT_EVALS:
             raise LimitError(
-                f"random(r={r}, b={b}) draws {nbr * count} blocks at seq_len={n}: too many to lay out",
+                f"random(r={r}, b={b}) at seq_len={n}, block={B}: {nbr * count} drawn cells meeting up to "
+                f"{nbr * count * span * span} tiles, over the limit of {MAX_CANDIDATES}",
                 hint="use a larger random block b or a smaller r",
             )
         if count == 0:
@@ -831,9 +884,10 @@ def _rows_where(node, ctx, rows, win):
 
 
 def _estimate_where(node, ctx) -> int:
-    """Blocks in the cells a coarse refinement keeps (at most 256 a side)."""
+    """Blocks in the cells a coarse refinement keeps (at most 64 a side: cheap
+    enough to run for each of thousands of heads before any is built)."""
     nb = ctx.nb
-    cells = _where_cells(node, ctx, 0, nb, 0, nb, min_size=max(1, nb // 256))
+    cells = _where_cells(node, ctx, 0, nb, 0, nb, min_size=max(1, nb // 64))
     return int(sum(np.sum((np.minimum(ra + size, nb) - ra) * (np.minimum(ca + size, nb) - ca)) for ra, ca, size in cells))
 
 
@@ -1403,7 +1457,7 @@ def _truth(e, env):
 _CSR_CHUNK = 2**20
 
 
-def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int) -> sp.csr_matrix:
+def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int, budget: _Budget | None = None) -> sp.csr_matrix:
     """bool CSR ``[n, n]`` of the elements of the non-empty tiles ``(i, j)``
     (sorted by ``(i, j)``): FULL tiles expand whole; PARTIAL tiles are
     evaluated, along their allowed diagonals when the pattern depends only on
@@ -1417,7 +1471,7 @@ def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int) -> sp.csr_matrix:
     """
     import scipy.sparse as sp
 
-    ctx = _Ctx(n, B)
+    ctx = _Ctx(n, B, budget)
     nb, side = ctx.nb, min(B, n)
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
@@ -1453,6 +1507,8 @@ def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int) -> sp.csr_matrix:
                     continue
                 k, per_row = _row_elements(t, boxes, box_of, boxed, diag_tile, diag_d, s0, s1, q0, rows, side)
                 counts[q0 : q0 + rows] = per_row
+                ctx.budget.elements += k.size
+                _check_elements(ctx.budget.elements, n)
                 parts.append(k)
         x = y
     nnz = int(counts.sum())

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import PatternError
+from .planner import DEFAULT_BLOCK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +35,42 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `patterncc show ... | head`: the reader left, nothing is wrong
         sys.stdout = open(os.devnull, "w")
         return 0
-    except OSError as err:  # a file that is missing or unreadable
-        print(f"error: cannot read {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:  # a file that is missing, unreadable or unwritable
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
+
+
+# -- argument types: argparse turns their ValueError into a usage message, exit 2
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (the sizes, counts and lengths the commands take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def head_dim(text: str) -> int:
+    from .backends.triton.config import MAX_HEAD_DIM
+
+    value = positive_int(text)
+    if value > MAX_HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"expected a head dim in 1..{MAX_HEAD_DIM}, got {value}")
+    return value
+
+
+def kernel_block(text: str) -> int:
+    from .backends.triton.config import MIN_TILE
+
+    value = positive_int(text)
+    if value < MIN_TILE or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two >= {MIN_TILE}, got {value}")
+    return value
 
 
 # -- argument parsing -------------------------------------------------------------
@@ -46,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="patterncc", description="A compiler for sparse attention patterns.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="parse and check .pat files")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p = sub.add_parser("check", help="parse and check .pat files or pattern expressions")
+    p.add_argument("files", nargs="+", metavar="FILE|EXPR")
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("show", help="print the block layout of a pattern")
@@ -66,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="generate the kernels of a pattern")
     _pattern_args(p)
     p.add_argument("--emit", choices=["triton", "ir"], default="triton")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=head_dim, default=64, help="head dim, 1..256 (default 64)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--block", type=int, default=None)
-    p.add_argument("--seq-len", "-n", type=int, default=None,
+    p.add_argument("--block", type=kernel_block, default=None,
+                   help="layout block, a power of two >= 16 (default: the tile table's, 64)")
+    p.add_argument("--seq-len", "-n", type=positive_int, default=None,
                    help="length to specialize for (patterns whose arguments use n)")
     p.set_defaults(run=cmd_compile)
 
@@ -80,27 +115,31 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time patterncc against FlexAttention and SDPA on a GPU")
     _pattern_args(p)
-    p.add_argument("--seq-len", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, nargs="+", default=[64])
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=positive_int, nargs="+", default=[4096, 16384],
+                   help="sequence lengths (default 4096 16384)")
+    p.add_argument("--heads", type=positive_int, default=16, help="query heads (default 16)")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("--head-dim", type=head_dim, nargs="+", default=[64], help="head dims (default 64)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=positive_int, default=3,
                    help="time every contender this many times, back to back, and keep the medians (default 3)")
     p.add_argument("--out", metavar="FILE.md", help="append the markdown table to FILE")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("test", help="property-test the patterns in .pat files")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--examples", type=int, default=30, help="hypothesis examples per pattern and backend")
-    p.add_argument("--backend", action="append", help="restrict to these backends")
+    p.add_argument("--examples", type=positive_int, default=30,
+                   help="hypothesis examples per pattern and backend (default 30)")
+    p.add_argument("--backend", action="append", choices=["reference", "triton"],
+                   help="restrict to this backend (repeat for several); one that cannot run here fails the run")
     p.add_argument("--seed", type=int, default=None, help="hypothesis seed (to reproduce a failure)")
     p.set_defaults(run=cmd_test)
 
     p = sub.add_parser("demo", help="the main job: compile the standard patterns, check, draw")
     p.add_argument("--out", default="out", help="folder for pictures (default: out/)")
-    p.add_argument("--seq-len", type=int, default=None, help="length for the attention check")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="length for the attention check (default 200)")
     p.set_defaults(run=cmd_demo)
     return ap
 
@@ -112,10 +151,10 @@ def _pattern_args(p: argparse.ArgumentParser) -> None:
 
 
 def _shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", "-n", type=int, default=4096)
-    p.add_argument("--block", "-b", type=int, default=None,
-                   help="layout block (default: the block a compiled attention uses)")
-    p.add_argument("--heads", type=int, default=None,
+    p.add_argument("--seq-len", "-n", type=positive_int, default=4096, help="sequence length (default 4096)")
+    p.add_argument("--block", "-b", type=positive_int, default=None,
+                   help=f"block size (default {DEFAULT_BLOCK}, the block a compiled attention uses)")
+    p.add_argument("--heads", type=positive_int, default=None,
                    help="head count (default: what a heads { .. } block covers, else 1)")
 
 
@@ -147,17 +186,15 @@ def heads_for(args, pat) -> int:
 
 
 def cmd_check(args) -> int:
-    from . import pipeline
-
     failed = 0
     for name in args.files:
         try:
-            pat = pipeline.load(name)
+            pat = load_pattern(name, [])
         except PatternError as err:
             print(str(err), file=sys.stderr)
             failed += 1
         except OSError as err:
-            print(f"{name}: cannot read: {err.strerror}", file=sys.stderr)
+            print(f"{name}: cannot read: {err.strerror or err}", file=sys.stderr)
             failed += 1
         else:
             print(f"{name}: ok: {pat}")
@@ -167,6 +204,8 @@ def cmd_check(args) -> int:
 def cmd_show(args) -> int:
     from . import pipeline
 
+    if args.png:
+        _check_picture_path(args.png)
     pat = load_pattern(args.pattern, args.param)
     args.heads = heads_for(args, pat)
     t0 = time.perf_counter()
@@ -186,22 +225,37 @@ def cmd_show(args) -> int:
     return 0
 
 
+# The formats every matplotlib installation writes.
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _check_picture_path(path: str) -> None:
+    """Refuse a picture path before any work: a suffix matplotlib cannot
+    write, or no matplotlib at all."""
+    if Path(path).suffix.lower() not in PICTURE_SUFFIXES:
+        raise PatternError(f"--png {path!r}: the file name must end in {', '.join(PICTURE_SUFFIXES)}")
+    from .demo import picture_support
+
+    if not picture_support():
+        raise PatternError("--png needs matplotlib, which is not installed (pip install matplotlib)")
+
+
 def cmd_layout(args) -> int:
     import numpy as np
 
     from . import pipeline
 
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".json"):
+        raise PatternError(f"--out must end in .npz or .json, got {args.out!r}")
     pat = load_pattern(args.pattern, args.param)
     lay = pipeline.layout(pat, args.seq_len, args.block, heads_for(args, pat))
     arrays = {name: getattr(lay, name) for name in ("kv_ptr", "kv_idx", "kv_full", "q_ptr", "q_idx", "q_full")}
     meta = {"pattern": str(pat), "seq_len": lay.seq_len, "block": lay.block, "heads": lay.heads, "nnz": lay.nnz}
-    out = Path(args.out)
     if out.suffix == ".npz":
         np.savez_compressed(out, **arrays, dense=lay.to_dense(), meta=json.dumps(meta))
     elif out.suffix == ".json":
         out.write_text(json.dumps({**meta, **{k: v.tolist() for k, v in arrays.items()}}) + "\n")
-    else:
-        raise PatternError(f"--out must end in .npz or .json, got {args.out!r}")
     print(f"wrote {out} ({lay.nnz} non-empty blocks)")
     return 0
 
@@ -213,6 +267,9 @@ def cmd_compile(args) -> int:
         return 0
     from .backends.triton import codegen
 
+    if args.seq_len is None and codegen.needs_length(pat):
+        raise PatternError(f"`{pat}` has arguments that depend on n: its kernels are generated per "
+                           "sequence length; pass --seq-len N")
     config = codegen.default_config(args.head_dim, args.dtype, args.block)
     print(codegen.generate_source(pat, config, seq_len=args.seq_len))
     return 0

@@ -58,6 +58,14 @@ class Progress:
             print(file=sys.stderr)
 
 
+def picture_support() -> bool:
+    """Whether matplotlib is importable (pictures are optional: the plot extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def run_demo(out_dir: str = "out", seq_len: int | None = None) -> int:
     out = Path(out_dir)
@@ -99,6 +107,9 @@ def run_demo(out_dir: str = "out", seq_len: int | None = None) -> int:
 
     _gpu_section()
 
+    if not picture_support():
+        print("\n3. Pictures: skipped, matplotlib is not installed (pip install matplotlib)")
+        return 0 if ok else 1
     print(f"\n3. Pictures in {out}/")
     progress = Progress(len(patterns), "pictures")
     from .pictures import draw_pattern

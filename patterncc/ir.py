@@ -25,6 +25,8 @@ from .errors import HeadsError, LimitError, Loc, PatternError, PatternValueError
 # Every integer a user writes or a parameter evaluates to must fit in int32:
 # generated kernels do their index arithmetic in 32 bits.
 MAX_VALUE = 2**31 - 1
+# Head counts beyond any real model's: layouts, masks and plans are built per head.
+MAX_HEADS = 4096
 
 _LOC = dict(default=None, compare=False, hash=False, repr=False)
 
@@ -196,10 +198,16 @@ class Pattern:
     def __str__(self) -> str:
         return source(self)
 
+    def scored(self, softcap: float | None = None, alibi: bool = False) -> "Pattern":
+        """This pattern with score terms: ``softcap(c)``, ``alibi`` (see ``Terms``)."""
+        return scored(self, softcap, alibi)
+
 
 def _check(other, op: str) -> "Pattern":
     if not isinstance(other, Pattern):
         raise TypeError(f"cannot combine a pattern with {type(other).__name__!r} using `{op}`")
+    if isinstance(other, Scored):
+        raise _scored_operand(op)
     return other
 
 
@@ -374,6 +382,110 @@ class Cycle(Pattern):
     loc: Loc | None = field(**_LOC)
 
 
+# -- score terms: what a pattern adds to the scores of the pairs it allows.
+#    They sit only at the top of a tree (``Scored``), never change which pairs
+#    may attend, and every stage that works on the mask (masks, layouts,
+#    plans, kernels' predicates) takes ``split_terms(p)[0]``.
+
+
+@dataclass(frozen=True)
+class Terms:
+    """A pattern's score terms: ``softcap(c)`` (``s = c * tanh(s / c)`` on the
+    scaled score, ``c > 0``) and ``alibi`` (``s -= slope_h * abs(q - k)``, the
+    standard slopes unless the call gives its own)."""
+
+    softcap: float | None = None
+    alibi: bool = False
+
+    def __bool__(self) -> bool:
+        return self.softcap is not None or self.alibi
+
+    def __str__(self) -> str:
+        """The text after ``with``: ``softcap(50), alibi``."""
+        out = [] if self.softcap is None else [f"softcap({number_source(self.softcap)})"]
+        return ", ".join(out + (["alibi"] if self.alibi else []))
+
+
+NO_TERMS = Terms()
+TERM_NAMES = ("softcap", "alibi")
+
+
+@dataclass(frozen=True)
+class Scored(Pattern):
+    """``BODY with softcap(c), alibi``: the mask ``body`` with score terms. Only
+    at the top of a pattern: combining it (``| & - ~``, ``heads``, ``cycle``)
+    is an error, since terms apply to the whole attention."""
+
+    body: Pattern
+    terms: Terms
+    loc: Loc | None = field(**_LOC)
+
+    def __or__(self, other):
+        raise _scored_operand("|")
+
+    def __and__(self, other):
+        raise _scored_operand("&")
+
+    def __sub__(self, other):
+        raise _scored_operand("-")
+
+    def __invert__(self):
+        raise _scored_operand("~")
+
+
+
+def _scored_operand(op: str) -> TypeError:
+    return TypeError(
+        f"cannot use `{op}` on a pattern with score terms: terms apply to the whole attention; "
+        "combine the mask patterns first, then add the terms (`(A | B).scored(softcap=50)`)"
+    )
+
+
+def scored(p: Pattern, softcap: float | None = None, alibi: bool = False) -> Pattern:
+    """``p`` with these terms added to its own (a term given twice is an error)."""
+    if not isinstance(p, Pattern):
+        raise TypeError(f"expected a pattern, got {type(p).__name__}")
+    softcap = check_softcap(softcap)
+    if not isinstance(alibi, bool):
+        raise TypeError(f"alibi must be True or False, got {alibi!r}")
+    body, terms = split_terms(p)
+    if softcap is not None and terms.softcap is not None:
+        raise PatternValueError(f"the pattern already has softcap({number_source(terms.softcap)})", p.loc)
+    merged = Terms(terms.softcap if softcap is None else softcap, terms.alibi or alibi)
+    return Scored(body, merged, p.loc) if merged else body
+
+
+def split_terms(p: Pattern) -> tuple[Pattern, Terms]:
+    """``(mask pattern, score terms)``: what decides which pairs attend, and
+    what is added to their scores."""
+    if isinstance(p, Scored):
+        return p.body, p.terms
+    return p, NO_TERMS
+
+
+def check_softcap(c) -> float | None:
+    """``c`` as a float, or a ValueError/TypeError naming it: a finite number > 0."""
+    if c is None:
+        return None
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise TypeError(f"softcap must be a number, got {type(c).__name__}")
+    c = float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise PatternValueError(f"softcap must be a finite number > 0, got softcap={c:g}")
+    return c
+
+
+def number_source(x: float) -> str:
+    """A float as the language writes it: ``50``, ``30.5``, ``0.00001`` (no
+    exponent; an integer beyond int32 as a decimal, ``3000000000.0``)."""
+    if float(x).is_integer() and abs(x) <= MAX_VALUE:
+        return str(int(x))
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(x))), "f")
+    return text if "." in text else text + ".0"
+
+
 PRIMITIVES = {
     "all": All,
     "none": Empty,
@@ -404,6 +516,8 @@ def children(p: Pattern) -> tuple[Pattern, ...]:
         return (p.arg,)
     if isinstance(p, Heads):
         return tuple(r.pattern for r in p.ranges)
+    if isinstance(p, Scored):
+        return (p.body,)
     return ()
 
 
@@ -470,11 +584,16 @@ def check_args(p: Pattern, values: dict[str, int]) -> None:
 
 def bind(p: Pattern, n: int) -> Pattern:
     """Evaluate every symbolic primitive argument at sequence length ``n`` and
-    check its range. ``where`` conditions keep ``n`` symbolic."""
+    check its range. ``where`` conditions keep ``n`` symbolic; their values
+    are proven to stay within what the backends' integers hold at this ``n``
+    (``check_where``)."""
     return _map(p, lambda node: _bind_node(node, n))
 
 
 def _bind_node(node: Pattern, n: int) -> Pattern:
+    if isinstance(node, Where):
+        check_where(node.cond, n, node.loc)
+        return node
     if type(node) not in PRIMITIVE_NAMES or not any(isinstance(a, Expr) for a in args_of(node)):
         return node
     names = [f.name for f in fields(node) if f.name != "loc"]
@@ -513,7 +632,10 @@ def natural_heads(p: Pattern) -> int | None:
 
 
 def check_heads(p: Pattern, heads: int) -> None:
-    """Every ``heads { .. }`` must cover ``0..heads`` exactly, without overlap."""
+    """Every ``heads { .. }`` must cover ``0..heads`` exactly, without overlap;
+    and ``heads`` is within ``MAX_HEADS`` (layouts and masks work per head)."""
+    if heads > MAX_HEADS:
+        raise LimitError(f"{heads=} is over the limit of {MAX_HEADS} heads")
     for node in walk(p):
         if not isinstance(node, Heads):
             continue
@@ -561,6 +683,8 @@ def _map(p: Pattern, fn) -> Pattern:
         return replace(node, arg=_map(node.arg, fn))
     if isinstance(node, Heads):
         return replace(node, ranges=tuple(replace(r, pattern=_map(r.pattern, fn)) for r in node.ranges))
+    if isinstance(node, Scored):
+        return replace(node, body=_map(node.body, fn))
     return node
 
 
@@ -598,6 +722,9 @@ def _src(p: Pattern, need: int) -> str:
     if isinstance(p, Heads):
         body = ", ".join(f"{r.start}..{r.stop} => {_src(r.pattern, _P_WHERE)}" for r in p.ranges)
         return "heads { " + body + " }"
+    if isinstance(p, Scored):
+        # `with` is looser than anything, `where` included: never parenthesized.
+        return f"{_src(p.body, _P_WHERE)} with {p.terms}"
     name = PRIMITIVE_NAMES[type(p)]
     args = args_of(p)
     return f"{name}({', '.join(expr_source(a) for a in args)})" if args else name
@@ -631,4 +758,92 @@ def _esrc(e: Arg, need: int) -> str:
         return _paren(f" {e.op} ".join(_esrc(a, prec + 1) for a in e.args), prec, need)
     if isinstance(e, Not):
         return _paren(f"not {_esrc(e.arg, _E_NOT)}", _E_NOT, need)
+    raise TypeError(f"not an expression: {e!r}")
+
+
+# ----------------------------------------------------------------------------
+# Bounds of `where` expressions
+# ----------------------------------------------------------------------------
+# Exact bounds of ``where`` expressions, so that no backend's integers wrap.
+#
+# The language promises Python's unbounded integers; the backends compute in
+# fixed width: numpy int64 (the reference backend and the layouts), and in
+# the generated Triton kernels int32, or int64 where some value could leave
+# int32 at any length (``codegen._needs_int64``), as in the FlexAttention
+# ``mask_mod``. So every ``where`` expression is checked when ``n`` becomes
+# known (``ir.bind``): interval arithmetic over Python integers, with
+# ``0 <= q, k < n`` and ``0 <= h < MAX_HEADS``, bounds every intermediate
+# value, and an expression that could leave ``[-LIMIT, LIMIT]`` is refused
+# with a ``LimitError`` located at the sub-expression. ``LIMIT`` is 2**62, not
+# 2**63 - 1, so that the kernels' floor division (``a - floor_mod(a, b)``)
+# and ``abs`` cannot wrap either.
+
+LIMIT = 2**62
+
+
+def check_where(cond: Expr, n: int, where_loc=None) -> None:
+    """Refuse ``cond`` if any intermediate value could leave ``[-LIMIT, LIMIT]`` at length ``n``."""
+    ranges = {"q": (0, n - 1), "k": (0, n - 1), "n": (n, n), "h": (0, MAX_HEADS - 1)}
+    _bounds(cond, ranges, n, where_loc)
+
+
+def _bounds(e: Expr, ranges: dict, n: int, where_loc) -> tuple[int, int]:
+    lo, hi = _node_bounds(e, ranges, n, where_loc)
+    if lo < -LIMIT or hi > LIMIT:
+        worst = hi if hi > LIMIT else lo
+        raise LimitError(
+            f"`{expr_source(e)}` can reach {worst} at n={n}: beyond +-2**62, where the backends' "
+            "64-bit integers no longer compute it exactly",
+            getattr(e, "loc", None) or where_loc,
+            hint="keep the values of a `where` expression within +-2**62 (4.6e18)",
+        )
+    return lo, hi
+
+
+def _node_bounds(e, ranges, n, where_loc) -> tuple[int, int]:
+    sub = lambda x: _bounds(x, ranges, n, where_loc)  # noqa: E731
+    match e:
+        case int():
+            return e, e
+        case Const(value=v):
+            return v, v
+        case Var(name=name):
+            return ranges[name]
+        case Compare(left=a, right=b):
+            sub(a), sub(b)
+            return 0, 1
+        case BoolOp(args=args):
+            for a in args:
+                sub(a)
+            return 0, 1
+        case Not(arg=a):
+            sub(a)
+            return 0, 1
+        case BinOp(op=op, left=a, right=b):
+            (a0, a1), (b0, b1) = sub(a), sub(b)
+            if op == "+":
+                return a0 + b0, a1 + b1
+            if op == "-":
+                return a0 - b1, a1 - b0
+            if op == "*":
+                corners = (a0 * b0, a0 * b1, a1 * b0, a1 * b1)
+                return min(corners), max(corners)
+            if b0 <= 0 <= b1:  # a divisor that may be 0 (evaluation refuses it): no bound
+                big = max(abs(a0), abs(a1), abs(b0), abs(b1))
+                return -big, big
+            if op == "%":  # the sign of the divisor, smaller than it
+                return (0, b1 - 1) if b0 > 0 else (b0 + 1, 0)
+            corners = (a0 // b0, a0 // b1, a1 // b0, a1 // b1)
+            return min(corners), max(corners)
+        case Call(fn=fn, args=args):
+            bounds = [sub(a) for a in args]
+            if fn == "abs":
+                (x0, x1), = bounds
+                return (0 if x0 <= 0 <= x1 else min(abs(x0), abs(x1))), max(abs(x0), abs(x1))
+            if fn == "min":
+                return min(b[0] for b in bounds), min(b[1] for b in bounds)
+            if fn == "max":
+                return max(b[0] for b in bounds), max(b[1] for b in bounds)
+            (x0, x1), = bounds  # isqrt
+            return math.isqrt(max(x0, 0)), math.isqrt(max(x1, 0))
     raise TypeError(f"not an expression: {e!r}")

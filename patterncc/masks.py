@@ -11,8 +11,11 @@ import numpy as np
 from . import ir, randomblocks
 from .errors import LimitError, PatternValueError
 
-# Dense masks are for small n; above this many elements mask() refuses.
-MAX_MASK_ELEMENTS = 2**30
+# Dense masks are for small n; above this many elements (256 MiB) mask() refuses.
+MAX_MASK_ELEMENTS = 2**28
+# Elements evaluated per numpy call: evaluation's int64 temporaries stay small
+# next to the bool result.
+_ROWS_CHUNK = 2**22
 
 
 def evaluate(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int, *, random=None) -> np.ndarray:
@@ -133,14 +136,19 @@ def dense_mask(p: ir.Pattern, seq_len: int, heads: int = 1) -> np.ndarray:
             f"a dense mask of {heads=} x {n} x {n} elements is over the limit of "
             f"{MAX_MASK_ELEMENTS}; use layout() or sparse_mask() for long sequences"
         )
+    p = ir.split_terms(p)[0]  # score terms never change which pairs attend
     ir.check_heads(p, heads)
     bound = ir.bind(p, n)
     pos = np.arange(n, dtype=np.int64)
     out = np.empty((heads, n, n), dtype=bool)
-    per_head = {}
+    first: dict[ir.Pattern, int] = {}  # each distinct head pattern is evaluated once
+    rows = max(1, _ROWS_CHUNK // n)
     for h in range(heads):
         ph = ir.for_head(bound, h)
-        if ph not in per_head:
-            per_head[ph] = evaluate(ph, pos[:, None], pos[None, :], n)
-        out[h] = per_head[ph]
+        if ph in first:
+            out[h] = out[first[ph]]
+            continue
+        first[ph] = h
+        for q0 in range(0, n, rows):
+            out[h, q0 : q0 + rows] = evaluate(ph, pos[q0 : q0 + rows, None], pos[None, :], n)
     return out

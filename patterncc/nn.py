@@ -40,6 +40,15 @@ Written-down choices:
   ``heads // len(patterns)`` heads, as one ``heads { .. }`` pattern
   (``ir.Heads``), not ``cycle``: the printed pattern says which heads do what,
   and with ``kv_heads = len(patterns)`` each key/value head serves one pattern.
+- **Score terms.** ``softcap=c`` caps every score (``c * tanh(s / c)``,
+  replacing a pattern's own ``softcap``); ``sinks=True`` adds a learnable
+  sink logit per head (``attn.sinks`` ``(heads,)``, starting at 0);
+  ``rel_bias_distance=M`` a learnable relative-position bias (``attn.rel_bias``
+  ``(heads, 2 * M + 1)``, starting at 0). ALiBi comes from the pattern
+  (``"causal with alibi"``, standard slopes). Terms apply to a whole
+  attention, so ``merged`` and ``multihead`` modes refuse patterns that carry
+  them: put them on the model instead. Dense causal (``pattern=None``) takes
+  no terms; write ``"causal"`` for them.
 - **Recomputation** (``recompute=True``) wraps each whole residual branch
   ``a + b`` in ``torch.utils.checkpoint`` (``use_reentrant=False``, RNG state
   preserved, so dropout masks are replayed exactly): a block keeps only its
@@ -114,6 +123,12 @@ def layer_patterns(patterns, mode: str, depth: int, heads: int) -> list[ir.Patte
         raise ValueError("patterns must all be patterns; pass patterns=None for a dense model")
     if mode == "interleaved":
         return [pats[r % len(pats)] for r in range(depth)]
+    scored = [p for p in pats if isinstance(p, ir.Scored)]
+    if scored:
+        raise ValueError(
+            f"{mode} mode combines the patterns, but `{scored[0]}` has score terms, which apply to a whole "
+            "attention: give the model softcap=... (or use interleaved mode) instead"
+        )
     if mode == "merged":
         return [functools.reduce(operator.or_, pats)] * depth
     if heads % len(pats):
@@ -152,12 +167,14 @@ class SparseSelfAttention(nn.Module):
     One fused projection makes q, k and v (``heads + 2 * kv_heads`` heads of
     ``head_dim``), the compiled pattern attends, an output projection maps
     back to ``dim``, and ``dropout`` applies to that output. ``pattern=None``
-    is dense causal attention (SDPA).
+    is dense causal attention (SDPA). Score terms: ``softcap``, ``sinks=True``
+    and ``rel_bias_distance=M`` (see the module docstring).
     """
 
     def __init__(self, dim: int, heads: int, pattern, *, kv_heads: int | None = None,
                  dropout: float = 0.0, backend: str = "auto", bias: bool = True,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, softcap: float | None = None, sinks: bool = False,
+                 rel_bias_distance: int | None = None):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
         for name, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
@@ -178,19 +195,40 @@ class SparseSelfAttention(nn.Module):
         self.pattern = resolve_pattern(pattern)
         if self.pattern is not None:
             ir.check_heads(self.pattern, heads)  # `heads { .. }` must cover exactly our heads
+        self.softcap = ir.check_softcap(softcap)
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be True or False, got {sinks!r}")
+        if rel_bias_distance is not None and (isinstance(rel_bias_distance, bool) or
+                                              not isinstance(rel_bias_distance, int) or rel_bias_distance < 0):
+            raise ValueError(f"rel_bias_distance must be an integer >= 0 or None, got {rel_bias_distance!r}")
+        if self.pattern is None and (softcap is not None or sinks or rel_bias_distance is not None):
+            raise ValueError("score terms need a pattern: pattern=None is SDPA's dense causal attention; "
+                             "write pattern='causal' to use them")
+        self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
+        self.rel_bias = None if rel_bias_distance is None else nn.Parameter(torch.zeros(heads, 2 * rel_bias_distance + 1))
+        # Compiled here, not in forward: torch.compile then traces no compiling
+        # and finds one attention op per call.
+        self._attentions = {} if self.pattern is None else {b: _compiled(self.pattern, b, self.softcap) for b in BACKENDS[1:]}
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
         pattern = "dense causal (sdpa)" if self.pattern is None else f"`{self.pattern}`"
+        terms = "".join([
+            "" if self.softcap is None else f", softcap={self.softcap:g}",
+            "" if self.sinks is None else ", sinks=True",
+            "" if self.rel_bias is None else f", rel_bias_distance={(self.rel_bias.shape[1] - 1) // 2}",
+        ])
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
-                f"head_dim={self.head_dim}, pattern={pattern}, backend={self.backend!r}")
+                f"head_dim={self.head_dim}, pattern={pattern}, backend={self.backend!r}{terms}")
 
     def forward(self, x: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
         """x ``(B, n, dim)``; with a ``cache`` the n tokens follow the
         ``cache.length`` cached ones: their keys and values are appended and
         they attend to every cached token the pattern allows."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (batch, seq_len, dim={self.dim}), got shape {tuple(x.shape)}")
         B, n, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -220,7 +258,9 @@ class SparseSelfAttention(nn.Module):
             keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
             return F.scaled_dot_product_attention(q, k[:, :, :n_k], v[:, :, :n_k], attn_mask=keep)
         attn = self.compiled(self.backend_for(q))
-        kwargs = {} if cache_seqlens is None else {"cache_seqlens": cache_seqlens}
+        kwargs = {name: t for name, t in (("sinks", self.sinks), ("rel_bias", self.rel_bias)) if t is not None}
+        if cache_seqlens is not None:
+            kwargs["cache_seqlens"] = cache_seqlens
         return attn(q, k, v, **kwargs).to(q.dtype)  # strided views: the backends take any strides
 
     def backend_for(self, x: torch.Tensor) -> str:
@@ -228,14 +268,14 @@ class SparseSelfAttention(nn.Module):
 
     def compiled(self, backend: str):
         """The pattern compiled for one backend (shared by every layer with this pattern)."""
-        return _compiled(self.pattern, backend)
+        return self._attentions[backend]
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(pattern: ir.Pattern, backend: str):
-    # One compiled attention per (pattern, backend): layers and models with the
-    # same pattern share its per-length layouts and its kernels.
-    return compile_pattern(pattern, backend=backend)
+def _compiled(pattern: ir.Pattern, backend: str, softcap: float | None = None):
+    # One compiled attention per (pattern, backend, softcap): layers and models
+    # with the same pattern share its per-length layouts and its kernels.
+    return compile_pattern(pattern, backend=backend, softcap=softcap)
 
 
 class FeedForward(nn.Sequential):
@@ -263,14 +303,16 @@ class SparseTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, pattern, *, mlp_ratio: float = 4, dropout: float = 0.0,
                  depth_for_init: int = 1, recompute: bool = False, kv_heads: int | None = None,
                  backend: str = "auto", bias: bool = True, head_dim: int | None = None,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, softcap: float | None = None, sinks: bool = False,
+                 rel_bias_distance: int | None = None):
         super().__init__()
         if isinstance(depth_for_init, bool) or not isinstance(depth_for_init, int) or depth_for_init < 1:
             raise ValueError(f"depth_for_init must be a positive integer, got {depth_for_init!r}")
         self.recompute = recompute
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SparseSelfAttention(dim, heads, pattern, kv_heads=kv_heads, dropout=dropout,
-                                        backend=backend, bias=bias, head_dim=head_dim)
+                                        backend=backend, bias=bias, head_dim=head_dim, softcap=softcap,
+                                        sinks=sinks, rel_bias_distance=rel_bias_distance)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, int(mlp_ratio * dim), bias=bias)
         self.ff_dropout = nn.Dropout(dropout)
@@ -289,6 +331,9 @@ class SparseTransformerBlock(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+        for term in (self.attn.sinks, self.attn.rel_bias):
+            if term is not None:
+                nn.init.zeros_(term)
         out_scale = 1.0 / math.sqrt(2 * depth_for_init)
         self.attn.proj.weight.mul_(out_scale)
         self.ff.proj.weight.mul_(out_scale)
@@ -313,14 +358,16 @@ class SparseTransformer(nn.Module):
     a final LayerNorm and a head (tied to the token embedding by default).
     ``patterns`` (one or a list; None for dense causal attention) are arranged
     over layers and heads by ``mode`` (see ``layer_patterns``); every pattern
-    must be causal.
+    must be causal. ``softcap``, ``sinks`` and ``rel_bias_distance`` go to every
+    layer (each layer learns its own sinks and bias).
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, patterns=None,
                  mode: str = "interleaved", max_len: int = 1024, recompute: bool = False,
                  dropout: float = 0.0, *, kv_heads: int | None = None, mlp_ratio: float = 4,
                  backend: str = "auto", bias: bool = True, head_dim: int | None = None,
-                 tie_weights: bool = True, init_std: float = 0.02):
+                 tie_weights: bool = True, init_std: float = 0.02, softcap: float | None = None,
+                 sinks: bool = False, rel_bias_distance: int | None = None):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("depth", depth), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -336,7 +383,8 @@ class SparseTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             SparseTransformerBlock(dim, heads, p, mlp_ratio=mlp_ratio, dropout=dropout,
                                    depth_for_init=depth, recompute=recompute, kv_heads=kv_heads,
-                                   backend=backend, bias=bias, head_dim=head_dim, init_std=init_std)
+                                   backend=backend, bias=bias, head_dim=head_dim, init_std=init_std,
+                                   softcap=softcap, sinks=sinks, rel_bias_distance=rel_bias_distance)
             for p in per_layer
         )
         self.norm = nn.LayerNorm(dim)

@@ -151,11 +151,11 @@ def _loc(token: Token) -> Loc:
 _BINARY = {"VBAR", "AMP", "PLUS", "MINUS", "STAR", "FLOORDIV", "PERCENT", "COMPARE", "AND", "OR"}
 # A line break right after one of these continues the statement.
 _CONTINUE_AFTER = _BINARY | {
-    "TILDE", "NOT", "WHERE", "PATTERN", "HEADS", "CYCLE",
+    "TILDE", "NOT", "WHERE", "PATTERN", "HEADS", "CYCLE", "WITH",
     "_LPAR", "_LBRACE", "_COMMA", "_EQUAL", "ARROW", "DOTDOT",
 }
 # A line that starts with one of these continues the statement before it.
-_CONTINUE_BEFORE = _BINARY | {"_RPAR", "_RBRACE", "_COMMA", "_EQUAL", "ARROW", "DOTDOT"}
+_CONTINUE_BEFORE = _BINARY | {"_RPAR", "_RBRACE", "_COMMA", "_EQUAL", "ARROW", "DOTDOT", "WITH"}
 _OPENING = {"_LPAR", "_LBRACE"}
 _CLOSING = {"_RPAR", "_RBRACE"}
 
@@ -260,6 +260,15 @@ class _Build(Transformer):
     def cycle(self, keyword, *parts):
         return ast.Cycle(parts, _loc(keyword))
 
+    def scored(self, body, keyword, *terms):
+        return ast.Scored(body, terms, _loc(keyword))
+
+    def score_term(self, name, *args):
+        return ast.ScoreTerm(name.value, args, _loc(name))
+
+    def real(self, token):
+        return ast.Real(float(token.value), _loc(token))
+
 
 def _chain(op: str, items: tuple) -> ast.Chain:
     """``a OP b OP c`` arrives as ``(a, OP, b, OP, c)``; located at the first OP."""
@@ -287,7 +296,7 @@ def _integer(token: Token) -> int:
 # ----------------------------------------------------------------------------
 
 _EXPRESSION_START = {"NAME", "NUMBER", "_LPAR", "MINUS", "TILDE", "NOT", "WHERE", "HEADS", "CYCLE"}
-_KEYWORDS = {"PATTERN", "WHERE", "HEADS", "CYCLE", "OR", "AND", "NOT"}
+_KEYWORDS = {"PATTERN", "WHERE", "HEADS", "CYCLE", "OR", "AND", "NOT", "WITH"}
 # After these only a pattern makes sense; after these only an integer.
 _BEFORE_PATTERN = {"VBAR", "AMP", "TILDE", "ARROW"}
 _BEFORE_INTEGER = {"PLUS", "STAR", "FLOORDIV", "PERCENT", "COMPARE", "DOTDOT"}
@@ -368,6 +377,12 @@ def _bad_token(err: UnexpectedToken, state: _State) -> PatternSyntaxError:
     hint = None
     if token.type in _CLOSING and not state.open_brackets:
         return PatternSyntaxError(f"unmatched `{token.value}`", loc)
+    if token.type == "WITH" and state.open_brackets:
+        return PatternSyntaxError(
+            "`with` cannot be inside brackets: score terms apply to the whole attention",
+            loc,
+            hint="put `with` after the whole pattern: `causal & (local(8) | sink(4)) with softcap(50)`",
+        )
     if token.type == "WHERE" and "_LPAR" in accepted:
         return PatternSyntaxError(
             "`where` must be in parentheses here",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from . import ir
 from .errors import PatternError, PatternValueError
 
@@ -111,11 +113,13 @@ def plan(pat: ir.Pattern | str, seq_len: int, block: int | None = None, heads: i
 
 
 def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
-    """A callable ``attn(q, k, v, scale=None, return_lse=False)`` for the pattern.
+    """A callable ``attn(q, k, v, scale=None, return_lse=False, *,
+    alibi_slopes=None, sinks=None, rel_bias=None)`` for the pattern.
 
     ``backend``: ``"reference"`` (numpy/scipy, float64), ``"triton"`` (the
     generated GPU kernels) or ``"auto"`` (Triton for CUDA tensors, the
-    reference otherwise, chosen per call).
+    reference otherwise, chosen per call). ``softcap=c`` adds (or replaces)
+    the pattern's ``softcap(c)``.
     """
     from .attention import Attention
 
@@ -123,8 +127,9 @@ def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise PatternValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)  # numpy integers (np.int64(256)) are integers too
     if value < 1:
         raise PatternValueError(f"{name} must be >= 1, got {name}={value}")
     return value
@@ -146,6 +151,8 @@ def validate(p: ir.Pattern) -> None:
             assert not any(isinstance(c, type(node)) for c in node.parts), "unflattened chain"
         if isinstance(node, ir.Cycle):
             assert node.parts, "empty cycle"
+        if isinstance(node, ir.Scored):
+            assert node is p and node.terms, "score terms below the top of the pattern, or none"
         if type(node) in ir.PRIMITIVE_NAMES:
             for a in ir.args_of(node):
                 assert isinstance(a, (int, ir.Expr)) and not isinstance(a, bool), f"bad argument {a!r}"

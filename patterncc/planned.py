@@ -26,6 +26,7 @@ import numpy as np
 from . import ir
 from .lru import LRU
 from .planner import Component, Plan, build_plan
+from .scores import NO_TERMS, ScoreTerms
 
 _CACHE_ENTRIES = 16
 
@@ -52,7 +53,9 @@ class _Run:
 
 
 class PlannedAttention:
-    """``attn(q, k, v, scale=None, return_lse=False)`` running a pattern's plan.
+    """``attn(q, k, v, scale=None, return_lse=False, *, softcap=None,
+    alibi_slopes=None, sinks=None, rel_bias=None)`` running a pattern's plan
+    (score terms: ``patterncc.scores``; they never change the plan).
 
     ``make_inner(component, heads)`` builds the attention that runs one
     component's ``slot_pattern`` (the Triton kernels, or any backend that
@@ -80,31 +83,44 @@ class PlannedAttention:
             self._plans[key] = (build_plan(self.pattern, n, self.block, heads, mode=self.mode), {})
         return self._plans[key][0]
 
-    def __call__(self, q, k, v, scale=None, return_lse: bool = False):
+    def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, softcap=None, alibi_slopes=None,
+                 sinks=None, rel_bias=None):
         if self.check is not None:  # the inner backend's input checks, before any planning
             q, k, v = self.check(q, k, v)
         n, H = q.shape[-2], q.shape[1]
+        terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
+        if terms:
+            from .scores import check_terms
+
+            terms = check_terms(terms, H, q.device)
         plan = self.plan(n, H)
         # The cost model was fitted to the 16-bit kernels; the float32 ones
         # (exact products on the FMA units) are untimed, so a dense pattern in
         # float32 keeps the dense path whatever the model predicts.
         wants_dense = plan.strategy == "dense" or (
             "dense" in plan.costs and str(getattr(q, "dtype", "")) == "torch.float32")
-        if wants_dense and self.dense is not None and not return_lse:
+        if wants_dense and self.dense is not None and not return_lse and not terms:
             out = self.dense(plan.pattern, q, k, v, scale)
             if out is not None:
                 return out
         runs = self._runs(plan, q.device)
         if len(runs) == 1 and not runs[0].component.reordered:
-            return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse)
-        o, lse = self.combine(runs, q, k, v, scale)
+            return runs[0].attn(q, k, v, scale=scale, return_lse=return_lse, **_term_kwargs(terms))
+        o, lse = self.combine(runs, q, k, v, scale, terms)
         return (o, lse) if return_lse else o
 
-    def combine(self, runs: list[_Run], q, k, v, scale):
+    def combine(self, runs: list[_Run], q, k, v, scale, terms: ScoreTerms = NO_TERMS):
         """Run every component and merge: here each component's own autograd
         and a differentiable merge (a backend may fuse this, see
-        backends/triton/planned.py)."""
-        o, lse = merge([self._run_one(run, q, k, v, scale) for run in runs])
+        backends/triton/planned.py). The sink joins once, after the merge."""
+        if (terms.alibi_slopes is not None or terms.rel_bias is not None) and any(r.component.reordered for r in runs):
+            raise NotImplementedError(
+                "alibi_slopes and rel_bias read token positions, which a component run on gathered inputs "
+                "does not see: use the Triton backend (it folds the order into its kernels) or plan='natural'")
+        inner = ScoreTerms(terms.softcap, terms.alibi_slopes, None, terms.rel_bias)
+        o, lse = merge([self._run_one(run, q, k, v, scale, inner) for run in runs])
+        if terms.sinks is not None:
+            o, lse = add_sink(o, lse, terms.sinks)
         return o.to(q.dtype), lse
 
     def _runs(self, plan: Plan, device) -> list[_Run]:
@@ -121,7 +137,7 @@ class PlannedAttention:
         return cached[key]
 
     @staticmethod
-    def _run_one(run: _Run, q, k, v, scale):
+    def _run_one(run: _Run, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
         q_index, k_index, q_back = run.gathers
         if q_index is not None:
             q = q.index_select(2, q_index)
@@ -130,11 +146,31 @@ class PlannedAttention:
             v = v.index_select(2, k_index)
         if q_index is None and k_index is not None and k.shape[2] != q.shape[2]:
             raise AssertionError("gathered keys must be padded to the query count")
-        o, lse = run.attn(q, k, v, scale=scale, return_lse=True)
+        o, lse = run.attn(q, k, v, scale=scale, return_lse=True, **_term_kwargs(terms))
         if q_back is not None:
             o = o.index_select(2, q_back)
             lse = lse.index_select(2, q_back)
         return o, lse
+
+
+def _term_kwargs(terms: ScoreTerms) -> dict:
+    """The given terms as keyword arguments (none at all without terms, so
+    that an inner backend without score terms still runs plain calls)."""
+    names = ("softcap", "alibi_slopes", "sinks", "rel_bias")
+    values = (terms.softcap, *terms.tensors())
+    return {name: value for name, value in zip(names, values) if value is not None}
+
+
+def add_sink(o, lse, sinks):
+    """(o, lse) with ``exp(sinks[h])`` joining each row's denominator
+    (differentiable): lse' = logaddexp(lse, t_h), o' = o * exp(lse - lse')."""
+    import torch
+
+    t = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    new = torch.logaddexp(lse, t)
+    # a row with lse = -inf: weight exp(-inf - t) = 0, and o was 0 already
+    o = o * torch.exp(lse - new).unsqueeze(-1).to(o.dtype)
+    return o, new
 
 
 def _gathers(comp: Component, n: int, torch, device):

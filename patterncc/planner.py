@@ -270,6 +270,7 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
     components when there is more than one)."""
     if mode not in ("auto", "natural", "planned"):
         raise PatternValueError(f"plan mode must be 'auto', 'natural' or 'planned', got {mode=}")
+    p = ir.split_terms(p)[0]  # score terms never change which pairs attend
     ir.check_heads(p, heads)
     bound = ir.bind(p, seq_len)
     H = heads if ir.depends_on_head(bound) else 1

@@ -33,6 +33,14 @@ parameters; ``where`` conditions may also use ``q``, ``k`` and ``h``. The
 divisor of ``//`` and ``%`` must not depend on ``q``, ``k`` or ``h``, and must
 be positive when it is constant.
 
+Score terms. ``A with softcap(c), alibi`` gives ``ir.Scored``. Terms apply
+to the whole attention, so a pattern that carries them (written with
+``with``, or a definition whose body has ``with``) cannot be an operand of
+``| & - ~`` nor a part of ``heads``/``cycle``; ``with`` on a pattern that
+already has terms adds to them (each term at most once). ``softcap``'s
+argument is a decimal number or an integer expression of parameters (not
+``n``), and must be > 0.
+
 Limits: nesting after inlining is capped at ``parse.MAX_DEPTH`` and the
 inlined pattern at ``MAX_NODES`` nodes (definitions that each use the next
 one twice double the size at every level), both raising ``LimitError``.
@@ -331,18 +339,81 @@ class _Resolver:
             return self.pattern_call(node, ctx)
         if isinstance(node, ast.Chain) and node.op in ("|", "&"):
             kind = ir.Union if node.op == "|" else ir.Intersect
-            return _combine(kind, [self.pattern(p, ctx) for p in node.operands], loc)
+            return _combine(kind, [self.operand(p, ctx, f"`{node.op}`") for p in node.operands], loc)
         if isinstance(node, ast.Binary) and node.op == "-":
-            return ir.Difference(self.pattern(node.left, ctx), self.pattern(node.right, ctx), loc)
+            return ir.Difference(self.operand(node.left, ctx, "`-`"), self.operand(node.right, ctx, "`-`"), loc)
         if isinstance(node, ast.Unary) and node.op == "~":
-            return ir.Complement(self.pattern(node.operand, ctx), loc)
+            return ir.Complement(self.operand(node.operand, ctx, "`~`"), loc)
         if isinstance(node, ast.Where):
             return ir.Where(self.condition(node.cond, ctx), loc)
         if isinstance(node, ast.Heads):
             return self.heads(node, ctx)
         if isinstance(node, ast.Cycle):
-            return ir.Cycle(tuple(self.pattern(p, ctx) for p in node.parts), loc)
+            return ir.Cycle(tuple(self.operand(p, ctx, "`cycle`") for p in node.parts), loc)
+        if isinstance(node, ast.Scored):
+            return self.scored(node, ctx)
         raise _expected("a pattern", node, ctx)
+
+    def operand(self, node, ctx: _Ctx, where: str) -> ir.Pattern:
+        """A pattern inside a combination: one without score terms."""
+        p = self.pattern(node, ctx)
+        if isinstance(p, ir.Scored):
+            what = f"`{node.name}`" if isinstance(node, (ast.Name, ast.Call)) else "this pattern"
+            raise PatternValueError(
+                f"{what} has score terms (`with {p.terms}`), so it cannot be a part of {where}: "
+                "terms apply to the whole attention",
+                _start(node, ctx),
+                hint="define the mask without `with`, combine it, and put `with` after the combination",
+            )
+        return p
+
+    # -- score terms
+
+    def scored(self, node: ast.Scored, ctx: _Ctx) -> ir.Pattern:
+        found, kind, _ = _describe(node.body)
+        if kind in ("integer", "condition"):
+            raise PatternValueError(
+                f"`with` adds score terms to a pattern, but its left side is {found}",
+                _start(node.body, ctx),
+                hint="a condition becomes a pattern with `where`" if kind == "condition" else None,
+            )
+        body, terms = ir.split_terms(self.pattern(node.body, ctx))
+        softcap, alibi = terms.softcap, terms.alibi
+        for term in node.terms:
+            loc = ctx.loc(term)
+            if term.name not in ir.TERM_NAMES:
+                raise UnknownNameError(
+                    f"unknown score term `{term.name}`",
+                    loc,
+                    hint=_did_you_mean(term.name, ir.TERM_NAMES) or "the score terms: `softcap(c)`, `alibi`",
+                )
+            if term.name == "alibi":
+                if term.args:
+                    raise ArityError("`alibi` takes no arguments (the call's `alibi_slopes=` sets the slopes)", loc)
+                if alibi:
+                    raise PatternValueError("`alibi` is given twice", loc)
+                alibi = True
+                continue
+            if len(term.args) != 1 or isinstance(term.args[0], ast.Keyword):
+                raise ArityError(f"`softcap` takes exactly one argument, softcap(c), got {len(term.args)}", loc)
+            if softcap is not None:
+                raise PatternValueError(f"softcap is given twice (already softcap({ir.number_source(softcap)}))", loc)
+            softcap = self.softcap(term.args[0], ctx)
+        return ir.Scored(body, ir.Terms(softcap, alibi), ctx.loc(node))
+
+    def softcap(self, node, ctx: _Ctx) -> float:
+        loc = _start(node, ctx)
+        if isinstance(node, ast.Real):
+            value = node.value
+        else:
+            value = self.argument(node, ctx)
+            if isinstance(value, ir.Expr):
+                raise PatternValueError("softcap's argument must be a constant; it cannot depend on `n`", loc)
+        if value <= 0:
+            raise PatternValueError(f"softcap(c) needs c > 0, got c={ir.number_source(value)}", loc)
+        if value == float("inf"):
+            raise LimitError("softcap's argument is too large to be a float", loc)
+        return float(value)
 
     def pattern_name(self, node: ast.Name, ctx: _Ctx) -> ir.Pattern:
         name = node.name
@@ -420,7 +491,7 @@ class _Resolver:
                 raise HeadsError(f"head range {start}..{stop} starts below 0", loc)
             if start >= stop:
                 raise HeadsError(f"head range {start}..{stop} is empty", loc, hint="ranges are half-open: `0..8` is heads 0 to 7")
-            ranges.append(ir.HeadRange(start, stop, self.pattern(r.body, ctx), loc))
+            ranges.append(ir.HeadRange(start, stop, self.operand(r.body, ctx, "`heads`"), loc))
         ordered = sorted(ranges, key=lambda r: r.start)
         for before, after in zip(ordered, ordered[1:]):
             if after.start < before.stop:

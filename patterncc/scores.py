@@ -67,3 +67,17 @@ def check_terms(terms: ScoreTerms, heads: int, device) -> ScoreTerms:
         if not ok:
             raise ValueError(f"{name} must be shaped {want} with H = {heads} (q's heads), got {tuple(t.shape)}")
     return ScoreTerms(softcap, terms.alibi_slopes, terms.sinks, terms.rel_bias)
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """The standard ALiBi slopes of ``heads`` heads (Press et al. 2022, and
+    BLOOM's code): ``2^(-8 (h + 1) / H)`` for ``H`` a power of two; otherwise
+    those of the closest power of two below ``H``, then every other slope of
+    twice that power, until there are ``H``."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
+    power = 1 << (heads.bit_length() - 1)  # the largest power of two <= heads
+    slopes = [2.0 ** (-8.0 * (h + 1) / power) for h in range(power)]
+    if power < heads:
+        slopes += alibi_slopes(2 * power)[0::2][: heads - power]
+    return slopes

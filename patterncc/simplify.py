@@ -14,6 +14,8 @@ node:
 - ``A - none`` -> ``A``, ``none - A`` -> ``none``, ``A - all`` -> ``none``,
   ``A - A`` -> ``none``, ``all - A`` -> ``~A``;
 - ``cycle(A, A, ...)`` -> ``A``;
+- a pattern with score terms (``A with ...``) keeps them on its simplified
+  mask ``A`` (and is ``A`` when it has none);
 - primitives that are constant for every valid ``n``: ``summary(l, l)`` and
   ``stride(1)`` -> ``all``; ``global(0)``, ``sink(0)`` and ``random(0, b, s)``
   -> ``none``; only with int arguments, so an argument that depends on ``n``
@@ -69,6 +71,10 @@ def _rewrite(node: ir.Pattern, kids: list[ir.Pattern]) -> ir.Pattern:
     if isinstance(node, ir.Heads):
         ranges = tuple(replace(r, pattern=k) if r.pattern is not k else r for r, k in zip(node.ranges, kids))
         return _rebuilt(node, ranges=ranges)
+    if isinstance(node, ir.Scored):
+        if not node.terms:
+            return kids[0]
+        return node if kids[0] is node.body else replace(node, body=kids[0])
     return _primitive(node)
 
 

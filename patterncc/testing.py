@@ -12,7 +12,8 @@ and a ready-made suite.
 classes brute-forced from the element mask, over random lengths, block sizes
 and head counts, and (2) every attention backend available on this machine
 against the float64 reference, forward (``o``, ``lse``) and backward (``dq``,
-``dk``, ``dv``), over random shapes, dtypes and scales. The reference itself is
+``dk``, ``dv``, and the gradients of the score terms' tensors), over random
+shapes, dtypes and scales. The reference itself is
 checked against an independent dense float64 computation in this module
 (torch autograd). A failure comes back shrunk by hypothesis to a minimal
 counterexample, with a shell command that reproduces it.
@@ -20,10 +21,13 @@ counterexample, with a shell command that reproduces it.
 The pieces, for writing your own properties:
 
 - strategies: ``patterns(...)`` (well-formed IR patterns over every primitive
-  and combinator), ``where_conditions(...)``, ``attention_inputs(...)`` (an
-  ``AttentionCase``) and ``make_tensors(case)``;
+  and combinator; ``terms=True`` adds score terms, ``with softcap(c), alibi``),
+  ``where_conditions(...)``, ``attention_inputs(...)`` (an ``AttentionCase``;
+  ``terms=True`` draws the call's term tensors too), ``make_tensors(case)`` and
+  ``make_terms(case)``;
 - assertions: ``assert_layout_sound(pat, seq_len, block, heads)`` and
-  ``assert_matches_reference(attn, pat, q, k, v)``;
+  ``assert_matches_reference(attn, pat, q, k, v, sinks=..., rel_bias=...,
+  alibi_slopes=...)``;
 - brute force: ``block_classes(...)`` and ``dense_attention(...)``;
 - ``run_files(files)``, behind ``patterncc test FILE...``.
 """
@@ -63,6 +67,7 @@ __all__ = [
     "check_pattern",
     "dense_attention",
     "make_tensors",
+    "make_terms",
     "attention_inputs",
     "patterns",
     "reproduce",
@@ -159,6 +164,7 @@ def patterns(
     allow_where: bool = True,
     allow_random: bool = True,
     causal_only: bool = False,
+    terms: bool = False,
 ) -> st.SearchStrategy:
     """Well-formed IR patterns over every primitive and combinator.
 
@@ -168,7 +174,9 @@ def patterns(
     arguments; inner nodes are ``| & - ~`` and, when ``heads`` is given,
     ``heads { .. }`` (ranges covering exactly ``0..heads``) and ``cycle(..)``.
     At most ``max_depth`` combinator levels and ``max_leaves`` leaves. With
-    ``causal_only`` every pattern is ``causal & (...)``.
+    ``causal_only`` every pattern is ``causal & (...)``. With ``terms`` the
+    pattern may carry score terms: ``softcap(c)`` for ``c`` in ``SOFTCAPS``
+    and ``alibi`` (shrinking towards none).
 
     The leaf branch is drawn first at every level, so a failing pattern
     shrinks to a single primitive whenever that still fails.
@@ -178,7 +186,17 @@ def patterns(
         leaves.append(st.builds(ir.Where, where_conditions()))
     leaf = st.one_of(leaves)
     tree = _trees(leaf, max_depth, max_leaves, heads)
-    return tree.map(lambda p: ir.Causal() & p) if causal_only else tree
+    if causal_only:
+        tree = tree.map(lambda p: ir.Causal() & p)
+    if not terms:
+        return tree
+    softcaps = st.none() | st.sampled_from(SOFTCAPS)
+    return st.tuples(tree, softcaps, st.booleans()).map(lambda t: t[0].scored(softcap=t[1], alibi=t[2]))
+
+
+# Softcaps the strategies draw: around the size of the scaled scores of
+# standard normal inputs (so the cap bends them), and a large, Gemma-like one.
+SOFTCAPS = (1.0, 0.5, 2.5, 30.0)
 
 
 def _trees(leaf, max_depth: int, max_leaves: int, heads: int | None) -> st.SearchStrategy:
@@ -238,11 +256,18 @@ class AttentionCase:
     scale: float | None
     seed: int
     block: int = 16
+    # The call's score terms (``make_terms``): own ALiBi slopes, sinks, and
+    # a relative bias of this max distance.
+    alibi_slopes: bool = False
+    sinks: bool = False
+    rel_bias_distance: int | None = None
 
     def describe(self) -> str:
         scale = "None" if self.scale is None else repr(self.scale)
+        terms = "".join([" alibi_slopes" if self.alibi_slopes else "", " sinks" if self.sinks else "",
+                         "" if self.rel_bias_distance is None else f" rel_bias_distance={self.rel_bias_distance}"])
         return (f"B={self.B} H={self.H} Hkv={self.Hkv} n={self.n} D={self.D} "
-                f"dtype={self.dtype} scale={scale} seed={self.seed}")
+                f"dtype={self.dtype} scale={scale} seed={self.seed}{terms}")
 
 
 def attention_inputs(
@@ -254,12 +279,16 @@ def attention_inputs(
     gqa: bool = True,
     max_batch: int = 2,
     max_heads: int = 4,
+    terms: bool = False,
 ) -> st.SearchStrategy:
     """``AttentionCase``s for ``pattern``: ``n`` from 1 to ``max_seq_len``
     (lengths that are not multiples of the block included), ``H`` fixed by a
     ``heads { .. }`` in the pattern or drawn up to ``max_heads``, ``Hkv`` a
     divisor of ``H`` (``Hkv = 1`` is multi-query; ``gqa=False`` keeps
-    ``Hkv = H``), ``scale`` None or ``m / sqrt(D)`` with ``0.25 <= m <= 2``."""
+    ``Hkv = H``), ``scale`` None or ``m / sqrt(D)`` with ``0.25 <= m <= 2``.
+    With ``terms`` the call's score terms too (each may be absent): own ALiBi
+    slopes, sinks, and a relative bias of max distance 0 to 8 (or ``n``, so
+    every distance has its own bucket)."""
     fixed_heads = _heads_required(pattern) if pattern is not None else None
 
     @st.composite
@@ -279,6 +308,9 @@ def attention_inputs(
             scale=None if multiplier is None else round(multiplier / math.sqrt(D), 6),
             seed=draw(st.integers(0, 2**31 - 1)),
             block=draw(st.sampled_from(list(blocks))),
+            alibi_slopes=terms and draw(st.booleans()),
+            sinks=terms and draw(st.booleans()),
+            rel_bias_distance=draw(st.none() | st.integers(0, 8) | st.just(max_seq_len)) if terms else None,
         )
 
     return draw_case()
@@ -308,6 +340,26 @@ def make_tensors(case: AttentionCase, device="cpu", requires_grad: bool = False)
     return tuple(out)
 
 
+def make_terms(case: AttentionCase, device="cpu") -> dict:
+    """The call's term tensors for ``case`` (``{}`` when it has none), as
+    keyword arguments of the call: ``alibi_slopes`` uniform in [0, 1),
+    ``sinks`` and ``rel_bias`` standard normal, from ``case.seed``; float32
+    (float64 for a float64 case), what a model holds whatever its inputs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    dtype = torch.float64 if case.dtype == "float64" else torch.float32
+    out = {}
+    if case.alibi_slopes:
+        out["alibi_slopes"] = torch.rand(case.H, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    if case.sinks:
+        out["sinks"] = torch.randn(case.H, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    if case.rel_bias_distance is not None:
+        shape = (case.H, 2 * case.rel_bias_distance + 1)
+        out["rel_bias"] = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return out
+
+
 # ============================================================================
 # Brute force: the classes and the attention, straight from the element mask
 # ============================================================================
@@ -331,13 +383,16 @@ def block_classes(pat: ir.Pattern | str, seq_len: int, block: int, heads: int = 
     return np.where(any_allowed, np.where(all_allowed, FULL, PARTIAL), EMPTY).astype(np.int8)
 
 
-def dense_attention(mask, q, k, v, scale=None):
+def dense_attention(mask, q, k, v, scale=None, terms=None):
     """``(o, lse)`` in float64 torch with autograd: the kit's own definition,
     independent of the reference backend's explicit backward.
 
     ``mask`` bool ``[H or 1, n, n]``; q ``[B, H, n, D]``, k and v
     ``[B, Hkv, n, D]``, query head ``h`` reading kv head ``h // (H // Hkv)``.
-    A row with no allowed key gives ``o = 0``, ``lse = -inf`` and no gradient.
+    ``terms``: a ``patterncc.scores.ScoreTerms`` of torch tensors (or None),
+    with the formulas of ``patterncc.scores``. A row with no allowed key
+    gives ``o = 0``, ``lse = -inf`` (the sink's logit with sinks) and no
+    gradient to q, k, v.
     """
     import torch
 
@@ -348,13 +403,36 @@ def dense_attention(mask, q, k, v, scale=None):
     k = k.repeat_interleave(group, dim=1)  # (B, H, n, D)
     v = v.repeat_interleave(group, dim=1)
     has_key = mask.any(dim=-1)  # (1, H, n)
-    s = torch.where(mask, scale * q @ k.transpose(-1, -2), -math.inf)
+    s = torch.where(mask, _term_scores(scale * q @ k.transpose(-1, -2), terms), -math.inf)
+    sinks = None if terms is None else terms.sinks
+    if sinks is not None:
+        sink = sinks.to(s.dtype)[None, :, None, None].expand(B, H, n, 1)
+        lse = torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1)  # (B, H, n), finite
+        return torch.exp(s - lse[..., None]) @ v, lse
     # Rows without a key get scores 0 instead of all -inf (whose softmax and
     # gradient would be NaN); the mask below zeroes their probabilities.
     s = torch.where(has_key[..., None], s, 0.0)
     lse = torch.logsumexp(s, dim=-1)  # (B, H, n)
     p = torch.exp(s - lse[..., None]) * mask
     return p @ v, torch.where(has_key, lse, -math.inf)
+
+
+def _term_scores(raw, terms):
+    """``raw`` (``scale * q.k``, ``[B, H, n, n]``) with softcap, ALiBi and the
+    relative bias of ``terms`` (None: none)."""
+    import torch
+
+    if terms is None:
+        return raw
+    n = raw.shape[-1]
+    diff = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # q - k
+    s = raw if terms.softcap is None else terms.softcap * torch.tanh(raw / terms.softcap)
+    if terms.alibi_slopes is not None:
+        s = s - terms.alibi_slopes.to(raw.dtype)[:, None, None] * diff.abs()
+    if terms.rel_bias is not None:
+        M = (terms.rel_bias.shape[1] - 1) // 2
+        s = s + terms.rel_bias.to(raw.dtype)[:, diff.clamp(-M, M) + M]
+    return s
 
 
 # ============================================================================
@@ -471,7 +549,10 @@ class Tolerance:
     ``p @ |v|`` for ``o``, ``scale * sum_j p |q||k|`` plus ``|lse|`` for
     ``lse``, ``scale * |ds| @ |k|`` and ``scale * |ds|^T @ |q|`` for ``dq``,
     ``dk`` (with ``|ds| = p * (|dO| @ |V|^T + rowsum(|dO| |O|))``), and
-    ``p^T @ |dO|`` for ``dv``. ``max(M)`` is over the whole tensor: a floor
+    ``p^T @ |dO|`` for ``dv``; for the terms' tensors, ``sum |ds| |q - k|``
+    (alibi slopes), the sum of ``|ds|`` over each bucket (relative bias),
+    ``sum_q exp(t - lse) rowsum(|dO| |O|)`` (sinks), and the terms' own
+    sizes join ``lse``'s. ``max(M)`` is over the whole tensor: a floor
     for underflow (fp16 subnormals, probabilities that round to 0).
     """
 
@@ -521,10 +602,19 @@ def assert_matches_reference(
     precision: str | None = None,
     against: str = "reference",
     grads: bool = True,
+    alibi_slopes=None,
+    sinks=None,
+    rel_bias=None,
 ):
     """Check ``attn(q, k, v, scale, return_lse=True)`` and its gradients
     ``dq, dk, dv`` (for ``do``, random when None) against the float64
     reference backend, run on the same input values.
+
+    Score terms: the pattern's own (``A with softcap(c), alibi``: pass the
+    pattern ``attn`` runs, ``attn.pattern`` for a compiled one) and the
+    call's tensors ``alibi_slopes``, ``sinks``, ``rel_bias``, which are passed
+    to ``attn`` and whose gradients (``d_alibi_slopes``, ``d_sinks``,
+    ``d_rel_bias``) are checked too.
 
     Beyond the tolerance (``TOLERANCES[dtype]`` by default, see its comment
     for the numbers and why; ``precision="tf32"`` or ``"ieee"`` says how the
@@ -550,16 +640,22 @@ def assert_matches_reference(
         gen = torch.Generator().manual_seed(0)
         do = torch.randn(tuple(q.shape), generator=gen).to(device=q.device, dtype=q.dtype)
     inputs = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
-    o, lse = attn(*inputs, scale=scale, return_lse=True)
+    given = {name: t for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("rel_bias", rel_bias))
+             if t is not None}
+    term_inputs = {name: t.detach().clone().requires_grad_(grads) for name, t in given.items()}
+    o, lse = attn(*inputs, scale=scale, return_lse=True, **term_inputs)
     got = {"o": o, "lse": lse}
     if grads:
         o.backward(do)
         got.update(dq=inputs[0].grad, dk=inputs[1].grad, dv=inputs[2].grad)
+        got.update({f"d_{name}": t.grad for name, t in term_inputs.items()})
     got = {name: _as_float64(x) for name, x in got.items() if x is not None}
-    missing = [name for name in ("dq", "dk", "dv") if grads and name not in got]
+    wanted = ["dq", "dk", "dv"] + [f"d_{name}" for name in given]
+    missing = [name for name in wanted if grads and name not in got]
 
-    expected, magnitude = _expected(pat, q, k, v, scale, do, against, grads)
-    problems = [f"{name} is None: no gradient reached {name[1:]}" for name in missing]
+    expected, magnitude = _expected(pat, q, k, v, scale, do, against, grads, given)
+    problems = [f"{name} is None: no gradient reached {name[2:] if name.startswith('d_') else name[1:]}"
+                for name in missing]
     errors = {}
     for name, ref in expected.items():
         if name not in got:
@@ -601,41 +697,56 @@ def _as_float64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _expected(pat, q, k, v, scale, do, against: str, grads: bool):
-    """float64 ``({name: expected}, {name: magnitude M})``; see ``Tolerance``."""
+def _expected(pat, q, k, v, scale, do, against: str, grads: bool, given: dict):
+    """float64 ``({name: expected}, {name: magnitude M})``; see ``Tolerance``.
+    ``given``: the call's term tensors, by keyword."""
     import torch
 
     from . import pipeline
+    from .attention import Attention
+    from .scores import ScoreTerms
 
     B, H, n, D = q.shape
     q64, k64, v64, do64 = (x.detach().to("cpu", torch.float64) for x in (q, k, v, do))
     small = B * H * n * n <= _DENSE_CHECK_ELEMENTS
     mask = pipeline.mask(pat, seq_len=n, heads=H) if small else None
+    reference = Attention(pat, backend="reference")
+    # The terms in effect: the pattern's and the call's, with the standard
+    # ALiBi slopes exactly as the public API makes them.
+    given64 = {name: t.detach().to("cpu", torch.float64) for name, t in given.items()}
+    call = reference.call_terms(q64, ScoreTerms(reference.terms.softcap, **given64))
+    tensors = {name: t for name, t in zip(("alibi_slopes", "sinks", "rel_bias"), call.tensors()) if t is not None}
+    leaves64 = {name: t.detach().to(torch.float64).requires_grad_(grads and name in given)
+                for name, t in tensors.items()}
 
     if against == "reference":
-        attn = pipeline.compile(pat, backend="reference")
+        attn = reference
     elif against == "dense":
         if mask is None:
             raise ValueError(f"against='dense' needs a small problem, got {B=} {H=} {n=}")
-        attn = lambda q_, k_, v_, scale=None, return_lse=True: dense_attention(mask, q_, k_, v_, scale)  # noqa: E731
+
+        def attn(q_, k_, v_, scale=None, return_lse=True, **terms):
+            return dense_attention(mask, q_, k_, v_, scale, ScoreTerms(call.softcap, **terms))
     else:
         raise ValueError(f"against must be 'reference' or 'dense', got {against!r}")
     leaves = [x.clone().requires_grad_(grads) for x in (q64, k64, v64)]
-    o, lse = attn(*leaves, scale=scale, return_lse=True)
+    o, lse = attn(*leaves, scale=scale, return_lse=True, **leaves64)
     expected = {"o": o, "lse": lse}
     if grads:
         o.backward(do64)
         expected.update(dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+        expected.update({f"d_{name}": leaves64[name].grad for name in given})
     expected = {name: _as_float64(x) for name, x in expected.items()}
     if mask is None:
         return expected, {}
     with torch.no_grad():
+        terms64 = ScoreTerms(call.softcap, **{name: t.detach() for name, t in leaves64.items()})
         magnitude = _magnitudes(mask, q64, k64, v64, do64, torch.from_numpy(expected["o"]),
-                                torch.from_numpy(expected["lse"]), scale)
+                                torch.from_numpy(expected["lse"]), scale, terms64)
     return expected, {name: m.numpy() for name, m in magnitude.items()}
 
 
-def _magnitudes(mask, q, k, v, do, o, lse, scale):
+def _magnitudes(mask, q, k, v, do, o, lse, scale, terms):
     """The componentwise magnitudes ``M`` of ``Tolerance``, float64 torch."""
     import torch
 
@@ -645,22 +756,43 @@ def _magnitudes(mask, q, k, v, do, o, lse, scale):
     mask = torch.as_tensor(np.asarray(mask))[None]  # (1, H, n, n)
     kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     finite = torch.where(torch.isfinite(lse), lse, 0.0)
-    p = torch.where(mask, torch.exp(scale * q @ kr.transpose(-1, -2) - finite[..., None]), 0.0)  # (B, H, n, n)
+    raw = scale * q @ kr.transpose(-1, -2)  # (B, H, n, n)
+    p = torch.where(mask, torch.exp(_term_scores(raw, terms) - finite[..., None]), 0.0)  # (B, H, n, n)
     qa, ka, va, doa, oa = q.abs(), kr.abs(), vr.abs(), do.abs(), o.abs()
-    ds = p * (doa @ va.transpose(-1, -2) + (doa * oa).sum(-1, keepdim=True))
+    row = (doa * oa).sum(-1)  # (B, H, n)
+    ds = p * (doa @ va.transpose(-1, -2) + row[..., None])
     dk = scale * ds.transpose(-1, -2) @ qa
     dv = p.transpose(-1, -2) @ doa
+    # Every added score term's size: its rounding errs in proportion to it.
+    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()  # (n, n)
+    term_sizes = torch.zeros(H, n, n, dtype=q.dtype)
+    if terms.alibi_slopes is not None:
+        term_sizes += terms.alibi_slopes.abs()[:, None, None] * distance
+    if terms.rel_bias is not None:
+        M = (terms.rel_bias.shape[1] - 1) // 2
+        diff = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+        bucket = diff.clamp(-M, M) + M  # (n, n)
+        term_sizes += terms.rel_bias.abs()[:, bucket]
+    lse_size = scale * (p * (qa @ ka.transpose(-1, -2))).sum(-1) + (p * term_sizes).sum(-1) + finite.abs()
 
     def per_kv_head(x):  # (B, H, n, D) -> (B, Hkv, n, D): sum over the group
         return x.reshape(B, H // group, group, n, D).sum(2)
 
-    return {
+    out = {
         "o": p @ va,
-        "lse": scale * (p * (qa @ ka.transpose(-1, -2))).sum(-1) + finite.abs(),
+        "lse": lse_size,
         "dq": scale * ds @ ka,
         "dk": per_kv_head(dk),
         "dv": per_kv_head(dv),
     }
+    if terms.alibi_slopes is not None:
+        out["d_alibi_slopes"] = (ds * distance).sum((0, 2, 3))
+    if terms.rel_bias is not None:
+        per_head = ds.sum(0).reshape(H, n * n)  # (H, n * n)
+        out["d_rel_bias"] = torch.zeros_like(terms.rel_bias).index_add_(1, bucket.reshape(-1), per_head)
+    if terms.sinks is not None:
+        out["d_sinks"] = (torch.exp(terms.sinks[None, :, None] - finite) * row).sum((0, 2))
+    return out
 
 
 def _compare(name: str, got: np.ndarray, ref: np.ndarray, magnitude, tol: Tolerance):
@@ -769,14 +901,20 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.results)
+        """Nothing failed and something was checked: a run of only skips is not a pass."""
+        return bool(self.checked) and all(r.status != "failed" for r in self.results)
+
+    @property
+    def checked(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "passed" and r.examples > 0]
 
     @property
     def failures(self) -> list[CheckResult]:
         return [r for r in self.results if r.status == "failed"]
 
     def __str__(self) -> str:
-        lines = [f"pattern `{self.pattern}` (hypothesis seed {self.seed}): {'ok' if self.ok else 'FAILED'}"]
+        lines = [f"pattern `{self.pattern}` (hypothesis seed {self.seed}): {'ok' if self.ok else 'FAILED'}"
+                 + ("" if self.checked else ", nothing was checked")]
         for r in self.results:
             label = r.check + (f" [{r.backend}]" if r.backend else "")
             extra = f" ({r.reason})" if r.reason else ""
@@ -828,6 +966,7 @@ def check_pattern(
     exact: bool = True,
     source: tuple[str, str | None] | None = None,
     progress: Callable[[str, str | None, int, int], None] | None = None,
+    terms: bool = False,
 ) -> Report:
     """Run the property suite for one pattern; return a ``Report``.
 
@@ -837,6 +976,9 @@ def check_pattern(
       ``available_backends``): ``assert_matches_reference`` over
       ``attention_inputs``. The reference backend is compared with the kit's
       own dense float64 computation, on its dense and its sparse path.
+      The pattern's score terms (``with softcap(c), alibi``) always apply;
+      ``terms=True`` also draws the call's (ALiBi slopes, sinks, relative
+      bias) and checks their gradients.
 
     ``examples`` hypothesis examples per check; ``seed`` makes the search
     repeatable (a random one is drawn and recorded when None). ``source`` =
@@ -846,23 +988,41 @@ def check_pattern(
     from .pipeline import as_pattern
 
     pat = as_pattern(pat)
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ValueError(f"examples must be an integer >= 1, got {examples=!r}")
+    status = available_backends()
+    wanted = checked_backends(backends, status)
     seed = _random.randrange(2**32) if seed is None else seed
     report = Report(pattern=str(pat), seed=seed)
-    wanted = list(available_backends()) if backends is None else list(backends)
-    status = available_backends()
 
-    report.results.append(_run_check("layout", None, pat, examples, seed, exact, source, progress))
+    report.results.append(_run_check("layout", None, pat, examples, seed, exact, source, progress, terms))
     for backend in wanted:
-        if backend not in status:
-            report.results.append(CheckResult("kernel", backend, "skipped", reason=f"unknown backend {backend!r}"))
-        elif status[backend] is not None:
-            report.results.append(CheckResult("kernel", backend, "skipped", reason=status[backend]))
+        if status[backend] is not None:
+            # Asked for by name (or the only one there is) and unable to run: a
+            # check that did not happen is a failure, never a quiet skip.
+            named = backends is not None
+            report.results.append(CheckResult("kernel", backend, "failed" if named else "skipped",
+                                              reason=status[backend]))
         else:
-            report.results.append(_run_check("kernel", backend, pat, examples, seed, exact, source, progress))
+            report.results.append(_run_check("kernel", backend, pat, examples, seed, exact, source, progress, terms))
     return report
 
 
-def _run_check(check, backend, pat, examples, seed, exact, source, progress) -> CheckResult:
+def checked_backends(backends, status: dict | None = None) -> list[str]:
+    """The backends a run checks: every known one for None, else the names
+    given (one name or several; none checks the layout alone). An unknown
+    name is an error, not a skip."""
+    status = available_backends() if status is None else status
+    if backends is None:
+        return list(status)
+    names = [backends] if isinstance(backends, str) else list(backends)
+    for name in names:
+        if not isinstance(name, str) or name not in status:
+            raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(map(repr, status))}")
+    return list(dict.fromkeys(names))
+
+
+def _run_check(check, backend, pat, examples, seed, exact, source, progress, terms=False) -> CheckResult:
     from . import pipeline
 
     state = {"done": 0, "last": None, "failed": None}
@@ -870,7 +1030,7 @@ def _run_check(check, backend, pat, examples, seed, exact, source, progress) -> 
     if check == "layout":
         strategy = _layout_inputs(pat)
     else:
-        strategy = attention_inputs(pat, gqa=True, **_kernel_shapes(backend, pat))
+        strategy = attention_inputs(pat, gqa=True, terms=terms, **_kernel_shapes(backend, pat))
 
     def body(example):
         state["last"] = example
@@ -955,7 +1115,8 @@ def _check_kernel(backend: str, pat: ir.Pattern, case: AttentionCase, attns: dic
             if dense_limit not in attns:
                 attns[dense_limit] = ReferenceAttention(pat, dense_limit=dense_limit)
             q, k, v, do = make_tensors(case)
-            assert_matches_reference(attns[dense_limit], pat, q, k, v, case.scale, do, against="dense")
+            assert_matches_reference(attns[dense_limit], pat, q, k, v, case.scale, do, against="dense",
+                                     **make_terms(case))
         return
     # The Triton backend builds its layout with the case's block (a power of two >= 16).
     options = {"block": case.block} if backend == "triton" else {}
@@ -964,7 +1125,7 @@ def _check_kernel(backend: str, pat: ir.Pattern, case: AttentionCase, attns: dic
         attns[key] = pipeline.compile(pat, backend=backend, **options)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     q, k, v, do = make_tensors(case, device=device)
-    assert_matches_reference(attns[key], pat, q, k, v, case.scale, do)
+    assert_matches_reference(attns[key], pat, q, k, v, case.scale, do, **make_terms(case, device=device))
 
 
 def _counterexample(check, backend, pat, example, error, source) -> Counterexample:
@@ -1044,8 +1205,13 @@ def file_entries(path: str) -> list[tuple[str | None, ir.Pattern]]:
         from .parser import parse_source
     except ImportError:
         return [(None, pipeline.load(path))]
-    with open(path, encoding="utf-8") as f:
-        module = parse_source(f.read(), str(path))
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PatternError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    module = parse_source(text, str(path))
     out: list[tuple[str | None, ir.Pattern]] = []
     for d in module.definitions:
         if all(p.default is not None for p in d.params):
@@ -1083,6 +1249,13 @@ def run_files(files: Sequence[str], examples: int = 30, backends: Sequence[str] 
     """Property-test every pattern in each file; print progress on stderr and
     a summary table on stdout. Returns 0 if everything passed, 1 otherwise
     (with each minimal counterexample and the command that reproduces it)."""
+    try:
+        checked_backends(backends)
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise ValueError(f"examples must be an integer >= 1, got {examples=!r}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if backends and "triton" in backends and "triton" not in sys.modules:
         import torch
 
@@ -1147,5 +1320,8 @@ def _summary(reports) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"({i}) {reason}" for i, reason in enumerate(reasons, 1)]
     passed = sum(1 for _, report in reports if report.ok)
-    lines.append(f"{passed} of {len(reports)} patterns passed")
+    ran = [r for _, report in reports for r in report.checked]
+    what = sorted({r.check + (f" [{r.backend}]" if r.backend else "") for r in ran})
+    lines.append(f"{passed} of {len(reports)} patterns passed; checked: "
+                 + (", ".join(what) + f" ({sum(r.examples for r in ran)} examples in all)" if ran else "nothing"))
     return "\n".join(lines)

@@ -35,6 +35,7 @@ TOKENS = [
     "(", ")", "{", "}", ",", "|", "&", "-", "~", "+", "*", "//", "%", "<", "<=", "==",
     "!=", ">", ">=", "=", "=>", "..", ";", "\n", "0", "1", "2", "3", "8", "16",
     "2147483647", "99999999999", "# c\n",
+    "with", "softcap", "alibi", "30.5", "0.0",
 ]
 
 PROGRAMS = [
@@ -49,6 +50,8 @@ PROGRAMS = [
     "~causal - block(3) | summary(4, 2) & random(1, 4, 9)",
     "pattern p(w = n // 2 + 1) = local(w) - (where abs(q - k) == min(w, 3))",
     "axial",
+    "pattern g(c = 50) = sliding_window(8) with softcap(c), alibi\ng(2)",
+    "where q - k < 3 with softcap(0.25)",
 ]
 PROGRAMS += [p.read_text() for p in sorted((Path(__file__).parents[1] / "examples").glob("*.pat"))]
 

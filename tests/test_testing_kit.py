@@ -376,9 +376,28 @@ def test_check_pattern_reports_a_layout_counterexample(monkeypatch):
         exec(shlex.split(cx.command)[2], {})
 
 
-def test_check_pattern_skips_unavailable_backends_with_a_reason():
-    report = check_pattern(ir.Causal(), backends=["nonsense"], examples=2, seed=0)
-    assert report.results[-1].status == "skipped" and "unknown backend" in report.results[-1].reason
+def test_check_pattern_refuses_unknown_backends():
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        check_pattern(ir.Causal(), backends=["nonsense"], examples=2, seed=0)
+    # A string is one backend's name, not a list of one-letter names.
+    report = check_pattern(ir.Causal(), backends="reference", examples=2, seed=0)
+    assert [(r.check, r.backend, r.status) for r in report.results] == [
+        ("layout", None, "passed"), ("kernel", "reference", "passed")]
+
+
+def test_check_pattern_fails_a_named_backend_that_cannot_run(monkeypatch):
+    monkeypatch.setattr(testing, "available_backends", lambda: {"reference": None, "triton": "no device"})
+    report = check_pattern(ir.Causal(), backends=["triton"], examples=2, seed=0)
+    assert not report.ok and report.results[-1].status == "failed" and "no device" in report.results[-1].reason
+    report = check_pattern(ir.Causal(), examples=2, seed=0)  # not asked for by name: skipped, the rest ran
+    assert report.ok and report.results[-1].status == "skipped"
+
+
+def test_a_report_that_checked_nothing_is_not_ok():
+    from patterncc.testing import CheckResult, Report
+
+    report = Report("causal", 0, [CheckResult("kernel", "triton", "skipped", reason="no device")])
+    assert not report.ok and "nothing was checked" in str(report)
 
 
 

@@ -1,14 +1,18 @@
 """ReferenceAttention: the definition of correct, in float64.
 
-``q`` ``(B, H, n_q, D)``; ``k``, ``v`` ``(B, Hkv, n, D)`` with ``Hkv`` dividing
-``H``: query head ``h`` reads kv head ``h // (H // Hkv)``. With ``n_q < n``
-the queries are the last ``n_q`` positions, ``n - n_q .. n - 1``
-(bottom-right), and the pattern is evaluated there with its own ``n``;
-``cache_seqlens`` (one length per batch row) reads only the first
-``cache_seqlens[b]`` keys of row ``b``, its queries the last of those. Outputs: ``o``
+``q`` ``(B, H, n, D)``; ``k``, ``v`` ``(B, Hkv, n, D)`` with ``Hkv`` dividing
+``H``: query head ``h`` reads kv head ``h // (H // Hkv)``. Outputs: ``o``
 ``(B, H, n, D)`` and ``lse`` ``(B, H, n)``, the natural-log logsumexp of the
-scaled scores over the allowed keys. A query row with no allowed key gets
+scores over the allowed keys. A query row with no allowed key gets
 ``o = 0``, ``lse = -inf`` and zero gradients.
+
+Score terms (``patterncc/scores.py`` has the formulas): ``softcap`` (a float
+> 0), ``alibi_slopes`` and ``sinks`` (``(H,)``), ``rel_bias`` (``(H, 2 * M +
+1)``), all per query head, all optional. A pattern that carries terms
+(``A with softcap(50), alibi``) supplies defaults: its softcap where the call
+gives none, the standard ALiBi slopes (as float32 numbers, like the public
+API's) where the call gives no ``alibi_slopes``. With a sink, a row with no
+allowed key gets ``lse = sink``.
 
 Up to ``dense_limit`` tokens every score is computed (``dense.py``); beyond
 it only the allowed pairs are (``sparse.py``). Masks are cached per
@@ -20,24 +24,28 @@ from __future__ import annotations
 import functools
 import numbers
 import sys
+
 import numpy as np
 
 from patterncc import ir
 from patterncc.lru import LRU
+from patterncc.scores import ScoreTerms, alibi_slopes as standard_alibi_slopes
 
 from . import dense, masks, sparse
 from .checks import check_cache_seqlens, check_scale, check_shapes
+from .terms import HeadTerms
 
 # Masks kept per attention object, most recently used last.
 CACHE_SIZE = 8
 
 
 class ReferenceAttention:
-    """``attn(q, k, v, scale=None, return_lse=False)`` for one pattern.
+    """``attn(q, k, v, scale=None, return_lse=False, *, softcap=None,
+    alibi_slopes=None, sinks=None, rel_bias=None)`` for one pattern.
 
     numpy arrays in give float64 numpy arrays out; torch tensors in give
     tensors of the inputs' dtype and device (computed in float64 on the CPU)
-    with autograd through the explicit backward.
+    with autograd through the explicit backward, to the term tensors too.
     """
 
     def __init__(self, pattern: ir.Pattern, *, dense_limit: int = 4096):
@@ -46,28 +54,33 @@ class ReferenceAttention:
         if isinstance(dense_limit, bool) or not isinstance(dense_limit, numbers.Integral) or dense_limit < 0:
             raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit=!r}")
         self.pattern = pattern
+        self.mask_pattern, self.pattern_terms = ir.split_terms(pattern)
         self.dense_limit = int(dense_limit)
         self._masks = LRU(CACHE_SIZE)  # (seq_len, heads) -> (kernel module, masks)
 
     def __repr__(self) -> str:
         return f"ReferenceAttention({str(self.pattern)!r}, dense_limit={self.dense_limit})"
 
-    def __call__(self, q, k, v, scale=None, return_lse=False, *, cache_seqlens=None):
+    def __call__(self, q, k, v, scale=None, return_lse=False, *, softcap=None, alibi_slopes=None, sinks=None,
+                 rel_bias=None, cache_seqlens=None):
+        terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
         if cache_seqlens is not None:
-            o, lse = self._cached(q, k, v, scale, cache_seqlens)
+            o, lse = self._cached(q, k, v, scale, cache_seqlens, terms)
         elif any(_is_torch(x) for x in (q, k, v)):
             from . import _torch
 
-            o, lse = _torch.attention(self, q, k, v, scale)
+            o, lse = _torch.attention(self, q, k, v, scale, terms)
         else:
-            o, lse = self.forward(q, k, v, scale)
+            o, lse = self.forward(q, k, v, scale, terms)
         return (o, lse) if return_lse else o
 
-    def _cached(self, q, k, v, scale, cache_seqlens):
+    def _cached(self, q, k, v, scale, cache_seqlens, terms: ScoreTerms):
         """Each batch row ``b`` against the first ``cache_seqlens[b]`` keys of
         its cache, as a call of its own (numpy or torch, with autograd)."""
         lens = check_cache_seqlens(cache_seqlens, q.shape, k.shape)
-        rows = [self(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale, return_lse=True)
+        given = {name: value for name, value in zip(("softcap", "alibi_slopes", "sinks", "rel_bias"),
+                                                    (terms.softcap, *terms.tensors())) if value is not None}
+        rows = [self(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale, return_lse=True, **given)
                 for b, n in enumerate(lens)]
         if _is_torch(q):
             import torch
@@ -75,29 +88,32 @@ class ReferenceAttention:
             return torch.cat([o for o, _ in rows]), torch.cat([lse for _, lse in rows])
         return np.concatenate([o for o, _ in rows]), np.concatenate([lse for _, lse in rows])
 
-    def forward(self, q, k, v, scale=None):
-        """float64 numpy ``(o, lse)``; queries shorter than keys are the last
-        ``n_q`` positions (``check_shapes``)."""
+    def forward(self, q, k, v, scale=None, terms: ScoreTerms | None = None):
+        """float64 numpy ``(o, lse)``; ``terms`` holds numpy arrays (or None);
+        queries shorter than keys are the last ``n_q`` positions."""
         q, k, v = (_float64(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
         check_shapes(q.shape, k.shape, v.shape)
-        B, H, n_q, D = q.shape
-        n = k.shape[2]
+        B, H, n, D = q.shape
+        n_k = k.shape[2]
         scale = check_scale(scale, D)
-        kernel, head_masks = self.masks(n, H)
-        head_masks = [m[n - n_q:] for m in head_masks]  # the queries' rows
+        per_head = self.head_terms(terms, H)
+        kernel, head_masks = self.masks(n_k, H)
+        head_masks = [m[n_k - n:] for m in head_masks]  # the queries' rows
         group = H // k.shape[1]
-        o = np.zeros((B, H, n_q, D))
-        lse = np.full((B, H, n_q), -np.inf)
+        o = np.zeros((B, H, n, D))
+        lse = np.full((B, H, n), -np.inf)
         for b in range(B):
             for h in range(H):
                 kv = h // group
                 o[b, h], lse[b, h] = kernel.forward_head(
-                    head_masks[h % len(head_masks)], q[b, h], k[b, kv], v[b, kv], scale
+                    head_masks[h % len(head_masks)], q[b, h], k[b, kv], v[b, kv], scale, per_head[h]
                 )
         return o, lse
 
-    def backward(self, q, k, v, o, lse, do, scale=None, dlse=None):
-        """float64 numpy ``(dq, dk, dv)`` from the forward's ``o`` and ``lse``.
+    def backward(self, q, k, v, o, lse, do, scale=None, dlse=None, terms: ScoreTerms | None = None):
+        """float64 numpy ``(dq, dk, dv)`` from the forward's ``o`` and ``lse``;
+        with ``terms`` (even empty ones) ``(dq, dk, dv, (d_alibi_slopes,
+        d_sinks, d_rel_bias))``, None for each tensor the terms do not give.
 
         ``dlse`` (optional, ``(B, H, n)``) is a gradient arriving at ``lse``
         itself. ``dk`` and ``dv`` sum over the query heads sharing a kv head.
@@ -107,7 +123,6 @@ class ReferenceAttention:
         )
         check_shapes(q.shape, k.shape, v.shape)
         B, H, n, D = q.shape
-        n_k = k.shape[2]
         for name, x in (("o", o), ("do", do)):
             if x.shape != q.shape:
                 raise ValueError(f"{name} must have q's shape {q.shape}, got {x.shape}")
@@ -118,47 +133,110 @@ class ReferenceAttention:
             if x is not None and x.shape != (B, H, n):
                 raise ValueError(f"{name} must have shape {(B, H, n)} (B, H, n), got {x.shape}")
         scale = check_scale(scale, D)
+        per_head = self.head_terms(terms, H)
+        n_k = k.shape[2]
         kernel, head_masks = self.masks(n_k, H)
         head_masks = [m[n_k - n:] for m in head_masks]
         group = H // k.shape[1]
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        d_slopes = np.zeros(H)
+        d_bias = None if per_head[0].bias is None else np.zeros((H, per_head[0].bias.size))
         for b in range(B):
             for h in range(H):
                 kv = h // group
-                dq[b, h], dk_h, dv_h = kernel.backward_head(
+                dq[b, h], dk_h, dv_h, d_slope, d_bias_h = kernel.backward_head(
                     head_masks[h % len(head_masks)], q[b, h], k[b, kv], v[b, kv],
-                    o[b, h], lse[b, h], do[b, h], None if dlse is None else dlse[b, h], scale,
+                    o[b, h], lse[b, h], do[b, h], None if dlse is None else dlse[b, h], scale, per_head[h],
                 )
                 dk[b, kv] += dk_h
                 dv[b, kv] += dv_h
-        return dq, dk, dv
+                if d_slope is not None:
+                    d_slopes[h] += d_slope
+                if d_bias_h is not None:
+                    d_bias[h] += d_bias_h
+        if terms is None:
+            return dq, dk, dv
+        d_sinks = None
+        if terms.sinks is not None:
+            # lse = log(sum exp(s) + exp(t)): d lse / d t = exp(t - lse), and a
+            # change of lse moves the loss by dlse - dO . O (o scales by exp(-lse)).
+            delta = np.sum(do * o, axis=-1) - (0.0 if dlse is None else dlse)  # (B, H, n)
+            sinks = np.array([t.sink for t in per_head])  # (H,)
+            d_sinks = -np.sum(np.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
+        return dq, dk, dv, (
+            None if terms.alibi_slopes is None else d_slopes,
+            d_sinks,
+            None if terms.rel_bias is None else d_bias,
+        )
+
+    def head_terms(self, terms: ScoreTerms | None, heads: int) -> list[HeadTerms]:
+        """The call's terms (numpy arrays), with the pattern's as defaults, per query head."""
+        terms = check_numpy_terms(terms or ScoreTerms(), heads)
+        softcap = terms.softcap if terms.softcap is not None else self.pattern_terms.softcap
+        slopes = terms.alibi_slopes
+        if slopes is None and self.pattern_terms.alibi:
+            # float32 values, as the public API passes them to every backend
+            slopes = np.array(standard_alibi_slopes(heads), dtype=np.float32).astype(np.float64)
+        return [
+            HeadTerms(
+                softcap,
+                None if slopes is None else float(slopes[h]),
+                None if terms.sinks is None else float(terms.sinks[h]),
+                None if terms.rel_bias is None else terms.rel_bias[h],
+            )
+            for h in range(heads)
+        ]
 
     def masks(self, seq_len: int, heads: int):
         """``(kernel module, [mask per layout head])`` for this length, cached."""
         key = (seq_len, heads)
-        if key in self._masks:
-            return self._masks[key]
-        if seq_len <= self.dense_limit:
-            entry = (dense, masks.dense_masks(self.pattern, seq_len, heads))
-        else:
-            entry = (sparse, masks.sparse_masks(self.pattern, seq_len, heads))
-        self._masks[key] = entry
-        return entry
+        if key not in self._masks:
+            if seq_len <= self.dense_limit:
+                self._masks[key] = (dense, masks.dense_masks(self.mask_pattern, seq_len, heads))
+            else:
+                self._masks[key] = (sparse, masks.sparse_masks(self.mask_pattern, seq_len, heads))
+        return self._masks[key]
 
 
-def forward(pattern: ir.Pattern, q, k, v, scale=None):
+def forward(pattern: ir.Pattern, q, k, v, scale=None, terms: ScoreTerms | None = None):
     """float64 ``(o, lse)`` of ``pattern``; see ``ReferenceAttention``."""
-    return _attention_for(pattern).forward(q, k, v, scale)
+    return _attention_for(pattern).forward(q, k, v, scale, terms)
 
 
-def backward(pattern: ir.Pattern, q, k, v, o, lse, do, scale=None, dlse=None):
-    """float64 ``(dq, dk, dv)`` of ``pattern``; see ``ReferenceAttention.backward``."""
-    return _attention_for(pattern).backward(q, k, v, o, lse, do, scale, dlse)
+def backward(pattern: ir.Pattern, q, k, v, o, lse, do, scale=None, dlse=None, terms: ScoreTerms | None = None):
+    """float64 ``(dq, dk, dv)`` of ``pattern`` (and the terms' gradients when
+    ``terms`` is given); see ``ReferenceAttention.backward``."""
+    return _attention_for(pattern).backward(q, k, v, o, lse, do, scale, dlse, terms)
 
 
 @functools.lru_cache(maxsize=16)
 def _attention_for(pattern: ir.Pattern) -> ReferenceAttention:
     return ReferenceAttention(pattern)
+
+
+# ----------------------------------------------------------------------------
+# Input checks, shared with the torch glue
+# ----------------------------------------------------------------------------
+
+
+def check_numpy_terms(terms: ScoreTerms, heads: int) -> ScoreTerms:
+    """``terms`` with float64 numpy arrays, or a TypeError/ValueError naming
+    the argument (the numpy counterpart of ``patterncc.scores.check_terms``)."""
+    softcap = ir.check_softcap(terms.softcap)
+    arrays = {}
+    for name, t in (("alibi_slopes", terms.alibi_slopes), ("sinks", terms.sinks), ("rel_bias", terms.rel_bias)):
+        if t is None:
+            arrays[name] = None
+            continue
+        t = _float64(name, t)
+        if name == "rel_bias":
+            if t.ndim != 2 or t.shape[0] != heads or t.shape[1] % 2 != 1:
+                raise ValueError(f"rel_bias must be shaped [H, 2 * max_distance + 1] with H = {heads} (q's heads), "
+                                 f"got {t.shape}")
+        elif t.shape != (heads,):
+            raise ValueError(f"{name} must be shaped [H] with H = {heads} (q's heads), got {t.shape}")
+        arrays[name] = t
+    return ScoreTerms(softcap, **arrays)
 
 
 def _float64(name: str, x) -> np.ndarray:

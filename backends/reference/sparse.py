@@ -10,7 +10,9 @@ scipy sparse-times-dense products.
 
 Shapes, all float64: ``q``, ``o``, ``do`` ``(n_q, D)``; ``k``, ``v``
 ``(n_k, D)``; ``lse``, ``dlse`` ``(n_q,)``; ``mask`` a ``scipy.sparse`` CSR
-array ``(n_q, n_k)`` whose stored entries are the allowed pairs.
+array ``(n_q, n_k)`` whose stored entries are the allowed pairs, the
+queries the last ``n_q`` positions. ``terms`` are the head's score terms
+(``terms.py``), applied per pair.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
+
+from .terms import NO_TERMS, HeadTerms, score_grads, scores
 
 # Bytes of gathered rows and per-pair scratch one chunk may use.
 CHUNK_BYTES = 2**28
@@ -60,39 +64,51 @@ def chunks(mask: sp.csr_array, limit: int) -> Iterator[Chunk]:
         start = stop
 
 
-def forward_head(mask, q, k, v, scale):
-    """Return ``(o, lse)``; a row with no allowed key gets ``o = 0``, ``lse = -inf``."""
+def forward_head(mask, q, k, v, scale, terms: HeadTerms = NO_TERMS):
+    """Return ``(o, lse)``; a row with no allowed key gets ``o = 0`` and
+    ``lse = -inf`` (``lse = sink`` with a sink)."""
     n, D = q.shape
+    offset = k.shape[0] - n  # the queries are the last n positions
     o = np.zeros((n, v.shape[1]))
-    lse = np.full(n, -np.inf)
+    lse = np.full(n, -np.inf if terms.sink is None else terms.sink)
     for c in chunks(mask, max_pairs(D)):
-        s = scale * _pair_dots(q, k, c)  # (pairs,)
-        p, lse[c.start : c.stop] = _row_softmax(s, c)
+        s = scores(scale * _pair_dots(q, k, c), c.rows + offset - c.cols, terms)  # (pairs,)
+        p, lse[c.start : c.stop] = _row_softmax(s, c, terms.sink)
         o[c.start : c.stop] = _matrix(p, c, k.shape[0]) @ v
     return o, lse
 
 
-def backward_head(mask, q, k, v, o, lse, do, dlse, scale):
-    """Return ``(dq, dk, dv)``, the probabilities recomputed from ``lse``.
+def backward_head(mask, q, k, v, o, lse, do, dlse, scale, terms: HeadTerms = NO_TERMS):
+    """Return ``(dq, dk, dv, d_slope, d_bias)``, the probabilities recomputed
+    from ``lse``; ``d_slope`` and ``d_bias`` are None when the term is absent.
 
     ``dlse`` (or None) is the gradient reaching ``lse`` directly; it adds
     ``p * dlse`` to ``ds`` since ``d lse / d s = p``.
     """
     n, D = q.shape
+    offset = k.shape[0] - n  # the queries are the last n positions
     delta = np.sum(do * o, axis=1)  # (n,)
     if dlse is not None:
         delta = delta - dlse
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    d_slope = None if terms.slope is None else 0.0
+    d_bias = None if terms.bias is None else np.zeros_like(terms.bias)
     for c in chunks(mask, max_pairs(D)):
         rows = slice(c.start, c.stop)
+        raw, diff = scale * _pair_dots(q, k, c), c.rows + offset - c.cols  # (pairs,) each
         # Every row of a pair has a key, so its lse is finite.
-        p = np.exp(scale * _pair_dots(q, k, c) - lse[c.rows])  # (pairs,)
-        ds = p * (_pair_dots(do, v, c) - delta[c.rows])  # (pairs,)
+        p = np.exp(scores(raw, diff, terms) - lse[c.rows])  # (pairs,)
+        ds = p * (_pair_dots(do, v, c) - delta[c.rows])  # (pairs,): d loss / d score
+        ds, slope_part, bias_part = score_grads(ds, raw, diff, terms)
+        if d_slope is not None:
+            d_slope += slope_part
+        if d_bias is not None:
+            d_bias += bias_part
         ds_matrix = _matrix(ds, c, k.shape[0])  # (rows, n_k)
         dq[rows] = scale * (ds_matrix @ k)
         dk += scale * (ds_matrix.T @ q[rows])
         dv += _matrix(p, c, k.shape[0]).T @ do[rows]
-    return dq, dk, dv
+    return dq, dk, dv, d_slope, d_bias
 
 
 def _pair_dots(a, b, c: Chunk) -> np.ndarray:
@@ -100,17 +116,22 @@ def _pair_dots(a, b, c: Chunk) -> np.ndarray:
     return np.einsum("pd,pd->p", a[c.rows], b[c.cols])
 
 
-def _row_softmax(s, c: Chunk):
-    """Softmax of each row's scores; returns ``(p (pairs,), lse (stop - start,))``."""
+def _row_softmax(s, c: Chunk, sink: float | None):
+    """Softmax of each row's scores, ``exp(sink)`` joining each denominator;
+    returns ``(p (pairs,), lse (stop - start,))``."""
     counts = np.diff(c.indptr)
     has_key = counts > 0
     # reduceat over the starts of non-empty rows only: an empty row would make
     # reduceat return the next row's first element instead of an empty max.
     starts = c.indptr[:-1][has_key]
     m = np.maximum.reduceat(s, starts)
+    if sink is not None:
+        m = np.maximum(m, sink)
     e = np.exp(s - np.repeat(m, counts[has_key]))
     total = np.add.reduceat(e, starts)  # >= 1: the max contributes exp(0)
-    lse = np.full(c.stop - c.start, -np.inf)
+    if sink is not None:
+        total = total + np.exp(sink - m)
+    lse = np.full(c.stop - c.start, -np.inf if sink is None else sink)
     lse[has_key] = m + np.log(total)
     return e / np.repeat(total, counts[has_key]), lse
 

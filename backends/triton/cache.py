@@ -4,8 +4,9 @@
 are written to disk before they are imported. One file per key:
 
 - directory: ``$PATTERNCC_CACHE_DIR``, else ``$XDG_CACHE_HOME/patterncc``,
-  else ``~/.cache/patterncc``; if it cannot be written, a private temporary
-  directory (with a warning, once per process);
+  else ``~/.cache/patterncc``; if it (or an entry in it) cannot be written,
+  ``patterncc-cache-<uid>`` in the system's temporary folder, owned by the
+  user and private to them (with a warning, once per process);
 - file name: ``k_<sha256>.py``, the hash of everything the code depends on
   (``key_parts``: generator version, the generator's and kernel template's
   own text, pattern source and structure, config, Triton version, device
@@ -76,7 +77,12 @@ def load_module(key: str, make_source: Callable[[], str]) -> ModuleType:
         text = _read_verified(path)
         module = None if text is None else _import(path, text, key)
         if module is None:  # missing, corrupt or not importable: (re)build it
-            text = _write_atomic(path, make_source())
+            source = make_source()
+            try:
+                text = _write_atomic(path, source)
+            except OSError as err:  # something else sits at the entry's path (a directory, say)
+                path = _fallback(f"its entry {str(path)!r} cannot be written ({err.strerror or err})") / path.name
+                text = _write_atomic(path, source)
             module = _import(path, text, key, raise_errors=True)
         _loaded[key] = module
         return module
@@ -142,12 +148,31 @@ def _writable_dir() -> Path:
         probe.close()
         return directory
     except OSError as err:
-        _fallback_dir = Path(tempfile.mkdtemp(prefix="patterncc-cache-"))
+        return _fallback(f"the directory {str(directory)!r} is not writable ({err.strerror or err})")
+
+
+def _fallback(why: str) -> Path:
+    """The per-user directory under the system's temporary folder that stands
+    in for an unusable cache (the same one in every process, so entries are
+    still shared and temporary folders do not pile up); a fresh private one
+    only when that is not safely ours. Warns once per process."""
+    global _fallback_dir
+    if _fallback_dir is None:
+        shared = Path(tempfile.gettempdir()) / f"patterncc-cache-{os.getuid()}"
+        try:
+            shared.mkdir(mode=0o700, exist_ok=True)
+            st = os.lstat(shared)
+            # Another user's directory, or one others may write to, could hand us their code.
+            if not os.path.isdir(shared) or os.path.islink(shared) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                raise PermissionError(f"{shared} is not a private directory of this user")
+            _fallback_dir = shared
+        except OSError:
+            _fallback_dir = Path(tempfile.mkdtemp(prefix="patterncc-cache-"))
         warnings.warn(
-            f"patterncc: the kernel cache directory {str(directory)!r} is not writable ({err.strerror or err}); "
-            f"using {str(_fallback_dir)!r} for this process. Set PATTERNCC_CACHE_DIR to a writable directory.",
-            RuntimeWarning, stacklevel=3)
-        return _fallback_dir
+            f"patterncc: kernel cache: {why}; using {str(_fallback_dir)!r}. "
+            "Set PATTERNCC_CACHE_DIR to a writable directory.",
+            RuntimeWarning, stacklevel=4)
+    return _fallback_dir
 
 
 def _read_verified(path: Path) -> str | None:

@@ -79,6 +79,119 @@ def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  
 
 
 # ----------------------------------------------------------------------------
+# Score terms (patterncc.scores): softcap, ALiBi, relative bias; each behind a
+# constexpr flag, so kernels without them compile as if they did not exist
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 (tl has no tanh in every Triton version): (1 - e) / (1 + e)
+    with e = exp(-2|x|) in (0, 1], then x's sign. e never overflows, so no
+    inf / inf for large |x| (tanh -> +-1 exactly), and the absolute error
+    is a few ulp of 1 everywhere: the softcapped score c * tanh(s / c) is
+    off by about c * 1e-7, below what fp32 scores carry anyway."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # 2/ln(2)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _score_terms(qk, dist, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,  #
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, REL_SPLIT: tl.constexpr = 0):
+    """The scores, in log2 units, of the raw products ``qk = q.k`` with the
+    terms applied in their order; ``dist = q - k`` (token positions, int32).
+    Also ``tanh(scale * qk / c)`` for the backward's chain rule (qk itself
+    without SOFTCAP). cap_in = scale / c, cap_out = c / ln(2), slope2 =
+    slope / ln(2); REL_h: this head's fp32 row of 2 * rel_m + 1 biases;
+    rel_mode 1 (2): every pair of the tile lies at q - k >= rel_m (<= -rel_m),
+    so the bias is the scalar rel_hi (rel_lo, both / ln(2)) and no table is
+    gathered. REL_SPLIT (_near_steps): 1, every tile is one of those two;
+    2, none is (the table is gathered); 0, either."""
+    if SOFTCAP:
+        th = _tanh(qk * cap_in)
+        s = th * cap_out
+    else:
+        th = qk
+        s = qk * qk_scale
+    if ALIBI:
+        s = s - slope2 * tl.abs(dist).to(tl.float32)
+    if REL_BIAS:
+        if REL_SPLIT == 1:
+            s = s + tl.where(rel_mode == 1, rel_hi, rel_lo)
+        elif REL_SPLIT == 2:
+            bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
+            s = s + tl.load(REL_h + bucket) * 1.44269504  # 1/ln(2)
+        elif rel_mode == 1:
+            s = s + rel_hi
+        elif rel_mode == 2:
+            s = s + rel_lo
+        else:
+            bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
+            s = s + tl.load(REL_h + bucket) * 1.44269504  # 1/ln(2)
+    return s, th
+
+
+@triton.jit
+def _rel_mode(d_min, d_max, rel_m, NATURAL: tl.constexpr):
+    """_score_terms' rel_mode of a tile whose q - k lies in d_min .. d_max
+    (known only in natural order; 0, the gather, otherwise)."""
+    if NATURAL:
+        return tl.where(d_min >= rel_m, 1, tl.where(d_max <= -rel_m, 2, 0))
+    else:
+        return 0
+
+
+@triton.jit
+def _loop_rel_mode(d_min, d_max, rel_m, NATURAL: tl.constexpr, REL_SPLIT: tl.constexpr):
+    """_rel_mode inside a loop of _near_steps' split (REL_SPLIT 1: far, 2: near)."""
+    if REL_SPLIT == 1:
+        return tl.where(d_min >= rel_m, 1, 2)
+    elif REL_SPLIT == 2:
+        return 0
+    else:
+        return _rel_mode(d_min, d_max, rel_m, NATURAL)
+
+
+@triton.jit
+def _near_steps(lo, hi, t_lo, t_hi, rel_m, STEP: tl.constexpr):
+    """The steps na .. nb - 1 of lo .. hi - 1 (natural order, STEP positions
+    each) that hold a pair of the tile t_lo .. t_hi with |q - k| < rel_m:
+    the others lie wholly in a tail of the relative bias (_score_terms'
+    rel_mode 1 or 2). A run with a bias walks the two kinds in two loops,
+    the far ones adding one scalar, the near ones gathering the table: one
+    loop that may gather keeps the gather's 64-bit pointer tile live
+    throughout, and spilled (sm_90: 176 bytes in the D = 64 forward). The
+    near loop runs unpipelined (one stage): pipelined, its gathered fp32
+    tile took shared memory per stage (64 KiB more in the D = 64 forward),
+    for the few steps near the diagonal."""
+    x = t_lo - (STEP - 1) - rel_m  # steps s <= x // STEP have q - k >= rel_m
+    s_a = tl.where(x >= 0, x // STEP + 1, 0)
+    s_b = (t_hi + rel_m + STEP - 1) // STEP  # steps s >= s_b have q - k <= -rel_m
+    na = tl.minimum(tl.maximum(s_a, lo), hi)
+    nb = tl.maximum(tl.minimum(s_b, hi), na)
+    return na, nb
+
+
+@triton.jit
+def _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  REL_BIAS: tl.constexpr):
+    """Per-head scalars of _score_terms: cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi."""
+    cap_in = sm_scale / softcap
+    cap_out = softcap * 1.44269504  # 1/ln(2)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + off_h) * 1.44269504
+    REL_h = REL + off_h.to(tl.int64) * (2 * rel_m + 1)
+    rel_lo = 0.0
+    rel_hi = 0.0
+    if REL_BIAS:
+        rel_lo = tl.load(REL_h) * 1.44269504
+        rel_hi = tl.load(REL_h + 2 * rel_m) * 1.44269504
+    return cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi
+
+
+# ----------------------------------------------------------------------------
 # Forward: one program per (query tile, batch * head)
 # ----------------------------------------------------------------------------
 
@@ -89,26 +202,75 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                     HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
-                    SCALE_NONNEG: tl.constexpr):
+                    SCALE_NONNEG: tl.constexpr,  #
+                    q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr):
+    """The key steps STEPS[lo:hi] into one query tile's softmax state
+    (_attn_fwd_loop); a run in natural order with a relative bias as two
+    loops, its far steps and its near ones (_near_steps)."""
+    if RUN and REL_BIAS and NATURAL:
+        na, nb = _near_steps(lo, hi, q_lo, q_hi, rel_m, BLOCK_N)
+        far_hi = hi - (nb - na)
+        acc, l_i, m_i = _attn_fwd_loop(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, far_hi,
+            qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES,
+            HEAD_DIM, K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo,
+            rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, na, nb - na, 1)
+        acc, l_i, m_i = _attn_fwd_loop(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na, nb, qk_scale,
+            off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, 1, HEAD_DIM,
+            K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 2)
+    else:
+        acc, l_i, m_i = _attn_fwd_loop(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, hi, qk_scale,
+            off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES, HEAD_DIM,
+            K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 0)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_loop(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                    STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,  #
+                    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                    HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                    SCALE_NONNEG: tl.constexpr,  #
+                    q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
+                   skip_at, skip_len, REL_SPLIT: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's
-    softmax state; RUN: the steps lo .. hi - 1 themselves (STEPS unused)."""
+    softmax state; RUN: the steps lo .. hi - 1 themselves (STEPS unused).
+    The score terms as in _score_terms: q_tok the tile's query tokens, q_lo
+    and q_hi its first and last slot; REL_SPLIT 1 (a run's far steps): step
+    i is i + skip_len from skip_at on, 2 its near ones (_near_steps)."""
+    TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
     offs_n = tl.arange(0, BLOCK_N)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
-            start_n = tl.multiple_of(i * BLOCK_N, BLOCK_N)
+            step = i
+            if REL_SPLIT == 1:
+                step = i + tl.where(i >= skip_at, skip_len, 0)
+            start_n = tl.multiple_of(step * BLOCK_N, BLOCK_N)
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
-        k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
+        k_ptrs, v_ptrs, k_tok, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n,  #
+                                                 k_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
         # -- scores of this key step, in log2 units
         if MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if TERMS:  # -- the score terms, scale included
+            rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N - 1), q_hi - start_n, rel_m, NATURAL, REL_SPLIT)
+            qk, _ = _score_terms(qk, q_tok[:, None] - k_tok[None, :], qk_scale, cap_in, cap_out, slope2, REL_h,
+                                 rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS, REL_SPLIT)
         if MASKED:
-            qk = qk * qk_scale
+            if not TERMS:
+                qk = qk * qk_scale
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
             allowed = allowed & k_ok[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
@@ -117,14 +279,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_sub[:, None])
-        elif SCALE_NONNEG:
+        elif SCALE_NONNEG and not TERMS:
             # -- every score is finite here, and the max commutes with a scale
             #    >= 0: the scale goes into exp2's argument as one fused multiply-add
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
             p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         else:
-            qk = qk * qk_scale
+            if not TERMS:
+                qk = qk * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = m_new
             p = tl.math.exp2(qk - m_sub[:, None])
@@ -169,7 +332,9 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
              HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
              Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False,  #
-             SCALE_NONNEG: tl.constexpr = True, MERGE_IN: tl.constexpr = False):
+             SCALE_NONNEG: tl.constexpr = True, MERGE_IN: tl.constexpr = False,  #
+             SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
+             SINKS: tl.constexpr = False, softcap=1.0, SLOPES=None, SINK=None, REL=None, rel_m=0):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
     N counts the kernel's slots, N_TOK the tokens; a planned component's
@@ -180,7 +345,12 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     MERGE_IN: merge the result with the (O_IN, LSE_IN) of the planned
     components before it (fp32, O's and LSE's strides; may be O and LSE
     themselves) before the store, so that a plan needs no merge pass (each
-    token is one program's)."""
+    token is one program's).
+
+    Score terms (patterncc.scores): SOFTCAP with ``softcap``, ALIBI with
+    SLOPES (fp32 [H]), REL_BIAS with REL (fp32 [H, 2 * rel_m + 1]), all at
+    the tokens' own positions; SINKS: SINK[h] (fp32 [H]) joins each row's
+    denominator in the epilogue (a plan sets it on one launch only)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -213,6 +383,9 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
+    cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h,  #
+                                                                   SOFTCAP, ALIBI, REL_BIAS)
+    NATURAL: tl.constexpr = Q_ORDER == 0 and K_ORDER == 0
     csr_row = layout_h * n_tiles + tile
     # -- FULL steps: every pair allowed, no predicate, no bounds mask; as two
     #    runs of consecutive steps, each its own loop (no step index loaded
@@ -222,25 +395,46 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, SCALE_NONNEG)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True,  #
+            SCALE_NONNEG,  #
+            q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, SCALE_NONNEG)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True,  #
+            SCALE_NONNEG,  #
+            q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     else:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False,  #
+            SCALE_NONNEG,  #
+            q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
         PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, SCALE_NONNEG)
+        N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False,  #
+            SCALE_NONNEG,  #
+        q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+        SOFTCAP, ALIBI, REL_BIAS, NATURAL)
+    if SINKS:  # -- the sink joins the denominator: exp2 of it against the running max, as a key would
+        sink2 = tl.load(SINK + off_h) * 1.44269504  # 1/ln(2)
+        m_s = tl.maximum(m_i, sink2)
+        m_sub = tl.where(m_s == float("-inf"), 0.0, m_s)
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_sub)
+        acc = acc * alpha[:, None]
+        m_i = m_s
     # -- epilogue: a row with no allowed key has l_i == 0: o = 0, lse = -inf
+    #    (select, not divide: a NaN in a V tile the row's tile visited is in acc as 0 * NaN)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    acc = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
         + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :]
@@ -290,12 +484,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
                          BLOCK_M1: tl.constexpr, MASKED: tl.constexpr,  #
                          DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                          HEAD_DIM: tl.constexpr, Q_ORDER: tl.constexpr, RUN: tl.constexpr,  #
-                         ADDR32: tl.constexpr, BAND: tl.constexpr = False, full_lo=0, full_hi=0):
+                         ADDR32: tl.constexpr, BAND: tl.constexpr, full_lo, full_hi,  #
+                         k_tok, k_lo, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr):
     """The query steps STEPS[lo:hi] (BLOCK_M1 query slots each) into one key
     tile's dK and dV; RUN: the steps lo .. hi - 1 themselves; BAND (with
     RUN): those steps, the ones outside full_lo .. full_hi - 1 PARTIAL (tables.band_table),
     all inside the sequence (no bounds mask; a planned order's padding slots
-    still need their load mask)."""
+    still need their load mask). The score terms as in _attn_fwd_inner
+    (k_tok the tile's key tokens, k_lo and k_hi its first and last slot)."""
+    TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
@@ -322,7 +520,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if DOT_PRECISION != "ieee":
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if TERMS:  # -- the score terms, scale included
+            rel_mode = _rel_mode(start_m - k_hi, start_m + (BLOCK_M1 - 1) - k_lo, rel_m, NATURAL)
+            sT, thT = _score_terms(qkT, q_tok[None, :] - k_tok[:, None], qk_scale, cap_in, cap_out, slope2, REL_h,
+                                   rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS)
+            pT = tl.math.exp2(sT - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
             allowed = pattern_mask(q_pos[None, :], k_pos[:, None], off_h, N, RANDOM)
             allowed = allowed & q_in[None, :] & k_ok[:, None]
@@ -338,6 +542,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         # -- dS^T = P^T * (dP^T - delta); dK += dS^T Q (the softmax scale comes at the end)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # -- back through c * tanh(s / c): its derivative is 1 - tanh^2
+            dsT = dsT * (1.0 - thT * thT)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -357,7 +563,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                   Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
-                  FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False, BAND: tl.constexpr = False):
+                  FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False, BAND: tl.constexpr = False,  #
+                  SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
+                  softcap=1.0, SLOPES=None, REL=None, rel_m=0):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics.
     FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows; BAND: FULL_STEPS is
@@ -365,7 +573,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
 
     ADD_IN: add DK_IN and DV_IN (fp32, DK's strides; may be DK and DV
     themselves) before the store: a planned run sums its components'
-    gradients here, with no extra pass (each token is one program's)."""
+    gradients here, with no extra pass (each token is one program's).
+    Score terms as in attn_fwd (sinks need nothing here: they are in lse)."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M1 >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N1 >= 16, "tl.dot needs tiles of at least 16")
@@ -395,9 +604,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
     q_tile = offs_m[:, None] * stride_qn + offs_d[None, :]
     do_tile = offs_m[:, None] * stride_don + offs_d[None, :]
+    NATURAL: tl.constexpr = Q_ORDER == 0 and K_ORDER == 0
+    k_hi = start_n + (BLOCK_N1 - 1)
     # -- every query head that reads this key/value head (GROUP > 1: GQA, MQA)
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
+        cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h,  #
+                                                                       SOFTCAP, ALIBI, REL_BIAS)
         layout_h = 0
         if HEAD_DEPENDENT:
             layout_h = off_h
@@ -415,35 +628,47 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, lo, inside, qk_scale, off_h, N, RANDOM,  #
                 N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
-                True, tl.load(band + 1), tl.load(band + 2))
+                True, tl.load(band + 1), tl.load(band + 2),  #
+                k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                SOFTCAP, ALIBI, REL_BIAS, NATURAL)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, inside, hi, qk_scale, off_h, N, RANDOM,  #
-                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32)
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
+                False, 0, 0, k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
         elif FULL_RUNS:
             runs = FULL_STEPS + 4 * csr_col
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
-                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32)
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
+                False, 0, 0, k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                SOFTCAP, ALIBI, REL_BIAS, NATURAL)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
-                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32)
+                N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, Q_ORDER, True, ADDR32,  #
+                False, 0, 0, k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, FULL_STEPS, tl.load(FULL_PTR + csr_col), tl.load(FULL_PTR + csr_col + 1), qk_scale,  #
                 off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM,  #
-                Q_ORDER, False, ADDR32)
+                Q_ORDER, False, ADDR32, False, 0, 0,  #
+                k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         # -- PARTIAL steps: the pattern's predicate and the bounds mask
         if not BAND:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_tile, stride_qn, stride_don, LSE_row,  #
                 DELTA_row, PART_STEPS, tl.load(PART_PTR + csr_col), tl.load(PART_PTR + csr_col + 1), qk_scale,  #
                 off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_M1, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM,  #
-                Q_ORDER, False, ADDR32)
+                Q_ORDER, False, ADDR32, False, 0, 0,  #
+                k_tok, start_n, k_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     # -- write dK (with the softmax scale, applied once) and dV
     out = off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh \
         + k_tok[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
@@ -466,19 +691,70 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
                        BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
                        DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                        HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
-                       ADDR32: tl.constexpr, BAND: tl.constexpr = False, full_lo=0, full_hi=0):
+                       ADDR32: tl.constexpr, BAND: tl.constexpr, full_lo, full_hi,  #
+                       q_tok, q_lo, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                       SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
+                       d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr):
+    """The key steps STEPS[lo:hi] into one query tile's dQ and the terms'
+    gradients (_attn_bwd_dq_loop); a run in natural order with a relative
+    bias as two loops, as in _attn_fwd_inner."""
+    if RUN and REL_BIAS and NATURAL and not BAND:
+        na, nb = _near_steps(lo, hi, q_lo, q_lo + (BLOCK_M2 - 1), rel_m, BLOCK_N2)
+        far_hi = hi - (nb - na)
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, far_hi,
+             qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION,
+            NUM_STAGES, HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out,
+            slope2, REL_h, rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST,
+            BLOCK_M2, SKEW, na, nb - na, 1)
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na,
+            nb, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, 1,
+            HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
+            rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
+            SKEW, 0, 0, 2)
+    else:
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo,
+            hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, NUM_STAGES,
+            HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
+            rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
+            SKEW, 0, 0, 0)
+    return dq, d_alibi, d_lo, d_hi
+
+
+@triton.jit
+def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
+                       STEPS, lo, hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C,  #
+                       BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,  #
+                       DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+                       HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
+                       ADDR32: tl.constexpr, BAND: tl.constexpr, full_lo, full_hi,  #
+                       q_tok, q_lo, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+                       SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
+                       d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr,  #
+                      skip_at, skip_len, REL_SPLIT: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query
     tile's dQ; RUN: the steps lo .. hi - 1 themselves; BAND as in
-    _attn_bwd_dkdv_inner."""
+    _attn_bwd_dkdv_inner. The score terms as in _attn_fwd_inner, and their
+    gradients from dS (the gradient of the post-term score), summed in a
+    fixed order: d_alibi += sum dS * |q - k| (its negative is the slope's);
+    the relative bias's buckets 1 .. 2M - 1 into this program's HIST row,
+    d_lo and d_hi its buckets 0 and 2M (_rel_bias_grad). REL_SPLIT, skip_at
+    and skip_len as in _attn_fwd_loop."""
+    TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
-            start_n = tl.multiple_of(i * BLOCK_N2, BLOCK_N2)
+            step = i
+            if REL_SPLIT == 1:
+                step = i + tl.where(i >= skip_at, skip_len, 0)
+            start_n = tl.multiple_of(step * BLOCK_N2, BLOCK_N2)
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N2, BLOCK_N2)
         k_pos = start_n + offs_n
-        k_ptrs, v_ptrs, _, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n, k_pos,  #
-                                             N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32)
+        k_ptrs, v_ptrs, k_tok, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n,  #
+                                                 k_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER, ADDR32)
         if MASKED or (BAND and K_ORDER != 0):
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
@@ -486,7 +762,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         # -- P, recomputed from the saved log-sum-exp
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if TERMS:  # -- the score terms, scale included
+            dist = q_tok[:, None] - k_tok[None, :]
+            rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N2 - 1), q_lo + (BLOCK_M2 - 1) - start_n, rel_m,
+                                      NATURAL, REL_SPLIT)
+            qk, th = _score_terms(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), dist, qk_scale,
+                                  cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,
+                                  SOFTCAP, ALIBI, REL_BIAS, REL_SPLIT)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
             allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
@@ -497,11 +781,78 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
             if (i < full_lo) | (i >= full_hi):  # a PARTIAL step of the band
                 allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
                 p = tl.where(allowed & q_ok[:, None] & k_ok[None, :], p, 0.0)
+            elif (ALIBI or REL_BIAS) and K_ORDER != 0:  # padding slots: their dS would reach the terms' sums
+                p = tl.where(k_ok[None, :], p, 0.0)
         # -- dS = P * (dP - delta); dQ += dS K (the softmax scale comes at the end)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if ALIBI:
+            d_alibi += tl.sum(tl.sum(ds * tl.abs(dist).to(tl.float32), 1), 0)
+        if REL_BIAS:
+            d_lo, d_hi = _rel_bias_grad(ds, dist, rel_mode, q_lo - start_n, q_tok, k_tok, k_ok, rel_m,
+                                        d_lo, d_hi, SCR, HIST, BLOCK_M2, BLOCK_N2, SKEW, NATURAL, REL_SPLIT)
+        if SOFTCAP:  # -- back through c * tanh(s / c): its derivative is 1 - tanh^2
+            ds = ds * (1.0 - th * th)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    return dq, d_alibi, d_lo, d_hi
+
+
+@triton.jit
+def _rel_bias_grad(ds, dist, rel_mode, d0, q_tok, k_tok, k_ok, rel_m, d_lo, d_hi, SCR, HIST,  #
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW: tl.constexpr, NATURAL: tl.constexpr,  #
+                   REL_SPLIT: tl.constexpr):
+    """One step's dS [BLOCK_M, BLOCK_N] into the relative bias's gradient,
+    deterministically (no atomics: this program alone owns its HIST row and
+    its SCR scratch, and adds in a fixed order). Buckets 0 and 2M (q - k <=
+    -M, >= M) go to the scalars d_lo and d_hi; the others, one per q - k,
+    into HIST[q - k + M].
+
+    A tile wholly in one tail (rel_mode 1 or 2) is one sum. In natural order
+    q - k = d0 + i - j is constant along each diagonal: dS goes to SCR and
+    comes back skewed (column t of the gather is diagonal i - j = t -
+    BLOCK_N + 1), so one reduction gives every diagonal's sum, each a
+    distinct bucket. In a planned order each query row's keys are distinct
+    tokens, so a row's buckets are distinct: the rows go in one at a time.
+    REL_SPLIT as in _score_terms."""
+    if REL_SPLIT == 1:
+        tile = tl.sum(tl.sum(ds, 1), 0)
+        d_hi += tl.where(rel_mode == 1, tile, 0.0)
+        d_lo += tl.where(rel_mode == 1, 0.0, tile)
+    elif REL_SPLIT != 2 and rel_mode == 1:
+        d_hi += tl.sum(tl.sum(ds, 1), 0)
+    elif REL_SPLIT != 2 and rel_mode == 2:
+        d_lo += tl.sum(tl.sum(ds, 1), 0)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        tl.store(SCR + offs_m[:, None] * BLOCK_N + offs_n[None, :], ds)
+        tl.debug_barrier()  # the scratch is read back by other threads than wrote it
+        if NATURAL:
+            t = tl.arange(0, SKEW)
+            j = offs_m[:, None] - t[None, :] + (BLOCK_N - 1)
+            diag = tl.sum(tl.load(SCR + offs_m[:, None] * BLOCK_N + j, mask=(j >= 0) & (j < BLOCK_N), other=0.0), 0)
+            dd = d0 + t - (BLOCK_N - 1)
+            hi = dd >= rel_m
+            lo = (dd <= -rel_m) & ~hi
+            inner = (~hi) & (~lo) & (t < BLOCK_M + BLOCK_N - 1)
+            h = tl.load(HIST + dd + rel_m, mask=inner, other=0.0)
+            tl.store(HIST + dd + rel_m, h + diag, mask=inner)
+            d_hi += tl.sum(tl.where(hi, diag, 0.0), 0)
+            d_lo += tl.sum(tl.where(lo, diag, 0.0), 0)
+        else:
+            hi = dist >= rel_m
+            lo = (dist <= -rel_m) & ~hi
+            d_hi += tl.sum(tl.sum(tl.where(hi, ds, 0.0), 1), 0)
+            d_lo += tl.sum(tl.sum(tl.where(lo, ds, 0.0), 1), 0)
+            for r in range(0, BLOCK_M):
+                row = tl.load(SCR + r * BLOCK_N + offs_n)
+                dd = tl.sum(tl.where(offs_m == r, q_tok, 0), 0) - k_tok
+                inner = (dd > -rel_m) & (dd < rel_m) & k_ok
+                h = tl.load(HIST + dd + rel_m, mask=inner, other=0.0)
+                tl.store(HIST + dd + rel_m, h + row, mask=inner)
+                tl.debug_barrier()  # the next row may add to these buckets from other threads
+        tl.debug_barrier()  # before the next step's scratch overwrites this one
+    return d_lo, d_hi
 
 
 @triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
@@ -518,14 +869,25 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                 Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
                 FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False, ADDR32: tl.constexpr = False,  #
-                BAND: tl.constexpr = False):
+                BAND: tl.constexpr = False,  #
+                SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
+                softcap=1.0, SLOPES=None, REL=None, rel_m=0, PART=None, SCR=None, HIST=None,  #
+                SKEW: tl.constexpr = 16):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
     FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows, BAND as in attn_bwd_dkdv).
 
     WRITE_DELTA: compute this tile's delta from O and dO (already loaded for
     dQ) and write it to DELTA, instead of reading it there: a launch whose
     dQ programs reach every query then spares the backward its delta pass (a
-    read of O and dO of its own), and dK/dV runs after it."""
+    read of O and dO of its own), and dK/dV runs after it.
+
+    Score terms as in attn_fwd. With ALIBI or REL_BIAS the program also
+    writes its share of their gradients, each program its own rows, summed
+    by the host in a fixed order: PART[p] (fp32 [3]) = (sum dS * |q - k|,
+    dS in bucket 0, dS in bucket 2M) and HIST[p] (fp32 [2M + 1], zeroed by
+    the host) the other buckets, with SCR[p] (fp32 [BLOCK_M2 * BLOCK_N2])
+    as scratch; p = (batch * H + head) * tiles + tile. SKEW: the next power
+    of two >= BLOCK_M2 + BLOCK_N2 - 1."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M2 >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N2 >= 16, "tl.dot needs tiles of at least 16")
@@ -564,50 +926,76 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
+    cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h,  #
+                                                                   SOFTCAP, ALIBI, REL_BIAS)
+    NATURAL: tl.constexpr = Q_ORDER == 0 and K_ORDER == 0
+    prog = off_bh.to(tl.int64) * n_tiles + tile
+    SCR_p = SCR + prog * (BLOCK_M2 * BLOCK_N2)
+    HIST_p = HIST + prog * (2 * rel_m + 1)
+    d_alibi = tl.full([], 0.0, tl.float32)
+    d_lo = tl.full([], 0.0, tl.float32)
+    d_hi = tl.full([], 0.0, tl.float32)
     csr_row = layout_h * n_tiles + tile
     if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range;
         #            a step reaching past the end (the band's last, if any) as a masked loop of its own
         band = FULL_STEPS + 4 * csr_row
         lo, hi = tl.load(band), tl.load(band + 3)
         inside = tl.maximum(tl.minimum(hi, N // BLOCK_N2), lo)
-        dq = _attn_bwd_dq_inner(
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, lo, inside, qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
-            True, tl.load(band + 1), tl.load(band + 2))
-        dq = _attn_bwd_dq_inner(
+            True, tl.load(band + 1), tl.load(band + 2),  #
+            q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, inside, hi, qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
+            False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
     # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
     elif FULL_RUNS:
         runs = FULL_STEPS + 4 * csr_row
-        dq = _attn_bwd_dq_inner(
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32)
-        dq = _attn_bwd_dq_inner(
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
+            False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
+            False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
     else:
-        dq = _attn_bwd_dq_inner(
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32,  #
+            False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     if not BAND:
-        dq = _attn_bwd_dq_inner(
+        dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
-            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32)
+            N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32,  #
+            False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
     # -- write dQ, with the softmax scale applied once
     out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
         + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
-    dq = dq * sm_scale
+    # a row with no allowed key (lse = -inf) has dQ = 0, whatever 0 * NaN its tile's steps summed
+    dq = tl.where((lse2 == float("-inf"))[:, None], 0.0, dq * sm_scale)
     if ADD_IN:
         dq += tl.load(DQ_IN + out, mask=q_in, other=0.0)
     tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=q_in)
+    if ALIBI or REL_BIAS:  # -- this program's share of the terms' gradients
+        tl.store(PART + prog * 3, d_alibi)
+        tl.store(PART + prog * 3 + 1, d_lo)
+        tl.store(PART + prog * 3 + 2, d_hi)
 
 
 # ----------------------------------------------------------------------------

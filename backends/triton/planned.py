@@ -8,6 +8,11 @@ log-sum-exp inside the forward kernels (each launch after the first merges
 its result into the running one in its epilogue: ``runtime._merged``).
 Only q, k, v, the merged o and the merged lse are saved.
 
+Score terms (``patterncc.scores``) ride along: every component applies
+them at its tokens' own positions (the kernels map slots to tokens), and the
+sink joins the denominators of one component that reaches every query, so
+the merge counts it once.
+
 Backward: ``delta = rowsum(dO * O)`` once, from the merged o; then every
 component runs the dK/dV and dQ kernels with the *merged* lse and delta (the
 Sparse Transformer's recomputation: P is rebuilt from lse, never stored),
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from patterncc.lru import LRU
 from patterncc.planned import PlannedAttention
+from patterncc.scores import NO_TERMS
 
 from .runtime import SlotOrder, attend, check_inputs, launch_key
 
@@ -35,8 +41,17 @@ class TritonPlannedAttention(PlannedAttention):
         super().__init__(*args, check=check_inputs, **kwargs)
         self._launches = LRU(_LAUNCH_ENTRIES)
 
-    def combine(self, runs, q, k, v, scale):
-        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k))
+    def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
+        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms)
+
+    def launches_for(self, q, k) -> list:
+        """The launches ``(launcher, SlotOrder)`` of a call on checked inputs
+        whose head dim is padded: what ``__call__`` runs (never SDPA), for
+        the ``patterncc::attention`` op, which owns the autograd."""
+        runs = self._runs(self.plan(q.shape[2], q.shape[1]), q.device)
+        if len(runs) == 1 and not runs[0].component.reordered:
+            return [(runs[0].attn.launcher(*launch_key(q, k)), SlotOrder())]
+        return self.launches(runs, q, k)
 
     def launches(self, runs, q, k) -> list:
         """``(launcher, SlotOrder)`` per component for inputs shaped like ``q``

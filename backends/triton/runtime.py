@@ -42,7 +42,7 @@ from patterncc import ir, randomblocks
 from patterncc.blocklayout import BlockLayout, build as build_layout
 from patterncc.errors import LimitError
 from patterncc.lru import LRU
-from patterncc.scores import NO_TERMS, ScoreTerms
+from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from patterncc.backends.reference.attention import check_scale as _check_scale
 
@@ -94,9 +94,11 @@ class TritonAttention:
 
     # -- the call
 
-    def __call__(self, q, k, v, scale=None, return_lse: bool = False):
+    def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, softcap=None, alibi_slopes=None,
+                 sinks=None, rel_bias=None):
         q, k, v = _check_inputs(q, k, v)
-        o, lse = attend(q, k, v, scale, lambda q, k: [(self.launcher(*launch_key(q, k)), SlotOrder())])
+        terms = check_terms(ScoreTerms(softcap, alibi_slopes, sinks, rel_bias), q.shape[1], q.device)
+        o, lse = attend(q, k, v, scale, lambda q, k: [(self.launcher(*launch_key(q, k)), SlotOrder())], terms)
         return (o, lse) if return_lse else o
 
     def config_for(self, head_dim: int, dtype, layout: BlockLayout | None = None) -> KernelConfig:
@@ -168,16 +170,20 @@ def launch_key(q, k) -> tuple:
     return q.shape[2], q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device
 
 
-def attend(q, k, v, scale, launches_for):
+def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS):
     """o, lse of checked inputs through ``_AttentionFunction`` over the launches
     ``launches_for(q, k)`` gives for them once their head dim is padded
-    (zeros add nothing to q.k, and o's extra columns are sliced away)."""
+    (zeros add nothing to q.k, and o's extra columns are sliced away), with
+    the score terms ``terms`` (checked: ``check_terms``)."""
     D = q.shape[-1]
     scale = _float32_scale(_check_scale(scale, D))
+    if terms.softcap is not None and max(abs(scale) / terms.softcap, terms.softcap * _LOG2E) > _FP32.max:
+        raise ValueError(f"softcap={terms.softcap!r} with scale={scale!r} is outside float32's range: the "
+                         "Triton kernels compute scale / softcap and softcap / ln(2) in float32")
     Dp = padded_head_dim(D)
     if Dp != D:
         q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
-    o, lse = _AttentionFunction.apply(q, k, v, scale, launches_for(q, k))
+    o, lse = _AttentionFunction.apply(q, k, v, scale, launches_for(q, k), terms.softcap, *terms.tensors())
     return (o[..., :D] if Dp != D else o), lse
 
 
@@ -363,15 +369,17 @@ class _Run:
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
                     DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
 
-    def forward(self, q, k, v, scale, order: "SlotOrder | None" = None, o=None, lse=None, o_in=None, lse_in=None):
+    def forward(self, q, k, v, scale, order: "SlotOrder | None" = None, o=None, lse=None, o_in=None, lse_in=None,
+                terms: "_KernelTerms | None" = None, sink: bool = False):
         """o, lse of q, k, v ``[B, H, tokens, D]``; with a planned ``order`` the
         kernels walk ``self.n`` slots and read and write tokens by it. Given
         ``o`` and ``lse``, the kernel writes into them (only the tokens it
         covers); given ``o_in`` and ``lse_in`` (fp32, o's and lse's strides),
-        it writes its result merged with theirs by log-sum-exp."""
+        it writes its result merged with theirs by log-sum-exp. ``terms``:
+        the score terms (``_KernelTerms``), the sink only where ``sink``."""
         order = order or SlotOrder()
         if o is None:  # a launch of its own: outputs made (blank where no slot reaches) as for a plan
-            return _merged([(self, order)], q, k, v, scale)
+            return _merged([(self, order)], q, k, v, scale, terms or _NO_KERNEL_TERMS)
         B, H, tokens, D = q.shape
         n = self.n
         cfg, t = self.config, self.tables
@@ -384,7 +392,8 @@ class _Run:
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
             Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_walk == "runs", SCALE_NONNEG=scale >= 0,
-            MERGE_IN=o_in is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+            MERGE_IN=o_in is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            **(terms or _NO_KERNEL_TERMS).forward_args(t.random, sink))
         return o, lse
 
     def delta(self, o, do, dlse=None):
@@ -398,7 +407,8 @@ class _Run:
             delta = delta - dlse.to(torch.float32)
         return delta
 
-    def dkdv(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dk, dv, dk_in=None, dv_in=None):
+    def dkdv(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dk, dv, dk_in=None, dv_in=None,
+             terms: "_KernelTerms | None" = None):
         """Write this launch's dk, dv (plus ``dk_in``, ``dv_in`` if given: fp32,
         dk's strides) into ``dk``, ``dv``; P recomputed from ``lse`` with the
         given ``delta`` (a planned run passes the merged ones to every component)."""
@@ -412,14 +422,27 @@ class _Run:
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_walk == "runs", BAND=t.dkdv_walk == "band",
             ADDR32=self._rows_fit_int32(q, do),
-            **self._backward_constexprs())
+            **self._backward_constexprs(), **(terms or _NO_KERNEL_TERMS).backward_args(t.random))
 
-    def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None, o=None):
+    def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None, o=None,
+           terms: "_KernelTerms | None" = None, grads: list | None = None):
         """Write this launch's dq (plus ``dq_in`` if given) into ``dq``; given
         ``o``, also write ``delta`` (rowsum(dO * O), every query this launch
-        reaches) rather than read it."""
+        reaches) rather than read it. With ALiBi or a relative bias among
+        ``terms``, append this launch's (part, hist) buffers of their
+        gradients to ``grads`` (``_term_grads`` sums them)."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
+        terms = terms or _NO_KERNEL_TERMS
+        buffers = {}
+        if terms.wants_grad_buffers:
+            progs = B * H * triton_cdiv(self.n, cfg.block_m2)
+            part = torch.empty((progs, 3), dtype=torch.float32, device=q.device)
+            hist = torch.zeros((progs, terms.buckets), dtype=torch.float32, device=q.device)
+            scratch = torch.empty((progs if terms.rel is not None else 1, cfg.block_m2 * cfg.block_n2),
+                                  dtype=torch.float32, device=q.device)
+            buffers = dict(PART=part, SCR=scratch, HIST=hist)
+            grads.append((part.view(B, H, -1, 3), hist.view(B, H, -1, terms.buckets)))
         o_arg = do if o is None else o  # any [B, H, n, D] pointer when WRITE_DELTA is off
         self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
             q, k, v, do, o_arg, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
@@ -428,7 +451,8 @@ class _Run:
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dq_in is not None, FULL_RUNS=t.dq_walk == "runs", BAND=t.dq_walk == "band",
             WRITE_DELTA=o is not None,
-            ADDR32=self._rows_fit_int32(k, v), **self._backward_constexprs())
+            ADDR32=self._rows_fit_int32(k, v), **self._backward_constexprs(),
+            **terms.backward_args(t.random), **terms.dq_args(t.random, buffers, cfg))
 
     def _rows_fit_int32(self, *walked) -> bool:
         """Whether the kernel may address the rows of the tensors it walks
@@ -469,14 +493,87 @@ class SlotOrder:
         return tokens, self.l, self.S, self.c
 
 
+@dataclass(frozen=True, eq=False)
+class _KernelTerms:
+    """A call's ScoreTerms as the kernels take them: fp32 contiguous tensors
+    and the constexpr flags. An absent term's pointer argument is ``dummy``
+    (any tensor of the launch, never read: the run's random table, so that
+    the kernels without terms keep one signature)."""
+
+    softcap: float | None = None
+    slopes: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+    rel: torch.Tensor | None = None
+
+    @staticmethod
+    def of(terms: ScoreTerms) -> "_KernelTerms":
+        def f32(t):
+            return None if t is None else t.detach().to(torch.float32).contiguous()
+        return _KernelTerms(terms.softcap, f32(terms.alibi_slopes), f32(terms.sinks), f32(terms.rel_bias))
+
+    @property
+    def rel_m(self) -> int:
+        return 0 if self.rel is None else (self.rel.shape[1] - 1) // 2
+
+    @property
+    def buckets(self) -> int:
+        return 1 if self.rel is None else self.rel.shape[1]
+
+    @property
+    def wants_grad_buffers(self) -> bool:
+        return self.slopes is not None or self.rel is not None
+
+    def backward_args(self, d: torch.Tensor) -> dict:
+        """The kernels' score-term arguments (forward's too, less the sink)."""
+        return dict(SOFTCAP=self.softcap is not None, ALIBI=self.slopes is not None, REL_BIAS=self.rel is not None,
+                    softcap=self.softcap or 1.0, SLOPES=d if self.slopes is None else self.slopes,
+                    REL=d if self.rel is None else self.rel, rel_m=self.rel_m)
+
+    def forward_args(self, d: torch.Tensor, sink: bool) -> dict:
+        sink = sink and self.sinks is not None
+        return dict(self.backward_args(d), SINKS=sink, SINK=self.sinks if sink else d)
+
+    def dq_args(self, d: torch.Tensor, buffers: dict, cfg: KernelConfig) -> dict:
+        skew = 1 << (cfg.block_m2 + cfg.block_n2 - 2).bit_length()  # next power of two >= M2 + N2 - 1
+        return dict(PART=buffers.get("PART", d), SCR=buffers.get("SCR", d), HIST=buffers.get("HIST", d), SKEW=skew)
+
+
+_NO_KERNEL_TERMS = _KernelTerms()
+
+
+def _sink_launch(launches) -> int | None:
+    """The launch that adds the sink to its rows' denominators: one that
+    reaches every query (the log-sum-exp merge then counts it once), or None."""
+    return next((i for i, (_, order) in enumerate(launches) if order.q != 2), None)
+
+
+# Launches recorded into a CUDA graph: their device tables must outlive the
+# per-shape caches' evictions, since a replay reads them with no reference.
+_CAPTURED: dict[int, list] = {}
+
+
+def _keep_if_captured(launches, q) -> None:
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.setdefault(id(launches), launches)
+
+
 def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     """o, lse of one or more launches ``(run, SlotOrder)``: one launch is
     plain attention; several are a plan's components, merged by log-sum-exp
-    inside the forward kernels (``_merged``)."""
-    if terms:
-        raise NotImplementedError("score terms are not yet fused into the Triton kernels")
+    inside the forward kernels (``_merged``). ``terms``: the score terms,
+    fused into every launch at the tokens' own positions; the sink joins
+    the denominators in one launch that reaches every query."""
+    _keep_if_captured(launches, q)
     with _on_device_of(q), torch.no_grad():
-        return _merged(launches, q, k, v, scale)
+        kterms = _KernelTerms.of(terms)
+        o, lse = _merged(launches, q, k, v, scale, kterms)
+        if kterms.sinks is not None and _sink_launch(launches) is None:
+            # no launch reaches every query: the sink joins after the merge
+            sink = kterms.sinks.view(1, -1, 1)
+            new = torch.logaddexp(lse, sink.expand_as(lse))
+            o = (o.to(torch.float32) * torch.exp(lse - new).unsqueeze(-1)).to(o.dtype)
+            lse = new
+        return o, lse
 
 
 def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTerms = NO_TERMS):
@@ -485,11 +582,12 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
     (never stored); every launch gets the merged delta, and the launches sum
     the gradients in fp32 inside the kernels (``_summed``). ``do`` or ``dlse``
     may be None (no gradient reached that output)."""
-    if terms:
-        raise NotImplementedError("score terms are not yet fused into the Triton kernels")
+    _keep_if_captured(launches, q)
     if do is None:
         do = torch.zeros_like(o)
     do = do if do.stride(-1) == 1 else do.contiguous()
+    kterms = _KernelTerms.of(terms)
+    grads = []
     with _on_device_of(q):
         # delta, merged: the same for every launch. One launch that reaches
         # every query writes it in its dQ programs (they load dO anyway);
@@ -499,10 +597,32 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
         args = (q, k, v, lse, do, delta, scale)
         (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
                         lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
-                                                               o=o if in_dq else None))
+                                                               o=o if in_dq else None, terms=kterms, grads=grads))
         dk, dv = _summed([order.k != 2 for _, order in launches], (k, v),
-                         lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins))
-    return dq, dk, dv, (None, None, None)
+                         lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins, terms=kterms))
+        term_grads = _term_grads(terms, kterms, grads, lse, delta)
+    return dq, dk, dv, term_grads
+
+
+def _term_grads(terms: ScoreTerms, kterms: _KernelTerms, grads: list, lse, delta) -> tuple:
+    """The gradients of ``terms.tensors()`` (None where absent), each in its
+    tensor's dtype, summed in a fixed order (deterministic): the dQ
+    programs' shares ``grads`` [(part [B, H, tiles, 3], hist [B, H, tiles, 2M
+    + 1])], one per launch, and, for the sinks, ``-sum_q exp(t - lse_q) *
+    delta_q`` (a sink's dS: its probability times (0 - delta))."""
+    d_alibi = d_sinks = d_rel = None
+    if kterms.slopes is not None:
+        d_alibi = -sum(part[..., 0].sum(dim=(0, 2)) for part, _ in grads)
+        d_alibi = d_alibi.to(terms.alibi_slopes.dtype)
+    if kterms.sinks is not None:
+        p_sink = torch.exp(kterms.sinks.view(1, -1, 1) - lse)
+        d_sinks = -(p_sink * delta).sum(dim=(0, 2)).to(terms.sinks.dtype)
+    if kterms.rel is not None:
+        d_rel = sum(hist.sum(dim=(0, 2)) for _, hist in grads)
+        d_rel[:, 0] += sum(part[..., 1].sum(dim=(0, 2)) for part, _ in grads)
+        d_rel[:, -1] += sum(part[..., 2].sum(dim=(0, 2)) for part, _ in grads)
+        d_rel = d_rel.to(terms.rel_bias.dtype)
+    return d_alibi, d_sinks, d_rel
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -511,18 +631,22 @@ class _AttentionFunction(torch.autograd.Function):
     are saved."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, launches):
-        o, lse = launches_forward(launches, q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.launches, ctx.scale = launches, scale
+    def forward(ctx, q, k, v, scale, launches, softcap, alibi_slopes, sinks, rel_bias):
+        terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
+        o, lse = launches_forward(launches, q, k, v, scale, terms)
+        ctx.save_for_backward(q, k, v, o, lse, *(t for t in terms.tensors() if t is not None))
+        ctx.launches, ctx.scale, ctx.softcap = launches, scale, softcap
+        ctx.given = tuple(t is not None for t in terms.tensors())
         ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv, _ = launches_backward(ctx.launches, q, k, v, o, lse, do, dlse, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, *given = ctx.saved_tensors
+        tensors = [given.pop(0) if g else None for g in ctx.given]
+        terms = ScoreTerms(ctx.softcap, *tensors)
+        dq, dk, dv, term_grads = launches_backward(ctx.launches, q, k, v, o, lse, do, dlse, ctx.scale, terms)
+        return dq, dk, dv, None, None, None, *term_grads
 
 
 def _launch_order(covers) -> list[int]:
@@ -536,14 +660,20 @@ def _launch_order(covers) -> list[int]:
     return seq
 
 
-def _merged(launches, q, k, v, scale):
+def _merged(launches, q, k, v, scale, terms: _KernelTerms | None = None):
     """o (q's dtype) and lse (fp32) of several launches merged by
     log-sum-exp inside the forward kernels (``MERGE_IN``), through
-    ``_accumulated``: tokens no launch reaches keep o = 0, lse = -inf."""
+    ``_accumulated``: tokens no launch reaches keep o = 0, lse = -inf.
+    The sink, if any among ``terms``, joins in one launch (``_sink_launch``)."""
     B, H, n, D = q.shape
     outputs = (((B, H, n, D), q.dtype, 0.0), ((B, H, n), torch.float32, float("-inf")))
-    return _accumulated([order.q != 2 for _, order in launches], outputs, q.device,
-                        lambda i, outs, ins: launches[i][0].forward(q, k, v, scale, launches[i][1], *outs, *ins))
+    sink = _sink_launch(launches)
+
+    def launch(i, outs, ins):
+        with_terms = {} if terms is None else dict(terms=terms, sink=i == sink)
+        return launches[i][0].forward(q, k, v, scale, launches[i][1], *outs, *ins, **with_terms)
+
+    return _accumulated([order.q != 2 for _, order in launches], outputs, q.device, launch)
 
 
 def _summed(covers, like, launch):

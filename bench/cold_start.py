@@ -1,0 +1,113 @@
+"""A new pattern's first forward+backward, patterncc beside FlexAttention (one GPU).
+
+    python bench/cold_start.py [--n 4096] [--cases strided,fixed,...] [--json out.json]
+
+For each case, three fresh processes, each timing only its first call
+(imports and input creation excluded, the GPU synchronized):
+
+- ``pcc cold``: ``pcc.compile(pattern)(q, k, v).sum().backward()`` with empty
+  patterncc, Triton and Inductor caches: the pattern is new to every cache;
+- ``pcc warm``: the same in a second process on the caches the first one
+  filled (a new process of a pattern seen before: the disk cache);
+- ``flex cold``: FlexAttention's first call on empty caches:
+  ``create_block_mask(_compile=True)`` over an equivalent hand-written
+  mask_mod, then ``torch.compile(flex_attention)`` forward+backward.
+
+Cases are the ones whose cold starts were measured on the H200 before
+(strided 6.2 s, fixed 11.3 s, the cycle() mix 10.8 s, GQA strided 10.0 s,
+D = 128 strided 11.9 s), bf16, B = 1, H = 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+# name -> (patterncc source, Flex mask kind, kv heads, head dim)
+CASES = {
+    "strided": ("strided(128)", "strided", 16, 64),
+    "fixed": ("fixed(128, 32)", "fixed", 16, 64),
+    "cycle": ("cycle(strided(128), fixed(128, 32))", "cycle", 16, 64),
+    "gqa-strided": ("strided(128)", "strided", 4, 64),
+    "d128-strided": ("strided(128)", "strided", 16, 128),
+}
+
+_FIRST_CALL = """
+import json, sys, time
+import torch
+spec = json.loads(sys.argv[1])
+n, H, Hkv, D = spec["n"], spec["H"], spec["Hkv"], spec["D"]
+q = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k, v = (torch.randn(1, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+torch.cuda.synchronize()
+if spec["who"] == "pcc":
+    import patterncc as pcc
+    t0 = time.perf_counter()
+    pcc.compile(spec["source"])(q, k, v).sum().backward()
+else:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    l, c = 128, 32
+    def strided(qi, ki):
+        return (ki <= qi) & (((qi - ki) < l) | ((qi - ki) % l == 0))
+    def fixed(qi, ki):
+        return (ki <= qi) & ((qi // l == ki // l) | (ki % l >= l - c))
+    def mask_mod(b, h, qi, ki):
+        if spec["mask"] == "cycle":
+            return torch.where(h % 2 == 0, strided(qi, ki), fixed(qi, ki))
+        return strided(qi, ki) if spec["mask"] == "strided" else fixed(qi, ki)
+    heads = H if spec["mask"] == "cycle" else None
+    t0 = time.perf_counter()
+    bm = create_block_mask(mask_mod, None, heads, n, n, device="cuda", _compile=True)
+    torch.compile(flex_attention)(q, k, v, block_mask=bm, enable_gqa=Hkv != H).sum().backward()
+torch.cuda.synchronize()
+print("RESULT " + json.dumps({"first_call_s": time.perf_counter() - t0}))
+"""
+
+
+def first_call(spec: dict, cache_dir: str) -> float | str:
+    """Seconds of the first call in a fresh process whose caches live under ``cache_dir``."""
+    env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(cache_dir, "pcc"),
+               TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"))
+    env.pop("TRITON_INTERPRET", None)
+    # cwd: a checkout's own patterncc/ must not shadow the installed one on sys.path[0]
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FIRST_CALL), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=cache_dir)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return f"failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
+    return json.loads(lines[0][len("RESULT "):])["first_call_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    results = {}
+    print("| case | pcc cold (s) | pcc warm, new process (s) | flex cold (s) |\n|---|---|---|---|", flush=True)
+    for name in args.cases.split(","):
+        source, mask, Hkv, D = CASES[name]
+        spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask)
+        with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as pcc_dir, \
+                tempfile.TemporaryDirectory(prefix="flex-cold-") as flex_dir:
+            row = {"pcc cold": first_call(dict(spec, who="pcc"), pcc_dir),
+                   "pcc warm": first_call(dict(spec, who="pcc"), pcc_dir),
+                   "flex cold": first_call(dict(spec, who="flex"), flex_dir)}
+        results[name] = row
+        cells = [f"{x:.2f}" if isinstance(x, float) else x for x in row.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(n=args.n, heads=args.heads, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Attention as PyTorch operators: what ``torch.compile`` and CUDA graphs see.
+
+    torch.ops.patterncc.attention(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias)
+        -> (o [B, H, n, D], lse [B, H, n])
+    torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, key, backend, scale,
+                                           softcap, alibi_slopes, sinks, rel_bias)
+        -> (dq, dk, dv, [the present terms' gradients, in alibi_slopes, sinks, rel_bias order])
+
+Each is one opaque ``torch.library`` custom op with a fake (shape-only)
+implementation, and the forward's autograd is the backward op, so Dynamo
+traces a call as one node whatever the pattern, plan or length, and the
+sequence length is read from the inputs when the op runs: a new length
+builds its layouts and tables on its first call (outside any trace) and
+never recompiles the graph around it.
+
+Only tensors, ints, floats and strings cross the boundary. The compiled
+attention (pattern, plan mode, options) travels as ``key``, the integer
+every ``Attention`` gets when it is made (``attention.live``); ``backend``
+is ``"triton"`` (the generated kernels: natural and planned launches, every
+dtype, GQA) or ``"reference"`` (float64 numpy on the CPU). ``scale`` None
+is ``1/sqrt(D)``. ``lse`` is float32 from the Triton backend and q's dtype
+from the reference one, as each backend returns it outside the op.
+
+``Attention.__call__`` takes the op when a call may be traced (under
+``torch.compile`` or export, a dispatch mode, tensor subclasses); a plain
+eager call runs the same launches without the op's dispatch cost.
+
+Once a shape has been seen, a call reads no device tensor on the host and
+makes no host-side tensor: layouts, plans, kernels and device tables are
+cached per shape by the backend, so a captured CUDA graph replays the same
+launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import attention as _attention
+from .scores import NO_TERMS, ScoreTerms, check_terms
+
+__all__ = ["attention", "attention_backward", "call"]
+
+
+def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms | None = None):
+    """``attn(q, k, v)`` for torch tensors, through the op (differentiable
+    in q, k, v and the terms' tensors)."""
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor like q, got {type(x).__name__}")
+    if scale is not None:
+        from .backends.reference.attention import check_scale
+
+        scale = check_scale(scale, q.shape[-1])
+    terms = terms or NO_TERMS
+    o, lse = torch.ops.patterncc.attention(q, k, v, attn.key, attn.backend_for(q), scale, terms.softcap,
+                                           *terms.tensors())
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("patterncc::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str, scale: float | None,
+              softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+              rel_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = _attention_of(key)
+    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    if _backend(backend) == "reference":
+        return _reference_forward(attn, q, k, v, scale, terms)
+    return _triton_forward(attn, q, k, v, scale, terms)
+
+
+@torch.library.custom_op("patterncc::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       do: torch.Tensor | None, dlse: torch.Tensor | None, key: int, backend: str,
+                       scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
+                       sinks: torch.Tensor | None, rel_bias: torch.Tensor | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    attn = _attention_of(key)
+    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    if _backend(backend) == "reference":
+        dq, dk, dv, dterms = _reference_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
+    else:
+        dq, dk, dv, dterms = _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
+    return dq, dk, dv, [g for g, t in zip(dterms, terms.tensors()) if t is not None]
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias):
+    _check(_backend(backend), q, k, v)
+    _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    B, H, n, D = q.shape
+    lse_dtype = q.dtype if backend == "reference" else torch.float32
+    return q.new_empty((B, H, n, D)), q.new_empty((B, H, n), dtype=lse_dtype)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(q, k, v, o, lse, do, dlse, key, backend, scale, softcap, alibi_slopes, sinks,
+                             rel_bias):
+    _check(_backend(backend), q, k, v)
+    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    grads = [t.new_empty(t.shape) for t in terms.tensors() if t is not None]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grads
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, alibi_slopes, sinks, rel_bias)
+    ctx.key, ctx.backend, ctx.scale, ctx.softcap = key, backend, scale, softcap
+    # The registry holds attentions weakly: keep this one alive until the
+    # backward pass (``pcc.compile(pat)(q, k, v).sum().backward()``). While
+    # tracing, the key may be symbolic (a graph input), and the traced code
+    # holds the attention itself.
+    if isinstance(key, int):
+        ctx.attention = _attention_of(key)
+    # An output no gradient reached stays None: the Triton backward then
+    # skips its work (no lse gradient: delta comes with dQ, no pass of its own).
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *term_tensors = ctx.saved_tensors
+    nothing = (None,) * 7 + (None,) * len(term_tensors)
+    if do is None and dlse is None:
+        return nothing
+    dq, dk, dv, present = torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, ctx.key, ctx.backend,
+                                                                 ctx.scale, ctx.softcap, *term_tensors)
+    given = iter(present)
+    dterms = [None if t is None else next(given) for t in term_tensors]
+    return dq, dk, dv, None, None, None, None, *dterms
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# The backends behind the ops
+# ----------------------------------------------------------------------------
+
+
+def _triton_forward(attn, q, k, v, scale, terms):
+    from .backends.triton.runtime import launches_forward
+
+    q, k, v, scale, D = _triton_inputs(q, k, v, scale)
+    o, lse = launches_forward(_triton_launches(attn, q, k), q, k, v, scale, terms)
+    return _unpadded(o, D), lse
+
+
+def _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms):
+    from .backends.triton.runtime import launches_backward
+
+    q, k, v, scale, D = _triton_inputs(q, k, v, scale)
+    o, do = (x if x is None else _padded(x, q.shape[-1]) for x in (o, do))
+    dq, dk, dv, dterms = launches_backward(_triton_launches(attn, q, k), q, k, v, o, lse, do, dlse, scale, terms)
+    return _unpadded(dq, D), _unpadded(dk, D), _unpadded(dv, D), dterms
+
+
+def _triton_inputs(q, k, v, scale):
+    """Checked inputs, padded to the kernels' head dim, their scale and true head dim."""
+    from .backends.reference.attention import check_scale
+    from .backends.triton.config import padded_head_dim
+    from .backends.triton.runtime import _float32_scale, check_inputs
+
+    q, k, v = check_inputs(q, k, v)
+    D = q.shape[-1]
+    scale = _float32_scale(check_scale(scale, D))
+    Dp = padded_head_dim(D)
+    return _padded(q, Dp), _padded(k, Dp), _padded(v, Dp), scale, D
+
+
+def _triton_launches(attn, q, k):
+    return attn.impl("triton").launches_for(q, k)
+
+
+def _padded(x, Dp: int):
+    """Zero columns up to ``Dp``: they add nothing to q.k, and o's are sliced away."""
+    return x if x.shape[-1] == Dp else F.pad(x, (0, Dp - x.shape[-1]))
+
+
+def _unpadded(x, D: int):
+    # contiguous: the op's outputs are fresh tensors in the shape the fake gives
+    return x if x.shape[-1] == D else x[..., :D].contiguous()
+
+
+def _reference_forward(attn, q, k, v, scale, terms):
+    from .backends.reference import _torch
+
+    _check("reference", q, k, v)
+    o, lse = attn.impl("reference").forward(*(_torch._numpy(x) for x in (q, k, v)), scale, _numpy_terms(terms))
+    return _fresh(o, q), _fresh(lse, q)
+
+
+def _reference_backward(attn, q, k, v, o, lse, do, dlse, scale, terms):
+    from .backends.reference import _torch
+
+    _check("reference", q, k, v)
+    ref = attn.impl("reference")
+    q64, k64, v64 = (_torch._numpy(x) for x in (q, k, v))
+    terms64 = _numpy_terms(terms)
+    # o and lse again in float64, exactly as the reference computes them
+    # outside the op (the saved ones are rounded to q's dtype).
+    o64, lse64 = ref.forward(q64, k64, v64, scale, terms64)
+    do64 = _torch._numpy(do) if do is not None else 0.0 * o64
+    dlse64 = _torch._numpy(dlse) if dlse is not None and bool(dlse.any()) else None
+    dq, dk, dv, dterms = ref.backward(q64, k64, v64, o64, lse64, do64, scale, dlse64, terms=terms64)
+    return (*(_fresh(g, q) for g in (dq, dk, dv)),
+            tuple(None if g is None else _fresh(g, t) for g, t in zip(dterms, terms.tensors())))
+
+
+def _numpy_terms(terms: ScoreTerms) -> ScoreTerms:
+    """The terms as the numpy reference takes them (float64 arrays)."""
+    from .backends.reference import _torch
+
+    return ScoreTerms(terms.softcap, *(None if t is None else _torch._numpy(t) for t in terms.tensors()))
+
+
+def _fresh(x, like):
+    """A float64 result as a contiguous tensor of ``like``'s dtype and device
+    (numpy keeps the inputs' memory order; the fake gives contiguous ones)."""
+    from .backends.reference import _torch
+
+    return _torch._tensor(x, like.dtype, like.device).contiguous()
+
+
+# ----------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------
+
+
+def _attention_of(key: int):
+    attn = _attention.live.get(key)
+    if attn is None:
+        raise ValueError(f"{key=} names no live compiled attention (pcc.compile gives each one its key)")
+    return attn
+
+
+def _backend(backend: str) -> str:
+    if backend not in ("reference", "triton"):
+        raise ValueError(f"{backend=} is not one of reference, triton")
+    return backend
+
+
+def _check(backend: str, q, k, v) -> None:
+    """The backend's input checks (shapes, dtypes, devices): the same error
+    from the fake implementation at trace time as from the real one."""
+    if backend == "reference":
+        from .backends.reference import _torch
+
+        _torch.check_tensors(q, k, v)
+    else:
+        from .backends.triton.runtime import check_inputs
+
+        check_inputs(q, k, v)
+
+
+def _terms(q, softcap, alibi_slopes, sinks, rel_bias) -> ScoreTerms:
+    return check_terms(ScoreTerms(softcap, alibi_slopes, sinks, rel_bias), q.shape[1], q.device)

@@ -1,0 +1,220 @@
+"""patterncc on the card inside torch.compile and CUDA graphs (skips without CUDA).
+
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_compile_gpu.py
+
+- ``torch.compile(fullgraph=True)`` with inductor of the Sparse Transformer
+  and of a plain function: one graph, eager's outputs and gradients;
+- lengths 1000, 3000 and 5000 with ``dynamic=True``: one compilation;
+- a whole training step (forward, backward, Adam) captured with
+  ``torch.cuda.graphs`` and replayed on new batches, and a model compiled
+  with ``mode="reduce-overhead"`` (CUDA graph trees, no skips), both against
+  the same steps run eagerly.
+
+Eager and compiled run the same op (the same kernels, in the same order);
+what inductor fuses around it (LayerNorm, GELU, the loss) differs in its
+last bits, hence 1e-4 (float32; relative and absolute) on logits, gradients
+and parameters after the steps. The patterns are planned ones (strided and
+fixed: components in residue order, gathered summary columns), so every
+launch kind is captured.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import patterncc as pcc  # noqa: E402
+from patterncc.nn import SparseTransformer  # noqa: E402
+
+VOCAB = 97
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model(seed=0, recompute=False, mode="interleaved", max_len=5120):
+    torch.manual_seed(seed)
+    return SparseTransformer(VOCAB, 128, 2, 4, ["strided(128)", "fixed(128, 32)"], mode=mode, max_len=max_len,
+                             recompute=recompute, backend="triton").cuda()
+
+
+def _batch(n, seed, B=2):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.randint(0, VOCAB, (B, n), device="cuda", generator=g)
+    return idx, torch.randint(0, VOCAB, (B, n), device="cuda", generator=g)
+
+
+def _loss(model, idx, targets):
+    return F.cross_entropy(model(idx).float().flatten(0, 1), targets.flatten())
+
+
+def _grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    loss = _loss(model, idx, targets)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("mode,recompute", [("interleaved", False), ("merged", True), ("multihead", True)])
+def test_inductor_model_equals_eager(mode, recompute):
+    model = _model(mode=mode, recompute=recompute)
+    idx, targets = _batch(1000, seed=1)
+    explained = torch._dynamo.explain(model)(idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got, want = _grads(compiled, idx, targets), _grads(model, idx, targets)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_inductor_function_equals_eager(dtype):
+    attn = pcc.compile("fixed(128, 32)")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(2, 8, 3000, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 3000, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
+            for _ in range(2))
+
+    def f(q, k, v):
+        o, lse = attn(q, k, v, return_lse=True)
+        return (o.float().square().sum() + lse.sum()) / q.numel()
+
+    def run(fn):
+        for x in (q, k, v):
+            x.grad = None
+        loss = fn(q, k, v)
+        loss.backward()
+        return loss.detach(), [x.grad.clone() for x in (q, k, v)]
+
+    got, want = run(torch.compile(f, fullgraph=True, backend="inductor")), run(f)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    # The same kernels; dO comes from inductor's fused loss gradient, rounded to the dtype.
+    tol = TOL if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_lengths_1000_3000_5000_compile_once():
+    model = _model()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter, dynamic=True)
+    frames = []
+    for n in (1000, 3000, 5000):
+        idx, targets = _batch(n, seed=n)
+        got, want = _grads(compiled, idx, targets), _grads(model, idx, targets)
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        frames.append(counter.frame_count)
+    assert frames == [frames[0]] * 3, frames
+
+
+def _adam(model):
+    return torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+
+
+def test_training_step_captured_in_a_cuda_graph():
+    model = _model(max_len=1024)
+    eager = copy.deepcopy(model)
+    opt, eager_opt = _adam(model), _adam(eager)
+    static_idx, static_targets = _batch(1000, seed=3)
+
+    def step(model, opt, idx, targets):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, idx, targets)
+        loss.backward()
+        opt.step()
+        return loss
+
+    # Warm up on a side stream (first calls build layouts, tables and kernels), eagerly on the copy too.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(model, opt, static_idx, static_targets)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        step(eager, eager_opt, static_idx, static_targets)
+
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = _loss(model, static_idx, static_targets)
+        static_loss.backward()
+        opt.step()
+
+    for seed in (4, 5, 6):
+        idx, targets = _batch(1000, seed=seed)
+        static_idx.copy_(idx)
+        static_targets.copy_(targets)
+        graph.replay()
+        want = step(eager, eager_opt, idx, targets)
+        torch.testing.assert_close(static_loss, want, **TOL)
+    for p, w in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, w, **TOL)
+
+
+def test_captured_tables_outlive_the_caches(monkeypatch):
+    """A replay reads the device tables it was captured with, whatever the
+    per-shape caches have evicted since (a replay holds no reference)."""
+    from patterncc.backends.triton import planned, runtime
+
+    model = _model(max_len=2048)
+    idx, targets = _batch(1000, seed=7)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(idx)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(idx)
+        graph.replay()
+        want = static_logits.clone()
+        monkeypatch.setattr(runtime, "_CACHE_ENTRIES", 1)
+        monkeypatch.setattr(planned, "_LAUNCH_ENTRIES", 1)
+        for n in (1500, 2000):  # other lengths evict length 1000's tables from every cache
+            model(_batch(n, seed=n)[0])
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 28,), -1, dtype=torch.int32, device="cuda")  # reuse freed memory
+        del junk
+        graph.replay()
+    torch.testing.assert_close(static_logits, want, atol=0, rtol=0)
+
+
+def test_reduce_overhead_training_step():
+    from torch._dynamo.utils import counters
+
+    model = _model(max_len=1024)
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=1e-2)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
+    for seed in range(5):
+        idx, targets = _batch(1000, seed=10 + seed)
+        torch.compiler.cudagraph_mark_step_begin()
+        losses = []
+        for m, o in ((compiled, opt), (eager, eager_opt)):
+            o.zero_grad(set_to_none=True)
+            loss = _loss(m, idx, targets)
+            loss.backward()
+            o.step()
+            losses.append(loss.detach().clone())
+        torch.testing.assert_close(losses[0], losses[1], **TOL)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for p, w in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, w, **TOL)
