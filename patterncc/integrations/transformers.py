@@ -181,11 +181,10 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
                          f"keys do ({pad.kv_offset}..{pad.kv_offset + n_k - 1}): patterncc needs the new queries "
                          "to be the last positions (a dynamic cache, or no cache)")
     if pad is None or (pad.mask is None and packed is None):
-        if pad is not None and pad.kv_offset % period:
-            raise _offset_error(pattern, pad.kv_offset, period)
-        out = attn(query, key, value, scale=scaling, **terms)
+        shift = 0 if pad is None else pad.kv_offset
+        out = _span(attn, pattern, period, shift, softcap, query, key, value, scaling, terms)
         return out.transpose(1, 2).contiguous(), None
-    return _rows(attn, query, key, value, scaling, terms, pad, packed, period, pattern), None
+    return _rows(attn, query, key, value, scaling, terms, pad, packed, period, pattern, softcap), None
 
 
 def layer_pattern(module, sliding_window: int | None) -> tuple[ir.Pattern, int]:
@@ -225,6 +224,46 @@ def _period(p: ir.Pattern) -> int:
     return period
 
 
+def _span(attn, pattern, period: int, shift: int, softcap, query, key, value, scaling, terms):
+    """Attention of queries at the end of their keys, the key tensor's first
+    position ``shift`` tokens after the sequence's first. A chunked layer whose
+    keys do not start on a chunk (transformers' chunked cache keeps only the
+    last chunk's keys) runs each chunk of queries as causal attention over its
+    own chunk's keys: exactly ``causal & block(l)`` at the true positions."""
+    if _shift_ok(shift, period):
+        return attn(query, key, value, scale=scaling, **terms)
+    chunk = _chunk_of(pattern)
+    if chunk is None:
+        raise _offset_error(pattern, shift, period)
+    causal = _compiled(ir.Causal(), softcap, _BACKEND["name"])
+    n_q, n_k = query.shape[2], key.shape[2]
+    out = []
+    first = n_k - n_q  # key index of the first query
+    i = 0
+    while i < n_q:
+        pos = shift + first + i  # the query's position in its sequence
+        end = min(n_q, i + chunk - pos % chunk)  # queries up to the end of this chunk
+        lo = max(0, pos - pos % chunk - shift)  # the chunk's first key in the key tensor
+        out.append(causal(query[:, :, i:end], key[:, :, lo:first + end], value[:, :, lo:first + end],
+                          scale=scaling, **terms))
+        i = end
+    return torch.cat(out, dim=2)
+
+
+def _chunk_of(pattern: ir.Pattern) -> int | None:
+    """``l`` when the pattern is ``causal & block(l)`` (a chunked layer)."""
+    if isinstance(pattern, ir.Intersect) and len(pattern.parts) == 2:
+        kinds = {type(p): p for p in pattern.parts}
+        if ir.Causal in kinds and ir.Block in kinds and isinstance(kinds[ir.Block].l, int):
+            return kinds[ir.Block].l
+    return None
+
+
+def _shift_ok(shift: int, period: int) -> bool:
+    """Whether positions counted ``shift`` later give the same pattern."""
+    return shift == 0 or (period > 0 and shift % period == 0)
+
+
 def _offset_error(pattern, shift: int, period: int) -> ValueError:
     what = "any shift" if period == 0 else f"a shift that is not a multiple of {period}"
     return ValueError(f"`{pattern}` changes under {what}, and this layer's keys start {shift} positions after the "
@@ -262,7 +301,7 @@ def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
     return segments
 
 
-def _rows(attn, query, key, value, scaling, terms, pad: Padding, packed, period: int, pattern):
+def _rows(attn, query, key, value, scaling, terms, pad: Padding, packed, period: int, pattern, softcap):
     """Each row's real tokens (or each packed sequence) alone; padded query rows 0."""
     B, H, n_q, D = query.shape
     n_k = key.shape[2]
@@ -286,14 +325,12 @@ def _rows(attn, query, key, value, scaling, terms, pad: Padding, packed, period:
                                  "tokens as one sequence (left or right padding only)")
             start = max(first - pad.kv_offset, 0)  # in the key tensor
             shift = max(pad.kv_offset - first, 0)  # positions of the row before the key tensor's start
-            if shift and (period == 0 or shift % period):
-                raise _offset_error(pattern, shift, period)
             spans.append((b, start, last - pad.kv_offset + 1, shift))
-    for b, start, stop, _ in spans:
+    for b, start, stop, shift in spans:
         q_lo, q_hi = max(start, first_query) - first_query, stop - first_query
         if q_hi <= q_lo:
             continue  # no query of this row is a real token
-        o = attn(query[b:b + 1, :, q_lo:q_hi], key[b:b + 1, :, start:stop], value[b:b + 1, :, start:stop],
-                 scale=scaling, **terms)
+        o = _span(attn, pattern, period, shift, softcap, query[b:b + 1, :, q_lo:q_hi], key[b:b + 1, :, start:stop],
+                  value[b:b + 1, :, start:stop], scaling, terms)
         out[b:b + 1, q_lo:q_hi] = o.transpose(1, 2).to(out.dtype)
     return out
