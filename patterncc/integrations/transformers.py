@@ -1,0 +1,336 @@
+"""patterncc as a Hugging Face transformers attention implementation.
+
+    import patterncc.integrations.transformers as pt
+    pt.register()                                            # attn_implementation="patterncc"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="patterncc")
+    pt.apply(model, patterns={"sliding_attention": "strided(128)", 0: "causal"})   # optional: your patterns
+
+Without ``apply`` a model runs its **own** masking through patterncc
+patterns, exactly: full causal layers ``causal``, sliding-window layers
+(``sliding_window``, ``layer_types``) ``sliding_window(w)`` (transformers'
+``q - k < w``), Llama 4's chunked layers ``causal & block(chunk)``, Gemma 2's
+attention softcap and GPT-OSS's learned sinks (``s_aux``) as score terms,
+the module's ``scaling`` as the scale. What it cannot run exactly it refuses,
+naming the feature: attention dropout while training, a 4-D custom
+``attention_mask``, T5's ``position_bias``, padding that is not one
+contiguous run per row, a cache that dropped keys in the middle of a
+pattern's period.
+
+``apply`` puts a pattern (object, source text or ``.pat`` path) on layers
+chosen by index or by ``config.layer_types`` name; a layer given a pattern
+keeps every key in the cache (its type becomes ``full_attention``) since a
+user pattern may read far back.
+
+Padding: a 2-D ``attention_mask`` (as ``generate`` builds it) selects each
+row's real tokens; the pattern applies to them alone, positions counted from
+the row's first real token (transformers' own rule for chunked layers; for
+causal and sliding windows the same as counting from the start), and padded
+query rows give 0. Packed rows (``position_ids`` restarting without a mask)
+run each sequence alone, positions counted from its start.
+
+Generation runs through transformers' cache: new queries are the last
+positions of the keys, which the decode path serves (the query-rows kernel
+on a GPU). The backend is ``"auto"`` (Triton for CUDA tensors, the float64
+reference otherwise) unless ``register(backend=...)`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .. import ir
+from ..nn import resolve_pattern
+from ..pipeline import compile as compile_pattern
+
+NAME = "patterncc"
+_BACKEND = {"name": "auto"}
+
+
+def register(backend: str = "auto", name: str = NAME) -> None:
+    """Add ``name`` to transformers' attention and mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"{backend=} is not one of auto, reference, triton")
+    _BACKEND["name"] = backend
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, attention_mask)
+
+
+def apply(model, patterns: dict | str) -> list[int]:
+    """Put patterns on a model's attention layers; returns the layers changed.
+
+    ``patterns``: ``{layer index or layer type: pattern}`` (a pattern object,
+    source text, or a ``.pat`` path), or a ``.pat`` path whose definitions
+    are named after layer types (``pattern sliding_attention = ...``).
+    """
+    if isinstance(patterns, str):
+        patterns = _patterns_from_file(patterns)
+    if not isinstance(patterns, dict) or not patterns:
+        raise TypeError("patterns must be a non-empty dict {layer index or layer type: pattern} or a .pat path")
+    layers = _attention_layers(model)
+    config = _text_config(model.config)
+    types = list(getattr(config, "layer_types", None) or [])
+    chosen: dict[int, ir.Pattern] = {}
+    for key, pat in patterns.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise TypeError(f"a layer is chosen by index or type name, got {key!r}")
+        if isinstance(key, int):
+            if not 0 <= key < len(layers):
+                raise ValueError(f"layer {key} does not exist: the model has {len(layers)} attention layers")
+            idxs = [key]
+        else:
+            idxs = [i for i, t in enumerate(types) if t == key]
+            if not idxs:
+                raise ValueError(f"no layer has type {key!r}; the model's layer types: {sorted(set(types)) or 'none'}")
+        for i in idxs:
+            chosen[i] = resolve_pattern(pat)
+    for i, pat in chosen.items():
+        layers[i].patterncc_pattern = pat
+        if i < len(types):
+            types[i] = "full_attention"  # the cache keeps every key: a user pattern may read far back
+    if types:
+        config.layer_types = types
+    return sorted(chosen)
+
+
+def _patterns_from_file(path: str) -> dict:
+    """``{definition name: pattern}`` of a ``.pat`` file (every definition,
+    called with its defaults): one per layer type."""
+    from pathlib import Path
+
+    from ..parser import parse_source
+    from ..pipeline import load
+
+    module = parse_source(Path(path).read_text(encoding="utf-8"), str(path))
+    return {d.name: load(path, entry=d.name) for d in module.definitions}
+
+
+def _attention_layers(model) -> list:
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or getattr(config, "get_text_config", lambda: config)()
+
+
+# ----------------------------------------------------------------------------
+# The mask interface: no mask is built, only what the attention needs to know
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Padding:
+    """What transformers' mask preparation tells the attention: the 2-D
+    padding mask (bool ``[B, kv_offset + kv_length]`` or None: no padding),
+    and where the keys and queries sit in absolute positions."""
+
+    mask: torch.Tensor | None
+    kv_offset: int
+    kv_length: int
+    q_offset: int
+
+    @property
+    def shape(self):  # transformers reads attention_mask.shape in places; this is no 4-D mask
+        return ()
+
+
+def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> Padding:
+    """transformers' mask hook: keeps the padding and the offsets, builds nothing."""
+    mask = attention_mask
+    if mask is not None and bool(mask.all()):
+        mask = None
+    return Padding(mask, int(kv_offset), int(kv_length), int(q_offset))
+
+
+# ----------------------------------------------------------------------------
+# The attention interface
+# ----------------------------------------------------------------------------
+
+
+def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                      scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+                      softcap: float | None = None, s_aux: torch.Tensor | None = None, **kwargs):
+    """query ``[B, H, n_q, D]``, key/value ``[B, Hkv, n_k, D]`` -> (``[B, n_q, H, D]``, None)."""
+    if dropout:
+        raise ValueError(f"patterncc does not apply attention dropout (the model asks for {dropout}): "
+                         "train with attention_dropout=0 or call model.eval()")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("patterncc does not take a position_bias (T5-style models): use rel_bias through "
+                         "patterncc.nn, or another attn_implementation")
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError("patterncc got a prepared attention mask tensor (a custom 4-D mask, or a model that "
+                         "builds its own): patterncc runs patterns, not element masks")
+    pattern, period = layer_pattern(module, sliding_window)
+    attn = _compiled(pattern, softcap, _BACKEND["name"])
+    terms = {} if s_aux is None else {"sinks": s_aux}
+    pad = attention_mask if isinstance(attention_mask, Padding) else None
+    n_k = key.shape[2] if pad is None else min(pad.kv_length, key.shape[2])
+    key, value = key[:, :, :n_k], value[:, :, :n_k]
+    n_q = query.shape[2]
+    packed = _packed_segments(kwargs.get("position_ids"), pad, n_q, n_k)
+    if pad is not None and pad.q_offset + n_q != pad.kv_offset + n_k:
+        raise ValueError(f"the queries (positions {pad.q_offset}..{pad.q_offset + n_q - 1}) do not end where the "
+                         f"keys do ({pad.kv_offset}..{pad.kv_offset + n_k - 1}): patterncc needs the new queries "
+                         "to be the last positions (a dynamic cache, or no cache)")
+    if pad is None or (pad.mask is None and packed is None):
+        shift = 0 if pad is None else pad.kv_offset
+        out = _span(attn, pattern, period, shift, softcap, query, key, value, scaling, terms)
+        return out.transpose(1, 2).contiguous(), None
+    return _rows(attn, query, key, value, scaling, terms, pad, packed, period, pattern, softcap), None
+
+
+def layer_pattern(module, sliding_window: int | None) -> tuple[ir.Pattern, int]:
+    """The pattern a layer runs, and the shift of positions it is invariant under
+    (1: any shift; 0: none but 0)."""
+    user = getattr(module, "patterncc_pattern", None)
+    if user is not None:
+        return user, _period(user)
+    config = _text_config(module.config) if hasattr(module, "config") else None
+    types = getattr(config, "layer_types", None) if config is not None else None
+    layer_type = types[module.layer_idx] if types and getattr(module, "layer_idx", None) is not None else None
+    if not getattr(module, "is_causal", True):
+        return ir.All(), 1
+    if layer_type == "chunked_attention":
+        chunk = getattr(config, "attention_chunk_size", None)
+        if not chunk:
+            raise ValueError("a chunked_attention layer without config.attention_chunk_size")
+        return ir.Causal() & ir.Block(int(chunk)), int(chunk)
+    if sliding_window:
+        return ir.Causal() & ir.Local(int(sliding_window)), 1
+    return ir.Causal(), 1
+
+
+def _period(p: ir.Pattern) -> int:
+    """The smallest shift ``s`` with ``p(q + s, k + s) == p(q, k)`` that this
+    check can prove (1 for rules of ``q - k``, ``l`` for ``block(l)`` and
+    ``summary(l, c)``, 0 where no shift but 0 keeps the pattern)."""
+    period = 1
+    for node in ir.walk(p):
+        if isinstance(node, (ir.Block, ir.Summary)):
+            step = node.l if isinstance(node.l, int) else 0
+        elif isinstance(node, (ir.Global, ir.Sink, ir.Random, ir.Where)):
+            step = 0
+        else:
+            continue
+        period = 0 if step == 0 or period == 0 else period * step // math.gcd(period, step)
+    return period
+
+
+def _span(attn, pattern, period: int, shift: int, softcap, query, key, value, scaling, terms):
+    """Attention of queries at the end of their keys, the key tensor's first
+    position ``shift`` tokens after the sequence's first. A chunked layer whose
+    keys do not start on a chunk (transformers' chunked cache keeps only the
+    last chunk's keys) runs each chunk of queries as causal attention over its
+    own chunk's keys: exactly ``causal & block(l)`` at the true positions."""
+    if _shift_ok(shift, period):
+        return attn(query, key, value, scale=scaling, **terms)
+    chunk = _chunk_of(pattern)
+    if chunk is None:
+        raise _offset_error(pattern, shift, period)
+    causal = _compiled(ir.Causal(), softcap, _BACKEND["name"])
+    n_q, n_k = query.shape[2], key.shape[2]
+    out = []
+    first = n_k - n_q  # key index of the first query
+    i = 0
+    while i < n_q:
+        pos = shift + first + i  # the query's position in its sequence
+        end = min(n_q, i + chunk - pos % chunk)  # queries up to the end of this chunk
+        lo = max(0, pos - pos % chunk - shift)  # the chunk's first key in the key tensor
+        out.append(causal(query[:, :, i:end], key[:, :, lo:first + end], value[:, :, lo:first + end],
+                          scale=scaling, **terms))
+        i = end
+    return torch.cat(out, dim=2)
+
+
+def _chunk_of(pattern: ir.Pattern) -> int | None:
+    """``l`` when the pattern is ``causal & block(l)`` (a chunked layer)."""
+    if isinstance(pattern, ir.Intersect) and len(pattern.parts) == 2:
+        kinds = {type(p): p for p in pattern.parts}
+        if ir.Causal in kinds and ir.Block in kinds and isinstance(kinds[ir.Block].l, int):
+            return kinds[ir.Block].l
+    return None
+
+
+def _shift_ok(shift: int, period: int) -> bool:
+    """Whether positions counted ``shift`` later give the same pattern."""
+    return shift == 0 or (period > 0 and shift % period == 0)
+
+
+def _offset_error(pattern, shift: int, period: int) -> ValueError:
+    what = "any shift" if period == 0 else f"a shift that is not a multiple of {period}"
+    return ValueError(f"`{pattern}` changes under {what}, and this layer's keys start {shift} positions after the "
+                      "row's first token (a cache that dropped keys, or a mask patterncc cannot follow): use a "
+                      "cache that keeps every key for this layer (patterncc.integrations.transformers.apply does)")
+
+
+@lru_cache(maxsize=64)
+def _compiled(pattern: ir.Pattern, softcap: float | None, backend: str):
+    options = {} if softcap is None else {"softcap": float(softcap)}
+    return compile_pattern(pattern, backend=backend, **options)
+
+
+# ----------------------------------------------------------------------------
+# Padding and packed rows: each sequence alone
+# ----------------------------------------------------------------------------
+
+
+def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
+    """``[(row, start, stop)]`` of the sequences packed in each row when
+    ``position_ids`` restart inside a row and there is neither padding nor a
+    cache (transformers' packed format); None otherwise."""
+    if position_ids is None or n_q != n_k or (pad is not None and (pad.mask is not None or pad.kv_offset)):
+        return None
+    pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+    if pos.shape[-1] != n_q:
+        return None
+    restarts = pos[:, 1:] != pos[:, :-1] + 1
+    if not bool(restarts.any()):
+        return None
+    segments = []
+    for b in range(pos.shape[0]):
+        cuts = [0, *(torch.nonzero(restarts[b]).flatten() + 1).tolist(), n_q]
+        segments += [(b, s, e) for s, e in zip(cuts, cuts[1:])]
+    return segments
+
+
+def _rows(attn, query, key, value, scaling, terms, pad: Padding, packed, period: int, pattern, softcap):
+    """Each row's real tokens (or each packed sequence) alone; padded query rows 0."""
+    B, H, n_q, D = query.shape
+    n_k = key.shape[2]
+    out = query.new_zeros(B, n_q, H, D)
+    first_query = n_k - n_q  # key index of query 0
+    if packed is not None:
+        spans = [(b, s, e, 0) for b, s, e in packed]
+    else:
+        spans = []
+        mask = pad.mask[:, -(pad.kv_offset + n_k):] if pad.mask is not None else None
+        for b in range(B):
+            if mask is None:
+                spans.append((b, 0, n_k, pad.kv_offset))
+                continue
+            real = torch.nonzero(mask[b]).flatten()
+            if real.numel() == 0:
+                continue
+            first, last = int(real[0]), int(real[-1])
+            if last - first + 1 != real.numel():
+                raise ValueError(f"row {b}'s attention_mask is not one run of real tokens: patterncc runs each row's "
+                                 "tokens as one sequence (left or right padding only)")
+            start = max(first - pad.kv_offset, 0)  # in the key tensor
+            shift = max(pad.kv_offset - first, 0)  # positions of the row before the key tensor's start
+            spans.append((b, start, last - pad.kv_offset + 1, shift))
+    for b, start, stop, shift in spans:
+        q_lo, q_hi = max(start, first_query) - first_query, stop - first_query
+        if q_hi <= q_lo:
+            continue  # no query of this row is a real token
+        o = _span(attn, pattern, period, shift, softcap, query[b:b + 1, :, q_lo:q_hi], key[b:b + 1, :, start:stop],
+                  value[b:b + 1, :, start:stop], scaling, terms)
+        out[b:b + 1, q_lo:q_hi] = o.transpose(1, 2).to(out.dtype)
+    return out

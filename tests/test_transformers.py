@@ -1,0 +1,200 @@
+"""patterncc inside Hugging Face transformers: the models' own masks, user
+patterns, padding, generation and training, against transformers' eager
+attention on the same weights (small configs, random weights, nothing
+downloaded; the reference backend on the CPU, the Triton kernels on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (pip install patterncc[hf]) is not installed")
+
+import patterncc as pcc  # noqa: E402
+import patterncc.integrations.transformers as pt  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32
+ATOL = 2e-4 if DEVICE == "cpu" else 2e-2  # float32 eager against float64 reference (CPU) or bf16-free fp32 kernels
+pt.register()
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def _config(family: str):
+    """A small config of each family the installed transformers has (None if it lacks it)."""
+    try:
+        if family == "llama":
+            return transformers.LlamaConfig(**SMALL)
+        if family == "mistral":
+            return transformers.MistralConfig(**SMALL, sliding_window=7)
+        if family == "gemma2":
+            return transformers.Gemma2Config(**SMALL, sliding_window=6, attn_logit_softcapping=5.0,
+                                             final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+        if family == "gemma3":
+            return transformers.Gemma3TextConfig(**SMALL, sliding_window=5, sliding_window_pattern=2)
+        if family == "gpt_oss":
+            return transformers.GptOssConfig(**{**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2},
+                                             sliding_window=6)
+        if family == "llama4":
+            return transformers.Llama4TextConfig(**{**SMALL, "num_local_experts": 2, "intermediate_size_mlp": 96},
+                                                 attention_chunk_size=8, no_rope_layers=[1, 0, 1, 0])
+    except (AttributeError, TypeError) as err:  # a family or argument this transformers does not know
+        pytest.skip(f"transformers {transformers.__version__} has no {family} of this shape: {err}")
+    raise AssertionError(family)
+
+
+FAMILIES = ["llama", "mistral", "gemma2", "gemma3", "gpt_oss", "llama4"]
+
+
+def _pair(family: str, **overrides):
+    """The same weights under eager attention and under patterncc."""
+    cfg = _config(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(DEVICE, DTYPE).eval()
+    if family == "gpt_oss":  # sinks start at zero: make them matter
+        with torch.no_grad():
+            for layer in eager.model.layers:
+                layer.self_attn.sinks.normal_()
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE, DTYPE).eval()
+    ours.load_state_dict(eager.state_dict())
+    return eager, ours
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_eager(family):
+    eager, ours = _pair(family)
+    idx = torch.randint(0, 97, (2, 21), device=DEVICE)
+    with torch.no_grad():
+        want = eager(idx).logits
+        got = ours(idx).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_eager(family):
+    eager, ours = _pair(family)
+    idx = torch.randint(0, 97, (2, 9), device=DEVICE)
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = eager.generate(idx, **kwargs)
+        got = ours.generate(idx, **kwargs)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "llama4"])
+def test_left_padding(family):
+    """Rows of different lengths, left-padded as generate pads them: every
+    real token's logits equal eager's with the same mask, and generation too."""
+    eager, ours = _pair(family)
+    idx = torch.randint(1, 97, (3, 13), device=DEVICE)
+    mask = torch.ones_like(idx)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    with torch.no_grad():
+        want = eager(idx, attention_mask=mask).logits
+        got = ours(idx, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], rtol=0, atol=ATOL)
+        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(idx, attention_mask=mask, **kwargs),
+                           eager.generate(idx, attention_mask=mask, **kwargs))
+
+
+def test_padded_query_rows_give_zero():
+    q = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    k = torch.randn(2, 1, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = pt.attention_forward(module, q, k, k, pt.Padding(mask, 0, 5, 0))
+    assert torch.equal(out[1, :2], torch.zeros_like(out[1, :2]))
+    alone = pcc.compile("causal", backend="reference")(q[1:, :, 2:], k[1:, :, 2:], k[1:, :, 2:])
+    torch.testing.assert_close(out[1, 2:], alone[0].transpose(0, 1))
+
+
+def test_packed_position_ids_run_each_sequence_alone():
+    eager, ours = _pair("llama")
+    idx = torch.randint(0, 97, (1, 17), device=DEVICE)
+    position_ids = torch.tensor([list(range(6)) + list(range(11))], device=DEVICE)
+    with torch.no_grad():
+        got = ours(idx, position_ids=position_ids).logits
+        first = eager(idx[:, :6]).logits
+        second = eager(idx[:, 6:]).logits
+    torch.testing.assert_close(got, torch.cat([first, second], dim=1), rtol=0, atol=ATOL)
+
+
+def test_user_patterns_by_type_and_index(tmp_path):
+    """apply(): a pattern per layer type and per index, against eager with the
+    same pattern as an explicit 4-D mask."""
+    eager, ours = _pair("mistral")
+    changed = pt.apply(ours, {0: "strided(4)", 2: "causal & (local(3) | sink(2))"})
+    assert changed == [0, 2]
+    idx = torch.randint(0, 97, (1, 19), device=DEVICE)
+    with torch.no_grad():
+        got = ours(idx).logits
+    # eager with the same patterns: a 4-D additive mask per layer
+    masks = {0: pcc.mask("strided(4)", 19)[0], 2: pcc.mask("causal & (local(3) | sink(2))", 19)[0],
+             1: pcc.mask("sliding_window(7)", 19)[0], 3: pcc.mask("sliding_window(7)", 19)[0]}
+    if getattr(eager.config, "layer_types", None) is None or eager.config.layer_types[1] != "sliding_attention":
+        masks[1] = masks[3] = pcc.mask("causal" if eager.config.sliding_window is None else "sliding_window(7)", 19)[0]
+
+    def eager_layer(module, query, key, value, attention_mask, **kwargs):
+        allowed = torch.from_numpy(masks[module.layer_idx]).to(query.device)
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
+        from transformers.models.mistral.modeling_mistral import eager_attention_forward
+
+        return eager_attention_forward(module, query, key, value, bias[None, None], **kwargs)
+
+    transformers.AttentionInterface.register("patterncc_test_masks", eager_layer)
+    eager.config._attn_implementation = "patterncc_test_masks"
+    with torch.no_grad():
+        want = eager(idx).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    # from a .pat file: one definition per layer type
+    pat = tmp_path / "layers.pat"
+    pat.write_text("pattern full_attention = causal & local(5)\n")
+    cfg = _config("llama")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME)
+    if getattr(model.config, "layer_types", None):
+        assert pt.apply(model, str(pat)) == [0, 1, 2, 3]
+        assert all(str(layer.self_attn.patterncc_pattern) == "causal & local(5)" for layer in model.model.layers)
+
+
+def test_training_steps_with_a_user_pattern():
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE)
+    pt.apply(model, {i: "strided(4)" for i in range(0, cfg.num_hidden_layers, 2)})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 97, (4, 24), device=DEVICE)
+    losses = []
+    for _ in range(8):
+        loss = model(idx, labels=idx).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_refusals_name_the_feature():
+    cfg = _config("llama")
+    cfg.attention_dropout = 0.1
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE).train()
+    idx = torch.randint(0, 97, (1, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="attention dropout"):
+        model(idx)
+    model.eval()
+    holes = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]], device=DEVICE)
+    with pytest.raises(ValueError, match="not one run of real tokens"):
+        model(idx, attention_mask=holes)
+    with pytest.raises(ValueError, match="prepared attention mask"):
+        model(idx, attention_mask=torch.zeros(1, 1, 8, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="no layer has type"):
+        pt.apply(model, {"sliding_attention_typo": "causal"})
+    with pytest.raises(ValueError, match="does not exist"):
+        pt.apply(model, {17: "causal"})
