@@ -16,11 +16,9 @@ standard slopes here unless the call gives its own.
 
 from __future__ import annotations
 
-import itertools
 import sys
-import weakref
 
-from . import ir
+from . import ir, registry
 from .scores import ScoreTerms, alibi_slopes, check_terms
 
 BACKENDS = ("auto", "reference", "triton")
@@ -49,11 +47,6 @@ def check_options(options: dict) -> None:
         raise TypeError(f"compile() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
                         f"{', '.join(map(repr, unknown))}; the allowed ones are backend, plan, dense_sdpa, "
                         f"{', '.join(allowed)}")
-
-# Every Attention by its key, the integer that names it to the torch ops
-# (ops.py): only tensors and plain numbers cross an op's boundary.
-live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_keys = itertools.count()
 
 
 class Attention:
@@ -99,8 +92,7 @@ class Attention:
         self.options = options
         self._impls: dict[str, object] = {}
         self._rows_impl = None  # the query-rows kernel, built on the first call that needs it
-        self.key = next(_keys)
-        live[self.key] = self
+        self.key = registry.register(self)  # the ops find this attention by its key
 
     def __reduce__(self):
         # Copies and pickles are new compiled attentions of the same pattern

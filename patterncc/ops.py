@@ -15,7 +15,7 @@ never recompiles the graph around it.
 
 Only tensors, ints, floats and strings cross the boundary. The compiled
 attention (pattern, plan mode, options) travels as ``key``, the integer
-every ``Attention`` gets when it is made (``attention.live``); ``backend``
+every ``Attention`` gets when it is made (``registry.live``); ``backend``
 is ``"triton"`` (the generated kernels: natural and planned launches, every
 dtype, GQA) or ``"reference"`` (float64 numpy on the CPU). ``scale`` None
 is ``1/sqrt(D)``. ``lse`` is float32 from the Triton backend and q's dtype
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import attention as _attention
+from . import registry
 from .scores import NO_TERMS, ScoreTerms, check_terms
 
 __all__ = ["attention", "attention_backward", "call"]
@@ -233,7 +233,7 @@ def _fresh(x, like):
 
 
 def _attention_of(key: int):
-    attn = _attention.live.get(key)
+    attn = registry.live.get(key)
     if attn is None:
         raise ValueError(f"{key=} names no live compiled attention (pcc.compile gives each one its key)")
     return attn
