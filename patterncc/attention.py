@@ -139,23 +139,21 @@ class Attention:
         import torch
         import torch.nn.functional as F
 
-        from .backends.reference.checks import check_cache_seqlens, check_shapes
+        from .backends.triton.decode import check_rows
 
-        if cache_seqlens is None:
-            check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
+        # Before anything reads q.shape: a non-tensor or a bad shape is named here.
+        lens = check_rows(q, k, v, cache_seqlens)
         needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
         if not needs_grad and not terms:
             if self._rows_impl is None:
                 from .backends.triton.decode import RowsAttention
 
                 self._rows_impl = RowsAttention(self.mask_pattern, block=self.options.get("block"))
-            lens = cache_seqlens if cache_seqlens is not None else [k.shape[2]] * q.shape[0]
             return self._rows_impl(q, k, v, lens, scale)
         triton = self.impl("triton")
         if cache_seqlens is None:
-            lens, batch = [k.shape[2]], [(q, k, v)]
+            batch = [(q, k, v)]
         else:
-            lens = check_cache_seqlens(cache_seqlens, q.shape, k.shape)
             batch = [(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]) for b, n in enumerate(lens)]
         outs = []
         for qb, kb, vb in batch:

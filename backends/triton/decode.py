@@ -33,7 +33,7 @@ import torch
 from patterncc import ir, planner
 from patterncc.lru import LRU
 from patterncc.planner import NATURAL, TokenOrder
-from patterncc.backends.reference.checks import check_cache_seqlens
+from patterncc.backends.reference.checks import check_cache_seqlens, check_shapes
 from patterncc.blocklayout import row_pairs
 from patterncc.masks import evaluate
 
@@ -287,7 +287,8 @@ def load_rows_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
 
 
 def check_rows(q, k, v, lens) -> list[int]:
-    """``lens`` as host ints, or a TypeError/ValueError naming the argument."""
+    """``lens`` as host ints, or a TypeError/ValueError naming the argument.
+    ``lens`` None: no cache, every row's keys are all of k's positions."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -312,5 +313,7 @@ def check_rows(q, k, v, lens) -> list[int]:
         raise ValueError(f"every dimension must be >= 1 and q's heads H={H} a multiple of k's Hkv={Hkv}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is over the Triton backend's limit of {MAX_HEAD_DIM}")
-    lens = check_cache_seqlens(lens, q.shape, k.shape)
-    return lens
+    if lens is None:
+        check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
+        return [max_len] * B
+    return check_cache_seqlens(lens, q.shape, k.shape)
