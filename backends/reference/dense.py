@@ -51,8 +51,11 @@ def backward_head(mask, q, k, v, o, lse, do, dlse, scale, terms: HeadTerms = NO_
 
 
 def _probabilities(s, lse):
-    finite_lse = np.where(lse == -np.inf, 0.0, lse)  # rows with no key (s all -inf); a NaN lse stays NaN
-    return np.exp(s - finite_lse[:, None])
+    """``exp(s - lse)``, 0 on masked pairs (``s = -inf``) whatever the row's
+    ``lse``: a row that reads a NaN has a NaN ``lse``, which must not reach the
+    keys it does not attend (through their ``dk``, ``dv``)."""
+    finite_lse = np.where(lse == -np.inf, 0.0, lse)  # rows with no key (s all -inf)
+    return np.where(s == -np.inf, 0.0, np.exp(s - finite_lse[:, None]))
 
 
 def _diff(n_q: int, n_k: int) -> np.ndarray:

@@ -58,12 +58,16 @@ def bucket(diff: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 def logsumexp_rows(s: np.ndarray, sink: float | None) -> np.ndarray:
     """Row-wise ``log(sum(exp(s)) + exp(sink))`` of ``s`` ``(n, n)`` (``-inf`` on
-    masked pairs): ``sink`` for a row with no key, ``-inf`` without a sink."""
-    m = s.max(axis=1)  # -inf on a row with no key
+    masked pairs): ``sink`` for a row with no key, ``-inf`` without a sink;
+    NaN on a row whose scores hold a NaN (it reaches that row's ``lse``)."""
+    m = s.max(axis=1)  # -inf on a row with no key, NaN on a row with a NaN score
     if sink is not None:
         m = np.maximum(m, sink)
-    safe = np.where(np.isfinite(m), m, 0.0)  # no inf - inf below
+    safe = np.where(m == -np.inf, 0.0, m)  # no -inf - -inf below; a NaN stays NaN
     total = np.exp(s - safe[:, None]).sum(axis=1)
     if sink is not None:
         total = total + np.exp(sink - safe)
-    return np.where(total > 0, safe + np.log(np.where(total > 0, total, 1.0)), -np.inf)
+    # A row with a key (or a sink) sums to >= 1 (its max gives exp(0)); only a
+    # row with neither sums to exactly 0. A NaN total is no row without keys.
+    empty = total == 0
+    return np.where(empty, -np.inf, safe + np.log(np.where(empty, 1.0, total)))
