@@ -9,8 +9,9 @@ caches ``[B, 8, n, 128]`` (GQA 4:1). Contenders, timed back to back in
 rounds (order reversed every other round), median over rounds of
 ``triton.testing.do_bench`` medians:
 
-- ``pcc``: ``attn(q, k, v, cache_seqlens=lens)`` at a fixed length (the
-  lists of key blocks cached: the kernels and the per-call host work);
+- ``pcc``: ``attn(q, k, v, cache_seqlens=lens)`` at a fixed length, lengths
+  as host ints (the lists of key blocks cached: the kernels and the per-call
+  host work);
 - ``pcc loop``: 64 steps at lengths ``n - 63 .. n`` (each a new length, so
   the host builds the lists as a generation loop does), per step;
 - ``sdpa <backend>``: ``scaled_dot_product_attention`` over the whole cache
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
             k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
             v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
             q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            lens = torch.full((B,), n, dtype=torch.int32, device="cuda")
+            lens = [n] * B  # host ints, as a generation loop has them (a CUDA tensor costs a device sync)
             sdpa = {}
             for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
                 def run_sdpa(backend=backend):
@@ -133,19 +134,26 @@ def main(argv=None) -> int:
                 contenders = {"pcc": lambda: attn(q, k, v, cache_seqlens=lens)}
                 contenders.update({f"sdpa {name}": fn for name, fn in sdpa.items()})
                 if flex is not None:
+                    torch._dynamo.reset()  # every row compiles Flex afresh: no fallback after 8 recompiles
                     mm = mask_mod(pat, n, device="cuda")
                     last = n - 1
                     bm = create_block_mask(lambda b, h, qi, ki: mm(b, h, qi + last, ki), None, None, 1, n,
                                            device="cuda")
                     contenders["flex"] = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)
-                    ref = contenders["flex"]()
-                    err = (out.float() - ref.float()).abs().max().item()
-                    if err > 0.05:
-                        print(f"  {src} B={B} n={n}: patterncc differs from Flex by {err:.3g}")
+                    try:
+                        with torch.no_grad():
+                            ref = contenders["flex"]()
+                        err = (out.float() - ref.float()).abs().max().item()
+                        if err > 0.05:
+                            print(f"  {src} B={B} n={n}: patterncc differs from Flex by {err:.3g}")
+                    except Exception as err:  # noqa: BLE001 - reported in the table's notes, the others still run
+                        print(f"  {src} B={B} n={n}: flex failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                        del contenders["flex"]
+                        torch.cuda.empty_cache()
                 with torch.no_grad():
                     med = rounds(contenders, args.rounds, args.rep)
                     # a generation loop: a new length every step, the host's lists included
-                    steps = [torch.full((B,), n - 63 + i, dtype=torch.int32, device="cuda") for i in range(64)]
+                    steps = [[n - 63 + i] * B for i in range(64)]
                     attn(q, k, v, cache_seqlens=steps[0])
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()

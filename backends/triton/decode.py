@@ -43,7 +43,7 @@ from .runtime import _DTYPES, _float32_scale, _on_device_of, _random_buffer, int
 
 _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
 _MARKER = "# ---- query-rows kernel: everything below this line is appended to the generated module ----"
-_PROGRAMS_PER_SM = 2  # split-KV aims at this many programs per multiprocessor
+_PROGRAMS_PER_SM = 8  # split-KV aims at this many programs per multiprocessor (loads in flight)
 _MIN_SPLIT_BLOCKS = 4  # and never splits a list into slices shorter than this
 
 
@@ -90,6 +90,7 @@ class RowsAttention:
         self._lists = LRU(256)  # per length: a generation loop's recent steps
         self._row_cache = LRU(4096)  # per block row
         self._modules = LRU(32)
+        self._randoms = LRU(32)
 
     def __repr__(self) -> str:
         return f"RowsAttention({str(self.pattern)!r}, block={self.block})"
@@ -132,23 +133,34 @@ class RowsAttention:
         total = sum(splits)
         o_part = torch.empty((total, B, H, nq, D), dtype=torch.float32, device=device)
         lse_part = torch.empty((total, B, H, nq), dtype=torch.float32, device=device)
-        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)  # noqa: E731
-        lens_dev = dev(lens)
+        # every table of the call in one host-to-device copy: lengths, then each piece's pointers and lists
+        parts = [np.asarray(lens, dtype=np.int64)]
+        for ptr, idx in tables:
+            parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device, non_blocking=True)
+        views = torch.split(packed, [p.size for p in parts])
         first = 0
         with _on_device_of(q):
-            for piece, (ptr, idx), count in zip(pieces, tables, splits):
+            for i, (piece, count) in enumerate(zip(pieces, splits)):
                 module = self._module(piece.pattern, module_len, head_dim, q.dtype, device)
                 layout_heads = H if ir.depends_on_head(piece.pattern) else 1
                 k_order, ord_l, ord_c = piece.codes
                 module.attn_rows_fwd[(tiles, B * H, count)](
-                    q, k, v, o_part, lse_part, lens_dev, _random_buffer(module.RANDOM_TABLES, module_len, device),
-                    dev(ptr), dev(idx if idx.size else np.zeros(1)),
+                    q, k, v, o_part, lse_part, views[0], self._random(module, module_len, device),
+                    views[1 + 2 * i], views[2 + 2 * i],
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                     scale, nq, D, H, H // Hkv, layout_heads, tiles, count, ord_l, ord_c, first, total,
                     HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=self.block, HEAD_DEPENDENT=layout_heads > 1,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", K_ORDER=k_order, num_warps=4)
                 first += count
         return merge_splits(o_part, lse_part, q.dtype)
+
+    def _random(self, module, n: int, device):
+        """The random(...) tables at length ``n`` on the device (cached)."""
+        key = (id(module), n, str(device))
+        if key not in self._randoms:
+            self._randoms[key] = _random_buffer(module.RANDOM_TABLES, n, device)
+        return self._randoms[key]
 
     def _splits(self, programs: int, longest: int, device) -> int:
         if self.splits is not None:

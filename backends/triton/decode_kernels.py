@@ -55,7 +55,8 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX,  
                   stride_vb, stride_vh, stride_vn,  #
                   sm_scale, NQ, D, H, GROUP, LAYOUT_HEADS, TILES, SPLITS, ORD_L, ORD_C, SPLIT0, ALL_SPLITS,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ORDER: tl.constexpr = 0):
+                  HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ORDER: tl.constexpr = 0,
+                  NUM_STAGES: tl.constexpr = 3):
     """One split of one query tile of one (batch row, head): its normalized
     output and lse over the key blocks of its slice of the tile's list.
 
@@ -101,7 +102,7 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX,  
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     ord_s = tl.cdiv(n_b, ORD_L)  # a residue class's slots at this row's length
-    for e in range(lo, hi):
+    for e in tl.range(lo, hi, num_stages=NUM_STAGES):  # the next blocks' loads in flight
         k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
         k_pos, k_ok = _key_tokens(k_slot, K_ORDER, ORD_L, ord_s, ORD_C)
         k_ok = k_ok & (k_pos < n_b)
