@@ -19,8 +19,6 @@ exact and inductor (which fuses the layers around it) is held to 1e-5.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -30,22 +28,7 @@ GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_and_cache(tmp_path_factory):
-    """TRITON_INTERPRET=1 without a GPU, and a private kernel cache, for this module only."""
-    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "PATTERNCC_CACHE_DIR")}
-    if not GPU and saved["TRITON_INTERPRET"] != "1" and "triton" in sys.modules:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run the suite with "
-                    "TRITON_INTERPRET=1 (scripts/test.sh does) or this file on its own")
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["PATTERNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+from kernel_env import interpreter_and_cache  # noqa: E402,F401 (autouse: the interpreter and a private cache)
 
 
 @pytest.fixture(autouse=True)

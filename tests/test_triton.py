@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import re
 import stat
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -46,23 +45,7 @@ LARGE = os.environ.get("PATTERNCC_TEST_LARGE", "1" if GPU else "0") == "1"
 GOLDEN = Path(__file__).parent / "golden" / "triton"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_and_cache(tmp_path_factory):
-    """TRITON_INTERPRET=1 without a GPU, and a private kernel cache, for this module only."""
-    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "PATTERNCC_CACHE_DIR")}
-    if not GPU and saved["TRITON_INTERPRET"] != "1" and "triton" in sys.modules:
-        # Triton decides at import whether its own jit helpers (tl.max, tl.cdiv) are interpreted.
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run the suite with "
-                    "TRITON_INTERPRET=1 (scripts/test.sh does) or this file on its own")
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"  # (the runtime fixes the interpreter's bf16 tl.dot itself)
-    os.environ["PATTERNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+from kernel_env import interpreter_and_cache  # noqa: E402,F401 (autouse: the interpreter and a private cache)
 
 
 from patterncc.backends.reference import ReferenceAttention  # noqa: E402
