@@ -141,10 +141,12 @@ class Attention:
 
         from .backends.triton.decode import check_rows
 
-        # Before anything reads q.shape: a non-tensor or a bad shape is named here.
-        lens = check_rows(q, k, v, cache_seqlens)
         needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
-        if not needs_grad and not terms:
+        rows_kernel = not needs_grad and not terms
+        # Before anything reads q.shape: a non-tensor or a bad shape is named here. (The
+        # training kernels copy a last dimension that is not contiguous; the query-rows kernel refuses it.)
+        lens = check_rows(q, k, v, cache_seqlens, copies_strided=not rows_kernel)
+        if rows_kernel:
             if self._rows_impl is None:
                 from .backends.triton.decode import RowsAttention
 

@@ -298,9 +298,11 @@ def load_rows_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
     return load_kernels(pattern, config, device, appendix="\n\n" + _template().lstrip("\n"))
 
 
-def check_rows(q, k, v, lens) -> list[int]:
+def check_rows(q, k, v, lens, copies_strided: bool = False) -> list[int]:
     """``lens`` as host ints, or a TypeError/ValueError naming the argument.
-    ``lens`` None: no cache, every row's keys are all of k's positions."""
+    ``lens`` None: no cache, every row's keys are all of k's positions.
+    ``copies_strided``: the caller copies a last dimension that is not
+    contiguous (the training kernels do), so it is not refused here."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -310,7 +312,7 @@ def check_rows(q, k, v, lens) -> list[int]:
             raise TypeError(f"{name} has dtype {x.dtype}; q, k and v must share one of bfloat16, float16, float32")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}: q, k and v must share one device")
-        if x.stride(-1) != 1:
+        if x.stride(-1) != 1 and not copies_strided:
             raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {x.stride()}")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         raise ValueError(f"q, k and v are on {q.device}: the Triton backend needs CUDA tensors "
