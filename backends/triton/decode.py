@@ -39,7 +39,7 @@ from patterncc.masks import evaluate
 
 from . import codegen
 from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
-from .runtime import _DTYPES, _float32_scale, _on_device_of, _random_buffer, interpreting, load_kernels
+from .runtime import _float32_scale, _on_device_of, _random_buffer, check_tensors, load_kernels
 
 _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
 _MARKER = "# ---- query-rows kernel: everything below this line is appended to the generated module ----"
@@ -303,20 +303,10 @@ def check_rows(q, k, v, lens, copies_strided: bool = False) -> list[int]:
     ``lens`` None: no cache, every row's keys are all of k's positions.
     ``copies_strided``: the caller copies a last dimension that is not
     contiguous (the training kernels do), so it is not refused here."""
+    check_tensors(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, n, D], got shape {tuple(x.shape)}")
-        if x.dtype not in _DTYPES or x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype}; q, k and v must share one of bfloat16, float16, float32")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: q, k and v must share one device")
         if x.stride(-1) != 1 and not copies_strided:
             raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {x.stride()}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
-        raise ValueError(f"q, k and v are on {q.device}: the Triton backend needs CUDA tensors "
-                         "(CPU tensors only with TRITON_INTERPRET=1)")
     B, H, nq, D = q.shape
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")

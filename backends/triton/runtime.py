@@ -238,7 +238,9 @@ def check_inputs(q, k, v):
     return _check_inputs(q, k, v)
 
 
-def _check_inputs(q, k, v):
+def check_tensors(q, k, v) -> None:
+    """q, k and v are 4-D torch tensors of one dtype the kernels take, on one
+    device they run on; else a TypeError/ValueError naming the argument."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -253,6 +255,10 @@ def _check_inputs(q, k, v):
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         raise ValueError(f"q, k and v are on {q.device}: the Triton backend needs CUDA tensors "
                          "(CPU tensors only with TRITON_INTERPRET=1, which runs the kernels in numpy)")
+
+
+def _check_inputs(q, k, v):
+    check_tensors(q, k, v)
     B, H, n, D = q.shape
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
