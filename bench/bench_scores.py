@@ -220,12 +220,18 @@ def main(argv=None) -> int:
     for name in args.patterns:
         for D in args.head_dims:
             t0 = time.perf_counter()
-            rows += bench_pattern(name, args.seq_len, args.heads, D, dtype, terms=args.terms, softcap=args.softcap,
-                                  max_distance=args.max_distance, rounds=args.rounds, rep=args.rep,
-                                  device=args.device, flex=not args.no_flex)
-            print(f"# {name} D={D}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            try:
+                got = bench_pattern(name, args.seq_len, args.heads, D, dtype, terms=args.terms,
+                                    softcap=args.softcap, max_distance=args.max_distance, rounds=args.rounds,
+                                    rep=args.rep, device=args.device, flex=not args.no_flex)
+            except Exception as err:  # one failing case must not cost the others' figures
+                got = [dict(pattern=name, n=args.seq_len, D=D, term="(all)",
+                            notes=[f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"])]
+            rows += got
+            # each case's rows as soon as they exist: a run cut short still reports what it measured
+            print(markdown(got), f"\n# {name} D={D}: {time.perf_counter() - t0:.0f} s\n", flush=True)
     table = markdown(rows)
-    print(f"{args.dtype}, B = 1, H = {args.heads}, softcap {args.softcap}, rel_bias M = {args.max_distance}, "
+    print(f"\nAll cases: {args.dtype}, B = 1, H = {args.heads}, softcap {args.softcap}, rel_bias M = {args.max_distance}, "
           f"{args.rounds} rounds; {torch.cuda.get_device_name() if args.device == 'cuda' else args.device}\n")
     print(table)
     if args.out:

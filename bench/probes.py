@@ -186,8 +186,8 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .config import default_config
-    from .runtime import load_kernels
+    from patterncc.backends.triton.config import default_config
+    from patterncc.backends.triton.runtime import load_kernels
 
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")

@@ -206,3 +206,53 @@ def test_float64_inputs(backend):
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match=r"backend='cuda'.*reference"):
         pcc.compile(PAT, backend="cuda")
+
+
+class _TightKernel:
+    """A stand-in for a Triton kernel that fits the card's shared memory only
+    with ``fits`` pipeline stages or fewer, and records each launch's stages."""
+
+    def __init__(self, fits: int, resource: str = "shared memory"):
+        self.fits, self.resource, self.launches = fits, resource, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((kwargs["num_stages"], kwargs["NUM_STAGES"]))
+            if kwargs["num_stages"] > self.fits:
+                from triton.runtime.errors import OutOfResources
+
+                raise OutOfResources(233472, 232448, self.resource)
+            return args
+
+        return run
+
+
+@pytest.mark.skipif(not HAVE_TRITON_RUNTIME, reason="needs the Triton runtime")
+def test_a_launch_over_the_shared_memory_retries_with_fewer_stages_and_keeps_them():
+    from patterncc.backends.triton.config import default_config
+    from patterncc.backends.triton.runtime import _Run
+
+    run = _Run(None, None, default_config(128), 128, 1, 1, 16, torch.bfloat16)
+    kernel, other = _TightKernel(fits=1), _TightKernel(fits=3)
+    assert run._launch(kernel, (1,))("q", num_stages=3, NUM_STAGES=3) == ("q",)
+    assert kernel.launches == [(3, 3), (2, 2), (1, 1)]
+    run._launch(kernel, (1,))("q", num_stages=3, NUM_STAGES=3)
+    assert kernel.launches[3:] == [(1, 1)]  # the stages that fit are remembered per kernel
+    run._launch(other, (1,))(num_stages=3, NUM_STAGES=3)
+    assert other.launches == [(3, 3)]  # another kernel keeps its own
+
+
+@pytest.mark.skipif(not HAVE_TRITON_RUNTIME, reason="needs the Triton runtime")
+def test_a_launch_over_other_resources_or_at_one_stage_raises():
+    from triton.runtime.errors import OutOfResources
+
+    from patterncc.backends.triton.config import default_config
+    from patterncc.backends.triton.runtime import _Run
+
+    run = _Run(None, None, default_config(128), 128, 1, 1, 16, torch.bfloat16)
+    with pytest.raises(OutOfResources, match="registers"):
+        run._launch(_TightKernel(fits=0, resource="registers"), (1,))(num_stages=3, NUM_STAGES=3)
+    tight = _TightKernel(fits=0)
+    with pytest.raises(OutOfResources, match="shared memory"):
+        run._launch(tight, (1,))(num_stages=2, NUM_STAGES=2)
+    assert tight.launches == [(2, 2), (1, 1)]

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from patterncc import ir, randomblocks
 from patterncc.blocklayout import BlockLayout, build as build_layout
@@ -370,6 +371,8 @@ class _Run:
     Hkv: int
     n: int
     dtype: torch.dtype
+    # kernel -> pipeline stages where the config's do not fit in shared memory (_launch)
+    stages_that_fit: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _constexprs(self):
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
@@ -392,7 +395,7 @@ class _Run:
         if o_in is not None and (o_in.stride() != o.stride() or lse_in.stride() != lse.stride()):
             raise AssertionError("o_in and lse_in must have o's and lse's strides")
         grid = (triton_cdiv(n, cfg.block_m), B * H)
-        self.module.attn_fwd[grid](
+        self._launch(self.module.attn_fwd, grid)(
             q, k, v, o, lse, o if o_in is None else o_in, lse if lse_in is None else lse_in, t.random, *t.fwd,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             scale, n, H, H // self.Hkv, *order.args(tokens),
@@ -420,7 +423,7 @@ class _Run:
         given ``delta`` (a planned run passes the merged ones to every component)."""
         B, H = q.shape[:2]
         cfg, t = self.config, self.tables
-        self.module.attn_bwd_dkdv[(triton_cdiv(self.n, cfg.block_n1), B * self.Hkv)](
+        self._launch(self.module.attn_bwd_dkdv, (triton_cdiv(self.n, cfg.block_n1), B * self.Hkv))(
             q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
             t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
@@ -450,7 +453,7 @@ class _Run:
             buffers = dict(PART=part, SCR=scratch, HIST=hist)
             grads.append((part.view(B, H, -1, 3), hist.view(B, H, -1, terms.buckets)))
         o_arg = do if o is None else o  # any [B, H, n, D] pointer when WRITE_DELTA is off
-        self.module.attn_bwd_dq[(triton_cdiv(self.n, cfg.block_m2), B * H)](
+        self._launch(self.module.attn_bwd_dq, (triton_cdiv(self.n, cfg.block_m2), B * H))(
             q, k, v, do, o_arg, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_arg.stride()[:3], *dq.stride()[:3],
             scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
@@ -459,6 +462,31 @@ class _Run:
             WRITE_DELTA=o is not None,
             ADDR32=self._rows_fit_int32(k, v), **self._backward_constexprs(),
             **terms.backward_args(t.random), **terms.dq_args(t.random, buffers, cfg))
+
+    def _launch(self, kernel, grid):
+        """``kernel[grid]`` with pipelining that fits the card's shared memory.
+        The table's stages are chosen for an H100/H200's 227 KiB, and some
+        variants of a kernel need more than others (a predicate, the score
+        terms, a merge input; Triton versions differ too: the D = 128 forward
+        at 128 x 128 with 3 stages takes 224 KiB under Triton 3.9 and 228 KiB
+        under 3.6). Where a launch does not fit, it is compiled again with one
+        stage fewer (the same result, a little less overlap of loads and math),
+        down to one; this kernel of this run then keeps the stages that fit."""
+        fitted = self.stages_that_fit
+
+        def launch(*args, **kwargs):
+            while True:
+                stages = fitted.get(kernel)
+                if stages is not None:
+                    kwargs.update(num_stages=stages, NUM_STAGES=stages)
+                try:
+                    return kernel[grid](*args, **kwargs)
+                except OutOfResources as err:
+                    if "shared memory" not in str(err) or kwargs["num_stages"] <= 1:
+                        raise
+                    fitted[kernel] = kwargs["num_stages"] - 1
+
+        return launch
 
     def _rows_fit_int32(self, *walked) -> bool:
         """Whether the kernel may address the rows of the tensors it walks
