@@ -172,13 +172,15 @@ def _try(fn) -> str:
 
 
 def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat16", "float32"),
-              config: KernelConfig | None = None, capability: int = 90) -> str:
+              config: KernelConfig | None = None, capability: int = 90, variant: dict | None = None) -> str:
     """Compile every kernel for ``sm_<capability>`` (no GPU needed; not under
     TRITON_INTERPRET=1) as a launch without GQA specializes it (``GROUP`` =
     1 is a constant) and report registers per thread, spilled bytes (the
     stack frame) and shared memory, from ``cuobjdump -res-usage``, and the
     local-memory loads and stores in the code (``LDL``/``STL`` in the SASS:
-    spills re-read inside a loop cost every step)."""
+    spills re-read inside a loop cost every step). ``variant``: constexprs
+    that differ from a plain launch's (``dict(FULL_RUNS=True)``), set in every
+    kernel that has them."""
     import re
     import shutil
 
