@@ -164,6 +164,22 @@ def test_user_patterns_by_type_and_index(tmp_path):
         assert all(str(layer.self_attn.patterncc_pattern) == "causal & local(5)" for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama4"])
+def test_user_pattern_generation_with_the_cache_equals_recomputing(family):
+    """A user pattern on a layer of a windowed model (Mistral has no layer
+    types; Gemma 3 and Llama 4 do): generation with transformers' cache
+    gives the tokens that recomputing the whole sequence at each step gives,
+    though the pattern reads further back than the model's window."""
+    cfg = _config(family)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE).eval()
+    pt.apply(model, {0: "strided(3)", 1: "causal & (local(2) | sink(2))"})
+    idx = torch.randint(1, 97, (1, 6), device=DEVICE)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(idx, use_cache=True, **kwargs), model.generate(idx, use_cache=False, **kwargs))
+
+
 def test_training_steps_with_a_user_pattern():
     torch.manual_seed(0)
     cfg = _config("llama")

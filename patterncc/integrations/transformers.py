@@ -90,6 +90,12 @@ def apply(model, patterns: dict | str) -> list[int]:
                 raise ValueError(f"no layer has type {key!r}; the model's layer types: {sorted(set(types)) or 'none'}")
         for i in idxs:
             chosen[i] = resolve_pattern(pat)
+    if not types and (getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)):
+        # Without layer types (Mistral) transformers' cache drops keys on every
+        # layer of a windowed model, and the model makes one mask for all its
+        # layers: every layer keeps every key instead (a layer left alone still
+        # runs its own window, exactly, over the longer cache).
+        types = ["full_attention"] * getattr(config, "num_hidden_layers", len(layers))
     for i, pat in chosen.items():
         layers[i].patterncc_pattern = pat
         if i < len(types):
