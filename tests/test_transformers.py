@@ -5,6 +5,13 @@ downloaded; the reference backend on the CPU, the Triton kernels on a GPU)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -258,3 +265,41 @@ def test_training_under_torch_compile_matches_eager(monkeypatch):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
 
+
+def _bench_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_transformers.py"
+    spec = importlib.util.spec_from_file_location("bench_transformers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while they are made
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def test_bench_smoke_runs_every_row():
+    """bench/bench_transformers.py --smoke (a tiny model on the CPU, patterncc's
+    reference backend): every row but Flex is measured and in the table."""
+    _, path = _bench_module()
+    run = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    table = run.stdout[run.stdout.index("| attention |"):]
+    for name in ("sdpa", "patterncc", "patterncc strided(128) / causal", "patterncc sliding_window(4096)"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        fwd_bwd, prefill, per_token = (float(x) for x in row.split("|")[2:5])  # per token: a difference, noisy here
+        assert fwd_bwd > 0 and prefill > 0 and "failed" not in row, row
+    assert "| flex_attention | - | - | - |" in table and "skipped" in table
+
+
+def test_bench_row_that_fails_leaves_its_error():
+    bench, _ = _bench_module()
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    args = argparse.Namespace(context=8, new_tokens=2, repeats=1, warmup=0, checkpointing="auto")
+    row = bench.Row("bad", "patterncc", {0: "causal & local(0)"})
+    bench.measure(model, row, torch.randint(1, 97, (1, 8)), args, bench.Clock(torch, "cpu"), torch, pt)
+    assert row.ms == {} and row.notes[0].startswith("failed: PatternValueError:"), row.notes
+    assert "local: `w` must be >= 1, got w=0" in row.notes[0], row.notes
+    good = bench.Row("patterncc", "patterncc")
+    bench.measure(model, good, torch.randint(1, 97, (1, 8)), args, bench.Clock(torch, "cpu"), torch, pt)
+    assert set(good.ms) == {"fwd+bwd", "prefill", "per token"}, good.notes
