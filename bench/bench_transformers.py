@@ -30,7 +30,9 @@ Gradient checkpointing is off unless ``--checkpointing on``, or ``auto``
 (the default) and a row runs out of memory: the row is then retried with it
 on, and the table says so. A row that fails prints its error and the rest
 run. For patterncc rows the table also says whether generation's new tokens
-took the decode path (the query-rows kernel) and how many calls it made.
+took the decode path (the query-rows kernel) and how many calls it made, and
+how many calls patterncc handed to SDPA itself (its cost model does so for
+a plain causal layer where that is cheaper).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def use(model, row: Row, pt) -> None:
         pt.apply(model, row.patterns)
 
 
-def decode_calls(pt_module):
+def decode_calls():
     """A counter of the query-rows kernel's calls (the decode path on the
     Triton backend), or None where that kernel cannot be imported."""
     try:
@@ -126,8 +128,26 @@ def checkpoint(model, on: bool) -> None:
     """Gradient checkpointing on or off, by the names transformers has
     (``activation_checkpointing_*`` in newer releases, ``gradient_*`` before)."""
     verb = "enable" if on else "disable"
-    switch = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(model, f"gradient_checkpointing_{verb}")
-    switch()
+    switch = getattr(model, f"activation_checkpointing_{verb}", None)
+    (switch or getattr(model, f"gradient_checkpointing_{verb}"))()
+
+
+def dense_sdpa_calls():
+    """A counter of the calls in which patterncc itself hands a plain causal
+    attention to SDPA (its cost model does where that is cheaper), installed
+    before the first patterncc attention is made."""
+    import patterncc.attention as attention
+
+    counter = {"calls": 0}
+    original = attention.sdpa_dense
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        counter["calls"] += out is not None
+        return out
+
+    attention.sdpa_dense = counted
+    return counter
 
 
 def is_oom(err: BaseException) -> bool:
@@ -148,17 +168,16 @@ def run_row(model, row: Row, ids, args, clock, torch, pt, checkpointing: bool) -
     row.ms["fwd+bwd"] = clock.median(step, args.warmup, args.repeats)
     model.zero_grad(set_to_none=True)
     model.eval()
-    prompt = ids[:, :args.context]
     n = args.new_tokens
 
     def generate(new: int):
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                  pad_token_id=0, eos_token_id=None)
         assert out.shape[1] == args.context + new, out.shape
 
     triton_backend = row.implementation == "patterncc" and ids.is_cuda
-    counter = decode_calls(pt) if triton_backend else None
+    counter = decode_calls() if triton_backend else None
     try:
         row.ms["prefill"] = clock.median(lambda: generate(1), args.warmup, args.repeats)
         seen = counter["calls"] if counter else 0
@@ -176,8 +195,9 @@ def run_row(model, row: Row, ids, args, clock, torch, pt, checkpointing: bool) -
 
 def measure(model, row: Row, ids, args, clock, torch, pt) -> None:
     """``run_row``, failing soft: an error becomes the row's note (its
-    traceback printed, the figures measured before it kept); running out of memory retries the row with
-    gradient checkpointing when ``--checkpointing auto``."""
+    traceback printed, the figures measured before it kept); running out of
+    memory retries the row with gradient checkpointing when
+    ``--checkpointing auto``."""
     checkpointing = args.checkpointing == "on"
     while True:
         try:
@@ -260,6 +280,7 @@ def main(argv=None) -> int:
           f"{args.warmup} warm-up", flush=True)
 
     clock = Clock(torch, device)
+    dense = dense_sdpa_calls()
     rows = [r for r in rows_for(shape["num_hidden_layers"]) if not args.only or r.name in args.only]
     started = time.perf_counter()
     for row in rows:
@@ -268,7 +289,10 @@ def main(argv=None) -> int:
             row.notes.append("skipped: flex_attention is measured on the GPU only")
             print(f"{row.name}: skipped on the CPU", flush=True)
             continue
+        before = dense["calls"]
         measure(model, row, ids, args, clock, torch, pt)
+        if row.implementation == "patterncc" and dense["calls"] > before:
+            row.notes.append(f"{dense['calls'] - before} calls ran patterncc's dense SDPA path")
         peak = ""
         if device == "cuda":
             peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"

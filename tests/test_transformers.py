@@ -184,7 +184,8 @@ def test_user_pattern_generation_with_the_cache_equals_recomputing(family):
     idx = torch.randint(1, 97, (1, 6), device=DEVICE)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(model.generate(idx, use_cache=True, **kwargs), model.generate(idx, use_cache=False, **kwargs))
+        cached = model.generate(idx, use_cache=True, **kwargs)
+        assert torch.equal(cached, model.generate(idx, use_cache=False, **kwargs))
 
 
 def test_training_steps_with_a_user_pattern():
