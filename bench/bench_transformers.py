@@ -222,7 +222,7 @@ def measure(model, row: Row, ids, args, clock, torch, pt) -> None:
 def markdown(rows: list[Row], base: str = "sdpa") -> str:
     ref = next((r for r in rows if r.name == base and r.ms), None)
     keys = ["fwd+bwd", "prefill", "per token"]
-    lines = ["| attention | fwd+bwd ms | prefill ms | per new token ms | vs sdpa (fwd+bwd / prefill / token) | notes |",
+    lines = ["| attention | fwd+bwd ms | prefill ms | per new token ms | time / sdpa's (fwd+bwd / prefill / token) | notes |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r.ms[k]:.2f}" if k in r.ms else "-" for k in keys]
@@ -240,6 +240,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--only", nargs="*", help="row names to run (default: all)")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="seconds after which the rows not yet started are skipped (default 330)")
     args = parser.parse_args(argv)
 
     import torch
@@ -270,14 +272,15 @@ def main(argv=None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"{card}; torch {torch.__version__}, triton {triton_version}, transformers {transformers.__version__}; "
-          f"patterncc backend {'reference' if args.smoke else 'auto (Triton)'}")
-    print(f"Llama-shaped, {params / 1e9:.2f}B parameters: hidden {shape['hidden_size']}, "
-          f"{shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads / "
-          f"{shape['num_key_value_heads']} kv heads, head dim {shape['head_dim']}, intermediate "
-          f"{shape['intermediate_size']}, vocab {shape['vocab_size']}; {str(dtype).removeprefix('torch.')}, "
-          f"batch 1, context {args.context}, {args.new_tokens} new tokens; median of {args.repeats} after "
-          f"{args.warmup} warm-up", flush=True)
+    header = (f"{card}; torch {torch.__version__}, triton {triton_version}, transformers {transformers.__version__}; "
+              f"patterncc backend {'reference' if args.smoke else 'auto (Triton)'}\n"
+              f"Llama-shaped, {params / 1e9:.2f}B parameters: hidden {shape['hidden_size']}, "
+              f"{shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads / "
+              f"{shape['num_key_value_heads']} kv heads, head dim {shape['head_dim']}, intermediate "
+              f"{shape['intermediate_size']}, vocab {shape['vocab_size']}; {str(dtype).removeprefix('torch.')}, "
+              f"batch 1, context {args.context}, {args.new_tokens} new tokens; median of {args.repeats} after "
+              f"{args.warmup} warm-up")
+    print(header, flush=True)
 
     clock = Clock(torch, device)
     dense = dense_sdpa_calls()
@@ -285,6 +288,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for row in rows:
         t0 = time.perf_counter()
+        if t0 - started > args.budget_s:
+            row.notes.append(f"skipped: the run's {args.budget_s:.0f} s budget was spent")
+            print(f"{row.name}: skipped, over budget", flush=True)
+            continue
         if row.implementation == "flex_attention" and device != "cuda":
             row.notes.append("skipped: flex_attention is measured on the GPU only")
             print(f"{row.name}: skipped on the CPU", flush=True)
@@ -299,7 +306,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         print(f"{row.name}: {', '.join(f'{k} {v:.2f} ms' for k, v in row.ms.items())} "
               f"({time.perf_counter() - t0:.0f} s{peak})", flush=True)
-    print(f"\n{markdown(rows)}\n\n({time.perf_counter() - started:.0f} s in all)")
+    print(f"\n{header}\n\n{markdown(rows)}\n\n({time.perf_counter() - started:.0f} s in all)")
     return 0 if any(r.ms for r in rows) else 1
 
 
