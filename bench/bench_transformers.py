@@ -57,6 +57,7 @@ class Row:
     patterns: dict | None = None  # for patterncc.integrations.transformers.apply
     ms: dict = field(default_factory=dict)  # "fwd+bwd", "prefill", "per token" -> median ms
     notes: list = field(default_factory=list)
+    tokens: list | None = None  # the greedy new tokens of the last generation
 
 
 def rows_for(layers: int) -> list[Row]:
@@ -175,6 +176,7 @@ def run_row(model, row: Row, ids, args, clock, torch, pt, checkpointing: bool) -
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                  pad_token_id=0, eos_token_id=None)
         assert out.shape[1] == args.context + new, out.shape
+        row.tokens = out[0, args.context:].tolist()
 
     triton_backend = row.implementation == "patterncc" and ids.is_cuda
     counter = decode_calls() if triton_backend else None
@@ -300,6 +302,9 @@ def main(argv=None) -> int:
         measure(model, row, ids, args, clock, torch, pt)
         if row.implementation == "patterncc" and dense["calls"] > before:
             row.notes.append(f"{dense['calls'] - before} calls ran patterncc's dense SDPA path")
+        if row.patterns is None and row.tokens and rows[0].tokens and row is not rows[0]:
+            agree = next((i for i, (a, b) in enumerate(zip(row.tokens, rows[0].tokens)) if a != b), len(row.tokens))
+            row.notes.append(f"greedy tokens as {rows[0].name}'s: the first {agree} of {len(row.tokens)}")
         peak = ""
         if device == "cuda":
             peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"

@@ -278,7 +278,8 @@ def _bench_module():
 
 def test_bench_smoke_runs_every_row():
     """bench/bench_transformers.py --smoke (a tiny model on the CPU, patterncc's
-    reference backend): every row but Flex is measured and in the table."""
+    reference backend): every row but Flex is measured and in the table, and
+    patterncc's causal row generates sdpa's greedy tokens."""
     _, path = _bench_module()
     run = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -289,6 +290,7 @@ def test_bench_smoke_runs_every_row():
         fwd_bwd, prefill, per_token = (float(x) for x in row.split("|")[2:5])  # per token: a difference, noisy here
         assert fwd_bwd > 0 and prefill > 0 and "failed" not in row, row
     assert "| flex_attention | - | - | - |" in table and "skipped" in table
+    assert "greedy tokens as sdpa's: the first 4 of 4" in table  # the patterncc row, its own causal masking
 
 
 def test_bench_row_that_fails_leaves_its_error():
