@@ -5,6 +5,13 @@ downloaded; the reference backend on the CPU, the Triton kernels on a GPU)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,6 +171,23 @@ def test_user_patterns_by_type_and_index(tmp_path):
         assert all(str(layer.self_attn.patterncc_pattern) == "causal & local(5)" for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama4"])
+def test_user_pattern_generation_with_the_cache_equals_recomputing(family):
+    """A user pattern on a layer of a windowed model (Mistral has no layer
+    types; Gemma 3 and Llama 4 do): generation with transformers' cache
+    gives the tokens that recomputing the whole sequence at each step gives,
+    though the pattern reads further back than the model's window."""
+    cfg = _config(family)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE).eval()
+    pt.apply(model, {0: "strided(3)", 1: "causal & (local(2) | sink(2))"})
+    idx = torch.randint(1, 97, (1, 6), device=DEVICE)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(idx, use_cache=True, **kwargs)
+        assert torch.equal(cached, model.generate(idx, use_cache=False, **kwargs))
+
+
 def test_training_steps_with_a_user_pattern():
     torch.manual_seed(0)
     cfg = _config("llama")
@@ -198,3 +222,87 @@ def test_refusals_name_the_feature():
         pt.apply(model, {"sliding_attention_typo": "causal"})
     with pytest.raises(ValueError, match="does not exist"):
         pt.apply(model, {17: "causal"})
+
+
+def test_training_under_torch_compile_matches_eager(monkeypatch):
+    """A user pattern on every other layer, compiled with aot_eager: the same
+    losses step by step as eager (the same kernels or reference run in both;
+    what may differ is float32 rounding where AOT decomposes the model's own
+    ops, a few ulps of a loss near 4, far below the 1e-2 that a wrong mask
+    moves it by). And patterncc's attention puts no graph break of its own
+    in the model: with the packed-row check (a data-dependent branch on
+    position_ids) out of the trace, the whole step is one graph."""
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 2
+    idx = torch.randint(0, 97, (2, 16), device=DEVICE)
+
+    def losses(model, steps=3):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        out = []
+        for _ in range(steps):
+            loss = model(idx, labels=idx).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    def model():
+        torch.manual_seed(1)
+        m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE)
+        pt.apply(m, {0: "strided(4)"})
+        return m
+
+    torch._dynamo.reset()
+    eager = losses(model())
+    compiled = losses(torch.compile(model(), backend="aot_eager"))
+    assert eager[-1] < eager[0]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 if DEVICE == "cpu" else 1e-3)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(pt, "_packed_segments", lambda *args: None)  # these rows are not packed
+    explained = torch._dynamo.explain(model())(idx, labels=idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+
+
+def _bench_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_transformers.py"
+    spec = importlib.util.spec_from_file_location("bench_transformers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while they are made
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def test_bench_smoke_runs_every_row():
+    """bench/bench_transformers.py --smoke (a tiny model on the CPU, patterncc's
+    reference backend): every row but Flex is measured and in the table, and
+    patterncc's causal row generates sdpa's greedy tokens."""
+    _, path = _bench_module()
+    run = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    table = run.stdout[run.stdout.index("| attention |"):]
+    for name in ("sdpa", "patterncc", "patterncc strided(128) / causal", "patterncc sliding_window(4096)"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        fwd_bwd, prefill, per_token = (float(x) for x in row.split("|")[2:5])  # per token: a difference, noisy here
+        assert fwd_bwd > 0 and prefill > 0 and "failed" not in row, row
+    assert "| flex_attention | - | - | - |" in table and "skipped" in table
+    assert "greedy tokens as sdpa's: the first 4 of 4" in table  # the patterncc row, its own causal masking
+
+
+def test_bench_row_that_fails_leaves_its_error():
+    bench, _ = _bench_module()
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    args = argparse.Namespace(context=8, new_tokens=2, repeats=1, warmup=0, checkpointing="auto")
+    row = bench.Row("bad", "patterncc", {0: "causal & local(0)"})
+    bench.measure(model, row, torch.randint(1, 97, (1, 8)), args, bench.Clock(torch, "cpu"), torch, pt)
+    assert row.ms == {} and row.notes[0].startswith("failed: PatternValueError:"), row.notes
+    assert "local: `w` must be >= 1, got w=0" in row.notes[0], row.notes
+    good = bench.Row("patterncc", "patterncc")
+    bench.measure(model, good, torch.randint(1, 97, (1, 8)), args, bench.Clock(torch, "cpu"), torch, pt)
+    assert set(good.ms) == {"fwd+bwd", "prefill", "per token"}, good.notes

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -90,6 +89,12 @@ def apply(model, patterns: dict | str) -> list[int]:
                 raise ValueError(f"no layer has type {key!r}; the model's layer types: {sorted(set(types)) or 'none'}")
         for i in idxs:
             chosen[i] = resolve_pattern(pat)
+    if not types and (getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)):
+        # Without layer types (Mistral) transformers' cache drops keys on every
+        # layer of a windowed model, and the model makes one mask for all its
+        # layers: every layer keeps every key instead (a layer left alone still
+        # runs its own window, exactly, over the longer cache).
+        types = ["full_attention"] * getattr(config, "num_hidden_layers", len(layers))
     for i, pat in chosen.items():
         layers[i].patterncc_pattern = pat
         if i < len(types):
@@ -271,10 +276,41 @@ def _offset_error(pattern, shift: int, period: int) -> ValueError:
                       "cache that keeps every key for this layer (patterncc.integrations.transformers.apply does)")
 
 
-@lru_cache(maxsize=64)
+_ATTENTIONS: dict = {}  # (pattern, softcap, backend) -> compiled attention
+_BY_KEY: dict = {}  # its registry key -> the same attention (a plain dict: Dynamo reads it, not weak references)
+
+
 def _compiled(pattern: ir.Pattern, softcap: float | None, backend: str):
-    options = {} if softcap is None else {"softcap": float(softcap)}
-    return compile_pattern(pattern, backend=backend, **options)
+    """The compiled attention of a layer's pattern, made once per process.
+
+    Under ``torch.compile`` the attention must not be made inside the trace
+    (Dynamo cannot trace the registry's weak references: a graph break),
+    nor found through ``functools.lru_cache`` (Dynamo traces the wrapped
+    function as if the cache were not there). So the trace asks for the
+    attention's key by the pattern's text, a constant Dynamo computes once,
+    outside the graph, and looks the attention up by it in a plain dict."""
+    if torch.compiler.is_compiling():
+        return _BY_KEY[_compiled_key(str(pattern), softcap, backend)]
+    return _made(pattern, softcap, backend)
+
+
+@torch._dynamo.assume_constant_result
+def _compiled_key(text: str, softcap: float | None, backend: str) -> int:
+    """The registry key of the attention of ``text`` (a pattern's text
+    parses back to an equal pattern)."""
+    from ..pipeline import parse
+
+    return _made(parse(text), softcap, backend).key
+
+
+def _made(pattern: ir.Pattern, softcap: float | None, backend: str):
+    key = (pattern, softcap, backend)
+    attn = _ATTENTIONS.get(key)
+    if attn is None:
+        options = {} if softcap is None else {"softcap": float(softcap)}
+        attn = _ATTENTIONS[key] = compile_pattern(pattern, backend=backend, **options)
+        _BY_KEY[attn.key] = attn
+    return attn
 
 
 # ----------------------------------------------------------------------------
