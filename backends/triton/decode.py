@@ -68,6 +68,65 @@ class _Piece:
         return {"natural": 0, "residue": 1, "columns": 2}[kind], max(1, self.k_order.l), max(1, self.k_order.c)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """One piece's launch of ``attn_rows_fwd``: its module, tables and shape."""
+
+    module: object
+    random: torch.Tensor
+    ptr: torch.Tensor  # int32 LIST_PTR
+    idx: torch.Tensor  # int32 LIST_IDX
+    grid: tuple
+    heads: int  # query heads per program (the GQA group, or 1 where the pattern differs per head)
+    layout_heads: int
+    tiles: int
+    splits: int
+    tile_q: int
+    block_m: int
+    k_order: int
+    ord_l: int
+    ord_c: int
+    split0: int
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The launches of one call's lengths and shapes (``RowsAttention._step``)."""
+
+    lens: torch.Tensor  # int32 [B] on the device
+    launches: list
+    total: int  # splits of every piece
+    head_dim: int
+    precision: str
+    merge_grid: tuple
+    merge_rows: int
+
+
+@dataclass(frozen=True)
+class _KernelTerms:
+    """A call's score terms as the kernel reads them: fp32, contiguous."""
+
+    softcap: float | None
+    alibi_slopes: torch.Tensor | None
+    sinks: torch.Tensor | None
+    rel_bias: torch.Tensor | None
+
+    @staticmethod
+    def of(softcap, alibi_slopes, sinks, rel_bias, q) -> "_KernelTerms":
+        f32 = lambda t: None if t is None else t.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        return _KernelTerms(None if softcap is None else float(softcap), f32(alibi_slopes), f32(sinks), f32(rel_bias))
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _heads_per_program(group: int) -> int:
+    """Query heads one program serves: the whole GQA group, or its largest
+    divisor up to 64 (a tile of more rows would spill its registers)."""
+    return max(d for d in range(1, min(group, 64) + 1) if group % d == 0)
+
+
 class RowsAttention:
     """The query-rows kernel for one pattern, any lengths (see the module docstring).
 
@@ -91,19 +150,33 @@ class RowsAttention:
         self._row_cache = LRU(4096)  # per block row
         self._modules = LRU(32)
         self._randoms = LRU(32)
+        self._steps = LRU(64)  # per (lengths, shapes): everything a step launches with but the tensors
+        self._sms = {}
 
     def __repr__(self) -> str:
         return f"RowsAttention({str(self.pattern)!r}, block={self.block})"
 
-    def __call__(self, q, k, v, lens, scale=None):
-        """o (q's dtype) ``[B, H, nq, D]`` and lse (fp32, natural log) ``[B, H, nq]``."""
-        lens = check_rows(q, k, v, lens)
+    def __call__(self, q, k, v, lens, scale=None, *, softcap=None, alibi_slopes=None, sinks=None, rel_bias=None,
+                 block_table=None):
+        """o (q's dtype) ``[B, H, nq, D]`` and lse (fp32, natural log) ``[B, H, nq]``.
+
+        ``lens``: host ints, checked (``check_rows``, ``check_paged``). Score
+        terms as ``Attention`` takes them (checked by ``scores.check_terms``).
+        ``block_table``: k and v are page pools ``[num_pages, Hkv, page, D]``
+        and row ``b`` reads its keys through ``block_table[b]`` (int32)."""
         B, H, nq, D = q.shape
         scale = _float32_scale(1.0 / math.sqrt(D) if scale is None else float(scale))
+        terms = _KernelTerms.of(softcap, alibi_slopes, sinks, rel_bias, q)
+        o = torch.empty((B, H, nq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
         if not self.per_length:
-            return self._launch(q, k, v, lens, scale, lens[0])
-        outs = [self._launch(q[b:b + 1], k[b:b + 1], v[b:b + 1], lens[b:b + 1], scale, lens[b]) for b in range(B)]
-        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+            self._launch(q, k, v, lens, scale, lens[0], o, lse, terms, block_table)
+            return o, lse
+        for b in range(B):
+            kb, vb = (k, v) if block_table is not None else (k[b:b + 1], v[b:b + 1])
+            table = None if block_table is None else block_table[b:b + 1]
+            self._launch(q[b:b + 1], kb, vb, lens[b:b + 1], scale, lens[b], o[b:b + 1], lse[b:b + 1], terms, table)
+        return o, lse
 
     def pieces(self, n: int, H: int) -> list[_Piece]:
         """The pieces at length ``n`` (the same at every length unless the
@@ -117,43 +190,76 @@ class RowsAttention:
             self._pieces[key] = made or [_Piece(ir.Empty(), NATURAL, NATURAL)]
         return self._pieces[key]
 
-    # -- one launch per piece over rows that share a module
+    # -- one launch per piece over rows that share a module, then one merge
 
-    def _launch(self, q, k, v, lens: list[int], scale: float, module_len: int):
+    def _launch(self, q, k, v, lens: list[int], scale: float, module_len: int, o, lse, terms: "_KernelTerms",
+                table):
         B, H, nq, D = q.shape
         Hkv = k.shape[1]
-        device = q.device
+        key = (tuple(lens), module_len, nq, H, Hkv, D, q.dtype, q.device)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._step(lens, module_len, nq, H, Hkv, D, q.dtype, q.device)
+        o_part = torch.empty((step.total, B, H, nq, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((step.total, B, H, nq), dtype=torch.float32, device=q.device)
+        paged = table is not None
+        table_arg = table if paged else step.lens
+        page = k.shape[2] if paged else 1
+        dummy = step.lens  # an int32 buffer for the pointers of terms that are off
+        slopes = terms.alibi_slopes if terms.alibi_slopes is not None else dummy
+        rel = terms.rel_bias if terms.rel_bias is not None else dummy
+        rel_m = 0 if terms.rel_bias is None else (terms.rel_bias.shape[1] - 1) // 2
+        softcap = 1.0 if terms.softcap is None else terms.softcap
+        with _on_device_of(q):
+            for launch in step.launches:
+                launch.module.attn_rows_fwd[launch.grid](
+                    q, k, v, o_part, lse_part, step.lens, launch.random, launch.ptr, launch.idx, table_arg,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], table_arg.stride(0),
+                    scale, nq, D, H, H // Hkv, launch.heads, launch.layout_heads, launch.tiles, launch.splits,
+                    launch.ord_l, launch.ord_c, launch.split0, step.total, softcap, slopes, rel, rel_m,
+                    HEAD_DIM=step.head_dim, BLOCK_M=launch.block_m, TILE_Q=launch.tile_q, BLOCK_N=self.block,
+                    HEAD_DEPENDENT=launch.layout_heads > 1, DOT_PRECISION=step.precision, K_ORDER=launch.k_order,
+                    PAGED=paged, PAGE=page, SOFTCAP=terms.softcap is not None, ALIBI=terms.alibi_slopes is not None,
+                    REL_BIAS=terms.rel_bias is not None, num_warps=4)
+            sink = terms.sinks if terms.sinks is not None else dummy
+            step.launches[0].module.attn_rows_merge[step.merge_grid](
+                o_part, lse_part, o, lse, sink, nq, D, H, step.total, *o.stride()[:3],
+                HEAD_DIM=step.head_dim, BLOCK_R=step.merge_rows, SINKS=terms.sinks is not None, num_warps=4)
+
+    def _step(self, lens, module_len, nq, H, Hkv, D, dtype, device) -> "_Step":
+        """Everything a call at these lengths and shapes launches with but the
+        tensors: built once, then every call (every layer of a model at one
+        decode step) only allocates its outputs and launches."""
         head_dim = padded_head_dim(D)
-        block_m = min(self.block, max(16, 1 << (nq - 1).bit_length()))  # a tile spans at most two block rows
-        tiles = -(-nq // block_m)
         pieces = self.pieces(module_len, H)
-        tables = [self._tables(piece, lens, nq, H, block_m, tiles) for piece in pieces]
-        splits = [self._splits(B * H * tiles * len(pieces), max(int(np.max(np.diff(ptr))), 1), device)
-                  for ptr, _ in tables]
-        total = sum(splits)
-        o_part = torch.empty((total, B, H, nq, D), dtype=torch.float32, device=device)
-        lse_part = torch.empty((total, B, H, nq), dtype=torch.float32, device=device)
+        shapes = []
+        for piece in pieces:
+            layout_heads = H if ir.depends_on_head(piece.pattern) else 1
+            heads = 1 if layout_heads > 1 else _heads_per_program(H // Hkv)
+            # a tile: `heads` query heads times tile_q positions (at most two block rows)
+            tile_q = min(_pow2(nq), self.block, max(1, 64 // _pow2(heads)))
+            shapes.append((piece, layout_heads, heads, tile_q, -(-nq // tile_q)))
+        tables = [self._tables(piece, lens, nq, H, tile_q, tiles) for piece, _, _, tile_q, tiles in shapes]
+        programs = sum(len(lens) * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
+        splits = [self._splits(programs, max(int(np.max(np.diff(ptr))), 1), device) for ptr, _ in tables]
         # every table of the call in one host-to-device copy: lengths, then each piece's pointers and lists
         parts = [np.asarray(lens, dtype=np.int64)]
         for ptr, idx in tables:
             parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
-        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device, non_blocking=True)
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device)
         views = torch.split(packed, [p.size for p in parts])
-        first = 0
-        with _on_device_of(q):
-            for i, (piece, count) in enumerate(zip(pieces, splits)):
-                module = self._module(piece.pattern, module_len, head_dim, q.dtype, device)
-                layout_heads = H if ir.depends_on_head(piece.pattern) else 1
-                k_order, ord_l, ord_c = piece.codes
-                module.attn_rows_fwd[(tiles, B * H, count)](
-                    q, k, v, o_part, lse_part, views[0], self._random(module, module_len, device),
-                    views[1 + 2 * i], views[2 + 2 * i],
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                    scale, nq, D, H, H // Hkv, layout_heads, tiles, count, ord_l, ord_c, first, total,
-                    HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=self.block, HEAD_DEPENDENT=layout_heads > 1,
-                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", K_ORDER=k_order, num_warps=4)
-                first += count
-        return merge_splits(o_part, lse_part, q.dtype)
+        launches, first = [], 0
+        for i, ((piece, layout_heads, heads, tile_q, tiles), count) in enumerate(zip(shapes, splits)):
+            module = self._module(piece.pattern, module_len, head_dim, dtype, device)
+            k_order, ord_l, ord_c = piece.codes
+            launches.append(_Launch(module, self._random(module, module_len, device), views[1 + 2 * i],
+                                    views[2 + 2 * i], (tiles, len(lens) * (H // heads), count), heads, layout_heads,
+                                    tiles, count, tile_q, max(16, _pow2(heads * tile_q)), k_order, ord_l, ord_c,
+                                    first))
+            first += count
+        merge_rows = min(_pow2(nq), 16)
+        return _Step(views[0], launches, first, head_dim, "ieee" if dtype == torch.float32 else "tf32",
+                     (len(lens) * H, -(-nq // merge_rows)), merge_rows)
 
     def _random(self, module, n: int, device):
         """The random(...) tables at length ``n`` on the device (cached)."""
@@ -167,7 +273,9 @@ class RowsAttention:
             return self.splits
         if device.type != "cuda":
             return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if device not in self._sms:
+            self._sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = self._sms[device]
         want = -(-_PROGRAMS_PER_SM * sms // programs)
         return max(1, min(want, longest // _MIN_SPLIT_BLOCKS))
 
@@ -281,16 +389,6 @@ def _column_blocks(natural_blocks: np.ndarray, order: TokenOrder, n: int, block:
     counts = hi - lo + 1
     starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     return np.unique(starts + np.arange(int(counts.sum())))  # every block of every range
-
-
-def merge_splits(o_part, lse_part, dtype):
-    """The splits' partial results merged by log-sum-exp: o in ``dtype``, lse
-    fp32; a row no split saw stays o = 0, lse = -inf (never NaN)."""
-    if o_part.shape[0] == 1:
-        return o_part[0].to(dtype), lse_part[0]
-    lse = torch.logsumexp(lse_part, dim=0)
-    w = torch.where(lse_part == float("-inf"), 0.0, torch.exp(lse_part - lse.unsqueeze(0)))
-    return (w.unsqueeze(-1) * o_part).sum(0).to(dtype), lse
 
 
 def load_rows_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
