@@ -103,15 +103,21 @@ class Attention:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, alibi_slopes=None, sinks=None,
-                 rel_bias=None, cache_seqlens=None):
+                 rel_bias=None, cache_seqlens=None, block_table=None):
         """Queries may be fewer than keys (``n_q <= n_k``): they are then the
         last ``n_q`` positions. ``cache_seqlens`` (int32 ``[B]`` or a list):
         ``k``, ``v`` are caches ``[B, Hkv, max_len, D]`` and row ``b``'s
-        queries the last of its first ``cache_seqlens[b]`` positions."""
+        queries the last of its first ``cache_seqlens[b]`` positions.
+        ``block_table`` (int32 ``[B, max_pages]``, with ``cache_seqlens``):
+        ``k``, ``v`` are page pools ``[num_pages, Hkv, page, D]`` and row
+        ``b``'s position ``t`` is slot ``t % page`` of page
+        ``block_table[b, t // page]``."""
         terms = self.call_terms(q, ScoreTerms(self.terms.softcap, alibi_slopes, sinks, rel_bias))
         given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
         # Only the terms in use: a call without terms is the plain call.
         given = {name: value for name, value in given.items() if value is not None}
+        if block_table is not None and cache_seqlens is None:
+            raise ValueError("block_table needs cache_seqlens: the length of each row's paged cache")
         if _is_torch(q) and _traced(q):
             if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
                 raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
@@ -124,34 +130,46 @@ class Attention:
         if not rows or name == "reference":
             if cache_seqlens is not None:
                 given["cache_seqlens"] = cache_seqlens
+            if block_table is not None:
+                given["block_table"] = block_table
             return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **given)
-        o, lse = self._rows(q, k, v, scale, cache_seqlens, given)
+        o, lse = self._rows(q, k, v, scale, cache_seqlens, block_table, given)
         return (o, lse) if return_lse else o
 
-    def _rows(self, q, k, v, scale, cache_seqlens, terms: dict):
+    def _rows(self, q, k, v, scale, cache_seqlens, block_table, terms: dict):
         """Queries at the end of their keys on the Triton backend: the
         query-rows kernel (reads only the key blocks the pattern allows
-        there) when no gradient is needed; otherwise the training kernels on
-        queries padded with zero rows in front, whose outputs are dropped: a
-        padded row's output gradient is 0, so it adds nothing to dk, dv or the
-        terms' tensors (exact; it costs the padded rows' work). The query-rows
-        kernel has no score terms: calls with terms take the second way too."""
+        there, with the score terms, from a contiguous or a paged cache) when
+        no gradient is needed; otherwise the training kernels on queries
+        padded with zero rows in front, whose outputs are dropped: a padded
+        row's output gradient is 0, so it adds nothing to dk, dv or the
+        terms' tensors (exact; it costs the padded rows' work). A paged
+        cache takes that way as the contiguous cache it stands for."""
         import torch
         import torch.nn.functional as F
 
-        from .backends.triton.decode import check_rows
+        from .backends.triton.decode import check_paged, check_rows
 
-        needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
-        rows_kernel = not needs_grad and not terms
+        needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False)
+                                                     for x in (q, k, v, *terms.values()))
+        if block_table is not None and needs_grad:
+            from .backends.reference.attention import pages_as_cache
+
+            check_paged(q, k, v, cache_seqlens, block_table)  # the Triton backend's own rules first
+            k, v = pages_as_cache(q, k, v, cache_seqlens, block_table)
+            block_table = None
         # Before anything reads q.shape: a non-tensor or a bad shape is named here. (The
         # training kernels copy a last dimension that is not contiguous; the query-rows kernel refuses it.)
-        lens = check_rows(q, k, v, cache_seqlens, copies_strided=not rows_kernel)
-        if rows_kernel:
+        if block_table is not None:
+            lens = check_paged(q, k, v, cache_seqlens, block_table)
+        else:
+            lens = check_rows(q, k, v, cache_seqlens, copies_strided=needs_grad)
+        if not needs_grad:
             if self._rows_impl is None:
                 from .backends.triton.decode import RowsAttention
 
                 self._rows_impl = RowsAttention(self.mask_pattern, block=self.options.get("block"))
-            return self._rows_impl(q, k, v, lens, scale)
+            return self._rows_impl(q, k, v, lens, scale, block_table=block_table, **terms)
         triton = self.impl("triton")
         if cache_seqlens is None:
             batch = [(q, k, v)]

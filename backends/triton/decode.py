@@ -24,6 +24,7 @@ at its own length; any other pattern runs every row in one launch.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 from patterncc import ir, planner
 from patterncc.lru import LRU
 from patterncc.planner import NATURAL, TokenOrder
-from patterncc.backends.reference.checks import check_cache_seqlens, check_shapes
+from patterncc.backends.reference.checks import check_block_table, check_cache_seqlens, check_pages, check_shapes
 from patterncc.blocklayout import row_pairs
 from patterncc.masks import evaluate
 
@@ -419,3 +420,41 @@ def check_rows(q, k, v, lens, copies_strided: bool = False) -> list[int]:
         check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
         return [max_len] * B
     return check_cache_seqlens(lens, q.shape, k.shape)
+
+
+_PAGES_CHECKED = LRU(64)  # (pointer, version, shape, pages read) -> a weak reference to the table found in range
+
+
+def check_paged(q, k_pool, v_pool, lens, table) -> list[int]:
+    """``lens`` as host ints for a paged call, or a TypeError/ValueError
+    naming the argument: pools ``[num_pages, Hkv, page, D]`` (last dimension
+    contiguous), ``table`` int32 ``[B, max_pages]`` on q's device, every page
+    a row reads in the pools. The pages are read back from the device once
+    per table version and number of pages read (a decode loop pays it when
+    a row starts a new page, not every step)."""
+    check_tensors(q, k_pool, v_pool)
+    for name, x in (("q", q), ("k", k_pool), ("v", v_pool)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {x.stride()}")
+    if tuple(v_pool.shape) != tuple(k_pool.shape):
+        raise ValueError(f"v must have k's shape {tuple(k_pool.shape)}, got {tuple(v_pool.shape)}")
+    max_len = check_block_table(table, q.shape, k_pool.shape)
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.int32 or table.device != q.device:
+        raise TypeError(f"block_table must be an int32 tensor on q's device {q.device}, got "
+                        f"{getattr(table, 'dtype', type(table).__name__)} on {getattr(table, 'device', 'the host')}")
+    if table.stride(-1) != 1:
+        raise ValueError(f"block_table's last dimension must be contiguous (stride 1), got strides {table.stride()}")
+    B, H, nq, D = q.shape
+    num_pages, Hkv, page, _ = k_pool.shape
+    if H % Hkv:
+        raise ValueError(f"q's heads H={H} must be a multiple of the pools' Hkv={Hkv}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is over the Triton backend's limit of {MAX_HEAD_DIM}")
+    lens = check_cache_seqlens(lens, q.shape, (B, Hkv, max_len, D))
+    read = tuple(-(-n // page) for n in lens)
+    key = (table.data_ptr(), table._version, tuple(table.shape), table.stride(0), read, num_pages)
+    seen = _PAGES_CHECKED.get(key)
+    if seen is None or seen() is not table:  # (another tensor may have been made at a freed one's address)
+        check_pages(table.tolist(), lens, page, num_pages)
+        _PAGES_CHECKED[key] = weakref.ref(table)
+    return lens
