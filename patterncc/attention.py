@@ -148,7 +148,7 @@ class Attention:
         import torch
         import torch.nn.functional as F
 
-        from .backends.triton.decode import check_paged, check_rows
+        from .backends.triton.decode import check_device_lens, check_paged, check_rows
 
         needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False)
                                                      for x in (q, k, v, *terms.values()))
@@ -160,8 +160,18 @@ class Attention:
             block_table = None
         # Before anything reads q.shape: a non-tensor or a bad shape is named here. (The
         # training kernels copy a last dimension that is not contiguous; the query-rows kernel refuses it.)
+        device_lens = False
+        if block_table is None and not needs_grad and isinstance(cache_seqlens, torch.Tensor):
+            check_rows(q, k, v, None)  # the tensors themselves, before their devices are compared
+            device_lens = check_device_lens(cache_seqlens, q)
         if block_table is not None:
             lens = check_paged(q, k, v, cache_seqlens, block_table)
+        elif device_lens:
+            # lengths left on the device (a CUDA graph may capture the call): their values are
+            # checked on the CPU only (decode.check_device_lens)
+            if q.device.type == "cpu":
+                check_rows(q, k, v, cache_seqlens)
+            lens = cache_seqlens
         else:
             lens = check_rows(q, k, v, cache_seqlens, copies_strided=needs_grad)
         if not needs_grad:

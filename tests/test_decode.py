@@ -278,6 +278,81 @@ def test_rows_kernel_terms_through_the_public_call():
 
 
 # ----------------------------------------------------------------------------
+# Lengths on the device: nothing read back, so a CUDA graph can capture the call
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src", ["causal", "strided(8)", "fixed(8, 2)", "sliding_window(13)",
+                                 "cycle(causal, local(5))", "causal - sink(20)"])
+@pytest.mark.parametrize("n_q", [1, 5, 16])
+def test_device_lengths_walk_the_rows_lists(src, n_q):
+    """Lengths as a tensor on q's device: every block row's list at the cache's length, a tile walking
+    the (one or two) rows it spans; exact against the reference, terms included."""
+    from patterncc.backends.triton.decode import RowsAttention
+
+    pat = pcc.parse(src)
+    q, k, v = tensors(3, 4, 2, n_q, 64, 16, dtype=torch.float32, seed=n_q, device=DEVICE)
+    terms = term_tensors(4, alibi=True, sinks=True, seed=n_q)
+    lens = [64, n_q, 37]
+    rows = RowsAttention(pat, block=16, splits=2)
+    o, lse = rows(q, k, v, torch.tensor(lens, dtype=torch.int32, device=DEVICE), **terms)
+    assert rows.row_step(64, 3, n_q, 4, 2, 16, torch.float32, torch.device(DEVICE)).by_row
+    from patterncc.backends.reference import ReferenceAttention
+
+    ro, rlse = ReferenceAttention(pat)(*(x.double().cpu() for x in (q, k, v)), return_lse=True, cache_seqlens=lens,
+                                       **{name: x.double().cpu() for name, x in terms.items()})
+    torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double().cpu(), rlse, rtol=0, atol=2e-5)
+
+
+def test_device_lengths_through_the_public_call():
+    """``attn(..., cache_seqlens=tensor on q's device)`` takes the row lists and gives the host lengths'
+    answer; a pattern that depends on the length, or lists over the limit, read the lengths instead."""
+    from patterncc.backends.triton import decode
+
+    q, k, v = tensors(2, 4, 1, 2, 48, 16, dtype=torch.float32, device=DEVICE)
+    lens = torch.tensor([48, 20], dtype=torch.int32, device=DEVICE)
+    for src in ("strided(8)", "causal & local(isqrt(n))", "bigbird(4, 3, 1, 8, 7)"):
+        attn = pcc.compile(src, backend="triton", block=16)
+        with torch.no_grad():
+            o, lse = attn(q, k, v, return_lse=True, cache_seqlens=lens)
+            o2, lse2 = attn(q, k, v, return_lse=True, cache_seqlens=lens.tolist())
+        torch.testing.assert_close(o, o2, rtol=0, atol=2e-5)
+        torch.testing.assert_close(lse, lse2, rtol=0, atol=2e-5)
+    rows = decode.RowsAttention(pcc.parse("causal"), block=16)
+    assert rows.row_step(48, 2, 2, 4, 1, 16, torch.float32, torch.device(DEVICE)) is not None
+    assert decode.RowsAttention(pcc.parse("causal & local(isqrt(n))"), block=16).row_step(
+        48, 2, 2, 4, 1, 16, torch.float32, torch.device(DEVICE)) is None
+    saved = decode.ROW_LIST_LIMIT
+    try:
+        decode.ROW_LIST_LIMIT = 5  # causal at 48 tokens, blocks of 16: 1 + 2 + 3 entries
+        assert decode.RowsAttention(pcc.parse("causal"), block=16).row_step(
+            48, 2, 2, 4, 1, 16, torch.float32, torch.device(DEVICE)) is None
+    finally:
+        decode.ROW_LIST_LIMIT = saved
+    with pytest.raises(ValueError, match="int32 tensor"):
+        with torch.no_grad():
+            pcc.compile("causal", backend="triton")(q, k, v, cache_seqlens=lens.long())
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_device_lengths_capture_in_a_cuda_graph():
+    """A decode step captured once and replayed at new lengths equals the eager call at each."""
+    attn = pcc.compile("sliding_window(100)", backend="triton")
+    q, k, v = tensors(2, 8, 2, 1, 4096, 64, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([4096, 1000], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        attn(q, k, v, cache_seqlens=lens)  # warm: kernels compiled, lists on the device
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attn(q, k, v, cache_seqlens=lens)
+        for new in ([4000, 17], [1, 4096], [2500, 2501]):
+            lens.copy_(torch.tensor(new, dtype=torch.int32))
+            graph.replay()
+            torch.testing.assert_close(out, attn(q, k, v, cache_seqlens=new), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------
 # Paged caches
 # ----------------------------------------------------------------------------
 

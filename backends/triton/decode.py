@@ -46,6 +46,8 @@ _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
 _MARKER = "# ---- query-rows kernel: everything below this line is appended to the generated module ----"
 _PROGRAMS_PER_SM = 8  # split-KV aims at this many programs per multiprocessor (loads in flight)
 _MIN_SPLIT_BLOCKS = 4  # and never splits a list into slices shorter than this
+# Device-length calls (CUDA graphs) hold every block row's list: at most this many entries (64 MiB)
+ROW_LIST_LIMIT = 1 << 24
 
 
 def _template() -> str:
@@ -101,6 +103,9 @@ class _Step:
     precision: str
     merge_grid: tuple
     merge_rows: int
+    by_row: bool = False  # lists per block row of the layout (``row_step``), lengths read on the device
+    rows: int = 0  # block rows of those lists per layout head
+    max_len: int = 0  # the cache's length: device lengths are kept within it
 
 
 @dataclass(frozen=True)
@@ -161,22 +166,36 @@ class RowsAttention:
                  block_table=None):
         """o (q's dtype) ``[B, H, nq, D]`` and lse (fp32, natural log) ``[B, H, nq]``.
 
-        ``lens``: host ints, checked (``check_rows``, ``check_paged``). Score
-        terms as ``Attention`` takes them (checked by ``scores.check_terms``).
-        ``block_table``: k and v are page pools ``[num_pages, Hkv, page, D]``
-        and row ``b`` reads its keys through ``block_table[b]`` (int32)."""
+        ``lens``: host ints, checked (``check_rows``, ``check_paged``); or an
+        int32 tensor ``[B]`` on q's device (``check_device_lens``), which is
+        not read back: the call then takes the layout's lists per block row
+        at the cache's length (``row_step``) and can be captured in a CUDA
+        graph, where the pattern allows (else the lengths are read, once).
+        Score terms as ``Attention`` takes them (checked by
+        ``scores.check_terms``). ``block_table``: k and v are page pools
+        ``[num_pages, Hkv, page, D]`` and row ``b`` reads its keys through
+        ``block_table[b]`` (int32)."""
         B, H, nq, D = q.shape
         scale = _float32_scale(1.0 / math.sqrt(D) if scale is None else float(scale))
         terms = _KernelTerms.of(softcap, alibi_slopes, sinks, rel_bias, q)
         o = torch.empty((B, H, nq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
+        if isinstance(lens, torch.Tensor):
+            step = None if block_table is not None else self.row_step(k.shape[2], B, nq, H, k.shape[1], D, q.dtype,
+                                                                      q.device)
+            if step is not None:
+                self._launch(q, k, v, step, lens, scale, o, lse, terms, None)
+                return o, lse
+            lens = check_cache_seqlens(lens, q.shape, (B, k.shape[1], max_len_of(k, block_table), D))
         if not self.per_length:
-            self._launch(q, k, v, lens, scale, lens[0], o, lse, terms, block_table)
+            step = self._step_of(lens, lens[0], nq, H, k.shape[1], D, q.dtype, q.device)
+            self._launch(q, k, v, step, step.lens, scale, o, lse, terms, block_table)
             return o, lse
         for b in range(B):
             kb, vb = (k, v) if block_table is not None else (k[b:b + 1], v[b:b + 1])
             table = None if block_table is None else block_table[b:b + 1]
-            self._launch(q[b:b + 1], kb, vb, lens[b:b + 1], scale, lens[b], o[b:b + 1], lse[b:b + 1], terms, table)
+            step = self._step_of(lens[b:b + 1], lens[b], nq, H, k.shape[1], D, q.dtype, q.device)
+            self._launch(q[b:b + 1], kb, vb, step, step.lens, scale, o[b:b + 1], lse[b:b + 1], terms, table)
         return o, lse
 
     def pieces(self, n: int, H: int) -> list[_Piece]:
@@ -193,14 +212,16 @@ class RowsAttention:
 
     # -- one launch per piece over rows that share a module, then one merge
 
-    def _launch(self, q, k, v, lens: list[int], scale: float, module_len: int, o, lse, terms: "_KernelTerms",
-                table):
-        B, H, nq, D = q.shape
-        Hkv = k.shape[1]
-        key = (tuple(lens), module_len, nq, H, Hkv, D, q.dtype, q.device)
+    def _step_of(self, lens, module_len, nq, H, Hkv, D, dtype, device) -> "_Step":
+        key = (tuple(lens), module_len, nq, H, Hkv, D, dtype, device)
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = self._step(lens, module_len, nq, H, Hkv, D, q.dtype, q.device)
+            step = self._steps[key] = self._step(lens, module_len, nq, H, Hkv, D, dtype, device)
+        return step
+
+    def _launch(self, q, k, v, step: "_Step", lens_t, scale: float, o, lse, terms: "_KernelTerms", table):
+        B, H, nq, D = q.shape
+        Hkv = k.shape[1]
         o_part = torch.empty((step.total, B, H, nq, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((step.total, B, H, nq), dtype=torch.float32, device=q.device)
         paged = table is not None
@@ -214,13 +235,14 @@ class RowsAttention:
         with _on_device_of(q):
             for launch in step.launches:
                 launch.module.attn_rows_fwd[launch.grid](
-                    q, k, v, o_part, lse_part, step.lens, launch.random, launch.ptr, launch.idx, table_arg,
+                    q, k, v, o_part, lse_part, lens_t, launch.random, launch.ptr, launch.idx, table_arg,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], table_arg.stride(0),
                     scale, nq, D, H, H // Hkv, launch.heads, launch.layout_heads, launch.tiles, launch.splits,
                     launch.ord_l, launch.ord_c, launch.split0, step.total, softcap, slopes, rel, rel_m,
+                    step.rows, step.max_len,
                     HEAD_DIM=step.head_dim, BLOCK_M=launch.block_m, TILE_Q=launch.tile_q, BLOCK_N=self.block,
                     HEAD_DEPENDENT=launch.layout_heads > 1, DOT_PRECISION=step.precision, K_ORDER=launch.k_order,
-                    PAGED=paged, PAGE=page, SOFTCAP=terms.softcap is not None, ALIBI=terms.alibi_slopes is not None,
+                    PAGED=paged, PAGE=page, BY_ROW=step.by_row, SOFTCAP=terms.softcap is not None, ALIBI=terms.alibi_slopes is not None,
                     REL_BIAS=terms.rel_bias is not None, num_warps=4)
             sink = terms.sinks if terms.sinks is not None else dummy
             step.launches[0].module.attn_rows_merge[step.merge_grid](
@@ -231,17 +253,92 @@ class RowsAttention:
         """Everything a call at these lengths and shapes launches with but the
         tensors: built once, then every call (every layer of a model at one
         decode step) only allocates its outputs and launches."""
-        head_dim = padded_head_dim(D)
-        pieces = self.pieces(module_len, H)
+        shapes = self._shapes(self.pieces(module_len, H), H, Hkv, nq)
+        tables = [self._tables(piece, lens, nq, H, tile_q, tiles) for piece, _, _, tile_q, tiles in shapes]
+        return self._assemble(shapes, tables, lens, len(lens), module_len, nq, H, D, dtype, device)
+
+    def row_step(self, max_len: int, B: int, nq: int, H: int, Hkv: int, D: int, dtype, device) -> "_Step | None":
+        """The step of a call whose lengths stay on the device: the layout's
+        key-block list of every query block row of a cache of ``max_len``
+        (``BY_ROW`` in the kernel), so nothing depends on the lengths and a
+        CUDA graph may capture the call (warm it up first: the lists are
+        built and copied on the first call). None where that cannot be:
+        a pattern whose meaning depends on the length, or lists over
+        ``ROW_LIST_LIMIT`` entries (a long dense causal cache: 134M at 1M
+        tokens); the caller then reads the lengths. A planned residue piece
+        (strided) has slot lists that change with every length: such a
+        pattern is walked in natural order here."""
+        if self.per_length:
+            return None
+        key = ("rows", max_len, B, nq, H, Hkv, D, dtype, device)
+        if key in self._steps:
+            return self._steps[key]
+        pieces = self.pieces(max_len, H)
+        if any(piece.q_order.kind == "residue" for piece in pieces):
+            pieces = [_Piece(ir.bind(self.pattern, max_len), NATURAL, NATURAL)]
+        shapes = self._shapes(pieces, H, Hkv, nq)
+        tables = []
+        for piece, *_ in shapes:
+            made = self._row_tables(piece, max_len, H, ROW_LIST_LIMIT - sum(idx.size for _, idx in tables))
+            if made is None:
+                self._steps[key] = None
+                return None
+            tables.append(made)
+        rows = -(-max_len // self.block)
+        self._steps[key] = self._assemble(shapes, tables, [0], B, max_len, nq, H, D, dtype, device, by_row=True,
+                                          rows=rows, max_len=max_len)
+        return self._steps[key]
+
+    def _row_tables(self, piece: _Piece, max_len: int, H: int, limit: int):
+        """``(ptr, idx)`` of every query block row's key blocks (slot blocks of
+        a columns piece) of a cache of ``max_len``, per layout head
+        (``ptr[h * rows + r]``); None past ``limit`` entries."""
+        Bk = self.block
+        rows = -(-max_len // Bk)
+        side = rows * Bk
+        heads = H if ir.depends_on_head(piece.pattern) else 1
+        pairs = [([], []) for _ in range(heads)]
+        total, chunk = 0, max(1, (1 << 20) // rows)  # rows per row_pairs call: about 1M candidate pairs
+        for first in range(0, rows, chunk):
+            for h, (i, j, _) in enumerate(row_pairs(piece.pattern, side, Bk, H, first, min(rows, first + chunk) - 1)):
+                pairs[h][0].append(i)
+                pairs[h][1].append(j)
+                total += j.size
+            if total > limit:
+                return None
+        ptrs, idxs = [np.zeros(1, dtype=np.int64)], []
+        for h_i, h_j in pairs:
+            i, j = np.concatenate(h_i), np.concatenate(h_j)
+            if piece.k_order.kind == "columns":
+                starts = np.searchsorted(i, np.arange(rows + 1))
+                per_row = [_column_blocks(j[a:b], piece.k_order, side, Bk) for a, b in zip(starts[:-1], starts[1:])]
+                counts = np.asarray([x.size for x in per_row], dtype=np.int64)
+                j = np.concatenate(per_row) if per_row else j
+            else:
+                counts = np.bincount(i, minlength=rows)
+            ptrs.append(ptrs[-1][-1] + np.cumsum(counts))
+            idxs.append(j)
+        idx = np.concatenate(idxs).astype(np.int32) if idxs else np.zeros(0, dtype=np.int32)
+        if idx.size > limit:
+            return None
+        return np.concatenate(ptrs), idx
+
+    def _shapes(self, pieces, H, Hkv, nq) -> list:
+        """Per piece: ``(piece, layout_heads, heads, tile_q, tiles)``; a tile is
+        ``heads`` query heads times ``tile_q`` positions (at most two block rows)."""
         shapes = []
         for piece in pieces:
             layout_heads = H if ir.depends_on_head(piece.pattern) else 1
             heads = 1 if layout_heads > 1 else _heads_per_program(H // Hkv)
-            # a tile: `heads` query heads times tile_q positions (at most two block rows)
             tile_q = min(_pow2(nq), self.block, max(1, 64 // _pow2(heads)))
             shapes.append((piece, layout_heads, heads, tile_q, -(-nq // tile_q)))
-        tables = [self._tables(piece, lens, nq, H, tile_q, tiles) for piece, _, _, tile_q, tiles in shapes]
-        programs = sum(len(lens) * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
+        return shapes
+
+    def _assemble(self, shapes, tables, lens, B, module_len, nq, H, D, dtype, device, **row_mode) -> "_Step":
+        """The launches of ``shapes`` over ``tables`` (``_step``, ``row_step``)."""
+        head_dim = padded_head_dim(D)
+        programs = sum(B * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
+        # a list is cut into splits: the longest one sets how many
         splits = [self._splits(programs, max(int(np.max(np.diff(ptr))), 1), device) for ptr, _ in tables]
         # every table of the call in one host-to-device copy: lengths, then each piece's pointers and lists
         parts = [np.asarray(lens, dtype=np.int64)]
@@ -254,13 +351,13 @@ class RowsAttention:
             module = self._module(piece.pattern, module_len, head_dim, dtype, device)
             k_order, ord_l, ord_c = piece.codes
             launches.append(_Launch(module, self._random(module, module_len, device), views[1 + 2 * i],
-                                    views[2 + 2 * i], (tiles, len(lens) * (H // heads), count), heads, layout_heads,
+                                    views[2 + 2 * i], (tiles, B * (H // heads), count), heads, layout_heads,
                                     tiles, count, tile_q, max(16, _pow2(heads * tile_q)), k_order, ord_l, ord_c,
                                     first))
             first += count
         merge_rows = min(_pow2(nq), 16)
         return _Step(views[0], launches, first, head_dim, "ieee" if dtype == torch.float32 else "tf32",
-                     (len(lens) * H, -(-nq // merge_rows)), merge_rows)
+                     (B * H, -(-nq // merge_rows)), merge_rows, **row_mode)
 
     def _random(self, module, n: int, device):
         """The random(...) tables at length ``n`` on the device (cached)."""
@@ -458,3 +555,24 @@ def check_paged(q, k_pool, v_pool, lens, table) -> list[int]:
         check_pages(table.tolist(), lens, page, num_pages)
         _PAGES_CHECKED[key] = weakref.ref(table)
     return lens
+
+
+def max_len_of(k, block_table) -> int:
+    """The longest a row may be: the cache's length, or its pages' total."""
+    return k.shape[2] if block_table is None else block_table.shape[1] * k.shape[2]
+
+
+def check_device_lens(lens, q) -> bool:
+    """Whether ``lens`` are lengths to leave on the device: an int32 tensor
+    ``[B]`` on q's device (a TypeError/ValueError for a tensor there of
+    another shape or dtype). Their values are not read, so not checked on a
+    GPU: the kernel keeps each within ``0 .. max_len`` (rows past their
+    length then see fewer keys), and a row shorter than its queries has
+    those in front with no key (o = 0). On the CPU (the interpreter) they
+    are checked like host lengths."""
+    if not isinstance(lens, torch.Tensor) or lens.device != q.device:
+        return False
+    if lens.dtype != torch.int32 or tuple(lens.shape) != (q.shape[0],):
+        raise ValueError(f"cache_seqlens on q's device must be an int32 tensor [B] with B = {q.shape[0]}, "
+                         f"got {lens.dtype} {tuple(lens.shape)}")
+    return True

@@ -69,16 +69,16 @@ def _key_rows(k_pos, k_ok, row_table, PAGED: tl.constexpr, PAGE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["NQ", "D", "H", "GROUP", "HEADS", "LAYOUT_HEADS", "TILES", "SPLITS", "ORD_L",
-                               "ORD_C", "SPLIT0", "ALL_SPLITS", "stride_tb", "rel_m"])
+                               "ORD_C", "SPLIT0", "ALL_SPLITS", "stride_tb", "rel_m", "ROWS", "MAX_LEN"])
 def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, TABLE,  #
                   stride_qb, stride_qh, stride_qn,  #
                   stride_kb, stride_kh, stride_kn,  #
                   stride_vb, stride_vh, stride_vn, stride_tb,  #
                   sm_scale, NQ, D, H, GROUP, HEADS, LAYOUT_HEADS, TILES, SPLITS, ORD_L, ORD_C, SPLIT0, ALL_SPLITS,  #
-                  softcap, SLOPES, REL, rel_m,  #
+                  softcap, SLOPES, REL, rel_m, ROWS, MAX_LEN,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE_Q: tl.constexpr, BLOCK_N: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ORDER: tl.constexpr = 0,
-                  PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1,  #
+                  PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1, BY_ROW: tl.constexpr = False,  #
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,
                   NUM_STAGES: tl.constexpr = 3):
     """One split of one query tile of ``HEADS`` query heads of one key/value
@@ -94,6 +94,13 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     summary keys of a query are a few contiguous slot blocks. The predicate
     is always the piece's own, over token positions. The piece's splits are
     ``SPLIT0 .. SPLIT0 + SPLITS - 1`` of ``ALL_SPLITS`` (every piece's).
+
+    ``BY_ROW``: the lengths were not read by the host (a CUDA graph replays
+    the call at new ones), so the lists are the layout's, one per query
+    block row ``r`` of ``ROWS`` (``LIST_PTR[layout_h * ROWS + r]``) at the
+    cache's length ``MAX_LEN``, and a tile walks the list of each block row
+    it spans (at most two), with only that row's queries: every (query,
+    key) pair is visited once. Lengths are kept within ``0 .. MAX_LEN``.
 
     Score terms (patterncc.scores) as in the training kernels: SOFTCAP with
     ``softcap``, ALIBI with SLOPES (fp32 [H]), REL_BIAS with REL (fp32 [H,
@@ -111,6 +118,8 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     if HEAD_DEPENDENT:  # (then HEADS == 1)
         layout_h = head0
     n_b = tl.load(LENS + off_b)
+    if BY_ROW:  # lengths the host never saw: kept within the cache
+        n_b = tl.minimum(tl.maximum(n_b, 0), MAX_LEN)
     # -- this tile's rows: query heads and positions (bottom-right)
     r = tl.arange(0, BLOCK_M)
     heads = head0 + r // TILE_Q
@@ -121,13 +130,6 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D  # head dims padded to a power of two read zeros past D
-    # -- this split's slice of the tile's key-block list
-    which = (off_b * LAYOUT_HEADS + layout_h) * TILES + tile
-    beg = tl.load(LIST_PTR + which)
-    end = tl.load(LIST_PTR + which + 1)
-    per_split = tl.cdiv(end - beg, SPLITS)
-    lo = beg + split * per_split
-    hi = tl.minimum(end, lo + per_split)
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh \
         + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -150,42 +152,60 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     ord_s = tl.cdiv(n_b, ORD_L)  # a residue class's slots at this row's length
-    for e in tl.range(lo, hi, num_stages=NUM_STAGES):  # the next blocks' loads in flight
-        k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
-        k_pos, k_ok = _key_tokens(k_slot, K_ORDER, ORD_L, ord_s, ORD_C)
-        k_ok = k_ok & (k_pos < n_b)
-        page, k_row = _key_rows(k_pos, k_ok, row_table, PAGED, PAGE)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k_off = page[:, None] * stride_kb + k_row[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        v_off = page[:, None] * stride_vb + k_row[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-        k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        # -- the score terms, in their order: softcap, alibi, relative bias
-        if SOFTCAP:
-            qk = _tanh(qk * cap_in) * cap_out
+    first_tok = tl.maximum(n_b - NQ + tile * TILE_Q, 0)
+    last_tok = tl.minimum(n_b - NQ + tile * TILE_Q + TILE_Q - 1, n_b - 1)
+    for walk in tl.static_range(2 if BY_ROW else 1):
+        # -- the key-block list this pass walks, and this split's slice of it
+        if BY_ROW:
+            block_row = first_tok // BLOCK_N + walk
+            active = block_row <= last_tok // BLOCK_N  # (last_tok < 0: a row without queries)
+            which = layout_h * ROWS + tl.minimum(block_row, ROWS - 1)
+            pass_ok = row_ok & (q_pos // BLOCK_N == block_row)
         else:
-            qk = qk * qk_scale
-        dist = q_tok[:, None] - k_pos[None, :]
-        if ALIBI:
-            qk = qk - slope2[:, None] * tl.abs(dist).to(tl.float32)
-        if REL_BIAS:
-            bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
-            bias = tl.load(rel_rows[:, None] + bucket, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            qk = qk + bias * 1.44269504  # 1/ln(2)
-        # -- the pattern, the row's length and the tile's real rows
-        allowed = pattern_mask(q_pos[:, None], tl.minimum(k_pos, n_b - 1)[None, :], head0, n_b, RANDOM)
-        allowed = allowed & k_ok[None, :] & row_ok[:, None]
-        qk = tl.where(allowed, qk, float("-inf"))
-        # -- online softmax; a row that has seen no allowed key subtracts 0, not -inf
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+            active = True
+            which = (off_b * LAYOUT_HEADS + layout_h) * TILES + tile
+            pass_ok = row_ok
+        beg = tl.load(LIST_PTR + which)
+        end = tl.where(active, tl.load(LIST_PTR + which + 1), beg)
+        per_split = tl.cdiv(end - beg, SPLITS)
+        lo = beg + split * per_split
+        hi = tl.minimum(end, lo + per_split)
+        for e in tl.range(lo, hi, num_stages=NUM_STAGES):  # the next blocks' loads in flight
+            k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
+            k_pos, k_ok = _key_tokens(k_slot, K_ORDER, ORD_L, ord_s, ORD_C)
+            k_ok = k_ok & (k_pos < n_b)
+            page, k_row = _key_rows(k_pos, k_ok, row_table, PAGED, PAGE)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k_off = page[:, None] * stride_kb + k_row[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+            v_off = page[:, None] * stride_vb + k_row[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+            k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            # -- the score terms, in their order: softcap, alibi, relative bias
+            if SOFTCAP:
+                qk = _tanh(qk * cap_in) * cap_out
+            else:
+                qk = qk * qk_scale
+            dist = q_tok[:, None] - k_pos[None, :]
+            if ALIBI:
+                qk = qk - slope2[:, None] * tl.abs(dist).to(tl.float32)
+            if REL_BIAS:
+                bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
+                bias = tl.load(rel_rows[:, None] + bucket, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                qk = qk + bias * 1.44269504  # 1/ln(2)
+            # -- the pattern, the row's length and the tile's real rows (of this pass)
+            allowed = pattern_mask(q_pos[:, None], tl.minimum(k_pos, n_b - 1)[None, :], head0, n_b, RANDOM)
+            allowed = allowed & k_ok[None, :] & pass_ok[:, None]
+            qk = tl.where(allowed, qk, float("-inf"))
+            # -- online softmax; a row that has seen no allowed key subtracts 0, not -inf
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
     # -- this split's normalized output and natural-log lse (0 and -inf where it saw no key;
     #    select, not divide: a NaN in a V block the tile read is in acc as 0 * NaN)
     seen = l_i > 0.0
