@@ -2,23 +2,33 @@
 
     rows = RowsAttention(pattern)
     o, lse = rows(q, k_cache, v_cache, lens, scale)   # q [B, H, nq, D]; caches [B, Hkv, max_len, D]
+    o, lse = rows(q, k_pool, v_pool, lens, block_table=table)   # pools [num_pages, Hkv, page, D]
 
 Row ``b``'s queries are the tokens ``lens[b] - nq .. lens[b] - 1`` and see
 the keys ``< lens[b]`` the pattern allows, with ``n = lens[b]``. Forward
 only (no autograd): ``patterncc.attention`` sends calls that need gradients
-through the training kernels instead.
+through the training kernels instead. Score terms (softcap, alibi, rel_bias
+in the kernel, sinks in the merge) as the training kernels apply them.
 
 Only the key blocks the pattern allows at those positions are read: for
 each query tile, the union of the key-block lists of the block rows it
 spans (``blocklayout.row_pairs``: the cost of those rows, never of the
 whole layout), split across programs (split-KV) so that one row of a long
-cache fills the card, then merged by log-sum-exp.
+cache fills the card, then merged by log-sum-exp in a second small kernel.
+A program serves every query head of a GQA group (where the pattern is the
+same for all heads), so each K and V block is read once per group.
 
-The host reads ``lens`` (one device-to-host copy when it is a CUDA tensor)
-to build the lists; they are cached per ``(length, nq, heads)``. A pattern
-whose meaning depends on ``n`` beyond the bounds (arguments written with
-``n``, ``where`` on ``n``, ``random``) is run one batch row at a time, each
-at its own length; any other pattern runs every row in one launch.
+Lengths as host ints: the lists are built for them and cached per
+``(length, nq, heads)``, and everything a call launches with (tables on the
+device, grids, splits) per lengths and shapes, so the layers of a model at
+one decode step pay for it once. A pattern whose meaning depends on ``n``
+beyond the bounds (arguments written with ``n``, ``where`` on ``n``,
+``random``) is run one batch row at a time, each at its own length; any
+other pattern runs every row in one launch per planned piece.
+
+Lengths as an int32 tensor on the device are never read back: the kernel
+walks the layout's list of each query block row (``RowsAttention.row_step``),
+so a decode step can be captured in a CUDA graph and replayed at new lengths.
 """
 
 from __future__ import annotations
@@ -344,7 +354,9 @@ class RowsAttention:
         parts = [np.asarray(lens, dtype=np.int64)]
         for ptr, idx in tables:
             parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
-        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device)
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+        if device.type == "cuda":  # pinned: the copy does not hold the host until the card reaches it
+            packed = packed.pin_memory().to(device, non_blocking=True)
         views = torch.split(packed, [p.size for p in parts])
         launches, first = [], 0
         for i, ((piece, layout_heads, heads, tile_q, tiles), count) in enumerate(zip(shapes, splits)):

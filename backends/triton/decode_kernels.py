@@ -56,16 +56,20 @@ def _key_tokens(slot, K_ORDER: tl.constexpr, L, S, C):
 
 
 @triton.jit
-def _key_rows(k_pos, k_ok, row_table, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Where each key lies in its K/V buffer: ``(page, row)``, addressed as
-    ``page * stride_kb + row * stride_kn`` from the key/value head's base.
-    A contiguous cache: page 0 and the position itself; a paged one: the
-    page its row's table names and the slot in it."""
+def _key_offsets(k_pos, k_ok, offs_d, row_table, stride_kb, stride_kn, stride_vb, stride_vn,  #
+                 PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Each key's K and V element offsets (``[BLOCK_N, HEAD_DIM]``) from its
+    key/value head's base: its position in a contiguous cache; in a paged
+    one, slot ``k_pos % PAGE`` of the page its row's table names."""
     if PAGED:
-        page = tl.load(row_table + k_pos // PAGE, mask=k_ok, other=0)
-        return page.to(tl.int64), k_pos % PAGE
+        page = tl.load(row_table + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        slot = (k_pos % PAGE).to(tl.int64)
+        k_off = page[:, None] * stride_kb + slot[:, None] * stride_kn + offs_d[None, :]
+        v_off = page[:, None] * stride_vb + slot[:, None] * stride_vn + offs_d[None, :]
     else:
-        return tl.zeros_like(k_pos).to(tl.int64), k_pos
+        k_off = k_pos[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        v_off = k_pos[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+    return k_off, v_off
 
 
 @triton.jit(do_not_specialize=["NQ", "D", "H", "GROUP", "HEADS", "LAYOUT_HEADS", "TILES", "SPLITS", "ORD_L",
@@ -174,10 +178,9 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
             k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
             k_pos, k_ok = _key_tokens(k_slot, K_ORDER, ORD_L, ord_s, ORD_C)
             k_ok = k_ok & (k_pos < n_b)
-            page, k_row = _key_rows(k_pos, k_ok, row_table, PAGED, PAGE)
+            k_off, v_off = _key_offsets(k_pos, k_ok, offs_d, row_table, stride_kb, stride_kn, stride_vb, stride_vn,
+                                        PAGED, PAGE)
             kv_mask = k_ok[:, None] & d_ok[None, :]
-            k_off = page[:, None] * stride_kb + k_row[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-            v_off = page[:, None] * stride_vb + k_row[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
             k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             # -- the score terms, in their order: softcap, alibi, relative bias
