@@ -92,6 +92,7 @@ class Attention:
         self.options = options
         self._impls: dict[str, object] = {}
         self._rows_impl = None  # the query-rows kernel, built on the first call that needs it
+        self._slopes = {}  # (heads, device) -> the standard ALiBi slopes, float32
         self.key = registry.register(self)  # the ops find this attention by its key
 
     def __reduce__(self):
@@ -203,7 +204,14 @@ class Attention:
         torch = sys.modules.get("torch")  # loaded already if q is a tensor
         if torch is not None and isinstance(q, torch.Tensor):
             terms = check_terms(terms, heads, q.device)
-            make = lambda slopes: torch.tensor(slopes, dtype=torch.float32, device=q.device)
+            # made once per device: a copy from the host every call would cost a decode step's
+            # time and could not be captured in a CUDA graph
+            def make(slopes):
+                if _traced(q):  # a traced call's constant belongs to its graph, not to eager calls
+                    return torch.tensor(slopes, dtype=torch.float32, device=q.device)
+                if (heads, q.device) not in self._slopes:
+                    self._slopes[heads, q.device] = torch.tensor(slopes, dtype=torch.float32, device=q.device)
+                return self._slopes[heads, q.device]
         else:
             import numpy as np
 

@@ -106,7 +106,7 @@ class _Launch:
 class _Step:
     """The launches of one call's lengths and shapes (``RowsAttention._step``)."""
 
-    lens: torch.Tensor  # int32 [B] on the device
+    buffer: torch.Tensor  # int32: every table of the step on the device (also a dummy pointer for terms that are off)
     launches: list
     total: int  # splits of every piece
     head_dim: int
@@ -167,6 +167,10 @@ class RowsAttention:
         self._modules = LRU(32)
         self._randoms = LRU(32)
         self._steps = LRU(64)  # per (lengths, shapes): everything a step launches with but the tensors
+        self._by_tables = LRU(64)  # the same, per the tables' content
+        self._lens = LRU(16)  # lengths on the device
+        self._per_head = LRU(32)  # a residue piece's pattern per layout head
+        self._shape_cache = LRU(32)  # per (length if it matters, heads, nq): _shapes
         self._sms = {}
 
     def __repr__(self) -> str:
@@ -199,13 +203,14 @@ class RowsAttention:
             lens = check_cache_seqlens(lens, q.shape, (B, k.shape[1], max_len_of(k, block_table), D))
         if not self.per_length:
             step = self._step_of(lens, lens[0], nq, H, k.shape[1], D, q.dtype, q.device)
-            self._launch(q, k, v, step, step.lens, scale, o, lse, terms, block_table)
+            self._launch(q, k, v, step, self._lens_on(lens, q.device), scale, o, lse, terms, block_table)
             return o, lse
         for b in range(B):
             kb, vb = (k, v) if block_table is not None else (k[b:b + 1], v[b:b + 1])
             table = None if block_table is None else block_table[b:b + 1]
             step = self._step_of(lens[b:b + 1], lens[b], nq, H, k.shape[1], D, q.dtype, q.device)
-            self._launch(q[b:b + 1], kb, vb, step, step.lens, scale, o[b:b + 1], lse[b:b + 1], terms, table)
+            self._launch(q[b:b + 1], kb, vb, step, self._lens_on(lens[b:b + 1], q.device), scale, o[b:b + 1],
+                         lse[b:b + 1], terms, table)
         return o, lse
 
     def pieces(self, n: int, H: int) -> list[_Piece]:
@@ -229,15 +234,27 @@ class RowsAttention:
             step = self._steps[key] = self._step(lens, module_len, nq, H, Hkv, D, dtype, device)
         return step
 
+    def _lens_on(self, lens, device) -> torch.Tensor:
+        """The lengths as int32 on the device, one copy per lengths (the
+        layers of a model at one decode step share it)."""
+        key = (tuple(lens), device)
+        made = self._lens.get(key)
+        if made is None:
+            made = torch.tensor(lens, dtype=torch.int32)
+            if device.type == "cuda":  # pinned: the copy does not hold the host until the card reaches it
+                made = made.pin_memory().to(device, non_blocking=True)
+            self._lens[key] = made
+        return made
+
     def _launch(self, q, k, v, step: "_Step", lens_t, scale: float, o, lse, terms: "_KernelTerms", table):
         B, H, nq, D = q.shape
         Hkv = k.shape[1]
         o_part = torch.empty((step.total, B, H, nq, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((step.total, B, H, nq), dtype=torch.float32, device=q.device)
         paged = table is not None
-        table_arg = table if paged else step.lens
+        table_arg = table if paged else step.buffer
         page = k.shape[2] if paged else 1
-        dummy = step.lens  # an int32 buffer for the pointers of terms that are off
+        dummy = step.buffer  # an int32 buffer for the pointers of terms that are off
         slopes = terms.alibi_slopes if terms.alibi_slopes is not None else dummy
         rel = terms.rel_bias if terms.rel_bias is not None else dummy
         rel_m = 0 if terms.rel_bias is None else (terms.rel_bias.shape[1] - 1) // 2
@@ -261,11 +278,22 @@ class RowsAttention:
 
     def _step(self, lens, module_len, nq, H, Hkv, D, dtype, device) -> "_Step":
         """Everything a call at these lengths and shapes launches with but the
-        tensors: built once, then every call (every layer of a model at one
-        decode step) only allocates its outputs and launches."""
-        shapes = self._shapes(self.pieces(module_len, H), H, Hkv, nq)
+        tensors and the lengths: built once per distinct set of tables (a
+        new length whose queries stay in the same block rows finds the same
+        lists, and the step made for them), then every call (every layer of
+        a model at one decode step) only allocates its outputs and launches."""
+        shapes_key = (module_len if self.per_length else None, H, Hkv, nq)
+        if shapes_key not in self._shape_cache:
+            self._shape_cache[shapes_key] = self._shapes(self.pieces(module_len, H), H, Hkv, nq)
+        shapes = self._shape_cache[shapes_key]
         tables = [self._tables(piece, lens, nq, H, tile_q, tiles) for piece, _, _, tile_q, tiles in shapes]
-        return self._assemble(shapes, tables, lens, len(lens), module_len, nq, H, D, dtype, device)
+        content = (module_len if self.per_length else None, len(lens), nq, H, Hkv, D, dtype, device,
+                   *(a.tobytes() for table in tables for a in table))
+        step = self._by_tables.get(content)
+        if step is None:
+            step = self._by_tables[content] = self._assemble(shapes, tables, len(lens), module_len, nq, H, D, dtype,
+                                                             device)
+        return step
 
     def row_step(self, max_len: int, B: int, nq: int, H: int, Hkv: int, D: int, dtype, device) -> "_Step | None":
         """The step of a call whose lengths stay on the device: the layout's
@@ -295,7 +323,7 @@ class RowsAttention:
                 return None
             tables.append(made)
         rows = -(-max_len // self.block)
-        self._steps[key] = self._assemble(shapes, tables, [0], B, max_len, nq, H, D, dtype, device, by_row=True,
+        self._steps[key] = self._assemble(shapes, tables, B, max_len, nq, H, D, dtype, device, by_row=True,
                                           rows=rows, max_len=max_len)
         return self._steps[key]
 
@@ -344,14 +372,14 @@ class RowsAttention:
             shapes.append((piece, layout_heads, heads, tile_q, -(-nq // tile_q)))
         return shapes
 
-    def _assemble(self, shapes, tables, lens, B, module_len, nq, H, D, dtype, device, **row_mode) -> "_Step":
+    def _assemble(self, shapes, tables, B, module_len, nq, H, D, dtype, device, **row_mode) -> "_Step":
         """The launches of ``shapes`` over ``tables`` (``_step``, ``row_step``)."""
         head_dim = padded_head_dim(D)
         programs = sum(B * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
         # a list is cut into splits: the longest one sets how many
         splits = [self._splits(programs, max(int(np.max(np.diff(ptr))), 1), device) for ptr, _ in tables]
-        # every table of the call in one host-to-device copy: lengths, then each piece's pointers and lists
-        parts = [np.asarray(lens, dtype=np.int64)]
+        # every table of the call in one host-to-device copy: each piece's pointers and lists
+        parts = []
         for ptr, idx in tables:
             parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
         packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
@@ -362,18 +390,18 @@ class RowsAttention:
         for i, ((piece, layout_heads, heads, tile_q, tiles), count) in enumerate(zip(shapes, splits)):
             module = self._module(piece.pattern, module_len, head_dim, dtype, device)
             k_order, ord_l, ord_c = piece.codes
-            launches.append(_Launch(module, self._random(module, module_len, device), views[1 + 2 * i],
-                                    views[2 + 2 * i], (tiles, B * (H // heads), count), heads, layout_heads,
+            launches.append(_Launch(module, self._random(module, module_len, device), views[2 * i],
+                                    views[2 * i + 1], (tiles, B * (H // heads), count), heads, layout_heads,
                                     tiles, count, tile_q, max(16, _pow2(heads * tile_q)), k_order, ord_l, ord_c,
                                     first))
             first += count
         merge_rows = min(_pow2(nq), 16)
-        return _Step(views[0], launches, first, head_dim, "ieee" if dtype == torch.float32 else "tf32",
+        return _Step(packed, launches, first, head_dim, "ieee" if dtype == torch.float32 else "tf32",
                      (B * H, -(-nq // merge_rows)), merge_rows, **row_mode)
 
     def _random(self, module, n: int, device):
         """The random(...) tables at length ``n`` on the device (cached)."""
-        key = (id(module), n, str(device))
+        key = (id(module), n if self.per_length else None, str(device))  # (random(...) makes a pattern per-length)
         if key not in self._randoms:
             self._randoms[key] = _random_buffer(module.RANDOM_TABLES, n, device)
         return self._randoms[key]
@@ -456,10 +484,12 @@ class RowsAttention:
         l, B = piece.q_order.l, self.block
         S = -(-n // l)
         m = np.arange(S, dtype=np.int64)
-        bound = ir.bind(piece.pattern, n)
+        key = (piece.pattern, n if self.per_length else None, H)
+        if key not in self._per_head:
+            bound = ir.bind(piece.pattern, n)
+            self._per_head[key] = [ir.for_head(bound, h) for h in range(H if ir.depends_on_head(bound) else 1)]
         ptrs, idxs = [0], []
-        for h in range(H if ir.depends_on_head(bound) else 1):
-            ph = ir.for_head(bound, h)
+        for ph in self._per_head[key]:
             for tok in tokens:
                 r = (tok % l)[:, None]
                 keys = r + l * m[None, :]  # (tokens, S): every key of each query's class
