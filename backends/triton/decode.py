@@ -269,8 +269,8 @@ class RowsAttention:
                     step.rows, step.max_len,
                     HEAD_DIM=step.head_dim, BLOCK_M=launch.block_m, TILE_Q=launch.tile_q, BLOCK_N=self.block,
                     HEAD_DEPENDENT=launch.layout_heads > 1, DOT_PRECISION=step.precision, K_ORDER=launch.k_order,
-                    PAGED=paged, PAGE=page, BY_ROW=step.by_row, SOFTCAP=terms.softcap is not None, ALIBI=terms.alibi_slopes is not None,
-                    REL_BIAS=terms.rel_bias is not None, num_warps=4)
+                    PAGED=paged, PAGE=page, BY_ROW=step.by_row, SOFTCAP=terms.softcap is not None,
+                    ALIBI=terms.alibi_slopes is not None, REL_BIAS=terms.rel_bias is not None, num_warps=4)
             sink = terms.sinks if terms.sinks is not None else dummy
             step.launches[0].module.attn_rows_merge[step.merge_grid](
                 o_part, lse_part, o, lse, sink, nq, D, H, step.total, *o.stride()[:3],
