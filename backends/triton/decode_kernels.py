@@ -162,15 +162,16 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
         # -- the key-block list this pass walks, and this split's slice of it
         if BY_ROW:
             block_row = first_tok // BLOCK_N + walk
-            active = block_row <= last_tok // BLOCK_N  # (last_tok < 0: a row without queries)
             which = layout_h * ROWS + tl.minimum(block_row, ROWS - 1)
             pass_ok = row_ok & (q_pos // BLOCK_N == block_row)
+            beg = tl.load(LIST_PTR + which)
+            end = tl.load(LIST_PTR + which + 1)
+            end = tl.where(block_row <= last_tok // BLOCK_N, end, beg)  # (last_tok < 0: a row without queries)
         else:
-            active = True
             which = (off_b * LAYOUT_HEADS + layout_h) * TILES + tile
             pass_ok = row_ok
-        beg = tl.load(LIST_PTR + which)
-        end = tl.where(active, tl.load(LIST_PTR + which + 1), beg)
+            beg = tl.load(LIST_PTR + which)
+            end = tl.load(LIST_PTR + which + 1)
         per_split = tl.cdiv(end - beg, SPLITS)
         lo = beg + split * per_split
         hi = tl.minimum(end, lo + per_split)
