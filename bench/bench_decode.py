@@ -14,6 +14,14 @@ rounds (order reversed every other round), median over rounds of
   host work);
 - ``pcc loop``: 64 steps at lengths ``n - 63 .. n`` (each a new length, so
   the host builds the lists as a generation loop does), per step;
+- variants, one table row each (``--variants``): ``contiguous`` the cache
+  above; ``paged`` the same keys in a pool of 256-token pages in a random
+  order, read through ``block_table``; ``graph`` the lengths as a CUDA
+  tensor (nothing read back: the layout's lists per block row) and the
+  step captured in a CUDA graph, ``pcc`` timing its replay and ``pcc loop``
+  64 replays at new lengths written into the lengths tensor (a pattern
+  whose lists do not fit ``decode.ROW_LIST_LIMIT`` reads its lengths back
+  and is not captured: its row says "no graph");
 - ``sdpa <backend>``: ``scaled_dot_product_attention`` over the whole cache
   (dense: a decoding query attends every earlier key under causal), each
   SDPA backend that runs, named;
@@ -80,6 +88,67 @@ def rounds(contenders: dict, rounds_: int, rep: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items() if t}
 
 
+def variant_calls(torch, attn, q, k, v, n: int, B: int, variant: str, page: int):
+    """``(step, loop_steps, note)``: one call at length ``n`` and 64 calls at
+    lengths ``n - 63 .. n`` of the variant (module docstring); step None with
+    the reason in ``note`` where the variant does not run."""
+    if variant == "contiguous":
+        loop = [[n - 63 + i] * B for i in range(64)]
+        return (lambda: attn(q, k, v, cache_seqlens=[n] * B),
+                [lambda s=s: attn(q, k, v, cache_seqlens=s) for s in loop], "")
+    if variant == "paged":
+        Hkv, D = k.shape[1], k.shape[3]
+        pages = -(-n // page)
+        pad = pages * page - n
+        gen = torch.Generator().manual_seed(1)
+        order = torch.randperm(B * pages, generator=gen).to("cuda")
+        table = order.view(B, pages).to(torch.int32)
+        pools = []
+        for x in (k, v):
+            pool = torch.empty(B * pages, Hkv, page, D, dtype=x.dtype, device="cuda")
+            whole = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, Hkv, pages, page, D).transpose(1, 2)
+            pool[order] = whole.reshape(B * pages, Hkv, page, D)
+            pools.append(pool)
+        kp, vp = pools
+        loop = [[n - 63 + i] * B for i in range(64)]
+        return (lambda: attn(q, kp, vp, cache_seqlens=[n] * B, block_table=table),
+                [lambda s=s: attn(q, kp, vp, cache_seqlens=s, block_table=table) for s in loop], f"({page})")
+    from patterncc.backends.triton.decode import RowsAttention
+
+    lens = torch.full((B,), n, dtype=torch.int32, device="cuda")
+    attn(q, k, v, cache_seqlens=lens)  # warm: the row lists built and copied
+    rows = attn._rows_impl
+    if not isinstance(rows, RowsAttention) or rows.row_step(n, B, 1, q.shape[1], k.shape[1], q.shape[3], q.dtype,
+                                                            q.device) is None:
+        return None, None, "no graph (its row lists are over decode.ROW_LIST_LIMIT, or it depends on n)"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attn(q, k, v, cache_seqlens=lens)
+    news = [torch.full((B,), n - 63 + i, dtype=torch.int32, device="cuda") for i in range(64)]
+
+    def step():  # at length n: the lengths tensor holds it until the loop below
+        graph.replay()
+        return captured
+
+    def replay_at(new):
+        lens.copy_(new)
+        graph.replay()
+
+    return step, [lambda x=x: replay_at(x) for x in news], ""
+
+
+def print_row(name: str, B: int, n: int, keys: int, nbytes: int, med: dict, loop: float, bw: float) -> None:
+    pcc_ms = med.get("pcc", float("nan"))
+    best_sdpa = min(((t, name) for name, t in med.items() if name.startswith("sdpa")), default=None)
+    sdpa_txt = f"{best_sdpa[0]:.3f} ({best_sdpa[1][5:]})" if best_sdpa else "-"
+    flex_ms = med.get("flex")
+    print(f"| {name} | {B} | {n} | {keys} | {nbytes / 2**20:.1f} MiB | {pcc_ms:.4f} | {loop:.4f} | "
+          f"{nbytes / (pcc_ms * 1e-3) / 1e9:.0f} | {100 * nbytes / (pcc_ms * 1e-3) / bw:.0f}% | "
+          f"{sdpa_txt} | {'-' if flex_ms is None else f'{flex_ms:.4f}'} | "
+          f"{(best_sdpa[0] / pcc_ms) if best_sdpa else float('nan'):.1f} | "
+          f"{(flex_ms / pcc_ms) if flex_ms else float('nan'):.1f} |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072, 1048576])
@@ -88,6 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep", type=int, default=50, help="do_bench's rep (ms) per timing")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=["contiguous", "paged", "graph"],
+                    choices=["contiguous", "paged", "graph"])
+    ap.add_argument("--page", type=int, default=256, help="tokens per page of the paged variant")
     args = ap.parse_args(argv)
 
     import torch
@@ -131,47 +203,51 @@ def main(argv=None) -> int:
                 attn = pcc.compile(pat, backend="triton")
                 with torch.no_grad():
                     out = attn(q, k, v, cache_seqlens=lens)
-                contenders = {"pcc": lambda: attn(q, k, v, cache_seqlens=lens)}
-                contenders.update({f"sdpa {name}": fn for name, fn in sdpa.items()})
+                others = {f"sdpa {name}": fn for name, fn in sdpa.items()}
                 if flex is not None:
                     torch._dynamo.reset()  # every row compiles Flex afresh: no fallback after 8 recompiles
                     mm = mask_mod(pat, n, device="cuda")
                     last = n - 1
                     bm = create_block_mask(lambda b, h, qi, ki: mm(b, h, qi + last, ki), None, None, 1, n,
                                            device="cuda")
-                    contenders["flex"] = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)
+                    others["flex"] = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)
                     try:
                         with torch.no_grad():
-                            ref = contenders["flex"]()
+                            ref = others["flex"]()
                         err = (out.float() - ref.float()).abs().max().item()
                         if err > 0.05:
                             print(f"  {src} B={B} n={n}: patterncc differs from Flex by {err:.3g}")
                     except Exception as err:  # noqa: BLE001 - reported in the table's notes, the others still run
                         print(f"  {src} B={B} n={n}: flex failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
-                        del contenders["flex"]
+                        del others["flex"]
                         torch.cuda.empty_cache()
                 with torch.no_grad():
-                    med = rounds(contenders, args.rounds, args.rep)
-                    # a generation loop: a new length every step, the host's lists included
-                    steps = [[n - 63 + i] * B for i in range(64)]
-                    attn(q, k, v, cache_seqlens=steps[0])
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for s in steps:
-                        attn(q, k, v, cache_seqlens=s)
-                    torch.cuda.synchronize()
-                    loop = (time.perf_counter() - t0) / len(steps) * 1e3
+                    med_others = rounds(others, args.rounds, args.rep)
                 keys = allowed_keys(pat, n)
                 nbytes = B * Hkv * keys * D * 2 * 2
-                pcc_ms = med.get("pcc", float("nan"))
-                best_sdpa = min(((t, name) for name, t in med.items() if name.startswith("sdpa")), default=None)
-                sdpa_txt = f"{best_sdpa[0]:.3f} ({best_sdpa[1][5:]})" if best_sdpa else "-"
-                flex_ms = med.get("flex")
-                print(f"| {src} | {B} | {n} | {keys} | {nbytes / 2**20:.1f} MiB | {pcc_ms:.4f} | {loop:.4f} | "
-                      f"{nbytes / (pcc_ms * 1e-3) / 1e9:.0f} | {100 * nbytes / (pcc_ms * 1e-3) / bw:.0f}% | "
-                      f"{sdpa_txt} | {'-' if flex_ms is None else f'{flex_ms:.4f}'} | "
-                      f"{(best_sdpa[0] / pcc_ms) if best_sdpa else float('nan'):.1f} | "
-                      f"{(flex_ms / pcc_ms) if flex_ms else float('nan'):.1f} |", flush=True)
+                for variant in args.variants:
+                    with torch.no_grad():
+                        step, loop_steps, note = variant_calls(torch, attn, q, k, v, n, B, variant, args.page)
+                        if step is None:
+                            print(f"  {src} B={B} n={n} {variant}: {note}")
+                            continue
+                        got = step()
+                        err = (got.float() - out.float()).abs().max().item()
+                        if err > 0.02:
+                            print(f"  {src} B={B} n={n} {variant}: differs from the contiguous call by {err:.3g}")
+                        med = rounds({"pcc": step}, args.rounds, args.rep)
+                        med.update(med_others)
+                        loop_steps[0]()
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        for s in loop_steps:
+                            s()
+                        torch.cuda.synchronize()
+                        loop = (time.perf_counter() - t0) / len(loop_steps) * 1e3
+                    name = src if variant == "contiguous" else f"{src} {variant}{note}"
+                    print_row(name, B, n, keys, nbytes, med, loop, bw)
+                    del step, loop_steps
+                    torch.cuda.empty_cache()
             del k, v
             torch.cuda.empty_cache()
     return 0

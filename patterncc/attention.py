@@ -92,6 +92,7 @@ class Attention:
         self.options = options
         self._impls: dict[str, object] = {}
         self._rows_impl = None  # the query-rows kernel, built on the first call that needs it
+        self._slopes = {}  # (heads, device) -> the standard ALiBi slopes, float32
         self.key = registry.register(self)  # the ops find this attention by its key
 
     def __reduce__(self):
@@ -103,15 +104,21 @@ class Attention:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, alibi_slopes=None, sinks=None,
-                 rel_bias=None, cache_seqlens=None):
+                 rel_bias=None, cache_seqlens=None, block_table=None):
         """Queries may be fewer than keys (``n_q <= n_k``): they are then the
         last ``n_q`` positions. ``cache_seqlens`` (int32 ``[B]`` or a list):
         ``k``, ``v`` are caches ``[B, Hkv, max_len, D]`` and row ``b``'s
-        queries the last of its first ``cache_seqlens[b]`` positions."""
+        queries the last of its first ``cache_seqlens[b]`` positions.
+        ``block_table`` (int32 ``[B, max_pages]``, with ``cache_seqlens``):
+        ``k``, ``v`` are page pools ``[num_pages, Hkv, page, D]`` and row
+        ``b``'s position ``t`` is slot ``t % page`` of page
+        ``block_table[b, t // page]``."""
         terms = self.call_terms(q, ScoreTerms(self.terms.softcap, alibi_slopes, sinks, rel_bias))
         given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
         # Only the terms in use: a call without terms is the plain call.
         given = {name: value for name, value in given.items() if value is not None}
+        if block_table is not None and cache_seqlens is None:
+            raise ValueError("block_table needs cache_seqlens: the length of each row's paged cache")
         if _is_torch(q) and _traced(q):
             if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
                 raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
@@ -124,34 +131,56 @@ class Attention:
         if not rows or name == "reference":
             if cache_seqlens is not None:
                 given["cache_seqlens"] = cache_seqlens
+            if block_table is not None:
+                given["block_table"] = block_table
             return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **given)
-        o, lse = self._rows(q, k, v, scale, cache_seqlens, given)
+        o, lse = self._rows(q, k, v, scale, cache_seqlens, block_table, given)
         return (o, lse) if return_lse else o
 
-    def _rows(self, q, k, v, scale, cache_seqlens, terms: dict):
+    def _rows(self, q, k, v, scale, cache_seqlens, block_table, terms: dict):
         """Queries at the end of their keys on the Triton backend: the
         query-rows kernel (reads only the key blocks the pattern allows
-        there) when no gradient is needed; otherwise the training kernels on
-        queries padded with zero rows in front, whose outputs are dropped: a
-        padded row's output gradient is 0, so it adds nothing to dk, dv or the
-        terms' tensors (exact; it costs the padded rows' work). The query-rows
-        kernel has no score terms: calls with terms take the second way too."""
+        there, with the score terms, from a contiguous or a paged cache) when
+        no gradient is needed; otherwise the training kernels on queries
+        padded with zero rows in front, whose outputs are dropped: a padded
+        row's output gradient is 0, so it adds nothing to dk, dv or the
+        terms' tensors (exact; it costs the padded rows' work). A paged
+        cache takes that way as the contiguous cache it stands for."""
         import torch
         import torch.nn.functional as F
 
-        from .backends.triton.decode import check_rows
+        from .backends.triton.decode import check_device_lens, check_paged, check_rows
 
-        needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
-        rows_kernel = not needs_grad and not terms
+        needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False)
+                                                     for x in (q, k, v, *terms.values()))
+        if block_table is not None and needs_grad:
+            from .backends.reference.attention import pages_as_cache
+
+            check_paged(q, k, v, cache_seqlens, block_table)  # the Triton backend's own rules first
+            k, v = pages_as_cache(q, k, v, cache_seqlens, block_table)
+            block_table = None
         # Before anything reads q.shape: a non-tensor or a bad shape is named here. (The
         # training kernels copy a last dimension that is not contiguous; the query-rows kernel refuses it.)
-        lens = check_rows(q, k, v, cache_seqlens, copies_strided=not rows_kernel)
-        if rows_kernel:
+        device_lens = False
+        if block_table is None and not needs_grad and isinstance(cache_seqlens, torch.Tensor):
+            check_rows(q, k, v, None)  # the tensors themselves, before their devices are compared
+            device_lens = check_device_lens(cache_seqlens, q)
+        if block_table is not None:
+            lens = check_paged(q, k, v, cache_seqlens, block_table)
+        elif device_lens:
+            # lengths left on the device (a CUDA graph may capture the call): their values are
+            # checked on the CPU only (decode.check_device_lens)
+            if q.device.type == "cpu":
+                check_rows(q, k, v, cache_seqlens)
+            lens = cache_seqlens
+        else:
+            lens = check_rows(q, k, v, cache_seqlens, copies_strided=needs_grad)
+        if not needs_grad:
             if self._rows_impl is None:
                 from .backends.triton.decode import RowsAttention
 
                 self._rows_impl = RowsAttention(self.mask_pattern, block=self.options.get("block"))
-            return self._rows_impl(q, k, v, lens, scale)
+            return self._rows_impl(q, k, v, lens, scale, block_table=block_table, **terms)
         triton = self.impl("triton")
         if cache_seqlens is None:
             batch = [(q, k, v)]
@@ -175,7 +204,14 @@ class Attention:
         torch = sys.modules.get("torch")  # loaded already if q is a tensor
         if torch is not None and isinstance(q, torch.Tensor):
             terms = check_terms(terms, heads, q.device)
-            make = lambda slopes: torch.tensor(slopes, dtype=torch.float32, device=q.device)
+            # made once per device: a copy from the host every call would cost a decode step's
+            # time and could not be captured in a CUDA graph
+            def make(slopes):
+                if _traced(q):  # a traced call's constant belongs to its graph, not to eager calls
+                    return torch.tensor(slopes, dtype=torch.float32, device=q.device)
+                if (heads, q.device) not in self._slopes:
+                    self._slopes[heads, q.device] = torch.tensor(slopes, dtype=torch.float32, device=q.device)
+                return self._slopes[heads, q.device]
         else:
             import numpy as np
 

@@ -111,19 +111,66 @@ def test_more_queries_than_keys_is_an_error(backend):
 # ----------------------------------------------------------------------------
 
 
-def _check_rows(src, lens, n_q, *, H=4, Hkv=2, D=16, dtype=torch.float32, splits=None, max_len=None, seed=0):
+def term_tensors(H, softcap=None, alibi=False, sinks=False, rel_m=None, seed=0, device=DEVICE):
+    """The score terms of a call as keyword arguments: random fp32 tensors, sinks around the scores' size."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    made = {}
+    if softcap is not None:
+        made["softcap"] = softcap
+    if alibi:
+        made["alibi_slopes"] = torch.rand(H, generator=gen).to(device)
+    if sinks:
+        made["sinks"] = torch.randn(H, generator=gen).to(device)
+    if rel_m is not None:
+        made["rel_bias"] = torch.randn(H, 2 * rel_m + 1, generator=gen).to(device)
+    return made
+
+
+def paged(k, v, page, seed=0, spare=3):
+    """The caches ``[B, Hkv, max_len, D]`` as page pools ``[num_pages, Hkv, page, D]`` in a random page
+    order (with ``spare`` pages nobody reads, filled with NaN) and int32 tables ``[B, max_pages]``."""
+    B, Hkv, max_len, D = k.shape
+    pages = -(-max_len // page)
+    pad = pages * page - max_len
+    k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("nan")) for x in (k, v))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(B * pages + spare, generator=gen)
+    k_pool = torch.full((B * pages + spare, Hkv, page, D), float("nan"), dtype=k.dtype, device=k.device)
+    v_pool = k_pool.clone()
+    table = order[:B * pages].view(B, pages).to(torch.int32)
+    for b in range(B):
+        for j in range(pages):
+            k_pool[table[b, j]] = k[b, :, j * page:(j + 1) * page]
+            v_pool[table[b, j]] = v[b, :, j * page:(j + 1) * page]
+    return k_pool, v_pool, table.to(k.device)
+
+
+def _check_rows(src, lens, n_q, *, H=4, Hkv=2, D=16, dtype=torch.float32, splits=None, max_len=None, seed=0,
+                terms=None, page=None):
+    """The query-rows kernel (``RowsAttention``) against the reference's cache call: o, lse, rows with no key;
+    ``terms``: score-term keyword arguments; ``page``: the caches as pools read through a permuted table."""
     from patterncc.backends.triton.decode import RowsAttention
 
     pat = pcc.parse(src)
     B = len(lens)
+    terms = terms or {}
     q, k, v = tensors(B, H, Hkv, n_q, max_len or max(lens), D, dtype=dtype, seed=seed, device=DEVICE)
-    o, lse = RowsAttention(pat, block=16, splits=splits)(q, k, v, lens)
-    ro, rlse = pcc.compile(pat, backend="reference")(q.double().cpu(), k.double().cpu(), v.double().cpu(),
-                                                     return_lse=True, cache_seqlens=lens)
+    rows = RowsAttention(pat, block=16, splits=splits)
+    if page is None:
+        o, lse = rows(q, k, v, lens, **terms)
+    else:
+        k_pool, v_pool, table = paged(k, v, page, seed=seed)
+        o, lse = rows(q, k_pool, v_pool, lens, block_table=table, **terms)
+    from patterncc.backends.reference import ReferenceAttention
+
+    ref_terms = {name: (x.double().cpu() if isinstance(x, torch.Tensor) else x) for name, x in terms.items()}
+    ro, rlse = ReferenceAttention(pat)(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                       return_lse=True, cache_seqlens=lens, **ref_terms)
     assert o.dtype == dtype and lse.dtype == torch.float32
     assert torch.equal(torch.isfinite(lse).cpu(), torch.isfinite(rlse)), "rows with no key differ"
     assert not o.isnan().any()
-    torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=TOL[dtype][0])
+    atol = TOL[dtype][0]
+    torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=atol)
     finite = torch.isfinite(rlse)
     torch.testing.assert_close(lse.double().cpu()[finite], rlse[finite], rtol=0, atol=2e-5 if dtype == torch.float32 else 2e-3)
 
@@ -154,6 +201,248 @@ def test_rows_kernel_length_one_and_empty_rows():
     # every query of `none` and of rows that attend only later keys: o = 0, lse = -inf
     _check_rows("none", [20, 9], 3, splits=2)
     _check_rows("causal & (where k > 10)", [30, 9], 4)
+
+
+@pytest.mark.parametrize("src", ["causal", "strided(8)", "fixed(8, 2)", "cycle(causal, local(5))"])
+@pytest.mark.parametrize("Hkv, n_q", [(4, 3), (2, 8), (1, 5)], ids=["group1", "group2", "group4"])
+def test_rows_kernel_gqa_groups(src, Hkv, n_q):
+    """GQA 1:1, 2:1 and 4:1 with 1 and 3 to 8 queries a row: a program serves its group's heads (the
+    cycle pattern differs per head: one head a program there), rows of different lengths."""
+    _check_rows(src, [37, 1, 64], 1, H=4, Hkv=Hkv, splits=2)
+    _check_rows(src, [45, n_q], n_q, H=4, Hkv=Hkv, splits=2, seed=n_q)
+
+
+def test_rows_kernel_reads_each_kv_block_once_per_group():
+    """A program per (batch row, key/value head, split), not per query head, where the pattern is the
+    same for every head; per query head where it is not."""
+    from patterncc.backends.triton.decode import RowsAttention
+
+    rows = RowsAttention(pcc.parse("sliding_window(40)"), block=16, splits=2)
+    step = rows._step([100, 60], 100, 1, 32, 8, 128, torch.bfloat16, torch.device(DEVICE))
+    (launch,) = step.launches
+    assert launch.grid == (1, 2 * 8, 2) and launch.heads == 4 and launch.block_m == 16
+    step = rows._step([100, 60], 100, 8, 32, 8, 128, torch.bfloat16, torch.device(DEVICE))
+    assert step.launches[0].grid == (1, 2 * 8, 2) and step.launches[0].block_m == 32
+    per_head = RowsAttention(pcc.parse("cycle(causal, local(5))"), block=16, splits=1)
+    step = per_head._step([100, 60], 100, 1, 32, 8, 128, torch.bfloat16, torch.device(DEVICE))
+    assert step.launches[0].grid == (1, 2 * 32, 1) and step.launches[0].heads == 1
+
+
+TERMS = [dict(softcap=2.5), dict(alibi=True), dict(sinks=True), dict(rel_m=6),
+         dict(softcap=3.0, alibi=True, sinks=True, rel_m=4)]
+
+
+@pytest.mark.parametrize("src, which", [("causal", which) for which in TERMS] + [
+    (src, TERMS[-1]) for src in ("strided(8)", "fixed(8, 2)", "sliding_window(13)", "cycle(causal, local(5))")],
+    ids=lambda x: "+".join(x) if isinstance(x, dict) else x)
+def test_rows_kernel_score_terms(src, which):
+    """Softcap, alibi, sinks and the relative bias in the query-rows kernel, alone and together,
+    with GQA and split rows; the planned pieces of strided(8) each apply them at token positions."""
+    _check_rows(src, [70, 33], 1, splits=2, terms=term_tensors(4, **which))
+    _check_rows(src, [41, 20], 6, Hkv=1, splits=3, terms=term_tensors(4, **which, seed=1), seed=1)
+
+
+def test_rows_kernel_sinks_on_rows_without_keys():
+    """A row with no allowed key and a sink: o = 0 and lse = the sink, split or not."""
+    from patterncc.backends.triton.decode import RowsAttention
+
+    terms = term_tensors(4, sinks=True)
+    _check_rows("causal & (where k > 10)", [30, 9], 4, splits=2, terms=terms)
+    q, k, v = tensors(2, 4, 2, 3, 20, 16, dtype=torch.float32, device=DEVICE)
+    o, lse = RowsAttention(pcc.parse("none"), block=16, splits=2)(q, k, v, [20, 9], **terms)
+    assert torch.equal(o, torch.zeros_like(o))
+    torch.testing.assert_close(lse, terms["sinks"].view(1, 4, 1).expand(2, 4, 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rows_kernel_terms_16_bit(dtype):
+    _check_rows("sliding_window(13)", [40, 17], 4, dtype=dtype, splits=2,
+                terms=term_tensors(4, softcap=5.0, alibi=True, sinks=True, rel_m=3))
+
+
+def test_rows_kernel_terms_through_the_public_call():
+    """``attn(...)`` without gradients takes the query-rows kernel with the pattern's own terms
+    (``with softcap, alibi``) and the call's; it agrees with the padded training kernels."""
+    attn = pcc.compile("strided(8) with softcap(4), alibi", backend="triton", block=16)
+    q, k, v = tensors(2, 4, 2, 3, 40, 16, dtype=torch.float32, device=DEVICE)
+    terms = term_tensors(4, sinks=True, rel_m=5)
+    lens = torch.tensor([40, 23], dtype=torch.int32)
+    with torch.no_grad():
+        rows = attn(q, k, v, return_lse=True, cache_seqlens=lens, **terms)
+    padded = attn(q.requires_grad_(), k, v, return_lse=True, cache_seqlens=lens, **terms)
+    ref = pcc.compile("strided(8) with softcap(4), alibi", backend="reference")(
+        *(x.detach().double().cpu() for x in (q, k, v)), return_lse=True, cache_seqlens=lens,
+        **{name: x.double().cpu() for name, x in terms.items()})
+    for got in (rows, padded):
+        torch.testing.assert_close(got[0].detach().double().cpu(), ref[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[1].detach().double().cpu(), ref[1], rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Lengths on the device: nothing read back, so a CUDA graph can capture the call
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src", ["causal", "strided(8)", "fixed(8, 2)", "sliding_window(13)",
+                                 "cycle(causal, local(5))", "causal - sink(20)"])
+@pytest.mark.parametrize("n_q", [1, 16])
+def test_device_lengths_walk_the_rows_lists(src, n_q):
+    """Lengths as a tensor on q's device: every block row's list at the cache's length, a tile walking
+    the (one or two) rows it spans; exact against the reference, terms included."""
+    from patterncc.backends.triton.decode import RowsAttention
+
+    pat = pcc.parse(src)
+    q, k, v = tensors(3, 4, 2, n_q, 64, 16, dtype=torch.float32, seed=n_q, device=DEVICE)
+    terms = term_tensors(4, alibi=True, sinks=True, seed=n_q)
+    lens = [64, n_q, 37]
+    rows = RowsAttention(pat, block=16, splits=2)
+    o, lse = rows(q, k, v, torch.tensor(lens, dtype=torch.int32, device=DEVICE), **terms)
+    assert rows.row_step(64, 3, n_q, 4, 2, 16, torch.float32, torch.device(DEVICE)).by_row
+    from patterncc.backends.reference import ReferenceAttention
+
+    ro, rlse = ReferenceAttention(pat)(*(x.double().cpu() for x in (q, k, v)), return_lse=True, cache_seqlens=lens,
+                                       **{name: x.double().cpu() for name, x in terms.items()})
+    torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double().cpu(), rlse, rtol=0, atol=2e-5)
+
+
+def test_device_lengths_through_the_public_call():
+    """``attn(..., cache_seqlens=tensor on q's device)`` takes the row lists and gives the host lengths'
+    answer; a pattern that depends on the length, or lists over the limit, read the lengths instead."""
+    from patterncc.backends.triton import decode
+
+    q, k, v = tensors(2, 4, 1, 2, 48, 16, dtype=torch.float32, device=DEVICE)
+    lens = torch.tensor([48, 20], dtype=torch.int32, device=DEVICE)
+    for src in ("strided(8)", "causal & local(isqrt(n))", "bigbird(4, 3, 1, 8, 7)"):
+        attn = pcc.compile(src, backend="triton", block=16)
+        with torch.no_grad():
+            o, lse = attn(q, k, v, return_lse=True, cache_seqlens=lens)
+            o2, lse2 = attn(q, k, v, return_lse=True, cache_seqlens=lens.tolist())
+        torch.testing.assert_close(o, o2, rtol=0, atol=2e-5)
+        torch.testing.assert_close(lse, lse2, rtol=0, atol=2e-5)
+    rows = decode.RowsAttention(pcc.parse("causal"), block=16)
+    assert rows.row_step(48, 2, 2, 4, 1, 16, torch.float32, torch.device(DEVICE)) is not None
+    assert decode.RowsAttention(pcc.parse("causal & local(isqrt(n))"), block=16).row_step(
+        48, 2, 2, 4, 1, 16, torch.float32, torch.device(DEVICE)) is None
+    saved = decode.ROW_LIST_LIMIT
+    try:
+        decode.ROW_LIST_LIMIT = 5  # causal at 48 tokens, blocks of 16: 1 + 2 + 3 entries
+        assert decode.RowsAttention(pcc.parse("causal"), block=16).row_step(
+            48, 2, 2, 4, 1, 16, torch.float32, torch.device(DEVICE)) is None
+    finally:
+        decode.ROW_LIST_LIMIT = saved
+    with pytest.raises(ValueError, match="int32 tensor"):
+        with torch.no_grad():
+            pcc.compile("causal", backend="triton")(q, k, v, cache_seqlens=lens.long())
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_device_lengths_capture_in_a_cuda_graph():
+    """A decode step captured once and replayed at new lengths equals the eager call at each."""
+    attn = pcc.compile("sliding_window(100)", backend="triton")
+    q, k, v = tensors(2, 8, 2, 1, 4096, 64, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([4096, 1000], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        attn(q, k, v, cache_seqlens=lens)  # warm: kernels compiled, lists on the device
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attn(q, k, v, cache_seqlens=lens)
+        for new in ([4000, 17], [1, 4096], [2500, 2501]):
+            lens.copy_(torch.tensor(new, dtype=torch.int32))
+            graph.replay()
+            # (the host-lengths call splits its lists differently: bf16 rounding apart)
+            torch.testing.assert_close(out, attn(q, k, v, cache_seqlens=new), rtol=0, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------
+# Paged caches
+# ----------------------------------------------------------------------------
+
+
+def test_reference_paged_cache_is_the_cache_it_stands_for():
+    """The definition: pools read through a table equal the contiguous cache, numpy and torch, with
+    gradients reaching the pools' pages (and none the unread ones)."""
+    ref = pcc.compile("strided(8)", backend="reference")
+    q, k, v = tensors(3, 4, 2, 2, 45, 8)
+    lens = [45, 2, 30]
+    k_pool, v_pool, table = paged(k, v, 16, seed=5)
+    o, lse = ref(q, k, v, return_lse=True, cache_seqlens=lens)
+    table[1, 1:] = -1  # entries past a row's pages are never read
+    po, plse = ref(q, k_pool, v_pool, return_lse=True, cache_seqlens=lens, block_table=table)
+    assert torch.equal(o, po) and torch.equal(lse, plse)
+    o_np = ref(q.numpy(), k_pool.numpy(), v_pool.numpy(), cache_seqlens=lens, block_table=table.numpy())
+    np.testing.assert_array_equal(o_np, o.numpy())
+    k_leaf = k_pool.nan_to_num().requires_grad_()
+    ref(q, k_leaf, v_pool.nan_to_num(), cache_seqlens=lens, block_table=table).sum().backward()
+    unread = sorted(set(range(k_pool.shape[0])) - {int(x) for b, n in enumerate(lens) for x in table[b, :-(-n // 16)]})
+    assert unread and torch.equal(k_leaf.grad[unread], torch.zeros_like(k_leaf.grad[unread]))
+
+
+@pytest.mark.parametrize("src, page", [("causal", 16), ("causal", 32), ("strided(8)", 16), ("strided(8)", 32),
+                                       ("fixed(8, 2)", 16), ("sliding_window(13)", 16),
+                                       ("bigbird(4, 3, 1, 8, 7)", 16), ("causal & local(isqrt(n))", 32)])
+def test_rows_kernel_paged(src, page):
+    """The query-rows kernel through random page permutations, pages of one and two key steps."""
+    _check_rows(src, [70, 33, 1], 1, splits=2, page=page, seed=page)
+    _check_rows(src, [50, 8], 8, Hkv=1, splits=3, page=page, seed=page + 1, terms=term_tensors(4, sinks=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rows_kernel_paged_16_bit(dtype):
+    _check_rows("causal", [40, 17], 2, dtype=dtype, splits=2, page=16)
+
+
+def test_paged_public_call_and_gradients():
+    """``attn(q, k_pool, v_pool, cache_seqlens=, block_table=)`` on both backends, forward and, through the
+    contiguous cache it stands for, gradients to q and the pools."""
+    q, k, v = tensors(2, 4, 2, 3, 40, 16, dtype=torch.float32, device=DEVICE)
+    k_pool, v_pool, table = paged(k, v, 16, seed=2)
+    k_pool, v_pool = k_pool.nan_to_num(), v_pool.nan_to_num()
+    lens = torch.tensor([40, 21], dtype=torch.int32)
+    tri = pcc.compile("fixed(8, 2)", backend="triton", block=16)
+    ref = pcc.compile("fixed(8, 2)", backend="reference")
+    with torch.no_grad():
+        o = tri(q, k_pool, v_pool, cache_seqlens=lens, block_table=table)
+    do = torch.randn_like(q)
+    got = _grads(tri, q, k_pool, v_pool, do, cache_seqlens=lens, block_table=table)
+    want = _grads(ref, *(x.double().cpu() for x in (q, k_pool, v_pool)), do.double().cpu(), cache_seqlens=lens,
+                  block_table=table.cpu())
+    torch.testing.assert_close(o.double().cpu(), want[0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[0].double().cpu(), want[0], rtol=0, atol=2e-5)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_paged_calls_are_named(backend):
+    attn = pcc.compile("causal", backend=backend)
+    q, k, v = tensors(2, 4, 2, 3, 40, 16, dtype=torch.float32, device=DEVICE)
+    k_pool, v_pool, table = paged(k, v, 16)
+    lens = [40, 20]
+    cases = [
+        (dict(block_table=table), "block_table needs cache_seqlens"),
+        (dict(cache_seqlens=lens, block_table=table[:1]), r"shaped \[B, max_pages\] with B = 2"),
+        (dict(cache_seqlens=lens, block_table=table.float()), "block_table must be a 2-D int"),
+        (dict(cache_seqlens=[49, 20], block_table=table), "fits its cache"),
+    ]
+    bad = table.clone()
+    bad[1, 1] = k_pool.shape[0]
+    cases.append((dict(cache_seqlens=lens, block_table=bad), r"block_table\[1\] names page"))
+    for kwargs, match in cases:
+        kw = {name: x for name, x in kwargs.items()}
+        if "cache_seqlens" not in kw:
+            with pytest.raises(ValueError, match=match):
+                attn(q, k_pool, v_pool, **kw)
+            continue
+        with pytest.raises((ValueError, TypeError), match=match):
+            attn(q, k_pool, v_pool, **kw)
+    with pytest.raises(ValueError, match="page pools"):
+        attn(q, k_pool[..., :8], v_pool[..., :8], cache_seqlens=lens, block_table=table)
+    bad[1, 1] = 0  # an in-place fix is seen (the table's version changed)
+    attn(q, k_pool, v_pool, cache_seqlens=lens, block_table=bad)
+    if backend == "triton":
+        with pytest.raises(TypeError, match="int32 tensor"):
+            attn(q, k_pool, v_pool, cache_seqlens=lens, block_table=table.long())
 
 
 @pytest.mark.parametrize("src", ["causal", "strided(8)", "fixed(8, 2)", "cycle(causal, local(5))"])

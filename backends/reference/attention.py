@@ -32,7 +32,7 @@ from patterncc.lru import LRU
 from patterncc.scores import ScoreTerms, alibi_slopes as standard_alibi_slopes
 
 from . import dense, masks, sparse
-from .checks import check_cache_seqlens, check_scale, check_shapes
+from .checks import check_block_table, check_cache_seqlens, check_pages, check_scale, check_shapes
 from .terms import HeadTerms
 
 # Masks kept per attention object, most recently used last.
@@ -62,8 +62,12 @@ class ReferenceAttention:
         return f"ReferenceAttention({str(self.pattern)!r}, dense_limit={self.dense_limit})"
 
     def __call__(self, q, k, v, scale=None, return_lse=False, *, softcap=None, alibi_slopes=None, sinks=None,
-                 rel_bias=None, cache_seqlens=None):
+                 rel_bias=None, cache_seqlens=None, block_table=None):
         terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
+        if block_table is not None:
+            if cache_seqlens is None:
+                raise ValueError("block_table needs cache_seqlens: the length of each row's paged cache")
+            k, v = pages_as_cache(q, k, v, cache_seqlens, block_table)
         if cache_seqlens is not None:
             o, lse = self._cached(q, k, v, scale, cache_seqlens, terms)
         elif any(_is_torch(x) for x in (q, k, v)):
@@ -207,6 +211,36 @@ def backward(pattern: ir.Pattern, q, k, v, o, lse, do, scale=None, dlse=None, te
     """float64 ``(dq, dk, dv)`` of ``pattern`` (and the terms' gradients when
     ``terms`` is given); see ``ReferenceAttention.backward``."""
     return _attention_for(pattern).backward(q, k, v, o, lse, do, scale, dlse, terms)
+
+
+def pages_as_cache(q, k_pool, v_pool, cache_seqlens, block_table):
+    """A paged cache as the contiguous one it stands for (its definition):
+    pools ``[num_pages, Hkv, page, D]`` and ``block_table`` ``[B, max_pages]``
+    give caches ``[B, Hkv, max_pages * page, D]`` whose positions ``t`` of row
+    ``b`` are slot ``t % page`` of page ``block_table[b, t // page]``. Entries
+    past a row's length are never read (they may hold anything). numpy or
+    torch (with autograd to the pools), as the pools are."""
+    for name, x in (("k", k_pool), ("v", v_pool)):
+        if getattr(x, "shape", None) is None:
+            raise TypeError(f"{name} must be a page pool array or tensor, got {type(x).__name__}")
+    if tuple(v_pool.shape) != tuple(k_pool.shape):
+        raise ValueError(f"v must have k's shape {tuple(k_pool.shape)}, got {tuple(v_pool.shape)}")
+    max_len = check_block_table(block_table, q.shape, k_pool.shape)
+    num_pages, Hkv, page, D = k_pool.shape
+    lens = check_cache_seqlens(cache_seqlens, q.shape, (q.shape[0], Hkv, max_len, D))
+    rows = np.asarray(block_table.tolist(), dtype=np.int64)
+    check_pages(rows.tolist(), lens, page, num_pages)
+    used = np.arange(rows.shape[1])[None, :] < np.asarray([-(-n // page) for n in lens])[:, None]
+    rows = np.where(used, rows, 0)  # pages past a row's length: any page will do, it is masked
+    B = q.shape[0]
+    if _is_torch(k_pool):
+        import torch
+
+        rows = torch.as_tensor(rows, device=k_pool.device)
+        gather = lambda pool: pool[rows].transpose(1, 2).reshape(B, Hkv, max_len, D)
+    else:
+        gather = lambda pool: np.swapaxes(np.asarray(pool)[rows], 1, 2).reshape(B, Hkv, max_len, D)
+    return gather(k_pool), gather(v_pool)  # (B, Hkv, max_pages * page, D)
 
 
 @functools.lru_cache(maxsize=16)

@@ -49,6 +49,35 @@ def check_cache_seqlens(lens, q_shape, k_shape) -> list[int]:
     return [int(x) for x in lens]
 
 
+def check_block_table(table, q_shape, pool_shape) -> int:
+    """A paged cache's table and pools: pools ``[num_pages, Hkv, page, D]``,
+    ``table`` a 2-D integer array ``[B, max_pages]`` (a tensor or numpy); the
+    rows' longest possible length, ``max_pages * page``. Which entries a call
+    reads, and that they name pages, is ``check_pages``' business."""
+    shape = getattr(table, "shape", None)
+    dtype = str(getattr(table, "dtype", ""))
+    if shape is None or "int" not in dtype or "uint" in dtype:
+        raise TypeError(f"block_table must be a 2-D int tensor or array [B, max_pages], got {table!r:.80}")
+    if len(shape) != 2 or shape[0] != q_shape[0] or shape[1] < 1:
+        raise ValueError(f"block_table must be shaped [B, max_pages] with B = {q_shape[0]} (q's batch size) and "
+                         f"max_pages >= 1, got {tuple(shape)}")
+    if len(pool_shape) != 4 or pool_shape[3] != q_shape[3] or min(pool_shape) < 1:
+        raise ValueError(f"with block_table, k and v are page pools [num_pages, Hkv, page, D] with D = {q_shape[3]} "
+                         f"(q's head dim), got {tuple(pool_shape)}")
+    return int(shape[1]) * int(pool_shape[2])
+
+
+def check_pages(table_rows, lens, page: int, num_pages: int) -> None:
+    """Every page a row reads (the first ``ceil(lens[b] / page)`` entries of
+    its table row; ``table_rows``: host lists) names a page of the pool."""
+    for b, (row, n) in enumerate(zip(table_rows, lens)):
+        used = row[:-(-n // page)]
+        bad = [x for x in used if not 0 <= x < num_pages]
+        if bad:
+            raise ValueError(f"block_table[{b}] names page {bad[0]} among the {len(used)} pages its length {n} "
+                             f"reads; the pools hold pages 0 .. {num_pages - 1}")
+
+
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)

@@ -2,28 +2,39 @@
 
     rows = RowsAttention(pattern)
     o, lse = rows(q, k_cache, v_cache, lens, scale)   # q [B, H, nq, D]; caches [B, Hkv, max_len, D]
+    o, lse = rows(q, k_pool, v_pool, lens, block_table=table)   # pools [num_pages, Hkv, page, D]
 
 Row ``b``'s queries are the tokens ``lens[b] - nq .. lens[b] - 1`` and see
 the keys ``< lens[b]`` the pattern allows, with ``n = lens[b]``. Forward
 only (no autograd): ``patterncc.attention`` sends calls that need gradients
-through the training kernels instead.
+through the training kernels instead. Score terms (softcap, alibi, rel_bias
+in the kernel, sinks in the merge) as the training kernels apply them.
 
 Only the key blocks the pattern allows at those positions are read: for
 each query tile, the union of the key-block lists of the block rows it
 spans (``blocklayout.row_pairs``: the cost of those rows, never of the
 whole layout), split across programs (split-KV) so that one row of a long
-cache fills the card, then merged by log-sum-exp.
+cache fills the card, then merged by log-sum-exp in a second small kernel.
+A program serves every query head of a GQA group (where the pattern is the
+same for all heads), so each K and V block is read once per group.
 
-The host reads ``lens`` (one device-to-host copy when it is a CUDA tensor)
-to build the lists; they are cached per ``(length, nq, heads)``. A pattern
-whose meaning depends on ``n`` beyond the bounds (arguments written with
-``n``, ``where`` on ``n``, ``random``) is run one batch row at a time, each
-at its own length; any other pattern runs every row in one launch.
+Lengths as host ints: the lists are built for them and cached per
+``(length, nq, heads)``, and everything a call launches with (tables on the
+device, grids, splits) per lengths and shapes, so the layers of a model at
+one decode step pay for it once. A pattern whose meaning depends on ``n``
+beyond the bounds (arguments written with ``n``, ``where`` on ``n``,
+``random``) is run one batch row at a time, each at its own length; any
+other pattern runs every row in one launch per planned piece.
+
+Lengths as an int32 tensor on the device are never read back: the kernel
+walks the layout's list of each query block row (``RowsAttention.row_step``),
+so a decode step can be captured in a CUDA graph and replayed at new lengths.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +44,7 @@ import torch
 from patterncc import ir, planner
 from patterncc.lru import LRU
 from patterncc.planner import NATURAL, TokenOrder
-from patterncc.backends.reference.checks import check_cache_seqlens, check_shapes
+from patterncc.backends.reference.checks import check_block_table, check_cache_seqlens, check_pages, check_shapes
 from patterncc.blocklayout import row_pairs
 from patterncc.masks import evaluate
 
@@ -45,6 +56,8 @@ _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
 _MARKER = "# ---- query-rows kernel: everything below this line is appended to the generated module ----"
 _PROGRAMS_PER_SM = 8  # split-KV aims at this many programs per multiprocessor (loads in flight)
 _MIN_SPLIT_BLOCKS = 4  # and never splits a list into slices shorter than this
+# Device-length calls (CUDA graphs) hold every block row's list: at most this many entries (64 MiB)
+ROW_LIST_LIMIT = 1 << 24
 
 
 def _template() -> str:
@@ -66,6 +79,68 @@ class _Piece:
         """K_ORDER, ORD_L, ORD_C for the kernel."""
         kind = self.k_order.kind
         return {"natural": 0, "residue": 1, "columns": 2}[kind], max(1, self.k_order.l), max(1, self.k_order.c)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One piece's launch of ``attn_rows_fwd``: its module, tables and shape."""
+
+    module: object
+    random: torch.Tensor
+    ptr: torch.Tensor  # int32 LIST_PTR
+    idx: torch.Tensor  # int32 LIST_IDX
+    grid: tuple
+    heads: int  # query heads per program (the GQA group, or 1 where the pattern differs per head)
+    layout_heads: int
+    tiles: int
+    splits: int
+    tile_q: int
+    block_m: int
+    k_order: int
+    ord_l: int
+    ord_c: int
+    split0: int
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The launches of one call's lengths and shapes (``RowsAttention._step``)."""
+
+    buffer: torch.Tensor  # int32: every table of the step on the device (also a dummy pointer for terms that are off)
+    launches: list
+    total: int  # splits of every piece
+    head_dim: int
+    precision: str
+    merge_grid: tuple
+    merge_rows: int
+    by_row: bool = False  # lists per block row of the layout (``row_step``), lengths read on the device
+    rows: int = 0  # block rows of those lists per layout head
+    max_len: int = 0  # the cache's length: device lengths are kept within it
+
+
+@dataclass(frozen=True)
+class _KernelTerms:
+    """A call's score terms as the kernel reads them: fp32, contiguous."""
+
+    softcap: float | None
+    alibi_slopes: torch.Tensor | None
+    sinks: torch.Tensor | None
+    rel_bias: torch.Tensor | None
+
+    @staticmethod
+    def of(softcap, alibi_slopes, sinks, rel_bias, q) -> "_KernelTerms":
+        f32 = lambda t: None if t is None else t.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        return _KernelTerms(None if softcap is None else float(softcap), f32(alibi_slopes), f32(sinks), f32(rel_bias))
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _heads_per_program(group: int) -> int:
+    """Query heads one program serves: the whole GQA group, or its largest
+    divisor up to 64 (a tile of more rows would spill its registers)."""
+    return max(d for d in range(1, min(group, 64) + 1) if group % d == 0)
 
 
 class RowsAttention:
@@ -91,19 +166,52 @@ class RowsAttention:
         self._row_cache = LRU(4096)  # per block row
         self._modules = LRU(32)
         self._randoms = LRU(32)
+        self._steps = LRU(64)  # per (lengths, shapes): everything a step launches with but the tensors
+        self._by_tables = LRU(64)  # the same, per the tables' content
+        self._lens = LRU(16)  # lengths on the device
+        self._per_head = LRU(32)  # a residue piece's pattern per layout head
+        self._shape_cache = LRU(32)  # per (length if it matters, heads, nq): _shapes
+        self._sms = {}
 
     def __repr__(self) -> str:
         return f"RowsAttention({str(self.pattern)!r}, block={self.block})"
 
-    def __call__(self, q, k, v, lens, scale=None):
-        """o (q's dtype) ``[B, H, nq, D]`` and lse (fp32, natural log) ``[B, H, nq]``."""
-        lens = check_rows(q, k, v, lens)
+    def __call__(self, q, k, v, lens, scale=None, *, softcap=None, alibi_slopes=None, sinks=None, rel_bias=None,
+                 block_table=None):
+        """o (q's dtype) ``[B, H, nq, D]`` and lse (fp32, natural log) ``[B, H, nq]``.
+
+        ``lens``: host ints, checked (``check_rows``, ``check_paged``); or an
+        int32 tensor ``[B]`` on q's device (``check_device_lens``), which is
+        not read back: the call then takes the layout's lists per block row
+        at the cache's length (``row_step``) and can be captured in a CUDA
+        graph, where the pattern allows (else the lengths are read, once).
+        Score terms as ``Attention`` takes them (checked by
+        ``scores.check_terms``). ``block_table``: k and v are page pools
+        ``[num_pages, Hkv, page, D]`` and row ``b`` reads its keys through
+        ``block_table[b]`` (int32)."""
         B, H, nq, D = q.shape
         scale = _float32_scale(1.0 / math.sqrt(D) if scale is None else float(scale))
+        terms = _KernelTerms.of(softcap, alibi_slopes, sinks, rel_bias, q)
+        o = torch.empty((B, H, nq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
+        if isinstance(lens, torch.Tensor):
+            step = None if block_table is not None else self.row_step(k.shape[2], B, nq, H, k.shape[1], D, q.dtype,
+                                                                      q.device)
+            if step is not None:
+                self._launch(q, k, v, step, lens, scale, o, lse, terms, None)
+                return o, lse
+            lens = check_cache_seqlens(lens, q.shape, (B, k.shape[1], max_len_of(k, block_table), D))
         if not self.per_length:
-            return self._launch(q, k, v, lens, scale, lens[0])
-        outs = [self._launch(q[b:b + 1], k[b:b + 1], v[b:b + 1], lens[b:b + 1], scale, lens[b]) for b in range(B)]
-        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+            step = self._step_of(lens, lens[0], nq, H, k.shape[1], D, q.dtype, q.device)
+            self._launch(q, k, v, step, self._lens_on(lens, q.device), scale, o, lse, terms, block_table)
+            return o, lse
+        for b in range(B):
+            kb, vb = (k, v) if block_table is not None else (k[b:b + 1], v[b:b + 1])
+            table = None if block_table is None else block_table[b:b + 1]
+            step = self._step_of(lens[b:b + 1], lens[b], nq, H, k.shape[1], D, q.dtype, q.device)
+            self._launch(q[b:b + 1], kb, vb, step, self._lens_on(lens[b:b + 1], q.device), scale, o[b:b + 1],
+                         lse[b:b + 1], terms, table)
+        return o, lse
 
     def pieces(self, n: int, H: int) -> list[_Piece]:
         """The pieces at length ``n`` (the same at every length unless the
@@ -117,47 +225,183 @@ class RowsAttention:
             self._pieces[key] = made or [_Piece(ir.Empty(), NATURAL, NATURAL)]
         return self._pieces[key]
 
-    # -- one launch per piece over rows that share a module
+    # -- one launch per piece over rows that share a module, then one merge
 
-    def _launch(self, q, k, v, lens: list[int], scale: float, module_len: int):
+    def _step_of(self, lens, module_len, nq, H, Hkv, D, dtype, device) -> "_Step":
+        key = (tuple(lens), module_len, nq, H, Hkv, D, dtype, device)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._step(lens, module_len, nq, H, Hkv, D, dtype, device)
+        return step
+
+    def _lens_on(self, lens, device) -> torch.Tensor:
+        """The lengths as int32 on the device, one copy per lengths (the
+        layers of a model at one decode step share it)."""
+        key = (tuple(lens), device)
+        made = self._lens.get(key)
+        if made is None:
+            made = torch.tensor(lens, dtype=torch.int32)
+            if device.type == "cuda":  # pinned: the copy does not hold the host until the card reaches it
+                made = made.pin_memory().to(device, non_blocking=True)
+            self._lens[key] = made
+        return made
+
+    def _launch(self, q, k, v, step: "_Step", lens_t, scale: float, o, lse, terms: "_KernelTerms", table):
         B, H, nq, D = q.shape
         Hkv = k.shape[1]
-        device = q.device
+        o_part = torch.empty((step.total, B, H, nq, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((step.total, B, H, nq), dtype=torch.float32, device=q.device)
+        paged = table is not None
+        table_arg = table if paged else step.buffer
+        page = k.shape[2] if paged else 1
+        dummy = step.buffer  # an int32 buffer for the pointers of terms that are off
+        slopes = terms.alibi_slopes if terms.alibi_slopes is not None else dummy
+        rel = terms.rel_bias if terms.rel_bias is not None else dummy
+        rel_m = 0 if terms.rel_bias is None else (terms.rel_bias.shape[1] - 1) // 2
+        softcap = 1.0 if terms.softcap is None else terms.softcap
+        with _on_device_of(q):
+            for launch in step.launches:
+                launch.module.attn_rows_fwd[launch.grid](
+                    q, k, v, o_part, lse_part, lens_t, launch.random, launch.ptr, launch.idx, table_arg,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], table_arg.stride(0),
+                    scale, nq, D, H, H // Hkv, launch.heads, launch.layout_heads, launch.tiles, launch.splits,
+                    launch.ord_l, launch.ord_c, launch.split0, step.total, softcap, slopes, rel, rel_m,
+                    step.rows, step.max_len,
+                    HEAD_DIM=step.head_dim, BLOCK_M=launch.block_m, TILE_Q=launch.tile_q, BLOCK_N=self.block,
+                    HEAD_DEPENDENT=launch.layout_heads > 1, DOT_PRECISION=step.precision, K_ORDER=launch.k_order,
+                    PAGED=paged, PAGE=page, BY_ROW=step.by_row, SOFTCAP=terms.softcap is not None,
+                    ALIBI=terms.alibi_slopes is not None, REL_BIAS=terms.rel_bias is not None, num_warps=4)
+            sink = terms.sinks if terms.sinks is not None else dummy
+            step.launches[0].module.attn_rows_merge[step.merge_grid](
+                o_part, lse_part, o, lse, sink, nq, D, H, step.total, *o.stride()[:3],
+                HEAD_DIM=step.head_dim, BLOCK_R=step.merge_rows, SINKS=terms.sinks is not None, num_warps=4)
+
+    def _step(self, lens, module_len, nq, H, Hkv, D, dtype, device) -> "_Step":
+        """Everything a call at these lengths and shapes launches with but the
+        tensors and the lengths: built once per distinct set of tables (a
+        new length whose queries stay in the same block rows finds the same
+        lists, and the step made for them), then every call (every layer of
+        a model at one decode step) only allocates its outputs and launches."""
+        shapes_key = (module_len if self.per_length else None, H, Hkv, nq)
+        if shapes_key not in self._shape_cache:
+            self._shape_cache[shapes_key] = self._shapes(self.pieces(module_len, H), H, Hkv, nq)
+        shapes = self._shape_cache[shapes_key]
+        tables = [self._tables(piece, lens, nq, H, tile_q, tiles) for piece, _, _, tile_q, tiles in shapes]
+        content = (module_len if self.per_length else None, len(lens), nq, H, Hkv, D, dtype, device,
+                   *(a.tobytes() for table in tables for a in table))
+        step = self._by_tables.get(content)
+        if step is None:
+            step = self._by_tables[content] = self._assemble(shapes, tables, len(lens), module_len, nq, H, D, dtype,
+                                                             device)
+        return step
+
+    def row_step(self, max_len: int, B: int, nq: int, H: int, Hkv: int, D: int, dtype, device) -> "_Step | None":
+        """The step of a call whose lengths stay on the device: the layout's
+        key-block list of every query block row of a cache of ``max_len``
+        (``BY_ROW`` in the kernel), so nothing depends on the lengths and a
+        CUDA graph may capture the call (warm it up first: the lists are
+        built and copied on the first call). None where that cannot be:
+        a pattern whose meaning depends on the length, or lists over
+        ``ROW_LIST_LIMIT`` entries (a long dense causal cache: 134M at 1M
+        tokens); the caller then reads the lengths. A planned residue piece
+        (strided) has slot lists that change with every length: such a
+        pattern is walked in natural order here."""
+        if self.per_length:
+            return None
+        key = ("rows", max_len, B, nq, H, Hkv, D, dtype, device)
+        if key in self._steps:
+            return self._steps[key]
+        pieces = self.pieces(max_len, H)
+        if any(piece.q_order.kind == "residue" for piece in pieces):
+            pieces = [_Piece(ir.bind(self.pattern, max_len), NATURAL, NATURAL)]
+        shapes = self._shapes(pieces, H, Hkv, nq)
+        tables = []
+        for piece, *_ in shapes:
+            made = self._row_tables(piece, max_len, H, ROW_LIST_LIMIT - sum(idx.size for _, idx in tables))
+            if made is None:
+                self._steps[key] = None
+                return None
+            tables.append(made)
+        rows = -(-max_len // self.block)
+        self._steps[key] = self._assemble(shapes, tables, B, max_len, nq, H, D, dtype, device, by_row=True,
+                                          rows=rows, max_len=max_len)
+        return self._steps[key]
+
+    def _row_tables(self, piece: _Piece, max_len: int, H: int, limit: int):
+        """``(ptr, idx)`` of every query block row's key blocks (slot blocks of
+        a columns piece) of a cache of ``max_len``, per layout head
+        (``ptr[h * rows + r]``); None past ``limit`` entries."""
+        Bk = self.block
+        rows = -(-max_len // Bk)
+        side = rows * Bk
+        heads = H if ir.depends_on_head(piece.pattern) else 1
+        pairs = [([], []) for _ in range(heads)]
+        total, chunk = 0, max(1, (1 << 20) // rows)  # rows per row_pairs call: about 1M candidate pairs
+        for first in range(0, rows, chunk):
+            for h, (i, j, _) in enumerate(row_pairs(piece.pattern, side, Bk, H, first, min(rows, first + chunk) - 1)):
+                pairs[h][0].append(i)
+                pairs[h][1].append(j)
+                total += j.size
+            if total > limit:
+                return None
+        ptrs, idxs = [np.zeros(1, dtype=np.int64)], []
+        for h_i, h_j in pairs:
+            i, j = np.concatenate(h_i), np.concatenate(h_j)
+            if piece.k_order.kind == "columns":
+                starts = np.searchsorted(i, np.arange(rows + 1))
+                per_row = [_column_blocks(j[a:b], piece.k_order, side, Bk) for a, b in zip(starts[:-1], starts[1:])]
+                counts = np.asarray([x.size for x in per_row], dtype=np.int64)
+                j = np.concatenate(per_row) if per_row else j
+            else:
+                counts = np.bincount(i, minlength=rows)
+            ptrs.append(ptrs[-1][-1] + np.cumsum(counts))
+            idxs.append(j)
+        idx = np.concatenate(idxs).astype(np.int32) if idxs else np.zeros(0, dtype=np.int32)
+        if idx.size > limit:
+            return None
+        return np.concatenate(ptrs), idx
+
+    def _shapes(self, pieces, H, Hkv, nq) -> list:
+        """Per piece: ``(piece, layout_heads, heads, tile_q, tiles)``; a tile is
+        ``heads`` query heads times ``tile_q`` positions (at most two block rows)."""
+        shapes = []
+        for piece in pieces:
+            layout_heads = H if ir.depends_on_head(piece.pattern) else 1
+            heads = 1 if layout_heads > 1 else _heads_per_program(H // Hkv)
+            tile_q = min(_pow2(nq), self.block, max(1, 64 // _pow2(heads)))
+            shapes.append((piece, layout_heads, heads, tile_q, -(-nq // tile_q)))
+        return shapes
+
+    def _assemble(self, shapes, tables, B, module_len, nq, H, D, dtype, device, **row_mode) -> "_Step":
+        """The launches of ``shapes`` over ``tables`` (``_step``, ``row_step``)."""
         head_dim = padded_head_dim(D)
-        block_m = min(self.block, max(16, 1 << (nq - 1).bit_length()))  # a tile spans at most two block rows
-        tiles = -(-nq // block_m)
-        pieces = self.pieces(module_len, H)
-        tables = [self._tables(piece, lens, nq, H, block_m, tiles) for piece in pieces]
-        splits = [self._splits(B * H * tiles * len(pieces), max(int(np.max(np.diff(ptr))), 1), device)
-                  for ptr, _ in tables]
-        total = sum(splits)
-        o_part = torch.empty((total, B, H, nq, D), dtype=torch.float32, device=device)
-        lse_part = torch.empty((total, B, H, nq), dtype=torch.float32, device=device)
-        # every table of the call in one host-to-device copy: lengths, then each piece's pointers and lists
-        parts = [np.asarray(lens, dtype=np.int64)]
+        programs = sum(B * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
+        # a list is cut into splits: the longest one sets how many
+        splits = [self._splits(programs, max(int(np.max(np.diff(ptr))), 1), device) for ptr, _ in tables]
+        # every table of the call in one host-to-device copy: each piece's pointers and lists
+        parts = []
         for ptr, idx in tables:
             parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
-        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device, non_blocking=True)
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+        if device.type == "cuda":  # pinned: the copy does not hold the host until the card reaches it
+            packed = packed.pin_memory().to(device, non_blocking=True)
         views = torch.split(packed, [p.size for p in parts])
-        first = 0
-        with _on_device_of(q):
-            for i, (piece, count) in enumerate(zip(pieces, splits)):
-                module = self._module(piece.pattern, module_len, head_dim, q.dtype, device)
-                layout_heads = H if ir.depends_on_head(piece.pattern) else 1
-                k_order, ord_l, ord_c = piece.codes
-                module.attn_rows_fwd[(tiles, B * H, count)](
-                    q, k, v, o_part, lse_part, views[0], self._random(module, module_len, device),
-                    views[1 + 2 * i], views[2 + 2 * i],
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                    scale, nq, D, H, H // Hkv, layout_heads, tiles, count, ord_l, ord_c, first, total,
-                    HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=self.block, HEAD_DEPENDENT=layout_heads > 1,
-                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", K_ORDER=k_order, num_warps=4)
-                first += count
-        return merge_splits(o_part, lse_part, q.dtype)
+        launches, first = [], 0
+        for i, ((piece, layout_heads, heads, tile_q, tiles), count) in enumerate(zip(shapes, splits)):
+            module = self._module(piece.pattern, module_len, head_dim, dtype, device)
+            k_order, ord_l, ord_c = piece.codes
+            launches.append(_Launch(module, self._random(module, module_len, device), views[2 * i],
+                                    views[2 * i + 1], (tiles, B * (H // heads), count), heads, layout_heads,
+                                    tiles, count, tile_q, max(16, _pow2(heads * tile_q)), k_order, ord_l, ord_c,
+                                    first))
+            first += count
+        merge_rows = min(_pow2(nq), 16)
+        return _Step(packed, launches, first, head_dim, "ieee" if dtype == torch.float32 else "tf32",
+                     (B * H, -(-nq // merge_rows)), merge_rows, **row_mode)
 
     def _random(self, module, n: int, device):
         """The random(...) tables at length ``n`` on the device (cached)."""
-        key = (id(module), n, str(device))
+        key = (id(module), n if self.per_length else None, str(device))  # (random(...) makes a pattern per-length)
         if key not in self._randoms:
             self._randoms[key] = _random_buffer(module.RANDOM_TABLES, n, device)
         return self._randoms[key]
@@ -167,7 +411,9 @@ class RowsAttention:
             return self.splits
         if device.type != "cuda":
             return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if device not in self._sms:
+            self._sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = self._sms[device]
         want = -(-_PROGRAMS_PER_SM * sms // programs)
         return max(1, min(want, longest // _MIN_SPLIT_BLOCKS))
 
@@ -238,10 +484,12 @@ class RowsAttention:
         l, B = piece.q_order.l, self.block
         S = -(-n // l)
         m = np.arange(S, dtype=np.int64)
-        bound = ir.bind(piece.pattern, n)
+        key = (piece.pattern, n if self.per_length else None, H)
+        if key not in self._per_head:
+            bound = ir.bind(piece.pattern, n)
+            self._per_head[key] = [ir.for_head(bound, h) for h in range(H if ir.depends_on_head(bound) else 1)]
         ptrs, idxs = [0], []
-        for h in range(H if ir.depends_on_head(bound) else 1):
-            ph = ir.for_head(bound, h)
+        for ph in self._per_head[key]:
             for tok in tokens:
                 r = (tok % l)[:, None]
                 keys = r + l * m[None, :]  # (tokens, S): every key of each query's class
@@ -283,16 +531,6 @@ def _column_blocks(natural_blocks: np.ndarray, order: TokenOrder, n: int, block:
     return np.unique(starts + np.arange(int(counts.sum())))  # every block of every range
 
 
-def merge_splits(o_part, lse_part, dtype):
-    """The splits' partial results merged by log-sum-exp: o in ``dtype``, lse
-    fp32; a row no split saw stays o = 0, lse = -inf (never NaN)."""
-    if o_part.shape[0] == 1:
-        return o_part[0].to(dtype), lse_part[0]
-    lse = torch.logsumexp(lse_part, dim=0)
-    w = torch.where(lse_part == float("-inf"), 0.0, torch.exp(lse_part - lse.unsqueeze(0)))
-    return (w.unsqueeze(-1) * o_part).sum(0).to(dtype), lse
-
-
 def load_rows_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
     """The pattern's generated module with the query-rows kernel appended."""
     return load_kernels(pattern, config, device, appendix="\n\n" + _template().lstrip("\n"))
@@ -321,3 +559,62 @@ def check_rows(q, k, v, lens, copies_strided: bool = False) -> list[int]:
         check_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))  # names n_q > n_k
         return [max_len] * B
     return check_cache_seqlens(lens, q.shape, k.shape)
+
+
+_PAGES_CHECKED = LRU(64)  # (pointer, version, shape, pages read) -> a weak reference to the table found in range
+
+
+def check_paged(q, k_pool, v_pool, lens, table) -> list[int]:
+    """``lens`` as host ints for a paged call, or a TypeError/ValueError
+    naming the argument: pools ``[num_pages, Hkv, page, D]`` (last dimension
+    contiguous), ``table`` int32 ``[B, max_pages]`` on q's device, every page
+    a row reads in the pools. The pages are read back from the device once
+    per table version and number of pages read (a decode loop pays it when
+    a row starts a new page, not every step)."""
+    check_tensors(q, k_pool, v_pool)
+    for name, x in (("q", q), ("k", k_pool), ("v", v_pool)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {x.stride()}")
+    if tuple(v_pool.shape) != tuple(k_pool.shape):
+        raise ValueError(f"v must have k's shape {tuple(k_pool.shape)}, got {tuple(v_pool.shape)}")
+    max_len = check_block_table(table, q.shape, k_pool.shape)
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.int32 or table.device != q.device:
+        raise TypeError(f"block_table must be an int32 tensor on q's device {q.device}, got "
+                        f"{getattr(table, 'dtype', type(table).__name__)} on {getattr(table, 'device', 'the host')}")
+    if table.stride(-1) != 1:
+        raise ValueError(f"block_table's last dimension must be contiguous (stride 1), got strides {table.stride()}")
+    B, H, nq, D = q.shape
+    num_pages, Hkv, page, _ = k_pool.shape
+    if H % Hkv:
+        raise ValueError(f"q's heads H={H} must be a multiple of the pools' Hkv={Hkv}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is over the Triton backend's limit of {MAX_HEAD_DIM}")
+    lens = check_cache_seqlens(lens, q.shape, (B, Hkv, max_len, D))
+    read = tuple(-(-n // page) for n in lens)
+    key = (table.data_ptr(), table._version, tuple(table.shape), table.stride(0), read, num_pages)
+    seen = _PAGES_CHECKED.get(key)
+    if seen is None or seen() is not table:  # (another tensor may have been made at a freed one's address)
+        check_pages(table.tolist(), lens, page, num_pages)
+        _PAGES_CHECKED[key] = weakref.ref(table)
+    return lens
+
+
+def max_len_of(k, block_table) -> int:
+    """The longest a row may be: the cache's length, or its pages' total."""
+    return k.shape[2] if block_table is None else block_table.shape[1] * k.shape[2]
+
+
+def check_device_lens(lens, q) -> bool:
+    """Whether ``lens`` are lengths to leave on the device: an int32 tensor
+    ``[B]`` on q's device (a TypeError/ValueError for a tensor there of
+    another shape or dtype). Their values are not read, so not checked on a
+    GPU: the kernel keeps each within ``0 .. max_len`` (rows past their
+    length then see fewer keys), and a row shorter than its queries has
+    those in front with no key (o = 0). On the CPU (the interpreter) they
+    are checked like host lengths."""
+    if not isinstance(lens, torch.Tensor) or lens.device != q.device:
+        return False
+    if lens.dtype != torch.int32 or tuple(lens.shape) != (q.shape[0],):
+        raise ValueError(f"cache_seqlens on q's device must be an int32 tensor [B] with B = {q.shape[0]}, "
+                         f"got {lens.dtype} {tuple(lens.shape)}")
+    return True

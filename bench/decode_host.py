@@ -1,0 +1,88 @@
+"""The host's share of a decode step: the Python of ``attn(q, k, v,
+cache_seqlens=lens)`` on the query-rows path with every kernel launch
+replaced by a no-op, so what is timed is the checks, the lists, the tables
+and the allocations, not Triton's launcher or the card.
+
+    TRITON_INTERPRET=1 python bench/decode_host.py            # on a CPU: the tensors stay on the host
+    python bench/decode_host.py --device cuda                 # on a card: real allocations, launches still mocked
+
+Two loops per pattern, mean microseconds of this thread's CPU time per
+call (``time.thread_time``: on a shared machine, what the call costs, not
+what it waited):
+
+- ``same``: one length, called again and again (every layer of a model
+  after the first at one decode step: the step's tables are cached);
+- ``new``: a length not seen before every call (the first layer of each
+  step of a generation loop: the lists and the step's tables are built and
+  copied).
+
+Shapes as ``bench_decode.py``'s: q ``[B, 32, 1, 128]`` bf16, caches
+``[B, 8, n, 128]``. Triton's own launch cost (its argument binding, about
+10-30 us a launch on recent versions) comes on top, once per launch: one
+per planned piece and one merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+PATTERNS = ["causal", "sliding_window(4096)", "strided(128)", "fixed(128, 32)"]
+
+
+class _NoLaunch:
+    """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class _Module:
+    RANDOM_TABLES = ()
+    attn_rows_fwd = _NoLaunch()
+    attn_rows_merge = _NoLaunch()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--patterns", nargs="+", default=PATTERNS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import patterncc as pcc
+    from patterncc.backends.triton import decode
+
+    module = _Module()
+    decode.RowsAttention._module = lambda self, *a, **k: module
+    B, H, Hkv, D, n = args.batch, 32, 8, 128, args.context
+    q = torch.zeros(B, H, 1, D, dtype=torch.bfloat16, device=args.device)
+    k = torch.zeros(B, Hkv, 1, D, dtype=torch.bfloat16, device=args.device).expand(B, Hkv, n, D)  # no n-sized memory
+    v = k
+    print(f"torch {torch.__version__}, device {args.device}, B={B}, n={n}: us per call (launches mocked)")
+    print("| pattern | same length | new length |")
+    print("|---|---|---|")
+    for src in args.patterns:
+        attn = pcc.compile(src, backend="triton")
+        with torch.no_grad():
+            for i in range(64):  # warm: modules, pieces, lists of the lengths the `new` loop uses
+                attn(q, k, v, cache_seqlens=[n - i] * B)
+            t0 = time.thread_time()
+            for _ in range(args.calls):
+                attn(q, k, v, cache_seqlens=[n] * B)
+            same = (time.thread_time() - t0) / args.calls * 1e6
+            lengths = [[n - 64 - i] * B for i in range(args.calls)]  # never seen: lists and tables built
+            t0 = time.thread_time()
+            for lens in lengths:
+                attn(q, k, v, cache_seqlens=lens)
+            new = (time.thread_time() - t0) / args.calls * 1e6
+        print(f"| {src} | {same:.1f} | {new:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
