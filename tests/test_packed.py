@@ -261,3 +261,86 @@ def test_cu_seqlens_on_the_gpu():
     q, k, v, _ = make_tensors(case_of("reference", (3, 4)), device="cuda")
     cu = torch.tensor([0, 3, 7], dtype=torch.int32, device="cuda")
     assert torch.equal(attn(q, k, v, cu_seqlens=cu), attn(q, k, v, cu_seqlens=cu.cpu()))
+
+
+# ----------------------------------------------------------------------------
+# patterncc.nn: a packed forward is each sequence's forward, concatenated
+# ----------------------------------------------------------------------------
+
+NN_LENGTHS = (5, 0, 12, 1, 9)
+NN_CU = torch.tensor([0, *np.cumsum(NN_LENGTHS)], dtype=torch.int32)
+
+
+def _grads(module) -> dict:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def _packed_and_alone(module, x, weight):
+    """(packed output, its parameter gradients), (each sequence alone, concatenated; their gradients summed):
+    the loss is ``sum(output * weight)``, the same over both."""
+    module.zero_grad()
+    packed = module(x, cu_seqlens=NN_CU)
+    (packed * weight).sum().backward()
+    packed_grads = _grads(module)
+    module.zero_grad()
+    spans = [(a, b) for a, b in zip(NN_CU[:-1].tolist(), NN_CU[1:].tolist()) if b > a]
+    alone = torch.cat([module(x[:, a:b]) for a, b in spans], dim=1)
+    (alone * weight).sum().backward()
+    return (packed, packed_grads), (alone, _grads(module))
+
+
+def _assert_same(got, want):
+    (o, grads), (o_alone, grads_alone) = got, want
+    torch.testing.assert_close(o, o_alone, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == grads_alone.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_alone[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("pattern, options", [
+    ("strided(4)", dict(kv_heads=2)),
+    (ISQRT, dict(sinks=True, rel_bias_distance=3, softcap=3.0)),
+    ("cycle(causal & local(3), causal & stride(3))", {}),
+    (None, dict(kv_heads=1)),  # dense causal: SDPA per sequence
+], ids=["strided-gqa", "isqrt-terms", "cycle", "sdpa"])
+def test_sparse_self_attention_packed(pattern, options):
+    from patterncc.nn import SparseSelfAttention
+
+    torch.manual_seed(0)
+    attn = SparseSelfAttention(16, 4, pattern, backend="reference", **options).double()
+    if attn.sinks is not None:
+        with torch.no_grad():
+            attn.sinks.normal_()
+            attn.rel_bias.normal_()
+    x = torch.randn(1, sum(NN_LENGTHS), 16, dtype=torch.float64)
+    _assert_same(*_packed_and_alone(attn, x, torch.randn(1, sum(NN_LENGTHS), 16, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_sparse_transformer_packed(recompute):
+    """Logits and every parameter's gradient; positions restart with each sequence."""
+    from patterncc.nn import SparseTransformer
+
+    torch.manual_seed(0)
+    model = SparseTransformer(31, 16, 2, 2, ["causal & local(4)", "strided(3)"], max_len=12,
+                              recompute=recompute, backend="reference", sinks=True).double()
+    idx = torch.randint(0, 31, (1, sum(NN_LENGTHS)))
+    _assert_same(*_packed_and_alone(model, idx, torch.randn(1, sum(NN_LENGTHS), 31, dtype=torch.float64)))
+    targets = torch.randint(0, 31, (1, sum(NN_LENGTHS)))
+    want = torch.nn.functional.cross_entropy(model(idx, cu_seqlens=NN_CU)[0].float(), targets[0])
+    torch.testing.assert_close(model.loss(idx, targets, cu_seqlens=NN_CU), want)
+
+
+def test_nn_refuses_bad_packed_batches():
+    from patterncc.nn import SparseSelfAttention, SparseTransformer
+
+    model = SparseTransformer(31, 16, 1, 2, "causal", max_len=8, backend="reference")
+    model(torch.zeros(1, 12, dtype=torch.long), cu_seqlens=[0, 6, 12])  # longer than max_len, each sequence not
+    with pytest.raises(ValueError, match=r"packed sequence 1 has 9 tokens, more than the model's max_len=8"):
+        model(torch.zeros(1, 12, dtype=torch.long), cu_seqlens=[0, 3, 12])
+    with pytest.raises(ValueError, match="the batch must be 1"):
+        model(torch.zeros(2, 6, dtype=torch.long), cu_seqlens=[0, 6])
+    with pytest.raises(ValueError, match="cu_seqlens and a KV cache cannot be combined"):
+        model(torch.zeros(1, 6, dtype=torch.long), model.new_cache(1), cu_seqlens=[0, 6])
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at the packed length 6"):
+        SparseSelfAttention(16, 2, "causal", backend="reference")(torch.zeros(1, 6, 16), cu_seqlens=[0, 5])
