@@ -1141,7 +1141,7 @@ def _packed_shapes(backend: str) -> dict:
     20 sequences) where it runs fast enough, fewer and shorter ones in the
     Triton interpreter."""
     if backend == "reference":
-        return dict(dtypes=("float64",), max_len=300, max_count=20, max_total=1200, blocks=(8, 16, 64),
+        return dict(dtypes=("float64",), max_len=300, max_count=20, max_total=640, blocks=(8, 16, 64),
                     head_dims=(8, 16), max_heads=4)
     if _interpreted():
         return dict(dtypes=("float32", "float16", "bfloat16"), max_len=40, max_count=5, max_total=96,
