@@ -332,19 +332,26 @@ def packed_lengths(block: int = 16, max_len: int = 300, max_count: int = 20, max
                    empty: bool = True) -> st.SearchStrategy:
     """The lengths of a packed batch's sequences (a tuple, total >= 1): from
     1 to ``max_count`` of them, each 0 (with ``empty``) to ``max_len``, and
-    among them ``max_len`` itself, multiples of ``block`` (a run of them puts the boundaries on
-    block edges) and lengths shorter than a block (several sequences start
-    inside one block). With ``max_total`` the list stops before the total
-    would pass it (keeping at least one sequence)."""
+    among them ``max_len`` itself, multiples of ``block`` (a run of them puts
+    the boundaries on block edges) and lengths shorter than a block (several
+    sequences start inside one block). With ``max_total`` the list stops
+    before the total would pass it (keeping at least one sequence)."""
     if block < 1 or max_len < 1 or max_count < 1:
         raise ValueError(f"packed_lengths needs block, max_len and max_count >= 1, got {block=} {max_len=} "
                          f"{max_count=}")
-    choices = [st.integers(1, max_len), st.just(max_len),
-               st.integers(1, max(1, max_len // block)).map(lambda m: m * block)]
-    if block > 1:
-        choices.append(st.integers(1, min(block - 1, max_len)))
-    if empty:
-        choices.append(st.just(0))
+    # Each length is a kind and a number, drawn independently, so that
+    # hypothesis shrinks both: the kind towards "any", the number towards 1.
+    kinds = ["any", "edge", "short", "longest"] + (["empty"] if empty else [])
+
+    def length(kind_and_value) -> int:
+        kind, value = kind_and_value
+        if kind == "edge":  # a multiple of the block (if max_len holds one)
+            return min(max_len // block, -(-value // block)) * block or value
+        if kind == "short":  # shorter than a block
+            return 1 + (value - 1) % max(1, min(block - 1, max_len))
+        return {"any": value, "longest": max_len, "empty": 0}[kind]
+
+    one = st.tuples(st.sampled_from(kinds), st.integers(1, max_len)).map(length)
 
     def fit(lengths: list[int]) -> tuple[int, ...]:
         kept, total = [], 0
@@ -355,7 +362,7 @@ def packed_lengths(block: int = 16, max_len: int = 300, max_count: int = 20, max
             total += n
         return tuple(kept)
 
-    lists = st.lists(st.one_of(*choices), min_size=1, max_size=max_count).map(fit)
+    lists = st.lists(one, min_size=1, max_size=max_count).map(fit)
     return lists.filter(lambda lengths: sum(lengths) >= 1)
 
 
