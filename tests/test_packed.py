@@ -75,9 +75,12 @@ def check(backend: str, pat, case: AttentionCase, **options):
 
 
 def _shapes(backend: str) -> dict:
-    """The issue's range on the reference (and a GPU); interpreter-sized otherwise."""
-    if backend == "reference" or GPU:
+    """The issue's range (lengths to 300, up to 20 sequences) on the reference
+    and on a GPU; interpreter-sized otherwise."""
+    if backend == "reference":
         return dict(max_len=300, max_count=20, max_total=1200, blocks=(16, 32, 64), head_dims=(8, 16))
+    if GPU:
+        return dict(max_len=300, max_count=20, blocks=(16, 32, 64, 128), head_dims=(16, 64, 128))
     return dict(max_len=40, max_count=5, max_total=96, blocks=(16, 32), head_dims=(16,), max_heads=2)
 
 
