@@ -208,16 +208,21 @@ def test_the_reference_keeps_memory_to_the_sequences_own_size():
 # ----------------------------------------------------------------------------
 
 BAD = [
-    (torch.tensor([0.0, 7.0]), TypeError, r"cu_seqlens must be an int32 tensor .* got a tensor of dtype torch.float32"),
-    (torch.tensor([0, 7], dtype=torch.int16), TypeError, r"cu_seqlens must be an int32 tensor .*torch.int16"),
-    (torch.tensor([True, False]), TypeError, r"cu_seqlens must be .*torch.bool"),
-    ([0, 3.5, 7], TypeError, r"cu_seqlens must be .*a list of ints, got \[0, 3.5, 7\]"),
-    ("0 7", TypeError, r"cu_seqlens must be .*got str"),
-    (torch.tensor([[0, 7]], dtype=torch.int32), ValueError, r"cu_seqlens must be 1-D \[num_seqs \+ 1\], got shape \(1, 2\)"),
+    (torch.tensor([0.0, 7.0]), TypeError, r"cu_seqlens must hold integers: an int32 tensor .* got a tensor of dtype "
+                                          r"torch.float32"),
+    (torch.tensor([0, 7], dtype=torch.int16), TypeError, r"cu_seqlens must hold integers: .*torch.int16"),
+    (torch.tensor([True, False]), TypeError, r"cu_seqlens must hold integers: .*torch.bool"),
+    ([0, 3.5, 7], TypeError, r"cu_seqlens must hold integers: .*a list, got \[0, 3.5, 7\]"),
+    ("0 7", TypeError, r"cu_seqlens must hold integers: .*got str"),
+    (torch.tensor([[0, 7]], dtype=torch.int32), ValueError, r"cu_seqlens must be 1-D \[num_seqs \+ 1\], got shape "
+                                                            r"\(1, 2\)"),
     ([0], ValueError, r"cu_seqlens must hold at least two offsets \(0 and the total 7\)"),
-    ([1, 7], ValueError, r"cu_seqlens must start at 0, got cu_seqlens\[0\] = 1"),
-    ([0, 6], ValueError, r"cu_seqlens must end at the packed length 7 \(q.shape\[2\]\), got cu_seqlens\[-1\] = 6"),
-    ([0, 5, 3, 7], ValueError, r"cu_seqlens must not decrease, got cu_seqlens\[1\] = 5 > cu_seqlens\[2\] = 3"),
+    ([1, 7], ValueError, r"cu_seqlens must start at 0 and end at the packed length 7 \(q.shape\[2\]\), got "
+                         r"cu_seqlens\[0\] = 1"),
+    ([0, 6], ValueError, r"cu_seqlens must start at 0 and end at the packed length 7 \(q.shape\[2\]\), got "
+                         r"cu_seqlens\[-1\] = 6"),
+    ([0, 5, 3, 7], ValueError, r"cu_seqlens must be non-decreasing \(cumulative lengths\), got cu_seqlens\[1\] = 5 > "
+                               r"cu_seqlens\[2\] = 3"),
 ]
 
 
@@ -235,7 +240,8 @@ def test_bad_shapes_and_combinations_are_refused(backend):
     attn = pcc.compile("causal", backend=backend)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     q, k, v, _ = make_tensors(AttentionCase(B=2, H=2, Hkv=1, n=7, D=8, dtype="float32", scale=None, seed=0))
-    with pytest.raises(ValueError, match=r"batch size 1 \(\[1, H, total, D\]\), got q \(2, 2, 7, 8\)"):
+    with pytest.raises(ValueError, match=r"batch size 1: q \[1, H, total, D\], k and v \[1, Hkv, total, D\]; "
+                                         r"got q \(2, 2, 7, 8\)"):
         attn(q, k, v, cu_seqlens=cu)
     q, k, v = q[:1], k[:1], v[:1]
     with pytest.raises(ValueError, match=r"q's length 4 must equal k's and v's 7"):
@@ -345,5 +351,5 @@ def test_nn_refuses_bad_packed_batches():
         model(torch.zeros(2, 6, dtype=torch.long), cu_seqlens=[0, 6])
     with pytest.raises(ValueError, match="cu_seqlens and a KV cache cannot be combined"):
         model(torch.zeros(1, 6, dtype=torch.long), model.new_cache(1), cu_seqlens=[0, 6])
-    with pytest.raises(ValueError, match=r"cu_seqlens must end at the packed length 6"):
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0 and end at the packed length 6"):
         SparseSelfAttention(16, 2, "causal", backend="reference")(torch.zeros(1, 6, 16), cu_seqlens=[0, 5])
