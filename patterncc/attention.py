@@ -140,10 +140,10 @@ class Attention:
         Everything is checked before any work."""
         from .backends.reference.checks import check_packed
 
-        offsets = check_packed(q, k, v, cu_seqlens, cache_seqlens)  # int64 numpy [S + 1]
-        if _is_torch(q) and _traced(q):
+        if _is_torch(q) and _traced(q):  # first: a traced cu_seqlens has no values to check
             raise NotImplementedError("packed batches (cu_seqlens) are not traced into torch.compile graphs yet: "
                                       "call them outside the compiled region")
+        offsets = check_packed(q, k, v, cu_seqlens, cache_seqlens)  # int64 numpy [S + 1]
         name = self.backend_for(q)
         if name == "reference":
             return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, cu_seqlens=offsets, **terms)

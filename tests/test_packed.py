@@ -262,6 +262,12 @@ def test_packed_calls_are_not_traced_yet():
     q, k, v, _ = make_tensors(case_of("reference", (3, 4)))
     with pytest.raises(NotImplementedError, match="cu_seqlens.*outside the compiled region"):
         attn(q.as_subclass(Traced), k, v, cu_seqlens=[0, 3, 7])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # a fake cu_seqlens has no values to read
+        q, cu = mode.from_tensor(q), mode.from_tensor(torch.tensor([0, 3, 7], dtype=torch.int32))
+        with pytest.raises(NotImplementedError, match="packed batches"):
+            attn(q, q, q, cu_seqlens=cu)
 
 
 @pytest.mark.skipif(not GPU, reason="needs CUDA: cu_seqlens on the GPU is read on the host")
