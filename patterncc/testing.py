@@ -1144,7 +1144,7 @@ def _kernel_shapes(backend: str, pat: ir.Pattern) -> dict:
 
 
 def _packed_shapes(backend: str) -> dict:
-    """Packed batches per backend: the issue's range (lengths to 300, up to
+    """Packed batches per backend: the full range (lengths to 300, up to
     20 sequences) where it runs fast enough, fewer and shorter ones in the
     Triton interpreter."""
     if backend == "reference":

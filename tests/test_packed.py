@@ -75,7 +75,7 @@ def check(backend: str, pat, case: AttentionCase, **options):
 
 
 def _shapes(backend: str) -> dict:
-    """The issue's range (lengths to 300, up to 20 sequences) on the reference
+    """The full range (lengths to 300, up to 20 sequences) on the reference
     and on a GPU; interpreter-sized otherwise."""
     if backend == "reference":
         return dict(max_len=300, max_count=20, max_total=1200, blocks=(16, 32, 64), head_dims=(8, 16))
