@@ -51,7 +51,7 @@ def check_options(options: dict) -> None:
 
 class Attention:
     """``attn(q, k, v, scale=None, return_lse=False, *, alibi_slopes=None,
-    sinks=None, rel_bias=None)``.
+    sinks=None, rel_bias=None, cache_seqlens=None, cu_seqlens=None)``.
 
     q ``[B, H, n, D]``; k, v ``[B, Hkv, n, D]`` with ``Hkv`` dividing ``H``.
     Returns ``o`` ``[B, H, n, D]`` (and ``lse`` ``[B, H, n]``, natural log,
@@ -104,7 +104,7 @@ class Attention:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, alibi_slopes=None, sinks=None,
-                 rel_bias=None, cache_seqlens=None, block_table=None):
+                 rel_bias=None, cache_seqlens=None, block_table=None, cu_seqlens=None):
         """Queries may be fewer than keys (``n_q <= n_k``): they are then the
         last ``n_q`` positions. ``cache_seqlens`` (int32 ``[B]`` or a list):
         ``k``, ``v`` are caches ``[B, Hkv, max_len, D]`` and row ``b``'s
@@ -112,13 +112,16 @@ class Attention:
         ``block_table`` (int32 ``[B, max_pages]``, with ``cache_seqlens``):
         ``k``, ``v`` are page pools ``[num_pages, Hkv, page, D]`` and row
         ``b``'s position ``t`` is slot ``t % page`` of page
-        ``block_table[b, t // page]``."""
+        ``block_table[b, t // page]``.
+        ``cu_seqlens`` (int32 ``[S + 1]``): a packed batch, see ``_packed``."""
         terms = self.call_terms(q, ScoreTerms(self.terms.softcap, alibi_slopes, sinks, rel_bias))
         given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
         # Only the terms in use: a call without terms is the plain call.
         given = {name: value for name, value in given.items() if value is not None}
         if block_table is not None and cache_seqlens is None:
             raise ValueError("block_table needs cache_seqlens: the length of each row's paged cache")
+        if cu_seqlens is not None:
+            return self._packed(q, k, v, scale, return_lse, cu_seqlens, given, cache_seqlens)
         if _is_torch(q) and _traced(q):
             if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
                 raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
@@ -136,6 +139,24 @@ class Attention:
             return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **given)
         o, lse = self._rows(q, k, v, scale, cache_seqlens, block_table, given)
         return (o, lse) if return_lse else o
+
+    def _packed(self, q, k, v, scale, return_lse, cu_seqlens, terms: dict, cache_seqlens=None):
+        """A packed batch: q ``[1, H, total, D]``, k, v ``[1, Hkv, total, D]``,
+        ``cu_seqlens`` int32 ``[S + 1]``, cumulative lengths from 0 to
+        ``total`` (empty sequences allowed). The pattern applies to each
+        sequence alone, ``q``, ``k`` and ``n`` counted within it: the result
+        is each sequence's own call concatenated (``o``, ``lse``, gradients).
+        Everything is checked before any work."""
+        from .backends.reference.checks import check_packed
+
+        if _is_torch(q) and _traced(q):  # first: a traced cu_seqlens has no values to check
+            raise NotImplementedError("packed batches (cu_seqlens) are not traced into torch.compile graphs yet: "
+                                      "call them outside the compiled region")
+        offsets = check_packed(q, k, v, cu_seqlens, cache_seqlens)  # int64 numpy [S + 1]
+        name = self.backend_for(q)
+        if name == "reference":
+            return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, cu_seqlens=offsets, **terms)
+        return self.impl("triton").packed(q, k, v, offsets, scale=scale, return_lse=return_lse, **terms)
 
     def _rows(self, q, k, v, scale, cache_seqlens, block_table, terms: dict):
         """Queries at the end of their keys on the Triton backend: the

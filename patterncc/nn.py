@@ -49,6 +49,12 @@ Written-down choices:
   attention, so ``merged`` and ``multihead`` modes refuse patterns that carry
   them: put them on the model instead. Dense causal (``pattern=None``) takes
   no terms; write ``"causal"`` for them.
+- **Packed batches.** ``forward(..., cu_seqlens=cu)`` (int32 ``[S + 1]``,
+  cumulative lengths from 0 to ``total``) takes one row ``(1, total, ...)``
+  holding ``S`` sequences: each attends only within itself, and
+  ``SparseTransformer`` counts each one's positions from its own start, so
+  the result is each sequence's own forward, concatenated. ``pattern=None``
+  runs SDPA per sequence. A cache cannot be combined with it.
 - **Recomputation** (``recompute=True``) wraps each whole residual branch
   ``a + b`` in ``torch.utils.checkpoint`` (``use_reentrant=False``, RNG state
   preserved, so dropout masks are replayed exactly): a block keeps only its
@@ -223,34 +229,46 @@ class SparseSelfAttention(nn.Module):
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
                 f"head_dim={self.head_dim}, pattern={pattern}, backend={self.backend!r}{terms}")
 
-    def forward(self, x: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "LayerCache | None" = None, cu_seqlens=None) -> torch.Tensor:
         """x ``(B, n, dim)``; with a ``cache`` the n tokens follow the
         ``cache.length`` cached ones: their keys and values are appended and
-        they attend to every cached token the pattern allows."""
+        they attend to every cached token the pattern allows. With
+        ``cu_seqlens`` (int32 ``[S + 1]``) x ``(1, total, dim)`` packs
+        sequences that each attend only within themselves (``Attention``'s
+        packed call)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (batch, seq_len, dim={self.dim}), got shape {tuple(x.shape)}")
         B, n, _ = x.shape
+        if cu_seqlens is not None:
+            cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, n, H, D).transpose(1, 2)  # (B, H, n, D)
         k = k.view(B, n, Hkv, D).transpose(1, 2)  # (B, Hkv, n, D)
         v = v.view(B, n, Hkv, D).transpose(1, 2)  # (B, Hkv, n, D)
         if cache is None:
-            o = self.attend(q, k, v)  # (B, H, n, D)
+            o = self.attend(q, k, v, cu_seqlens=cu_seqlens)  # (B, H, n, D)
         else:
             k, v = cache.append(k, v)  # (B, Hkv, max_len, D) with the first cache.length + n tokens valid
             o = self.attend(q, k, v, cache_seqlens=[cache.length + n] * B)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return self.dropout(self.proj(o))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens=None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens=None,
+               cu_seqlens=None) -> torch.Tensor:
         """q ``(B, H, n, D)``, k and v ``(B, Hkv, n, D)`` -> ``(B, H, n, D)``;
-        with ``cache_seqlens``, k and v are caches (``Attention.__call__``)."""
+        with ``cache_seqlens``, k and v are caches, with ``cu_seqlens`` a
+        packed batch (``Attention.__call__``)."""
         if self.pattern is None:
             if self.kv_heads != self.heads:
                 group = self.heads // self.kv_heads
                 k = k.repeat_interleave(group, dim=1)
                 v = v.repeat_interleave(group, dim=1)
+            if cu_seqlens is not None:
+                # Dense causal per sequence: SDPA has no packed form; empty sequences add no rows.
+                spans = [(a, b) for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()) if b > a]
+                return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                                                 is_causal=True) for a, b in spans], dim=2)
             if cache_seqlens is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             n_q, n_k = q.shape[2], cache_seqlens[0]
@@ -261,6 +279,8 @@ class SparseSelfAttention(nn.Module):
         kwargs = {name: t for name, t in (("sinks", self.sinks), ("rel_bias", self.rel_bias)) if t is not None}
         if cache_seqlens is not None:
             kwargs["cache_seqlens"] = cache_seqlens
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
         return attn(q, k, v, **kwargs).to(q.dtype)  # strided views: the backends take any strides
 
     def backend_for(self, x: torch.Tensor) -> str:
@@ -269,6 +289,21 @@ class SparseSelfAttention(nn.Module):
     def compiled(self, backend: str):
         """The pattern compiled for one backend (shared by every layer with this pattern)."""
         return self._attentions[backend]
+
+
+def check_packed_batch(batch: int, total: int, cu_seqlens, cache=None) -> np.ndarray:
+    """A packed batch's ``cu_seqlens`` as int64 numpy offsets (read on the host
+    once, then passed to every layer), after checking that the batch is one
+    row and that no cache is given."""
+    from .backends.reference.checks import check_cu_seqlens
+
+    if cache is not None:
+        raise ValueError("cu_seqlens and a KV cache cannot be combined: a packed batch is a whole batch of "
+                         "sequences; generate one sequence (or a batch of rows) at a time")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the sequences are packed into one row: the batch must be 1 "
+                         f"((1, total) tokens or (1, total, dim) activations), got batch {batch}")
+    return check_cu_seqlens(cu_seqlens, total)
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,15 +373,16 @@ class SparseTransformerBlock(nn.Module):
         self.attn.proj.weight.mul_(out_scale)
         self.ff.proj.weight.mul_(out_scale)
 
-    def forward(self, h: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: "LayerCache | None" = None, cu_seqlens=None) -> torch.Tensor:
+        """h ``(B, n, dim)``; ``cu_seqlens``: h ``(1, total, dim)`` is a packed batch."""
         if self.recompute and torch.is_grad_enabled() and cache is None:
             # Non-reentrant checkpoint; preserve_rng_state replays the dropout masks.
-            return h + checkpoint(self.residual, h, use_reentrant=False, preserve_rng_state=True)
-        return h + self.residual(h, cache)
+            return h + checkpoint(self.residual, h, None, cu_seqlens, use_reentrant=False, preserve_rng_state=True)
+        return h + self.residual(h, cache, cu_seqlens)
 
-    def residual(self, h: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def residual(self, h: torch.Tensor, cache: "LayerCache | None" = None, cu_seqlens=None) -> torch.Tensor:
         """``a(H) + b(H)``, the paper's resblock."""
-        a = self.attn(self.norm1(h), cache)  # dropout(attention(norm(H)))
+        a = self.attn(self.norm1(h), cache, cu_seqlens)  # dropout(attention(norm(H)))
         b = self.ff_dropout(self.ff(self.norm2(h + a)))  # dropout(ff(norm(H + a(H))))
         return a + b
 
@@ -410,17 +446,31 @@ class SparseTransformer(nn.Module):
         for block in self.blocks:
             block.recompute = value
 
-    def forward(self, idx: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: "KVCache | None" = None, cu_seqlens=None) -> torch.Tensor:
         """logits ``(B, n, vocab_size)`` of ``idx (B, n)``; with a ``cache``
-        (``new_cache``), ``idx`` continues the tokens it holds, and is added to it."""
+        (``new_cache``), ``idx`` continues the tokens it holds, and is added to it.
+        With ``cu_seqlens`` (int32 ``[S + 1]``, cumulative lengths from 0 to
+        ``total``) ``idx (1, total)`` packs sequences: each attends only within
+        itself and its positions count from its own start, so the logits are
+        each sequence's own, concatenated."""
         B, n = idx.shape
-        start = 0 if cache is None else cache.length
-        if start + n > self.max_len:
-            raise ValueError(f"sequence length {start + n} is longer than the model's max_len={self.max_len}")
-        pos = torch.arange(start, start + n, device=idx.device)
+        if cu_seqlens is not None:
+            cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache)
+            lengths = np.diff(cu_seqlens)
+            if lengths.max() > self.max_len:
+                s = int(lengths.argmax())
+                raise ValueError(f"packed sequence {s} has {lengths[s]} tokens, more than the model's "
+                                 f"max_len={self.max_len}")
+            starts = torch.from_numpy(np.repeat(cu_seqlens[:-1], lengths)).to(idx.device)  # (n,): each token's start
+            pos = torch.arange(n, device=idx.device) - starts
+        else:
+            start = 0 if cache is None else cache.length
+            if start + n > self.max_len:
+                raise ValueError(f"sequence length {start + n} is longer than the model's max_len={self.max_len}")
+            pos = torch.arange(start, start + n, device=idx.device)
         h = self.tok_emb(idx) + self.pos_emb(pos)  # (B, n, dim)
         for i, block in enumerate(self.blocks):
-            h = block(h, None if cache is None else cache.layer(i))
+            h = block(h, None if cache is None else cache.layer(i), cu_seqlens)
         if cache is not None:
             cache.length += n
         return self.head(self.norm(h))  # (B, n, vocab_size)
@@ -454,10 +504,10 @@ class SparseTransformer(nn.Module):
             step = nxt
         return idx
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """Mean cross-entropy in nats of ``targets (B, n)`` given ``idx (B, n)``
-        (divide by ln 2 for bits per token)."""
-        logits = self(idx)  # (B, n, vocab_size)
+        (divide by ln 2 for bits per token); ``cu_seqlens``: a packed batch."""
+        logits = self(idx, cu_seqlens=cu_seqlens)  # (B, n, vocab_size)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

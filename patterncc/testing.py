@@ -13,7 +13,8 @@ classes brute-forced from the element mask, over random lengths, block sizes
 and head counts, and (2) every attention backend available on this machine
 against the float64 reference, forward (``o``, ``lse``) and backward (``dq``,
 ``dk``, ``dv``, and the gradients of the score terms' tensors), over random
-shapes, dtypes and scales. The reference itself is
+shapes, dtypes and scales, and (3) every backend's packed batches
+(``cu_seqlens``) against each sequence computed alone. The reference itself is
 checked against an independent dense float64 computation in this module
 (torch autograd). A failure comes back shrunk by hypothesis to a minimal
 counterexample, with a shell command that reproduces it.
@@ -23,11 +24,14 @@ The pieces, for writing your own properties:
 - strategies: ``patterns(...)`` (well-formed IR patterns over every primitive
   and combinator; ``terms=True`` adds score terms, ``with softcap(c), alibi``),
   ``where_conditions(...)``, ``attention_inputs(...)`` (an ``AttentionCase``;
-  ``terms=True`` draws the call's term tensors too), ``make_tensors(case)`` and
-  ``make_terms(case)``;
-- assertions: ``assert_layout_sound(pat, seq_len, block, heads)`` and
+  ``terms=True`` draws the call's term tensors too), ``packed_inputs(...)``
+  and ``packed_lengths(...)`` (packed batches: sequence lengths with
+  boundaries inside blocks and on their edges), ``make_tensors(case)``,
+  ``make_terms(case)`` and ``make_cu_seqlens(case)``;
+- assertions: ``assert_layout_sound(pat, seq_len, block, heads)``,
   ``assert_matches_reference(attn, pat, q, k, v, sinks=..., rel_bias=...,
-  alibi_slopes=...)``;
+  alibi_slopes=...)`` and ``assert_packed_matches_reference(attn, pat, q, k,
+  v, cu_seqlens, ...)`` (a packed call against each sequence alone);
 - brute force: ``block_classes(...)`` and ``dense_attention(...)``;
 - ``run_files(files)``, behind ``patterncc test FILE...``.
 """
@@ -62,13 +66,17 @@ __all__ = [
     "Tolerance",
     "assert_layout_sound",
     "assert_matches_reference",
+    "assert_packed_matches_reference",
     "available_backends",
     "block_classes",
     "check_pattern",
     "dense_attention",
+    "make_cu_seqlens",
     "make_tensors",
     "make_terms",
     "attention_inputs",
+    "packed_inputs",
+    "packed_lengths",
     "patterns",
     "reproduce",
     "run_files",
@@ -261,13 +269,17 @@ class AttentionCase:
     alibi_slopes: bool = False
     sinks: bool = False
     rel_bias_distance: int | None = None
+    # A packed batch (``packed_inputs``): the sequences' lengths, ``B = 1``
+    # and ``n`` their sum; ``make_cu_seqlens`` gives the call's ``cu_seqlens``.
+    lengths: tuple[int, ...] | None = None
 
     def describe(self) -> str:
         scale = "None" if self.scale is None else repr(self.scale)
         terms = "".join([" alibi_slopes" if self.alibi_slopes else "", " sinks" if self.sinks else "",
                          "" if self.rel_bias_distance is None else f" rel_bias_distance={self.rel_bias_distance}"])
+        packed = "" if self.lengths is None else f" lengths={list(self.lengths)} block={self.block}"
         return (f"B={self.B} H={self.H} Hkv={self.Hkv} n={self.n} D={self.D} "
-                f"dtype={self.dtype} scale={scale} seed={self.seed}{terms}")
+                f"dtype={self.dtype} scale={scale} seed={self.seed}{terms}{packed}")
 
 
 def attention_inputs(
@@ -314,6 +326,100 @@ def attention_inputs(
         )
 
     return draw_case()
+
+
+def packed_lengths(block: int = 16, max_len: int = 300, max_count: int = 20, max_total: int | None = None,
+                   empty: bool = True) -> st.SearchStrategy:
+    """The lengths of a packed batch's sequences (a tuple, total >= 1): from
+    1 to ``max_count`` of them, each 0 (with ``empty``) to ``max_len``, and
+    among them ``max_len`` itself, multiples of ``block`` (a run of them puts
+    the boundaries on block edges) and lengths shorter than a block (several
+    sequences start inside one block). With ``max_total`` the list stops
+    before the total would pass it (keeping at least one sequence)."""
+    if block < 1 or max_len < 1 or max_count < 1:
+        raise ValueError(f"packed_lengths needs block, max_len and max_count >= 1, got {block=} {max_len=} "
+                         f"{max_count=}")
+    # Each length is a kind and a number, drawn independently, so that
+    # hypothesis shrinks both: the kind towards "any", the number towards 1.
+    kinds = ["any", "edge", "short", "longest"] + (["empty"] if empty else [])
+
+    def length(kind_and_value) -> int:
+        kind, value = kind_and_value
+        if kind == "edge":  # a multiple of the block (if max_len holds one)
+            return min(max_len // block, -(-value // block)) * block or value
+        if kind == "short":  # shorter than a block
+            return 1 + (value - 1) % max(1, min(block - 1, max_len))
+        return {"any": value, "longest": max_len, "empty": 0}[kind]
+
+    one = st.tuples(st.sampled_from(kinds), st.integers(1, max_len)).map(length)
+
+    def fit(lengths: list[int]) -> tuple[int, ...]:
+        kept, total = [], 0
+        for n in lengths:
+            if kept and max_total is not None and total + n > max_total:
+                break
+            kept.append(n)
+            total += n
+        return tuple(kept)
+
+    lists = st.lists(one, min_size=1, max_size=max_count).map(fit)
+    return lists.filter(lambda lengths: sum(lengths) >= 1)
+
+
+def packed_inputs(
+    pattern: ir.Pattern | None = None,
+    dtypes: Sequence[str] = ("float32",),
+    max_len: int = 300,
+    max_count: int = 20,
+    max_total: int | None = None,
+    blocks: Sequence[int] = (16, 32),
+    head_dims: Sequence[int] = (16, 32),
+    gqa: bool = True,
+    max_heads: int = 4,
+    terms: bool = False,
+) -> st.SearchStrategy:
+    """``AttentionCase``s of packed batches: ``lengths`` from
+    ``packed_lengths`` at the case's ``block`` (the Triton backend runs at
+    that block, so boundaries fall inside its blocks and on their edges),
+    ``B = 1``, ``n`` the total; heads, head dim, dtype, scale and terms as
+    ``attention_inputs`` draws them."""
+    fixed_heads = _heads_required(pattern) if pattern is not None else None
+
+    @st.composite
+    def draw_case(draw):
+        block = draw(st.sampled_from(list(blocks)))
+        lengths = draw(packed_lengths(block, max_len, max_count, max_total))
+        H = fixed_heads if fixed_heads is not None else draw(st.integers(1, max_heads))
+        divisors = [d for d in range(1, H + 1) if H % d == 0]
+        Hkv = draw(st.sampled_from(divisors[::-1])) if gqa else H
+        D = draw(st.sampled_from(list(head_dims)))
+        multiplier = draw(st.none() | st.floats(0.25, 2.0))
+        return AttentionCase(
+            B=1,
+            H=H,
+            Hkv=Hkv,
+            n=sum(lengths),
+            D=D,
+            dtype=draw(st.sampled_from(list(dtypes))),
+            scale=None if multiplier is None else round(multiplier / math.sqrt(D), 6),
+            seed=draw(st.integers(0, 2**31 - 1)),
+            block=block,
+            alibi_slopes=terms and draw(st.booleans()),
+            sinks=terms and draw(st.booleans()),
+            rel_bias_distance=draw(st.none() | st.integers(0, 8)) if terms else None,
+            lengths=lengths,
+        )
+
+    return draw_case()
+
+
+def make_cu_seqlens(case: AttentionCase, device="cpu"):
+    """The int32 ``cu_seqlens`` ``[len(case.lengths) + 1]`` of a packed case."""
+    import torch
+
+    if case.lengths is None:
+        raise ValueError("make_cu_seqlens needs a packed case (from packed_inputs), got one without lengths")
+    return torch.tensor([0, *np.cumsum(case.lengths)], dtype=torch.int32, device=device)
 
 
 def _heads_required(p: ir.Pattern) -> int | None:
@@ -673,6 +779,99 @@ def assert_matches_reference(
     return errors
 
 
+def assert_packed_matches_reference(
+    attn,
+    pat: ir.Pattern | str,
+    q,
+    k,
+    v,
+    cu_seqlens,
+    scale: float | None = None,
+    do=None,
+    *,
+    tol: Tolerance | None = None,
+    precision: str | None = None,
+    against: str = "reference",
+    grads: bool = True,
+    alibi_slopes=None,
+    sinks=None,
+    rel_bias=None,
+):
+    """Check the packed call ``attn(q, k, v, scale, return_lse=True,
+    cu_seqlens=cu_seqlens)`` (q ``[1, H, total, D]``) and its gradients
+    against each sequence computed alone in float64 (the reference, or with
+    ``against="dense"`` the kit's dense computation), concatenated: ``o``,
+    ``lse``, ``dq``, ``dk``, ``dv`` sequence by sequence, and the score
+    terms' gradients summed over the sequences. Tolerances, the exact rules
+    for rows with no key, and what it returns and raises: as
+    ``assert_matches_reference``."""
+    import torch
+
+    from .pipeline import as_pattern
+
+    pat = as_pattern(pat)
+    if do is None:
+        gen = torch.Generator().manual_seed(0)
+        do = torch.randn(tuple(q.shape), generator=gen).to(device=q.device, dtype=q.dtype)
+    given = {name: t for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("rel_bias", rel_bias))
+             if t is not None}
+    expected = _packed_expected(pat, q, k, v, cu_seqlens, scale, do, against, grads, given)
+    return _check_packed_call(attn, pat, q, k, v, cu_seqlens, scale, do, tol, precision, against, grads, given,
+                              expected)
+
+
+def _packed_expected(pat, q, k, v, cu_seqlens, scale, do, against: str, grads: bool, given: dict):
+    """``_expected`` of each non-empty sequence alone, joined: token-wise
+    tensors concatenated, the terms' gradients (and their magnitudes) added up."""
+    from .backends.reference.checks import check_cu_seqlens
+
+    offsets = check_cu_seqlens(cu_seqlens, q.shape[2])
+    parts = [_expected(pat, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale, do[:, :, a:b], against, grads, given)
+             for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()) if b > a]
+    expected, magnitude = {}, {}
+    for name in parts[0][0]:
+        join = (lambda xs: sum(xs[1:], xs[0])) if name.startswith("d_") else (lambda xs: np.concatenate(xs, axis=2))
+        expected[name] = join([e[name] for e, _ in parts])
+        if all(name in m for _, m in parts):  # else (a sequence too long for them) the tensor's largest value
+            magnitude[name] = join([m[name] for _, m in parts])
+    return expected, magnitude, np.diff(offsets).tolist()
+
+
+def _check_packed_call(attn, pat, q, k, v, cu_seqlens, scale, do, tol, precision, against, grads, given,
+                       expected_and_magnitude):
+    """The body of ``assert_packed_matches_reference`` once the expected values are known."""
+    expected, magnitude, lengths = expected_and_magnitude
+    if tol is None:
+        tol = TOLERANCES[_precision_name(attn, q, precision)]
+    inputs = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
+    term_inputs = {name: t.detach().clone().requires_grad_(grads) for name, t in given.items()}
+    o, lse = attn(*inputs, scale=scale, return_lse=True, cu_seqlens=cu_seqlens, **term_inputs)
+    got = {"o": o, "lse": lse}
+    if grads:
+        o.backward(do)
+        got.update(dq=inputs[0].grad, dk=inputs[1].grad, dv=inputs[2].grad)
+        got.update({f"d_{name}": t.grad for name, t in term_inputs.items()})
+    got = {name: _as_float64(x) for name, x in got.items() if x is not None}
+    wanted = ["dq", "dk", "dv"] + [f"d_{name}" for name in given]
+    problems = [f"{name} is None: no gradient reached {name[2:] if name.startswith('d_') else name[1:]}"
+                for name in wanted if grads and name not in got]
+    errors = {}
+    for name, ref in expected.items():
+        if name not in got:
+            continue
+        msg, err = _compare(name, got[name], ref, magnitude.get(name), tol)
+        errors[name] = err
+        if msg:
+            problems.append(msg)
+    if problems:
+        shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, lengths {lengths}, {q.dtype}, scale={scale}"
+        raise AssertionError(
+            f"{_name(attn)} on a packed batch disagrees with each sequence alone ({against}) for `{pat}` "
+            f"({shape}; tolerance rtol={tol.rtol:g}, atol={tol.atol:g}):\n  " + "\n  ".join(problems)
+        )
+    return errors
+
+
 def _name(attn) -> str:
     return getattr(attn, "backend", None) and f"backend {attn.backend!r}" or type(attn).__name__
 
@@ -862,7 +1061,7 @@ def _interpreted() -> bool:
 class Counterexample:
     """The minimal failing input hypothesis found, and how to rerun it."""
 
-    check: str  # "layout" or "kernel"
+    check: str  # "layout", "kernel" or "packed"
     backend: str | None
     pattern: str  # source text of the pattern
     seq_len: int
@@ -882,7 +1081,7 @@ class Counterexample:
 
 @dataclass
 class CheckResult:
-    check: str  # "layout" or "kernel"
+    check: str  # "layout", "kernel" or "packed"
     backend: str | None
     status: str  # "passed", "failed" or "skipped"
     examples: int = 0
@@ -944,6 +1143,20 @@ def _kernel_shapes(backend: str, pat: ir.Pattern) -> dict:
                 max_batch=2, max_heads=4, blocks=(16, 32, 64, 128))
 
 
+def _packed_shapes(backend: str) -> dict:
+    """Packed batches per backend: the full range (lengths to 300, up to
+    20 sequences) where it runs fast enough, fewer and shorter ones in the
+    Triton interpreter."""
+    if backend == "reference":
+        return dict(dtypes=("float64",), max_len=300, max_count=20, max_total=640, blocks=(8, 16, 64),
+                    head_dims=(8, 16), max_heads=4)
+    if _interpreted():
+        return dict(dtypes=("float32", "float16", "bfloat16"), max_len=40, max_count=5, max_total=96,
+                    blocks=(16, 32), head_dims=(16,), max_heads=2)
+    return dict(dtypes=("float16", "bfloat16", "float32"), max_len=300, max_count=20, blocks=(16, 32, 64, 128),
+                head_dims=(16, 32, 64, 128), max_heads=4)
+
+
 def _settings(examples: int) -> settings:
     return settings(
         max_examples=examples,
@@ -967,6 +1180,7 @@ def check_pattern(
     source: tuple[str, str | None] | None = None,
     progress: Callable[[str, str | None, int, int], None] | None = None,
     terms: bool = False,
+    packed: bool = True,
 ) -> Report:
     """Run the property suite for one pattern; return a ``Report``.
 
@@ -978,7 +1192,10 @@ def check_pattern(
       own dense float64 computation, on its dense and its sparse path.
       The pattern's score terms (``with softcap(c), alibi``) always apply;
       ``terms=True`` also draws the call's (ALiBi slopes, sinks, relative
-      bias) and checks their gradients.
+      bias) and checks their gradients;
+    - packed, per backend (``packed=False`` leaves it out):
+      ``assert_packed_matches_reference`` over ``packed_inputs``, a packed
+      batch (``cu_seqlens``) against each of its sequences alone.
 
     ``examples`` hypothesis examples per check; ``seed`` makes the search
     repeatable (a random one is drawn and recorded when None). ``source`` =
@@ -1005,7 +1222,20 @@ def check_pattern(
                                               reason=status[backend]))
         else:
             report.results.append(_run_check("kernel", backend, pat, examples, seed, exact, source, progress, terms))
+            if packed:
+                report.results.append(_packed_result(backend, pat, examples, seed, exact, source, progress, terms))
     return report
+
+
+def _packed_result(backend, pat, examples, seed, exact, source, progress, terms) -> CheckResult:
+    # The Triton backend's packed kernels come in separately: until a backend
+    # has them its packed check is skipped, saying why.
+    if backend == "triton":
+        from .backends.triton.planned import TritonPlannedAttention
+
+        if not hasattr(TritonPlannedAttention, "packed"):
+            return CheckResult("packed", backend, "skipped", reason="this Triton backend has no packed kernels")
+    return _run_check("packed", backend, pat, examples, seed, exact, source, progress, terms)
 
 
 def checked_backends(backends, status: dict | None = None) -> list[str]:
@@ -1029,6 +1259,8 @@ def _run_check(check, backend, pat, examples, seed, exact, source, progress, ter
     attns: dict = {}
     if check == "layout":
         strategy = _layout_inputs(pat)
+    elif check == "packed":
+        strategy = packed_inputs(pat, gqa=True, terms=terms, **_packed_shapes(backend))
     else:
         strategy = attention_inputs(pat, gqa=True, terms=terms, **_kernel_shapes(backend, pat))
 
@@ -1038,6 +1270,8 @@ def _run_check(check, backend, pat, examples, seed, exact, source, progress, ter
             if check == "layout":
                 seq_len, block, heads = example
                 assert_layout_sound(pat, seq_len, block, heads, exact=exact)
+            elif check == "packed":
+                _check_packed(backend, pat, example, attns)
             else:
                 _check_kernel(backend, pat, example, attns)
         except BaseException as err:  # noqa: BLE001 - recorded, then re-raised for hypothesis
@@ -1128,6 +1362,33 @@ def _check_kernel(backend: str, pat: ir.Pattern, case: AttentionCase, attns: dic
     assert_matches_reference(attns[key], pat, q, k, v, case.scale, do, **make_terms(case, device=device))
 
 
+def _check_packed(backend: str, pat: ir.Pattern, case: AttentionCase, attns: dict) -> None:
+    import torch
+
+    from . import pipeline
+
+    if backend == "reference":
+        from .backends.reference import ReferenceAttention
+
+        # The reference's packed call on both its paths, against the kit's dense computation per sequence.
+        q, k, v, do = make_tensors(case)
+        cu, terms = make_cu_seqlens(case), make_terms(case)
+        expected = _packed_expected(pat, q, k, v, cu, case.scale, do, "dense", True, terms)
+        for dense_limit in (4096, 0):
+            if dense_limit not in attns:
+                attns[dense_limit] = ReferenceAttention(pat, dense_limit=dense_limit)
+            _check_packed_call(attns[dense_limit], pat, q, k, v, cu, case.scale, do, None, None, "dense", True,
+                               terms, expected)
+        return
+    key = (backend, case.block)
+    if key not in attns:
+        attns[key] = pipeline.compile(pat, backend=backend, block=case.block)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = make_tensors(case, device=device)
+    assert_packed_matches_reference(attns[key], pat, q, k, v, make_cu_seqlens(case, device), case.scale, do,
+                                    **make_terms(case, device=device))
+
+
 def _counterexample(check, backend, pat, example, error, source) -> Counterexample:
     message = f"{type(error).__name__}: {error}"
     if not isinstance(error, AssertionError):  # a crash: say where
@@ -1141,6 +1402,10 @@ def _counterexample(check, backend, pat, example, error, source) -> Counterexamp
         case = example
         seq_len, block, heads = case.n, case.block, case.H
         kwargs = dict(backend=backend, **asdict(case))
+        if check == "packed":
+            kwargs = dict(check=check, **kwargs)
+        else:
+            del kwargs["lengths"]  # None: a plain call
     return Counterexample(check, backend, str(pat), seq_len, block, heads, case, message,
                           _command(pat, source, backend, kwargs))
 
@@ -1185,6 +1450,8 @@ def reproduce(pattern, *, entry: str | None = None, check: str = "kernel", backe
     pat = pipeline.as_pattern(pattern, entry=entry)
     if check == "layout":
         assert_layout_sound(pat, seq_len, block, heads)
+    elif check == "packed":
+        _check_packed(backend, pat, AttentionCase(**case), {})
     else:
         _check_kernel(backend, pat, AttentionCase(**case), {})
     print(f"passed: {check} of `{pat}`")

@@ -53,7 +53,7 @@ def test_cli_test_refuses_an_unknown_backend(capsys, pat_file):
 
 def test_cli_test_says_what_it_checked(capsys, pat_file):
     code, out, _ = run(capsys, "test", str(pat_file), "--backend", "reference", "--examples", "2")
-    assert code == 0 and "checked: kernel [reference], layout" in out.splitlines()[-1]
+    assert code == 0 and "checked: kernel [reference], layout, packed [reference]" in out.splitlines()[-1]
 
 
 def test_run_files_fails_when_a_named_backend_cannot_run(capsys, pat_file, monkeypatch):

@@ -188,9 +188,9 @@ def _count_attention_calls(block):
     calls = []
     attend = block.attn.attend
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return attend(*args)
+        return attend(*args, **kwargs)
 
     block.attn.attend = counted
     return calls

@@ -335,7 +335,7 @@ def test_check_pattern_passes_standard_patterns(pat):
     report = check_pattern(pat, backends=["reference"], examples=8, seed=1)
     assert report.ok, report
     assert [(r.check, r.backend, r.status) for r in report.results] == [
-        ("layout", None, "passed"), ("kernel", "reference", "passed")]
+        ("layout", None, "passed"), ("kernel", "reference", "passed"), ("packed", "reference", "passed")]
 
 
 class BrokenAfterRow5(reference.ReferenceAttention):
@@ -350,7 +350,7 @@ class BrokenAfterRow5(reference.ReferenceAttention):
 
 def test_check_pattern_shrinks_to_a_minimal_counterexample(monkeypatch):
     monkeypatch.setattr(reference, "ReferenceAttention", BrokenAfterRow5)
-    report = check_pattern(ir.Causal(), backends=["reference"], examples=30, seed=0)
+    report = check_pattern(ir.Causal(), backends=["reference"], examples=30, seed=0, packed=False)
     assert not report.ok
     (failure,) = report.failures
     cx = failure.counterexample
@@ -380,7 +380,7 @@ def test_check_pattern_refuses_unknown_backends():
     with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
         check_pattern(ir.Causal(), backends=["nonsense"], examples=2, seed=0)
     # A string is one backend's name, not a list of one-letter names.
-    report = check_pattern(ir.Causal(), backends="reference", examples=2, seed=0)
+    report = check_pattern(ir.Causal(), backends="reference", examples=2, seed=0, packed=False)
     assert [(r.check, r.backend, r.status) for r in report.results] == [
         ("layout", None, "passed"), ("kernel", "reference", "passed")]
 
@@ -450,8 +450,126 @@ def test_check_pattern_runs_the_triton_kernels_when_they_can_run_here():
 def test_reproduce_commands_spell_out_ir_that_the_parser_would_simplify(monkeypatch):
     monkeypatch.setattr(reference, "ReferenceAttention", BrokenAfterRow5)
     pat = ir.Intersect((ir.Causal(), ir.All()))  # parses back as plain `causal`
-    (failure,) = check_pattern(pat, backends=["reference"], examples=20, seed=0).failures
+    (failure,) = check_pattern(pat, backends=["reference"], examples=20, seed=0, packed=False).failures
     command = failure.counterexample.command
     assert "from patterncc.ir import *" in command and "Intersect(parts=(Causal(), All()))" in command
     with pytest.raises(AssertionError, match=r"causal & all"):
         exec(shlex.split(command)[2], {})
+
+
+# -- packed batches -----------------------------------------------------------------
+
+
+@FAST
+@given(st.data())
+def test_packed_inputs_are_consistent(data):
+    case = data.draw(testing.packed_inputs(max_len=30, max_count=6, max_total=80, blocks=(8, 16)))
+    assert case.B == 1 and case.n == sum(case.lengths) >= 1 and case.block in (8, 16)
+    assert 1 <= len(case.lengths) <= 6 and all(0 <= n <= 30 for n in case.lengths) and case.n <= 80
+    cu = testing.make_cu_seqlens(case)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, *np.cumsum(case.lengths).tolist()]
+    q, k, v, do = make_tensors(case)
+    assert q.shape == do.shape == (1, case.H, case.n, case.D) and k.shape == (1, case.Hkv, case.n, case.D)
+
+
+def test_packed_lengths_reach_every_boundary_the_kernels_care_about():
+    """Counts 1 and 20, lengths 0, 1 and 300, boundaries on a block edge and
+    inside a block, several sequences starting in one block."""
+    seen = dict.fromkeys(["one seq", "20 seqs", "empty", "length 1", "length 300", "edge", "inside",
+                          "shared block"], False)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(testing.packed_lengths(block=16))
+    def collect(lengths):
+        assert 1 <= len(lengths) <= 20 and all(0 <= n <= 300 for n in lengths) and sum(lengths) >= 1
+        cuts = np.cumsum(lengths)[:-1]
+        starts = [c for c, n in zip(cuts, lengths[1:]) if n > 0]
+        seen["one seq"] |= len(lengths) == 1
+        seen["20 seqs"] |= len(lengths) == 20
+        seen["empty"] |= 0 in lengths
+        seen["length 1"] |= 1 in lengths
+        seen["length 300"] |= 300 in lengths
+        seen["edge"] |= any(c > 0 and c % 16 == 0 for c in starts)
+        seen["inside"] |= any(c % 16 for c in starts)
+        seen["shared block"] |= len(starts) > len({c // 16 for c in starts})
+
+    collect()
+    assert all(seen.values()), seen
+
+
+def test_packed_lengths_keep_to_max_total():
+    lengths = find(testing.packed_lengths(block=8, max_total=50), lambda ls: len(ls) >= 3 and sum(ls) >= 40)
+    assert sum(lengths) <= 50
+    with pytest.raises(ValueError, match="block"):
+        testing.packed_lengths(block=0)
+
+
+PACKED_PAT = ir.Causal() & ir.Local(ir.Call("isqrt", (ir.Var("n"),)))  # n differs per sequence
+
+
+def _packed_case(dtype="float64", lengths=(5, 0, 9, 1, 16, 3)):
+    case = AttentionCase(B=1, H=4, Hkv=2, n=sum(lengths), D=8, dtype=dtype, scale=None, seed=5, block=8,
+                         lengths=lengths)
+    return case, make_tensors(case), testing.make_cu_seqlens(case)
+
+
+class IgnoresCuSeqlens(reference.ReferenceAttention):
+    """A packed call that runs the pattern over the whole row: tokens attend across sequences."""
+
+    def __call__(self, q, k, v, scale=None, return_lse=False, cu_seqlens=None, **terms):
+        return super().__call__(q, k, v, scale, return_lse, **terms)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_assert_packed_matches_reference_passes_on_the_reference(dtype):
+    case, (q, k, v, do), cu = _packed_case(dtype)
+    terms = testing.make_terms(replace(case, sinks=True, rel_bias_distance=3))
+    errors = testing.assert_packed_matches_reference(reference.ReferenceAttention(PACKED_PAT), PACKED_PAT, q, k, v,
+                                                     cu, do=do, **terms)
+    assert set(errors) == {"o", "lse", "dq", "dk", "dv", "d_sinks", "d_rel_bias"}
+
+
+def test_assert_packed_matches_reference_catches_attention_across_sequences():
+    case, (q, k, v, do), cu = _packed_case()
+    with pytest.raises(AssertionError, match=r"(?s)on a packed batch disagrees.*lengths \[5, 0, 9, 1, 16, 3\].*o: "):
+        testing.assert_packed_matches_reference(IgnoresCuSeqlens(ir.Causal()), ir.Causal(), q, k, v, cu, do=do,
+                                                against="dense")
+
+
+def test_assert_packed_matches_reference_catches_a_wrong_term_gradient():
+    case, (q, k, v, do), cu = _packed_case()
+    sinks = testing.make_terms(replace(case, sinks=True))["sinks"]
+
+    class HalfSinkGrad(reference.ReferenceAttention):
+        def __call__(self, q, k, v, scale=None, return_lse=False, *, sinks=None, **kw):
+            half = sinks / 2 + (sinks / 2).detach()  # the value of sinks, half its gradient
+            return super().__call__(q, k, v, scale, return_lse, sinks=half, **kw)
+
+    with pytest.raises(AssertionError, match="d_sinks: "):
+        testing.assert_packed_matches_reference(HalfSinkGrad(PACKED_PAT), PACKED_PAT, q, k, v, cu, do=do,
+                                                sinks=sinks)
+
+
+def test_check_pattern_shrinks_a_packed_failure_and_reproduces_it(monkeypatch):
+    monkeypatch.setattr(reference, "ReferenceAttention", IgnoresCuSeqlens)
+    small = dict(dtypes=("float64",), max_len=40, max_count=6, max_total=120, blocks=(8, 16), head_dims=(8,))
+    monkeypatch.setattr(testing, "_packed_shapes", lambda backend: small)  # shrinking reruns many examples
+    report = check_pattern(ir.Causal(), backends=["reference"], examples=20, seed=0)
+    (failure,) = report.failures  # the plain calls are right
+    cx = failure.counterexample
+    assert (failure.check, failure.backend) == ("packed", "reference")
+    assert sum(1 for n in cx.case.lengths if n) == 2 and cx.case.n <= 3, cx.case  # two tokens, one per sequence
+    assert "lengths=[" in str(report) and 'check="packed"' in cx.command
+    with pytest.raises(AssertionError, match="on a packed batch disagrees"):
+        exec(shlex.split(cx.command)[2], {})
+
+
+@pytest.mark.skipif(testing.available_backends()["triton"] is not None,
+                    reason=str(testing.available_backends()["triton"]))
+def test_check_pattern_runs_the_packed_triton_kernels_when_they_can_run_here():
+    from patterncc.backends.triton.planned import TritonPlannedAttention
+
+    report = check_pattern(STANDARD[0], backends=["triton"], examples=3, seed=2)
+    assert report.ok, report
+    status = "passed" if hasattr(TritonPlannedAttention, "packed") else "skipped"
+    assert ("packed", "triton", status) in [(r.check, r.backend, r.status) for r in report.results]

@@ -6,6 +6,7 @@ downloaded; the reference backend on the CPU, the Triton kernels on a GPU)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import subprocess
@@ -61,7 +62,10 @@ def _pair(family: str, **overrides):
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
-    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(DEVICE, DTYPE).eval()
+    # Each model its own config: from_config writes the attention implementation into the config it is
+    # given, so with one shared config the "eager" model would run patterncc too.
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    eager = eager.to(DEVICE, DTYPE).eval()
     if family == "gpt_oss":  # sinks start at zero: make them matter
         with torch.no_grad():
             for layer in eager.model.layers:
@@ -132,6 +136,34 @@ def test_packed_position_ids_run_each_sequence_alone():
         first = eager(idx[:, :6]).logits
         second = eager(idx[:, 6:]).logits
     torch.testing.assert_close(got, torch.cat([first, second], dim=1), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])
+def test_packed_rows_run_as_one_packed_call(family, monkeypatch):
+    """Two rows of packed sequences (sliding windows, softcap, sinks): one
+    cu_seqlens call per layer for both rows, equal to each sequence alone.
+    (Not Llama 4: its eager model itself differs between packed rows and each
+    sequence alone.)"""
+    eager, ours = _pair(family)
+    calls = []
+    call = pcc.attention.Attention.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pcc.attention.Attention, "__call__", counted)
+    splits = [(0, 9, 14), (0, 3, 4, 14)]  # row 0: 9 + 5 tokens; row 1: 3 + 1 + 10
+    idx = torch.randint(0, 97, (2, 14), device=DEVICE)
+    position_ids = torch.tensor([[p - a for a, b in zip(s, s[1:]) for p in range(a, b)] for s in splits],
+                                device=DEVICE)
+    with torch.no_grad():
+        got = ours(idx, position_ids=position_ids).logits
+        want = [torch.cat([eager(idx[r:r + 1, a:b]).logits for a, b in zip(s, s[1:])], dim=1)
+                for r, s in enumerate(splits)]
+    assert len(calls) == len(ours.model.layers) and all(cu is not None for cu in calls)
+    torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=ATOL)
+    assert calls[0].tolist() == [0, 9, 14, 17, 18, 28]
 
 
 def test_user_patterns_by_type_and_index(tmp_path):

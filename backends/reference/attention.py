@@ -32,7 +32,7 @@ from patterncc.lru import LRU
 from patterncc.scores import ScoreTerms, alibi_slopes as standard_alibi_slopes
 
 from . import dense, masks, sparse
-from .checks import check_block_table, check_cache_seqlens, check_pages, check_scale, check_shapes
+from .checks import check_block_table, check_cache_seqlens, check_packed, check_pages, check_scale, check_shapes
 from .terms import HeadTerms
 
 # Masks kept per attention object, most recently used last.
@@ -41,7 +41,13 @@ CACHE_SIZE = 8
 
 class ReferenceAttention:
     """``attn(q, k, v, scale=None, return_lse=False, *, softcap=None,
-    alibi_slopes=None, sinks=None, rel_bias=None)`` for one pattern.
+    alibi_slopes=None, sinks=None, rel_bias=None, cache_seqlens=None,
+    cu_seqlens=None)`` for one pattern.
+
+    ``cu_seqlens`` (``checks.check_cu_seqlens``): q ``[1, H, total, D]`` and
+    k, v ``[1, Hkv, total, D]`` pack sequences of lengths ``cu_seqlens[s + 1]
+    - cu_seqlens[s]``; the pattern applies to each alone (``q``, ``k``, ``n``
+    counted within it), and the result is each sequence's call concatenated.
 
     numpy arrays in give float64 numpy arrays out; torch tensors in give
     tensors of the inputs' dtype and device (computed in float64 on the CPU)
@@ -62,13 +68,15 @@ class ReferenceAttention:
         return f"ReferenceAttention({str(self.pattern)!r}, dense_limit={self.dense_limit})"
 
     def __call__(self, q, k, v, scale=None, return_lse=False, *, softcap=None, alibi_slopes=None, sinks=None,
-                 rel_bias=None, cache_seqlens=None, block_table=None):
+                 rel_bias=None, cache_seqlens=None, block_table=None, cu_seqlens=None):
         terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
         if block_table is not None:
             if cache_seqlens is None:
                 raise ValueError("block_table needs cache_seqlens: the length of each row's paged cache")
             k, v = pages_as_cache(q, k, v, cache_seqlens, block_table)
-        if cache_seqlens is not None:
+        if cu_seqlens is not None:
+            o, lse = self._packed(q, k, v, scale, check_packed(q, k, v, cu_seqlens, cache_seqlens), terms)
+        elif cache_seqlens is not None:
             o, lse = self._cached(q, k, v, scale, cache_seqlens, terms)
         elif any(_is_torch(x) for x in (q, k, v)):
             from . import _torch
@@ -91,6 +99,22 @@ class ReferenceAttention:
 
             return torch.cat([o for o, _ in rows]), torch.cat([lse for _, lse in rows])
         return np.concatenate([o for o, _ in rows]), np.concatenate([lse for _, lse in rows])
+
+    def _packed(self, q, k, v, scale, offsets, terms: ScoreTerms):
+        """A packed batch (q ``[1, H, total, D]``): each sequence
+        ``offsets[s]:offsets[s + 1]`` as a call of its own, the results
+        concatenated along the tokens. This is the definition of a packed
+        call, and it keeps memory to each sequence's own size (its dense or
+        sparse mask), never ``total * total``."""
+        given = {name: value for name, value in zip(("softcap", "alibi_slopes", "sinks", "rel_bias"),
+                                                    (terms.softcap, *terms.tensors())) if value is not None}
+        spans = [(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:]) if b > a]  # empty ones add no rows
+        parts = [self(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale, return_lse=True, **given) for a, b in spans]
+        if _is_torch(q):
+            import torch
+
+            return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+        return np.concatenate([o for o, _ in parts], axis=2), np.concatenate([lse for _, lse in parts], axis=2)
 
     def forward(self, q, k, v, scale=None, terms: ScoreTerms | None = None):
         """float64 numpy ``(o, lse)``; ``terms`` holds numpy arrays (or None);

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+
+import numpy as np
 
 
 def check_shapes(q_shape, k_shape, v_shape) -> None:
@@ -86,3 +89,79 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale=}")
     return float(scale)
+
+
+def check_cu_seqlens(cu_seqlens, total: int):
+    """``cu_seqlens`` as int64 numpy offsets ``[S + 1]``: sequence ``s`` is
+    tokens ``offsets[s]:offsets[s + 1]`` of the packed batch of ``total``.
+
+    Taken as an int32 or int64 torch tensor (on any device: it is read on the
+    host), a numpy integer array, or a list of ints. FlashAttention asks for
+    int32 because its kernels read the tensor directly; here it is read once
+    on the host, so int64 (what ``torch.cumsum`` returns) is accepted too.
+    The offsets start at 0, end at ``total`` and never decrease: empty
+    sequences are allowed. TypeError/ValueError naming ``cu_seqlens`` otherwise.
+    """
+    values = _integer_vector(cu_seqlens)
+    if values.size < 2:
+        raise ValueError(f"cu_seqlens must hold at least two offsets (0 and the total {total}), got {values.tolist()}")
+    ends = f"cu_seqlens must start at 0 and end at the packed length {total} (q.shape[2])"
+    if values[0] != 0:
+        raise ValueError(f"{ends}, got cu_seqlens[0] = {values[0]}")
+    if values[-1] != total:
+        raise ValueError(f"{ends}, got cu_seqlens[-1] = {values[-1]}")
+    drops = np.flatnonzero(np.diff(values) < 0)
+    if drops.size:
+        s = int(drops[0])
+        raise ValueError(f"cu_seqlens must be non-decreasing (cumulative lengths), got cu_seqlens[{s}] = "
+                         f"{values[s]} > cu_seqlens[{s + 1}] = {values[s + 1]}")
+    return values
+
+
+def _integer_vector(cu_seqlens):
+    """``cu_seqlens`` as a 1-D int64 numpy array, or a TypeError/ValueError saying what it must be."""
+    torch = sys.modules.get("torch")
+    wanted = "integers: an int32 tensor [num_seqs + 1] (int64 is accepted too), a numpy int array or a list"
+    if torch is not None and isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must hold {wanted}, got a tensor of dtype {cu_seqlens.dtype}")
+        values = cu_seqlens.detach().cpu().numpy()
+    elif isinstance(cu_seqlens, np.ndarray):
+        if not np.issubdtype(cu_seqlens.dtype, np.integer):
+            raise TypeError(f"cu_seqlens must hold {wanted}, got a numpy array of dtype {cu_seqlens.dtype}")
+        values = cu_seqlens
+    elif isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+                   for x in cu_seqlens):
+            raise TypeError(f"cu_seqlens must hold {wanted}, got {cu_seqlens!r}")
+        values = np.array([int(x) for x in cu_seqlens], dtype=np.int64)
+    else:
+        raise TypeError(f"cu_seqlens must hold {wanted}, got {type(cu_seqlens).__name__}")
+    if values.ndim != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [num_seqs + 1], got shape {tuple(values.shape)}")
+    return values.astype(np.int64)
+
+
+def check_packed(q, k, v, cu_seqlens, cache_seqlens=None):
+    """The checks of a packed call, before any work: q ``[1, H, total, D]``, k
+    and v ``[1, Hkv, total, D]`` (arrays or tensors, shaped as
+    ``check_shapes`` wants), no ``cache_seqlens``; returns
+    ``check_cu_seqlens(cu_seqlens, total)``."""
+    if cache_seqlens is not None:
+        raise ValueError("cu_seqlens and cache_seqlens cannot be combined: a packed batch is its own keys "
+                         "(q, k, v [1, H, total, D]); give one or the other")
+    shapes = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        shape = getattr(x, "shape", None)
+        if shape is None:
+            raise TypeError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
+        shapes.append(tuple(shape))
+    q_shape, k_shape, v_shape = shapes
+    check_shapes(q_shape, k_shape, v_shape)
+    if q_shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch is packed into one row, batch size 1: q [1, H, total, D], "
+                         f"k and v [1, Hkv, total, D]; got q {q_shape}")
+    if k_shape[2] != q_shape[2]:
+        raise ValueError(f"with cu_seqlens q, k and v hold the same packed tokens: q's length {q_shape[2]} must "
+                         f"equal k's and v's {k_shape[2]} (q {q_shape}, k {k_shape})")
+    return check_cu_seqlens(cu_seqlens, q_shape[2])

@@ -26,7 +26,9 @@ row's real tokens; the pattern applies to them alone, positions counted from
 the row's first real token (transformers' own rule for chunked layers; for
 causal and sliding windows the same as counting from the start), and padded
 query rows give 0. Packed rows (``position_ids`` restarting without a mask)
-run each sequence alone, positions counted from its start.
+run each sequence alone, positions counted from its start: one packed call
+(``cu_seqlens``) for all of them, or one call per sequence inside
+``torch.compile``, which does not trace packed calls yet.
 
 Generation runs through transformers' cache: new queries are the last
 positions of the keys, which the decode path serves (the query-rows kernel
@@ -185,6 +187,10 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
         raise ValueError(f"the queries (positions {pad.q_offset}..{pad.q_offset + n_q - 1}) do not end where the "
                          f"keys do ({pad.kv_offset}..{pad.kv_offset + n_k - 1}): patterncc needs the new queries "
                          "to be the last positions (a dynamic cache, or no cache)")
+    if packed is not None and not torch.compiler.is_compiling():
+        # One packed call for every sequence of every row. Packed calls are not traced into graphs
+        # yet, so a compiled model runs the sequences one by one (_rows) instead.
+        return _packed(attn, query, key, value, scaling, terms, packed), None
     if pad is None or (pad.mask is None and packed is None):
         shift = 0 if pad is None else pad.kv_offset
         out = _span(attn, pattern, period, shift, softcap, query, key, value, scaling, terms)
@@ -335,6 +341,20 @@ def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
         cuts = [0, *(torch.nonzero(restarts[b]).flatten() + 1).tolist(), n_q]
         segments += [(b, s, e) for s, e in zip(cuts, cuts[1:])]
     return segments
+
+
+def _packed(attn, query, key, value, scaling, terms, segments):
+    """Packed rows as one packed call: the rows laid end to end, each
+    ``(row, start, stop)`` segment one sequence of ``cu_seqlens``; the
+    output ``[B, n, H, D]``."""
+    B, H, n, D = query.shape
+
+    def end_to_end(x):  # (B, h, n, D) -> (1, h, B * n, D)
+        return x.transpose(0, 1).reshape(1, x.shape[1], B * n, D)
+
+    cu = torch.tensor([0] + [b * n + stop for b, _, stop in segments], dtype=torch.int32)
+    o = attn(end_to_end(query), end_to_end(key), end_to_end(value), scale=scaling, cu_seqlens=cu, **terms)
+    return o.reshape(H, B, n, D).permute(1, 2, 0, 3).contiguous()  # (B, n, H, D)
 
 
 def _rows(attn, query, key, value, scaling, terms, pad: Padding, packed, period: int, pattern, softcap):
