@@ -87,6 +87,7 @@ def uses_n(p: Pattern) -> bool:
 # Binding a length: symbolic arguments -> checked ints
 # ----------------------------------------------------------------------------
 
+
 def check_args(p: Pattern, values: dict[str, int]) -> None:
     """Raise a located PatternValueError if a primitive's ints are out of range:
     each argument against its class's ``MINIMUM`` and ``MAX_VALUE``, then the
