@@ -18,6 +18,10 @@ pattern fixed(l = 128, c = l // 4) = causal & (block(l) | summary(l, c))
 # Causal sliding window: the query and the w - 1 positions before it.
 pattern sliding_window(w = 256) = causal & local(w)
 
+# Llama 4's chunked attention: the sequence cut into chunks of l tokens, each
+# query attending causally within its own chunk only (Meta's default l = 8192).
+pattern chunked(l = 8192) = causal & block(l)
+
 # A causal band plus g global tokens.
 pattern local_global(w = 256, g = 32) = causal & (local(w) | global(g))
 

@@ -51,11 +51,11 @@ import numpy as np
 from . import ir, randomblocks
 from .errors import LimitError, PatternValueError
 from .masks import evaluate
+from .primitives import PRIMITIVES
+from .primitives.base import EMPTY, FULL, PARTIAL, _abs_range, _classes, run_offsets, run_ranges  # noqa: F401
 
 if TYPE_CHECKING:
     import scipy.sparse as sp  # imported where used: it costs ~0.1 s
-
-EMPTY, PARTIAL, FULL = 0, 1, 2
 
 # One call may examine at most this many candidate block pairs, all heads
 # together (an upper bound computed before any work): about 20 s and 2 GB.
@@ -214,33 +214,6 @@ def from_dense_classes(pattern: ir.Pattern, seq_len: int, block: int, classes: n
     h, i, j = np.nonzero(classes)
     full = classes[h, i, j] == FULL
     return _from_pairs(pattern, seq_len, block, [(i[h == x], j[h == x], full[h == x]) for x in range(H)], nq)
-
-
-def run_offsets(lengths: np.ndarray, dtype=np.int64) -> np.ndarray:
-    """Each entry's index inside its run, for runs of ``lengths`` laid end to
-    end: ``0 .. lengths[r] - 1`` for every run ``r``, concatenated."""
-    return run_ranges(0, lengths, dtype)
-
-
-def run_ranges(starts, lengths: np.ndarray, dtype=np.int64) -> np.ndarray:
-    """``starts[r] .. starts[r] + lengths[r] - 1`` for every run ``r``,
-    concatenated (``starts`` may be one number for every run).
-
-    Built as one cumulative sum, in place, over steps of 1 with a jump where
-    each run begins, so that the result is the only array of its length (the
-    index arrays of a layout hold millions of entries; ``arange - repeat``
-    would take three such arrays)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    starts = np.broadcast_to(np.asarray(starts, dtype=np.int64), lengths.shape)
-    nonempty = lengths > 0
-    starts, lengths = starts[nonempty], lengths[nonempty]
-    out = np.ones(int(lengths.sum()), dtype=dtype)
-    if out.size:
-        begins = np.cumsum(lengths) - lengths  # where each run begins in `out`
-        out[0] = starts[0]
-        out[begins[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)  # from the last value of the run before
-        np.cumsum(out, dtype=dtype, out=out)
-    return out
 
 
 class HeadCSR(NamedTuple):
@@ -562,206 +535,19 @@ def classify_rectangles(p: ir.Pattern, n: int, qlo, qhi, klo, khi) -> np.ndarray
     ``[qlo, qhi] x [klo, khi]`` (int64 arrays, inside ``[0, n)``): sound, not
     always exact — whatever closed forms cannot decide is PARTIAL. The
     planner uses it for gathered columns, whose slot blocks map to rectangles."""
-    if any(isinstance(node, ir.Random) for node in ir.walk(p)):
+    if any(isinstance(node, ir.Primitive) and node.TABLE for node in ir.walk(p)):
         raise ValueError("classify_rectangles cannot look up random() tables over rectangles")
     rects = _Rects(*(np.asarray(a, dtype=np.int64) for a in (qlo, qhi, klo, khi)), _Ctx(n, 1))
     return _classify(p, rects, rects.ctx)
 
 
-def _classes(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
-    return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
-
-
 # ----------------------------------------------------------------------------
-# Primitives, one section each: the rule, its candidate key blocks per query
-# block row, and its class per tile.
-#
-# ``_rows_*(node, ctx, rows, win)`` returns ``(row, jlo, jhi)`` intervals of
-# key blocks (inclusive, clipped later), or None for "every key block". ``win``
-# is ``(lo, hi)``, the key blocks wanted per row (what an enclosing
-# intersection allows); a rule may use it to skip work, never needs to clip.
-# ``_class_*(node, t)`` returns int8 classes for the tiles ``t``.
+# Rules per node: each primitive's own (``patterncc.primitives``: candidate key
+# blocks per query-block row, classes of tiles), and ``where``'s below.
 # ----------------------------------------------------------------------------
 
 
-def _row_bounds(ctx: _Ctx, rows: np.ndarray):
-    qlo = rows * ctx.B
-    return qlo, np.minimum(qlo + ctx.B, ctx.n) - 1
-
-
-def _key_interval(ctx: _Ctx, rows, klo, khi):
-    """Key blocks holding keys ``[klo, khi]`` (clipped to ``0 .. n-1``)."""
-    klo = np.maximum(klo, 0)
-    khi = np.minimum(khi, ctx.n - 1)
-    return rows, klo // ctx.B, np.where(klo <= khi, khi // ctx.B, -1)
-
-
-# -- causal: k <= q
-
-
-def _rows_causal(node, ctx, rows, win):
-    return rows, np.zeros_like(rows), rows
-
-
-def _class_causal(node, t):
-    return _classes(t.dhi >= 0, t.dlo >= 0)
-
-
-# -- local(w): abs(q - k) < w
-
-
-def _rows_local(node, ctx, rows, win):
-    qlo, qhi = _row_bounds(ctx, rows)
-    return _key_interval(ctx, rows, qlo - node.w + 1, qhi + node.w - 1)
-
-
-def _abs_range(lo, hi):
-    """min and max of ``abs(x)`` for integer ``x`` in ``[lo, hi]``."""
-    amin = np.where((lo <= 0) & (hi >= 0), 0, np.minimum(np.abs(lo), np.abs(hi)))
-    return amin, np.maximum(np.abs(lo), np.abs(hi))
-
-
-def _class_local(node, t):
-    amin, amax = _abs_range(t.dlo, t.dhi)
-    return _classes(amin < node.w, amax < node.w)
-
-
-# -- stride(l): (q - k) % l == 0
-
-
-def _stride_is_dense(ctx, l) -> bool:
-    """True when stride(l)'s diagonals reach about every key block of a row."""
-    return 2 * ((ctx.n + ctx.B) // l + 1) >= ctx.nb
-
-
-def _diagonals(ctx, rows, win, step, mmin=None, mmax=None):
-    """Key-block intervals of the diagonals ``q - k = m * step`` per row that
-    meet the window, ``m`` descending so the intervals come out ascending."""
-    qlo, qhi = _row_bounds(ctx, rows)
-    kmin = np.maximum(win[0] * ctx.B, 0)
-    kmax = np.minimum(win[1] * ctx.B + ctx.B - 1, ctx.n - 1)
-    lo = -((kmax - qlo) // step)  # smallest m with some k = q - m * step <= kmax
-    hi = (qhi - kmin) // step  # largest m with some k >= kmin
-    if mmin is not None:
-        lo, hi = np.maximum(lo, mmin), np.minimum(hi, mmax)
-    count = np.maximum(hi - lo + 1, 0)
-    r = np.repeat(rows, count)
-    m = np.repeat(hi, count) - run_offsets(count)
-    qlo, qhi = _row_bounds(ctx, r)
-    return _key_interval(ctx, r, qlo - m * step, qhi - m * step)
-
-
-def _rows_stride(node, ctx, rows, win):
-    return None if _stride_is_dense(ctx, node.l) else _diagonals(ctx, rows, win, node.l)
-
-
-def _class_stride(node, t):
-    l = node.l
-    nonempty = (t.dhi // l) * l >= t.dlo  # some multiple of l in [dlo, dhi]
-    full = (l == 1) | ((t.dlo == t.dhi) & (t.dlo % l == 0))
-    return _classes(nonempty, full)
-
-
-# -- block(l): q // l == k // l
-
-
-def _rows_block(node, ctx, rows, win):
-    qlo, qhi = _row_bounds(ctx, rows)
-    l = node.l
-    return _key_interval(ctx, rows, (qlo // l) * l, (qhi // l + 1) * l - 1)
-
-
-def _class_block(node, t):
-    l = node.l
-    a0, a1, b0, b1 = t.qlo // l, t.qhi // l, t.klo // l, t.khi // l
-    return _classes((a0 <= b1) & (b0 <= a1), (a0 == a1) & (b0 == b1) & (a0 == b0))
-
-
-# -- summary(l, c): k % l >= l - c
-
-
-def _summary_count(node, x):
-    """``#{0 <= k < x : k % l >= l - c}``."""
-    l, c = node.l, node.c
-    return (x // l) * c + np.maximum(0, x % l - (l - c))
-
-
-def _summary_columns(node, ctx) -> np.ndarray:
-    """bool ``[nb]``: key blocks holding some summary key."""
-    klo = np.arange(ctx.nb, dtype=np.int64) * ctx.B
-    khi = np.minimum(klo + ctx.B, ctx.n) - 1
-    return _summary_count(node, khi + 1) > _summary_count(node, klo)
-
-
-def _rows_summary(node, ctx, rows, win):
-    cols = _summary_columns(node, ctx)
-    if cols.all():
-        return None
-    return _column_runs(cols, rows)
-
-
-def _column_runs(cols: np.ndarray, rows: np.ndarray):
-    """Each row paired with every run of True in ``cols``."""
-    edges = np.diff(np.concatenate([[0], cols.astype(np.int8), [0]]))
-    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
-    R = starts.size
-    return np.repeat(rows, R), np.tile(starts, rows.size), np.tile(stops, rows.size)
-
-
-def _class_summary(node, t):
-    allowed = _summary_count(node, t.khi + 1) - _summary_count(node, t.klo)
-    return _classes(allowed > 0, allowed == t.cols)
-
-
-# -- global(g): q < g or k < g;  sink(g): k < g
-
-
-def _first_blocks(ctx, g) -> int:
-    """Number of blocks holding positions below ``g``."""
-    return -(-min(g, ctx.n) // ctx.B)
-
-
-def _rows_sink(node, ctx, rows, win):
-    G = _first_blocks(ctx, node.g)
-    return rows, np.zeros_like(rows), np.full_like(rows, G - 1)
-
-
-def _class_sink(node, t):
-    return _classes(t.klo < node.g, t.khi < node.g)
-
-
-def _rows_global(node, ctx, rows, win):
-    G = _first_blocks(ctx, node.g)
-    return rows, np.zeros_like(rows), np.where(rows < G, ctx.nb - 1, G - 1)
-
-
-def _class_global(node, t):
-    g = node.g
-    return _classes((t.qlo < g) | (t.klo < g), (t.qhi < g) | (t.khi < g))
-
-
-# -- dilated(w, d): abs(q - k) < w * d and (q - k) % d == 0
-
-
-def _rows_dilated(node, ctx, rows, win):
-    w, d = node.w, node.d
-    reach = (w - 1) * d  # the farthest allowed |q - k|
-    if d <= ctx.B or _stride_is_dense(ctx, d):
-        qlo, qhi = _row_bounds(ctx, rows)
-        return _key_interval(ctx, rows, qlo - reach, qhi + reach)
-    return _diagonals(ctx, rows, win, d, -(w - 1), w - 1)
-
-
-def _class_dilated(node, t):
-    w, d = node.w, node.d
-    mlo = np.maximum(-(-t.dlo // d), -(w - 1))  # allowed q - k are m * d, |m| <= w - 1
-    mhi = np.minimum(t.dhi // d, w - 1)
-    amin, amax = _abs_range(t.dlo, t.dhi)
-    full = np.where(d == 1, amax < w, (t.dlo == t.dhi) & (t.dlo % d == 0) & (amax < w * d))
-    return _classes(mlo <= mhi, full)
-
-
-# -- random(r, b, seed): query block q // b attends the drawn key blocks k // b
+# -- random(r, b, seed): the drawn cells of one node, mapped onto the tiles once per context
 
 
 class _RandomTable:
@@ -806,37 +592,6 @@ class _RandomTable:
             return np.zeros(key.shape, dtype=bool)
         pos = np.minimum(np.searchsorted(self.cells, key), self.cells.size - 1)
         return self.cells[pos] == key
-
-
-def _rows_random(node, ctx, rows, win):
-    tab = ctx.random(node)
-    lo, hi = np.searchsorted(tab.tile_keys, [rows[0] * ctx.nb, (rows[-1] + 1) * ctx.nb])
-    keys = tab.tile_keys[lo:hi]
-    i, j = keys // ctx.nb, keys % ctx.nb
-    return i, j, j
-
-
-def _class_random(node, t):
-    tab = t.ctx.random(node)
-    b = node.b
-    key = t.i * t.ctx.nb + t.j
-    if tab.tile_keys.size == 0:
-        return np.zeros(t.size, dtype=np.int8)
-    pos = np.minimum(np.searchsorted(tab.tile_keys, key), tab.tile_keys.size - 1)
-    count = np.where(tab.tile_keys[pos] == key, tab.tile_counts[pos], 0)
-    cells = (t.qhi // b - t.qlo // b + 1) * (t.khi // b - t.klo // b + 1)
-    return _classes(count > 0, count == cells)
-
-
-# -- all / none
-
-
-def _class_all(node, t):
-    return np.full(t.size, FULL, dtype=np.int8)
-
-
-def _class_empty(node, t):
-    return np.zeros(t.size, dtype=np.int8)
 
 
 # -- where COND: interval arithmetic, then evaluation where it cannot decide.
@@ -901,18 +656,8 @@ def _class_where(node, t):
     return out
 
 
-_ROWS = {
-    ir.Causal: _rows_causal, ir.Local: _rows_local, ir.Stride: _rows_stride,
-    ir.Block: _rows_block, ir.Summary: _rows_summary, ir.Global: _rows_global,
-    ir.Sink: _rows_sink, ir.Dilated: _rows_dilated, ir.Random: _rows_random,
-    ir.Where: _rows_where,
-}
-_CLASS = {
-    ir.All: _class_all, ir.Empty: _class_empty, ir.Causal: _class_causal,
-    ir.Local: _class_local, ir.Stride: _class_stride, ir.Block: _class_block,
-    ir.Summary: _class_summary, ir.Global: _class_global, ir.Sink: _class_sink,
-    ir.Dilated: _class_dilated, ir.Random: _class_random, ir.Where: _class_where,
-}
+_ROWS = {cls: cls.rows for cls in PRIMITIVES.values()} | {ir.Where: _rows_where}
+_CLASS = {cls: cls.classify for cls in PRIMITIVES.values()} | {ir.Where: _class_where}
 
 
 # ----------------------------------------------------------------------------
@@ -927,36 +672,11 @@ def _estimate(node: ir.Pattern, ctx: _Ctx) -> int:
     return cached
 
 
-def _band_blocks(ctx, reach: int) -> int:
-    """Key blocks a row can meet within ``reach`` positions either side."""
-    return (ctx.B + 2 * reach - 1) // ctx.B + 2
-
-
 def _estimate_node(node: ir.Pattern, ctx: _Ctx) -> int:
     nb = ctx.nb
     match node:
-        case ir.Empty():
-            return 0
-        case ir.Causal():
-            return nb * (nb + 1) // 2
-        case ir.Local(w=w):
-            return nb * _band_blocks(ctx, w - 1)
-        case ir.Stride(l=l):
-            return nb * nb if _stride_is_dense(ctx, l) else nb * 2 * ((ctx.n + ctx.B) // l + 2)
-        case ir.Block(l=l):
-            return nb * _band_blocks(ctx, l - 1)
-        case ir.Summary():
-            return nb * int(_summary_columns(node, ctx).sum())
-        case ir.Sink(g=g):
-            return nb * _first_blocks(ctx, g)
-        case ir.Global(g=g):
-            return 2 * nb * _first_blocks(ctx, g)
-        case ir.Dilated(w=w, d=d):
-            if d <= ctx.B or _stride_is_dense(ctx, d):
-                return nb * _band_blocks(ctx, (w - 1) * d)
-            return nb * 2 * min(2 * w - 1, (ctx.n + ctx.B) // d + 2)
-        case ir.Random():
-            return int(ctx.random(node).tile_keys.size)
+        case ir.Primitive():
+            return node.estimate(ctx)
         case ir.Where():
             return _estimate_where(node, ctx)
         case ir.Union(parts=parts):
@@ -965,7 +685,7 @@ def _estimate_node(node: ir.Pattern, ctx: _Ctx) -> int:
             return min(_estimate(c, ctx) for c in parts)
         case ir.Difference(left=a):
             return _estimate(a, ctx)
-    return nb * nb  # all, complement
+    return nb * nb  # complement
 
 
 # ----------------------------------------------------------------------------
@@ -982,8 +702,6 @@ def _candidates(node: ir.Pattern, rows: np.ndarray, win, ctx: _Ctx, top: bool = 
     an intersection need not filter its sparsest part by the others.
     """
     match node:
-        case ir.Empty():
-            return np.zeros(0, dtype=np.int64)
         case ir.Union(parts=parts):
             return _unique(np.concatenate([_candidates(c, rows, win, ctx) for c in parts]))
         case ir.Intersect(parts=parts):
@@ -1028,9 +746,9 @@ def _hull(node: ir.Pattern, ctx: _Ctx, rows: np.ndarray):
             if isinstance(node, ir.Union) and len(known) == len(hulls):
                 return functools.reduce(np.minimum, [h[0] for h in known]), functools.reduce(np.maximum, [h[1] for h in known])
             return None
-        case ir.Causal() | ir.Local() | ir.Block() | ir.Sink() | ir.Global():
+        case ir.Primitive() if node.HULL:
             full = (np.zeros_like(rows), np.full_like(rows, ctx.nb - 1))
-            r, lo, hi = _ROWS[type(node)](node, ctx, rows, full)  # one interval per row
+            r, lo, hi = node.rows(ctx, rows, full)  # one interval per row
             return np.broadcast_to(lo, rows.shape), np.broadcast_to(hi, rows.shape)
     return None
 
@@ -1107,8 +825,8 @@ def _classify(node: ir.Pattern, t: _Tiles, ctx: _Ctx) -> np.ndarray:
 # Evaluation over tiles (the exact fallback)
 # ----------------------------------------------------------------------------
 
-_D_ONLY = (ir.Causal, ir.Local, ir.Stride, ir.Dilated, ir.All, ir.Empty)
-_K_ONLY = (ir.Summary, ir.Sink, ir.All, ir.Empty)
+_D_ONLY = tuple(cls for cls in PRIMITIVES.values() if "d" in cls.DEPENDS_ON)
+_K_ONLY = tuple(cls for cls in PRIMITIVES.values() if "k" in cls.DEPENDS_ON)
 _COMBINATORS = (ir.Union, ir.Intersect, ir.Difference, ir.Complement)
 
 
@@ -1141,16 +859,19 @@ def _period(node: ir.Pattern, B: int) -> int | None:
     """``P`` such that tiles ``(i, j)`` and ``(i + P, j + P)`` hold the same
     mask (away from the end of the sequence), or None.
 
-    Functions of ``q - k`` are unchanged when ``q`` and ``k`` move together;
-    ``block(l)`` and ``summary(l, c)`` when they move by a multiple of ``l``.
-    ``P * B`` is the least common multiple of those ``l`` and ``B``.
+    Each primitive says its own period (``period()``): 1 for functions of
+    ``q - k``, which are unchanged when ``q`` and ``k`` move together; ``l``
+    for ``block(l)`` and ``summary(l, c)``; None when it has none. ``P * B``
+    is the least common multiple of those periods and ``B``.
     """
     L = 1
     for c in ir.walk(node):
-        if isinstance(c, (ir.Block, ir.Summary)):
-            L = math.lcm(L, c.l)
-        elif not isinstance(c, _D_ONLY + _COMBINATORS):
+        if isinstance(c, _COMBINATORS):
+            continue
+        period = c.period() if isinstance(c, ir.Primitive) else None
+        if period is None:
             return None
+        L = math.lcm(L, period)
     return L // math.gcd(L, B)
 
 

@@ -1,14 +1,16 @@
 """Element masks: the direct, elementwise meaning of every node.
 
-``evaluate`` is the executable form of the rules in ``ir.py``'s docstrings;
-the analytic layout, the reference backend and the tests all trust it.
+``evaluate`` is the executable form of the rules: each primitive's own
+``mask`` (``patterncc.primitives``), ``where`` conditions and the
+combinators here. The analytic layout, the reference backend and the tests
+all trust it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import ir, randomblocks
+from . import ir
 from .errors import LimitError, PatternValueError
 
 # Dense masks are for small n; above this many elements (256 MiB) mask() refuses.
@@ -30,29 +32,8 @@ def evaluate(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int, *, random=None
 
 def _eval(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int, random=None) -> np.ndarray:
     match p:
-        case ir.All():
-            return np.ones(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
-        case ir.Empty():
-            return np.zeros(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
-        case ir.Causal():
-            return k <= q
-        case ir.Local(w=w):
-            return np.abs(q - k) < w
-        case ir.Stride(l=l):
-            return (q - k) % l == 0
-        case ir.Block(l=l):
-            return q // l == k // l
-        case ir.Summary(l=l, c=c):
-            return np.broadcast_to(k % l >= l - c, np.broadcast_shapes(q.shape, k.shape))
-        case ir.Global(g=g):
-            return (q < g) | (k < g)
-        case ir.Sink(g=g):
-            return np.broadcast_to(k < g, np.broadcast_shapes(q.shape, k.shape))
-        case ir.Dilated(w=w, d=d):
-            diff = q - k
-            return (np.abs(diff) < w * d) & (diff % d == 0)
-        case ir.Random(r=r, b=b, seed=seed):
-            return random(p, q, k) if random else _eval_random(r, b, seed, q, k, n)
+        case ir.Primitive():
+            return p.mask(q, k, n, random)
         case ir.Where(cond=cond):
             value = eval_expr(cond, {"q": q, "k": k, "n": np.int64(n)})
             return np.broadcast_to(np.asarray(value, dtype=bool), np.broadcast_shapes(q.shape, k.shape))
@@ -71,19 +52,6 @@ def _eval(p: ir.Pattern, q: np.ndarray, k: np.ndarray, n: int, random=None) -> n
         case ir.Complement(arg=a):
             return ~_eval(a, q, k, n, random)
     raise TypeError(f"evaluate() needs a bound, head-free pattern; got {type(p).__name__}")
-
-
-def _eval_random(r: int, b: int, seed: int, q, k, n: int) -> np.ndarray:
-    nb = -(-n // b)
-    table = randomblocks.draw(r, nb, seed, np.arange(nb))  # [nb, min(r, nb)]
-    if table.shape[1] == 0:
-        return np.zeros(np.broadcast_shapes(q.shape, k.shape), dtype=bool)
-    # A dense [nb, nb] membership table is small for the n that dense masks allow.
-    member = np.zeros((nb, nb), dtype=bool)
-    np.put_along_axis(member, table, True, axis=1)
-    qb = np.clip(q // b, 0, nb - 1)
-    kb = np.clip(k // b, 0, nb - 1)
-    return member[qb, kb]
 
 
 def eval_expr(e: ir.Expr, env: dict) -> np.ndarray:

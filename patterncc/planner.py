@@ -26,7 +26,6 @@ every 128 x 128 causal tile. The planner
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -364,15 +363,14 @@ def _factors(term: ir.Pattern) -> tuple[ir.Pattern, ...]:
 
 
 def _order_of(term: ir.Pattern, block: int) -> tuple[TokenOrder, TokenOrder]:
-    """The (query, key) orders that make a term block-dense."""
-    for f in _factors(term):
-        if isinstance(f, ir.Stride) and f.l > 1:
-            return TokenOrder("residue", f.l), TokenOrder("residue", f.l)
-        if isinstance(f, ir.Dilated) and f.d > 1:
-            return TokenOrder("residue", f.d), TokenOrder("residue", f.d)
-    for f in _factors(term):
-        if isinstance(f, ir.Summary) and f.c < f.l:
-            return NATURAL, TokenOrder("columns", f.l, f.c)
+    """The (query, key) orders that make a term block-dense: the first factor
+    whose hint (``order_hint``) reorders the queries (residue order), else
+    the first that reorders the keys alone (gathered columns)."""
+    hints = [h for f in _factors(term) if isinstance(f, ir.Primitive) and (h := f.order_hint()) is not None]
+    hints.sort(key=lambda h: h[0][0] == "natural")  # stable: residue hints first, in factor order
+    if hints:
+        qo, ko = hints[0]
+        return TokenOrder(*qo), TokenOrder(*ko)
     return NATURAL, NATURAL
 
 
@@ -381,7 +379,7 @@ def _decompose(p: ir.Pattern) -> dict[tuple[TokenOrder, TokenOrder], ir.Pattern]
     first, then the others, each minus everything before it."""
     # random() is a table, not a rule over positions: it cannot be rewritten
     # over slots, so a pattern holding one runs in natural order.
-    if any(isinstance(node, ir.Random) for node in ir.walk(p)):
+    if any(isinstance(node, ir.Primitive) and node.TABLE for node in ir.walk(p)):
         return {(NATURAL, NATURAL): p}
     groups: dict[tuple[TokenOrder, TokenOrder], list[ir.Pattern]] = {}
     for term in _expand(p):
@@ -673,17 +671,8 @@ def _translate_residue(p: ir.Pattern, l: int, positive: bool) -> tuple[ir.Patter
     other node becomes ``all`` where it counts positively and ``none`` where
     it counts negatively, a superset either way (then ``exact`` is False)."""
     match p:
-        case ir.All() | ir.Empty() | ir.Causal():
-            return p, True
-        case ir.Local(w=w):
-            return ir.Local(-(-w // l)), True
-        case ir.Stride(l=s):
-            m = s // math.gcd(s, l)
-            return (ir.All() if m == 1 else ir.Stride(m)), True
-        case ir.Dilated(w=w, d=d):
-            m = d // math.gcd(d, l)
-            band = ir.Local(-(-(w * d) // l))
-            return (band if m == 1 else band & ir.Stride(m)), True
+        case ir.Primitive() if (done := p.over_residues(l, positive)) is not None:
+            return done
         case ir.Union(parts=parts) | ir.Intersect(parts=parts):
             done = [_translate_residue(x, l, positive) for x in parts]
             return type(p)(tuple(d[0] for d in done)), all(d[1] for d in done)
@@ -726,34 +715,8 @@ def _translate_where(p: ir.Pattern, q_pos: ir.Expr | None, k_pos: ir.Expr | None
 def as_condition(p: ir.Pattern) -> ir.Expr | None:
     """A primitive's rule as a ``where`` condition (None for combinators and
     ``random``, whose rule is a table)."""
-    q, k = ir.Var("q"), ir.Var("k")
-    diff = ir.BinOp("-", q, k)
-
-    def lt(a, b):
-        return ir.Compare("<", a, b)
-
-    match p:
-        case ir.All():
-            return ir.Compare("==", ir.Const(0), ir.Const(0))
-        case ir.Empty():
-            return ir.Compare("!=", ir.Const(0), ir.Const(0))
-        case ir.Causal():
-            return ir.Compare("<=", k, q)
-        case ir.Local(w=w):
-            return lt(ir.Call("abs", (diff,)), ir.Const(w))
-        case ir.Stride(l=l):
-            return ir.Compare("==", ir.BinOp("%", diff, ir.Const(l)), ir.Const(0))
-        case ir.Block(l=l):
-            return ir.Compare("==", ir.BinOp("//", q, ir.Const(l)), ir.BinOp("//", k, ir.Const(l)))
-        case ir.Summary(l=l, c=c):
-            return ir.Compare(">=", ir.BinOp("%", k, ir.Const(l)), ir.Const(l - c))
-        case ir.Global(g=g):
-            return ir.BoolOp("or", (lt(q, ir.Const(g)), lt(k, ir.Const(g))))
-        case ir.Sink(g=g):
-            return lt(k, ir.Const(g))
-        case ir.Dilated(w=w, d=d):
-            return ir.BoolOp("and", (lt(ir.Call("abs", (diff,)), ir.Const(w * d)),
-                                     ir.Compare("==", ir.BinOp("%", diff, ir.Const(d)), ir.Const(0))))
-        case ir.Where(cond=cond):
-            return cond
+    if isinstance(p, ir.Primitive):
+        return p.condition()
+    if isinstance(p, ir.Where):
+        return p.cond
     return None

@@ -137,13 +137,7 @@ def _primitive(p: ir.Pattern) -> ir.Pattern:
     args = ir.args_of(p) if type(p) in ir.PRIMITIVE_NAMES else ()
     if not args or not all(isinstance(a, int) for a in args):
         return p
-    if (isinstance(p, ir.Summary) and p.l == p.c) or (isinstance(p, ir.Stride) and p.l == 1):
-        return ir.All(loc=p.loc)
-    if isinstance(p, (ir.Global, ir.Sink)) and p.g == 0:
-        return ir.Empty(loc=p.loc)
-    if isinstance(p, ir.Random) and p.r == 0 and p.b >= 1 and p.seed >= 0:
-        return ir.Empty(loc=p.loc)
-    return p
+    return p.simplified()  # each primitive's own identities (patterncc.primitives)
 
 
 def _check_depth(p: ir.Pattern) -> None:

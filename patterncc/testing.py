@@ -88,41 +88,10 @@ __all__ = [
 # Strategies
 # ============================================================================
 
-# Small arguments, so that masks are interesting at n <= 64. Every strategy
-# lists its simplest values first: hypothesis shrinks towards them.
-
-
-def _size_arg(minimum: int) -> st.SearchStrategy:
-    """A primitive argument: mostly a small int, sometimes an expression of
-    ``n`` (which makes kernels specialize per length) that is ``>= minimum``
-    for every ``n >= 1``."""
-    n = ir.Var("n")
-    exprs = [
-        ir.Call("isqrt", (n,)),                                    # 1 .. 8 for n <= 64
-        ir.BinOp("+", ir.BinOp("//", n, ir.Const(8)), ir.Const(1)),  # n // 8 + 1
-    ]
-    if minimum <= 0:
-        exprs.append(ir.BinOp("//", n, ir.Const(4)))
-    ints = st.integers(minimum, 16) if minimum >= 1 else st.integers(0, 8)
-    return st.one_of(ints, st.sampled_from(exprs))
-
-
 def _primitives(allow_random: bool) -> list[st.SearchStrategy]:
-    out = [
-        st.just(ir.Causal()),
-        st.builds(ir.Local, _size_arg(1)),
-        st.builds(ir.Stride, _size_arg(1)),
-        st.builds(ir.Block, _size_arg(1)),
-        st.integers(1, 16).flatmap(lambda l: st.builds(ir.Summary, st.just(l), st.integers(1, l))),
-        st.builds(ir.Global, _size_arg(0)),
-        st.builds(ir.Sink, _size_arg(0)),
-        st.builds(ir.Dilated, st.integers(1, 6), st.integers(1, 6)),
-        st.just(ir.All()),
-        st.just(ir.Empty()),
-    ]
-    if allow_random:
-        out.append(st.builds(ir.Random, st.integers(0, 4), st.integers(1, 16), st.integers(0, 1000)))
-    return out
+    """Each primitive's own strategy (``patterncc.primitives``), in the order
+    of ``ir.PRIMITIVES``; ``random`` (a table) only with ``allow_random``."""
+    return [cls.strategy() for cls in ir.PRIMITIVES.values() if allow_random or not cls.TABLE]
 
 
 def _int_exprs(variables: Sequence[str], depth: int) -> st.SearchStrategy:
@@ -177,7 +146,7 @@ def patterns(
     """Well-formed IR patterns over every primitive and combinator.
 
     Leaves are the primitives (``all none causal local stride block summary
-    global sink dilated``, ``random`` unless ``allow_random=False``, ``where``
+    global sink dilated band``, ``random`` unless ``allow_random=False``, ``where``
     with a random condition unless ``allow_where=False``) with small integer
     arguments; inner nodes are ``| & - ~`` and, when ``heads`` is given,
     ``heads { .. }`` (ranges covering exactly ``0..heads``) and ``cycle(..)``.

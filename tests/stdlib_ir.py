@@ -18,6 +18,10 @@ def sliding_window(w):
     return C & ir.Local(w)
 
 
+def chunked(l):
+    return C & ir.Block(l)
+
+
 def local_global(w, g):
     return C & (ir.Local(w) | ir.Global(g))
 

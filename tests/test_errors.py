@@ -143,7 +143,7 @@ def test_overrides_need_a_definition():
 
 def test_unknown_entry_suggests_names():
     with pytest.raises(UnknownNameError, match="no pattern named `strided2`") as info:
-        parse_pattern("pattern band = causal", entry="strided2")
+        parse_pattern("pattern span = causal", entry="strided2")
     assert "`strided`" in info.value.hint
 
 

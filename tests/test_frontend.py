@@ -213,7 +213,8 @@ def test_numbers_with_leading_zeros_and_the_largest_value():
 
 def test_stdlib_is_documented_and_has_defaults():
     lib = stdlib()
-    assert set(lib) == {"strided", "fixed", "sliding_window", "local_global", "longformer", "bigbird", "axial"}
+    assert set(lib) == {"strided", "fixed", "sliding_window", "chunked", "local_global", "longformer", "bigbird",
+                        "axial"}
     for definition in lib.values():
         assert all(p.default is not None for p in definition.params), definition.name
         parse_pattern(definition.name)  # every default is valid
@@ -244,6 +245,8 @@ STDLIB_FORMULAS = [
     ("fixed(8, 2)", (_k <= _q) & ((_q // 8 == _k // 8) | (_k % 8 >= 6))),
     ("fixed(l=10, c=10)", (_k <= _q) & ((_q // 10 == _k // 10) | (_k % 10 >= 0))),
     ("sliding_window(5)", (_k <= _q) & (abs(_q - _k) < 5)),
+    ("chunked(8)", (_k <= _q) & (_q // 8 == _k // 8)),
+    ("chunked(5)", (_k <= _q) & (_q // 5 == _k // 5)),
     ("local_global(5, 3)", (_k <= _q) & ((abs(_q - _k) < 5) | (_q < 3) | (_k < 3))),
     ("longformer(5, 3)", (abs(_q - _k) < 5) | (_q < 3) | (_k < 3)),
     ("bigbird(5, 3, 2, 8, 7)", (abs(_q - _k) < 5) | (_q < 3) | (_k < 3) | _random_blocks(2, 8, 7)),

@@ -92,6 +92,7 @@ def primitives(names):
         st.builds(ir.Global, st.integers(0, 20)),
         st.builds(ir.Sink, st.integers(0, 20)),
         st.builds(ir.Dilated, st.integers(1, 6), st.integers(1, 9)),
+        st.integers(-20, 20).flatmap(lambda lo: st.builds(ir.Band, st.just(lo), st.integers(lo + 1, lo + 30))),
         st.builds(ir.Random, st.integers(0, 4), st.integers(1, 12), st.integers(0, 3)),
         conditions(names).map(ir.Where),
     )
@@ -164,6 +165,7 @@ STDLIB = [
     strided(8), strided(5), fixed(8, 2), fixed(6, 4), sliding_window(7), local_global(9, 3),
     longformer(6, 5), bigbird(5, 3, 2, 6, 1), bigbird(4, 2, 3, 3, 7), axial(6), axial(8),
     C & ir.Dilated(3, 5), C & (ir.Local(6) | ir.Sink(2)), ~C | ir.Stride(7),
+    ir.Band(1, 9), ir.Band(-12, 1) | ir.Global(2), ir.Band(-9, 20) & ir.Stride(3), ir.Band(5, 17) - ir.Block(8),
     ir.Cycle((strided(6), fixed(6, 2))),
 ]
 

@@ -358,8 +358,8 @@ def test_sparse_model_is_causal_end_to_end():
 
 def test_patterns_as_source_text_and_files(tmp_path):
     pytest.importorskip("patterncc.parser", reason="the parser has not landed")
-    path = tmp_path / "band.pat"
-    path.write_text("pattern band(w = 3) = causal & local(w)\n")
+    path = tmp_path / "span.pat"
+    path.write_text("pattern span(w = 3) = causal & local(w)\n")
     model = SparseTransformer(32, 16, 3, 2, ["causal & stride(3)", str(path), path], max_len=32)
     for got, want in zip(_masks(model, 20, 2), (STRIDE, LOCAL, LOCAL), strict=True):
         assert np.array_equal(got, mask(want, seq_len=20, heads=2))

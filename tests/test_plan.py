@@ -28,6 +28,8 @@ PLANNED = [
     "strided(6) | (where k % 5 == 0 and k <= q)",
     "cycle(causal & local(6), causal & stride(6))",
     "heads { 0..1 => fixed(8, 2), 1..2 => strided(7) }",
+    "stride(3) & band(-7, 10)",
+    "band(1, 9) | (causal & stride(6))",
 ]
 LENGTHS = [1, 2, 7, 33, 50, 61]
 
@@ -329,6 +331,7 @@ TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available
     ("fixed(8, 3)", 33, 2, 1, 16, torch.float32),  # the last slot block is part padding
     ("causal & (stride(16) | (where q < n - 2))", 45, 2, 1, 16, torch.float32),  # n: tokens, not slots
     ("causal & (summary(16, 4) | (where q - k < n // 4))", 45, 2, 1, 16, torch.float32),
+    ("band(1, 17) | (stride(5) & band(-30, 12))", 61, 2, 1, 16, torch.float32),  # a band over residue slots
 ])
 def test_planned_triton_matches_reference(src, n, heads, kv_heads, D, dtype):
     check_planned_triton(pipeline.parse(src), n, heads, kv_heads, D, dtype)

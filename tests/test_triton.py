@@ -101,6 +101,10 @@ STANDARD = {
     "bigbird_small_b": ir.Local(U // 2) | ir.Random(3, U // 2 + 1, 11),
     "axial": C & (ir.Block(U) | ir.Stride(U)),
     "dilated": C & ir.Dilated(3, 4),
+    # the previous U keys only (row 0 sees nothing); a look-ahead window; one offset past the diagonal
+    "band_previous": ir.Band(1, U + 1),
+    "band_ahead": ir.Band(-U, 1) | ir.Sink(2),
+    "band_offset": ir.Band(-2 * U - 3, -U + 2) | (C & ir.Band(3, 2 * U)),
     "sink": C & (ir.Local(U) | ir.Sink(5)),
     "difference": C - ir.Stride(3),
     "complement": ~ir.Local(U // 2),

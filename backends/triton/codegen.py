@@ -13,8 +13,9 @@
 
 Only integers taken from the IR and fixed operators reach the text: every
 literal goes through ``_lit``, which asserts it is an int, and every name or
-operator is checked against the IR's fixed sets first. Each primitive is one
-small function below, next to the rule in its ``ir.py`` docstring.
+operator is checked against the IR's fixed sets first. Each primitive's
+predicate is its class's ``emit`` (``patterncc.primitives``), next to its
+rule; ``where`` and the combinators are emitted here.
 
 Integer semantics: positions are never negative, so ``//`` and ``%`` on them
 agree in Triton (which truncates toward zero) and Python (which floors);
@@ -34,8 +35,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from patterncc import ir
+from patterncc import ir, primitives
 from patterncc.errors import PatternValueError
+from patterncc.primitives.base import INT32_MAX, lit as _lit
 
 from .config import KernelConfig, default_config
 
@@ -45,7 +47,7 @@ __all__ = ["generate_source", "default_config", "needs_length", "random_specs", 
 # generated code changes.
 GENERATOR_VERSION = 1
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT32_MIN = -(2**31)
 # Ranges the variables of a `where` expression can take (for the int64 decision).
 _VAR_RANGES = {"q": (0, INT32_MAX - 1), "k": (0, INT32_MAX - 1), "n": (1, INT32_MAX), "h": (0, 2**16)}
 
@@ -109,12 +111,6 @@ def _bound(pattern: ir.Pattern, seq_len: int | None) -> ir.Pattern:
 # ----------------------------------------------------------------------------
 # Literals and the IR check: nothing but ints and fixed names reach the text
 # ----------------------------------------------------------------------------
-
-
-def _lit(value) -> str:
-    """An integer literal; anything else is a bug in an earlier stage."""
-    assert type(value) is int, f"only int literals reach generated code, got {value!r}"
-    return f"({value})" if value < 0 else str(value)
 
 
 def _check_ir(p: ir.Pattern) -> None:
@@ -240,65 +236,7 @@ class _Predicate:
         return self.random.index(spec)
 
 
-# -- primitives: the rule of each ir.py docstring, in the same order
-
-
-def _all(p, e):
-    return "(q >= 0) & (k >= 0)", "all (positions are never negative: all true)"
-
-
-def _empty(p, e):
-    return "(q < 0) & (k < 0)", "none (all false)"
-
-
-def _causal(p, e):
-    return "k <= q", "causal"
-
-
-def _local(p, e):
-    w = _lit(p.w)
-    return f"{e.d.abs('q - k')} < {w}", f"local({w}): abs(q - k) < {w}"
-
-
-def _stride(p, e):
-    l = _lit(p.l)
-    return f"(q - k) % {l} == 0", f"stride({l}): a zero remainder is zero under either sign convention"
-
-
-def _block(p, e):
-    l = _lit(p.l)
-    return f"q // {l} == k // {l}", f"block({l})"
-
-
-def _summary(p, e):
-    l, c = p.l, p.c
-    return f"k % {_lit(l)} >= {_lit(l - c)}", f"summary({_lit(l)}, {_lit(c)}): the last {_lit(c)} of every {_lit(l)}"
-
-
-def _global(p, e):
-    g = _lit(p.g)
-    return f"(q < {g}) | (k < {g})", f"global({g})"
-
-
-def _sink(p, e):
-    g = _lit(p.g)
-    return f"k < {g}", f"sink({g})"
-
-
-def _dilated(p, e):
-    w, d = p.w, p.d
-    # |q - k| <= 2**31 - 2, so a band wider than int32 is the same as 2**31 - 1
-    band = _lit(min(w * d, INT32_MAX))
-    return (f"({e.d.abs('q - k')} < {band}) & ((q - k) % {_lit(d)} == 0)",
-            f"dilated({_lit(w)}, {_lit(d)})")
-
-
-def _random(p, e):
-    r, b, seed = p.r, p.b, p.seed
-    table = e.random_table((_int(r), _int(b), _int(seed)))
-    if e.d is _TRITON:
-        e.helpers.add("random_blocks")
-    return e.d.random(table, r, b), f"random({_lit(r)}, {_lit(b)}, {_lit(seed)}): table {table} of RANDOM"
+# -- where COND (each primitive emits itself: patterncc.primitives)
 
 
 def _where(p, e):
@@ -308,11 +246,6 @@ def _where(p, e):
         text = e.d.scalar_condition(text)
     # the expression was checked by _check_ir: fixed names and operators, int literals
     return text, f"where {ir.expr_source(p.cond)}" + (" (in int64: values may leave int32)" if wide else "")
-
-
-def _int(value) -> int:
-    _lit(value)
-    return value
 
 
 # -- combinators
@@ -353,10 +286,8 @@ def _cycle(p, e):
     return expr, f"cycle: head h uses argument h % {count}"
 
 
-_PATTERN_EMITTERS = {
-    ir.All: _all, ir.Empty: _empty, ir.Causal: _causal, ir.Local: _local, ir.Stride: _stride,
-    ir.Block: _block, ir.Summary: _summary, ir.Global: _global, ir.Sink: _sink, ir.Dilated: _dilated,
-    ir.Random: _random, ir.Where: _where,
+_PATTERN_EMITTERS = {cls: cls.emit for cls in ir.PRIMITIVES.values()} | {
+    ir.Where: _where,
     ir.Union: _union, ir.Intersect: _intersect, ir.Difference: _difference, ir.Complement: _complement,
     ir.Heads: _heads, ir.Cycle: _cycle,
 }
@@ -593,8 +524,11 @@ def _kernel_section() -> str:
 
 
 _KERNELS_TEXT = (Path(__file__).parent / "kernels.py").read_text()
-# The generator's own text: any edit to it or to the kernel template makes new cache keys.
-SOURCE_HASH = hashlib.sha256((Path(__file__).read_text() + _KERNELS_TEXT).encode()).hexdigest()
+# The primitives' emitters are part of the generator.
+_PRIMITIVES_TEXT = "".join(p.read_text() for p in sorted(Path(primitives.__file__).parent.glob("*.py")))
+# The generator's own text: any edit to it, to the primitives or to the kernel
+# template makes new cache keys.
+SOURCE_HASH = hashlib.sha256((Path(__file__).read_text() + _PRIMITIVES_TEXT + _KERNELS_TEXT).encode()).hexdigest()
 
 
 _TORCH_RANDOM_HELPER = '''

@@ -8,7 +8,7 @@
 Without ``apply`` a model runs its **own** masking through patterncc
 patterns, exactly: full causal layers ``causal``, sliding-window layers
 (``sliding_window``, ``layer_types``) ``sliding_window(w)`` (transformers'
-``q - k < w``), Llama 4's chunked layers ``causal & block(chunk)``, Gemma 2's
+``q - k < w``), Llama 4's chunked layers ``chunked(chunk)``, Gemma 2's
 attention softcap and GPT-OSS's learned sinks (``s_aux``) as score terms,
 the module's ``scaling`` as the scale. What it cannot run exactly it refuses,
 naming the feature: attention dropout while training, a 4-D custom
@@ -45,7 +45,7 @@ import torch
 
 from .. import ir
 from ..nn import resolve_pattern
-from ..pipeline import compile as compile_pattern
+from ..pipeline import compile as compile_pattern, parse as parse_pattern
 
 NAME = "patterncc"
 _BACKEND = {"name": "auto"}
@@ -213,10 +213,16 @@ def layer_pattern(module, sliding_window: int | None) -> tuple[ir.Pattern, int]:
         chunk = getattr(config, "attention_chunk_size", None)
         if not chunk:
             raise ValueError("a chunked_attention layer without config.attention_chunk_size")
-        return ir.Causal() & ir.Block(int(chunk)), int(chunk)
+        return _chunked(int(chunk)), int(chunk)
     if sliding_window:
         return ir.Causal() & ir.Local(int(sliding_window)), 1
     return ir.Causal(), 1
+
+
+@lru_cache(maxsize=64)
+def _chunked(l: int) -> ir.Pattern:
+    """The standard library's ``chunked(l)``, Llama 4's chunked attention (``causal & block(l)``)."""
+    return parse_pattern(f"chunked({l})")  # l is an int: the text is always well formed
 
 
 def _period(p: ir.Pattern) -> int:
@@ -225,9 +231,12 @@ def _period(p: ir.Pattern) -> int:
     ``summary(l, c)``, 0 where no shift but 0 keeps the pattern)."""
     period = 1
     for node in ir.walk(p):
-        if isinstance(node, (ir.Block, ir.Summary)):
-            step = node.l if isinstance(node.l, int) else 0
-        elif isinstance(node, (ir.Global, ir.Sink, ir.Random, ir.Where)):
+        if isinstance(node, ir.Primitive):  # each primitive's own period (None: none)
+            step = node.period()
+            if step == 1:
+                continue
+            step = step if isinstance(step, int) else 0  # none, or an argument over n
+        elif isinstance(node, ir.Where):
             step = 0
         else:
             continue

@@ -1,1 +1,1 @@
-pattern band(w) = causal & local(w)
+pattern span(w) = causal & local(w)

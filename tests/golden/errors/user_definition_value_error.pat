@@ -1,2 +1,2 @@
-pattern band(w) = causal & local(w)
-pattern main = band(8) | band(0)
+pattern span(w) = causal & local(w)
+pattern main = span(8) | span(0)
