@@ -103,15 +103,19 @@ class Attention:
         return f"Attention({str(self.pattern)!r}, backend={self.backend!r}, plan={self.plan_mode!r})"
 
     def __call__(self, q, k, v, scale=None, return_lse: bool = False, *, alibi_slopes=None, sinks=None,
-                 rel_bias=None, cache_seqlens=None):
+                 rel_bias=None, cache_seqlens=None, cu_seqlens=None):
         """Queries may be fewer than keys (``n_q <= n_k``): they are then the
         last ``n_q`` positions. ``cache_seqlens`` (int32 ``[B]`` or a list):
         ``k``, ``v`` are caches ``[B, Hkv, max_len, D]`` and row ``b``'s
-        queries the last of its first ``cache_seqlens[b]`` positions."""
+        queries the last of its first ``cache_seqlens[b]`` positions.
+        ``cu_seqlens`` (int32 ``[S + 1]``): a packed batch, q ``[1, H, total,
+        D]``, k, v ``[1, Hkv, total, D]``, each sequence attended alone."""
         terms = self.call_terms(q, ScoreTerms(self.terms.softcap, alibi_slopes, sinks, rel_bias))
         given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
         # Only the terms in use: a call without terms is the plain call.
         given = {name: value for name, value in given.items() if value is not None}
+        if cu_seqlens is not None:
+            return self._packed(q, k, v, scale, return_lse, cu_seqlens, given)
         if _is_torch(q) and _traced(q):
             if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
                 raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
@@ -127,6 +131,22 @@ class Attention:
             return self.impl(name)(q, k, v, scale=scale, return_lse=return_lse, **given)
         o, lse = self._rows(q, k, v, scale, cache_seqlens, given)
         return (o, lse) if return_lse else o
+
+    def _packed(self, q, k, v, scale, return_lse, cu_seqlens, terms: dict):
+        """A packed batch (``cu_seqlens``): checked, then the backend's packed path."""
+        from .backends.reference.checks import check_cu_seqlens
+
+        if _is_torch(q) and _traced(q):
+            raise NotImplementedError("packed batches (cu_seqlens) are not traced into torch.compile graphs yet: "
+                                      "call them outside the compiled region")
+        if _shape(q, 0) != 1 or _shape(q, 2) != _shape(k, 2):
+            raise ValueError(f"a packed batch takes q [1, H, total, D] and k, v [1, Hkv, total, D], got q "
+                             f"{tuple(getattr(q, 'shape', ()))}, k {tuple(getattr(k, 'shape', ()))}")
+        offsets = check_cu_seqlens(cu_seqlens, _shape(q, 2))
+        name = self.backend_for(q)
+        if name == "triton":
+            return self.impl("triton").packed(q, k, v, offsets, scale=scale, return_lse=return_lse, **terms)
+        return self.impl("reference")(q, k, v, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens, **terms)
 
     def _rows(self, q, k, v, scale, cache_seqlens, terms: dict):
         """Queries at the end of their keys on the Triton backend: the

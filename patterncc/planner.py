@@ -757,3 +757,10 @@ def as_condition(p: ir.Pattern) -> ir.Expr | None:
         case ir.Where(cond=cond):
             return cond
     return None
+
+
+def component_at(comp: Component, n: int, block: int) -> Component:
+    """``comp``'s piece in the same token orders at another length ``n``: a
+    packed batch runs one plan, with each component's layout at each
+    sequence's length (the piece must not depend on ``n``)."""
+    return _component(comp.pattern, comp.q_order, comp.k_order, n, block, comp.layout.heads)

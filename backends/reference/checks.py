@@ -57,3 +57,28 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale=}")
     return float(scale)
+
+
+def check_cu_seqlens(cu_seqlens, total: int):
+    """The token offsets of a packed batch, numpy int64 ``[S + 1]``, from
+    ``cu_seqlens`` (an int32 tensor or array ``[S + 1]``: 0, non-decreasing,
+    ending at ``total``, the tokens of q, k and v); else a TypeError or
+    ValueError naming it."""
+    import numpy as np
+
+    if hasattr(cu_seqlens, "detach"):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex:
+            raise TypeError(f"cu_seqlens must hold integers (int32), got {cu_seqlens.dtype}")
+        cu_seqlens = cu_seqlens.detach().cpu().numpy()
+    offsets = np.asarray(cu_seqlens)
+    if offsets.dtype.kind not in "iu":
+        raise TypeError(f"cu_seqlens must hold integers (int32), got {offsets.dtype}")
+    if offsets.ndim != 1 or offsets.size < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [num_seqs + 1] with at least 2 entries, got shape {offsets.shape}")
+    offsets = offsets.astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total} (q.shape[2]), "
+                         f"got {offsets[0]} .. {offsets[-1]}")
+    if np.any(np.diff(offsets) < 0):
+        raise ValueError("cu_seqlens must be non-decreasing (cumulative sequence lengths)")
+    return offsets

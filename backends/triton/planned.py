@@ -23,13 +23,21 @@ the fp32 sum of the launches before it, the last writes the inputs' dtype
 
 from __future__ import annotations
 
-from patterncc.lru import LRU
-from patterncc.planned import PlannedAttention
-from patterncc.scores import NO_TERMS
+import numpy as np
+import torch
 
-from .runtime import SlotOrder, attend, check_inputs, launch_key
+from patterncc import ir
+from patterncc.lru import LRU
+from patterncc.packing import PackedSlots, packed_layout
+from patterncc.planned import PlannedAttention, _term_kwargs
+from patterncc.planner import component_at
+from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
+
+from .runtime import SlotOrder, _DeviceTables, _Run, attend, check_inputs, launch_key
 
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
+_PACKED_ENTRIES = 8  # packed batches' launch lists kept (a training loop brings a new batch every step)
+_LENGTH_ENTRIES = 256  # component layouts kept per sequence length (reordered components of packed batches)
 
 
 class TritonPlannedAttention(PlannedAttention):
@@ -40,6 +48,8 @@ class TritonPlannedAttention(PlannedAttention):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, check=check_inputs, **kwargs)
         self._launches = LRU(_LAUNCH_ENTRIES)
+        self._packed = LRU(_PACKED_ENTRIES)
+        self._at_length = LRU(_LENGTH_ENTRIES)
 
     def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
         return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms)
@@ -66,3 +76,118 @@ class TritonPlannedAttention(PlannedAttention):
                 for run in runs]
         self._launches[key] = (runs, made)
         return made
+
+    # -- packed batches
+
+    def packed(self, q, k, v, offsets: np.ndarray, scale=None, return_lse: bool = False, *, softcap=None,
+               alibi_slopes=None, sinks=None, rel_bias=None):
+        """Attention over a packed batch: q ``[1, H, total, D]``, k, v ``[1,
+        Hkv, total, D]``, ``offsets`` the sequences' token offsets (numpy
+        int64 ``[S + 1]``, checked: ``checks.check_cu_seqlens``). Each sequence
+        is attended alone, with q, k and n relative to it; the result is
+        each sequence's own, concatenated (o, lse, and the gradients).
+
+        A pattern whose mask does not depend on n runs fused: every
+        component of one plan (made at the longest sequence) over the
+        batch's packed layout (``patterncc.packing``), through the same
+        kernels for every batch. One that does (``n`` in an argument or a
+        ``where``, ``random``) runs the sequences grouped by length, one
+        call per distinct length (each length its own layout, and its own
+        kernels where the arguments use n)."""
+        q, k, v = check_inputs(q, k, v)
+        if q.shape[0] != 1:
+            raise ValueError(f"a packed batch has batch size 1 (q [1, H, total, D]), got q {tuple(q.shape)}")
+        terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
+        if terms:
+            terms = check_terms(terms, q.shape[1], q.device)
+        if not length_free(self.pattern):
+            o, lse = self._packed_by_length(q, k, v, offsets, scale, terms)
+        else:
+            o, lse = attend(q, k, v, scale, lambda q, k: self.packed_launches(q, k, offsets), terms)
+        return (o, lse) if return_lse else o
+
+    def packed_launches(self, q, k, offsets: np.ndarray) -> list:
+        """``(launcher, SlotOrder)`` per component of a packed batch for inputs
+        shaped like ``q`` and ``k`` (head dim padded), kept for the last few batches."""
+        key = (offsets.tobytes(), *launch_key(q, k))
+        if key not in self._packed:
+            self._packed[key] = self._build_packed(q, k, offsets)
+        return self._packed[key]
+
+    def _build_packed(self, q, k, offsets: np.ndarray) -> list:
+        """Every component's packed layout, device tables and kernels: the
+        kernels are the ones of the plan at the longest sequence (no compile
+        for a new batch), the layouts per sequence (``packing_of``)."""
+        _, H, Hkv, head_dim, dtype, device = launch_key(q, k)
+        lengths = np.diff(offsets)
+        plan = self.plan(int(lengths.max()), H)
+        launches = []
+        for run in self._runs(plan, device):
+            comp, attn = run.component, run.attn
+            config = attn.config_for(head_dim, dtype, comp.layout)
+            align = max(config.block, config.block_m, config.block_n, config.block_m1, config.block_n1,
+                        config.block_m2, config.block_n2)
+            packing, sources, source_of = self.packing_of(comp, offsets, align)
+            lay = packed_layout(comp.slot_pattern, sources, source_of, packing)
+            module = attn.kernels(plan.seq_len, config, device)
+            tables = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device,
+                                         packing=(packing.first_slots(), align))
+            seqs = torch.from_numpy(packing.table()).to(device)
+            launcher = _Run(module, tables, config, head_dim, H, Hkv, packing.total, dtype, packing=(seqs, align))
+            launches.append((launcher, SlotOrder.of(comp.q_order, comp.k_order, plan.seq_len)))
+        return launches
+
+    def packing_of(self, comp, offsets: np.ndarray, align: int):
+        """``(PackedSlots, sources, source_of)`` of one component over a
+        packed batch (``packing.packed_layout``'s arguments). Natural order:
+        every sequence crops the component's layout at the longest one
+        (the mask at length m is the top-left m x m of the mask at any
+        longer length, for a pattern that does not use n). A reordered
+        component: its layout at each distinct length (cached per length:
+        its slot pattern changes with the residue class size)."""
+        lengths = np.diff(offsets)
+        if not comp.reordered:
+            return PackedSlots.of(offsets, lengths, np.ones_like(lengths), align), [comp.layout], \
+                np.zeros(lengths.size, dtype=np.int64)
+        distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
+        sources = [self.component_at(comp, int(n)).layout for n in distinct]
+        slots = np.array([lay.seq_len for lay in sources], dtype=np.int64)[source_of]
+        slots[lengths == 0] = 0
+        residue = comp.q_order if comp.q_order.kind == "residue" else comp.k_order
+        classes = -(-lengths // residue.l) if residue.kind == "residue" else np.ones_like(lengths)
+        return PackedSlots.of(offsets, slots, classes, align), sources, source_of
+
+    def component_at(self, comp, n: int):
+        key = (comp.pattern, comp.q_order, comp.k_order, comp.layout.heads, n)
+        if key not in self._at_length:
+            self._at_length[key] = component_at(comp, n, self.block)
+        return self._at_length[key]
+
+    def _packed_by_length(self, q, k, v, offsets: np.ndarray, scale, terms: ScoreTerms):
+        """o, lse of a packed batch of a pattern that depends on n: the
+        sequences of each distinct length as one batch ``[G, H, n, D]``
+        through the plain call, then back in token order (autograd through
+        the gathers and the concatenation)."""
+        lengths = np.diff(offsets)
+        parts = {}
+        for n in np.unique(lengths[lengths > 0]):
+            seqs = np.flatnonzero(lengths == n)
+            index = torch.as_tensor(np.concatenate([np.arange(offsets[s], offsets[s] + n) for s in seqs]),
+                                    device=q.device)
+
+            def group(x):  # [1, h, G * n, D] -> [G, h, n, D]
+                return x.index_select(2, index).reshape(x.shape[1], seqs.size, int(n), x.shape[3]).transpose(0, 1)
+
+            o, lse = self(group(q), group(k), group(v), scale=scale, return_lse=True, **_term_kwargs(terms))
+            for g, s in enumerate(seqs):
+                parts[s] = (o[g:g + 1], lse[g:g + 1])
+        order = [s for s in range(lengths.size) if lengths[s] > 0]
+        return torch.cat([parts[s][0] for s in order], dim=2), torch.cat([parts[s][1] for s in order], dim=2)
+
+
+def length_free(pattern: ir.Pattern) -> bool:
+    """Whether a pattern's mask at length m is the top-left m x m of its mask
+    at any longer length: no ``n`` in its arguments or conditions, no
+    ``random`` (its tables are drawn per length)."""
+    return not ir.uses_n(pattern) and not any(isinstance(node, ir.Random) for node in ir.walk(pattern))
+

@@ -302,8 +302,14 @@ class _DeviceTables:
     dkdv_walk: str = "steps"
 
     @staticmethod
-    def build(lay, Hkv: int, config: KernelConfig, random_specs, device) -> "_DeviceTables":
+    def build(lay, Hkv: int, config: KernelConfig, random_specs, device, packing=None) -> "_DeviceTables":
+        """``packing``: ``(first_slot, align)`` for a packed batch's layout
+        (``tables.local_steps``): each tile's steps counted from its sequence's first slot."""
         n, block = lay.seq_len, lay.block
+
+        def steps_of(ptr, idx, full, tile, step):
+            rows = tables.kernel_steps(ptr, idx, full, n, block, tile, step)
+            return rows if packing is None else tables.local_steps(rows, tile, step, *packing)
 
         def dev(a):  # never empty: a null data pointer is not worth the doubt
             a = np.ascontiguousarray(a, dtype=np.int32)
@@ -320,14 +326,14 @@ class _DeviceTables:
             arrays = (steps.full_ptr, table.ravel(), steps.part_ptr, steps.part_steps, tables.tile_order(cost))
             return tuple(dev(a) for a in arrays), walk
 
-        rows = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, config.block_m, config.block_n)
+        rows = steps_of(lay.kv_ptr, lay.kv_idx, lay.kv_full, config.block_m, config.block_n)
         fwd, fwd_walk = lists(rows, rows.cost)
         if (config.block_m2, config.block_n2) != (config.block_m, config.block_n):
-            rows = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, config.block_m2, config.block_n2)
+            rows = steps_of(lay.kv_ptr, lay.kv_idx, lay.kv_full, config.block_m2, config.block_n2)
             dq, dq_walk = lists(rows, rows.cost, config.bwd_band)
         else:  # the forward's tiles: its tables too, unless dQ walks bands
             dq, dq_walk = lists(rows, rows.cost, True) if config.bwd_band else (fwd, fwd_walk)
-        cols = tables.kernel_steps(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
+        cols = steps_of(lay.q_ptr, lay.q_idx, lay.q_full, config.block_n1, config.block_m1)
         kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
         dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
         return _DeviceTables(layout_heads=lay.heads, fwd=fwd, dq=dq, dkdv=dkdv,
@@ -370,10 +376,13 @@ class _Run:
     Hkv: int
     n: int
     dtype: torch.dtype
+    # a packed batch: (SEQS, ALIGN) of the kernels' PACKED mode (patterncc.packing.PackedSlots.table)
+    packing: tuple | None = None
 
     def _constexprs(self):
+        packed = {} if self.packing is None else dict(PACKED=True, SEQS=self.packing[0], ALIGN=self.packing[1])
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
-                    DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
+                    DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32", **packed)
 
     def forward(self, q, k, v, scale, order: "SlotOrder | None" = None, o=None, lse=None, o_in=None, lse_in=None,
                 terms: "_KernelTerms | None" = None, sink: bool = False):

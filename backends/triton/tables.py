@@ -226,3 +226,21 @@ def group_cost(cost: np.ndarray, kv_heads: int) -> np.ndarray:
     if H == 1:
         return cost
     return cost.reshape(kv_heads, H // kv_heads, -1).sum(axis=1)
+
+
+def local_steps(lists: StepLists, tile: int, step: int, first_slot: np.ndarray, align: int) -> StepLists:
+    """``lists`` of a packed batch's layout with each tile's steps counted
+    from the first slot of its sequence (the kernels' PACKED mode walks a
+    tile's sequence in that sequence's own positions). ``first_slot``
+    (int64 ``[chunks]``): the first slot of the sequence that holds slots
+    ``c * align .. (c + 1) * align - 1``; ``align`` is a multiple of
+    ``tile`` and ``step``, so no tile or step spans two sequences."""
+    rows = lists.full_ptr.size - 1
+    t = np.arange(rows, dtype=np.int64) % lists.n_tiles
+    shift = first_slot[t * tile // align] // step if first_slot.size else np.zeros(rows, dtype=np.int64)
+
+    def local(ptr, steps):
+        return (steps - np.repeat(shift, np.diff(ptr))).astype(np.int32)
+
+    return StepLists(lists.n_tiles, lists.full_ptr, local(lists.full_ptr, lists.full_steps), lists.part_ptr,
+                     local(lists.part_ptr, lists.part_steps), lists.cost, lists.steps)
