@@ -50,6 +50,7 @@ class TritonPlannedAttention(PlannedAttention):
         self._launches = LRU(_LAUNCH_ENTRIES)
         self._packed = LRU(_PACKED_ENTRIES)
         self._at_length = LRU(_LENGTH_ENTRIES)
+        self._packed_inner: dict = {}
 
     def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
         return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms)
@@ -119,11 +120,10 @@ class TritonPlannedAttention(PlannedAttention):
         kernels are the ones of the plan at the longest sequence (no compile
         for a new batch), the layouts per sequence (``packing_of``)."""
         _, H, Hkv, head_dim, dtype, device = launch_key(q, k)
-        lengths = np.diff(offsets)
-        plan = self.plan(int(lengths.max()), H)
+        plan = self.packed_plan(offsets, H)
         launches = []
-        for run in self._runs(plan, device):
-            comp, attn = run.component, run.attn
+        for comp in plan.components:
+            attn = self._inner_of(comp, H)
             config = attn.config_for(head_dim, dtype, comp.layout)
             align = max(config.block, config.block_m, config.block_n, config.block_m1, config.block_n1,
                         config.block_m2, config.block_n2)
@@ -156,6 +156,22 @@ class TritonPlannedAttention(PlannedAttention):
         residue = comp.q_order if comp.q_order.kind == "residue" else comp.k_order
         classes = -(-lengths // residue.l) if residue.kind == "residue" else np.ones_like(lengths)
         return PackedSlots.of(offsets, slots, classes, align), sources, source_of
+
+    def packed_plan(self, offsets: np.ndarray, heads: int):
+        """The plan a packed batch runs: the one at the power of two at or
+        above its longest sequence, so that the batches of a training run
+        share one plan (and its tiles), and a natural layout that every
+        sequence's layout crops from."""
+        longest = max(1, int(np.diff(offsets).max()))
+        return self.plan(1 << (longest - 1).bit_length(), heads)
+
+    def _inner_of(self, comp, heads: int):
+        """The kernels' attention of a component's predicate (the same at every
+        length, unlike its slot pattern): one per predicate, so no batch loads kernels anew."""
+        key = (comp.predicate, heads)
+        if key not in self._packed_inner:
+            self._packed_inner[key] = self.make_inner(comp, heads)
+        return self._packed_inner[key]
 
     def component_at(self, comp, n: int):
         key = (comp.pattern, comp.q_order, comp.k_order, comp.layout.heads, n)
