@@ -252,3 +252,20 @@ def test_bad_cu_seqlens_are_named():
         attn(q, k, v, cu_seqlens=torch.tensor([0.0, 8.0]))
     with pytest.raises(ValueError, match=r"q \[1, H, total, D\]"):
         attn(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), cu_seqlens=cu)
+
+
+def test_benchmark_runs_a_tiny_case(capsys):
+    """bench/bench_packed.py's harness runs (the lead runs it on the GPU): one
+    pattern at a tiny total on the CPU, Flex left out."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    try:
+        import bench_packed
+    finally:
+        sys.path.pop(0)
+    assert sum(bench_packed.draw_lengths(131072)) == 131072
+    assert bench_packed.main(["--smoke", "--patterns", "sliding_window(1024)", "--reps", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| 96 | 7 | sliding_window(16) | 16 |" in table
