@@ -78,9 +78,11 @@ def packed_layout(pattern: ir.Pattern, sources: list[BlockLayout], source_of: np
     ``sources[source_of[s]]`` (its own layout at its length, or a longer
     one whose mask crops to it: a pattern whose mask does not depend on
     ``n``), moved to its first slot block. Blocks that hold a sequence's
-    last slots without filling them are PARTIAL (the kernels walk FULL
-    steps without a bounds mask). Cost: the entries written, plus a
-    binary search per block row."""
+    last slots without filling them are PARTIAL, so that FULL means every
+    pair allowed and inside its sequence in both orientations: the
+    kernels walk FULL steps without a bounds mask, and the slots after a
+    sequence are the next one's tokens. Cost: the entries written, plus
+    a binary search per block row."""
     block = sources[0].block
     heads = sources[0].heads
     assert all(src.block == block and src.heads == heads for src in sources)

@@ -98,11 +98,24 @@ class TokenOrder:
     l: int = 1
     c: int = 0
 
-    def length(self, n: int) -> int:
+    # the kernels' code of each kind (their ORDER constexprs, ``kernels._token``)
+    CODES = {"natural": 0, "residue": 1, "columns": 2}
+
+    @property
+    def code(self) -> int:
+        return self.CODES[self.kind]
+
+    def classes(self, n):
+        """``S = ceil(n / l)``: the slots per residue class (the kernels'
+        ORD_S) and the runs of ``l`` gathered from; ``n`` an int or an int array."""
+        return -(-n // max(1, self.l))
+
+    def length(self, n):
+        """The slots of ``n`` tokens (``n`` an int or an int array)."""
         if self.kind == "residue":
-            return self.l * -(-n // self.l)
+            return self.l * self.classes(n)
         if self.kind == "columns":
-            return self.c * -(-n // self.l)
+            return self.c * self.classes(n)
         return n
 
     def positions(self, t: np.ndarray, n: int) -> np.ndarray:

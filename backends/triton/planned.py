@@ -151,11 +151,12 @@ class TritonPlannedAttention(PlannedAttention):
                 np.zeros(lengths.size, dtype=np.int64)
         distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
         sources = [self.component_at(comp, int(n)).layout for n in distinct]
-        slots = np.array([lay.seq_len for lay in sources], dtype=np.int64)[source_of]
-        slots[lengths == 0] = 0
-        residue = comp.q_order if comp.q_order.kind == "residue" else comp.k_order
-        classes = -(-lengths // residue.l) if residue.kind == "residue" else np.ones_like(lengths)
-        return PackedSlots.of(offsets, slots, classes, align), sources, source_of
+        # queries walk the slots of the query order (keys gathered into fewer are padded to them)
+        slots = comp.q_order.length(lengths)
+        if any(lay.seq_len != comp.q_order.length(int(n)) for lay, n in zip(sources, distinct)):
+            raise AssertionError("a component's layout must span its query order's slots")
+        shaped = comp.q_order if comp.q_order.kind != "natural" else comp.k_order  # as SlotOrder.of
+        return PackedSlots.of(offsets, slots, shaped.classes(lengths), align), sources, source_of
 
     def packed_plan(self, offsets: np.ndarray, heads: int):
         """The plan a packed batch runs: the one at the power of two at or

@@ -498,10 +498,8 @@ class SlotOrder:
     @staticmethod
     def of(q_order, k_order, n: int) -> "SlotOrder":
         """From the planner's TokenOrders of one component."""
-        codes = {"natural": 0, "residue": 1, "columns": 2}
         shaped = q_order if q_order.kind != "natural" else k_order
-        l = max(1, shaped.l)
-        return SlotOrder(codes[q_order.kind], codes[k_order.kind], l, -(-n // l), max(1, shaped.c))
+        return SlotOrder(q_order.code, k_order.code, max(1, shaped.l), shaped.classes(n), max(1, shaped.c))
 
     def args(self, tokens: int) -> tuple[int, int, int, int]:
         """N_TOK, ORD_L, ORD_S, ORD_C for the kernels."""
