@@ -71,8 +71,24 @@ class PackedSlots:
         return self.first[self.chunk_sequences()]
 
 
+def residue_padding(lengths: np.ndarray, l: int, block: int) -> np.ndarray:
+    """bool ``[sum of the sequences' blocks]``, sequence after sequence:
+    the blocks of each sequence's residue order (``l`` classes of ``S =
+    ceil(n / l)`` slots) that hold a padding slot, the last slot of each
+    class that has ``S - 1`` tokens (classes ``r >= n - l * (S - 1)``)."""
+    S = -(-lengths // l)
+    nb = -(-(l * S) // block)
+    start = np.concatenate([[0], np.cumsum(nb)])
+    count = np.maximum(l * S - lengths, 0)  # classes with a padding slot: the last l * S - n
+    seq = np.repeat(np.arange(lengths.size), count)
+    r = l - count[seq] + run_offsets(count)
+    out = np.zeros(int(start[-1]), dtype=bool)
+    out[start[seq] + (r * S[seq] + S[seq] - 1) // block] = True
+    return out
+
+
 def packed_layout(pattern: ir.Pattern, sources: list[BlockLayout], source_of: np.ndarray,
-                  packing: PackedSlots) -> BlockLayout:
+                  packing: PackedSlots, unfull: np.ndarray | None = None) -> BlockLayout:
     """The layout of a packed batch over ``packing.total`` slots: sequence
     ``s`` gets the top-left ``ceil(slots[s] / block)`` blocks a side of
     ``sources[source_of[s]]`` (its own layout at its length, or a longer
@@ -81,8 +97,11 @@ def packed_layout(pattern: ir.Pattern, sources: list[BlockLayout], source_of: np
     last slots without filling them are PARTIAL, so that FULL means every
     pair allowed and inside its sequence in both orientations: the
     kernels walk FULL steps without a bounds mask, and the slots after a
-    sequence are the next one's tokens. Cost: the entries written, plus
-    a binary search per block row."""
+    sequence are the next one's tokens. ``unfull`` (bool ``[sum of the
+    sequences' blocks]``, sequence after sequence, optional): more blocks
+    that are never FULL as a row or a column (``residue_padding``: a
+    source built without the tests that keep padding slots out). Cost:
+    the entries written, plus a binary search per block row."""
     block = sources[0].block
     heads = sources[0].heads
     assert all(src.block == block and src.heads == heads for src in sources)
@@ -90,14 +109,16 @@ def packed_layout(pattern: ir.Pattern, sources: list[BlockLayout], source_of: np
     nb = -(-packing.slots // block)  # blocks a side per sequence
     tail = packing.slots % block != 0
     n_blocks = packing.total // block
-    kv = _concat([(s.kv_ptr, s.kv_idx, s.kv_full) for s in sources], source_of, nb, tail,
+    if unfull is None:
+        unfull = np.zeros(int(nb.sum()), dtype=bool)
+    kv = _concat([(s.kv_ptr, s.kv_idx, s.kv_full) for s in sources], source_of, nb, tail, unfull,
                  packing.first // block, n_blocks, heads)
-    q = _concat([(s.q_ptr, s.q_idx, s.q_full) for s in sources], source_of, nb, tail,
+    q = _concat([(s.q_ptr, s.q_idx, s.q_full) for s in sources], source_of, nb, tail, unfull,
                 packing.first // block, n_blocks, heads)
     return BlockLayout(pattern, packing.total, block, heads, *kv, *q)
 
 
-def _concat(orientations, source_of, nb, tail, first_block, n_blocks: int, heads: int):
+def _concat(orientations, source_of, nb, tail, unfull, first_block, n_blocks: int, heads: int):
     """One CSR orientation (``ptr`` ``[H, n_blocks + 1]``, ``idx``, ``full``)
     of the packed layout from the sources' (see ``packed_layout``)."""
     # The sources' entries as one pool: row x of the pool is the run
@@ -119,8 +140,9 @@ def _concat(orientations, source_of, nb, tail, first_block, n_blocks: int, heads
     keys = entry_row * width + pool_idx
     rows_of = np.array([ptr.shape[1] for ptr, _, _ in orientations], dtype=np.int64)  # rows + 1 per head
 
-    seq = np.repeat(np.arange(nb.size), nb)  # one per (sequence, block row)
+    seq = np.repeat(np.arange(nb.size), nb)  # one per (sequence, block row), the order of `unfull`
     i = run_offsets(nb)
+    row_start = np.cumsum(nb) - nb  # each sequence's first row there
     src = source_of[seq]
     out_ptr, out_idx, out_full, total = [], [], [], 0
     for h in range(heads):
@@ -134,6 +156,7 @@ def _concat(orientations, source_of, nb, tail, first_block, n_blocks: int, heads
         cut = tail[row_seq]
         last = nb[row_seq] - 1
         full &= ~(cut & ((np.repeat(i, count) == last) | (j == last)))
+        full &= ~(np.repeat(unfull, count) | unfull[row_start[row_seq] + j])
         counts = np.zeros(n_blocks, dtype=np.int64)
         counts[first_block[seq] + i] = count
         ptr = np.empty(n_blocks + 1, dtype=np.int64)

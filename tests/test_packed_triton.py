@@ -131,6 +131,12 @@ def test_planned_components_run_within_each_sequence(pattern, dtype):
     assert any(c.reordered for c in plan.components), plan.describe()  # the batch really ran reordered
 
 
+def test_residue_classes_on_block_edges():
+    """190 tokens in residue(4): classes of 48 slots, FULL blocks inside them,
+    the last two classes ending in a padding slot (one layout per class size)."""
+    check_packed("strided(4)", [190, 3, 64], H=1, Hkv=1, plan="planned")
+
+
 def test_planned_components_with_merged_tiles_and_gqa():
     lengths = [33, 7, 64]
     attn = check_packed("strided(8)", lengths, H=4, Hkv=1, plan="planned", config=MERGED)
@@ -219,6 +225,37 @@ def test_packed_layout_is_sound_and_crops_exactly(pattern):
     kv = set(zip(rows // nb, rows % nb, lay.kv_idx, lay.kv_full))
     qv = set(zip(cols // nb, lay.q_idx, cols % nb, lay.q_full))
     assert kv == qv
+
+
+@pytest.mark.parametrize("pattern", ["strided(4)", "fixed(8, 3)", "causal & (local(4) | dilated(3, 4))"])
+def test_reordered_packed_layouts_are_sound(pattern):
+    """A reordered component's packed layout against each sequence's exact slot
+    mask (its slot pattern at its own length, padding slots never allowed):
+    nothing allowed is EMPTY, FULL blocks are all allowed. Residue layouts are
+    shared per class size, with the blocks of padding slots never FULL."""
+    attn = pcc.compile(pcc.parse(pattern), backend="triton", config=CONFIG, plan="planned")
+    impl = attn.impl("triton")
+    # classes of 33 to 51 slots: FULL blocks inside them, and classes with a padding slot
+    # (190 in residue(4): classes of 48, a multiple of the block, the last two with one)
+    lengths = np.array([5, 0, 130, 1, 190, 64, 63, 17])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    plan = impl.packed_plan(offsets, 1)
+    comps = [c for c in plan.components if c.reordered]
+    assert comps, plan.describe()
+    for comp in comps:
+        packing, sources, source_of, unfull = impl.packing_of(comp, offsets, 16)
+        lay = packed_layout(comp.slot_pattern, sources, source_of, packing, unfull)
+        mask = np.zeros((1, packing.total, packing.total), dtype=bool)
+        for s, n in enumerate(lengths):
+            if n:
+                exact = planner.component_at(comp, int(n), 16).slot_pattern
+                a, slots = packing.first[s], packing.slots[s]
+                mask[:, a:a + slots, a:a + slots] = dense_mask(exact, int(slots), 1)
+        nb = packing.total // 16
+        blocks = mask.reshape(1, nb, 16, nb, 16)
+        dense = lay.to_dense()
+        assert not (blocks.any(axis=(2, 4)) & (dense == 0)).any()
+        assert blocks.all(axis=(2, 4))[dense == FULL].all()
 
 
 def test_a_new_batch_compiles_nothing(monkeypatch):

@@ -28,9 +28,10 @@ import torch
 
 from patterncc import ir
 from patterncc.lru import LRU
-from patterncc.packing import PackedSlots, packed_layout
+from patterncc.blocklayout import build as build_layout
+from patterncc.packing import PackedSlots, packed_layout, residue_padding
 from patterncc.planned import PlannedAttention, _term_kwargs
-from patterncc.planner import component_at
+from patterncc.planner import component_at, slot_pattern_of
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from .runtime import SlotOrder, _DeviceTables, _Run, attend, check_inputs, launch_key
@@ -127,8 +128,8 @@ class TritonPlannedAttention(PlannedAttention):
             config = attn.config_for(head_dim, dtype, comp.layout)
             align = max(config.block, config.block_m, config.block_n, config.block_m1, config.block_n1,
                         config.block_m2, config.block_n2)
-            packing, sources, source_of = self.packing_of(comp, offsets, align)
-            lay = packed_layout(comp.slot_pattern, sources, source_of, packing)
+            packing, sources, source_of, unfull = self.packing_of(comp, offsets, align)
+            lay = packed_layout(comp.slot_pattern, sources, source_of, packing, unfull)
             module = attn.kernels(plan.seq_len, config, device)
             tables = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device,
                                          packing=(packing.first_slots(), align))
@@ -138,25 +139,46 @@ class TritonPlannedAttention(PlannedAttention):
         return launches
 
     def packing_of(self, comp, offsets: np.ndarray, align: int):
-        """``(PackedSlots, sources, source_of)`` of one component over a
+        """``(PackedSlots, sources, source_of, unfull)`` of one component over a
         packed batch (``packing.packed_layout``'s arguments). Natural order:
         every sequence crops the component's layout at the longest one
         (the mask at length m is the top-left m x m of the mask at any
-        longer length, for a pattern that does not use n). A reordered
-        component: its layout at each distinct length (cached per length:
-        its slot pattern changes with the residue class size)."""
+        longer length, for a pattern that does not use n). Residue order:
+        one layout per class size (``residue_layout``). Gathered columns:
+        the component's layout at each distinct length (closed form, cached
+        per length)."""
         lengths = np.diff(offsets)
         if not comp.reordered:
             return PackedSlots.of(offsets, lengths, np.ones_like(lengths), align), [comp.layout], \
-                np.zeros(lengths.size, dtype=np.int64)
-        distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
-        sources = [self.component_at(comp, int(n)).layout for n in distinct]
+                np.zeros(lengths.size, dtype=np.int64), None
         # queries walk the slots of the query order (keys gathered into fewer are padded to them)
         slots = comp.q_order.length(lengths)
+        shaped = comp.q_order if comp.q_order.kind != "natural" else comp.k_order  # as SlotOrder.of
+        packing = PackedSlots.of(offsets, slots, shaped.classes(lengths), align)
+        if comp.q_order.kind == "residue":  # one layout per class size, its padding slots' blocks never FULL
+            l = comp.q_order.l
+            distinct, source_of = np.unique(np.maximum(comp.q_order.classes(lengths), 1), return_inverse=True)
+            sources = [self.residue_layout(comp, int(S)) for S in distinct]
+            return packing, sources, source_of, residue_padding(lengths, l, comp.layout.block)
+        distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
+        sources = [self.component_at(comp, int(n)).layout for n in distinct]
         if any(lay.seq_len != comp.q_order.length(int(n)) for lay, n in zip(sources, distinct)):
             raise AssertionError("a component's layout must span its query order's slots")
-        shaped = comp.q_order if comp.q_order.kind != "natural" else comp.k_order  # as SlotOrder.of
-        return PackedSlots.of(offsets, slots, shaped.classes(lengths), align), sources, source_of
+        return packing, sources, source_of, None
+
+    def residue_layout(self, comp, S: int):
+        """A residue-order component's layout over ``l * S`` slots without the
+        tests that keep padding slots out (``planner.slot_pattern_of(...,
+        padding=False)``), so one per class size ``S`` serves every length
+        with that class size (``packing.residue_padding`` marks the blocks
+        that hold padding slots). Cached per class size: at most
+        ``ceil(longest / l)`` of them, shared by every batch."""
+        key = (comp.pattern, comp.q_order, comp.k_order, comp.layout.heads, "classes", S)
+        if key not in self._at_length:
+            n = comp.q_order.l * S
+            pattern = slot_pattern_of(comp.pattern, comp.q_order, comp.k_order, n, padding=False)
+            self._at_length[key] = build_layout(pattern, n, comp.layout.block, comp.layout.heads)
+        return self._at_length[key]
 
     def packed_plan(self, offsets: np.ndarray, heads: int):
         """The plan a packed batch runs: the one at the power of two at or
