@@ -258,6 +258,42 @@ def test_reordered_packed_layouts_are_sound(pattern):
         assert blocks.all(axis=(2, 4))[dense == FULL].all()
 
 
+@pytest.mark.parametrize("pattern", ["causal", "all", "sliding_window(7) | sink(2)",
+                                     "heads { 0..1 => causal, 1..2 => local(4) }"])
+@pytest.mark.parametrize("tile, step", [(16, 16), (32, 16), (16, 32), (64, 32)])
+def test_cropped_step_lists_cover_exactly_what_is_allowed(pattern, tile, step):
+    """``tables.crop_steps``: every allowed pair of a sequence lies in one of
+    its tile's listed steps, and a FULL step holds only allowed pairs, its keys
+    inside the sequence (the kernels walk it unmasked)."""
+    from patterncc.backends.triton import tables
+
+    p = pcc.parse(pattern)
+    lengths = np.array([5, 0, 17, 32, 1, 40, 16, 64])
+    first = np.concatenate([[0], np.cumsum(-(-lengths // 64) * 64)])[:-1]
+    total = int((-(-lengths // 64) * 64).sum())
+    source = build_layout(p, 64, 16, 2)
+    src = tables.kernel_steps(source.kv_ptr, source.kv_idx, source.kv_full, 64, 16, tile, step)
+    lists = tables.crop_steps(src, lengths, first, tile, step, total)
+    for s, n in enumerate(lengths):
+        if not n:
+            continue
+        mask = dense_mask(p, int(n), source.heads)
+        for h in range(source.heads):
+            covered = np.zeros((n, n), dtype=bool)
+            for t in range(-(-n // tile)):
+                row = h * lists.n_tiles + first[s] // tile + t
+                rows = slice(t * tile, min(n, (t + 1) * tile))
+                for steps, full in ((lists.full_steps[lists.full_ptr[row]:lists.full_ptr[row + 1]], True),
+                                    (lists.part_steps[lists.part_ptr[row]:lists.part_ptr[row + 1]], False)):
+                    assert np.all(np.diff(steps) > 0)
+                    for st in steps:
+                        keys = slice(st * step, (st + 1) * step)
+                        if full:
+                            assert (st + 1) * step <= n and mask[h, rows, keys].all()
+                        covered[rows, keys] = True
+            assert not (mask[h] & ~covered).any()
+
+
 def test_a_new_batch_compiles_nothing(monkeypatch):
     """Kernels are generated for the pattern once; a batch of other lengths
     builds layouts and tables only."""

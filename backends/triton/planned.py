@@ -35,6 +35,7 @@ from patterncc.planner import component_at, slot_pattern_of
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from .runtime import SlotOrder, _DeviceTables, _Run, attend, check_inputs, launch_key
+from .tables import crop_steps, kernel_steps
 
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
 _PACKED_ENTRIES = 8  # packed batches' launch lists kept (a training loop brings a new batch every step)
@@ -129,10 +130,18 @@ class TritonPlannedAttention(PlannedAttention):
             align = max(config.block, config.block_m, config.block_n, config.block_m1, config.block_n1,
                         config.block_m2, config.block_n2)
             packing, sources, source_of, unfull = self.packing_of(comp, offsets, align)
-            lay = packed_layout(comp.slot_pattern, sources, source_of, packing, unfull)
             module = attn.kernels(plan.seq_len, config, device)
-            tables = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device,
-                                         packing=(packing.first_slots(), align))
+            if comp.reordered:
+                lay = packed_layout(comp.slot_pattern, sources, source_of, packing, unfull)
+                tables = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device,
+                                             packing=(packing.first_slots(), align))
+            else:  # every sequence crops one layout: so do its step lists (no packed layout needed)
+                def steps_of(orientation, tile, step, comp=comp, packing=packing):
+                    return crop_steps(self.source_steps(comp, orientation, tile, step), np.diff(offsets),
+                                      packing.first, tile, step, packing.total)
+
+                tables = _DeviceTables.from_steps(steps_of, comp.layout.heads, packing.total, Hkv, config,
+                                                  module.RANDOM_TABLES, device)
             seqs = torch.from_numpy(packing.table()).to(device)
             launcher = _Run(module, tables, config, head_dim, H, Hkv, packing.total, dtype, packing=(seqs, align))
             launches.append((launcher, SlotOrder.of(comp.q_order, comp.k_order, plan.seq_len)))
@@ -165,6 +174,17 @@ class TritonPlannedAttention(PlannedAttention):
         if any(lay.seq_len != comp.q_order.length(int(n)) for lay, n in zip(sources, distinct)):
             raise AssertionError("a component's layout must span its query order's slots")
         return packing, sources, source_of, None
+
+    def source_steps(self, comp, orientation: str, tile: int, step: int):
+        """The step lists of a natural-order component's layout (at the plan's
+        length), which every packed batch of the plan crops (``tables.crop_steps``)."""
+        key = (comp.pattern, comp.layout.seq_len, comp.layout.heads, orientation, tile, step)
+        if key not in self._at_length:
+            lay = comp.layout
+            ptr, idx, full = ((lay.kv_ptr, lay.kv_idx, lay.kv_full) if orientation == "kv"
+                              else (lay.q_ptr, lay.q_idx, lay.q_full))
+            self._at_length[key] = kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
+        return self._at_length[key]
 
     def residue_layout(self, comp, S: int):
         """A residue-order component's layout over ``l * S`` slots without the

@@ -305,11 +305,21 @@ class _DeviceTables:
     def build(lay, Hkv: int, config: KernelConfig, random_specs, device, packing=None) -> "_DeviceTables":
         """``packing``: ``(first_slot, align)`` for a packed batch's layout
         (``tables.local_steps``): each tile's steps counted from its sequence's first slot."""
-        n, block = lay.seq_len, lay.block
 
-        def steps_of(ptr, idx, full, tile, step):
-            rows = tables.kernel_steps(ptr, idx, full, n, block, tile, step)
+        def steps_of(orientation: str, tile: int, step: int) -> tables.StepLists:
+            ptr, idx, full = ((lay.kv_ptr, lay.kv_idx, lay.kv_full) if orientation == "kv"
+                              else (lay.q_ptr, lay.q_idx, lay.q_full))
+            rows = tables.kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
             return rows if packing is None else tables.local_steps(rows, tile, step, *packing)
+
+        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, random_specs, device)
+
+    @staticmethod
+    def from_steps(steps_of, heads: int, n: int, Hkv: int, config: KernelConfig, random_specs,
+                   device) -> "_DeviceTables":
+        """The tables of the kernels' step lists ``steps_of(orientation, tile,
+        step)`` (``"kv"``: query tiles walking key steps, ``"q"``: key tiles
+        walking query steps) of a layout with ``heads`` heads over ``n`` slots."""
 
         def dev(a):  # never empty: a null data pointer is not worth the doubt
             a = np.ascontiguousarray(a, dtype=np.int32)
@@ -326,17 +336,17 @@ class _DeviceTables:
             arrays = (steps.full_ptr, table.ravel(), steps.part_ptr, steps.part_steps, tables.tile_order(cost))
             return tuple(dev(a) for a in arrays), walk
 
-        rows = steps_of(lay.kv_ptr, lay.kv_idx, lay.kv_full, config.block_m, config.block_n)
+        rows = steps_of("kv", config.block_m, config.block_n)
         fwd, fwd_walk = lists(rows, rows.cost)
         if (config.block_m2, config.block_n2) != (config.block_m, config.block_n):
-            rows = steps_of(lay.kv_ptr, lay.kv_idx, lay.kv_full, config.block_m2, config.block_n2)
+            rows = steps_of("kv", config.block_m2, config.block_n2)
             dq, dq_walk = lists(rows, rows.cost, config.bwd_band)
         else:  # the forward's tiles: its tables too, unless dQ walks bands
             dq, dq_walk = lists(rows, rows.cost, True) if config.bwd_band else (fwd, fwd_walk)
-        cols = steps_of(lay.q_ptr, lay.q_idx, lay.q_full, config.block_n1, config.block_m1)
-        kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
+        cols = steps_of("q", config.block_n1, config.block_m1)
+        kv_cost = tables.group_cost(cols.cost, Hkv) if heads > 1 else cols.cost
         dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
-        return _DeviceTables(layout_heads=lay.heads, fwd=fwd, dq=dq, dkdv=dkdv,
+        return _DeviceTables(layout_heads=heads, fwd=fwd, dq=dq, dkdv=dkdv,
                              random=_random_buffer(random_specs, n, device),
                              fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
 
