@@ -7,6 +7,9 @@
     TRITON_INTERPRET=1 python bench/bench_packed.py --smoke
                                                     # a dry run of the harness on the CPU (Flex skipped,
                                                     # times mean nothing)
+    python bench/bench_packed.py --build-times      # host time to build a batch's layouts and tables
+                                                    # (CPU only, no GPU needed): 1,000 sequences of 1M
+                                                    # tokens, and the log-uniform batches
 
 Per total, the sequence lengths are drawn log-uniform between 128 and 32K
 with a fixed seed until they reach the total (the last one cut to fit).
@@ -15,8 +18,12 @@ forward + backward (``o.backward(dO)``):
 
 - ``pcc``: ``attn(q, k, v, cu_seqlens=cu)``, the batch's layouts and tables
   cached (a batch seen before);
-- ``pcc+build``: the same with the batch's layouts, tables and per-length
-  component layouts built anew on every call (a new batch every step);
+- ``pcc+build``: the same with the batch's layouts and tables built anew
+  on every call (a new batch every step). What belongs to the pattern and
+  not to the batch stays cached, as it does in a training run: the plan
+  (per power of two of the longest sequence), its natural layout's step
+  lists that every batch crops, and the residue-order layouts (one per
+  class size ``ceil(n / l)``: at most 256 for strided(128) up to 32K);
 - ``flex``: ``torch.compile(flex_attention)`` with a document ``mask_mod``
   (same document and the pattern on q - k, which is the same in global
   and in-document positions for these three patterns), its BlockMask
@@ -25,9 +32,10 @@ forward + backward (``o.backward(dO)``):
 - ``one by one``: patterncc on each sequence alone, outputs concatenated.
 
 Times are medians of ``--reps`` calls timed with CUDA events after
-``--warmup`` calls. Also reported: the host time to build a batch's
-layouts and tables (``build``, median of 5, cold per-length caches) and
-Flex's ``create_block_mask`` (``mask``), and the largest |o_pcc - o_flex|.
+``--warmup`` calls. Also reported: the host time to build a new batch's
+layouts and tables (``build``, median of 5) and the same with nothing of
+the pattern cached (``first build``: the first batch of a run), Flex's
+``create_block_mask`` (``mask``), and the largest |o_pcc - o_flex|.
 """
 
 from __future__ import annotations
@@ -119,7 +127,10 @@ def bench_case(name: str, lengths: list[int], H: int, D: int, dtype, *, device: 
     impl = attn.impl("triton")
     row = dict(pattern=name, total=total, seqs=len(lengths), D=D, notes=[])
 
-    def cold():  # a new batch: no packed launches, no per-length component layouts kept
+    def new_batch():  # a batch never seen: its launches, layouts and tables built anew
+        impl._packed.clear()
+
+    def cold():  # and nothing of the pattern's kept either (the first batch of a run)
         impl._packed.clear()
         impl._at_length.clear()
 
@@ -131,7 +142,7 @@ def bench_case(name: str, lengths: list[int], H: int, D: int, dtype, *, device: 
         attn(q, k, v, cu_seqlens=cu).backward(do)
 
     def pcc_build_fb():
-        cold()
+        new_batch()
         pcc_fb()
 
     def one_by_one_fb():
@@ -141,15 +152,16 @@ def bench_case(name: str, lengths: list[int], H: int, D: int, dtype, *, device: 
     o_pcc = attn(q, k, v, cu_seqlens=cu)
     o_pcc.backward(do)  # kernels loaded, compiled
     one_by_one_fb()
-    builds = []
-    for _ in range(5):
-        cold()
-        sync()
-        t = time.perf_counter()
-        impl.packed_launches(q, k, offsets)
-        sync()
-        builds.append((time.perf_counter() - t) * 1e3)
-    row["build"] = statistics.median(builds)
+    for label, clear in (("first build", cold), ("build", new_batch)):
+        builds = []
+        for _ in range(5):
+            clear()
+            sync()
+            t = time.perf_counter()
+            impl.packed_launches(q, k, offsets)
+            sync()
+            builds.append((time.perf_counter() - t) * 1e3)
+        row[label] = statistics.median(builds)
     grads = (q, k, v)
     row["pcc"] = timed(pcc_fb, warmup, reps, device, grads)
     row["pcc+build"] = timed(pcc_build_fb, warmup, reps, device, grads)
@@ -190,6 +202,41 @@ def bench_case(name: str, lengths: list[int], H: int, D: int, dtype, *, device: 
     return row
 
 
+def build_times(heads: int = 16, head_dim: int = 64, repeats: int = 5) -> str:
+    """A markdown table of the host time (median ms of ``repeats``) to build
+    a packed batch's launches (layouts and device tables, on the meta device
+    so no GPU is needed): a new batch (the pattern's plan, its natural
+    layout's step lists and its residue layouts kept) and a first batch
+    (nothing kept). Batches: 1,000 sequences of about 1,049 tokens (1M in
+    all), and log-uniform 128..32K lengths to 16K, 128K and 1M."""
+    import numpy as np
+    import torch
+
+    import patterncc as pcc
+
+    rng = np.random.default_rng(0)
+    batches = {"1,000 x ~1K": (rng.multinomial(2**20 - 1000, np.ones(1000) / 1000) + 1).tolist()}
+    for total in (16384, 131072, 2**20):
+        batches[f"log-uniform {total // 1024}K"] = draw_lengths(total)
+    lines = ["| batch | seqs | total | pattern | new batch ms | first batch ms |", "|---|---|---|---|---|---|"]
+    for label, lengths in batches.items():
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for name in PATTERNS:
+            impl = pcc.compile(pcc.parse(name), backend="triton").impl("triton")
+            q = torch.empty(1, heads, int(offsets[-1]), head_dim, dtype=torch.bfloat16, device="meta")
+            impl._build_packed(q, q, offsets)  # the kernels loaded once
+            times = {"new": [], "first": []}
+            for _ in range(repeats):
+                impl._at_length.clear()
+                for kind in ("first", "new"):
+                    t = time.perf_counter()
+                    impl._build_packed(q, q, offsets)
+                    times[kind].append((time.perf_counter() - t) * 1e3)
+            lines.append(f"| {label} | {len(lengths)} | {int(offsets[-1])} | {name} | "
+                         f"{statistics.median(times['new']):.1f} | {statistics.median(times['first']):.1f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     def ms(x):
         return "-" if x is None else f"{x:.2f}"
@@ -201,13 +248,14 @@ def markdown(rows: list[dict]) -> str:
         return "-" if x is None else f"{x:.3g}"
 
     lines = ["| total | seqs | pattern | D | pcc | pcc+build | flex | flex+build | one by one | flex / pcc "
-             "| flex+build / pcc+build | build ms | flex mask ms | max diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| flex+build / pcc+build | build ms | first build ms | flex mask ms | max diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = r.get
         lines.append(f"| {r['total']} | {r['seqs']} | {r['pattern']} | {r['D']} | {ms(g('pcc'))} | "
                      f"{ms(g('pcc+build'))} | {ms(g('flex'))} | {ms(g('flex+build'))} | {ms(g('one by one'))} | "
                      f"{ratio(g('flex'), g('pcc'))} | {ratio(g('flex+build'), g('pcc+build'))} | {ms(g('build'))} | "
+                     f"{ms(g('first build'))} | "
                      f"{ms(g('mask'))} | {diff(g('max_diff'))} |")
     notes = [f"- {r['pattern']} {r['total']} D={r['D']}: {n}" for r in rows for n in r["notes"]]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -225,10 +273,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--smoke", action="store_true",
                         help="a dry run on the CPU under TRITON_INTERPRET=1: tiny shapes, block 16, no Flex")
+    parser.add_argument("--build-times", action="store_true",
+                        help="only the host time to build batches' layouts and tables (CPU)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.build_times:
+        print(f"H = {args.heads}, D = 64, bf16: host ms to build a packed batch's layouts and tables")
+        print(build_times(args.heads))
+        return 0
 
     config = None
     device = "cuda"
