@@ -119,6 +119,13 @@ def test_heads_and_cycle():
     check_packed("cycle(causal, local(3) | sink(2))", [9, 20, 2], H=4, Hkv=2)
 
 
+@pytest.mark.parametrize("pattern, plan", [("causal", "auto"), ("strided(16)", "planned")])
+def test_default_tiles(pattern, plan):
+    """The default configuration: block 64 under tiles up to 128 (sequences
+    start on multiples of 128), FULL runs walked unmasked."""
+    check_packed(pattern, [150, 1, 0, 70, 260], D=64, dtype=torch.bfloat16, config=None, plan=plan)
+
+
 # -- planned components: their token orders apply within each sequence
 
 
@@ -342,3 +349,15 @@ def test_benchmark_runs_a_tiny_case(capsys):
     assert bench_packed.main(["--smoke", "--patterns", "sliding_window(1024)", "--reps", "1"]) == 0
     table = capsys.readouterr().out
     assert "| 96 | 7 | sliding_window(16) | 16 |" in table
+
+
+def test_traced_packed_calls_say_they_are_not_supported():
+    """Under torch.compile (any tracing mode, fake tensors) a packed call is a clear error for now."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    attn = pcc.compile(pcc.parse("causal"), backend="triton", config=CONFIG)
+    with FakeTensorMode() as mode:
+        q = mode.from_tensor(torch.randn(1, 2, 8, 16))
+        cu = mode.from_tensor(torch.tensor([0, 3, 8], dtype=torch.int32))
+        with pytest.raises(NotImplementedError, match="packed batches"):
+            attn(q, q, q, cu_seqlens=cu)
