@@ -27,6 +27,8 @@ from kernel_env import interpreter_and_cache  # noqa: F401 (autouse: the interpr
 
 from patterncc.backends.triton import KernelConfig, runtime  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 CONFIG = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
 MERGED = KernelConfig(block=16, block_m=32, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16)
 
@@ -40,16 +42,16 @@ TOL = {  # dtype -> (o, lse, gradients), absolute
 def _inputs(lengths, H, Hkv, D, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     total = int(sum(lengths))
-    q, k, v = (torch.randn(1, h, total, D, generator=gen).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q, k, v = (torch.randn(1, h, total, D, generator=gen).to(DEVICE, dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=DEVICE)
     return q, k, v, cu
 
 
 def _each_alone(pattern, q, k, v, cu, do, **terms):
     """o, lse and the gradients of q, k, v of the float64 reference on each sequence alone."""
     ref = pcc.compile(pattern, backend="reference")
-    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    terms = {name: t.detach().double().requires_grad_() for name, t in terms.items()}
+    qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    terms = {name: t.detach().cpu().double().requires_grad_() for name, t in terms.items()}
     outs, lses = [], []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if a < b:
@@ -57,7 +59,7 @@ def _each_alone(pattern, q, k, v, cu, do, **terms):
             outs.append(o)
             lses.append(lse)
     o, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-    grads = torch.autograd.grad((o * do.double()).sum(), (qd, kd, vd, *terms.values()))
+    grads = torch.autograd.grad((o * do.cpu().double()).sum(), (qd, kd, vd, *terms.values()))
     return o, lse, grads
 
 
@@ -68,13 +70,14 @@ def check_packed(pattern, lengths, *, H=2, Hkv=2, D=16, dtype=torch.float32, con
     pattern = pcc.parse(pattern) if isinstance(pattern, str) else pattern
     q, k, v, cu = _inputs(lengths, H, Hkv, D, dtype, seed)
     attn = pcc.compile(pattern, backend="triton", config=config, plan=plan)
-    terms = {name: t.requires_grad_() for name, t in terms.items()}
+    terms = {name: t.to(DEVICE).requires_grad_() for name, t in terms.items()}
     o, lse = attn(q, k, v, return_lse=True, cu_seqlens=cu, **terms)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     grads = torch.autograd.grad((o * do).sum(), (q, k, v, *terms.values()))
     o_ref, lse_ref, grads_ref = _each_alone(pattern, q, k, v, cu, do, **terms)
     tol_o, tol_lse, tol_g = TOL[dtype]
     assert o.dtype == dtype and o.shape == q.shape
+    o, lse, grads = o.cpu(), lse.cpu(), [g.cpu() for g in grads]
     torch.testing.assert_close(o.double(), o_ref, atol=tol_o, rtol=0)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # empty rows: -inf in both
     torch.testing.assert_close(lse.double().nan_to_num(neginf=0), lse_ref.nan_to_num(neginf=0), atol=tol_lse, rtol=0)
@@ -325,15 +328,16 @@ def test_bad_cu_seqlens_are_named():
     attn = pcc.compile(pcc.parse("causal"), backend="triton", config=CONFIG)
     q, k, v, cu = _inputs([4, 4], 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at the packed length 8"):
-        attn(q, k, v, cu_seqlens=torch.tensor([0, 4, 7], dtype=torch.int32))
+        attn(q, k, v, cu_seqlens=torch.tensor([0, 4, 7], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="non-decreasing"):
-        attn(q, k, v, cu_seqlens=torch.tensor([0, 5, 4, 8], dtype=torch.int32))
+        attn(q, k, v, cu_seqlens=torch.tensor([0, 5, 4, 8], dtype=torch.int32, device=DEVICE))
     with pytest.raises(TypeError, match="cu_seqlens must hold integers"):
-        attn(q, k, v, cu_seqlens=torch.tensor([0.0, 8.0]))
+        attn(q, k, v, cu_seqlens=torch.tensor([0.0, 8.0], device=DEVICE))
     with pytest.raises(ValueError, match=r"q \[1, H, total, D\]"):
         attn(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), cu_seqlens=cu)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the dry run is the CPU's; on a GPU run the benchmark itself")
 def test_benchmark_runs_a_tiny_case(capsys):
     """bench/bench_packed.py's harness runs (the lead runs it on the GPU): one
     pattern at a tiny total on the CPU, Flex left out."""
