@@ -182,7 +182,7 @@ def test_rel_bias():
 # -- property: lengths 1..300, counts 1..20
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=20), seed=st.integers(0, 2**16))
 def test_hypothesis_lengths(lengths, seed):
     check_packed("sliding_window(10) | sink(2)", lengths, H=1, Hkv=1, seed=seed)
