@@ -250,7 +250,7 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
 def _arg_type(name: str, dtype: str) -> str:
     if name in ("LSE", "LSE_IN", "DELTA", "DK_IN", "DV_IN", "DQ_IN", "SLOPES", "SINK", "REL", "PART", "SCR", "HIST"):
         return "*fp32"
-    if name in ("RANDOM", "FULL_PTR", "FULL_STEPS", "PART_PTR", "PART_STEPS", "TILE_ORDER"):
+    if name in ("RANDOM", "FULL_PTR", "FULL_STEPS", "PART_PTR", "PART_STEPS", "TILE_ORDER", "SEQS"):
         return "*i32"
     if name in ("Q", "K", "V", "O", "O_IN", "DO", "DK", "DV", "DQ"):
         return "*" + dtype

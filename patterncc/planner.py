@@ -97,11 +97,24 @@ class TokenOrder:
     l: int = 1
     c: int = 0
 
-    def length(self, n: int) -> int:
+    # the kernels' code of each kind (their ORDER constexprs, ``kernels._token``)
+    CODES = {"natural": 0, "residue": 1, "columns": 2}
+
+    @property
+    def code(self) -> int:
+        return self.CODES[self.kind]
+
+    def classes(self, n):
+        """``S = ceil(n / l)``: the slots per residue class (the kernels'
+        ORD_S) and the runs of ``l`` gathered from; ``n`` an int or an int array."""
+        return -(-n // max(1, self.l))
+
+    def length(self, n):
+        """The slots of ``n`` tokens (``n`` an int or an int array)."""
         if self.kind == "residue":
-            return self.l * -(-n // self.l)
+            return self.l * self.classes(n)
         if self.kind == "columns":
-            return self.c * -(-n // self.l)
+            return self.c * self.classes(n)
         return n
 
     def positions(self, t: np.ndarray, n: int) -> np.ndarray:
@@ -720,3 +733,10 @@ def as_condition(p: ir.Pattern) -> ir.Expr | None:
     if isinstance(p, ir.Where):
         return p.cond
     return None
+
+
+def component_at(comp: Component, n: int, block: int) -> Component:
+    """``comp``'s piece in the same token orders at another length ``n``: a
+    packed batch runs one plan, with each component's layout at each
+    sequence's length (the piece must not depend on ``n``)."""
+    return _component(comp.pattern, comp.q_order, comp.k_order, n, block, comp.layout.heads)

@@ -1192,19 +1192,9 @@ def check_pattern(
         else:
             report.results.append(_run_check("kernel", backend, pat, examples, seed, exact, source, progress, terms))
             if packed:
-                report.results.append(_packed_result(backend, pat, examples, seed, exact, source, progress, terms))
+                report.results.append(_run_check("packed", backend, pat, examples, seed, exact, source, progress,
+                                                 terms))
     return report
-
-
-def _packed_result(backend, pat, examples, seed, exact, source, progress, terms) -> CheckResult:
-    # The Triton backend's packed kernels come in separately: until a backend
-    # has them its packed check is skipped, saying why.
-    if backend == "triton":
-        from .backends.triton.planned import TritonPlannedAttention
-
-        if not hasattr(TritonPlannedAttention, "packed"):
-            return CheckResult("packed", backend, "skipped", reason="this Triton backend has no packed kernels")
-    return _run_check("packed", backend, pat, examples, seed, exact, source, progress, terms)
 
 
 def checked_backends(backends, status: dict | None = None) -> list[str]:

@@ -40,10 +40,6 @@ ISQRT = ir.Causal() & ir.Local(ir.Call("isqrt", (ir.Var("n"),)))  # a window tha
 def compiled(pat, backend: str, **options):
     """``pcc.compile(pat, backend=backend)``; the Triton backend at block 16 (interpreter-sized)."""
     if backend == "triton":
-        from patterncc.backends.triton.planned import TritonPlannedAttention
-
-        if not hasattr(TritonPlannedAttention, "packed"):
-            pytest.skip("this Triton backend has no packed kernels")
         options.setdefault("block", 16)
     return pcc.compile(pat, backend=backend, **options)
 

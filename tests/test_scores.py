@@ -550,16 +550,7 @@ def test_check_pattern_with_terms(backend, text):
     report = testing.check_pattern(pcc.parse(text), backends=[backend], examples=8, seed=1, terms=True)
     assert report.ok, report
     assert [(r.check, r.status) for r in report.results] == [
-        ("layout", "passed"), ("kernel", "passed"), ("packed", _packed_status(backend))]
-
-
-def _packed_status(backend: str) -> str:
-    """"passed"; "skipped" while the Triton backend has no packed kernels."""
-    if backend == "triton":
-        from patterncc.backends.triton.planned import TritonPlannedAttention
-
-        return "passed" if hasattr(TritonPlannedAttention, "packed") else "skipped"
-    return "passed"
+        ("layout", "passed"), ("kernel", "passed"), ("packed", "passed")]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)

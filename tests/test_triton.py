@@ -668,7 +668,7 @@ def test_resources_report_types_every_pointer_argument():
 
     attn = TritonAttention(C, config=CONFIG)
     module = attn.kernels(64, attn.config_for(64, torch.bfloat16), DEVICE)
-    scalars = {"sm_scale", "N", "H", "GROUP", "N_TOK", "ORD_L", "ORD_S", "ORD_C", "softcap", "rel_m"}
+    scalars = {"sm_scale", "N", "H", "GROUP", "N_TOK", "ORD_L", "ORD_S", "ORD_C", "softcap", "rel_m", "ALIGN"}
     for kernel in (module.attn_fwd, module.attn_bwd_preprocess, module.attn_bwd_dkdv, module.attn_bwd_dq):
         params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
         for name, param in params.items():

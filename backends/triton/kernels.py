@@ -48,6 +48,17 @@ def _token(slot, ORDER: tl.constexpr, L, S, C):
 
 
 @triton.jit
+def _packed_sequence(SEQS, slot, ALIGN):
+    """The sequence of a packed batch that slot ``slot`` belongs to (every
+    ALIGN slots belong to one: the host starts each sequence on a multiple
+    of ALIGN, a multiple of every tile and step): its first slot, its slots
+    (the kernels' N), its tokens (N_TOK), its residue class size (ORD_S) and
+    its first token, from row ``slot // ALIGN`` of SEQS (int32 [chunks, 5])."""
+    row = SEQS + (slot // ALIGN) * 5
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+
+
+@triton.jit
 def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  #
                N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr,  #
                ADDR32: tl.constexpr = False):
@@ -334,7 +345,8 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
              Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False,  #
              SCALE_NONNEG: tl.constexpr = True, MERGE_IN: tl.constexpr = False,  #
              SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
-             SINKS: tl.constexpr = False, softcap=1.0, SLOPES=None, SINK=None, REL=None, rel_m=0):
+             SINKS: tl.constexpr = False, softcap=1.0, SLOPES=None, SINK=None, REL=None, rel_m=0,  #
+             PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
     N counts the kernel's slots, N_TOK the tokens; a planned component's
@@ -365,6 +377,16 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     n_tiles = tl.cdiv(N, BLOCK_M)
     tile = tl.load(TILE_ORDER + layout_h * n_tiles + tl.program_id(0))
     start_m = tile * BLOCK_M
+    lse_row = off_bh.to(tl.int64) * N_TOK  # lse's row of this batch and head
+    if PACKED:  # -- positions, N and N_TOK of this tile's sequence; its tokens from its first one on
+        slot0, N, N_TOK, ORD_S, tok0 = _packed_sequence(SEQS, start_m, ALIGN)
+        start_m -= slot0
+        lse_row += tok0
+        Q += tok0.to(tl.int64) * stride_qn
+        K += tok0.to(tl.int64) * stride_kn
+        V += tok0.to(tl.int64) * stride_vn
+        O += tok0.to(tl.int64) * stride_on
+        O_IN += tok0.to(tl.int64) * stride_on
     q_pos = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -438,7 +460,7 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
         + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :]
-    lse_off = off_bh.to(tl.int64) * N_TOK + q_tok
+    lse_off = lse_row + q_tok
     if MERGE_IN:
         acc, lse = _merge_rows(acc, lse, O_IN + o_off, LSE_IN + lse_off, q_in, q_ok)
     tl.store(O + o_off, acc.to(O.dtype.element_ty), mask=q_in)
@@ -565,7 +587,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
                   FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False, BAND: tl.constexpr = False,  #
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
-                  softcap=1.0, SLOPES=None, REL=None, rel_m=0):
+                  softcap=1.0, SLOPES=None, REL=None, rel_m=0,  #
+                  PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics.
     FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows; BAND: FULL_STEPS is
@@ -589,6 +612,20 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
     n_tiles = tl.cdiv(N, BLOCK_N1)
     tile = tl.load(TILE_ORDER + layout_kvh * n_tiles + tl.program_id(0))
     start_n = tile * BLOCK_N1
+    lse_len = N_TOK  # lse's and delta's row length: every token
+    if PACKED:  # -- as in attn_fwd
+        slot0, N, N_TOK, ORD_S, tok0 = _packed_sequence(SEQS, start_n, ALIGN)
+        start_n -= slot0
+        LSE += tok0
+        DELTA += tok0
+        Q += tok0.to(tl.int64) * stride_qn
+        K += tok0.to(tl.int64) * stride_kn
+        V += tok0.to(tl.int64) * stride_vn
+        DO += tok0.to(tl.int64) * stride_don
+        DK += tok0.to(tl.int64) * stride_dkn
+        DV += tok0.to(tl.int64) * stride_dkn
+        DK_IN += tok0.to(tl.int64) * stride_dkn
+        DV_IN += tok0.to(tl.int64) * stride_dkn
     k_pos = start_n + tl.arange(0, BLOCK_N1)
     offs_m = tl.arange(0, BLOCK_M1)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -616,8 +653,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
             layout_h = off_h
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * N_TOK
-        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * N_TOK
+        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * lse_len
+        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * lse_len
         csr_col = layout_h * n_tiles + tile
         if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range;
             #            a step reaching past the end (the band's last, if any) as a masked loop of its own
@@ -872,7 +909,7 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 BAND: tl.constexpr = False,  #
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
                 softcap=1.0, SLOPES=None, REL=None, rel_m=0, PART=None, SCR=None, HIST=None,  #
-                SKEW: tl.constexpr = 16):
+                SKEW: tl.constexpr = 16, PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
     FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows, BAND as in attn_bwd_dkdv).
 
@@ -902,6 +939,18 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     n_tiles = tl.cdiv(N, BLOCK_M2)
     tile = tl.load(TILE_ORDER + layout_h * n_tiles + tl.program_id(0))
     start_m = tile * BLOCK_M2
+    lse_row = off_bh.to(tl.int64) * N_TOK  # lse's and delta's row of this batch and head
+    if PACKED:  # -- as in attn_fwd
+        slot0, N, N_TOK, ORD_S, tok0 = _packed_sequence(SEQS, start_m, ALIGN)
+        start_m -= slot0
+        lse_row += tok0
+        Q += tok0.to(tl.int64) * stride_qn
+        K += tok0.to(tl.int64) * stride_kn
+        V += tok0.to(tl.int64) * stride_vn
+        DO += tok0.to(tl.int64) * stride_don
+        O += tok0.to(tl.int64) * stride_on
+        DQ += tok0.to(tl.int64) * stride_dqn
+        DQ_IN += tok0.to(tl.int64) * stride_dqn
     q_pos = start_m + tl.arange(0, BLOCK_M2)
     offs_n = tl.arange(0, BLOCK_N2)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -912,14 +961,14 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 + q_tok[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=q_in, other=0.0)
     do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
                  + q_tok[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=q_in, other=0.0)
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0) * 1.44269504  # 1/ln(2)
+    lse2 = tl.load(LSE + lse_row + q_tok, mask=q_ok, other=0.0) * 1.44269504  # 1/ln(2)
     if WRITE_DELTA:
         o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
                     + q_tok[:, None].to(tl.int64) * stride_on + offs_d[None, :], mask=q_in, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + off_bh.to(tl.int64) * N_TOK + q_tok, delta, mask=q_ok)
+        tl.store(DELTA + lse_row + q_tok, delta, mask=q_ok)
     else:
-        delta = tl.load(DELTA + off_bh.to(tl.int64) * N_TOK + q_tok, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + lse_row + q_tok, mask=q_ok, other=0.0)
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]

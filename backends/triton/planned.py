@@ -23,13 +23,23 @@ the fp32 sum of the launches before it, the last writes the inputs' dtype
 
 from __future__ import annotations
 
-from patterncc.lru import LRU
-from patterncc.planned import PlannedAttention
-from patterncc.scores import NO_TERMS
+import numpy as np
+import torch
 
-from .runtime import SlotOrder, attend, check_inputs, launch_key
+from patterncc import ir
+from patterncc.lru import LRU
+from patterncc.blocklayout import build as build_layout
+from patterncc.packing import PackedSlots, packed_layout, residue_padding
+from patterncc.planned import PlannedAttention, _term_kwargs
+from patterncc.planner import component_at, slot_pattern_of
+from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
+
+from .runtime import SlotOrder, _DeviceTables, _Run, attend, check_inputs, launch_key
+from .tables import crop_steps, kernel_steps
 
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
+_PACKED_ENTRIES = 8  # packed batches' launch lists kept (a training loop brings a new batch every step)
+_LENGTH_ENTRIES = 256  # component layouts kept per sequence length (reordered components of packed batches)
 
 
 class TritonPlannedAttention(PlannedAttention):
@@ -40,6 +50,9 @@ class TritonPlannedAttention(PlannedAttention):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, check=check_inputs, **kwargs)
         self._launches = LRU(_LAUNCH_ENTRIES)
+        self._packed = LRU(_PACKED_ENTRIES)
+        self._at_length = LRU(_LENGTH_ENTRIES)
+        self._packed_inner: dict = {}
 
     def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
         return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms)
@@ -66,3 +79,174 @@ class TritonPlannedAttention(PlannedAttention):
                 for run in runs]
         self._launches[key] = (runs, made)
         return made
+
+    # -- packed batches
+
+    def packed(self, q, k, v, offsets: np.ndarray, scale=None, return_lse: bool = False, *, softcap=None,
+               alibi_slopes=None, sinks=None, rel_bias=None):
+        """Attention over a packed batch: q ``[1, H, total, D]``, k, v ``[1,
+        Hkv, total, D]``, ``offsets`` the sequences' token offsets (numpy
+        int64 ``[S + 1]``, checked: ``checks.check_cu_seqlens``). Each sequence
+        is attended alone, with q, k and n relative to it; the result is
+        each sequence's own, concatenated (o, lse, and the gradients).
+
+        A pattern whose mask does not depend on n runs fused: every
+        component of one plan (made at the longest sequence) over the
+        batch's packed layout (``patterncc.packing``), through the same
+        kernels for every batch. One that does (``n`` in an argument or a
+        ``where``, ``random``) runs the sequences grouped by length, one
+        call per distinct length (each length its own layout, and its own
+        kernels where the arguments use n)."""
+        q, k, v = check_inputs(q, k, v)
+        if q.shape[0] != 1:
+            raise ValueError(f"a packed batch has batch size 1 (q [1, H, total, D]), got q {tuple(q.shape)}")
+        terms = ScoreTerms(softcap, alibi_slopes, sinks, rel_bias)
+        if terms:
+            terms = check_terms(terms, q.shape[1], q.device)
+        if not length_free(self.pattern):
+            o, lse = self._packed_by_length(q, k, v, offsets, scale, terms)
+        else:
+            o, lse = attend(q, k, v, scale, lambda q, k: self.packed_launches(q, k, offsets), terms)
+        return (o, lse) if return_lse else o
+
+    def packed_launches(self, q, k, offsets: np.ndarray) -> list:
+        """``(launcher, SlotOrder)`` per component of a packed batch for inputs
+        shaped like ``q`` and ``k`` (head dim padded), kept for the last few batches."""
+        key = (offsets.tobytes(), *launch_key(q, k))
+        if key not in self._packed:
+            self._packed[key] = self._build_packed(q, k, offsets)
+        return self._packed[key]
+
+    def _build_packed(self, q, k, offsets: np.ndarray) -> list:
+        """Every component's packed layout, device tables and kernels: the
+        kernels are the ones of the plan at the longest sequence (no compile
+        for a new batch), the layouts per sequence (``packing_of``)."""
+        _, H, Hkv, head_dim, dtype, device = launch_key(q, k)
+        plan = self.packed_plan(offsets, H)
+        launches = []
+        for comp in plan.components:
+            attn = self._inner_of(comp, H)
+            config = attn.config_for(head_dim, dtype, comp.layout)
+            align = max(config.block, config.block_m, config.block_n, config.block_m1, config.block_n1,
+                        config.block_m2, config.block_n2)
+            packing, sources, source_of, unfull = self.packing_of(comp, offsets, align)
+            module = attn.kernels(plan.seq_len, config, device)
+            if comp.reordered:
+                lay = packed_layout(comp.slot_pattern, sources, source_of, packing, unfull)
+                tables = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device,
+                                             packing=(packing.first_slots(), align))
+            else:  # every sequence crops one layout: so do its step lists (no packed layout needed)
+                def steps_of(orientation, tile, step, comp=comp, packing=packing):
+                    return crop_steps(self.source_steps(comp, orientation, tile, step), np.diff(offsets),
+                                      packing.first, tile, step, packing.total)
+
+                tables = _DeviceTables.from_steps(steps_of, comp.layout.heads, packing.total, Hkv, config,
+                                                  module.RANDOM_TABLES, device)
+            seqs = torch.from_numpy(packing.table()).to(device)
+            launcher = _Run(module, tables, config, head_dim, H, Hkv, packing.total, dtype, packing=(seqs, align))
+            launches.append((launcher, SlotOrder.of(comp.q_order, comp.k_order, plan.seq_len)))
+        return launches
+
+    def packing_of(self, comp, offsets: np.ndarray, align: int):
+        """``(PackedSlots, sources, source_of, unfull)`` of one component over a
+        packed batch (``packing.packed_layout``'s arguments). Natural order:
+        every sequence crops the component's layout at the longest one
+        (the mask at length m is the top-left m x m of the mask at any
+        longer length, for a pattern that does not use n). Residue order:
+        one layout per class size (``residue_layout``). Gathered columns:
+        the component's layout at each distinct length (closed form, cached
+        per length)."""
+        lengths = np.diff(offsets)
+        if not comp.reordered:
+            return PackedSlots.of(offsets, lengths, np.ones_like(lengths), align), [comp.layout], \
+                np.zeros(lengths.size, dtype=np.int64), None
+        # queries walk the slots of the query order (keys gathered into fewer are padded to them)
+        slots = comp.q_order.length(lengths)
+        shaped = comp.q_order if comp.q_order.kind != "natural" else comp.k_order  # as SlotOrder.of
+        packing = PackedSlots.of(offsets, slots, shaped.classes(lengths), align)
+        if comp.q_order.kind == "residue":  # one layout per class size, its padding slots' blocks never FULL
+            l = comp.q_order.l
+            distinct, source_of = np.unique(np.maximum(comp.q_order.classes(lengths), 1), return_inverse=True)
+            sources = [self.residue_layout(comp, int(S)) for S in distinct]
+            return packing, sources, source_of, residue_padding(lengths, l, comp.layout.block)
+        distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
+        sources = [self.component_at(comp, int(n)).layout for n in distinct]
+        if any(lay.seq_len != comp.q_order.length(int(n)) for lay, n in zip(sources, distinct)):
+            raise AssertionError("a component's layout must span its query order's slots")
+        return packing, sources, source_of, None
+
+    def source_steps(self, comp, orientation: str, tile: int, step: int):
+        """The step lists of a natural-order component's layout (at the plan's
+        length), which every packed batch of the plan crops (``tables.crop_steps``)."""
+        key = (comp.pattern, comp.layout.seq_len, comp.layout.heads, orientation, tile, step)
+        if key not in self._at_length:
+            lay = comp.layout
+            ptr, idx, full = ((lay.kv_ptr, lay.kv_idx, lay.kv_full) if orientation == "kv"
+                              else (lay.q_ptr, lay.q_idx, lay.q_full))
+            self._at_length[key] = kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
+        return self._at_length[key]
+
+    def residue_layout(self, comp, S: int):
+        """A residue-order component's layout over ``l * S`` slots without the
+        tests that keep padding slots out (``planner.slot_pattern_of(...,
+        padding=False)``), so one per class size ``S`` serves every length
+        with that class size (``packing.residue_padding`` marks the blocks
+        that hold padding slots). Cached per class size: at most
+        ``ceil(longest / l)`` of them, shared by every batch."""
+        key = (comp.pattern, comp.q_order, comp.k_order, comp.layout.heads, "classes", S)
+        if key not in self._at_length:
+            n = comp.q_order.l * S
+            pattern = slot_pattern_of(comp.pattern, comp.q_order, comp.k_order, n, padding=False)
+            self._at_length[key] = build_layout(pattern, n, comp.layout.block, comp.layout.heads)
+        return self._at_length[key]
+
+    def packed_plan(self, offsets: np.ndarray, heads: int):
+        """The plan a packed batch runs: the one at the power of two at or
+        above its longest sequence, so that the batches of a training run
+        share one plan (and its tiles), and a natural layout that every
+        sequence's layout crops from."""
+        longest = max(1, int(np.diff(offsets).max()))
+        return self.plan(1 << (longest - 1).bit_length(), heads)
+
+    def _inner_of(self, comp, heads: int):
+        """The kernels' attention of a component's predicate (the same at every
+        length, unlike its slot pattern): one per predicate, so no batch loads kernels anew."""
+        key = (comp.predicate, heads)
+        if key not in self._packed_inner:
+            self._packed_inner[key] = self.make_inner(comp, heads)
+        return self._packed_inner[key]
+
+    def component_at(self, comp, n: int):
+        key = (comp.pattern, comp.q_order, comp.k_order, comp.layout.heads, n)
+        if key not in self._at_length:
+            self._at_length[key] = component_at(comp, n, self.block)
+        return self._at_length[key]
+
+    def _packed_by_length(self, q, k, v, offsets: np.ndarray, scale, terms: ScoreTerms):
+        """o, lse of a packed batch of a pattern that depends on n: the
+        sequences of each distinct length as one batch ``[G, H, n, D]``
+        through the plain call, then back in token order (autograd through
+        the gathers and the concatenation)."""
+        lengths = np.diff(offsets)
+        parts = {}
+        for n in np.unique(lengths[lengths > 0]):
+            seqs = np.flatnonzero(lengths == n)
+            index = torch.as_tensor(np.concatenate([np.arange(offsets[s], offsets[s] + n) for s in seqs]),
+                                    device=q.device)
+
+            def group(x):  # [1, h, G * n, D] -> [G, h, n, D]
+                return x.index_select(2, index).reshape(x.shape[1], seqs.size, int(n), x.shape[3]).transpose(0, 1)
+
+            o, lse = self(group(q), group(k), group(v), scale=scale, return_lse=True, **_term_kwargs(terms))
+            for g, s in enumerate(seqs):
+                parts[s] = (o[g:g + 1], lse[g:g + 1])
+        order = [s for s in range(lengths.size) if lengths[s] > 0]
+        return torch.cat([parts[s][0] for s in order], dim=2), torch.cat([parts[s][1] for s in order], dim=2)
+
+
+def length_free(pattern: ir.Pattern) -> bool:
+    """Whether a pattern's mask at length m is the top-left m x m of its mask
+    at any longer length: no ``n`` in its arguments or conditions, no
+    ``random`` (its tables are drawn per length)."""
+    return not ir.uses_n(pattern) and not any(isinstance(node, ir.Random) for node in ir.walk(pattern))
+

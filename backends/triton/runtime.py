@@ -303,8 +303,24 @@ class _DeviceTables:
     dkdv_walk: str = "steps"
 
     @staticmethod
-    def build(lay, Hkv: int, config: KernelConfig, random_specs, device) -> "_DeviceTables":
-        n, block = lay.seq_len, lay.block
+    def build(lay, Hkv: int, config: KernelConfig, random_specs, device, packing=None) -> "_DeviceTables":
+        """``packing``: ``(first_slot, align)`` for a packed batch's layout
+        (``tables.local_steps``): each tile's steps counted from its sequence's first slot."""
+
+        def steps_of(orientation: str, tile: int, step: int) -> tables.StepLists:
+            ptr, idx, full = ((lay.kv_ptr, lay.kv_idx, lay.kv_full) if orientation == "kv"
+                              else (lay.q_ptr, lay.q_idx, lay.q_full))
+            rows = tables.kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
+            return rows if packing is None else tables.local_steps(rows, tile, step, *packing)
+
+        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, random_specs, device)
+
+    @staticmethod
+    def from_steps(steps_of, heads: int, n: int, Hkv: int, config: KernelConfig, random_specs,
+                   device) -> "_DeviceTables":
+        """The tables of the kernels' step lists ``steps_of(orientation, tile,
+        step)`` (``"kv"``: query tiles walking key steps, ``"q"``: key tiles
+        walking query steps) of a layout with ``heads`` heads over ``n`` slots."""
 
         def dev(a):  # never empty: a null data pointer is not worth the doubt
             a = np.ascontiguousarray(a, dtype=np.int32)
@@ -321,17 +337,17 @@ class _DeviceTables:
             arrays = (steps.full_ptr, table.ravel(), steps.part_ptr, steps.part_steps, tables.tile_order(cost))
             return tuple(dev(a) for a in arrays), walk
 
-        rows = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, config.block_m, config.block_n)
+        rows = steps_of("kv", config.block_m, config.block_n)
         fwd, fwd_walk = lists(rows, rows.cost)
         if (config.block_m2, config.block_n2) != (config.block_m, config.block_n):
-            rows = tables.kernel_steps(lay.kv_ptr, lay.kv_idx, lay.kv_full, n, block, config.block_m2, config.block_n2)
+            rows = steps_of("kv", config.block_m2, config.block_n2)
             dq, dq_walk = lists(rows, rows.cost, config.bwd_band)
         else:  # the forward's tiles: its tables too, unless dQ walks bands
             dq, dq_walk = lists(rows, rows.cost, True) if config.bwd_band else (fwd, fwd_walk)
-        cols = tables.kernel_steps(lay.q_ptr, lay.q_idx, lay.q_full, n, block, config.block_n1, config.block_m1)
-        kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
+        cols = steps_of("q", config.block_n1, config.block_m1)
+        kv_cost = tables.group_cost(cols.cost, Hkv) if heads > 1 else cols.cost
         dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
-        return _DeviceTables(layout_heads=lay.heads, fwd=fwd, dq=dq, dkdv=dkdv,
+        return _DeviceTables(layout_heads=heads, fwd=fwd, dq=dq, dkdv=dkdv,
                              random=_random_buffer(random_specs, n, device),
                              fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
 
@@ -373,10 +389,13 @@ class _Run:
     dtype: torch.dtype
     # kernel -> pipeline stages where the config's do not fit in shared memory (_launch)
     stages_that_fit: dict = field(default_factory=dict, compare=False, repr=False)
+    # a packed batch: (SEQS, ALIGN) of the kernels' PACKED mode (patterncc.packing.PackedSlots.table)
+    packing: tuple | None = None
 
     def _constexprs(self):
+        packed = {} if self.packing is None else dict(PACKED=True, SEQS=self.packing[0], ALIGN=self.packing[1])
         return dict(HEAD_DIM=self.head_dim, HEAD_DEPENDENT=self.tables.layout_heads > 1,
-                    DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32")
+                    DOT_PRECISION="ieee" if self.dtype == torch.float32 else "tf32", **packed)
 
     def forward(self, q, k, v, scale, order: "SlotOrder | None" = None, o=None, lse=None, o_in=None, lse_in=None,
                 terms: "_KernelTerms | None" = None, sink: bool = False):
@@ -517,10 +536,8 @@ class SlotOrder:
     @staticmethod
     def of(q_order, k_order, n: int) -> "SlotOrder":
         """From the planner's TokenOrders of one component."""
-        codes = {"natural": 0, "residue": 1, "columns": 2}
         shaped = q_order if q_order.kind != "natural" else k_order
-        l = max(1, shaped.l)
-        return SlotOrder(codes[q_order.kind], codes[k_order.kind], l, -(-n // l), max(1, shaped.c))
+        return SlotOrder(q_order.code, k_order.code, max(1, shaped.l), shaped.classes(n), max(1, shaped.c))
 
     def args(self, tokens: int) -> tuple[int, int, int, int]:
         """N_TOK, ORD_L, ORD_S, ORD_C for the kernels."""

@@ -64,6 +64,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patterncc.blocklayout import run_offsets, run_ranges
+
 
 @dataclass(frozen=True, eq=False)
 class StepLists:
@@ -87,6 +89,12 @@ def kernel_steps(ptr: np.ndarray, idx: np.ndarray, full: np.ndarray, seq_len: in
     n_tiles, n_steps = -(-seq_len // tile), -(-seq_len // step)
     counts = np.diff(ptr, axis=1).astype(np.int64).ravel()
     flat_row = np.repeat(np.arange(H * R, dtype=np.int64), counts)
+    if tile == block == step:  # each entry is one (tile, step) pair, already in order: no merge, no sort
+        col = np.asarray(idx, dtype=np.int64)
+        fast = np.asarray(full, dtype=bool) & ((col + 1) * step <= seq_len)
+        return StepLists(n_tiles, _pointers(flat_row[fast], H * n_tiles), col[fast].astype(np.int32),
+                         _pointers(flat_row[~fast], H * n_tiles), col[~fast].astype(np.int32),
+                         counts.reshape(H, n_tiles), int(col.size))
     h, row = flat_row // R, flat_row % R
     col = np.asarray(idx, dtype=np.int64)
     full = np.asarray(full, dtype=bool)
@@ -226,3 +234,73 @@ def group_cost(cost: np.ndarray, kv_heads: int) -> np.ndarray:
     if H == 1:
         return cost
     return cost.reshape(kv_heads, H // kv_heads, -1).sum(axis=1)
+
+
+def local_steps(lists: StepLists, tile: int, step: int, first_slot: np.ndarray, align: int) -> StepLists:
+    """``lists`` of a packed batch's layout with each tile's steps counted
+    from the first slot of its sequence (the kernels' PACKED mode walks a
+    tile's sequence in that sequence's own positions). ``first_slot``
+    (int64 ``[chunks]``): the first slot of the sequence that holds slots
+    ``c * align .. (c + 1) * align - 1``; ``align`` is a multiple of
+    ``tile`` and ``step``, so no tile or step spans two sequences."""
+    rows = lists.full_ptr.size - 1
+    t = np.arange(rows, dtype=np.int64) % lists.n_tiles
+    shift = first_slot[t * tile // align] // step if first_slot.size else np.zeros(rows, dtype=np.int64)
+
+    def local(ptr, steps):
+        return (steps - np.repeat(shift, np.diff(ptr))).astype(np.int32)
+
+    return StepLists(lists.n_tiles, lists.full_ptr, local(lists.full_ptr, lists.full_steps), lists.part_ptr,
+                     local(lists.part_ptr, lists.part_steps), lists.cost, lists.steps)
+
+
+def crop_steps(src: StepLists, lengths: np.ndarray, first: np.ndarray, tile: int, step: int,
+               total: int) -> StepLists:
+    """The step lists of a packed batch whose sequences all crop one layout:
+    sequence ``s`` (``lengths[s]`` slots from slot ``first[s]``, a multiple
+    of ``tile``) gets the top-left crop of ``src``, the lists of that layout
+    at a length at least the longest (a pattern whose mask at length m is
+    the top-left m x m of its mask at any longer length). Its tile ``t`` is
+    the batch's tile ``first[s] // tile + t``, its steps counted from the
+    sequence's first slot (the kernels' PACKED mode); a FULL step reaching
+    past the sequence's end becomes the last PARTIAL step of its tile (FULL
+    steps are walked without a bounds mask). No sort: a binary search per
+    tile and gathers."""
+    heads = (src.full_ptr.size - 1) // src.n_tiles
+    n_tiles = total // tile
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n_t, n_s = -(-lengths // tile), -(-lengths // step)
+    seq = np.repeat(np.arange(lengths.size), n_t)  # one per (sequence, tile)
+    t = run_offsets(n_t)
+    g_tile = first[seq] // tile + t
+    width = int(max(src.full_steps.max(initial=0), src.part_steps.max(initial=0), n_s.max(initial=0))) + 2
+
+    def keyed(ptr, steps):  # row * width + step: ascending, so a row's steps below m are one search away
+        return np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(ptr)) * width + steps
+
+    full_keys, part_keys = keyed(src.full_ptr, src.full_steps), keyed(src.part_ptr, src.part_steps)
+    full_ptr, part_ptr = src.full_ptr.astype(np.int64), src.part_ptr.astype(np.int64)
+    out_full, out_part, n_full, n_part = [], [], np.zeros(heads * n_tiles, np.int64), np.zeros(heads * n_tiles, np.int64)
+    for h in range(heads):
+        x = h * src.n_tiles + t  # the source row
+        limit = x * width + n_s[seq]
+        f0, kf = full_ptr[x], np.searchsorted(full_keys, limit) - full_ptr[x]
+        p0, kp = part_ptr[x], np.searchsorted(part_keys, limit) - part_ptr[x]
+        last = src.full_steps[np.maximum(f0 + kf - 1, 0)] if src.full_steps.size else np.zeros_like(kf)
+        moved = (kf > 0) & (last == n_s[seq] - 1) & (lengths[seq] % step != 0)
+        kf = kf - moved
+        out_full.append(src.full_steps[run_ranges(f0, kf)])
+        part = np.empty(int((kp + moved).sum()), dtype=np.int32)
+        begins = np.cumsum(kp + moved) - (kp + moved)
+        part[np.repeat(begins, kp) + run_ranges(0, kp)] = src.part_steps[run_ranges(p0, kp)]
+        part[(begins + kp)[moved]] = last[moved]
+        out_part.append(part)
+        n_full[h * n_tiles + g_tile] = kf
+        n_part[h * n_tiles + g_tile] = kp + moved
+
+    def pointers(counts):
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+
+    cost = (n_full + n_part).reshape(heads, n_tiles)
+    return StepLists(n_tiles, pointers(n_full), np.concatenate(out_full).astype(np.int32), pointers(n_part),
+                     np.concatenate(out_part).astype(np.int32), cost, int(cost.sum()))
