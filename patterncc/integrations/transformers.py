@@ -219,10 +219,16 @@ def layer_pattern(module, sliding_window: int | None) -> tuple[ir.Pattern, int]:
     return ir.Causal(), 1
 
 
-@lru_cache(maxsize=64)
 def _chunked(l: int) -> ir.Pattern:
-    """The standard library's ``chunked(l)``, Llama 4's chunked attention (``causal & block(l)``)."""
-    return parse_pattern(f"chunked({l})")  # l is an int: the text is always well formed
+    """The standard library's ``chunked(l)``, Llama 4's chunked attention
+    (``causal & block(l)``), parsed once per chunk size (a plain dict, as
+    ``_compiled``'s, which torch.compile reads without tracing the parser)."""
+    if l not in _CHUNKED:
+        _CHUNKED[l] = parse_pattern(f"chunked({l})")  # l is an int: the text is always well formed
+    return _CHUNKED[l]
+
+
+_CHUNKED: dict[int, ir.Pattern] = {}
 
 
 def _period(p: ir.Pattern) -> int:
