@@ -31,7 +31,9 @@ modules (compiled once each), not one per length.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,7 +123,7 @@ class TritonAttention:
         module = self.kernels(n, config, device)
         key = (n, H, Hkv, str(device), config)
         if key not in self._tables:
-            self._tables[key] = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device)
+            self._tables[key] = _DeviceTables.build(lay, Hkv, config, module, device)
         run = _Run(module, self._tables[key], config, head_dim, H, Hkv, n, dtype)
         self._runs[run_key] = run
         return run
@@ -159,7 +161,7 @@ class TritonAttention:
         module = self.kernels(n, config, device)
         ir.check_heads(self.pattern, heads)
         out = torch.zeros((heads, n, n), dtype=torch.int8, device=device)
-        rand = _random_buffer(module.RANDOM_TABLES, n, device)
+        rand = _random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS)
         grid = (triton_cdiv(n, 16), triton_cdiv(n, 16), heads)
         module.pattern_mask_picture[grid](out, rand, n, BLOCK_M=16, BLOCK_N=16)
         return out
@@ -202,7 +204,14 @@ def _float32_scale(scale: float) -> float:
 
 def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendix: str = ""):
     """The kernel module of a bound pattern and config, through the disk cache;
-    ``appendix``: more kernels to append to it (``decode.py``'s), part of the key."""
+    ``appendix``: more kernels to append to it (``decode.py``'s).
+
+    The cache key is the generated text itself (with what compiles it), not
+    the pattern: patterns that differ only in their integers generate one
+    text (codegen.py) and so share one module and its compiled kernels. What
+    this returns is that module's namespace for this pattern: the same
+    objects, plus ``PATTERN_ARGS``, the integers the kernels read from
+    ``RANDOM`` (``_random_buffer``) and ``make_mask_mod`` takes."""
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
@@ -210,9 +219,19 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendi
         _interpret.patch_bf16_dot()  # else the interpreter's bf16 tl.dot multiplies bit patterns
     else:
         cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
-    key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH, ir.source(pattern),
-                          repr(pattern), config, triton.__version__, capability, *([appendix] if appendix else []))
-    return cache.load_module(key, lambda: codegen.generate_source(pattern, config) + appendix)
+    source = codegen.generate_source(pattern, config) + appendix
+    key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH,
+                          hashlib.sha256(source.encode()).hexdigest(), triton.__version__, capability)
+    return _with_args(cache.load_module(key, lambda: source), codegen.pattern_args(pattern))
+
+
+def _with_args(module: types.ModuleType, args: tuple[int, ...]) -> types.ModuleType:
+    """A namespace of ``module``'s own objects (its kernels are shared, not
+    copied) that also holds one pattern's ``PATTERN_ARGS``."""
+    bound = types.ModuleType(module.__name__, module.__doc__)
+    bound.__dict__.update(module.__dict__)
+    bound.PATTERN_ARGS = args
+    return bound
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -302,7 +321,8 @@ class _DeviceTables:
     dkdv_walk: str = "steps"
 
     @staticmethod
-    def build(lay, Hkv: int, config: KernelConfig, random_specs, device) -> "_DeviceTables":
+    def build(lay, Hkv: int, config: KernelConfig, module, device) -> "_DeviceTables":
+        """``module``: the kernels' (``load_kernels``), whose random tables and integers ``RANDOM`` holds."""
         n, block = lay.seq_len, lay.block
 
         def dev(a):  # never empty: a null data pointer is not worth the doubt
@@ -331,15 +351,17 @@ class _DeviceTables:
         kv_cost = tables.group_cost(cols.cost, Hkv) if lay.heads > 1 else cols.cost
         dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
         return _DeviceTables(layout_heads=lay.heads, fwd=fwd, dq=dq, dkdv=dkdv,
-                             random=_random_buffer(random_specs, n, device),
+                             random=_random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS),
                              fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
 
 
-def _random_buffer(specs, n: int, device) -> torch.Tensor:
-    """int32: ``len(specs)`` offsets, then each ``random(r, b, seed)`` table
-    ``[nb, min(r, nb)]`` from ``randomblocks.draw`` (one dummy entry if none)."""
-    parts = []
-    offset = len(specs)
+def _random_buffer(specs, n: int, device, args: tuple[int, ...]) -> torch.Tensor:
+    """int32: ``len(specs)`` offsets (one dummy entry if none), the pattern's
+    integers ``args`` (``codegen.pattern_args``: the generated predicate's
+    ``a0, a1, ...``), then each ``random(r, b, seed)`` table ``[nb, min(r,
+    nb)]`` from ``randomblocks.draw``."""
+    parts = [np.array(args, dtype=np.int64)]
+    offset = max(len(specs), 1) + len(args)
     offsets = []
     for r, b, seed in specs:
         nb = -(-n // b)
@@ -349,7 +371,7 @@ def _random_buffer(specs, n: int, device) -> torch.Tensor:
         parts.append(table)
     if offset >= 2**31:
         raise LimitError(f"the random(...) tables at n={n} hold {offset} entries, over the int32 limit")
-    buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)
+    buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)  # args fit: codegen
     return torch.from_numpy(buf).to(device)
 
 
