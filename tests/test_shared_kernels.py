@@ -32,7 +32,7 @@ TILES16 = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=1
 PAIRS = {
     "strided": ("strided(128)", "strided(256)"),
     "sliding_window": ("sliding_window(1024)", "sliding_window(4096)"),
-    "fixed": ("fixed(128, 32)", "fixed(64, 8)"),
+    "fixed": ("fixed(128, 32)", "fixed(192, 48)"),
     "dilated_sink": ("causal & (dilated(4, 3) | sink(2))", "causal & (dilated(8, 2) | sink(5))"),
 }
 
@@ -42,6 +42,17 @@ def test_patterns_that_differ_in_integers_generate_one_source(name):
     a, b = (pcc.parse(text) for text in PAIRS[name])
     assert codegen.generate_source(a) == codegen.generate_source(b)
     assert codegen.pattern_args(a) != codegen.pattern_args(b)
+
+
+@pytest.mark.parametrize("name", ["strided", "fixed"])
+def test_planned_components_share_too(name):
+    """The planner's components (a band, a residue-order or gathered-column
+    part written as ``where`` predicates with the pattern's constants) each
+    generate one text for both patterns of a pair."""
+    a, b = (pcc.plan(text, 4096, heads=16) for text in PAIRS[name])
+    assert len(a.components) == len(b.components) >= 2
+    for ca, cb in zip(a.components, b.components):
+        assert codegen.generate_source(ca.predicate) == codegen.generate_source(cb.predicate)
 
 
 def test_the_integers_are_not_in_the_text():
@@ -109,3 +120,70 @@ def test_predicate_and_mask_mod_of_each_pattern(tmp_path, monkeypatch):
         pos = torch.arange(n, dtype=torch.int32)
         np.testing.assert_array_equal(mod(0, torch.tensor(0), pos[:, None], pos[None, :]).numpy(), want[0])
     assert len(list(tmp_path.glob("k_*.py"))) == 2  # two configs: TILES16's and flex's default
+
+
+# ----------------------------------------------------------------------------
+# Compiling a first call's kernels ahead, in parallel
+# ----------------------------------------------------------------------------
+
+KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
+
+
+class _Recorder:
+    """A kernel that records its launches (then runs them) and its warm-ups
+    (compiling nothing), each as the kernel's name and what Triton
+    specializes on: tensors by dtype, shape and strides, the rest by value."""
+
+    def __init__(self, kernel, name, launched, warmed):
+        self.kernel, self.name, self.launched, self.warmed = kernel, name, launched, warmed
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append(self._signature(grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+    def warmup(self, *args, grid, **kwargs):
+        self.warmed.append(self._signature(grid, args, kwargs))
+
+    def _signature(self, grid, args, kwargs):
+        def sig(x):
+            if isinstance(x, torch.Tensor):
+                return ("tensor", x.dtype, tuple(x.shape), x.stride())
+            return x
+        return (self.name, grid, tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+
+@pytest.mark.parametrize("source,plan,terms", [("fixed(8, 2)", "planned", False), ("strided(8)", "natural", True)])
+def test_compile_ahead_warms_exactly_what_the_call_launches(source, plan, terms, monkeypatch):
+    """What compile_ahead warms up (on meta tensors) is what the first
+    forward and backward then launch, kernel by kernel and argument by
+    argument (but the data): so on the GPU each kernel compiles once, all
+    in parallel before the forward. Run on the CPU by turning it on under
+    the interpreter, with recording kernels."""
+    from patterncc.backends.triton import runtime
+
+    launched, warmed = [], []
+    real_with_args = runtime._with_args
+
+    def recording(module, args):
+        view = real_with_args(module, args)
+        for name in KERNELS:
+            setattr(view, name, _Recorder(getattr(view, name), name, launched, warmed))
+        return view
+
+    monkeypatch.setattr(runtime, "_with_args", recording)
+    monkeypatch.setattr(runtime, "_compiles_ahead", lambda q: True)
+    attn = pcc.compile(source, backend="triton", plan=plan, config=TILES16)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 24, 16, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 1, 24, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    extra = dict(alibi_slopes=torch.rand(2).to(DEVICE).requires_grad_(), sinks=torch.randn(2).to(DEVICE)) if terms else {}
+    for step in range(2):
+        attn(q, k, v, **extra).square().sum().backward()
+        if step == 0:
+            assert warmed and sorted(map(repr, warmed)) == sorted(map(repr, launched)), "warmed != launched"
+            assert {w[0] for w in warmed} >= {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
+            warmed_once = len(warmed)
+            launched.clear()
+    assert len(warmed) == warmed_once  # a shape seen: nothing warmed again

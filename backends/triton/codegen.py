@@ -19,14 +19,18 @@ operator is checked against the IR's fixed sets first. Each primitive is one
 small function below, next to the rule in its ``ir.py`` docstring.
 
 The primitives' integers (``local(w)``'s ``w``, ``stride(l)``'s ``l``, ...)
-are not in the text: each is a runtime argument ``a<i>``, read from
-``RANDOM`` (Triton) or from ``make_mask_mod``'s ``args`` (torch), in the
-order ``pattern_args`` gives. Patterns that differ only in them, such as
-``strided(128)`` and ``strided(256)``, so generate the same source and share
-one compiled module, in memory and on disk. Literals stay where the code's
-shape depends on the value: ``random(r, b, seed)`` (the table and its loop),
-the head ranges of ``heads``/``cycle``, ``where`` expressions (their int64
-and floor-division decisions read the values), and values beyond int32.
+and the constants of ``where`` expressions are not in the text: each is a
+runtime argument ``a<i>``, read from ``RANDOM`` (Triton) or from
+``make_mask_mod``'s ``args`` (torch), in the order ``pattern_args`` gives.
+Patterns that differ only in them, such as ``strided(128)`` and
+``strided(256)`` (and the planner's components of each, whose ``where``
+predicates differ in constants), so generate the same source and share one
+compiled module, in memory and on disk. A ``where`` expression's int64 and
+floor-division decisions still read its values, and the text shows what
+they chose, so two patterns share a text only where those agree. Literals
+stay where the code's shape depends on the value: ``random(r, b, seed)``
+(the table and its loop), the head ranges of ``heads``/``cycle``, and
+values beyond int32.
 ``PATTERNCC_LITERAL_INTS=1`` writes every integer as a literal again (one
 module per pattern), to measure what the shared modules cost.
 
@@ -347,7 +351,8 @@ def _where(p, e):
     if not (ir.expr_vars(p.cond) & {"q", "k", "h"}):
         text = e.d.scalar_condition(text)
     # the expression was checked by _check_ir: fixed names and operators, int literals
-    return text, f"where {ir.expr_source(p.cond)}" + (" (in int64: values may leave int32)" if wide else "")
+    # (not quoted in the comment: its integers are arguments, the text every such pattern's)
+    return text, "where" + (" (in int64: values may leave int32)" if wide else "")
 
 
 def _int(value) -> int:
@@ -427,7 +432,7 @@ class _Cond:
 
     def integer(self, e: ir.Expr) -> str:
         if not ir.expr_vars(e):  # constant: fold it (this also checks isqrt and division by zero)
-            return _lit(ir.eval_int(e, {}))
+            return self.pred.arg(ir.eval_int(e, {}))
         if isinstance(e, ir.Var):
             return self.d.var(e.name, self.wide)
         if isinstance(e, ir.BinOp):

@@ -34,7 +34,9 @@ import contextlib
 import hashlib
 import os
 import types
-from dataclasses import dataclass
+import warnings
+import weakref
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -592,6 +594,7 @@ def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     fused into every launch at the tokens' own positions; the sink joins
     the denominators in one launch that reaches every query."""
     _keep_if_captured(launches, q)
+    compile_ahead(launches, q, k, v, scale, terms)
     with _on_device_of(q), torch.no_grad():
         kterms = _KernelTerms.of(terms)
         o, lse = _merged(launches, q, k, v, scale, kterms)
@@ -753,3 +756,90 @@ def _on_device_of(x: torch.Tensor):
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------
+# Compiling a first call's kernels in parallel
+# ----------------------------------------------------------------------------
+
+# The runs whose kernels compile_ahead has compiled (or found compiled).
+_AHEAD: "weakref.WeakSet[_Run]" = weakref.WeakSet()
+_pool = None
+
+
+def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> None:
+    """Compile every kernel a forward and backward pass of these launches
+    will run, in parallel, before the forward runs: Triton compiles a kernel
+    when it is first launched, so a first call would otherwise compile its
+    forward, and then the backward's kernels, one after the other (four per
+    launch). The same launch code runs here on meta tensors shaped and
+    strided like the call's, with each kernel's launch replaced by its
+    ``warmup`` (which compiles, or finds the kernel in Triton's caches, and
+    launches nothing) inside Triton's ``AsyncCompileMode``, which compiles
+    them on a thread pool. Once per run: later calls pay one set lookup.
+
+    The backward is warmed as it runs when only ``o`` gets a gradient; a
+    kernel this misses (an ``lse`` gradient, an output gradient with other
+    strides) compiles at its launch, as without this. A no-op under the
+    interpreter, during CUDA graph capture, on a Triton without
+    ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``."""
+    global _ahead_failed
+    if q.device.type == "meta" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
+        return  # (meta: the warm-up's own launches)
+    import triton
+
+    def meta(x):
+        return None if x is None else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+
+    warming = [(replace(run, module=_Warming(run.module)), order) for run, order in launches]
+    mq, mk, mv = (meta(x) for x in (q, k, v))
+    mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors()))
+    try:
+        with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(_compile_pool()):
+            o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
+            launches_backward(warming, mq, mk, mv, o, lse, torch.empty_like(o), None, scale, mterms)
+    except Exception as err:  # the launches compile their kernels themselves, as without this
+        _ahead_failed = True
+        warnings.warn(f"patterncc: compiling a first call's kernels in parallel failed ({type(err).__name__}: "
+                      f"{err}); they compile one by one at their launches", RuntimeWarning, stacklevel=3)
+        return
+    _AHEAD.update(run for run, _ in launches)
+
+
+_ahead_failed = False
+
+
+def _compiles_ahead(q) -> bool:
+    import triton
+
+    return (q.is_cuda and not interpreting() and not _ahead_failed and hasattr(triton, "AsyncCompileMode")
+            and os.environ.get("PATTERNCC_COMPILE_AHEAD") != "0" and not torch.cuda.is_current_stream_capturing())
+
+
+def _compile_pool():
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Triton releases the GIL in its compiler passes and ptxas runs as a process: threads overlap.
+        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="patterncc-compile")
+    return _pool
+
+
+class _Warming:
+    """A kernel module whose launches ``kernel[grid](*args, **kwargs)`` are
+    ``kernel.warmup(*args, grid=grid, **kwargs)``: compile, do not run."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return _WarmKernel(getattr(self._module, name))
+
+
+@dataclass(frozen=True)
+class _WarmKernel:
+    kernel: object
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)
