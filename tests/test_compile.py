@@ -4,7 +4,9 @@ The ops (``patterncc.ops``) pass ``torch.library.opcheck`` and agree with
 the float64 reference; ``torch.compile(fullgraph=True)`` of the Sparse
 Transformer (every head mode, with and without recomputation) and of a
 plain function traces without a graph break and gives eager's outputs and
-gradients with ``aot_eager`` and inductor (CPU here); lengths marked
+gradients with ``aot_eager`` and inductor (CPU here), also when the
+function calls ``pcc.compile(pat)`` itself (text, parsed pattern or .pat
+path) and with fewer queries than keys; lengths marked
 dynamic do not recompile; and once a shape has been seen a call does no
 host-side work (the CUDA-graph rule: tested on the card in
 ``test_compile_gpu.py``).

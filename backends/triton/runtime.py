@@ -21,9 +21,11 @@ gradients. ``lse`` is differentiable too (its gradient enters the backward
 pass as ``delta - dlse``), which is what merging partial results needs.
 
 Caches: layouts and the device tables derived from them per
-``(n, H, Hkv, device, config)``; kernel modules per (pattern, config, device
-capability), on disk (``cache.py``), regenerated for a new length only when
-the pattern's arguments use ``n``. The default tiles depend on the layout's
+``(n, H, Hkv, device, config)``; kernel modules per generated source (one
+for every pattern that differs from this one only in integers: codegen.py),
+config and device capability, on disk (``cache.py``); a pattern whose
+arguments use ``n`` binds them per length, and shares the module too. A
+first call compiles all its kernels at once, in parallel (``compile_ahead``). The default tiles depend on the layout's
 mean walk (config.py), so lengths on either side of ``SHORT_WALK`` use two
 modules (compiled once each), not one per length.
 """
