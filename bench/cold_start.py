@@ -7,6 +7,11 @@ For each case, three fresh processes, each timing only its first call
 
 - ``pcc cold``: ``pcc.compile(pattern)(q, k, v).sum().backward()`` with empty
   patterncc, Triton and Inductor caches: the pattern is new to every cache;
+- ``pcc new ints``: in that same process, right after, the first call of a
+  pattern that differs only in its integers (``strided(192)`` after
+  ``strided(128)``): it shares the first one's compiled kernels (codegen.py);
+- ``pcc cold, serial``: ``pcc cold`` with ``PATTERNCC_COMPILE_AHEAD=0``: the
+  kernels compile one by one at their launches instead of in parallel;
 - ``pcc warm``: the same in a second process on the caches the first one
   filled (a new process of a pattern seen before: the disk cache);
 - ``flex cold``: FlexAttention's first call on empty caches:
@@ -28,13 +33,13 @@ import sys
 import tempfile
 import textwrap
 
-# name -> (patterncc source, Flex mask kind, kv heads, head dim)
+# name -> (patterncc source, Flex mask kind, kv heads, head dim, the same with new integers)
 CASES = {
-    "strided": ("strided(128)", "strided", 16, 64),
-    "fixed": ("fixed(128, 32)", "fixed", 16, 64),
-    "cycle": ("cycle(strided(128), fixed(128, 32))", "cycle", 16, 64),
-    "gqa-strided": ("strided(128)", "strided", 4, 64),
-    "d128-strided": ("strided(128)", "strided", 16, 128),
+    "strided": ("strided(128)", "strided", 16, 64, "strided(192)"),
+    "fixed": ("fixed(128, 32)", "fixed", 16, 64, "fixed(192, 48)"),
+    "cycle": ("cycle(strided(128), fixed(128, 32))", "cycle", 16, 64, "cycle(strided(192), fixed(192, 48))"),
+    "gqa-strided": ("strided(128)", "strided", 4, 64, "strided(192)"),
+    "d128-strided": ("strided(128)", "strided", 16, 128, "strided(192)"),
 }
 
 _FIRST_CALL = """
@@ -45,10 +50,18 @@ n, H, Hkv, D = spec["n"], spec["H"], spec["Hkv"], spec["D"]
 q = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 k, v = (torch.randn(1, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
 torch.cuda.synchronize()
+result = {}
 if spec["who"] == "pcc":
     import patterncc as pcc
     t0 = time.perf_counter()
     pcc.compile(spec["source"])(q, k, v).sum().backward()
+    torch.cuda.synchronize()
+    result["first_call_s"] = time.perf_counter() - t0
+    if spec.get("then"):
+        t1 = time.perf_counter()
+        pcc.compile(spec["then"])(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+        result["then_s"] = time.perf_counter() - t1
 else:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     l, c = 128, 32
@@ -64,16 +77,19 @@ else:
     t0 = time.perf_counter()
     bm = create_block_mask(mask_mod, None, heads, n, n, device="cuda", _compile=True)
     torch.compile(flex_attention)(q, k, v, block_mask=bm, enable_gqa=Hkv != H).sum().backward()
-torch.cuda.synchronize()
-print("RESULT " + json.dumps({"first_call_s": time.perf_counter() - t0}))
+    torch.cuda.synchronize()
+    result["first_call_s"] = time.perf_counter() - t0
+print("RESULT " + json.dumps(result))
 """
 
 
-def first_call(spec: dict, cache_dir: str) -> float | str:
-    """Seconds of the first call in a fresh process whose caches live under ``cache_dir``."""
+def first_call(spec: dict, cache_dir: str, **env_vars) -> dict | str:
+    """The first call's seconds (``first_call_s``; ``then_s``: the second
+    pattern's, if the spec has one) in a fresh process whose caches live
+    under ``cache_dir``, with ``env_vars`` set."""
     env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(cache_dir, "pcc"),
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"))
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"), **env_vars)
     env.pop("TRITON_INTERPRET", None)
     # cwd: a checkout's own patterncc/ must not shadow the installed one on sys.path[0]
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FIRST_CALL), json.dumps(spec)], env=env,
@@ -81,7 +97,11 @@ def first_call(spec: dict, cache_dir: str) -> float | str:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         return f"failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
-    return json.loads(lines[0][len("RESULT "):])["first_call_s"]
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def _seconds(result: dict | str, name: str) -> float | str:
+    return result if isinstance(result, str) else result[name]
 
 
 def main() -> None:
@@ -92,15 +112,21 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     results = {}
-    print("| case | pcc cold (s) | pcc warm, new process (s) | flex cold (s) |\n|---|---|---|---|", flush=True)
+    print("| case | pcc cold (s) | pcc new ints, same process (s) | pcc cold, serial compile (s) "
+          "| pcc warm, new process (s) | flex cold (s) |\n|---|---|---|---|---|---|", flush=True)
     for name in args.cases.split(","):
-        source, mask, Hkv, D = CASES[name]
+        source, mask, Hkv, D, then = CASES[name]
         spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask)
         with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as pcc_dir, \
+                tempfile.TemporaryDirectory(prefix="patterncc-serial-") as serial_dir, \
                 tempfile.TemporaryDirectory(prefix="flex-cold-") as flex_dir:
-            row = {"pcc cold": first_call(dict(spec, who="pcc"), pcc_dir),
-                   "pcc warm": first_call(dict(spec, who="pcc"), pcc_dir),
-                   "flex cold": first_call(dict(spec, who="flex"), flex_dir)}
+            cold = first_call(dict(spec, who="pcc", then=then), pcc_dir)
+            serial = first_call(dict(spec, who="pcc"), serial_dir, PATTERNCC_COMPILE_AHEAD="0")
+            warm = first_call(dict(spec, who="pcc"), pcc_dir)
+            flex = first_call(dict(spec, who="flex"), flex_dir)
+        row = {"pcc cold": _seconds(cold, "first_call_s"), "pcc new ints": _seconds(cold, "then_s"),
+               "pcc cold serial": _seconds(serial, "first_call_s"), "pcc warm": _seconds(warm, "first_call_s"),
+               "flex cold": _seconds(flex, "first_call_s")}
         results[name] = row
         cells = [f"{x:.2f}" if isinstance(x, float) else x for x in row.values()]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

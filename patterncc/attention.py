@@ -123,9 +123,12 @@ class Attention:
         if cu_seqlens is not None:
             return self._packed(q, k, v, scale, return_lse, cu_seqlens, given, cache_seqlens)
         if _is_torch(q) and _traced(q):
-            if cache_seqlens is not None or _shape(q, 2) != _shape(k, 2):
-                raise NotImplementedError("short queries and caches are not traced into torch.compile graphs yet: "
-                                          "call them outside the compiled region")
+            if cache_seqlens is not None:
+                # Each row's length picks its layout, so it is read on the host: a graph break (or a
+                # recompile per value) under torch.compile, and a host sync no CUDA graph can capture.
+                raise NotImplementedError("cache_seqlens is not traced into torch.compile graphs: each row's "
+                                          "cache length is read on the host; call the decoding step outside "
+                                          "the compiled region")
             from . import ops
 
             return ops.call(self, q, k, v, scale, return_lse, terms)  # one opaque op in the graph

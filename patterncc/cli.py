@@ -265,12 +265,17 @@ def cmd_compile(args) -> int:
     if args.emit == "ir":
         print(repr(pat))
         return 0
+    from . import ir
     from .backends.triton import codegen
 
     if args.seq_len is None and codegen.needs_length(pat):
         raise PatternError(f"`{pat}` has arguments that depend on n: its kernels are generated per "
                            "sequence length; pass --seq-len N")
     config = codegen.default_config(args.head_dim, args.dtype, args.block)
+    bound = ir.bind(pat, args.seq_len) if codegen.needs_length(pat) else pat
+    # The source is every pattern's that differs from this one only in integers: say which it is for.
+    ints = codegen.pattern_args(bound)
+    print(f"# pattern: {ir.source(bound)}" + (f"\n# its integers a0, a1, ...: {', '.join(map(str, ints))}" if ints else ""))
     print(codegen.generate_source(pat, config, seq_len=args.seq_len))
     return 0
 

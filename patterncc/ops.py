@@ -53,9 +53,27 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
 
         scale = check_scale(scale, q.shape[-1])
     terms = terms or NO_TERMS
+    pad = _short_queries(q, k, v)
+    if pad:
+        # Queries fewer than keys are the last positions: the op runs on queries padded with zero rows
+        # in front, and the padded rows' outputs are dropped. Exact: each row is computed alone, and a
+        # dropped row's output gradient is 0, so it adds nothing to dk, dv or the terms' gradients.
+        q = F.pad(q, (0, 0, pad, 0))
     o, lse = torch.ops.patterncc.attention(q, k, v, attn.key, attn.backend_for(q), scale, terms.softcap,
                                            *terms.tensors())
+    if pad:
+        o, lse = o[:, :, pad:], lse[:, :, pad:]
     return (o, lse) if return_lse else o
+
+
+def _short_queries(q, k, v) -> int:
+    """How many query rows are missing in front: ``n_k - n_q`` where q has
+    fewer rows than k, else 0. The op's checks name any bad shape (while
+    tracing, its fake implementation's: an error raised here would reach
+    the user as Dynamo's own)."""
+    if q.dim() == 4 and k.dim() == 4 and k.shape[2] > q.shape[2]:
+        return k.shape[2] - q.shape[2]
+    return 0
 
 
 # ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ scattered through the passes.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,43 @@ def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
     reference otherwise, chosen per call). ``softcap=c`` adds (or replaces)
     the pattern's ``softcap(c)``.
     """
+    torch = sys.modules.get("torch")  # loaded already if this runs inside torch.compile
+    if torch is not None and torch.compiler.is_compiling():
+        return _TRACED[_traced_key(pat, backend, **options)]
     from .attention import Attention
 
     return Attention(_checked(as_pattern(pat)), backend=backend, **options)
+
+
+def _traced_key(pat, backend: str = "auto", **options) -> int:
+    """``compile`` inside torch.compile: the key of an attention for these
+    arguments, made on the first call and kept for the process. Dynamo calls
+    this function instead of tracing it (marked below: the parser and the
+    layout code are plain Python it must not trace) and takes the key as a
+    constant; ``compile`` then looks the attention up in ``_TRACED``, a
+    lookup Dynamo traces and guards like any module global. The graph
+    names the attention by that key (ops.py), so it must outlive the trace,
+    and a retrace (a new shape) finds it with its layouts and kernels built."""
+    from .attention import Attention
+
+    # The values' types too: block=True must not find the attention of block=1.
+    memo_key = (type(pat), pat, backend, tuple(sorted((name, type(value), value) for name, value in options.items())))
+    try:
+        key = _TRACED_KEYS.get(memo_key)
+    except TypeError:  # an unhashable argument: a new attention (or its own clear error) at each trace
+        memo_key = key = None
+    if key is None:
+        attn = Attention(_checked(as_pattern(pat)), backend=backend, **options)
+        key = attn.key
+        _TRACED[key] = attn
+        if memo_key is not None:
+            _TRACED_KEYS[memo_key] = key
+    return key
+
+
+_TRACED: dict = {}  # key -> Attention, every one made inside torch.compile
+_TRACED_KEYS: dict = {}  # (pattern, backend, options) -> key
+_traced_key._dynamo_marked_constant = True  # torch.compiler.assume_constant_result, without importing torch
 
 
 def _positive(name: str, value) -> int:

@@ -4,7 +4,9 @@ The ops (``patterncc.ops``) pass ``torch.library.opcheck`` and agree with
 the float64 reference; ``torch.compile(fullgraph=True)`` of the Sparse
 Transformer (every head mode, with and without recomputation) and of a
 plain function traces without a graph break and gives eager's outputs and
-gradients with ``aot_eager`` and inductor (CPU here); lengths marked
+gradients with ``aot_eager`` and inductor (CPU here), also when the
+function calls ``pcc.compile(pat)`` itself (text, parsed pattern or .pat
+path) and with fewer queries than keys; lengths marked
 dynamic do not recompile; and once a shape has been seen a call does no
 host-side work (the CUDA-graph rule: tested on the card in
 ``test_compile_gpu.py``).
@@ -19,6 +21,7 @@ exact and inductor (which fuses the layers around it) is held to 1e-5.
 
 from __future__ import annotations
 
+import gc
 
 import pytest
 import torch
@@ -335,3 +338,88 @@ def test_plain_function_over_lengths_does_not_recompile():
             torch.testing.assert_close(g, w, atol=0, rtol=0)
         frames.append(counter.frame_count)
     assert frames == [frames[0]] * 3, frames
+
+
+# ----------------------------------------------------------------------------
+# pcc.compile inside the compiled function, short queries
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given", ["text", "parsed", "path"])
+def test_compile_inside_the_compiled_function(given, tmp_path):
+    """``pcc.compile(pat)(q, k, v)`` in the function itself, the pattern as
+    source text, a parsed pattern or a .pat path: one graph, no break (the
+    parser and the layout code run beside the trace, not in it), eager's
+    outputs and gradients, and no recompile for new lengths."""
+    path = tmp_path / "strided8.pat"
+    path.write_text("pattern strided8(l = 8) = causal & (local(l) | stride(l))\n")
+    pat = {"text": "strided(8)", "parsed": pcc.parse("strided(8)"), "path": path}[given]
+    # The kernels once (the interpreter is slow); the compiling is the same for every backend.
+    options = dict(backend="triton", plan="planned", config=TILES16) if given == "text" else dict(backend="reference")
+
+    def f(q, k, v):
+        o, lse = pcc.compile(pat, **options)(q, k, v, return_lse=True)
+        return torch.tanh(o), lse
+
+    explained = torch._dynamo.explain(f)(*_qkv(24, 4, 2, 16, seed=7))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter, dynamic=True)
+    frames = []
+    for n in (24, 37, 50):
+        gc.collect()  # the attention made while tracing must outlive the trace: its graph names it
+        inputs = _qkv(n, 4, 2, 16, seed=n)
+        got, want = _outputs_and_grads(compiled, inputs), _outputs_and_grads(f, inputs)
+        for g, w in zip((*got[0], *got[1]), (*want[0], *want[1])):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+        frames.append(counter.frame_count)
+    assert frames == [1, 1, 1], frames
+
+
+SHORT = [("reference", 5, 37), ("triton", 1, 20)]  # the kernels once: the interpreter is slow
+
+
+@pytest.mark.parametrize("backend,n_q,n_k", SHORT, ids=[f"{b}-{q}-of-{k}" for b, q, k in SHORT])
+def test_short_queries_are_traced(backend, n_q, n_k):
+    """Queries fewer than keys (the last positions) inside a compiled
+    function: one graph, no break, the float64 reference's outputs and
+    gradients (exactly eager's on aot_eager), one compilation for new
+    lengths (n_q = 1 stays 1: torch specializes sizes 0 and 1)."""
+    attn = _compiled("fixed(8, 2)", backend, plan="planned")
+    ref = pcc.compile("fixed(8, 2)", backend="reference")
+
+    def f(q, k, v):
+        return attn(q, k, v, return_lse=True)
+
+    def inputs(n_q, n_k, seed):
+        q, k, v = _qkv(n_k, 4, 2, 16, seed=seed)
+        return q.detach()[:, :, n_k - n_q:].clone().requires_grad_(), k, v
+
+    explained = torch._dynamo.explain(f)(*inputs(n_q, n_k, 8))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter, dynamic=True)
+    for step, (nq, nk) in enumerate(((n_q, n_k), (n_q + 2 * (n_q > 1), n_k + 3))):
+        x = inputs(nq, nk, seed=step)
+        got, eager = _outputs_and_grads(compiled, x), _outputs_and_grads(f, x)
+        for g, w in zip((*got[0], *got[1]), (*eager[0], *eager[1])):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+        want = _outputs_and_grads(lambda q, k, v: ref(q.double(), k.double(), v.double(), return_lse=True), x)
+        for g, w in zip((*got[0], *got[1]), (*want[0], *want[1])):
+            torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_traced_calls_name_what_they_cannot_take():
+    attn = _compiled("strided(8)", "reference")
+    q, k, v = _qkv(20, seed=9)
+    with pytest.raises(Exception, match="q's sequence length 20 is longer than k's and v's 12"):
+        torch.compile(lambda q, k, v: attn(q, k, v), backend="aot_eager", fullgraph=True)(q, k[:, :, :12], v[:, :, :12])
+    lens = torch.tensor([20, 15], dtype=torch.int32)
+    decode = lambda q, k, v: attn(q[:, :, -1:], k, v, cache_seqlens=lens)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="cache_seqlens is not traced into torch.compile graphs"):
+        torch.compile(decode, backend="aot_eager")(q, k, v)
+    with pytest.raises(Exception, match="cache_seqlens is not traced into torch.compile graphs"):
+        torch.compile(decode, backend="aot_eager", fullgraph=True)(q, k, v)  # (Dynamo's error quotes it)
+    with pytest.raises(Exception, match="unknown name `locl`"):  # the parser's error, raised while tracing
+        torch.compile(lambda q, k, v: pcc.compile("causal & locl(4)")(q, k, v), backend="aot_eager",
+                      fullgraph=True)(q, k, v)

@@ -3,7 +3,9 @@
     .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_compile_gpu.py
 
 - ``torch.compile(fullgraph=True)`` with inductor of the Sparse Transformer
-  and of a plain function: one graph, eager's outputs and gradients;
+  and of a plain function that calls ``pcc.compile(pat)(q, k, v)`` itself,
+  with queries as many as the keys and fewer (the last positions): one
+  graph, eager's outputs and gradients;
 - lengths 1000, 3000 and 5000 with ``dynamic=True``: one compilation;
 - a whole training step (forward, backward, Adam) captured with
   ``torch.cuda.graphs`` and replayed on new batches, and a model compiled
@@ -83,15 +85,16 @@ def test_inductor_model_equals_eager(mode, recompute):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_inductor_function_equals_eager(dtype):
-    attn = pcc.compile("fixed(128, 32)")
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(2, 8, 3000, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
     k, v = (torch.randn(2, 2, 3000, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
             for _ in range(2))
 
     def f(q, k, v):
+        attn = pcc.compile("fixed(128, 32)")  # inside: Dynamo takes it as a constant, the parser is not traced
         o, lse = attn(q, k, v, return_lse=True)
-        return (o.float().square().sum() + lse.sum()) / q.numel()
+        short = attn(q[:, :, -700:], k, v)  # the last 700 queries of the 3000 keys
+        return (o.float().square().sum() + lse.sum() + short.float().square().sum()) / q.numel()
 
     def run(fn):
         for x in (q, k, v):
@@ -100,6 +103,8 @@ def test_inductor_function_equals_eager(dtype):
         loss.backward()
         return loss.detach(), [x.grad.clone() for x in (q, k, v)]
 
+    explained = torch._dynamo.explain(f)(q, k, v)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     got, want = run(torch.compile(f, fullgraph=True, backend="inductor")), run(f)
     torch.testing.assert_close(got[0], want[0], **TOL)
     # The same kernels; dO comes from inductor's fused loss gradient, rounded to the dtype.

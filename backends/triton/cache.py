@@ -9,8 +9,9 @@ are written to disk before they are imported. One file per key:
   user and private to them (with a warning, once per process);
 - file name: ``k_<sha256>.py``, the hash of everything the code depends on
   (``key_parts``: generator version, the generator's and kernel template's
-  own text, pattern source and structure, config, Triton version, device
-  capability);
+  own text, the generated source itself, Triton version, device
+  capability): patterns whose generated source is the same (they differ
+  only in integers, which the kernels take at run time) share one entry;
 - first line: ``# patterncc-sha256: <hash of the rest of the file>``. An entry
   whose hash does not match, or that fails to import, is rebuilt: a corrupt or
   truncated file is never fatal;

@@ -4,8 +4,10 @@
 
 1. the pattern's predicate, ``pattern_mask(q, k, h, N, RANDOM)``, a
    ``@triton.jit`` function over int32 positions ``q`` ``[M, 1]`` and ``k``
-   ``[1, N]`` (or transposed), the runtime head index ``h`` and the runtime
-   length ``N``; the kernels call it on PARTIAL steps only;
+   ``[1, N]`` (or transposed), the runtime head index ``h``, the runtime
+   length ``N`` and the int32 buffer ``RANDOM`` (the pattern's integers and
+   its random tables, ``runtime._random_buffer``); the kernels call it on
+   PARTIAL steps only;
 2. the attention kernels of ``kernels.py`` (forward, backward preprocess,
    dK/dV, dQ, and a mask picture for tests), copied verbatim;
 3. ``make_mask_mod(N, random_tables)``: the same predicate as a torch
@@ -17,6 +19,22 @@ operator is checked against the IR's fixed sets first. Each primitive's
 predicate is its class's ``emit`` (``patterncc.primitives``), next to its
 rule; ``where`` and the combinators are emitted here.
 
+The primitives' integers (``local(w)``'s ``w``, ``stride(l)``'s ``l``, ...)
+and the constants of ``where`` expressions are not in the text: each is a
+runtime argument ``a<i>``, read from ``RANDOM`` (Triton) or from
+``make_mask_mod``'s ``args`` (torch), in the order ``pattern_args`` gives.
+Patterns that differ only in them, such as ``strided(128)`` and
+``strided(256)`` (and the planner's components of each, whose ``where``
+predicates differ in constants), so generate the same source and share one
+compiled module, in memory and on disk. A ``where`` expression's int64 and
+floor-division decisions still read its values, and the text shows what
+they chose, so two patterns share a text only where those agree. Literals
+stay where the code's shape depends on the value: ``random(r, b, seed)``
+(the table and its loop), the head ranges of ``heads``/``cycle``, and
+values beyond int32.
+``PATTERNCC_LITERAL_INTS=1`` writes every integer as a literal again (one
+module per pattern), to measure what the shared modules cost.
+
 Integer semantics: positions are never negative, so ``//`` and ``%`` on them
 agree in Triton (which truncates toward zero) and Python (which floors);
 ``(q - k) % l == 0`` holds for both conventions alike. Where an operand of a
@@ -26,13 +44,15 @@ agree in Triton (which truncates toward zero) and Python (which floors);
 and lengths up to 2**31 - 1) is computed in int64.
 
 Arguments written with ``n`` (``local(isqrt(n))``) are bound per sequence
-length before generation (``seq_len=``), so such patterns get one module per
-length; ``where`` conditions read the runtime ``N`` and need no rebinding.
+length before generation (``seq_len=``): the bound integers are arguments
+like any other, so every length shares one module; ``where`` conditions
+read the runtime ``N`` and need no rebinding.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from patterncc import ir, primitives
@@ -41,11 +61,12 @@ from patterncc.primitives.base import INT32_MAX, lit as _lit
 
 from .config import KernelConfig, default_config
 
-__all__ = ["generate_source", "default_config", "needs_length", "random_specs", "GENERATOR_VERSION", "SOURCE_HASH"]
+__all__ = ["generate_source", "default_config", "needs_length", "pattern_args", "random_specs", "GENERATOR_VERSION",
+           "SOURCE_HASH"]
 
 # Part of the on-disk cache key, with SOURCE_HASH: bump it when the meaning of
 # generated code changes.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 INT32_MIN = -(2**31)
 # Ranges the variables of a `where` expression can take (for the int64 decision).
@@ -71,9 +92,9 @@ def generate_source(pattern: ir.Pattern, config: KernelConfig | None = None, *, 
     result = triton_pred.emit(p)
     torch_pred = _Predicate(_TORCH)
     torch_result = torch_pred.emit(p)
-    assert triton_pred.random == torch_pred.random
+    assert triton_pred.random == torch_pred.random and triton_pred.args == torch_pred.args
     sections = [
-        _header(p, config, triton_pred.random),
+        _header(p, config, triton_pred.random, triton_pred.args),
         _predicate_section(triton_pred, result),
         _kernel_section(),
         _mask_mod_section(torch_pred, torch_result),
@@ -88,6 +109,18 @@ def needs_length(pattern: ir.Pattern) -> bool:
         type(node) in ir.PRIMITIVE_NAMES and any(isinstance(a, ir.Expr) for a in ir.args_of(node))
         for node in ir.walk(pattern)
     )
+
+
+def pattern_args(pattern: ir.Pattern, *, seq_len: int | None = None) -> tuple[int, ...]:
+    """The integers ``generate_source`` leaves out of the text, in the order
+    of the module's ``a0, a1, ...``: what ``RANDOM`` and ``make_mask_mod``
+    hand the shared module for this pattern (bound at ``seq_len`` when its
+    arguments use ``n``)."""
+    p = _bound(pattern, seq_len)
+    _check_ir(p)
+    pred = _Predicate(_TRITON)
+    pred.emit(p)
+    return tuple(pred.args)
 
 
 def random_specs(pattern: ir.Pattern) -> list[tuple[int, int, int]]:
@@ -220,6 +253,8 @@ class _Predicate:
         self.lines: list[str] = []
         self.names: dict[ir.Pattern, str] = {}
         self.random: list[tuple[int, int, int]] = []
+        self.args: list[int] = []  # the value of each runtime argument a<i>
+        self.literal_ints = os.environ.get("PATTERNCC_LITERAL_INTS") == "1"
         self.helpers: set[str] = set()
 
     def emit(self, p: ir.Pattern) -> str:
@@ -229,6 +264,16 @@ class _Predicate:
             self.lines.append(f"{name} = {expr}" + (f"  # {comment}" if comment else ""))
             self.names[p] = name
         return self.names[p]
+
+    def arg(self, value: int) -> str:
+        """A primitive's integer in the text: the name of a runtime argument
+        (one per use), or a literal where it must be one (see the module
+        docstring: beyond int32, the int32 buffer cannot hold it)."""
+        _lit(value)
+        if self.literal_ints or not INT32_MIN <= value <= INT32_MAX:
+            return _lit(value)
+        self.args.append(value)
+        return f"a{len(self.args) - 1}"
 
     def random_table(self, spec: tuple[int, int, int]) -> int:
         if spec not in self.random:
@@ -245,7 +290,8 @@ def _where(p, e):
     if not (ir.expr_vars(p.cond) & {"q", "k", "h"}):
         text = e.d.scalar_condition(text)
     # the expression was checked by _check_ir: fixed names and operators, int literals
-    return text, f"where {ir.expr_source(p.cond)}" + (" (in int64: values may leave int32)" if wide else "")
+    # (not quoted in the comment: its integers are arguments, the text every such pattern's)
+    return text, "where" + (" (in int64: values may leave int32)" if wide else "")
 
 
 # -- combinators
@@ -318,7 +364,7 @@ class _Cond:
 
     def integer(self, e: ir.Expr) -> str:
         if not ir.expr_vars(e):  # constant: fold it (this also checks isqrt and division by zero)
-            return _lit(ir.eval_int(e, {}))
+            return self.pred.arg(ir.eval_int(e, {}))
         if isinstance(e, ir.Var):
             return self.d.var(e.name, self.wide)
         if isinstance(e, ir.BinOp):
@@ -436,13 +482,16 @@ def _needs_int64(cond: ir.Expr) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def _header(p: ir.Pattern, config: KernelConfig, random: list) -> str:
+def _header(p: ir.Pattern, config: KernelConfig, random: list, args: list) -> str:
     tables = ", ".join(f"({_lit(r)}, {_lit(b)}, {_lit(s)})" for r, b, s in random)
+    # The pattern's source names its integers: with runtime arguments, this text is every such pattern's.
+    pattern = (ir.source(p) if not args else
+               f"every pattern of this predicate; its integers a0..a{_lit(len(args) - 1)} come at run time")
     return f'''\
 # Generated by patterncc (backends/triton/codegen.py, generator version {_lit(GENERATOR_VERSION)}).
 # Do not edit: the kernel cache rebuilds this file from the pattern.
 #
-#   pattern: {ir.source(p)}
+#   pattern: {pattern}
 #   config:  {config.describe()}
 #
 # 1. the pattern's predicate (Triton), applied on PARTIAL steps only
@@ -495,6 +544,9 @@ def random_blocks(q, k, N, RANDOM, TABLE: tl.constexpr, R: tl.constexpr, B: tl.c
 
 
 def _predicate_section(pred: _Predicate, result: str) -> str:
+    # The arguments follow the random tables' offsets in RANDOM (one dummy entry if none).
+    base = max(len(pred.random), 1)
+    loads = [f"a{i} = tl.load(RANDOM + {_lit(base + i)})" for i in range(len(pred.args))]
     helpers = ""
     if "floor_mod" in pred.helpers:
         helpers += _FLOOR_MOD
@@ -502,7 +554,7 @@ def _predicate_section(pred: _Predicate, result: str) -> str:
         helpers += _FLOOR_DIV
     if "random_blocks" in pred.helpers:
         helpers += _RANDOM_HELPER
-    body = "\n".join("    " + line for line in pred.lines)
+    body = "\n".join("    " + line for line in loads + pred.lines)
     return f'''
 # ----------------------------------------------------------------------------
 # The pattern's predicate: True where query q may attend to key k in head h
@@ -512,6 +564,7 @@ def _predicate_section(pred: _Predicate, result: str) -> str:
 @triton.jit
 def pattern_mask(q, k, h, N, RANDOM):
     """q [M, 1] and k [1, K] int32 positions (or [1, M] and [K, 1]), h the head index, N the length."""
+    # RANDOM (int32): the random tables' offsets, the pattern's integers a0, a1, ..., the tables
 {body}
     return {result}
 '''
@@ -541,7 +594,8 @@ def torch_random_blocks(q, k, member, B):
 
 
 def _mask_mod_section(pred: _Predicate, result: str) -> str:
-    body = "\n".join("        " + line for line in pred.lines)
+    unpack = [f"{', '.join(f'a{i}' for i in range(len(pred.args)))}, = args"] if pred.args else []
+    body = "\n".join("        " + line for line in unpack + pred.lines)
     helper = _TORCH_RANDOM_HELPER if pred.random else ""
     return f'''
 # ----------------------------------------------------------------------------
@@ -549,9 +603,10 @@ def _mask_mod_section(pred: _Predicate, result: str) -> str:
 # ----------------------------------------------------------------------------
 {helper}
 
-def make_mask_mod(N, random_tables=()):
+def make_mask_mod(N, random_tables=(), args=()):
     """mask_mod(b, h, q_idx, kv_idx) at sequence length N. random_tables: one
-    bool [nb, nb] membership table per entry of RANDOM_TABLES (flex.py builds them)."""
+    bool [nb, nb] membership table per entry of RANDOM_TABLES (flex.py builds them);
+    args: the pattern's integers a0, a1, ... (codegen.pattern_args)."""
     tables = tuple(random_tables)
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -403,7 +403,7 @@ class RowsAttention:
         """The random(...) tables at length ``n`` on the device (cached)."""
         key = (id(module), n if self.per_length else None, str(device))  # (random(...) makes a pattern per-length)
         if key not in self._randoms:
-            self._randoms[key] = _random_buffer(module.RANDOM_TABLES, n, device)
+            self._randoms[key] = _random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS)
         return self._randoms[key]
 
     def _splits(self, programs: int, longest: int, device) -> int:

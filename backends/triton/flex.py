@@ -31,7 +31,7 @@ def mask_mod(pattern: ir.Pattern, seq_len: int, device="cpu"):
     if needs_length(pattern):
         pattern = ir.bind(pattern, seq_len)
     module = load_kernels(pattern, default_config(), device)
-    return module.make_mask_mod(seq_len, random_members(module.RANDOM_TABLES, seq_len, device))
+    return module.make_mask_mod(seq_len, random_members(module.RANDOM_TABLES, seq_len, device), module.PATTERN_ARGS)
 
 
 def random_members(specs, seq_len: int, device="cpu") -> list[torch.Tensor]:

@@ -133,7 +133,7 @@ class TritonPlannedAttention(PlannedAttention):
             module = attn.kernels(plan.seq_len, config, device)
             if comp.reordered:
                 lay = packed_layout(comp.slot_pattern, sources, source_of, packing, unfull)
-                tables = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device,
+                tables = _DeviceTables.build(lay, Hkv, config, module, device,
                                              packing=(packing.first_slots(), align))
             else:  # every sequence crops one layout: so do its step lists (no packed layout needed)
                 def steps_of(orientation, tile, step, comp=comp, packing=packing):
@@ -141,7 +141,7 @@ class TritonPlannedAttention(PlannedAttention):
                                       packing.first, tile, step, packing.total)
 
                 tables = _DeviceTables.from_steps(steps_of, comp.layout.heads, packing.total, Hkv, config,
-                                                  module.RANDOM_TABLES, device)
+                                                  module, device)
             seqs = torch.from_numpy(packing.table()).to(device)
             launcher = _Run(module, tables, config, head_dim, H, Hkv, packing.total, dtype, packing=(seqs, align))
             launches.append((launcher, SlotOrder.of(comp.q_order, comp.k_order, plan.seq_len)))

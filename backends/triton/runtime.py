@@ -21,9 +21,11 @@ gradients. ``lse`` is differentiable too (its gradient enters the backward
 pass as ``delta - dlse``), which is what merging partial results needs.
 
 Caches: layouts and the device tables derived from them per
-``(n, H, Hkv, device, config)``; kernel modules per (pattern, config, device
-capability), on disk (``cache.py``), regenerated for a new length only when
-the pattern's arguments use ``n``. The default tiles depend on the layout's
+``(n, H, Hkv, device, config)``; kernel modules per generated source (one
+for every pattern that differs from this one only in integers: codegen.py),
+config and device capability, on disk (``cache.py``); a pattern whose
+arguments use ``n`` binds them per length, and shares the module too. A
+first call compiles all its kernels at once, in parallel (``compile_ahead``). The default tiles depend on the layout's
 mean walk (config.py), so lengths on either side of ``SHORT_WALK`` use two
 modules (compiled once each), not one per length.
 """
@@ -31,8 +33,12 @@ modules (compiled once each), not one per length.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-from dataclasses import dataclass, field
+import types
+import warnings
+import weakref
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -122,7 +128,7 @@ class TritonAttention:
         module = self.kernels(n, config, device)
         key = (n, H, Hkv, str(device), config)
         if key not in self._tables:
-            self._tables[key] = _DeviceTables.build(lay, Hkv, config, module.RANDOM_TABLES, device)
+            self._tables[key] = _DeviceTables.build(lay, Hkv, config, module, device)
         run = _Run(module, self._tables[key], config, head_dim, H, Hkv, n, dtype)
         self._runs[run_key] = run
         return run
@@ -160,7 +166,7 @@ class TritonAttention:
         module = self.kernels(n, config, device)
         ir.check_heads(self.pattern, heads)
         out = torch.zeros((heads, n, n), dtype=torch.int8, device=device)
-        rand = _random_buffer(module.RANDOM_TABLES, n, device)
+        rand = _random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS)
         grid = (triton_cdiv(n, 16), triton_cdiv(n, 16), heads)
         module.pattern_mask_picture[grid](out, rand, n, BLOCK_M=16, BLOCK_N=16)
         return out
@@ -203,7 +209,14 @@ def _float32_scale(scale: float) -> float:
 
 def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendix: str = ""):
     """The kernel module of a bound pattern and config, through the disk cache;
-    ``appendix``: more kernels to append to it (``decode.py``'s), part of the key."""
+    ``appendix``: more kernels to append to it (``decode.py``'s).
+
+    The cache key is the generated text itself (with what compiles it), not
+    the pattern: patterns that differ only in their integers generate one
+    text (codegen.py) and so share one module and its compiled kernels. What
+    this returns is that module's namespace for this pattern: the same
+    objects, plus ``PATTERN_ARGS``, the integers the kernels read from
+    ``RANDOM`` (``_random_buffer``) and ``make_mask_mod`` takes."""
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
@@ -211,9 +224,19 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendi
         _interpret.patch_bf16_dot()  # else the interpreter's bf16 tl.dot multiplies bit patterns
     else:
         cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
-    key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH, ir.source(pattern),
-                          repr(pattern), config, triton.__version__, capability, *([appendix] if appendix else []))
-    return cache.load_module(key, lambda: codegen.generate_source(pattern, config) + appendix)
+    source = codegen.generate_source(pattern, config) + appendix
+    key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH,
+                          hashlib.sha256(source.encode()).hexdigest(), triton.__version__, capability)
+    return _with_args(cache.load_module(key, lambda: source), codegen.pattern_args(pattern))
+
+
+def _with_args(module: types.ModuleType, args: tuple[int, ...]) -> types.ModuleType:
+    """A namespace of ``module``'s own objects (its kernels are shared, not
+    copied) that also holds one pattern's ``PATTERN_ARGS``."""
+    bound = types.ModuleType(module.__name__, module.__doc__)
+    bound.__dict__.update(module.__dict__)
+    bound.PATTERN_ARGS = args
+    return bound
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -303,8 +326,9 @@ class _DeviceTables:
     dkdv_walk: str = "steps"
 
     @staticmethod
-    def build(lay, Hkv: int, config: KernelConfig, random_specs, device, packing=None) -> "_DeviceTables":
-        """``packing``: ``(first_slot, align)`` for a packed batch's layout
+    def build(lay, Hkv: int, config: KernelConfig, module, device, packing=None) -> "_DeviceTables":
+        """``module``: the kernels' (``load_kernels``), whose random tables and
+        integers ``RANDOM`` holds. ``packing``: ``(first_slot, align)`` for a packed batch's layout
         (``tables.local_steps``): each tile's steps counted from its sequence's first slot."""
 
         def steps_of(orientation: str, tile: int, step: int) -> tables.StepLists:
@@ -313,10 +337,10 @@ class _DeviceTables:
             rows = tables.kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
             return rows if packing is None else tables.local_steps(rows, tile, step, *packing)
 
-        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, random_specs, device)
+        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, module, device)
 
     @staticmethod
-    def from_steps(steps_of, heads: int, n: int, Hkv: int, config: KernelConfig, random_specs,
+    def from_steps(steps_of, heads: int, n: int, Hkv: int, config: KernelConfig, module,
                    device) -> "_DeviceTables":
         """The tables of the kernels' step lists ``steps_of(orientation, tile,
         step)`` (``"kv"``: query tiles walking key steps, ``"q"``: key tiles
@@ -348,15 +372,17 @@ class _DeviceTables:
         kv_cost = tables.group_cost(cols.cost, Hkv) if heads > 1 else cols.cost
         dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
         return _DeviceTables(layout_heads=heads, fwd=fwd, dq=dq, dkdv=dkdv,
-                             random=_random_buffer(random_specs, n, device),
+                             random=_random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS),
                              fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
 
 
-def _random_buffer(specs, n: int, device) -> torch.Tensor:
-    """int32: ``len(specs)`` offsets, then each ``random(r, b, seed)`` table
-    ``[nb, min(r, nb)]`` from ``randomblocks.draw`` (one dummy entry if none)."""
-    parts = []
-    offset = len(specs)
+def _random_buffer(specs, n: int, device, args: tuple[int, ...]) -> torch.Tensor:
+    """int32: ``len(specs)`` offsets (one dummy entry if none), the pattern's
+    integers ``args`` (``codegen.pattern_args``: the generated predicate's
+    ``a0, a1, ...``), then each ``random(r, b, seed)`` table ``[nb, min(r,
+    nb)]`` from ``randomblocks.draw``."""
+    parts = [np.array(args, dtype=np.int64)]
+    offset = max(len(specs), 1) + len(args)
     offsets = []
     for r, b, seed in specs:
         nb = -(-n // b)
@@ -366,7 +392,7 @@ def _random_buffer(specs, n: int, device) -> torch.Tensor:
         parts.append(table)
     if offset >= 2**31:
         raise LimitError(f"the random(...) tables at n={n} hold {offset} entries, over the int32 limit")
-    buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)
+    buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)  # args fit: codegen
     return torch.from_numpy(buf).to(device)
 
 
@@ -615,6 +641,7 @@ def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     fused into every launch at the tokens' own positions; the sink joins
     the denominators in one launch that reaches every query."""
     _keep_if_captured(launches, q)
+    compile_ahead(launches, q, k, v, scale, terms)
     with _on_device_of(q), torch.no_grad():
         kterms = _KernelTerms.of(terms)
         o, lse = _merged(launches, q, k, v, scale, kterms)
@@ -776,3 +803,90 @@ def _on_device_of(x: torch.Tensor):
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------
+# Compiling a first call's kernels in parallel
+# ----------------------------------------------------------------------------
+
+# The runs whose kernels compile_ahead has compiled (or found compiled).
+_AHEAD: "weakref.WeakSet[_Run]" = weakref.WeakSet()
+_pool = None
+
+
+def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> None:
+    """Compile every kernel a forward and backward pass of these launches
+    will run, in parallel, before the forward runs: Triton compiles a kernel
+    when it is first launched, so a first call would otherwise compile its
+    forward, and then the backward's kernels, one after the other (four per
+    launch). The same launch code runs here on meta tensors shaped and
+    strided like the call's, with each kernel's launch replaced by its
+    ``warmup`` (which compiles, or finds the kernel in Triton's caches, and
+    launches nothing) inside Triton's ``AsyncCompileMode``, which compiles
+    them on a thread pool. Once per run: later calls pay one set lookup.
+
+    The backward is warmed as it runs when only ``o`` gets a gradient; a
+    kernel this misses (an ``lse`` gradient, an output gradient with other
+    strides) compiles at its launch, as without this. A no-op under the
+    interpreter, during CUDA graph capture, on a Triton without
+    ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``."""
+    global _ahead_failed
+    if q.device.type == "meta" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
+        return  # (meta: the warm-up's own launches)
+    import triton
+
+    def meta(x):
+        return None if x is None else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+
+    warming = [(replace(run, module=_Warming(run.module)), order) for run, order in launches]
+    mq, mk, mv = (meta(x) for x in (q, k, v))
+    mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors()))
+    try:
+        with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(_compile_pool()):
+            o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
+            launches_backward(warming, mq, mk, mv, o, lse, torch.empty_like(o), None, scale, mterms)
+    except Exception as err:  # the launches compile their kernels themselves, as without this
+        _ahead_failed = True
+        warnings.warn(f"patterncc: compiling a first call's kernels in parallel failed ({type(err).__name__}: "
+                      f"{err}); they compile one by one at their launches", RuntimeWarning, stacklevel=3)
+        return
+    _AHEAD.update(run for run, _ in launches)
+
+
+_ahead_failed = False
+
+
+def _compiles_ahead(q) -> bool:
+    import triton
+
+    return (q.is_cuda and not interpreting() and not _ahead_failed and hasattr(triton, "AsyncCompileMode")
+            and os.environ.get("PATTERNCC_COMPILE_AHEAD") != "0" and not torch.cuda.is_current_stream_capturing())
+
+
+def _compile_pool():
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Triton releases the GIL in its compiler passes and ptxas runs as a process: threads overlap.
+        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="patterncc-compile")
+    return _pool
+
+
+class _Warming:
+    """A kernel module whose launches ``kernel[grid](*args, **kwargs)`` are
+    ``kernel.warmup(*args, grid=grid, **kwargs)``: compile, do not run."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return _WarmKernel(getattr(self._module, name))
+
+
+@dataclass(frozen=True)
+class _WarmKernel:
+    kernel: object
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)

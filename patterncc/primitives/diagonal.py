@@ -15,7 +15,7 @@ from ..errors import Loc, PatternValueError
 from ..nodes import _LOC, Arg, BinOp, BoolOp, Call, Compare, Const
 from .base import (
     _DIFF, _K, _Q, INT32_MAX, Primitive, _abs_range, _band_blocks, _classes, _diagonals, _key_interval, _lt,
-    _row_bounds, _size_arg, _stride_is_dense, independent_arguments, lit as _lit,
+    _row_bounds, _size_arg, _stride_is_dense, independent_arguments,
 )
 from .constant import All, Empty
 
@@ -106,8 +106,8 @@ class Local(Primitive):
         return 1
 
     def emit(self, e):
-        w = _lit(self.w)
-        return f"{e.d.abs('q - k')} < {w}", f"local({w}): abs(q - k) < {w}"
+        w = e.arg(self.w)
+        return f"{e.d.abs('q - k')} < {w}", f"local(w = {w}): abs(q - k) < w"
 
     def order_hint(self):
         return None  # natural order: a band
@@ -162,8 +162,8 @@ class Stride(Primitive):
         return 1
 
     def emit(self, e):
-        l = _lit(self.l)
-        return f"(q - k) % {l} == 0", f"stride({l}): a zero remainder is zero under either sign convention"
+        l = e.arg(self.l)
+        return f"(q - k) % {l} == 0", f"stride(l = {l}): a zero remainder is zero under either sign convention"
 
     def order_hint(self):
         # residue order makes each residue class contiguous: stride(l) becomes blocks
@@ -231,11 +231,10 @@ class Dilated(Primitive):
         return 1
 
     def emit(self, e):
-        w, d = self.w, self.d
         # |q - k| <= 2**31 - 2, so a band wider than int32 is the same as 2**31 - 1
-        band = _lit(min(w * d, INT32_MAX))
-        return (f"({e.d.abs('q - k')} < {band}) & ((q - k) % {_lit(d)} == 0)",
-                f"dilated({_lit(w)}, {_lit(d)})")
+        band, d = e.arg(min(self.w * self.d, INT32_MAX)), e.arg(self.d)
+        return (f"({e.d.abs('q - k')} < {band}) & ((q - k) % {d} == 0)",
+                f"dilated(w, d = {d}): abs(q - k) < w * d = {band}")
 
     def order_hint(self):
         return (("residue", self.d), ("residue", self.d)) if self.d > 1 else None
@@ -307,8 +306,8 @@ class Band(Primitive):
         return 1
 
     def emit(self, e):
-        lo, hi = _lit(self.lo), _lit(self.hi)
-        return f"((q - k) >= {lo}) & ((q - k) < {hi})", f"band({lo}, {hi}): {lo} <= q - k < {hi}"
+        lo, hi = e.arg(self.lo), e.arg(self.hi)
+        return f"((q - k) >= {lo}) & ((q - k) < {hi})", f"band(lo = {lo}, hi = {hi}): lo <= q - k < hi"
 
     def order_hint(self):
         return None  # natural order: a band

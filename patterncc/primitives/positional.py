@@ -12,7 +12,7 @@ from ..errors import Loc, PatternValueError
 from ..nodes import _LOC, Arg, BinOp, BoolOp, Compare, Const
 from .base import (
     _K, _Q, Primitive, _band_blocks, _classes, _column_runs, _first_blocks, _key_interval, _lt, _row_bounds,
-    _size_arg, independent_arguments, lit as _lit,
+    _size_arg, independent_arguments,
 )
 from .constant import All, Empty
 
@@ -54,8 +54,8 @@ class Block(Primitive):
         return self.l
 
     def emit(self, e):
-        l = _lit(self.l)
-        return f"q // {l} == k // {l}", f"block({l})"
+        l = e.arg(self.l)
+        return f"q // {l} == k // {l}", f"block(l = {l})"
 
     def order_hint(self):
         return None  # natural order: blocks on the diagonal
@@ -128,8 +128,8 @@ class Summary(Primitive):
         return self.l
 
     def emit(self, e):
-        l, c = self.l, self.c
-        return f"k % {_lit(l)} >= {_lit(l - c)}", f"summary({_lit(l)}, {_lit(c)}): the last {_lit(c)} of every {_lit(l)}"
+        l, last = e.arg(self.l), e.arg(self.l - self.c)
+        return f"k % {l} >= {last}", f"summary(l = {l}, c): k % l >= l - c = {last}, the last c of every l"
 
     def order_hint(self):
         # gather just the summary keys: their columns become dense
@@ -183,8 +183,8 @@ class Global(Primitive):
         return None
 
     def emit(self, e):
-        g = _lit(self.g)
-        return f"(q < {g}) | (k < {g})", f"global({g})"
+        g = e.arg(self.g)
+        return f"(q < {g}) | (k < {g})", f"global(g = {g})"
 
     def order_hint(self):
         return None  # natural order: its rows and columns are dense already
@@ -236,8 +236,8 @@ class Sink(Primitive):
         return None
 
     def emit(self, e):
-        g = _lit(self.g)
-        return f"k < {g}", f"sink({g})"
+        g = e.arg(self.g)
+        return f"k < {g}", f"sink(g = {g})"
 
     def order_hint(self):
         return None  # natural order: its first key blocks are dense already
