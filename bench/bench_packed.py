@@ -309,7 +309,8 @@ def main(argv=None) -> int:
                 rows.append(bench_case(name, lengths, args.heads, D, torch.bfloat16 if not args.smoke else
                                        torch.float32, device=device, flex=not args.no_flex, warmup=args.warmup,
                                        reps=args.reps, config=config))
-                print(f"# {name} total={total} D={D}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+                # each row as soon as it exists: a run cut short still reports what it measured
+                print(markdown(rows[-1:]).splitlines()[-1], f"  # {time.perf_counter() - t:.1f} s", flush=True)
     table = markdown(rows)
     dtype = "float32, a CPU dry run" if args.smoke else "bf16"
     print(f"{dtype}, H = {args.heads}, forward + backward, median ms; lengths log-uniform 128..32K (seed {args.seed})")
