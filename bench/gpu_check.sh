@@ -36,6 +36,17 @@
 #             backward tile sets on causal and sliding_window, n=16384  (~5 min)
 #   host      the host's cost of a planned strided(128) forward at n=16384,
 #             layer by layer, and a cProfile of it                 (~30 s)
+#   firstcall bench/cold_start.py: a new pattern's first forward+backward in
+#             fresh processes (cold, new integers, serial, warm disk cache)
+#             beside Flex's                                        (~2 min)
+#   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
+#             Flex with a document mask and the sequences one by one (~4 min)
+#   decode    bench/bench_decode.py: decode steps from a KV cache against
+#             SDPA cuDNN, with CUDA-graph rows                     (~3 min)
+#   scores    bench/bench_scores.py: each score term's cost and Flex's
+#             score_mod, sliding_window(4096), D=64 and 128        (~8 min)
+#   hf        bench/bench_transformers.py: a 1.1B Llama-shaped model at 32K
+#             with sdpa, flex_attention and patterncc               (~4 min)
 #
 # Every section runs under `timeout` and writes its log under $OUT as it goes,
 # so a cut-off section still leaves what it finished; the exit status is
@@ -154,6 +165,34 @@ run_host() {
         | tee "$OUT/host.log" || fail host
 }
 
+run_firstcall() {
+    echo "== firstcall" | tee -a "$OUT/summary.txt"
+    timeout 300 python3 bench/cold_start.py --n 4096 --json "$OUT/cold_start.json" 2>&1 \
+        | tee "$OUT/cold_start.log" || fail firstcall
+}
+
+run_packed() {
+    echo "== packed" | tee -a "$OUT/summary.txt"
+    timeout 420 python3 bench/bench_packed.py --out "$OUT/packed.md" 2>&1 | tee "$OUT/packed.log" || fail packed
+}
+
+run_decode() {
+    echo "== decode" | tee -a "$OUT/summary.txt"
+    timeout 300 python3 bench/bench_decode.py --rounds 1 --rep 20 --batches 1 8 --contexts 32768 1048576 \
+        --variants contiguous graph 2>&1 | tee "$OUT/decode.log" || fail decode
+}
+
+run_scores() {
+    echo "== scores" | tee -a "$OUT/summary.txt"
+    timeout 560 python3 bench/bench_scores.py --patterns "sliding_window(4096)" --rounds 2 --rep 40 \
+        --out "$OUT/scores.md" 2>&1 | tee "$OUT/scores.log" || fail scores
+}
+
+run_hf() {
+    echo "== hf" | tee -a "$OUT/summary.txt"
+    timeout 400 python3 bench/bench_transformers.py --budget-s 330 2>&1 | tee "$OUT/hf.log" || fail hf
+}
+
 for section in "${sections[@]}"; do
     case "$section" in
         smoke) run_smoke ;;
@@ -168,7 +207,13 @@ for section in "${sections[@]}"; do
         sweep) run_sweep ;;
         tiles) run_tiles ;;
         host) run_host ;;
-        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host)" >&2; status=2 ;;
+        firstcall) run_firstcall ;;
+        packed) run_packed ;;
+        decode) run_decode ;;
+        scores) run_scores ;;
+        hf) run_hf ;;
+        *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host" \
+                "firstcall packed decode scores hf)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"
