@@ -331,7 +331,10 @@ def packed_lengths(block: int = 16, max_len: int = 300, max_count: int = 20, max
             total += n
         return tuple(kept)
 
-    lists = st.lists(one, min_size=1, max_size=max_count).map(fit)
+    # The count too is drawn as a kind: the extremes (1 and max_count) as often
+    # as any count between, which a plain list size reaches only by luck.
+    count = st.one_of(st.sampled_from(sorted({1, max_count})), st.integers(1, max_count))
+    lists = count.flatmap(lambda c: st.lists(one, min_size=c, max_size=c)).map(fit)
     return lists.filter(lambda lengths: sum(lengths) >= 1)
 
 
