@@ -717,23 +717,43 @@ def assert_matches_reference(
     if do is None:
         gen = torch.Generator().manual_seed(0)
         do = torch.randn(tuple(q.shape), generator=gen).to(device=q.device, dtype=q.dtype)
-    inputs = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
     given = {name: t for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("rel_bias", rel_bias))
              if t is not None}
+    got = _outputs(attn, q, k, v, scale, do, grads, given)
+    expected, magnitude = _expected(pat, q, k, v, scale, do, against, grads, given)
+    problems, errors = _disagreements(got, expected, magnitude, tol, given, grads)
+    if problems:
+        shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, {q.dtype}, scale={scale}"
+        raise AssertionError(
+            f"{_name(attn)} disagrees with the {against} for `{pat}` ({shape}; "
+            f"tolerance rtol={tol.rtol:g}, atol={tol.atol:g}):\n  " + "\n  ".join(problems)
+        )
+    return errors
+
+
+def _outputs(attn, q, k, v, scale, do, grads: bool, given: dict, **call) -> dict:
+    """``attn``'s o and lse on fresh leaf copies of the inputs and the term
+    tensors ``given``, and with ``grads`` their gradients under ``do``
+    (``dq``, ``dk``, ``dv``, ``d_<term>``; None where none arrived)."""
+    inputs = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
     term_inputs = {name: t.detach().clone().requires_grad_(grads) for name, t in given.items()}
-    o, lse = attn(*inputs, scale=scale, return_lse=True, **term_inputs)
+    o, lse = attn(*inputs, scale=scale, return_lse=True, **call, **term_inputs)
     got = {"o": o, "lse": lse}
     if grads:
         o.backward(do)
         got.update(dq=inputs[0].grad, dk=inputs[1].grad, dv=inputs[2].grad)
         got.update({f"d_{name}": t.grad for name, t in term_inputs.items()})
+    return got
+
+
+def _disagreements(got: dict, expected: dict, magnitude: dict, tol, given, grads: bool) -> tuple[list, dict]:
+    """What a backend's outputs and gradients (``got``, any array type) get
+    wrong against ``expected``: the problems, one line each (a gradient that
+    never arrived, or ``_compare``'s message), and each compared name's error."""
     got = {name: _as_float64(x) for name, x in got.items() if x is not None}
     wanted = ["dq", "dk", "dv"] + [f"d_{name}" for name in given]
-    missing = [name for name in wanted if grads and name not in got]
-
-    expected, magnitude = _expected(pat, q, k, v, scale, do, against, grads, given)
     problems = [f"{name} is None: no gradient reached {name[2:] if name.startswith('d_') else name[1:]}"
-                for name in missing]
+                for name in wanted if grads and name not in got]
     errors = {}
     for name, ref in expected.items():
         if name not in got:
@@ -742,13 +762,7 @@ def assert_matches_reference(
         errors[name] = err
         if msg:
             problems.append(msg)
-    if problems:
-        shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, {q.dtype}, scale={scale}"
-        raise AssertionError(
-            f"{_name(attn)} disagrees with the {against} for `{pat}` ({shape}; "
-            f"tolerance rtol={tol.rtol:g}, atol={tol.atol:g}):\n  " + "\n  ".join(problems)
-        )
-    return errors
+    return problems, errors
 
 
 def assert_packed_matches_reference(
@@ -815,26 +829,8 @@ def _check_packed_call(attn, pat, q, k, v, cu_seqlens, scale, do, tol, precision
     expected, magnitude, lengths = expected_and_magnitude
     if tol is None:
         tol = TOLERANCES[_precision_name(attn, q, precision)]
-    inputs = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
-    term_inputs = {name: t.detach().clone().requires_grad_(grads) for name, t in given.items()}
-    o, lse = attn(*inputs, scale=scale, return_lse=True, cu_seqlens=cu_seqlens, **term_inputs)
-    got = {"o": o, "lse": lse}
-    if grads:
-        o.backward(do)
-        got.update(dq=inputs[0].grad, dk=inputs[1].grad, dv=inputs[2].grad)
-        got.update({f"d_{name}": t.grad for name, t in term_inputs.items()})
-    got = {name: _as_float64(x) for name, x in got.items() if x is not None}
-    wanted = ["dq", "dk", "dv"] + [f"d_{name}" for name in given]
-    problems = [f"{name} is None: no gradient reached {name[2:] if name.startswith('d_') else name[1:]}"
-                for name in wanted if grads and name not in got]
-    errors = {}
-    for name, ref in expected.items():
-        if name not in got:
-            continue
-        msg, err = _compare(name, got[name], ref, magnitude.get(name), tol)
-        errors[name] = err
-        if msg:
-            problems.append(msg)
+    got = _outputs(attn, q, k, v, scale, do, grads, given, cu_seqlens=cu_seqlens)
+    problems, errors = _disagreements(got, expected, magnitude, tol, given, grads)
     if problems:
         shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, lengths {lengths}, {q.dtype}, scale={scale}"
         raise AssertionError(
