@@ -214,7 +214,7 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
              f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
         ]
         for name, fn, constexprs, tiles, warps, stages in kernels:
-            constexprs = {k: v for k, v in {**common, **constexprs}.items() if k in fn.arg_names}
+            constexprs = {k: v for k, v in {**common, **constexprs, **(variant or {})}.items() if k in fn.arg_names}
             # every other constexpr at its default (natural order, no ADD_IN, ...), as a plain
             # launch passes it: left out, it would compile as a runtime argument with its branches
             constexprs.update({p.name: p.default for p in fn.params
@@ -248,7 +248,7 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
 
 
 def _arg_type(name: str, dtype: str) -> str:
-    if name in ("LSE", "LSE_IN", "DELTA", "DK_IN", "DV_IN", "DQ_IN", "SLOPES", "SINK", "REL", "PART", "SCR", "HIST"):
+    if name in ("LSE", "LSE_IN", "DELTA", "DK_IN", "DV_IN", "DQ_IN", "SLOPES", "SINK", "REL", "REL_REV", "PART", "SCR", "HIST"):
         return "*fp32"
     if name in ("RANDOM", "FULL_PTR", "FULL_STEPS", "PART_PTR", "PART_STEPS", "TILE_ORDER", "SEQS"):
         return "*i32"

@@ -498,6 +498,8 @@ def _header(p: ir.Pattern, config: KernelConfig, random: list, args: list) -> st
 # 2. the attention kernels: forward, backward preprocess, dK/dV, dQ, mask picture
 # 3. the same predicate as a torch mask_mod, for FlexAttention
 
+import os
+
 import torch
 import triton
 import triton.language as tl

@@ -186,7 +186,7 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             # -- the score terms, in their order: softcap, alibi, relative bias
             if SOFTCAP:
-                qk = _tanh(qk * cap_in) * cap_out
+                qk = _tanh(qk * cap_in, DOT_PRECISION != "ieee") * cap_out
             else:
                 qk = qk * qk_scale
             dist = q_tok[:, None] - k_pos[None, :]

@@ -21,12 +21,20 @@ Shapes and conventions, for every kernel:
   and 0 otherwise.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
 pattern_mask = None  # defined by the generated module above the kernels
 
 # ---- kernels: everything below this line is copied into each generated module ----
+
+# The GPU's tanh instruction for _tanh; the interpreter (numpy on the CPU) cannot run PTX.
+_PTX_TANH = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+# Copies of each end of the relative bias table in its reversed form (_rel_gather): a tile's
+# q - k spans at most BLOCK_M + BLOCK_N - 2 positions, and tiles are at most 128 x 128.
+_REL_PAD = tl.constexpr(256)
 
 
 # ----------------------------------------------------------------------------
@@ -96,51 +104,89 @@ def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  
 
 
 @triton.jit
-def _tanh(x):
-    """tanh in fp32 (tl has no tanh in every Triton version): (1 - e) / (1 + e)
+def _tanh(x, APPROX: tl.constexpr = False):
+    """tanh in fp32. APPROX (16-bit inputs) on the GPU: the hardware's
+    tanh.approx.f32, one special-function instruction (relative error about
+    2^-11, finer than a bf16 input's rounding of the score itself). Otherwise
+    (fp32 inputs, or the interpreter, which cannot run PTX): (1 - e) / (1 + e)
     with e = exp(-2|x|) in (0, 1], then x's sign. e never overflows, so no
-    inf / inf for large |x| (tanh -> +-1 exactly), and the absolute error
-    is a few ulp of 1 everywhere: the softcapped score c * tanh(s / c) is
-    off by about c * 1e-7, below what fp32 scores carry anyway."""
-    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # 2/ln(2)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    inf / inf for large |x| (tanh -> +-1 exactly), and the absolute error is a
+    few ulp of 1 everywhere: the softcapped score c * tanh(s / c) is off by
+    about c * 1e-7, below what fp32 scores carry anyway. The exact form costs
+    an exp2 and an IEEE division per score, which is why 16-bit inputs, whose
+    forward at D = 64 is already bound by the exp2 unit, take the single
+    instruction."""
+    if APPROX and _PTX_TANH:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # 2/ln(2)
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+    return t
 
 
 @triton.jit
-def _score_terms(qk, dist, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,  #
-                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, REL_SPLIT: tl.constexpr = 0):
+def _score_terms(qk, q_at, k_at, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,  #
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, FAST_TANH: tl.constexpr,  #
+                 NATURAL: tl.constexpr, REL_SPLIT: tl.constexpr = 0):
     """The scores, in log2 units, of the raw products ``qk = q.k`` with the
-    terms applied in their order; ``dist = q - k`` (token positions, int32).
+    terms applied in their order; q_at and k_at: the tile's query and key
+    token positions (int32), one a column and the other a row (``[M, 1]`` and
+    ``[1, N]``, or the transpose), so q_at - k_at is the tile's q - k.
     Also ``tanh(scale * qk / c)`` for the backward's chain rule (qk itself
     without SOFTCAP). cap_in = scale / c, cap_out = c / ln(2), slope2 =
-    slope / ln(2); REL_h: this head's fp32 row of 2 * rel_m + 1 biases;
+    slope / ln(2); FAST_TANH: _tanh's APPROX.
+
+    ALiBi's |q - k| is taken in fp32 from the positions converted once per
+    row and column (exact below 2^24 tokens): a subtraction and a fused
+    multiply-add per score, where converting each score's int32 distance
+    would take the conversion unit, as slow as exp2's.
+
+    The relative bias: REL_h is this head's row of the table (_term_scalars).
     rel_mode 1 (2): every pair of the tile lies at q - k >= rel_m (<= -rel_m),
     so the bias is the scalar rel_hi (rel_lo, both / ln(2)) and no table is
     gathered. REL_SPLIT (_near_steps): 1, every tile is one of those two;
-    2, none is (the table is gathered); 0, either."""
+    2, none is (the table is gathered); 0, either. In natural order a
+    gathered tile reads the reversed, padded table (_rel_gather), whose index
+    runs along the key axis: one address per row and constant offsets, where
+    the clamped index needs a 64-bit address per score (the D = 64 forward
+    spilled 1 KiB for it)."""
     if SOFTCAP:
-        th = _tanh(qk * cap_in)
+        th = _tanh(qk * cap_in, FAST_TANH)
         s = th * cap_out
     else:
         th = qk
         s = qk * qk_scale
     if ALIBI:
-        s = s - slope2 * tl.abs(dist).to(tl.float32)
+        s = s - slope2 * tl.abs(q_at.to(tl.float32) - k_at.to(tl.float32))
     if REL_BIAS:
         if REL_SPLIT == 1:
             s = s + tl.where(rel_mode == 1, rel_hi, rel_lo)
         elif REL_SPLIT == 2:
-            bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
-            s = s + tl.load(REL_h + bucket) * 1.44269504  # 1/ln(2)
+            s = s + _rel_gather(REL_h, q_at, k_at, rel_m, NATURAL)
         elif rel_mode == 1:
             s = s + rel_hi
         elif rel_mode == 2:
             s = s + rel_lo
         else:
-            bucket = tl.minimum(tl.maximum(dist, -rel_m), rel_m) + rel_m
-            s = s + tl.load(REL_h + bucket) * 1.44269504  # 1/ln(2)
+            s = s + _rel_gather(REL_h, q_at, k_at, rel_m, NATURAL)
     return s, th
+
+
+@triton.jit
+def _rel_gather(REL_h, q_at, k_at, rel_m, NATURAL: tl.constexpr):
+    """The relative bias of a tile, / ln(2). Natural order: REL_h is the
+    head's row of the reversed table padded by _REL_PAD copies of each end
+    (runtime._KernelTerms.rel_rev), so entry rel_m + _REL_PAD - (q - k) is
+    t[clamp(q - k, -rel_m, rel_m) + rel_m] for every pair of a tile that
+    comes within rel_m of the diagonal (its q - k spans less than _REL_PAD
+    more). Otherwise REL_h is the table's own row, indexed clamped."""
+    if NATURAL:
+        bias = tl.load(REL_h + ((rel_m + _REL_PAD) - q_at) + k_at)
+    else:
+        bias = tl.load(REL_h + (tl.minimum(tl.maximum(q_at - k_at, -rel_m), rel_m) + rel_m))
+    return bias * 1.44269504  # 1/ln(2)
 
 
 @triton.jit
@@ -185,20 +231,25 @@ def _near_steps(lo, hi, t_lo, t_hi, rel_m, STEP: tl.constexpr):
 
 
 @triton.jit
-def _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                  REL_BIAS: tl.constexpr):
-    """Per-head scalars of _score_terms: cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi."""
+def _term_scalars(sm_scale, softcap, SLOPES, REL, REL_REV, rel_m, off_h, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  REL_BIAS: tl.constexpr, NATURAL: tl.constexpr):
+    """Per-head scalars of _score_terms: cap_in, cap_out, slope2, REL_h (the
+    head's row of REL_REV in natural order, of REL otherwise: _rel_gather),
+    rel_lo, rel_hi."""
     cap_in = sm_scale / softcap
     cap_out = softcap * 1.44269504  # 1/ln(2)
     slope2 = 0.0
     if ALIBI:
         slope2 = tl.load(SLOPES + off_h) * 1.44269504
-    REL_h = REL + off_h.to(tl.int64) * (2 * rel_m + 1)
+    if NATURAL:
+        REL_h = REL_REV + off_h.to(tl.int64) * (2 * rel_m + 1 + 2 * _REL_PAD)
+    else:
+        REL_h = REL + off_h.to(tl.int64) * (2 * rel_m + 1)
     rel_lo = 0.0
     rel_hi = 0.0
     if REL_BIAS:
-        rel_lo = tl.load(REL_h) * 1.44269504
-        rel_hi = tl.load(REL_h + 2 * rel_m) * 1.44269504
+        rel_lo = tl.load(REL + off_h.to(tl.int64) * (2 * rel_m + 1)) * 1.44269504
+        rel_hi = tl.load(REL + off_h.to(tl.int64) * (2 * rel_m + 1) + 2 * rel_m) * 1.44269504
     return cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi
 
 
@@ -277,8 +328,9 @@ def _attn_fwd_loop(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stri
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if TERMS:  # -- the score terms, scale included
             rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N - 1), q_hi - start_n, rel_m, NATURAL, REL_SPLIT)
-            qk, _ = _score_terms(qk, q_tok[:, None] - k_tok[None, :], qk_scale, cap_in, cap_out, slope2, REL_h,
-                                 rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS, REL_SPLIT)
+            qk, _ = _score_terms(qk, q_tok[:, None], k_tok[None, :], qk_scale, cap_in, cap_out, slope2, REL_h,
+                                 rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS, DOT_PRECISION != "ieee",
+                                 NATURAL, REL_SPLIT)
         if MASKED:
             if not TERMS:
                 qk = qk * qk_scale
@@ -345,7 +397,7 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
              Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, FULL_RUNS: tl.constexpr = False,  #
              SCALE_NONNEG: tl.constexpr = True, MERGE_IN: tl.constexpr = False,  #
              SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
-             SINKS: tl.constexpr = False, softcap=1.0, SLOPES=None, SINK=None, REL=None, rel_m=0,  #
+             SINKS: tl.constexpr = False, softcap=1.0, SLOPES=None, SINK=None, REL=None, REL_REV=None, rel_m=0,  #
              PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
@@ -405,9 +457,9 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2): exp(x) == exp2(x / ln(2))
-    cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h,  #
-                                                                   SOFTCAP, ALIBI, REL_BIAS)
     NATURAL: tl.constexpr = Q_ORDER == 0 and K_ORDER == 0
+    cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, REL_REV, rel_m,  #
+                                                                   off_h, SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     csr_row = layout_h * n_tiles + tile
     # -- FULL steps: every pair allowed, no predicate, no bounds mask; as two
     #    runs of consecutive steps, each its own loop (no step index loaded
@@ -544,8 +596,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if TERMS:  # -- the score terms, scale included
             rel_mode = _rel_mode(start_m - k_hi, start_m + (BLOCK_M1 - 1) - k_lo, rel_m, NATURAL)
-            sT, thT = _score_terms(qkT, q_tok[None, :] - k_tok[:, None], qk_scale, cap_in, cap_out, slope2, REL_h,
-                                   rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS)
+            sT, thT = _score_terms(qkT, q_tok[None, :], k_tok[:, None], qk_scale, cap_in, cap_out, slope2, REL_h,
+                                   rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS, DOT_PRECISION != "ieee",
+                                   NATURAL)
             pT = tl.math.exp2(sT - lse2[None, :])
         else:
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
@@ -587,7 +640,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
                   FULL_RUNS: tl.constexpr = False, ADDR32: tl.constexpr = False, BAND: tl.constexpr = False,  #
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
-                  softcap=1.0, SLOPES=None, REL=None, rel_m=0,  #
+                  softcap=1.0, SLOPES=None, REL=None, REL_REV=None, rel_m=0,  #
                   PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """dK and dV of one key tile, summed over the query heads that share its
     key/value head: accumulated in registers, written once, no atomics.
@@ -646,8 +699,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
     # -- every query head that reads this key/value head (GROUP > 1: GQA, MQA)
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
-        cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h,  #
-                                                                       SOFTCAP, ALIBI, REL_BIAS)
+        cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, REL_REV,  #
+                                                                       rel_m, off_h, SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         layout_h = 0
         if HEAD_DEPENDENT:
             layout_h = off_h
@@ -803,9 +856,9 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
             dist = q_tok[:, None] - k_tok[None, :]
             rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N2 - 1), q_lo + (BLOCK_M2 - 1) - start_n, rel_m,
                                       NATURAL, REL_SPLIT)
-            qk, th = _score_terms(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), dist, qk_scale,
-                                  cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi, rel_mode,
-                                  SOFTCAP, ALIBI, REL_BIAS, REL_SPLIT)
+            qk, th = _score_terms(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tok[:, None],
+                                  k_tok[None, :], qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
+                                  rel_mode, SOFTCAP, ALIBI, REL_BIAS, DOT_PRECISION != "ieee", NATURAL, REL_SPLIT)
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
@@ -824,7 +877,7 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if ALIBI:
-            d_alibi += tl.sum(tl.sum(ds * tl.abs(dist).to(tl.float32), 1), 0)
+            d_alibi += tl.sum(tl.sum(ds * tl.abs(q_tok.to(tl.float32)[:, None] - k_tok.to(tl.float32)[None, :]), 1), 0)
         if REL_BIAS:
             d_lo, d_hi = _rel_bias_grad(ds, dist, rel_mode, q_lo - start_n, q_tok, k_tok, k_ok, rel_m,
                                         d_lo, d_hi, SCR, HIST, BLOCK_M2, BLOCK_N2, SKEW, NATURAL, REL_SPLIT)
@@ -908,7 +961,7 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 FULL_RUNS: tl.constexpr = False, WRITE_DELTA: tl.constexpr = False, ADDR32: tl.constexpr = False,  #
                 BAND: tl.constexpr = False,  #
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
-                softcap=1.0, SLOPES=None, REL=None, rel_m=0, PART=None, SCR=None, HIST=None,  #
+                softcap=1.0, SLOPES=None, REL=None, REL_REV=None, rel_m=0, PART=None, SCR=None, HIST=None,  #
                 SKEW: tl.constexpr = 16, PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
     FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows, BAND as in attn_bwd_dkdv).
@@ -975,9 +1028,9 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
-    cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, rel_m, off_h,  #
-                                                                   SOFTCAP, ALIBI, REL_BIAS)
     NATURAL: tl.constexpr = Q_ORDER == 0 and K_ORDER == 0
+    cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, REL_REV, rel_m,  #
+                                                                   off_h, SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     prog = off_bh.to(tl.int64) * n_tiles + tile
     SCR_p = SCR + prog * (BLOCK_M2 * BLOCK_N2)
     HIST_p = HIST + prog * (2 * rel_m + 1)

@@ -61,6 +61,7 @@ _FP32 = torch.finfo(torch.float32)
 _LOG2E = 1.4426950408889634  # the kernels multiply the scale by 1/ln(2) to use exp2
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (batch * heads here)
 _CACHE_ENTRIES = 32  # layouts / device tables kept per TritonAttention
+REL_PAD = 256  # kernels.py's _REL_PAD: copies of each end of the reversed relative bias table
 
 
 def interpreting() -> bool:
@@ -446,7 +447,7 @@ class _Run:
             scale, n, H, H // self.Hkv, *order.args(tokens),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
             Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_walk == "runs", SCALE_NONNEG=scale >= 0,
-            MERGE_IN=o_in is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            MERGE_IN=o_in is not None, num_warps=(terms or _NO_KERNEL_TERMS).fwd_warps(cfg), num_stages=cfg.fwd_stages,
             **(terms or _NO_KERNEL_TERMS).forward_args(t.random, sink))
         return o, lse
 
@@ -581,12 +582,17 @@ class _KernelTerms:
     slopes: torch.Tensor | None = None
     sinks: torch.Tensor | None = None
     rel: torch.Tensor | None = None
+    rel_rev: torch.Tensor | None = None  # rel reversed, each end repeated REL_PAD times (kernels' _rel_gather)
 
     @staticmethod
     def of(terms: ScoreTerms) -> "_KernelTerms":
         def f32(t):
             return None if t is None else t.detach().to(torch.float32).contiguous()
-        return _KernelTerms(terms.softcap, f32(terms.alibi_slopes), f32(terms.sinks), f32(terms.rel_bias))
+        rel = f32(terms.rel_bias)
+        rel_rev = None
+        if rel is not None:
+            rel_rev = torch.cat([rel[:, -1:].expand(-1, REL_PAD), rel.flip(1), rel[:, :1].expand(-1, REL_PAD)], 1)
+        return _KernelTerms(terms.softcap, f32(terms.alibi_slopes), f32(terms.sinks), rel, rel_rev)
 
     @property
     def rel_m(self) -> int:
@@ -596,6 +602,13 @@ class _KernelTerms:
     def buckets(self) -> int:
         return 1 if self.rel is None else self.rel.shape[1]
 
+    def fwd_warps(self, cfg: KernelConfig) -> int:
+        """The forward's warps: a relative bias takes at least 8, since its
+        gathered tile needs registers that 4 warps lack (sm_90, D = 64,
+        128 x 64 tiles: 240 spilled bytes with 4 warps, none with 8;
+        ``bench/probes.py``'s resources with ``variant=dict(REL_BIAS=True)``)."""
+        return cfg.fwd_warps if self.rel is None else max(cfg.fwd_warps, 8)
+
     @property
     def wants_grad_buffers(self) -> bool:
         return self.slopes is not None or self.rel is not None
@@ -604,7 +617,8 @@ class _KernelTerms:
         """The kernels' score-term arguments (forward's too, less the sink)."""
         return dict(SOFTCAP=self.softcap is not None, ALIBI=self.slopes is not None, REL_BIAS=self.rel is not None,
                     softcap=self.softcap or 1.0, SLOPES=d if self.slopes is None else self.slopes,
-                    REL=d if self.rel is None else self.rel, rel_m=self.rel_m)
+                    REL=d if self.rel is None else self.rel, REL_REV=d if self.rel is None else self.rel_rev,
+                    rel_m=self.rel_m)
 
     def forward_args(self, d: torch.Tensor, sink: bool) -> dict:
         sink = sink and self.sinks is not None
