@@ -2,7 +2,7 @@
 
 One grammar serves patterns, integers and conditions (see
 ``grammar/pattern.lark``), so the tree does not yet know whether ``a - b`` is
-a difference of patterns or a subtraction of integers; ``resolve.py`` decides.
+a difference of patterns or a subtraction of integers; the resolver decides.
 Parentheses leave no node behind.
 
 Every node is a frozen dataclass with a ``loc`` (``errors.Loc``: 1-based line

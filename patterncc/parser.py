@@ -23,7 +23,7 @@ Limits (every one raises ``LimitError`` at a located place):
 - ``MAX_DEPTH`` (200): nested operators, calls, ``where``, ``heads`` and
   ``cycle`` (parentheses alone cost nothing; a chain ``a | b | c`` of one
   of ``| & and or`` is one level, a chain of ``-`` or ``+`` one per
-  operator). resolve.py applies it again after inlining definitions, and
+  operator). The resolver applies it again after inlining definitions, and
   simplify.py to patterns built in Python;
 - integer literals must not exceed ``ir.MAX_VALUE`` (int32).
 

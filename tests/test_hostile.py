@@ -59,7 +59,7 @@ def test_cli_test_says_what_it_checked(capsys, pat_file):
 def test_run_files_fails_when_a_named_backend_cannot_run(capsys, pat_file, monkeypatch):
     from patterncc import testing
 
-    monkeypatch.setattr(testing, "available_backends", lambda: {"reference": None, "triton": "no device"})
+    monkeypatch.setattr(testing.suite, "available_backends", lambda: {"reference": None, "triton": "no device"})
     assert testing.run_files([str(pat_file)], examples=2, backends=["triton"]) == 1
     assert "0 of 1 patterns passed" in capsys.readouterr().out
 

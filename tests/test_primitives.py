@@ -88,7 +88,7 @@ def test_every_stage_has_an_entry(name):
 
 
 def stdlib_reserved() -> set[str]:
-    from patterncc.resolve import _RESERVED
+    from patterncc.resolve.definitions import _RESERVED
 
     return _RESERVED
 

@@ -76,7 +76,7 @@ def _python(text, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # "auto" picks as on a user's CPU machine
     # The kit's Triton checks run in test_testing_kit.py; here the block itself is under test.
-    monkeypatch.setattr(testing, "available_backends", lambda: {"reference": None})
+    monkeypatch.setattr(testing.suite, "available_backends", lambda: {"reference": None})
     namespace = {"__name__": "readme_block"}
     exec(compile(text, str(README), "exec"), namespace)
     for name, fn in list(namespace.items()):

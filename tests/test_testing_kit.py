@@ -386,7 +386,7 @@ def test_check_pattern_refuses_unknown_backends():
 
 
 def test_check_pattern_fails_a_named_backend_that_cannot_run(monkeypatch):
-    monkeypatch.setattr(testing, "available_backends", lambda: {"reference": None, "triton": "no device"})
+    monkeypatch.setattr(testing.suite, "available_backends", lambda: {"reference": None, "triton": "no device"})
     report = check_pattern(ir.Causal(), backends=["triton"], examples=2, seed=0)
     assert not report.ok and report.results[-1].status == "failed" and "no device" in report.results[-1].reason
     report = check_pattern(ir.Causal(), examples=2, seed=0)  # not asked for by name: skipped, the rest ran
@@ -553,7 +553,7 @@ def test_assert_packed_matches_reference_catches_a_wrong_term_gradient():
 def test_check_pattern_shrinks_a_packed_failure_and_reproduces_it(monkeypatch):
     monkeypatch.setattr(reference, "ReferenceAttention", IgnoresCuSeqlens)
     small = dict(dtypes=("float64",), max_len=40, max_count=6, max_total=120, blocks=(8, 16), head_dims=(8,))
-    monkeypatch.setattr(testing, "_packed_shapes", lambda backend: small)  # shrinking reruns many examples
+    monkeypatch.setattr(testing.suite, "_packed_shapes", lambda backend: small)  # shrinking reruns many examples
     report = check_pattern(ir.Causal(), backends=["reference"], examples=20, seed=0)
     (failure,) = report.failures  # the plain calls are right
     cx = failure.counterexample
