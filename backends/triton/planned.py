@@ -29,12 +29,13 @@ import torch
 from patterncc import ir
 from patterncc.lru import LRU
 from patterncc.blocklayout import build as build_layout
+from patterncc.orders import Residue, SlotOrder, shaping
 from patterncc.packing import PackedSlots, packed_layout, residue_padding
 from patterncc.planned import PlannedAttention, _term_kwargs
 from patterncc.planner import component_at, slot_pattern_of
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
-from .runtime import SlotOrder, _DeviceTables, _Run, attend, check_inputs, launch_key
+from .runtime import _DeviceTables, _Run, attend, check_inputs, launch_key
 from .tables import crop_steps, kernel_steps
 
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
@@ -162,9 +163,8 @@ class TritonPlannedAttention(PlannedAttention):
                 np.zeros(lengths.size, dtype=np.int64), None
         # queries walk the slots of the query order (keys gathered into fewer are padded to them)
         slots = comp.q_order.length(lengths)
-        shaped = comp.q_order if comp.q_order.kind != "natural" else comp.k_order  # as SlotOrder.of
-        packing = PackedSlots.of(offsets, slots, shaped.classes(lengths), align)
-        if comp.q_order.kind == "residue":  # one layout per class size, its padding slots' blocks never FULL
+        packing = PackedSlots.of(offsets, slots, shaping(comp.q_order, comp.k_order).classes(lengths), align)
+        if isinstance(comp.q_order, Residue):  # one layout per class size, its padding slots' blocks never FULL
             l = comp.q_order.l
             distinct, source_of = np.unique(np.maximum(comp.q_order.classes(lengths), 1), return_inverse=True)
             sources = [self.residue_layout(comp, int(S)) for S in distinct]

@@ -49,6 +49,7 @@ from patterncc import ir, randomblocks
 from patterncc.blocklayout import BlockLayout, build as build_layout
 from patterncc.errors import LimitError
 from patterncc.lru import LRU
+from patterncc.orders import SlotOrder
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from patterncc.backends.reference.attention import check_scale as _check_scale
@@ -547,29 +548,6 @@ class _Run:
                     num_stages=cfg.bwd_stages)
 
 
-@dataclass(frozen=True)
-class SlotOrder:
-    """How a planned component's kernel slots map to tokens (the kernels'
-    ``_token``): ``q``/``k`` codes 0 natural, 1 residue(l), 2 columns(l, c);
-    ``S = ceil(n / l)`` slots per residue class."""
-
-    q: int = 0
-    k: int = 0
-    l: int = 1
-    S: int = 1
-    c: int = 1
-
-    @staticmethod
-    def of(q_order, k_order, n: int) -> "SlotOrder":
-        """From the planner's TokenOrders of one component."""
-        shaped = q_order if q_order.kind != "natural" else k_order
-        return SlotOrder(q_order.code, k_order.code, max(1, shaped.l), shaped.classes(n), max(1, shaped.c))
-
-    def args(self, tokens: int) -> tuple[int, int, int, int]:
-        """N_TOK, ORD_L, ORD_S, ORD_C for the kernels."""
-        return tokens, self.l, self.S, self.c
-
-
 @dataclass(frozen=True, eq=False)
 class _KernelTerms:
     """A call's ScoreTerms as the kernels take them: fp32 contiguous tensors
@@ -621,7 +599,7 @@ _NO_KERNEL_TERMS = _KernelTerms()
 def _sink_launch(launches) -> int | None:
     """The launch that adds the sink to its rows' denominators: one that
     reaches every query (the log-sum-exp merge then counts it once), or None."""
-    return next((i for i, (_, order) in enumerate(launches) if order.q != 2), None)
+    return next((i for i, (_, order) in enumerate(launches) if order.covers_queries), None)
 
 
 # Launches recorded into a CUDA graph: their device tables must outlive the
@@ -670,13 +648,13 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
         # delta, merged: the same for every launch. One launch that reaches
         # every query writes it in its dQ programs (they load dO anyway);
         # otherwise, or with an lse gradient to take in, a pass of its own.
-        in_dq = len(launches) == 1 and launches[0][1].q != 2 and dlse is None
+        in_dq = len(launches) == 1 and launches[0][1].covers_queries and dlse is None
         delta = torch.empty_like(lse) if in_dq else launches[0][0].delta(o, do, dlse)
         args = (q, k, v, lse, do, delta, scale)
-        (dq,) = _summed([order.q != 2 for _, order in launches], (q,),
+        (dq,) = _summed([order.covers_queries for _, order in launches], (q,),
                         lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
                                                                o=o if in_dq else None, terms=kterms, grads=grads))
-        dk, dv = _summed([order.k != 2 for _, order in launches], (k, v),
+        dk, dv = _summed([order.covers_keys for _, order in launches], (k, v),
                          lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins, terms=kterms))
         term_grads = _term_grads(terms, kterms, grads, lse, delta)
     return dq, dk, dv, term_grads
@@ -751,7 +729,7 @@ def _merged(launches, q, k, v, scale, terms: _KernelTerms | None = None):
         with_terms = {} if terms is None else dict(terms=terms, sink=i == sink)
         return launches[i][0].forward(q, k, v, scale, launches[i][1], *outs, *ins, **with_terms)
 
-    return _accumulated([order.q != 2 for _, order in launches], outputs, q.device, launch)
+    return _accumulated([order.covers_queries for _, order in launches], outputs, q.device, launch)
 
 
 def _summed(covers, like, launch):
