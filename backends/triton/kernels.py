@@ -36,9 +36,10 @@ pattern_mask = None  # defined by the generated module above the kernels
 
 @triton.jit
 def _token(slot, ORDER: tl.constexpr, L, S, C):
-    """The token position of kernel slot ``slot`` in the order of a planned component
-    (patterncc.planner.TokenOrder): 0 natural, 1 residue(L) with S = ceil(n / L)
-    slots per class, 2 the gathered columns of summary(L, C)."""
+    """The token position of kernel slot ``slot`` in the order of a planned component,
+    the kernels' one copy of ``patterncc.orders`` (ORDER its ``code``; L, S, C
+    its ``kernel_args``): 0 natural, 1 residue(L) with S = ceil(n / L) slots
+    per class, 2 the gathered columns of summary(L, C)."""
     if ORDER == 1:
         return (slot % S) * L + slot // S
     elif ORDER == 2:
