@@ -5,7 +5,7 @@ into the kernels' address arithmetic (``kernels._token``: residue order and
 gathered columns are closed forms), so q, k, v are read and o, lse written
 in token order with no copies; the partial results merge exactly by
 log-sum-exp inside the forward kernels (each launch after the first merges
-its result into the running one in its epilogue: ``runtime._merged``).
+its result into the running one in its epilogue: ``merge._merged``).
 Only q, k, v, the merged o and the merged lse are saved.
 
 Score terms (``patterncc.scores``) ride along: every component applies
@@ -18,7 +18,7 @@ component runs the dK/dV and dQ kernels with the *merged* lse and delta (the
 Sparse Transformer's recomputation: P is rebuilt from lse, never stored),
 and the gradients add up in token order inside the kernels: each launch adds
 the fp32 sum of the launches before it, the last writes the inputs' dtype
-(``runtime._summed``).
+(``merge._summed``).
 """
 
 from __future__ import annotations
