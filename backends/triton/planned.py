@@ -165,10 +165,9 @@ class TritonPlannedAttention(PlannedAttention):
         slots = comp.q_order.length(lengths)
         packing = PackedSlots.of(offsets, slots, shaping(comp.q_order, comp.k_order).classes(lengths), align)
         if isinstance(comp.q_order, Residue):  # one layout per class size, its padding slots' blocks never FULL
-            l = comp.q_order.l
             distinct, source_of = np.unique(np.maximum(comp.q_order.classes(lengths), 1), return_inverse=True)
             sources = [self.residue_layout(comp, int(S)) for S in distinct]
-            return packing, sources, source_of, residue_padding(lengths, l, comp.layout.block)
+            return packing, sources, source_of, residue_padding(lengths, comp.q_order, comp.layout.block)
         distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
         sources = [self.component_at(comp, int(n)).layout for n in distinct]
         if any(lay.seq_len != comp.q_order.length(int(n)) for lay, n in zip(sources, distinct)):
