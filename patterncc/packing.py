@@ -25,6 +25,7 @@ import numpy as np
 
 from . import ir
 from .blocklayout import BlockLayout, run_offsets, run_ranges
+from .orders import Residue
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,15 +72,15 @@ class PackedSlots:
         return self.first[self.chunk_sequences()]
 
 
-def residue_padding(lengths: np.ndarray, l: int, block: int) -> np.ndarray:
+def residue_padding(lengths: np.ndarray, order: Residue, block: int) -> np.ndarray:
     """bool ``[sum of the sequences' blocks]``, sequence after sequence:
     the blocks of each sequence's residue order (``l`` classes of ``S =
     ceil(n / l)`` slots) that hold a padding slot, the last slot of each
     class that has ``S - 1`` tokens (classes ``r >= n - l * (S - 1)``)."""
-    S = -(-lengths // l)
-    nb = -(-(l * S) // block)
+    l, S, slots = order.l, order.classes(lengths), order.length(lengths)
+    nb = -(-slots // block)
     start = np.concatenate([[0], np.cumsum(nb)])
-    count = np.maximum(l * S - lengths, 0)  # classes with a padding slot: the last l * S - n
+    count = np.maximum(slots - lengths, 0)  # classes with a padding slot: the last l * S - n
     seq = np.repeat(np.arange(lengths.size), count)
     r = l - count[seq] + run_offsets(count)
     out = np.zeros(int(start[-1]), dtype=bool)

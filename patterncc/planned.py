@@ -183,13 +183,10 @@ def _gathers(comp: Component, n: int, torch, device):
 
     slots = comp.layout.seq_len
     q_index = k_index = q_back = None
-    if comp.q_order.kind != "natural":
+    if comp.q_order.reordered:
         q_index = slots_to_positions(comp.q_order, slots)
-        pos = comp.q_order.positions(np.arange(slots), n)
-        back = np.empty(n, dtype=np.int64)
-        back[pos[pos >= 0]] = np.nonzero(pos >= 0)[0]
-        q_back = torch.as_tensor(back, device=device)
-    if comp.k_order.kind != "natural":
+        q_back = torch.as_tensor(comp.q_order.slots(np.arange(n), n), device=device)
+    if comp.k_order.reordered:
         k_index = slots_to_positions(comp.k_order, slots)
     return q_index, k_index, q_back
 

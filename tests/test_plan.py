@@ -208,7 +208,8 @@ def test_columns_closed_form_equals_the_sorted_pairs(src, block, prefix, n, monk
     """_prefix_csr against the pair list sorted by key block (_pieces_csr, the
     construction it replaces), and both orientations against the layout
     rebuilt from its own dense classes."""
-    from patterncc import blocklayout, planner
+    from patterncc import blocklayout
+    from patterncc.planning import columns as planner
 
     closed_form, taken = planner._prefix_csr, []
 
@@ -230,7 +231,7 @@ def test_columns_closed_form_equals_the_sorted_pairs(src, block, prefix, n, monk
 
 def test_columns_closed_form_at_a_large_length(monkeypatch):
     """Past 2**20 entries the pair list is sorted by scipy's CSR -> CSC."""
-    from patterncc import planner
+    from patterncc.planning import columns as planner
 
     n = 400_003  # neither a multiple of 128 nor of l
     fast = columns_layout("fixed(128, 32)", n, 128)

@@ -308,11 +308,11 @@ def test_bad_terms_name_the_argument(kwargs, error, words):
 
 
 def test_the_reversed_bias_table_pads_as_the_kernels_read_it():
-    """runtime.REL_PAD is the kernels' _REL_PAD (two copies of one number: the template is not imported)."""
+    """launch.REL_PAD is the kernels' _REL_PAD (two copies of one number: the template is not imported)."""
     import re
     from pathlib import Path
 
-    from patterncc.backends.triton import runtime
+    from patterncc.backends.triton import launch
 
-    template = (Path(runtime.__file__).parent / "kernels.py").read_text()
-    assert int(re.search(r"_REL_PAD = tl\.constexpr\((\d+)\)", template).group(1)) == runtime.REL_PAD
+    template = (Path(launch.__file__).parent / "kernels.py").read_text()
+    assert int(re.search(r"_REL_PAD = tl\.constexpr\((\d+)\)", template).group(1)) == launch.REL_PAD

@@ -13,8 +13,14 @@ CPU is right for tests, the testing kit and users alike.
 from __future__ import annotations
 
 import functools
+import os
 
 _original = None  # the interpreter's own create_dot, once patched (None: not patched)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: the kernels run on the CPU, in numpy."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def bf16_dot_needs_patch() -> bool:

@@ -6,7 +6,7 @@
    ``@triton.jit`` function over int32 positions ``q`` ``[M, 1]`` and ``k``
    ``[1, N]`` (or transposed), the runtime head index ``h``, the runtime
    length ``N`` and the int32 buffer ``RANDOM`` (the pattern's integers and
-   its random tables, ``runtime._random_buffer``); the kernels call it on
+   its random tables, ``device_tables._random_buffer``); the kernels call it on
    PARTIAL steps only;
 2. the attention kernels of ``kernels.py`` (forward, backward preprocess,
    dK/dV, dQ, and a mask picture for tests), copied verbatim;

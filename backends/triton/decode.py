@@ -43,7 +43,7 @@ import torch
 
 from patterncc import ir, planner
 from patterncc.lru import LRU
-from patterncc.planner import NATURAL, TokenOrder
+from patterncc.orders import NATURAL, Columns, Residue, TokenOrder
 from patterncc.backends.reference.checks import check_block_table, check_cache_seqlens, check_pages, check_shapes
 from patterncc.blocklayout import row_pairs
 from patterncc.masks import evaluate
@@ -76,9 +76,9 @@ class _Piece:
 
     @property
     def codes(self) -> tuple[int, int, int]:
-        """K_ORDER, ORD_L, ORD_C for the kernel."""
-        kind = self.k_order.kind
-        return {"natural": 0, "residue": 1, "columns": 2}[kind], max(1, self.k_order.l), max(1, self.k_order.c)
+        """K_ORDER, ORD_L, ORD_C for the kernel (which counts ORD_S per row)."""
+        L, _, C = self.k_order.kernel_args(0)
+        return self.k_order.code, L, C
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ class RowsAttention:
         if key in self._steps:
             return self._steps[key]
         pieces = self.pieces(max_len, H)
-        if any(piece.q_order.kind == "residue" for piece in pieces):
+        if any(isinstance(piece.q_order, Residue) for piece in pieces):
             pieces = [_Piece(ir.bind(self.pattern, max_len), NATURAL, NATURAL)]
         shapes = self._shapes(pieces, H, Hkv, nq)
         tables = []
@@ -347,7 +347,7 @@ class RowsAttention:
         ptrs, idxs = [np.zeros(1, dtype=np.int64)], []
         for h_i, h_j in pairs:
             i, j = np.concatenate(h_i), np.concatenate(h_j)
-            if piece.k_order.kind == "columns":
+            if isinstance(piece.k_order, Columns):
                 starts = np.searchsorted(i, np.arange(rows + 1))
                 per_row = [_column_blocks(j[a:b], piece.k_order, side, Bk) for a, b in zip(starts[:-1], starts[1:])]
                 counts = np.asarray([x.size for x in per_row], dtype=np.int64)
@@ -455,7 +455,7 @@ class RowsAttention:
         first_tok = n - nq
         tokens = [np.arange(max(first_tok + t * block_m, 0), min(first_tok + (t + 1) * block_m, n))
                   for t in range(-(-nq // block_m))]
-        if piece.q_order.kind == "residue":
+        if isinstance(piece.q_order, Residue):
             return self._residue_lists(piece, tokens, n, H)
         side = n if self.per_length else -(-n // B) * B
         pattern = piece.pattern
@@ -469,7 +469,7 @@ class RowsAttention:
         for i, j in rows:  # per layout head
             for tile in tile_rows:
                 blocks = np.unique(j[np.isin(i, tile)])  # the union of the tile's rows, ascending
-                if piece.k_order.kind == "columns":
+                if isinstance(piece.k_order, Columns):
                     blocks = _column_blocks(blocks, piece.k_order, side, B)
                 idxs.append(blocks)
                 ptrs.append(ptrs[-1] + blocks.size)
@@ -514,16 +514,11 @@ class RowsAttention:
                  np.concatenate([found[r][h] for r in found])) for h in range(heads)]
 
 
-def _column_blocks(natural_blocks: np.ndarray, order: TokenOrder, n: int, block: int) -> np.ndarray:
+def _column_blocks(natural_blocks: np.ndarray, order: Columns, n: int, block: int) -> np.ndarray:
     """The slot blocks of ``columns(l, c)`` order that hold the summary keys
     of the given natural key blocks (at ``n`` tokens), ascending."""
-    l, c = order.l, order.c
-
-    def before(x):  # summary keys (slots) before token x
-        return (x // l) * c + np.clip(x % l - (l - c), 0, c)
-
-    lo = before(natural_blocks.astype(np.int64) * block)
-    hi = before(np.minimum((natural_blocks.astype(np.int64) + 1) * block, n))
+    lo = order.count_before(natural_blocks.astype(np.int64) * block)
+    hi = order.count_before(np.minimum((natural_blocks.astype(np.int64) + 1) * block, n))
     keep = hi > lo
     lo, hi = lo[keep] // block, (hi[keep] - 1) // block
     counts = hi - lo + 1

@@ -1,7 +1,7 @@
 """The query-rows kernels: a few queries against many keys (a template: not imported).
 
 ``decode.py`` appends everything below the marker line to a pattern's
-generated module (``codegen.generate_source``), whose ``pattern_mask`` and
+generated module (``codegen.generate_source``), whose ``pattern_mask``, ``_token`` and
 ``_tanh`` it calls. They serve queries that sit at the *end* of their row's
 keys: decoding from a KV cache (one to a few new tokens) and chunked prefill.
 
@@ -38,21 +38,21 @@ import triton.language as tl
 
 pattern_mask = None  # defined by the generated module above the kernels
 _tanh = None  # likewise (kernels.py's score-term helper)
+_token = None  # likewise (kernels.py's slot-to-token helper)
 
 # ---- query-rows kernel: everything below this line is appended to the generated module ----
 
 
 @triton.jit
 def _key_tokens(slot, K_ORDER: tl.constexpr, L, S, C):
-    """The token of each key slot in a planned piece's key order
-    (patterncc.planner.TokenOrder): 0 natural, 1 residue(L) with S slots per
-    class, 2 the gathered columns of summary(L, C); and whether the slot holds one."""
+    """The token of each key slot in a planned piece's key order (kernels.py's
+    ``_token``), and whether the slot is one of the order's (residue order
+    has ``L * S``; the others' slots past the keys are masked by length)."""
+    tok = _token(slot, K_ORDER, L, S, C)
     if K_ORDER == 1:
-        return (slot % S) * L + slot // S, slot < L * S
-    elif K_ORDER == 2:
-        return (slot // C) * L + (L - C) + slot % C, slot >= 0
+        return tok, slot < L * S
     else:
-        return slot, slot >= 0
+        return tok, slot >= 0
 
 
 @triton.jit

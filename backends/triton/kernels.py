@@ -44,9 +44,10 @@ _REL_PAD = tl.constexpr(256)
 
 @triton.jit
 def _token(slot, ORDER: tl.constexpr, L, S, C):
-    """The token position of kernel slot ``slot`` in the order of a planned component
-    (patterncc.planner.TokenOrder): 0 natural, 1 residue(L) with S = ceil(n / L)
-    slots per class, 2 the gathered columns of summary(L, C)."""
+    """The token position of kernel slot ``slot`` in the order of a planned component,
+    the kernels' one copy of ``patterncc.orders`` (ORDER its ``code``; L, S, C
+    its ``kernel_args``): 0 natural, 1 residue(L) with S = ceil(n / L) slots
+    per class, 2 the gathered columns of summary(L, C)."""
     if ORDER == 1:
         return (slot % S) * L + slot // S
     elif ORDER == 2:
@@ -178,7 +179,7 @@ def _score_terms(qk, q_at, k_at, qk_scale, cap_in, cap_out, slope2, REL_h, rel_m
 def _rel_gather(REL_h, q_at, k_at, rel_m, NATURAL: tl.constexpr):
     """The relative bias of a tile, / ln(2). Natural order: REL_h is the
     head's row of the reversed table padded by _REL_PAD copies of each end
-    (runtime._KernelTerms.rel_rev), so entry rel_m + _REL_PAD - (q - k) is
+    (launch._KernelTerms.rel_rev), so entry rel_m + _REL_PAD - (q - k) is
     t[clamp(q - k, -rel_m, rel_m) + rel_m] for every pair of a tile that
     comes within rel_m of the diagonal (its q - k spans less than _REL_PAD
     more). Otherwise REL_h is the table's own row, indexed clamped."""

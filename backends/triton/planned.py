@@ -5,7 +5,7 @@ into the kernels' address arithmetic (``kernels._token``: residue order and
 gathered columns are closed forms), so q, k, v are read and o, lse written
 in token order with no copies; the partial results merge exactly by
 log-sum-exp inside the forward kernels (each launch after the first merges
-its result into the running one in its epilogue: ``runtime._merged``).
+its result into the running one in its epilogue: ``merge._merged``).
 Only q, k, v, the merged o and the merged lse are saved.
 
 Score terms (``patterncc.scores``) ride along: every component applies
@@ -18,7 +18,7 @@ component runs the dK/dV and dQ kernels with the *merged* lse and delta (the
 Sparse Transformer's recomputation: P is rebuilt from lse, never stored),
 and the gradients add up in token order inside the kernels: each launch adds
 the fp32 sum of the launches before it, the last writes the inputs' dtype
-(``runtime._summed``).
+(``merge._summed``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import torch
 from patterncc import ir
 from patterncc.lru import LRU
 from patterncc.blocklayout import build as build_layout
+from patterncc.orders import Residue, SlotOrder, shaping
 from patterncc.packing import PackedSlots, packed_layout, residue_padding
 from patterncc.planned import PlannedAttention, _term_kwargs
 from patterncc.planner import component_at, slot_pattern_of
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
-from .runtime import SlotOrder, _DeviceTables, _Run, attend, check_inputs, launch_key
+from .runtime import _DeviceTables, _Run, attend, check_inputs, launch_key
 from .tables import crop_steps, kernel_steps
 
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
@@ -162,13 +163,11 @@ class TritonPlannedAttention(PlannedAttention):
                 np.zeros(lengths.size, dtype=np.int64), None
         # queries walk the slots of the query order (keys gathered into fewer are padded to them)
         slots = comp.q_order.length(lengths)
-        shaped = comp.q_order if comp.q_order.kind != "natural" else comp.k_order  # as SlotOrder.of
-        packing = PackedSlots.of(offsets, slots, shaped.classes(lengths), align)
-        if comp.q_order.kind == "residue":  # one layout per class size, its padding slots' blocks never FULL
-            l = comp.q_order.l
+        packing = PackedSlots.of(offsets, slots, shaping(comp.q_order, comp.k_order).classes(lengths), align)
+        if isinstance(comp.q_order, Residue):  # one layout per class size, its padding slots' blocks never FULL
             distinct, source_of = np.unique(np.maximum(comp.q_order.classes(lengths), 1), return_inverse=True)
             sources = [self.residue_layout(comp, int(S)) for S in distinct]
-            return packing, sources, source_of, residue_padding(lengths, l, comp.layout.block)
+            return packing, sources, source_of, residue_padding(lengths, comp.q_order, comp.layout.block)
         distinct, source_of = np.unique(np.maximum(lengths, 1), return_inverse=True)
         sources = [self.component_at(comp, int(n)).layout for n in distinct]
         if any(lay.seq_len != comp.q_order.length(int(n)) for lay, n in zip(sources, distinct)):

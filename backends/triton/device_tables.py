@@ -1,0 +1,103 @@
+"""Device tables: each kernel's step lists and tile order (``tables.py``), and
+the random tables with the pattern's integers, on the device, per layout and
+config (``TritonAttention`` caches them per shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patterncc import randomblocks
+from patterncc.errors import LimitError
+
+from . import tables
+from .config import KernelConfig
+
+
+@dataclass(frozen=True, eq=False)
+class _DeviceTables:
+    """The step lists of each kernel (tables.py) and the random tables, on the device."""
+
+    layout_heads: int
+    fwd: tuple  # (full_ptr, full_steps, part_ptr, part_steps, tile_order): query tiles of block_m
+    dq: tuple  # the same for query tiles of block_m2
+    dkdv: tuple  # the same for key tiles of block_n1 (tile order per key/value head)
+    random: torch.Tensor  # int32: table offsets, then the random(...) tables
+    # how each kernel walks its tiles: "steps" (full_steps is the FULL step
+    # list), "runs" (full_steps is tables.run_table, two runs per tile,
+    # flattened) or "band" (tables.band_table, flattened; backward only)
+    fwd_walk: str = "steps"
+    dq_walk: str = "steps"
+    dkdv_walk: str = "steps"
+
+    @staticmethod
+    def build(lay, Hkv: int, config: KernelConfig, module, device, packing=None) -> "_DeviceTables":
+        """``module``: the kernels' (``load_kernels``), whose random tables and
+        integers ``RANDOM`` holds. ``packing``: ``(first_slot, align)`` for a packed batch's layout
+        (``tables.local_steps``): each tile's steps counted from its sequence's first slot."""
+
+        def steps_of(orientation: str, tile: int, step: int) -> tables.StepLists:
+            ptr, idx, full = ((lay.kv_ptr, lay.kv_idx, lay.kv_full) if orientation == "kv"
+                              else (lay.q_ptr, lay.q_idx, lay.q_full))
+            rows = tables.kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
+            return rows if packing is None else tables.local_steps(rows, tile, step, *packing)
+
+        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, module, device)
+
+    @staticmethod
+    def from_steps(steps_of, heads: int, n: int, Hkv: int, config: KernelConfig, module,
+                   device) -> "_DeviceTables":
+        """The tables of the kernels' step lists ``steps_of(orientation, tile,
+        step)`` (``"kv"``: query tiles walking key steps, ``"q"``: key tiles
+        walking query steps) of a layout with ``heads`` heads over ``n`` slots."""
+
+        def dev(a):  # never empty: a null data pointer is not worth the doubt
+            a = np.ascontiguousarray(a, dtype=np.int32)
+            return torch.from_numpy(a if a.size else np.zeros(1, dtype=np.int32)).to(device)
+
+        def lists(steps: tables.StepLists, cost, band: bool = False):
+            """The kernel's device tables, and how it walks them."""
+            table = tables.band_table(steps) if band else None
+            walk = "band"
+            if table is None:
+                table, walk = tables.run_table(steps), "runs"
+            if table is None:
+                table, walk = steps.full_steps, "steps"
+            arrays = (steps.full_ptr, table.ravel(), steps.part_ptr, steps.part_steps, tables.tile_order(cost))
+            return tuple(dev(a) for a in arrays), walk
+
+        rows = steps_of("kv", config.block_m, config.block_n)
+        fwd, fwd_walk = lists(rows, rows.cost)
+        if (config.block_m2, config.block_n2) != (config.block_m, config.block_n):
+            rows = steps_of("kv", config.block_m2, config.block_n2)
+            dq, dq_walk = lists(rows, rows.cost, config.bwd_band)
+        else:  # the forward's tiles: its tables too, unless dQ walks bands
+            dq, dq_walk = lists(rows, rows.cost, True) if config.bwd_band else (fwd, fwd_walk)
+        cols = steps_of("q", config.block_n1, config.block_m1)
+        kv_cost = tables.group_cost(cols.cost, Hkv) if heads > 1 else cols.cost
+        dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
+        return _DeviceTables(layout_heads=heads, fwd=fwd, dq=dq, dkdv=dkdv,
+                             random=_random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS),
+                             fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
+
+
+def _random_buffer(specs, n: int, device, args: tuple[int, ...]) -> torch.Tensor:
+    """int32: ``len(specs)`` offsets (one dummy entry if none), the pattern's
+    integers ``args`` (``codegen.pattern_args``: the generated predicate's
+    ``a0, a1, ...``), then each ``random(r, b, seed)`` table ``[nb, min(r,
+    nb)]`` from ``randomblocks.draw``."""
+    parts = [np.array(args, dtype=np.int64)]
+    offset = max(len(specs), 1) + len(args)
+    offsets = []
+    for r, b, seed in specs:
+        nb = -(-n // b)
+        table = randomblocks.draw(r, nb, seed, np.arange(nb)).ravel()
+        offsets.append(offset)
+        offset += table.size
+        parts.append(table)
+    if offset >= 2**31:
+        raise LimitError(f"the random(...) tables at n={n} hold {offset} entries, over the int32 limit")
+    buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)  # args fit: codegen
+    return torch.from_numpy(buf).to(device)
