@@ -8,8 +8,9 @@
    length ``N`` and the int32 buffer ``RANDOM`` (the pattern's integers and
    its random tables, ``device_tables._random_buffer``); the kernels call it on
    PARTIAL steps only;
-2. the attention kernels of ``kernels.py`` (forward, backward preprocess,
-   dK/dV, dQ, and a mask picture for tests), copied verbatim;
+2. the attention kernels of ``kernels.py`` and ``kernels_backward.py``
+   (forward, backward preprocess, dK/dV, dQ, and a mask picture for tests),
+   copied verbatim;
 3. ``make_mask_mod(N, random_tables)``: the same predicate as a torch
    ``mask_mod(b, h, q_idx, kv_idx)`` for FlexAttention.
 
@@ -573,12 +574,18 @@ def pattern_mask(q, k, h, N, RANDOM):
 
 
 def _kernel_section() -> str:
-    head, marker, body = _KERNELS_TEXT.partition(_KERNELS_MARKER)
-    assert marker, "kernels.py lost its marker line"
-    return body.lstrip("\n")
+    """The kernel templates' bodies, forward then backward, as one section."""
+    bodies = []
+    for name, text in _KERNEL_TEMPLATES.items():
+        head, marker, body = text.partition(_KERNELS_MARKER)
+        assert marker, f"{name} lost its marker line"
+        bodies.append(body.strip("\n"))
+    return "\n\n\n".join(bodies) + "\n"
 
 
-_KERNELS_TEXT = (Path(__file__).parent / "kernels.py").read_text()
+# The kernels' template, in two files (forward with the shared helpers; backward).
+_KERNEL_TEMPLATES = {name: (Path(__file__).parent / name).read_text() for name in ("kernels.py", "kernels_backward.py")}
+_KERNELS_TEXT = "".join(_KERNEL_TEMPLATES.values())
 # The primitives' emitters are part of the generator.
 _PRIMITIVES_TEXT = "".join(p.read_text() for p in sorted(Path(primitives.__file__).parent.glob("*.py")))
 # The generator's own text: any edit to it, to the primitives or to the kernel
