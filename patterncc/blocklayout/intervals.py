@@ -3,7 +3,7 @@
 Over a set of tiles (each a product of a row range and a key range) an
 integer expression becomes a ``_Span``: bounds ``[lo, hi]`` on its value in
 each tile; ``wild`` where no bound is known (a division by a range holding 0,
-a value beyond +-2**60); ``tight`` where both bounds are attained by some
+a value beyond +-(2**62 - 1)); ``tight`` where both bounds are attained by some
 element of the tile; ``dense`` when every integer in between is attained;
 ``vars``, the positions (q, k) it reads. Parts that read disjoint positions
 vary independently over a tile, which is what makes bounds attained. A
@@ -27,7 +27,11 @@ import numpy as np
 from .. import ir
 from ..primitives.base import _abs_range
 
-_BIG = 2**60
+# Bounds stay within +-_BIG, so that the sum or difference of two never
+# leaves int64 (products are checked in floating point first). Every value
+# a `where` may take at its length lies within it (``ir.LIMIT``), and so do
+# the products of two positions that code generation asks about.
+_BIG = 2**62 - 1
 
 
 class _Span(NamedTuple):
@@ -143,7 +147,8 @@ def _binop(op: str, a: _Span, b: _Span) -> _Span:
                      a.tight & b.tight & apart, a.dense and constant, vars)
     one_period = (blo == bhi) & (a.lo // blo == a.hi // blo)  # x % m = x - m * const there
     lo = np.where(one_period, a.lo % blo, np.where(blo > 0, 0, blo + 1))
-    hi = np.where(one_period, a.hi % blo, np.where(blo > 0, bhi - 1, 0))
+    below = np.where(a.lo >= 0, np.minimum(a.hi, bhi - 1), bhi - 1)  # 0 <= x % m <= x for x >= 0
+    hi = np.where(one_period, a.hi % blo, np.where(blo > 0, below, 0))
     every_residue = a.dense and constant and bool(np.all(a.hi - a.lo + 1 >= np.abs(blo)))
     tight = (one_period & a.tight) if constant else _FALSE
     return _span(lo, hi, wild, tight, (a.dense and constant and bool(np.all(one_period))) or every_residue, vars)
@@ -202,7 +207,7 @@ def _truth(e, env):
 def bounds(e: ir.Expr, ranges: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
     """``(lo, hi)`` bounding an integer expression when each variable ``v``
     takes any value in ``ranges[v]`` (inclusive), or None where no bound is
-    known: a value could pass +-2**60, a divisor's range holds 0, a variable
+    known: a value could pass +-(2**62 - 1), a divisor's range holds 0, a variable
     has no range, or a call this arithmetic does not follow (``isqrt`` of a
     variable)."""
     s = _range(e, dict(ranges))
