@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
 from patterncc import ir, randomblocks
-from patterncc.blocklayout import BlockLayout, build as build_layout
+from patterncc.blocklayout.builder import build as build_layout
+from patterncc.blocklayout.format import BlockLayout
 from patterncc.errors import LimitError
 from patterncc.lru import LRU
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
