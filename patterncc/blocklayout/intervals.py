@@ -28,9 +28,9 @@ from .. import ir
 from ..primitives.base import _abs_range
 
 # Bounds stay within +-_BIG, so that the sum or difference of two never
-# leaves int64 (products are checked in floating point first). Every value
-# a `where` may take at its length lies within it (``ir.LIMIT``), and so do
-# the products of two positions that code generation asks about.
+# leaves int64 (products are checked in floating point first). That is
+# about ``ir.LIMIT`` (2**62), beyond which no `where` value may go, and it
+# holds the product of two positions, which code generation asks about.
 _BIG = 2**62 - 1
 
 
