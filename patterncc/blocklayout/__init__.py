@@ -19,10 +19,10 @@ One idea per module, in the order the layout stage uses them:
   cannot decide;
 - ``elements``: ``sparse_mask``, the allowed elements as a scipy CSR.
 
-This module holds no names of its own: ``patterncc.blocklayout.X`` is the
-``X`` of X's home module, read and written there. So setting a limit here
-(``blocklayout.MAX_CANDIDATES = ...``, a test's monkeypatch) reaches the code
-that reads it, as it did when all of this was one module.
+The names listed in ``_HOMES`` are not copies: ``patterncc.blocklayout.X``
+is the ``X`` of its home module, read and written there. So setting a limit
+here (``blocklayout.MAX_CANDIDATES = ...``, a test's monkeypatch) reaches the
+code that reads it.
 """
 
 from __future__ import annotations
