@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from pathlib import Path
 
 from patterncc import ir, primitives
@@ -549,9 +550,12 @@ def _kernel_section() -> str:
 _KERNELS_TEXT = (Path(__file__).parent / "kernels.py").read_text()
 # The primitives' emitters are part of the generator.
 _PRIMITIVES_TEXT = "".join(p.read_text() for p in sorted(Path(primitives.__file__).parent.glob("*.py")))
-# The generator's own text: any edit to it, to the primitives or to the kernel
-# template makes new cache keys.
-SOURCE_HASH = hashlib.sha256((Path(__file__).read_text() + _PRIMITIVES_TEXT + _KERNELS_TEXT).encode()).hexdigest()
+# The interval arithmetic that decides int32 or int64 is part of it too.
+_INTERVALS_TEXT = Path(sys.modules[bounds.__module__].__file__).read_text()
+# The generator's own text: any edit to it, to the primitives, to the interval
+# arithmetic or to the kernel template makes new cache keys.
+SOURCE_HASH = hashlib.sha256(
+    (Path(__file__).read_text() + _PRIMITIVES_TEXT + _INTERVALS_TEXT + _KERNELS_TEXT).encode()).hexdigest()
 
 
 _TORCH_RANDOM_HELPER = '''
