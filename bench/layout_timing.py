@@ -23,7 +23,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
 from patterncc import ir  # noqa: E402
-from patterncc.blocklayout import build  # noqa: E402
+from patterncc.blocklayout.builder import build  # noqa: E402
 
 C = ir.Causal()
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ir
-from .blocklayout import BlockLayout, run_offsets, run_ranges
+from .blocklayout.format import BlockLayout
 from .orders import Residue
+from .primitives.base import run_offsets, run_ranges
 
 
 @dataclass(frozen=True, eq=False)

@@ -88,7 +88,7 @@ def mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
 
 def sparse_mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
     """One scipy.sparse bool CSR ``[n, n]`` per layout head, for long sequences."""
-    from .blocklayout import sparse_mask as build_sparse
+    from .blocklayout.elements import sparse_mask as build_sparse
 
     return build_sparse(as_pattern(pat), _positive("seq_len", seq_len), _positive("heads", heads))
 
@@ -96,7 +96,7 @@ def sparse_mask(pat: ir.Pattern | str, seq_len: int, heads: int = 1):
 def layout(pat: ir.Pattern | str, seq_len: int, block: int | None = None, heads: int = 1):
     """The BlockLayout of a pattern at one length, in natural token order.
     ``block=None``: the block a compiled attention uses (``planner.DEFAULT_BLOCK``)."""
-    from .blocklayout import build
+    from .blocklayout.builder import build
     from .planner import DEFAULT_BLOCK
 
     block = DEFAULT_BLOCK if block is None else block

@@ -279,6 +279,22 @@ def test_too_large_layouts_are_refused_clearly():
     assert build(ir.Random(0, 1, 0) | sliding_window(4), 2**22, 128).nnz == 2**15 * 2 - 1
 
 
+def test_names_of_blocklayout_are_read_and_set_in_their_home_modules(monkeypatch):
+    # patterncc.blocklayout re-exports a package: a limit set there must reach
+    # the module whose code reads it, or tuning it would silently do nothing.
+    from patterncc.blocklayout import builder, limits
+
+    assert layout.build is builder.build and layout.MAX_BLOCKS == limits.MAX_BLOCKS == 2**24
+    monkeypatch.setattr(layout, "MAX_BLOCKS", 12)
+    assert limits.MAX_BLOCKS == 12
+    build(C, 96, 8)
+    with pytest.raises(LimitError, match="blocks a side"):
+        build(C, 97, 8)
+    assert set(layout.__all__) <= set(dir(layout))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        layout.nothing
+
+
 def test_element_evaluation_budget(monkeypatch):
     q, k = ir.Var("q"), ir.Var("k")
     # q * k % 7 takes no bounds that intervals can attain: every tile is evaluated

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from patterncc import ir
 from patterncc.masks import dense_mask, evaluate
 
-from patterncc.blocklayout import sparse_mask as _layout_sparse_mask
+from patterncc.blocklayout.elements import sparse_mask as _layout_sparse_mask
 
 # Elements of one row block evaluated at a time by the fallback CSR builder
 # (a few int64 temporaries of this size live at once).

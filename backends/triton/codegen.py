@@ -53,10 +53,13 @@ read the runtime ``N`` and need no rebinding.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import sys
 from pathlib import Path
 
 from patterncc import ir, primitives
+from patterncc.blocklayout.intervals import bounds
 from patterncc.errors import PatternValueError
 from patterncc.primitives.base import INT32_MAX, lit as _lit
 
@@ -416,44 +419,12 @@ def _eval_bool(e: ir.Expr) -> bool:
     return ir.eval_int(e, {}) != 0
 
 
-def _interval(e: ir.Expr) -> tuple[int, int]:
-    """Bounds of an integer expression over the ranges of q, k, h and n."""
-    if isinstance(e, (int, ir.Const)):
-        value = e if isinstance(e, int) else e.value
-        return value, value
-    if isinstance(e, ir.Var):
-        return _VAR_RANGES[e.name]
-    if isinstance(e, ir.BinOp):
-        (a0, a1), (b0, b1) = _interval(e.left), _interval(e.right)
-        if e.op == "+":
-            return a0 + b0, a1 + b1
-        if e.op == "-":
-            return a0 - b1, a1 - b0
-        if e.op == "*":
-            corners = (a0 * b0, a0 * b1, a1 * b0, a1 * b1)
-            return min(corners), max(corners)
-        if b0 > 0:  # a positive divisor: floor division is monotone in a, and in b for a fixed sign of a
-            if e.op == "%":
-                return 0, (min(a1, b1 - 1) if a0 >= 0 else b1 - 1)
-            corners = (a0 // b0, a0 // b1, a1 // b0, a1 // b1)
-            return min(corners), max(corners)
-        big = max(abs(b0), abs(b1), 1)
-        if e.op == "%":
-            return -(big - 1), big - 1
-        top = max(abs(a0), abs(a1))
-        return -top - 1, top + 1  # floor division moves at most one past |a|
-    if isinstance(e, ir.Call):
-        bounds = [_interval(a) for a in e.args]
-        if e.fn == "abs":
-            (x0, x1), = bounds
-            return (0 if x0 <= 0 <= x1 else min(abs(x0), abs(x1))), max(abs(x0), abs(x1))
-        if e.fn == "min":
-            return min(b[0] for b in bounds), min(b[1] for b in bounds)
-        if e.fn == "max":
-            return max(b[0] for b in bounds), max(b[1] for b in bounds)
-        x0, x1 = bounds[0]
-        return 0, max(0, x1)  # isqrt(x) <= x
-    raise AssertionError(f"not an integer expression: {e!r}")
+def _interval(e: ir.Expr) -> tuple[float, float]:
+    """Bounds of an integer expression over the ranges of q, k, h and n: the
+    layout's interval arithmetic (``blocklayout.intervals``), unbounded where
+    that knows no bound (a value past 2**62 - 1, a divisor whose range holds 0)."""
+    got = bounds(e, _VAR_RANGES)
+    return (-math.inf, math.inf) if got is None else got
 
 
 def _needs_int64(cond: ir.Expr) -> bool:
@@ -588,9 +559,12 @@ _KERNEL_TEMPLATES = {name: (Path(__file__).parent / name).read_text() for name i
 _KERNELS_TEXT = "".join(_KERNEL_TEMPLATES.values())
 # The primitives' emitters are part of the generator.
 _PRIMITIVES_TEXT = "".join(p.read_text() for p in sorted(Path(primitives.__file__).parent.glob("*.py")))
-# The generator's own text: any edit to it, to the primitives or to the kernel
-# template makes new cache keys.
-SOURCE_HASH = hashlib.sha256((Path(__file__).read_text() + _PRIMITIVES_TEXT + _KERNELS_TEXT).encode()).hexdigest()
+# The interval arithmetic that decides int32 or int64 is part of it too.
+_INTERVALS_TEXT = Path(sys.modules[bounds.__module__].__file__).read_text()
+# The generator's own text: any edit to it, to the primitives, to the interval
+# arithmetic or to the kernel template makes new cache keys.
+SOURCE_HASH = hashlib.sha256(
+    (Path(__file__).read_text() + _PRIMITIVES_TEXT + _INTERVALS_TEXT + _KERNELS_TEXT).encode()).hexdigest()
 
 
 _TORCH_RANDOM_HELPER = '''

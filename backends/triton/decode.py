@@ -45,7 +45,7 @@ from patterncc import ir, planner
 from patterncc.lru import LRU
 from patterncc.orders import NATURAL, Columns, Residue, TokenOrder
 from patterncc.backends.reference.checks import check_block_table, check_cache_seqlens, check_pages, check_shapes
-from patterncc.blocklayout import row_pairs
+from patterncc.blocklayout.builder import row_pairs
 from patterncc.masks import evaluate
 
 from . import codegen

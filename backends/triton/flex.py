@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from patterncc import ir, randomblocks
-from patterncc.blocklayout import BlockLayout
+from patterncc.blocklayout.format import BlockLayout
 
 from .config import default_config
 

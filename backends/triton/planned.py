@@ -28,7 +28,7 @@ import torch
 
 from patterncc import ir
 from patterncc.lru import LRU
-from patterncc.blocklayout import build as build_layout
+from patterncc.blocklayout.builder import build as build_layout
 from patterncc.orders import Residue, SlotOrder, shaping
 from patterncc.packing import PackedSlots, packed_layout, residue_padding
 from patterncc.planned import PlannedAttention, _term_kwargs

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from patterncc import ir
-from patterncc.blocklayout import BlockLayout, build as build_layout
+from patterncc.blocklayout.builder import build as build_layout
+from patterncc.blocklayout.format import BlockLayout
 from patterncc.lru import LRU
 from patterncc.orders import SlotOrder
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from patterncc.blocklayout import run_offsets, run_ranges
+from patterncc.primitives.base import run_offsets, run_ranges
 
 
 @dataclass(frozen=True, eq=False)

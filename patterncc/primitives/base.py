@@ -33,7 +33,7 @@ The base class defines none of these: each class states every one itself
 inherit a rule that is wrong for it.
 
 Tiles and contexts (``t``, ``ctx``) are the layout builder's
-(``blocklayout._Tiles``, ``_Ctx``); the rules read only their documented
+(``blocklayout.tiles``: ``_Tiles``, ``_Ctx``); the rules read only their documented
 attributes: ``t.qlo, t.qhi, t.klo, t.khi`` (clipped element bounds),
 ``t.dlo, t.dhi`` (bounds of ``q - k``), ``t.cols``, ``t.i, t.j``, ``t.size``,
 ``t.ctx``; ``ctx.n, ctx.B, ctx.nb`` and ``ctx.random(node)``.

@@ -2,7 +2,7 @@
 
 The draw itself is ``randomblocks.draw`` (seeded, documented there). The
 layout builder maps the drawn cells onto its tiles once per context
-(``ctx.random(node)``, a ``blocklayout._RandomTable``); the kernels read the
+(``ctx.random(node)``, a ``blocklayout.tiles._RandomTable``); the kernels read the
 same table from the ``RANDOM`` argument (codegen's ``RANDOM_TABLES``).
 """
 
