@@ -30,12 +30,6 @@ pattern_mask = None  # defined by the generated module above the kernels
 
 # ---- kernels: everything below this line is copied into each generated module ----
 
-# The GPU's tanh instruction for _tanh; the interpreter (numpy on the CPU) cannot run PTX.
-_PTX_TANH = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
-# Copies of each end of the relative bias table in its reversed form (_rel_gather): a tile's
-# q - k spans at most BLOCK_M + BLOCK_N - 2 positions, and tiles are at most 128 x 128.
-_REL_PAD = tl.constexpr(256)
-
 
 # ----------------------------------------------------------------------------
 # Slots and tokens: a planned component walks slots in its own token order
@@ -102,6 +96,12 @@ def _step_rows(a_base, b_base, a_tile, b_tile, stride_a, stride_b, start, pos,  
 # Score terms (patterncc.scores): softcap, ALiBi, relative bias; each behind a
 # constexpr flag, so kernels without them compile as if they did not exist
 # ----------------------------------------------------------------------------
+
+# The GPU's tanh instruction for _tanh; the interpreter (numpy on the CPU) cannot run PTX.
+_PTX_TANH = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+# Copies of each end of the relative bias table in its reversed form (_rel_gather): a tile's
+# q - k spans at most BLOCK_M + BLOCK_N - 2 positions, and tiles are at most 128 x 128.
+_REL_PAD = tl.constexpr(256)
 
 
 @triton.jit
