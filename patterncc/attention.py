@@ -152,9 +152,18 @@ class Attention:
         Everything is checked before any work."""
         from .backends.reference.checks import check_packed
 
-        if _is_torch(q) and _traced(q):  # first: a traced cu_seqlens has no values to check
-            raise NotImplementedError("packed batches (cu_seqlens) are not traced into torch.compile graphs yet: "
-                                      "call them outside the compiled region")
+        if _is_torch(q) and _traced(q):  # one opaque op: its offsets are read and checked when it runs
+            if cache_seqlens is not None:
+                check_packed(q, k, v, cu_seqlens, cache_seqlens)  # (the message for combining them)
+            from . import ops
+
+            return ops.call(self, q, k, v, scale, return_lse, ScoreTerms(**terms), cu_seqlens=cu_seqlens)
+        return self.packed_run(q, k, v, scale, return_lse, cu_seqlens, terms, cache_seqlens)
+
+    def packed_run(self, q, k, v, scale, return_lse, cu_seqlens, terms: dict, cache_seqlens=None):
+        """``_packed`` as it runs (also inside the ``patterncc::attention`` op): checks, then the backend."""
+        from .backends.reference.checks import check_packed
+
         offsets = check_packed(q, k, v, cu_seqlens, cache_seqlens)  # int64 numpy [S + 1]
         name = self.backend_for(q)
         if name == "reference":

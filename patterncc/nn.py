@@ -75,7 +75,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ir
-from .attention import BACKENDS, choose_backend
+from .attention import BACKENDS, _traced, choose_backend
 from .pipeline import as_pattern, compile as compile_pattern, mask
 
 __all__ = [
@@ -240,7 +240,7 @@ class SparseSelfAttention(nn.Module):
             raise ValueError(f"x must be (batch, seq_len, dim={self.dim}), got shape {tuple(x.shape)}")
         B, n, _ = x.shape
         if cu_seqlens is not None:
-            cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache)
+            cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache, traced=_traced(x))
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, n, H, D).transpose(1, 2)  # (B, H, n, D)
@@ -291,10 +291,11 @@ class SparseSelfAttention(nn.Module):
         return self._attentions[backend]
 
 
-def check_packed_batch(batch: int, total: int, cu_seqlens, cache=None) -> np.ndarray:
+def check_packed_batch(batch: int, total: int, cu_seqlens, cache=None, traced: bool = False):
     """A packed batch's ``cu_seqlens`` as int64 numpy offsets (read on the host
     once, then passed to every layer), after checking that the batch is one
-    row and that no cache is given."""
+    row and that no cache is given. ``traced``: the tensor itself, as a
+    compiled graph takes it (its values are checked by the attention op)."""
     from .backends.reference.checks import check_cu_seqlens
 
     if cache is not None:
@@ -303,6 +304,8 @@ def check_packed_batch(batch: int, total: int, cu_seqlens, cache=None) -> np.nda
     if batch != 1:
         raise ValueError(f"with cu_seqlens the sequences are packed into one row: the batch must be 1 "
                          f"((1, total) tokens or (1, total, dim) activations), got batch {batch}")
+    if traced:
+        return cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else torch.as_tensor(np.asarray(cu_seqlens))
     return check_cu_seqlens(cu_seqlens, total)
 
 
@@ -454,7 +457,14 @@ class SparseTransformer(nn.Module):
         itself and its positions count from its own start, so the logits are
         each sequence's own, concatenated."""
         B, n = idx.shape
-        if cu_seqlens is not None:
+        if cu_seqlens is not None and _traced(idx):
+            # Traced (torch.compile): cu_seqlens stays a tensor, whose values the attention op
+            # checks when it runs; each token's position is found from it on the device.
+            cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache, traced=True)
+            tokens = torch.arange(n, device=idx.device)
+            cu = cu_seqlens.to(device=idx.device, dtype=torch.int64)
+            pos = tokens - cu[torch.searchsorted(cu, tokens, right=True) - 1]  # (n,): within its sequence
+        elif cu_seqlens is not None:
             cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache)
             lengths = np.diff(cu_seqlens)
             if lengths.max() > self.max_len:

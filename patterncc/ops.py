@@ -1,9 +1,10 @@
 """Attention as PyTorch operators: what ``torch.compile`` and CUDA graphs see.
 
-    torch.ops.patterncc.attention(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias)
+    torch.ops.patterncc.attention(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias,
+                                  cu_seqlens=None)
         -> (o [B, H, n, D], lse [B, H, n])
     torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, key, backend, scale,
-                                           softcap, alibi_slopes, sinks, rel_bias)
+                                           softcap, alibi_slopes, sinks, rel_bias, cu_seqlens=None)
         -> (dq, dk, dv, [the present terms' gradients, in alibi_slopes, sinks, rel_bias order])
 
 Each is one opaque ``torch.library`` custom op with a fake (shape-only)
@@ -18,7 +19,11 @@ attention (pattern, plan mode, options) travels as ``key``, the integer
 every ``Attention`` gets when it is made (``registry.live``); ``backend``
 is ``"triton"`` (the generated kernels: natural and planned launches, every
 dtype, GQA) or ``"reference"`` (float64 numpy on the CPU). ``scale`` None
-is ``1/sqrt(D)``. ``lse`` is float32 from the Triton backend and q's dtype
+is ``1/sqrt(D)``. ``cu_seqlens`` (int32 ``[S + 1]``, any device): a packed
+batch (``Attention._packed``); its offsets are read on the host inside the
+op, which picks the batch's layouts there, so a new batch never retraces
+(it costs one device-to-host copy of S + 1 integers, which a CUDA graph
+cannot capture). ``lse`` is float32 from the Triton backend and q's dtype
 from the reference one, as each backend returns it outside the op.
 
 ``Attention.__call__`` takes the op when a call may be traced (under
@@ -33,6 +38,7 @@ launches.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,9 +48,9 @@ from .scores import NO_TERMS, ScoreTerms, check_terms
 __all__ = ["attention", "attention_backward", "call"]
 
 
-def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms | None = None):
+def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms | None = None, cu_seqlens=None):
     """``attn(q, k, v)`` for torch tensors, through the op (differentiable
-    in q, k, v and the terms' tensors)."""
+    in q, k, v and the terms' tensors); ``cu_seqlens``: a packed batch."""
     for name, x in (("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor like q, got {type(x).__name__}")
@@ -53,6 +59,11 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
 
         scale = check_scale(scale, q.shape[-1])
     terms = terms or NO_TERMS
+    if cu_seqlens is not None:
+        cu_seqlens = _offsets_tensor(cu_seqlens)
+        o, lse = torch.ops.patterncc.attention(q, k, v, attn.key, attn.backend_for(q), scale, terms.softcap,
+                                               *terms.tensors(), cu_seqlens)
+        return (o, lse) if return_lse else o
     pad = _short_queries(q, k, v)
     if pad:
         # Queries fewer than keys are the last positions: the op runs on queries padded with zero rows
@@ -64,6 +75,14 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
     if pad:
         o, lse = o[:, :, pad:], lse[:, :, pad:]
     return (o, lse) if return_lse else o
+
+
+def _offsets_tensor(cu_seqlens) -> torch.Tensor:
+    """cu_seqlens as the op takes it: a tensor (a list or array of a traced
+    call is a constant of its graph; its values are checked in the op)."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        return cu_seqlens
+    return torch.as_tensor(np.asarray(cu_seqlens))
 
 
 def _short_queries(q, k, v) -> int:
@@ -84,9 +103,12 @@ def _short_queries(q, k, v) -> int:
 @torch.library.custom_op("patterncc::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str, scale: float | None,
               softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
-              rel_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              rel_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     attn = _attention_of(key)
     terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    if cu_seqlens is not None:
+        return _packed_forward(attn, q, k, v, scale, terms, cu_seqlens)
     if _backend(backend) == "reference":
         return _reference_forward(attn, q, k, v, scale, terms)
     return _triton_forward(attn, q, k, v, scale, terms)
@@ -97,10 +119,13 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
                        do: torch.Tensor | None, dlse: torch.Tensor | None, key: int, backend: str,
                        scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
                        sinks: torch.Tensor | None, rel_bias: torch.Tensor | None,
+                       cu_seqlens: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     attn = _attention_of(key)
     terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
-    if _backend(backend) == "reference":
+    if cu_seqlens is not None:
+        dq, dk, dv, dterms = _packed_backward(attn, backend, q, k, v, o, lse, do, dlse, scale, terms, cu_seqlens)
+    elif _backend(backend) == "reference":
         dq, dk, dv, dterms = _reference_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
     else:
         dq, dk, dv, dterms = _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
@@ -108,17 +133,17 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias):
+def _attention_fake(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias, cu_seqlens=None):
     _check(_backend(backend), q, k, v)
+    _check_packed_shapes(q, k, v, cu_seqlens)
     _terms(q, softcap, alibi_slopes, sinks, rel_bias)
     B, H, n, D = q.shape
-    lse_dtype = q.dtype if backend == "reference" else torch.float32
-    return q.new_empty((B, H, n, D)), q.new_empty((B, H, n), dtype=lse_dtype)
+    return q.new_empty((B, H, n, D)), q.new_empty((B, H, n), dtype=_lse_dtype(q, backend))
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(q, k, v, o, lse, do, dlse, key, backend, scale, softcap, alibi_slopes, sinks,
-                             rel_bias):
+                             rel_bias, cu_seqlens=None):
     _check(_backend(backend), q, k, v)
     terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
     grads = [t.new_empty(t.shape) for t in terms.tensors() if t is not None]
@@ -126,9 +151,9 @@ def _attention_backward_fake(q, k, v, o, lse, do, dlse, key, backend, scale, sof
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias = inputs
+    q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias, cu_seqlens = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, alibi_slopes, sinks, rel_bias)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, alibi_slopes, sinks, rel_bias)
     ctx.key, ctx.backend, ctx.scale, ctx.softcap = key, backend, scale, softcap
     # The registry holds attentions weakly: keep this one alive until the
     # backward pass (``pcc.compile(pat)(q, k, v).sum().backward()``). While
@@ -142,15 +167,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *term_tensors = ctx.saved_tensors
-    nothing = (None,) * 7 + (None,) * len(term_tensors)
+    q, k, v, o, lse, cu_seqlens, *term_tensors = ctx.saved_tensors
+    nothing = (None,) * 7 + (None,) * len(term_tensors) + (None,)
     if do is None and dlse is None:
         return nothing
     dq, dk, dv, present = torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, ctx.key, ctx.backend,
-                                                                 ctx.scale, ctx.softcap, *term_tensors)
+                                                                 ctx.scale, ctx.softcap, *term_tensors, cu_seqlens)
     given = iter(present)
     dterms = [None if t is None else next(given) for t in term_tensors]
-    return dq, dk, dv, None, None, None, None, *dterms
+    return dq, dk, dv, None, None, None, None, *dterms, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -169,12 +194,14 @@ def _triton_forward(attn, q, k, v, scale, terms):
     return _unpadded(o, D), lse
 
 
-def _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms):
+def _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms, offsets=None):
+    """The backward launches of a call, or of a packed batch's (``offsets``)."""
     from .backends.triton.runtime import launches_backward
 
     q, k, v, scale, D = _triton_inputs(q, k, v, scale)
     o, do = (x if x is None else _padded(x, q.shape[-1]) for x in (o, do))
-    dq, dk, dv, dterms = launches_backward(_triton_launches(attn, q, k), q, k, v, o, lse, do, dlse, scale, terms)
+    launches = _triton_launches(attn, q, k) if offsets is None else attn.impl("triton").packed_launches(q, k, offsets)
+    dq, dk, dv, dterms = launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms)
     return _unpadded(dq, D), _unpadded(dk, D), _unpadded(dv, D), dterms
 
 
@@ -203,6 +230,76 @@ def _padded(x, Dp: int):
 def _unpadded(x, D: int):
     # contiguous: the op's outputs are fresh tensors in the shape the fake gives
     return x if x.shape[-1] == D else x[..., :D].contiguous()
+
+
+def _packed_forward(attn, q, k, v, scale, terms, cu_seqlens):
+    """A packed batch: the eager packed call itself (``Attention.packed_run``:
+    its checks, layouts and launches), with no autograd of its own: the op's
+    is the backward op."""
+    with torch.no_grad():
+        o, lse = attn.packed_run(q, k, v, scale, True, cu_seqlens, _given(terms))
+    return o.contiguous(), lse.to(_lse_dtype(q, attn.backend_for(q))).contiguous()
+
+
+def _packed_backward(attn, backend, q, k, v, o, lse, do, dlse, scale, terms, cu_seqlens):
+    """A packed batch's gradients from the saved o and lse. A pattern whose
+    mask does not depend on n, on the Triton backend, runs its forward's
+    fused launches backward (kept per batch). Otherwise (the reference
+    backend; patterns that read n) the sequences of each length run as one
+    batch of their own, which is what a packed batch means: each sequence
+    attended alone (its tokens gathered, its gradients scattered back)."""
+    from .backends.reference.checks import check_packed
+    from .backends.triton.planned import length_free
+
+    offsets = check_packed(q, k, v, cu_seqlens)
+    if _backend(backend) == "triton" and length_free(attn.pattern):
+        return _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms, offsets)
+    backward = _reference_backward if backend == "reference" else _triton_backward
+    grads = [torch.zeros_like(x) for x in (q, k, v)]
+    dterms = [None if t is None else torch.zeros_like(t) for t in terms.tensors()]
+    lengths = offsets[1:] - offsets[:-1]
+    for n in sorted(set(lengths.tolist()) - {0}):
+        starts = offsets[:-1][lengths == n]
+        idx = torch.as_tensor((starts[:, None] + np.arange(n)).ravel(), device=q.device)
+        group = [None if x is None else _gathered(x, idx, n) for x in (q, k, v, o, lse, do, dlse)]
+        *g, dt = backward(attn, *group, scale, terms)
+        for whole, part in zip(grads, g):
+            whole[0][:, idx] = part.transpose(0, 1).reshape(whole.shape[1], -1, *whole.shape[3:])
+        for i, part in enumerate(dt):
+            if part is not None:
+                dterms[i] += part
+    return (*grads, tuple(dterms))
+
+
+def _gathered(x, idx, n: int):
+    """The tokens ``idx`` of a packed ``[1, H, total, ...]`` tensor, G sequences
+    of n each, as a batch ``[G, H, n, ...]``."""
+    part = x[0][:, idx]  # [H, G * n, ...]
+    return part.reshape(part.shape[0], -1, n, *part.shape[2:]).transpose(0, 1).contiguous()
+
+
+def _given(terms: ScoreTerms) -> dict:
+    """The terms as ``Attention._packed`` takes them: keyword arguments, only the present ones."""
+    named = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
+    return {name: value for name, value in named.items() if value is not None}
+
+
+def _lse_dtype(q, backend: str):
+    return q.dtype if backend == "reference" else torch.float32
+
+
+def _check_packed_shapes(q, k, v, cu_seqlens) -> None:
+    """What a packed batch's shapes must be, checkable without its values (at trace time)."""
+    if cu_seqlens is None:
+        return
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of cumulative lengths, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"a packed batch has batch size 1 (q [1, H, total, D]), got q {tuple(q.shape)}")
+    if not (q.shape[2] == k.shape[2] == v.shape[2]):
+        raise ValueError(f"a packed batch is its own keys: q, k and v hold the same tokens, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
 def _reference_forward(attn, q, k, v, scale, terms):

@@ -409,6 +409,125 @@ def test_short_queries_are_traced(backend, n_q, n_k):
     assert counter.frame_count == 1
 
 
+# ----------------------------------------------------------------------------
+# Packed batches (cu_seqlens) inside the compiled function
+# ----------------------------------------------------------------------------
+
+
+def _packed(lengths, H=4, Hkv=2, D=16, seed=0):
+    """q, k, v [1, H, total, D] of a packed batch, and its int32 cu_seqlens."""
+    q, k, v = _qkv(sum(lengths), H, Hkv, D, B=1, seed=seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return (q, k, v), cu
+
+
+# (pattern, backend): a fused packed batch on the Triton backend (strided: planned, length-free), one whose
+# pattern reads n (run one length at a time: the op's backward recomputes), and the reference backend.
+PACKED = [("strided(8)", "triton"), ("causal & local(isqrt(n))", "triton"), ("strided(8)", "reference")]
+
+
+@pytest.mark.parametrize("source,backend", PACKED, ids=["-".join(c) for c in PACKED])
+def test_packed_batches_are_traced(source, backend):
+    """``attn(q, k, v, cu_seqlens=cu)`` in a compiled function: one graph, no
+    break, eager's outputs and gradients exactly (the same op runs), and one
+    compilation for batches of other totals and counts (the op reads the
+    offsets when it runs). A sequence of length 1 and an empty one included."""
+    attn = _compiled(source, backend, plan="planned")
+
+    def f(q, k, v, cu):
+        o, lse = attn(q, k, v, cu_seqlens=cu, return_lse=True)
+        return torch.tanh(o), lse
+
+    # counts of sequences that make cu_seqlens no size q has (Dynamo would guard on a coincidence)
+    inputs, cu = _packed([9, 1, 14, 5], seed=10)
+    explained = torch._dynamo.explain(f)(*inputs, cu)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter, dynamic=True)
+    for step, lengths in enumerate(([9, 1, 14, 5], [20, 0, 3, 11, 2, 6], [7, 30])):
+        inputs, cu = _packed(lengths, seed=step)
+        got = _outputs_and_grads(lambda q, k, v: compiled(q, k, v, cu), inputs)
+        want = _outputs_and_grads(lambda q, k, v: f(q, k, v, cu), inputs)
+        for g, w in zip((*got[0], *got[1]), (*want[0], *want[1])):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_model_is_traced(backend):
+    """A Sparse Transformer on packed batches, compiled whole (fullgraph):
+    eager's logits and parameter gradients exactly, one compilation for
+    batches of other totals and counts."""
+    model = _model(backend, "interleaved", backend == "reference")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda idx, cu: model(idx, cu_seqlens=cu), fullgraph=True, backend=counter,
+                             dynamic=True)
+
+    def step(run, idx, cu):
+        model.zero_grad()
+        logits = run(idx, cu)
+        logits.float().square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return logits.detach(), grads
+
+    frames = []
+    for i, lengths in enumerate(([9, 1, 14, 5, 3], [20, 0, 3, 11, 2, 6, 7], [30, 8])):
+        idx = _idx(sum(lengths), seed=i)[:1]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        got, want = step(compiled, idx, cu), step(lambda idx, cu: model(idx, cu_seqlens=cu), idx, cu)
+        torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+        for g, w in zip(got[1], want[1]):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+        frames.append(counter.frame_count)
+    # (the first call may count twice: Dynamo restarts its analysis of a frame once)
+    assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
+
+
+def test_packed_batches_through_the_op_match_each_sequence_alone():
+    """The op's packed result against each sequence's own call (reference,
+    float64), output, lse and gradients, including a score term's."""
+    attn = pcc.compile("causal & local(isqrt(n))", backend="reference")
+    lengths = [6, 1, 13]
+    (q, k, v), cu = _packed(lengths, seed=11)
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(lambda q, k, v, s: attn(q, k, v, cu_seqlens=cu, sinks=s, return_lse=True),
+                             fullgraph=True, backend="aot_eager")
+    got = _outputs_and_grads(lambda q, k, v: compiled(q, k, v, sinks), (q, k, v))
+
+    def alone(q, k, v):
+        outs = [attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], sinks=sinks, return_lse=True)
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return torch.cat([o for o, _ in outs], 2), torch.cat([lse for _, lse in outs], 2)
+
+    sinks.grad = None
+    compiled(q, k, v, sinks)[0].sum().backward()
+    got_sinks = sinks.grad.clone()
+    sinks.grad = None
+    alone(q, k, v)[0].sum().backward()
+    torch.testing.assert_close(got_sinks, sinks.grad, atol=1e-12, rtol=1e-10)
+    want = _outputs_and_grads(alone, (q, k, v))
+    for g, w in zip((*got[0], *got[1]), (*want[0], *want[1])):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+def test_packed_op_opcheck():
+    attn = _compiled("strided(8)", "reference")
+    (q, k, v), cu = _packed([5, 1, 9], seed=12)
+    torch.library.opcheck(torch.ops.patterncc.attention.default, (*_op_args(attn, q, k, v), cu))
+
+
+def test_traced_packed_calls_name_their_errors():
+    attn = _compiled("strided(8)", "reference")
+    (q, k, v), cu = _packed([5, 9], seed=13)
+    run = torch.compile(lambda q, k, v, cu: attn(q, k, v, cu_seqlens=cu), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="batch size 1"):
+        run(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), cu)
+    with pytest.raises(Exception, match="cu_seqlens"):
+        run(q, k, v, torch.tensor([0, 5, 13], dtype=torch.int32))  # ends short of the 14 tokens
+
+
 def test_traced_calls_name_what_they_cannot_take():
     attn = _compiled("strided(8)", "reference")
     q, k, v = _qkv(20, seed=9)
