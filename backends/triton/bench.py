@@ -111,7 +111,10 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
     memory, and one round's flex/pcc ratio by up to ~6% (PERFORMANCE.md,
     "Run-to-run spread"), so contenders timed back to back in one round
     compare under the same conditions; the per-round flex/pcc ratios go
-    into the row's notes."""
+    into the row's notes.
+
+    Long for a reason: every contender is built and timed here on the same
+    inputs, so that what is compared is visibly the same thing."""
     from . import flex as flex_interop
 
     H, Hkv, D, B = heads, kv_heads or heads, head_dim, batch

@@ -108,7 +108,12 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
 
     Score terms (patterncc.scores) as in the training kernels: SOFTCAP with
     ``softcap``, ALIBI with SLOPES (fp32 [H]), REL_BIAS with REL (fp32 [H,
-    2 * rel_m + 1]), at the tokens' own positions. Sinks join in the merge."""
+    2 * rel_m + 1]), at the tokens' own positions. Sinks join in the merge.
+
+    Long for a reason: a kernel's entry point holds its whole signature (each
+    tensor's strides, every constexpr) and picks its walks (FULL runs or lists,
+    PARTIAL lists, a band); each walk's loop is already a helper, and a
+    further split would only pass the same thirty arguments down one more layer."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tile = tl.program_id(0)

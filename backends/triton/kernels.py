@@ -415,7 +415,12 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     Score terms (patterncc.scores): SOFTCAP with ``softcap``, ALIBI with
     SLOPES (fp32 [H]), REL_BIAS with REL (fp32 [H, 2 * rel_m + 1]), all at
     the tokens' own positions; SINKS: SINK[h] (fp32 [H]) joins each row's
-    denominator in the epilogue (a plan sets it on one launch only)."""
+    denominator in the epilogue (a plan sets it on one launch only).
+
+    Long for a reason: a kernel's entry point holds its whole signature (each
+    tensor's strides, every constexpr) and picks its walks (FULL runs or lists,
+    PARTIAL lists, a band); each walk's loop is already a helper, and a
+    further split would only pass the same thirty arguments down one more layer."""
     tl.static_assert(HEAD_DIM >= 16, "tl.dot needs a head dim of at least 16")
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
