@@ -123,15 +123,15 @@ class Attention:
         if cu_seqlens is not None:
             return self._packed(q, k, v, scale, return_lse, cu_seqlens, given, cache_seqlens)
         if _is_torch(q) and _traced(q):
-            if cache_seqlens is not None:
-                # Each row's length picks its layout, so it is read on the host: a graph break (or a
-                # recompile per value) under torch.compile, and a host sync no CUDA graph can capture.
-                raise NotImplementedError("cache_seqlens is not traced into torch.compile graphs: each row's "
-                                          "cache length is read on the host; call the decoding step outside "
-                                          "the compiled region")
             from . import ops
 
+            if cache_seqlens is not None:  # decoding: one opaque op, the lengths a tensor it reads when it runs
+                return ops.call_rows(self, q, k, v, scale, return_lse, terms, cache_seqlens, block_table)
             return ops.call(self, q, k, v, scale, return_lse, terms)  # one opaque op in the graph
+        return self.eager_call(q, k, v, scale, return_lse, given, cache_seqlens, block_table)
+
+    def eager_call(self, q, k, v, scale, return_lse, given: dict, cache_seqlens=None, block_table=None):
+        """``__call__`` as it runs untraced (also inside the ``patterncc::attention_rows`` op)."""
         name = self.backend_for(q)
         rows = cache_seqlens is not None or _shape(q, 2) != _shape(k, 2)
         if not rows or name == "reference":

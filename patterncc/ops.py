@@ -6,6 +6,9 @@
     torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, key, backend, scale,
                                            softcap, alibi_slopes, sinks, rel_bias, cu_seqlens=None)
         -> (dq, dk, dv, [the present terms' gradients, in alibi_slopes, sinks, rel_bias order])
+    torch.ops.patterncc.attention_rows(q, k, v, cache_seqlens, block_table, key, backend, scale,
+                                       softcap, alibi_slopes, sinks, rel_bias)
+        -> (o [B, H, n_q, D], lse [B, H, n_q]): decoding from a KV cache, no gradient
 
 Each is one opaque ``torch.library`` custom op with a fake (shape-only)
 implementation, and the forward's autograd is the backward op, so Dynamo
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 from . import registry
 from .scores import NO_TERMS, ScoreTerms, check_terms
 
-__all__ = ["attention", "attention_backward", "call"]
+__all__ = ["attention", "attention_backward", "attention_rows", "call", "call_rows"]
 
 
 def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms | None = None, cu_seqlens=None):
@@ -74,6 +77,21 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
                                            *terms.tensors())
     if pad:
         o, lse = o[:, :, pad:], lse[:, :, pad:]
+    return (o, lse) if return_lse else o
+
+
+def call_rows(attn, q, k, v, scale, return_lse: bool, terms: ScoreTerms, cache_seqlens, block_table=None):
+    """``attn(q, k_cache, v_cache, cache_seqlens=lens)`` (decoding from a KV
+    cache, contiguous or paged) through the ``patterncc::attention_rows`` op:
+    forward only, since decoding needs no gradient."""
+    wants_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, *terms.tensors()))
+    if wants_grad:
+        raise NotImplementedError("a call with cache_seqlens is traced for decoding only, without gradients: "
+                                  "run it under torch.no_grad() (or torch.inference_mode()), or outside the "
+                                  "compiled region to train on a cache")
+    o, lse = torch.ops.patterncc.attention_rows(q, k, v, _offsets_tensor(cache_seqlens), block_table, attn.key,
+                                                attn.backend_for(q), scale, terms.softcap, *terms.tensors())
     return (o, lse) if return_lse else o
 
 
@@ -130,6 +148,33 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
     else:
         dq, dk, dv, dterms = _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
     return dq, dk, dv, [g for g, t in zip(dterms, terms.tensors()) if t is not None]
+
+
+@torch.library.custom_op("patterncc::attention_rows", mutates_args=())
+def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor,
+                   block_table: torch.Tensor | None, key: int, backend: str, scale: float | None,
+                   softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+                   rel_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries at the end of each row's cache (``Attention.__call__`` with
+    ``cache_seqlens``), as an eager call runs them: on the Triton backend,
+    lengths on the device stay there (the query-rows kernel reads them), so
+    a CUDA graph can capture the op; a list or CPU tensor is read on the host."""
+    attn = _attention_of(key)
+    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    with torch.no_grad():
+        o, lse = attn.eager_call(q, k, v, scale, True, _given(terms), cache_seqlens, block_table)
+    return o.contiguous(), lse.to(_lse_dtype(q, _backend(backend))).contiguous()
+
+
+@attention_rows.register_fake
+def _attention_rows_fake(q, k, v, cache_seqlens, block_table, key, backend, scale, softcap, alibi_slopes, sinks,
+                         rel_bias):
+    _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    if q.dim() != 4 or cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != q.shape[0]:
+        raise ValueError(f"cache_seqlens must be a 1-D tensor of one length per row of q {tuple(q.shape)}, got "
+                         f"{tuple(cache_seqlens.shape)}")
+    B, H, n, D = q.shape
+    return q.new_empty((B, H, n, D)), q.new_empty((B, H, n), dtype=_lse_dtype(q, backend))
 
 
 @attention.register_fake

@@ -50,7 +50,9 @@ def check_terms(terms: ScoreTerms, heads: int, device) -> ScoreTerms:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a number, got {type(softcap).__name__}")
         softcap = float(softcap)
-        if not (math.isfinite(softcap) and softcap > 0):
+        # comparisons, not math.isfinite: under torch.compile a float may be symbolic, and Dynamo
+        # traces comparisons (a guard) where it cannot trace isfinite (NaN fails both)
+        if not (0 < softcap < math.inf):
             raise ValueError(f"softcap must be a finite number > 0, got {softcap=}")
     for name, t in (("alibi_slopes", terms.alibi_slopes), ("sinks", terms.sinks), ("rel_bias", terms.rel_bias)):
         if t is None:

@@ -305,6 +305,22 @@ def test_compiled_function_equals_eager(backend, compiler):
         torch.testing.assert_close(g, w, **tol)
 
 
+def test_a_pattern_with_a_softcap_traces():
+    """A pattern that carries a score term (``with softcap(c)``): one graph, eager's outputs and gradients."""
+    attn = _compiled("strided(8) with softcap(3)", "reference")
+
+    def f(q, k, v):
+        return attn(q, k, v, return_lse=True)
+
+    inputs = _qkv(21, 4, 2, 16, seed=15)
+    explained = torch._dynamo.explain(f)(*inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    got = _outputs_and_grads(torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True), inputs)
+    want = _outputs_and_grads(f, inputs)
+    for g, w in zip((*got[0], *got[1]), (*want[0], *want[1])):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend,how", [("reference", "dynamic=True"), ("reference", "mark_dynamic"),
                                          ("triton", "dynamic=True")])
 def test_new_lengths_do_not_recompile(backend, how):
@@ -528,6 +544,40 @@ def test_traced_packed_calls_name_their_errors():
         run(q, k, v, torch.tensor([0, 5, 13], dtype=torch.int32))  # ends short of the 14 tokens
 
 
+DECODE = [("strided(8)", "reference"), ("strided(8)", "triton"), ("causal & local(6) with softcap(3)", "triton")]
+
+
+@pytest.mark.parametrize("source,backend", DECODE, ids=["-".join(c) for c in DECODE])
+def test_decoding_from_a_cache_is_traced(source, backend):
+    """``attn(q, k_cache, v_cache, cache_seqlens=lens)`` under torch.no_grad
+    in a compiled function: one graph, no break, eager's output and lse
+    exactly, and one compilation while the lengths (a tensor) change step by
+    step, rows of different lengths included (the op reads them when it runs)."""
+    attn = _compiled(source, backend, plan="planned")
+
+    def step(q, k, v, lens):
+        return attn(q, k, v, cache_seqlens=lens, return_lse=True)
+
+    B, H, Hkv, D, max_len = 2, 4, 2, 16, 40
+    g = torch.Generator().manual_seed(14)
+    k, v = (torch.randn(B, Hkv, max_len, D, generator=g).to(DEVICE) for _ in range(2))
+    with torch.no_grad():
+        first = (torch.randn(B, H, 1, D, generator=g).to(DEVICE), torch.tensor([9, 23], dtype=torch.int32))
+        explained = torch._dynamo.explain(step)(first[0], k, v, first[1])
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=True)
+        frames = []
+        for lens in ([9, 23], [10, 24], [31, 2]):
+            q = torch.randn(B, H, 1, D, generator=g).to(DEVICE)
+            lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+            got, want = compiled(q, k, v, lens), step(q, k, v, lens)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
+            frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
+
+
 def test_traced_calls_name_what_they_cannot_take():
     attn = _compiled("strided(8)", "reference")
     q, k, v = _qkv(20, seed=9)
@@ -535,9 +585,9 @@ def test_traced_calls_name_what_they_cannot_take():
         torch.compile(lambda q, k, v: attn(q, k, v), backend="aot_eager", fullgraph=True)(q, k[:, :, :12], v[:, :, :12])
     lens = torch.tensor([20, 15], dtype=torch.int32)
     decode = lambda q, k, v: attn(q[:, :, -1:], k, v, cache_seqlens=lens)  # noqa: E731
-    with pytest.raises(NotImplementedError, match="cache_seqlens is not traced into torch.compile graphs"):
+    with pytest.raises(NotImplementedError, match="traced for decoding only, without gradients"):
         torch.compile(decode, backend="aot_eager")(q, k, v)
-    with pytest.raises(Exception, match="cache_seqlens is not traced into torch.compile graphs"):
+    with pytest.raises(Exception, match="traced for decoding only, without gradients"):
         torch.compile(decode, backend="aot_eager", fullgraph=True)(q, k, v)  # (Dynamo's error quotes it)
     with pytest.raises(Exception, match="unknown name `locl`"):  # the parser's error, raised while tracing
         torch.compile(lambda q, k, v: pcc.compile("causal & locl(4)")(q, k, v), backend="aot_eager",

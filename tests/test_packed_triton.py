@@ -355,13 +355,14 @@ def test_benchmark_runs_a_tiny_case(capsys):
     assert "| 96 | 7 | sliding_window(16) | 16 |" in table
 
 
-def test_traced_packed_calls_say_they_are_not_supported():
-    """Under torch.compile (any tracing mode, fake tensors) a packed call is a clear error for now."""
+def test_traced_packed_calls_take_the_op():
+    """Under a tracer (fake tensors) a packed call is the op's fake: its shapes,
+    no value read (torch.compile of packed calls, values and gradients: test_compile.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     attn = pcc.compile(pcc.parse("causal"), backend="triton", config=CONFIG)
     with FakeTensorMode() as mode:
         q = mode.from_tensor(torch.randn(1, 2, 8, 16))
         cu = mode.from_tensor(torch.tensor([0, 3, 8], dtype=torch.int32))
-        with pytest.raises(NotImplementedError, match="packed batches"):
-            attn(q, q, q, cu_seqlens=cu)
+        o, lse = attn(q, q, q, cu_seqlens=cu, return_lse=True)
+        assert (tuple(o.shape), tuple(lse.shape), lse.dtype) == ((1, 2, 8, 16), (1, 2, 8), torch.float32)
