@@ -10,7 +10,9 @@
 - a whole training step (forward, backward, Adam) captured with
   ``torch.cuda.graphs`` and replayed on new batches, and a model compiled
   with ``mode="reduce-overhead"`` (CUDA graph trees, no skips), both against
-  the same steps run eagerly.
+  the same steps run eagerly;
+- packed batches (``cu_seqlens``) through a compiled model, and a decoding
+  step from a KV cache (device lengths) under ``mode="reduce-overhead"``.
 
 Eager and compiled run the same op (the same kernels, in the same order);
 what inductor fuses around it (LayerNorm, GELU, the loss) differs in its
@@ -223,3 +225,54 @@ def test_reduce_overhead_training_step():
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     for p, w in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(p, w, **TOL)
+
+
+def test_packed_batches_under_inductor_compile_once():
+    """Packed batches (cu_seqlens on the device) through a compiled model:
+    eager's loss and gradients, one compilation for batches of other totals
+    and counts."""
+    model = _model()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(lambda idx, cu: model(idx, cu_seqlens=cu), fullgraph=True, backend=counter,
+                             dynamic=True)
+
+    def grads(run, idx, targets, cu):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(run(idx, cu).float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), out
+
+    frames = []
+    for seed, lengths in enumerate(([700, 1, 1300, 45, 333], [2048, 0, 999, 17, 600, 1200, 5])):
+        idx, targets = _batch(sum(lengths), seed=seed, B=1)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        got = grads(compiled, idx, targets, cu)
+        want = grads(lambda idx, cu: model(idx, cu_seqlens=cu), idx, targets, cu)
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        for g, w in zip(got[1], want[1]):
+            torch.testing.assert_close(g, w, **TOL)
+        frames.append(counter.frame_count)
+    assert frames == [frames[0]] * 2, frames
+
+
+@pytest.mark.parametrize("source", ["strided(128)", "sliding_window(256) with softcap(30)"])
+def test_decoding_step_under_reduce_overhead(source):
+    """A decoding step from a KV cache (lengths on the device) compiled with
+    mode="reduce-overhead" (CUDA graph trees): the eager step's output, step
+    after step as the lengths (one device tensor, updated in place) grow."""
+    attn = pcc.compile(source)
+    B, H, Hkv, D, max_len = 2, 8, 2, 64, 4096
+    g = torch.Generator(device="cuda").manual_seed(3)
+    k, v = (torch.randn(B, Hkv, max_len, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([1500, 3001], dtype=torch.int32, device="cuda")
+    step = torch.compile(lambda q, lens: attn(q, k, v, cache_seqlens=lens), mode="reduce-overhead",
+                         fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for i in range(4):
+            q = torch.randn(B, H, 1, D, device="cuda", generator=g, dtype=torch.bfloat16)
+            got = step(q, lens).clone()
+            want = attn(q, k, v, cache_seqlens=lens)
+            torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+            lens += 1  # in place: the captured graph reads the same tensor
