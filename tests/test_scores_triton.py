@@ -316,3 +316,12 @@ def test_the_reversed_bias_table_pads_as_the_kernels_read_it():
 
     template = (Path(launch.__file__).parent / "kernels.py").read_text()
     assert int(re.search(r"_REL_PAD = tl\.constexpr\((\d+)\)", template).group(1)) == launch.REL_PAD
+
+
+def test_a_relative_bias_refuses_tiles_its_padded_table_cannot_serve():
+    """Tiles of 256 would read past the reversed table's padding: a clear error, not a wrong answer."""
+    big = KernelConfig(block=16, block_m=256, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
+    attn = Attention(ir.Causal(), "triton", config=big)
+    q = torch.randn(1, 2, 20, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="rel_bias needs tiles"):
+        attn(q, q, q, rel_bias=torch.zeros(2, 9, device=DEVICE))

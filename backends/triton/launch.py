@@ -70,7 +70,7 @@ class _Run:
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages, **self._constexprs(),
             Q_ORDER=order.q, K_ORDER=order.k, FULL_RUNS=t.fwd_walk == "runs", SCALE_NONNEG=scale >= 0,
             MERGE_IN=o_in is not None, num_warps=(terms or _NO_KERNEL_TERMS).fwd_warps(cfg), num_stages=cfg.fwd_stages,
-            **(terms or _NO_KERNEL_TERMS).forward_args(t.random, sink))
+            **(terms or _NO_KERNEL_TERMS).forward_args(t.random, sink, cfg))
         return o, lse
 
     def delta(self, o, do, dlse=None):
@@ -99,7 +99,7 @@ class _Run:
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_walk == "runs", BAND=t.dkdv_walk == "band",
             ADDR32=self._rows_fit_int32(q, do),
-            **self._backward_constexprs(), **(terms or _NO_KERNEL_TERMS).backward_args(t.random))
+            **self._backward_constexprs(), **(terms or _NO_KERNEL_TERMS).backward_args(t.random, cfg))
 
     def dq(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dq, dq_in=None, o=None,
            terms: "_KernelTerms | None" = None, grads: list | None = None):
@@ -129,7 +129,7 @@ class _Run:
             ADD_IN=dq_in is not None, FULL_RUNS=t.dq_walk == "runs", BAND=t.dq_walk == "band",
             WRITE_DELTA=o is not None,
             ADDR32=self._rows_fit_int32(k, v), **self._backward_constexprs(),
-            **terms.backward_args(t.random), **terms.dq_args(t.random, buffers, cfg))
+            **terms.backward_args(t.random, cfg), **terms.dq_args(t.random, buffers, cfg))
 
     def _launch(self, kernel, grid):
         """``kernel[grid]`` with pipelining that fits the card's shared memory.
@@ -212,16 +212,22 @@ class _KernelTerms:
     def wants_grad_buffers(self) -> bool:
         return self.slopes is not None or self.rel is not None
 
-    def backward_args(self, d: torch.Tensor) -> dict:
+    def backward_args(self, d: torch.Tensor, cfg: KernelConfig) -> dict:
         """The kernels' score-term arguments (forward's too, less the sink)."""
+        if self.rel is not None:
+            span = max(cfg.block_m + cfg.block_n, cfg.block_m1 + cfg.block_n1, cfg.block_m2 + cfg.block_n2) - 2
+            if span >= REL_PAD:  # a tile would read past the padded table (kernels' _rel_gather)
+                raise ValueError(f"rel_bias needs tiles whose q - k spans fewer than {REL_PAD} positions "
+                                 f"(BLOCK_M + BLOCK_N - 2 < {REL_PAD} for every kernel); {cfg.describe()} "
+                                 f"spans {span}: use tiles of at most 128")
         return dict(SOFTCAP=self.softcap is not None, ALIBI=self.slopes is not None, REL_BIAS=self.rel is not None,
                     softcap=self.softcap or 1.0, SLOPES=d if self.slopes is None else self.slopes,
                     REL=d if self.rel is None else self.rel, REL_REV=d if self.rel is None else self.rel_rev,
                     rel_m=self.rel_m)
 
-    def forward_args(self, d: torch.Tensor, sink: bool) -> dict:
+    def forward_args(self, d: torch.Tensor, sink: bool, cfg: KernelConfig) -> dict:
         sink = sink and self.sinks is not None
-        return dict(self.backward_args(d), SINKS=sink, SINK=self.sinks if sink else d)
+        return dict(self.backward_args(d, cfg), SINKS=sink, SINK=self.sinks if sink else d)
 
     def dq_args(self, d: torch.Tensor, buffers: dict, cfg: KernelConfig) -> dict:
         skew = 1 << (cfg.block_m2 + cfg.block_n2 - 2).bit_length()  # next power of two >= M2 + N2 - 1
