@@ -250,7 +250,10 @@ class SparseSelfAttention(nn.Module):
             o = self.attend(q, k, v, cu_seqlens=cu_seqlens)  # (B, H, n, D)
         else:
             k, v = cache.append(k, v)  # (B, Hkv, max_len, D) with the first cache.length + n tokens valid
-            o = self.attend(q, k, v, cache_seqlens=[cache.length + n] * B)
+            lens = [cache.length + n] * B
+            if _traced(x):  # a tensor: a symbolic length stays symbolic (a list of them would be specialized)
+                lens = torch.full((B,), cache.length + n, dtype=torch.int32, device=x.device)
+            o = self.attend(q, k, v, cache_seqlens=lens)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return self.dropout(self.proj(o))
 
