@@ -547,6 +547,16 @@ def test_traced_packed_calls_name_their_errors():
 DECODE = [("strided(8)", "reference"), ("strided(8)", "triton"), ("causal & local(6) with softcap(3)", "triton")]
 
 
+def _pages(x, page: int, order: torch.Tensor):
+    """A cache ``[B, Hkv, max_len, D]`` as a page pool in the given page order, and its int32 table."""
+    B, Hkv, max_len, D = x.shape
+    pages = max_len // page
+    pool = x.view(B, Hkv, pages, page, D).transpose(1, 2).reshape(B * pages, Hkv, page, D)
+    shuffled = torch.empty_like(pool)
+    shuffled[order] = pool
+    return shuffled, order.view(B, pages).to(torch.int32)
+
+
 @pytest.mark.parametrize("source,backend", DECODE, ids=["-".join(c) for c in DECODE])
 def test_decoding_from_a_cache_is_traced(source, backend):
     """``attn(q, k_cache, v_cache, cache_seqlens=lens)`` under torch.no_grad
@@ -575,7 +585,15 @@ def test_decoding_from_a_cache_is_traced(source, backend):
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
             frames.append(counter.frame_count)
-    assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
+        assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
+        # a paged cache (block_table) through the same op: the contiguous cache's result
+        order = torch.randperm(B * max_len // 8, generator=g).to(DEVICE)
+        (k_pool, table), (v_pool, _) = _pages(k, 8, order), _pages(v, 8, order)
+        paged = torch.compile(lambda q, lens: attn(q, k_pool, v_pool, cache_seqlens=lens, block_table=table,
+                                                   return_lse=True), fullgraph=True, backend="aot_eager")
+        got, want = paged(q, lens), step(q, k, v, lens)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
