@@ -274,6 +274,7 @@ class Attention:
         return ReferenceAttention(self.mask_pattern, **keep)
 
     def _triton(self):
+        from .backends.triton.codegen import shares_ints
         from .backends.triton.planned import TritonPlannedAttention
         from .backends.triton.runtime import TritonAttention
         from .planner import DEFAULT_BLOCK
@@ -282,7 +283,8 @@ class Attention:
         block = options.get("block") or getattr(options.get("config"), "block", None) or DEFAULT_BLOCK
 
         def make_inner(component, heads):
-            attn = TritonAttention(component.predicate, **options)  # the same kernels for every length
+            # the same kernels for every length, with the pattern's integers literal unless written with n
+            attn = TritonAttention(component.predicate, shared_ints=shares_ints(self.mask_pattern), **options)
             attn.use_layout(component.layout, heads)
             return attn
 

@@ -274,7 +274,7 @@ def cmd_compile(args) -> int:
     config = codegen.default_config(args.head_dim, args.dtype, args.block)
     bound = ir.bind(pat, args.seq_len) if codegen.needs_length(pat) else pat
     # The source is every pattern's that differs from this one only in integers: say which it is for.
-    ints = codegen.pattern_args(bound)
+    ints = codegen.pattern_args(bound, shared=codegen.shares_ints(pat))
     print(f"# pattern: {ir.source(bound)}" + (f"\n# its integers a0, a1, ...: {', '.join(map(str, ints))}" if ints else ""))
     print(codegen.generate_source(pat, config, seq_len=args.seq_len))
     return 0

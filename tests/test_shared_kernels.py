@@ -1,5 +1,7 @@
-"""Patterns that differ only in their integers share one kernel module.
+"""Patterns that differ only in their integers can share one kernel module.
 
+By default the integers are literals, except where they are written with
+``n`` (so every length shares one module). With ``PATTERNCC_SHARED_INTS=1``
 ``strided(128)`` and ``strided(256)`` generate the same source (the
 integers are runtime arguments read from ``RANDOM``: codegen.py), so they
 load one module, compile its kernels once, and keep one file in the disk
@@ -37,6 +39,30 @@ PAIRS = {
 }
 
 
+@pytest.fixture
+def shared(monkeypatch):
+    monkeypatch.setenv("PATTERNCC_SHARED_INTS", "1")
+
+
+def test_literal_integers_by_default():
+    """Literals fold into the code (a division by a literal is a multiply
+    and a shift), so each pattern has its own source."""
+    a, b = (codegen.generate_source(pcc.parse(text)) for text in PAIRS["strided"])
+    assert a != b and "% 128 == 0" in a and "% 256 == 0" in b
+    assert codegen.pattern_args(pcc.parse("strided(128)")) == ()
+
+
+def test_integers_written_with_n_are_shared_by_default():
+    """Every length of ``local(isqrt(n))`` binds another integer and
+    generates one source: a new length compiles nothing."""
+    p = pcc.parse("causal & (local(isqrt(n)) | stride(isqrt(n)))")
+    assert codegen.shares_ints(p) and not codegen.shares_ints(pcc.parse("strided(128)"))
+    assert codegen.generate_source(p, seq_len=1000) == codegen.generate_source(p, seq_len=5000)
+    assert codegen.pattern_args(p, seq_len=1000) == (31, 31)
+    assert codegen.pattern_args(p, seq_len=5000) == (70, 70)
+
+
+@pytest.mark.usefixtures("shared")
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_patterns_that_differ_in_integers_generate_one_source(name):
     a, b = (pcc.parse(text) for text in PAIRS[name])
@@ -44,6 +70,7 @@ def test_patterns_that_differ_in_integers_generate_one_source(name):
     assert codegen.pattern_args(a) != codegen.pattern_args(b)
 
 
+@pytest.mark.usefixtures("shared")
 @pytest.mark.parametrize("name", ["strided", "fixed"])
 def test_planned_components_share_too(name):
     """The planner's components (a band, a residue-order or gathered-column
@@ -55,6 +82,7 @@ def test_planned_components_share_too(name):
         assert codegen.generate_source(ca.predicate) == codegen.generate_source(cb.predicate)
 
 
+@pytest.mark.usefixtures("shared")
 def test_the_integers_are_not_in_the_text():
     source = codegen.generate_source(pcc.parse("strided(123)"))
     assert "123" not in source
@@ -62,12 +90,14 @@ def test_the_integers_are_not_in_the_text():
 
 
 def test_literal_integers_on_request(monkeypatch):
+    """Even where they are written with ``n``."""
     monkeypatch.setenv("PATTERNCC_LITERAL_INTS", "1")
-    a, b = (codegen.generate_source(pcc.parse(text)) for text in PAIRS["strided"])
-    assert a != b and "% 128 == 0" in a and "% 256 == 0" in b
-    assert codegen.pattern_args(pcc.parse("strided(128)")) == ()
+    p = pcc.parse("local(isqrt(n))")
+    assert codegen.generate_source(p, seq_len=1000) != codegen.generate_source(p, seq_len=5000)
+    assert codegen.pattern_args(p, seq_len=1000) == ()
 
 
+@pytest.mark.usefixtures("shared")
 def test_integers_beyond_int32_stay_literals():
     """The int32 buffer cannot hold them; the text can (they make int64
     code). The language caps numbers at int32, but a bound ``n`` expression
@@ -76,6 +106,7 @@ def test_integers_beyond_int32_stay_literals():
     assert "3000000000" in codegen.generate_source(p) and codegen.pattern_args(p) == ()
 
 
+@pytest.mark.usefixtures("shared")
 def test_one_module_one_file_and_exact_results_for_both(tmp_path, monkeypatch):
     """Two patterns that differ in integers, used in turn (forward and
     backward): one loaded module, one disk cache file, each exact."""
@@ -105,6 +136,7 @@ def test_one_module_one_file_and_exact_results_for_both(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("k_*.py"))) == 1
 
 
+@pytest.mark.usefixtures("shared")
 def test_predicate_and_mask_mod_of_each_pattern(tmp_path, monkeypatch):
     """Element by element, in turn: the generated Triton predicate (through
     the mask picture kernel) and the FlexAttention mask_mod of each pattern

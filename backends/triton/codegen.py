@@ -21,20 +21,23 @@ predicate is its class's ``emit`` (``patterncc.primitives``), next to its
 rule; ``where`` and the combinators are emitted here.
 
 The primitives' integers (``local(w)``'s ``w``, ``stride(l)``'s ``l``, ...)
-and the constants of ``where`` expressions are not in the text: each is a
-runtime argument ``a<i>``, read from ``RANDOM`` (Triton) or from
-``make_mask_mod``'s ``args`` (torch), in the order ``pattern_args`` gives.
-Patterns that differ only in them, such as ``strided(128)`` and
-``strided(256)`` (and the planner's components of each, whose ``where``
-predicates differ in constants), so generate the same source and share one
-compiled module, in memory and on disk. A ``where`` expression's int64 and
+and the constants of ``where`` expressions are literals in the text, which
+the compiler folds, unless the pattern writes an argument with ``n``
+(``shares_ints``; ``PATTERNCC_SHARED_INTS=1`` for every pattern). Then each
+is a runtime argument ``a<i>``, read from ``RANDOM`` (Triton) or from
+``make_mask_mod``'s ``args`` (torch), in the order ``pattern_args`` gives,
+and patterns that differ only in them, such as ``local(isqrt(n))`` at two
+lengths, or with sharing on ``strided(128)`` and ``strided(256)`` (and the
+planner's components of each, whose ``where`` predicates differ in
+constants), generate the same source and share one compiled module, in
+memory and on disk. A ``where`` expression's int64 and
 floor-division decisions still read its values, and the text shows what
 they chose, so two patterns share a text only where those agree. Literals
 stay where the code's shape depends on the value: ``random(r, b, seed)``
 (the table and its loop), the head ranges of ``heads``/``cycle``, and
 values beyond int32.
-``PATTERNCC_LITERAL_INTS=1`` writes every integer as a literal again (one
-module per pattern), to measure what the shared modules cost.
+``PATTERNCC_LITERAL_INTS=1`` writes every integer as a literal, the
+``n``-bound ones too (one module per length).
 
 Integer semantics: positions are never negative, so ``//`` and ``%`` on them
 agree in Triton (which truncates toward zero) and Python (which floors);
@@ -45,9 +48,9 @@ agree in Triton (which truncates toward zero) and Python (which floors);
 and lengths up to 2**31 - 1) is computed in int64.
 
 Arguments written with ``n`` (``local(isqrt(n))``) are bound per sequence
-length before generation (``seq_len=``): the bound integers are arguments
-like any other, so every length shares one module; ``where`` conditions
-read the runtime ``N`` and need no rebinding.
+length before generation (``seq_len=``): the bound integers are run-time
+arguments, so every length shares one module; ``where`` conditions read the
+runtime ``N`` and need no rebinding.
 """
 
 from __future__ import annotations
@@ -84,17 +87,21 @@ _KERNELS_MARKER = "# ---- kernels: everything below this line is copied into eac
 # ----------------------------------------------------------------------------
 
 
-def generate_source(pattern: ir.Pattern, config: KernelConfig | None = None, *, seq_len: int | None = None) -> str:
+def generate_source(pattern: ir.Pattern, config: KernelConfig | None = None, *, seq_len: int | None = None,
+                    shared: bool | None = None) -> str:
     """The complete kernel module for ``pattern`` (bound at ``seq_len`` when
-    its arguments use ``n``) and ``config`` (default: ``default_config()``)."""
+    its arguments use ``n``) and ``config`` (default: ``default_config()``).
+    ``shared``: integers as run-time arguments (default ``shares_ints``; a
+    caller that binds the pattern itself passes the unbound pattern's)."""
     if not isinstance(pattern, ir.Pattern):
         raise TypeError(f"pattern must be a patterncc pattern, got {type(pattern).__name__}")
     config = config or default_config()
     p = _bound(pattern, seq_len)
     _check_ir(p)
-    triton_pred = _Predicate(_TRITON)
+    shared = shares_ints(pattern) if shared is None else shared
+    triton_pred = _Predicate(_TRITON, shared)
     result = triton_pred.emit(p)
-    torch_pred = _Predicate(_TORCH)
+    torch_pred = _Predicate(_TORCH, shared)
     torch_result = torch_pred.emit(p)
     assert triton_pred.random == torch_pred.random and triton_pred.args == torch_pred.args
     sections = [
@@ -115,16 +122,28 @@ def needs_length(pattern: ir.Pattern) -> bool:
     )
 
 
-def pattern_args(pattern: ir.Pattern, *, seq_len: int | None = None) -> tuple[int, ...]:
+def pattern_args(pattern: ir.Pattern, *, seq_len: int | None = None, shared: bool | None = None) -> tuple[int, ...]:
     """The integers ``generate_source`` leaves out of the text, in the order
     of the module's ``a0, a1, ...``: what ``RANDOM`` and ``make_mask_mod``
     hand the shared module for this pattern (bound at ``seq_len`` when its
     arguments use ``n``)."""
     p = _bound(pattern, seq_len)
     _check_ir(p)
-    pred = _Predicate(_TRITON)
+    pred = _Predicate(_TRITON, shares_ints(pattern) if shared is None else shared)
     pred.emit(p)
     return tuple(pred.args)
+
+
+def shares_ints(pattern: ir.Pattern) -> bool:
+    """Whether the module reads the primitives' integers at run time (see
+    the module docstring): where they are written with ``n``, so that every
+    length shares one module; elsewhere they are literals, which the
+    compiler folds (a division by a literal is a multiply and a shift, by a
+    run-time value a long sequence: partial blocks of fixed(128, 32) measured
+    1.6x slower with run-time integers on the H200)."""
+    if os.environ.get("PATTERNCC_LITERAL_INTS") == "1":
+        return False
+    return os.environ.get("PATTERNCC_SHARED_INTS") == "1" or needs_length(pattern)
 
 
 def random_specs(pattern: ir.Pattern) -> list[tuple[int, int, int]]:
@@ -252,13 +271,13 @@ _TRITON, _TORCH = _TritonDialect(), _TorchDialect()
 class _Predicate:
     """Emits ``m<i> = <expr>  # <rule>`` lines, children first; equal subtrees share one line."""
 
-    def __init__(self, dialect):
+    def __init__(self, dialect, shared: bool = False):
         self.d = dialect
         self.lines: list[str] = []
         self.names: dict[ir.Pattern, str] = {}
         self.random: list[tuple[int, int, int]] = []
         self.args: list[int] = []  # the value of each runtime argument a<i>
-        self.literal_ints = os.environ.get("PATTERNCC_LITERAL_INTS") == "1"
+        self.shared = shared  # integers as run-time arguments a<i> (shares_ints)
         self.helpers: set[str] = set()
 
     def emit(self, p: ir.Pattern) -> str:
@@ -274,7 +293,7 @@ class _Predicate:
         (one per use), or a literal where it must be one (see the module
         docstring: beyond int32, the int32 buffer cannot hold it)."""
         _lit(value)
-        if self.literal_ints or not INT32_MIN <= value <= INT32_MAX:
+        if not self.shared or not INT32_MIN <= value <= INT32_MAX:
             return _lit(value)
         self.args.append(value)
         return f"a{len(self.args) - 1}"

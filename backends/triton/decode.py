@@ -421,7 +421,8 @@ class RowsAttention:
         bound = ir.bind(pattern, n) if codegen.needs_length(pattern) else pattern
         key = (bound, head_dim, dtype, str(device))
         if key not in self._modules:
-            self._modules[key] = load_rows_kernels(bound, default_config(head_dim, dtype, self.block), device)
+            self._modules[key] = load_rows_kernels(bound, default_config(head_dim, dtype, self.block), device,
+                                                   codegen.shares_ints(self.pattern))
         return self._modules[key]
 
     # -- the key-block lists
@@ -526,9 +527,9 @@ def _column_blocks(natural_blocks: np.ndarray, order: Columns, n: int, block: in
     return np.unique(starts + np.arange(int(counts.sum())))  # every block of every range
 
 
-def load_rows_kernels(pattern: ir.Pattern, config: KernelConfig, device=None):
+def load_rows_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, shared: bool | None = None):
     """The pattern's generated module with the query-rows kernel appended."""
-    return load_kernels(pattern, config, device, appendix="\n\n" + _template().lstrip("\n"))
+    return load_kernels(pattern, config, device, appendix="\n\n" + _template().lstrip("\n"), shared=shared)
 
 
 def check_rows(q, k, v, lens, copies_strided: bool = False) -> list[int]:

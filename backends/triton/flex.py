@@ -25,12 +25,13 @@ from .config import default_config
 def mask_mod(pattern: ir.Pattern, seq_len: int, device="cpu"):
     """The pattern's FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` at ``seq_len``
     (``pattern`` bound at ``seq_len`` if its arguments use ``n``)."""
-    from .codegen import needs_length
+    from .codegen import needs_length, shares_ints
     from .runtime import load_kernels
 
+    shared = shares_ints(pattern)
     if needs_length(pattern):
         pattern = ir.bind(pattern, seq_len)
-    module = load_kernels(pattern, default_config(), device)
+    module = load_kernels(pattern, default_config(), device, shared=shared)
     return module.make_mask_mod(seq_len, random_members(module.RANDOM_TABLES, seq_len, device), module.PATTERN_ARGS)
 
 

@@ -79,7 +79,8 @@ class TritonAttention:
     and dtype). Give one or the other, or both with the same block.
     """
 
-    def __init__(self, pattern: ir.Pattern, *, block: int | None = None, config: KernelConfig | None = None):
+    def __init__(self, pattern: ir.Pattern, *, block: int | None = None, config: KernelConfig | None = None,
+                 shared_ints: bool | None = None):
         if not isinstance(pattern, ir.Pattern):
             raise TypeError(f"pattern must be a patterncc pattern, got {type(pattern).__name__}")
         if config is not None and not isinstance(config, KernelConfig):
@@ -93,6 +94,8 @@ class TritonAttention:
         self.block = block
         self.config = config
         self._needs_length = codegen.needs_length(pattern)
+        # integers as run-time arguments (codegen.shares_ints); a planned component's follow its pattern's
+        self._shared_ints = codegen.shares_ints(pattern) if shared_ints is None else shared_ints
         self._layouts = LRU(_CACHE_ENTRIES)
         self._tables = LRU(_CACHE_ENTRIES)
         self._modules = LRU(_CACHE_ENTRIES)
@@ -158,7 +161,7 @@ class TritonAttention:
         key = (n if self._needs_length else None, config, str(device))
         if key not in self._modules:
             bound = ir.bind(self.pattern, n) if self._needs_length else self.pattern
-            self._modules[key] = load_kernels(bound, config, device)
+            self._modules[key] = load_kernels(bound, config, device, shared=self._shared_ints)
         return self._modules[key]
 
     def mask_picture(self, n: int, heads: int = 1, device=None) -> torch.Tensor:
@@ -210,9 +213,11 @@ def _float32_scale(scale: float) -> float:
     return 0.0 if abs(scale) * _LOG2E < _FP32.tiny else scale
 
 
-def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendix: str = ""):
+def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendix: str = "",
+                 shared: bool | None = None):
     """The kernel module of a bound pattern and config, through the disk cache;
-    ``appendix``: more kernels to append to it (``decode.py``'s).
+    ``appendix``: more kernels to append to it (``decode.py``'s); ``shared``:
+    ``codegen.shares_ints`` of the pattern before it was bound.
 
     The cache key is the generated text itself (with what compiles it), not
     the pattern: patterns that differ only in their integers generate one
@@ -227,10 +232,10 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendi
         _interpret.patch_bf16_dot()  # else the interpreter's bf16 tl.dot multiplies bit patterns
     else:
         cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
-    source = codegen.generate_source(pattern, config) + appendix
+    source = codegen.generate_source(pattern, config, shared=shared) + appendix
     key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH,
                           hashlib.sha256(source.encode()).hexdigest(), triton.__version__, capability)
-    return _with_args(cache.load_module(key, lambda: source), codegen.pattern_args(pattern))
+    return _with_args(cache.load_module(key, lambda: source), codegen.pattern_args(pattern, shared=shared))
 
 
 def _with_args(module: types.ModuleType, args: tuple[int, ...]) -> types.ModuleType:
