@@ -50,6 +50,7 @@ from patterncc.masks import evaluate
 
 from . import codegen
 from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
+from .resident import to_device
 from .runtime import _float32_scale, _on_device_of, _random_buffer, check_tensors, load_kernels
 
 _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
@@ -382,9 +383,7 @@ class RowsAttention:
         parts = []
         for ptr, idx in tables:
             parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
-        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
-        if device.type == "cuda":  # pinned: the copy does not hold the host until the card reaches it
-            packed = packed.pin_memory().to(device, non_blocking=True)
+        packed = to_device(np.concatenate(parts).astype(np.int32), device)
         views = torch.split(packed, [p.size for p in parts])
         launches, first = [], 0
         for i, ((piece, layout_heads, heads, tile_q, tiles), count) in enumerate(zip(shapes, splits)):

@@ -14,6 +14,7 @@ from patterncc.errors import LimitError
 
 from . import tables
 from .config import KernelConfig
+from .resident import to_device
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +56,7 @@ class _DeviceTables:
 
         def dev(a):  # never empty: a null data pointer is not worth the doubt
             a = np.ascontiguousarray(a, dtype=np.int32)
-            return torch.from_numpy(a if a.size else np.zeros(1, dtype=np.int32)).to(device)
+            return to_device(a if a.size else np.zeros(1, dtype=np.int32), device)
 
         def lists(steps: tables.StepLists, cost, band: bool = False):
             """The kernel's device tables, and how it walks them."""
@@ -100,4 +101,4 @@ def _random_buffer(specs, n: int, device, args: tuple[int, ...]) -> torch.Tensor
     if offset >= 2**31:
         raise LimitError(f"the random(...) tables at n={n} hold {offset} entries, over the int32 limit")
     buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)  # args fit: codegen
-    return torch.from_numpy(buf).to(device)
+    return to_device(buf, device)

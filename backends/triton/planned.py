@@ -35,6 +35,7 @@ from patterncc.planned import PlannedAttention, _term_kwargs
 from patterncc.planner import component_at, slot_pattern_of
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
+from .resident import to_device
 from .runtime import _DeviceTables, _Run, attend, check_inputs, launch_key
 from .tables import crop_steps, kernel_steps
 
@@ -143,7 +144,7 @@ class TritonPlannedAttention(PlannedAttention):
 
                 tables = _DeviceTables.from_steps(steps_of, comp.layout.heads, packing.total, Hkv, config,
                                                   module, device)
-            seqs = torch.from_numpy(packing.table()).to(device)
+            seqs = to_device(packing.table(), device)
             launcher = _Run(module, tables, config, head_dim, H, Hkv, packing.total, dtype, packing=(seqs, align))
             launches.append((launcher, SlotOrder.of(comp.q_order, comp.k_order, plan.seq_len)))
         return launches
