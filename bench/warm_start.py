@@ -24,6 +24,25 @@ import time
 
 from probes import FIRST_CALL
 
+# --front: the user's path, pcc.compile (the planner, the op, the backend imported at its first use)
+_FRONT_CALL = """
+import json, sys, time
+t_import = time.perf_counter()
+import torch
+import patterncc as pcc
+spec = json.loads(sys.argv[1])
+n, H, D = spec["n"], spec["H"], spec["D"]
+q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+torch.cuda.synchronize()
+out = {"import_s": time.perf_counter() - t_import}
+t0 = time.perf_counter()
+attn = pcc.compile(f"strided({spec['w'] % 200 + 64})")
+attn(q, k, v).sum().backward()
+torch.cuda.synchronize()
+out["first_call_s"] = time.perf_counter() - t0
+print("RESULT " + json.dumps(out))
+"""
+
 _PROFILED = """
 import cProfile, io, pstats, sys
 source = {source!r}
@@ -42,9 +61,11 @@ print(stream.getvalue())
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--front", action="store_true",
+                    help="time pcc.compile(strided(l))'s first call (the user's path) instead of TritonAttention's")
     args = ap.parse_args()
     spec = json.dumps(dict(n=4096, H=16, D=64, w=777 + int(time.time()) % 1000, g=33, who="pcc"))
-    source = textwrap.dedent(FIRST_CALL)
+    source = textwrap.dedent(_FRONT_CALL if args.front else FIRST_CALL)
     with tempfile.TemporaryDirectory(prefix="patterncc-warm-") as tmp:
         env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(tmp, "pcc"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
         env.pop("TRITON_INTERPRET", None)

@@ -58,7 +58,7 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor like q, got {type(x).__name__}")
     if scale is not None:
-        from .backends.reference.attention import check_scale
+        from .backends.reference.checks import check_scale
 
         scale = check_scale(scale, q.shape[-1])
     terms = terms or NO_TERMS
@@ -252,7 +252,7 @@ def _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms, offsets=None
 
 def _triton_inputs(q, k, v, scale):
     """Checked inputs, padded to the kernels' head dim, their scale and true head dim."""
-    from .backends.reference.attention import check_scale
+    from .backends.reference.checks import check_scale
     from .backends.triton.config import padded_head_dim
     from .backends.triton.runtime import _float32_scale, check_inputs
 

@@ -406,7 +406,13 @@ def test_planned_triton_delta_pass(src, n, monkeypatch):
 
     passes = []
     real = runtime._Run.delta
-    monkeypatch.setattr(runtime._Run, "delta", lambda self, *args: passes.append(1) or real(self, *args))
+
+    def counted(self, o, *args):  # the passes that run: not compile_ahead's warm-up on meta tensors (GPU)
+        if o.device.type != "meta":
+            passes.append(1)
+        return real(self, o, *args)
+
+    monkeypatch.setattr(runtime._Run, "delta", counted)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
     pat = pipeline.parse(src)

@@ -56,7 +56,7 @@ from patterncc.lru import LRU
 from patterncc.orders import SlotOrder
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
-from patterncc.backends.reference.attention import check_scale as _check_scale
+from patterncc.backends.reference.checks import check_scale as _check_scale
 
 from . import _interpret, cache, codegen
 from ._interpret import interpreting
@@ -299,7 +299,7 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
     may be None (no gradient reached that output)."""
     _keep_if_captured(launches, q)
     if do is None:
-        do = torch.zeros_like(o)
+        do = _empty_as(o).zero_()
     do = do if do.stride(-1) == 1 else do.contiguous()
     kterms = _KernelTerms.of(terms)
     grads = []
@@ -308,7 +308,7 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
         # every query writes it in its dQ programs (they load dO anyway);
         # otherwise, or with an lse gradient to take in, a pass of its own.
         in_dq = len(launches) == 1 and launches[0][1].covers_queries and dlse is None
-        delta = torch.empty_like(lse) if in_dq else launches[0][0].delta(o, do, dlse)
+        delta = _empty_as(lse) if in_dq else launches[0][0].delta(o, do, dlse)
         args = (q, k, v, lse, do, delta, scale)
         (dq,) = _summed([order.covers_queries for _, order in launches], (q,),
                         lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
@@ -382,7 +382,7 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
     try:
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(_compile_pool()):
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
-            launches_backward(warming, mq, mk, mv, o, lse, torch.empty_like(o), None, scale, mterms)
+            launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
     except Exception as err:  # the launches compile their kernels themselves, as without this
         _ahead_failed = True
         warnings.warn(f"patterncc: compiling a first call's kernels in parallel failed ({type(err).__name__}: "
@@ -392,6 +392,13 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
 
 
 _ahead_failed = False
+
+
+def _empty_as(x):
+    """``torch.empty_like`` of a dense tensor. Not empty_like itself: on meta
+    tensors (``compile_ahead``) that runs a Python reference which imports
+    sympy, seconds of a first call in a process that never traces."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
 
 
 def _compiles_ahead(q) -> bool:
