@@ -263,3 +263,22 @@ def test_the_attention_caches_are_bounded_lrus():
     assert isinstance(planned._plans, LRU)
     plan = planned.plan(64, 1)
     assert planned.plan(64, 1) is plan
+
+
+# -- packaging ----------------------------------------------------------------------
+
+
+def test_every_package_directory_ships():
+    """pyproject.toml lists packages by hand (grammar/ and backends/ map into
+    patterncc): a directory left out installs from a checkout in editable
+    mode but is missing from a wheel."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {"patterncc": "patterncc", **setup["package-dir"]}
+    listed = set(setup["packages"])
+    for package, directory in dirs.items():
+        for init in (ROOT / directory).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / directory)
+            name = ".".join([package, *rel.parts])
+            assert name in listed, f"{name} ({init.parent.relative_to(ROOT)}) is not in pyproject's packages"
