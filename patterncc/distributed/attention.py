@@ -1,0 +1,194 @@
+"""Context-parallel attention: each rank holds a shard of the sequence.
+
+``cp = ContextParallelAttention(pattern, group)``; on every rank
+``o_local = cp(q_local, k_local, v_local)`` with that rank's shard of
+``[B, H, n, D]`` tensors (``cp.shard(x)`` cuts it). Each call
+
+1. learns ``n`` from every rank's local length (or takes ``seq_len=``);
+2. gathers the keys and values its queries need from their owners
+   (``exchange``: only what the pattern reads, in one message per peer);
+3. computes its queries against them with the pattern's exact element mask
+   at absolute positions: a masked softmax in float32 (float64 for float64
+   inputs), in chunks of query rows so memory stays bounded.
+
+Gradients flow through plain autograd in step 3 and through the exchange's
+backward, which returns dK/dV rows to the ranks that own them. The result
+is the single-process attention of the whole sequence, sharded: a row with
+no allowed key gives ``o = 0`` and ``lse = -inf``, with zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import ir
+from ..masks import evaluate
+from ..pipeline import as_pattern
+from . import sharding as sh
+from .exchange import Exchange, exchange_plan, gather_kv
+
+# Score elements (batch x heads x rows x keys) computed at once by the local
+# attention; rows are chunked to stay under it.
+CHUNK_ELEMENTS = 2**22
+# Exchange plans kept per instance, one per (n, heads, device) seen most recently.
+_PLANS_KEPT = 8
+
+
+class ContextParallelAttention:
+    """``ContextParallelAttention(pattern, group=None, sharding="contiguous", *,
+    block=64, scale=None)``; call as ``cp(q_local, k_local, v_local,
+    return_lse=False, *, seq_len=None)``.
+
+    ``q_local`` ``[B, H, n_local, D]``, ``k_local``, ``v_local`` ``[B, Hkv,
+    n_local, D]`` (``Hkv`` divides ``H``): this rank's shard (``shard``).
+    Returns this rank's shard of ``o`` (and of ``lse`` ``[B, H, n_local]``,
+    float32, or float64 for float64 inputs). ``block`` is the layout block
+    at which the needed keys are found; ``scale`` defaults to ``1/sqrt(D)``.
+    ``last_bytes_sent`` / ``last_bytes_sent_backward``: what this rank sent
+    in the last call's exchange and its backward."""
+
+    def __init__(self, pattern, group=None, sharding: str = "contiguous", *, block: int = 64, scale=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ContextParallelAttention needs torch.distributed initialised: "
+                               "call torch.distributed.init_process_group() first (torchrun sets it up)")
+        self.mask_pattern, terms = ir.split_terms(as_pattern(pattern))
+        if terms:
+            raise ValueError(f"ContextParallelAttention does not apply score terms yet; "
+                             f"the pattern has `{terms}`: drop them or run it on one device")
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive integer, got {block=}")
+        self.sharding = sh.check_sharding(sharding)
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the group given to ContextParallelAttention")
+        self.block = block
+        self.scale = scale
+        self._plans: dict[tuple, Exchange] = {}
+        self._last: Exchange | None = None
+
+    def __repr__(self) -> str:
+        return (f"ContextParallelAttention({ir.source(self.mask_pattern)!r}, sharding={self.sharding!r}, "
+                f"rank={self.rank}, world_size={self.world_size})")
+
+    @property
+    def last_bytes_sent(self) -> int:
+        return self._last.bytes_sent if self._last else 0
+
+    @property
+    def last_bytes_sent_backward(self) -> int:
+        return self._last.bytes_sent_backward if self._last else 0
+
+    def positions(self, seq_len: int) -> np.ndarray:
+        """int64: the absolute positions this rank holds out of ``seq_len``."""
+        return sh.positions(seq_len, self.world_size, self.rank, self.sharding)
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``x [B, H, n, D]``."""
+        return sh.shard(x, self.world_size, self.rank, self.sharding)
+
+    def unshard(self, x_local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from every rank's shard (a collective: every rank calls it)."""
+        return sh.unshard(x_local, self.group, self.sharding)
+
+    def __call__(self, q, k, v, return_lse: bool = False, *, seq_len: int | None = None):
+        check_tensors(q, k, v)
+        B, H, n_local, D = q.shape
+        if seq_len is None:
+            n = sh.seq_len_from(sh.gather_lengths(n_local, self.group, q.device), self.world_size, self.sharding)
+        else:
+            n = self._checked_seq_len(seq_len, n_local)
+        ir.check_heads(self.mask_pattern, H)
+        exchange = self._exchange(n, H, q.device)
+        kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
+        qpos = self.positions(n)
+        scale = 1.0 / math.sqrt(D) if self.scale is None else float(self.scale)
+        heads = head_patterns(ir.bind(self.mask_pattern, n), H)
+        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, heads, n, scale)
+        return (o, lse) if return_lse else o
+
+    def _checked_seq_len(self, seq_len, n_local: int) -> int:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len must be a non-negative integer, got {seq_len=}")
+        want = sh.local_length(seq_len, self.world_size, self.rank, self.sharding)
+        if n_local != want:
+            raise ValueError(f"rank {self.rank} was given {n_local} tokens, but {self.sharding} sharding of "
+                             f"{seq_len=} over {self.world_size} ranks gives it {want}")
+        return seq_len
+
+    def _exchange(self, n: int, heads: int, device: torch.device) -> Exchange:
+        key = (n, heads, device)
+        if key not in self._plans:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+            plan = exchange_plan(self.mask_pattern, n, heads, self.world_size, self.rank, self.sharding, self.block)
+            self._plans[key] = Exchange(plan, self.group, device)
+        self._last = self._plans[key]
+        return self._last
+
+
+def check_tensors(q, k, v) -> None:
+    """TypeError/ValueError naming the argument unless q ``[B, H, n_local, D]``
+    and k, v ``[B, Hkv, n_local, D]`` are floating-point tensors of one dtype
+    and device with ``Hkv`` dividing ``H``."""
+    for name, x in (("q_local", q), ("k_local", k), ("v_local", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, n_local, D] (4 dims), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(f"q_local, k_local and v_local must share one dtype and device, got q_local "
+                            f"{q.dtype} on {q.device} and {name} {x.dtype} on {x.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k_local and v_local must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, nq, D), (Bk, Hkv, nk, Dk) = q.shape, k.shape
+    if (Bk, nk, Dk) != (B, nq, D):
+        raise ValueError(f"k_local {tuple(k.shape)} must match q_local {tuple(q.shape)} in batch, local "
+                         f"length and head dim (dims 0, 2, 3)")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"q_local's heads H={H} must be a multiple of k_local's heads Hkv={Hkv}")
+
+
+def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list[int]]:
+    """The distinct head-free patterns, and for each head the index of its own."""
+    distinct: dict[ir.Pattern, int] = {}
+    index = [distinct.setdefault(ir.for_head(bound, h), len(distinct)) for h in range(heads)]
+    return list(distinct), index
+
+
+def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, heads, n: int, scale: float):
+    """``q [B, H, nq, D]`` at positions ``qpos`` against the gathered ``kg``,
+    ``vg [B, Hkv, M, D]`` at ``kpos``: ``(o [B, H, nq, D] in q's dtype,
+    lse [B, H, nq])``, differentiable."""
+    B, H, nq, D = q.shape
+    Hkv, M = kg.shape[1], kg.shape[2]
+    G = H // Hkv  # query heads per kv head: head h reads kv head h // G
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc, vc = kg.to(compute), vg.to(compute)
+    patterns, index = heads
+    rows = max(1, CHUNK_ELEMENTS // max(1, B * H * M))
+    outs, lses = [], []
+    for r0 in range(0, max(nq, 1), rows):  # one empty chunk when nq == 0 keeps the exchange in the graph
+        r1 = min(r0 + rows, nq)
+        masks = [evaluate(p, qpos[r0:r1, None], kpos[None, :], n) for p in patterns]
+        mask = torch.as_tensor(np.stack([masks[i] for i in index]), device=q.device)  # (H, rows, M)
+        qc = q[:, :, r0:r1].to(compute).view(B, Hkv, G, r1 - r0, D)
+        s = torch.einsum("bkgqd,bkmd->bkgqm", qc, kc).reshape(B, H, r1 - r0, M) * scale
+        s = torch.where(mask, s, -math.inf)
+        m = s.amax(-1, keepdim=True).detach() if M else s.new_full((B, H, r1 - r0, 1), -math.inf)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # rows with no allowed key: exp(-inf) stays 0
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        allowed = l > 0
+        l_safe = torch.where(allowed, l, 1.0)
+        o = torch.einsum("bkgqm,bkmd->bkgqd", p.view(B, Hkv, G, r1 - r0, M), vc).reshape(B, H, r1 - r0, D)
+        outs.append(o / l_safe)
+        lses.append(torch.where(allowed, m + torch.log(l_safe), -math.inf).squeeze(-1))
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)

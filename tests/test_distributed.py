@@ -1,0 +1,248 @@
+"""Context parallelism against the single-process float64 reference.
+
+Each world size is one ``torch.multiprocessing.spawn`` of ``gloo`` ranks
+(spawning is the slow part): every rank loops over all the cases, compares
+its shard of o, lse, dq, dk, dv with the reference's and writes what it
+found to a file; the tests below read those files, one test per case. The
+key sets and the shardings are checked in this process, without ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, Phase, given, settings
+
+import patterncc as pcc
+from patterncc import ir
+from patterncc.distributed import ContextParallelAttention, exchange, needed_keys, sharding
+from patterncc.testing import strategies
+
+HEADS_PAT = "heads { 0..1 => sliding_window(5), 1..2 => fixed(16, 3) }"
+WHERE_PAT = "where k <= q and (q - k) % 3 != 1"
+# (pattern, n, sharding, H, Hkv, dtype): the spawned ranks run every case of their world size.
+CASES_2 = [(pat, n, s, 2, 1, "float64")
+           for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", "local_global(6, 3)",
+                       HEADS_PAT, WHERE_PAT, "longformer(4, 2)", "bigbird(4, 2, 1, 16, 5)")
+           for n, s in ((61, "contiguous"), (64, "zigzag"), (100, "zigzag"))]
+CASES_2 += [("causal", 1, "contiguous", 2, 2, "float64"), ("none | (causal & global(3))", 40, "zigzag", 2, 2, "float64"),
+            ("sliding_window(9)", 77, "contiguous", 4, 2, "float32"), ("fixed(16, 3)", 70, "zigzag", 2, 1, "bfloat16"),
+            ("strided(8)", 50, "contiguous", 2, 2, "float16")]
+CASES_4 = [(pat, n, s, 2, 1, "float64")
+           for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", HEADS_PAT, WHERE_PAT)
+           for n, s in ((3, "contiguous"), (7, "zigzag"), (61, "contiguous"), (100, "zigzag"))]
+CASES_4 += [("local_global(6, 3)", 96, "zigzag", 4, 2, "float32")]
+BYTES_LENGTHS = (256, 1024)  # sliding_window(16) over 4 ranks at both: the same bytes per rank
+DRAWN = 5  # hypothesis-drawn patterns run by the 2-rank spawn
+TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 5e-3}
+
+
+def _draw_patterns(count: int) -> list[ir.Pattern]:
+    drawn = []
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(strategies.patterns(max_depth=2, max_leaves=4, heads=2))
+    def collect(p):
+        drawn.append(p)
+
+    collect()
+    return drawn[:count]
+
+
+def _reference(pattern, q, k, v, do, dlse):
+    """o, lse and the gradients of sum(o * do) + sum(finite lse * dlse), float64."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o, lse = pcc.compile(pattern, backend="reference")(q, k, v, return_lse=True)
+    _loss(o, lse, do, dlse).backward()
+    return o.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def _loss(o, lse, do, dlse):
+    return (o.double() * do).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * dlse).sum()
+
+
+def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype) -> dict:
+    """This rank's largest errors against the reference (scaled by the
+    reference's largest magnitude), and the bytes it sent."""
+    g = torch.Generator().manual_seed(n * 1000 + H)
+    B, D = 2, 8
+    q, k, v, do = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv, H))
+    dlse = torch.randn(B, H, n, generator=g, dtype=torch.float64)
+    low = getattr(torch, dtype)
+    q, k, v = (x.to(low).double() for x in (q, k, v))  # the reference sees the inputs the ranks see
+    o_ref, lse_ref, dq, dk, dv = _reference(pattern, q, k, v, do, dlse)
+    cp = ContextParallelAttention(pattern, cp_group, sharding_name)
+    ql, kl, vl = (cp.shard(x).to(low).requires_grad_() for x in (q, k, v))
+    o, lse = cp(ql, kl, vl, return_lse=True)
+    _loss(o, lse, cp.shard(do), cp.shard(dlse[..., None])[..., 0]).backward()
+    errors = {}
+    for name, got, want in (("o", o, o_ref), ("dq", ql.grad, dq), ("dk", kl.grad, dk), ("dv", vl.grad, dv)):
+        want = cp.shard(want)
+        errors[name] = float((got.double() - want).abs().max()) / max(1.0, float(want.abs().max())) if got.numel() else 0.0
+    want_lse = cp.shard(lse_ref[..., None])[..., 0]
+    same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(want_lse)))
+    finite = torch.isfinite(want_lse)
+    errors["lse"] = float((lse.double() - want_lse)[finite].abs().max()) if finite.any() else 0.0
+    if not same_inf:
+        errors["lse"] = float("inf")
+    full = cp.unshard(o.detach())  # unshard puts every shard back where it came from
+    errors["unshard"] = float((full.double() - o_ref).abs().max()) / max(1.0, float(o_ref.abs().max()))
+    return {"errors": errors, "bytes": cp.last_bytes_sent, "bytes_backward": cp.last_bytes_sent_backward,
+            "nonfinite_grads": not all(bool(torch.isfinite(t.grad).all()) for t in (ql, kl, vl))}
+
+
+def _rank(rank, world_size, init_file, out_dir, cases, drawn):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results = {}
+    runs = [(f"{p}|{n}|{s}|{H}|{Hkv}|{dt}", p, n, s, H, Hkv, dt) for p, n, s, H, Hkv, dt in cases]
+    runs += [(f"drawn{i}", p, 48 + 5 * i, ("contiguous", "zigzag")[i % 2], 2, 1, "float64") for i, p in enumerate(drawn)]
+    for key, *case in runs:
+        try:
+            results[key] = _run_case(None, *case)
+        except Exception:  # every rank fails alike before its exchange (a bad pattern), or the group times out
+            results[key] = {"raised": traceback.format_exc()}
+    if world_size == 4:
+        for n in BYTES_LENGTHS:
+            cp = ContextParallelAttention("sliding_window(16)")
+            x = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(n))
+            cp(cp.shard(x), cp.shard(x), cp.shard(x))
+            results[f"bytes{n}"] = {"bytes": cp.last_bytes_sent, "all_gather": x[:, :, :1].nbytes * 2
+                                    * (world_size - 1) * cp.shard(x).shape[2]}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _spawn(tmp_path_factory, world_size: int, cases, drawn) -> list[dict]:
+    tmp = tmp_path_factory.mktemp(f"cp{world_size}")
+    mp.spawn(_rank, args=(world_size, str(tmp / "init"), str(tmp), cases, drawn), nprocs=world_size)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def ranks2(tmp_path_factory):
+    return _spawn(tmp_path_factory, 2, CASES_2, _draw_patterns(DRAWN))
+
+
+@pytest.fixture(scope="module")
+def ranks4(tmp_path_factory):
+    return _spawn(tmp_path_factory, 4, CASES_4, [])
+
+
+def _check(results: list[dict], key: str, dtype: str):
+    for rank, res in enumerate(results):
+        found = res[key]
+        assert "raised" not in found, f"rank {rank}: {found.get('raised')}"
+        assert not found["nonfinite_grads"], f"rank {rank}: a gradient is not finite"
+        for name, err in found["errors"].items():
+            assert err <= TOLERANCE[dtype], f"rank {rank}: {name} is off by {err:.3g} (tolerance {TOLERANCE[dtype]})"
+
+
+def _key(case):
+    return "|".join(map(str, case))
+
+
+@pytest.mark.parametrize("case", CASES_2, ids=_key)
+def test_two_ranks_match_the_reference(ranks2, case):
+    _check(ranks2, _key(case), case[-1])
+
+
+@pytest.mark.parametrize("index", range(DRAWN))
+def test_two_ranks_match_the_reference_on_drawn_patterns(ranks2, index):
+    _check(ranks2, f"drawn{index}", "float64")
+
+
+@pytest.mark.parametrize("case", CASES_4, ids=_key)
+def test_four_ranks_match_the_reference(ranks4, case):
+    _check(ranks4, _key(case), case[-1])
+
+
+def test_a_sliding_window_sends_the_same_bytes_at_any_length(ranks4):
+    for rank, res in enumerate(ranks4):
+        short, long = (res[f"bytes{n}"] for n in BYTES_LENGTHS)
+        assert short["bytes"] == long["bytes"], f"rank {rank} sent {short['bytes']} then {long['bytes']} bytes"
+        assert long["bytes"] < long["all_gather"] / 4
+        if rank < 3:  # every rank but the last sends its halo to the next
+            assert short["bytes"] > 0
+            assert short["bytes"] < short["all_gather"]
+
+
+def test_the_exchange_moves_gradients_back(ranks2):
+    """Backward traffic mirrors the forward's: a rank sends back as many
+    gradient bytes as it received key/value bytes."""
+    for key in ("causal|61|contiguous|2|1|float64", "fixed(16, 3)|100|zigzag|2|1|float64"):
+        sent = [res[key]["bytes"] for res in ranks2]
+        back = [res[key]["bytes_backward"] for res in ranks2]
+        assert back == sent[::-1]
+
+
+# -- without ranks: shardings and key sets
+
+
+@pytest.mark.parametrize("name", sharding.SHARDINGS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 61, 64, 100])
+def test_a_sharding_partitions_the_positions(name, world_size, n):
+    held = [sharding.positions(n, world_size, r, name) for r in range(world_size)]
+    assert np.array_equal(np.sort(np.concatenate(held)), np.arange(n))
+    assert all(np.all(np.diff(pos) > 0) for pos in held)
+    lengths = [len(pos) for pos in held]
+    assert lengths == [sharding.local_length(n, world_size, r, name) for r in range(world_size)]
+    assert max(lengths) - min(lengths) <= 2
+    assert sharding.seq_len_from(lengths, world_size, name) == n
+
+
+def test_zigzag_balances_causal_work():
+    n, P = 4096, 4
+    work = lambda pos: int((pos + 1).sum())  # causal: query q reads q + 1 keys
+    zig = [work(sharding.positions(n, P, r, "zigzag")) for r in range(P)]
+    flat = [work(sharding.positions(n, P, r, "contiguous")) for r in range(P)]
+    assert max(zig) / min(zig) < 1.01
+    assert max(flat) / min(flat) > 5
+
+
+def test_a_wrong_local_length_is_named():
+    with pytest.raises(ValueError, match="rank 0 holds 4 tokens"):
+        sharding.seq_len_from([4, 5], 2, "contiguous")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(strategies.patterns(max_depth=2, max_leaves=4, heads=2))
+def test_needed_keys_cover_every_allowed_pair(p):
+    n, P = 45, 3
+    mask = pcc.mask(p, seq_len=n, heads=2).any(axis=0)  # (n, n): any head
+    for name in sharding.SHARDINGS:
+        for r in range(P):
+            qpos = sharding.positions(n, P, r, name)
+            keys = needed_keys(ir.split_terms(p)[0], n, 2, qpos, block=8)
+            exact = np.flatnonzero(mask[qpos].any(axis=0))
+            assert np.all(np.isin(exact, keys)), f"rank {r} misses keys {np.setdiff1d(exact, keys)}"
+
+
+@pytest.mark.parametrize("n", [512, 4096])
+def test_key_sets_follow_the_pattern(n):
+    """Contiguous sharding over 4 ranks, block 16: a window's halo does not
+    grow with n, fixed reads its summary columns only, strided every earlier key."""
+    held = [sharding.positions(n, 4, r, "contiguous") for r in range(4)]
+    count = lambda pat: [len(k) for k in exchange.needed_keys_all(pcc.parse(pat), n, 1, held, 16)]
+    local = n // 4
+    assert count("sliding_window(16)") == [local] + [local + 16] * 3
+    assert count("strided(32)") == [local * (r + 1) for r in range(4)]
+    assert count("fixed(32, 4)") == [local + r * local // 32 * 4 for r in range(4)]  # c = 4 of every l = 32
+
+
+def test_without_a_process_group_it_says_so():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ContextParallelAttention("causal")
