@@ -39,6 +39,7 @@ from .. import ir
 from ..blocklayout import build as build_layout
 from ..errors import LimitError
 from ..planner import build_plan
+from ..planning.columns import _has_causal_factor
 from . import sharding as sh
 
 
@@ -78,15 +79,25 @@ def needed_keys_all(pattern: ir.Pattern, n: int, heads: int, query_sets, block: 
         natural = build_layout(bound, n, block, heads)
     except LimitError:  # too many blocks to list: the planned components alone decide
         natural = None
-    plan = build_plan(pattern, n, block, heads, mode="planned")
+    try:
+        plan = build_plan(pattern, n, block, heads, mode="planned")
+    except LimitError:  # neither can be listed (causal at a million tokens): every key the queries may reach
+        plan = None
     out = []
     for qpos in query_sets:
         qpos = np.asarray(qpos, dtype=np.int64)
-        keys = _planned_keys(plan, qpos, n, block)
+        keys = _planned_keys(plan, qpos, n, block) if plan is not None else _reachable(bound, qpos, n)
         if natural is not None:
             keys = np.intersect1d(keys, _layout_keys(natural, np.unique(qpos // block), block, n), assume_unique=True)
         out.append(keys)
     return out
+
+
+def _reachable(bound: ir.Pattern, qpos: np.ndarray, n: int) -> np.ndarray:
+    """Every key, or under a causal factor every key up to the last query:
+    the superset left when no layout of the pattern can be built."""
+    last = int(qpos.max()) + 1 if len(qpos) and _has_causal_factor(bound) else (0 if len(qpos) == 0 else n)
+    return np.arange(last, dtype=np.int64)
 
 
 def _planned_keys(plan, qpos: np.ndarray, n: int, block: int) -> np.ndarray:
