@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 import patterncc as pcc
 from patterncc import ir
 from patterncc.distributed import ContextParallelAttention, exchange, needed_keys, sharding
+from patterncc.nn import SparseSelfAttention, SparseTransformer
 from patterncc.testing import strategies
 
 HEADS_PAT = "heads { 0..1 => sliding_window(5), 1..2 => fixed(16, 3) }"
@@ -100,6 +101,33 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype) -> dict:
             "nonfinite_grads": not all(bool(torch.isfinite(t.grad).all()) for t in (ql, kl, vl))}
 
 
+def _run_model(sharding_name: str, recompute: bool) -> dict:
+    """A SparseTransformer with ``context_parallel_group`` against the same
+    model in one process: logits, and the parameters' gradients once each
+    rank's share is summed over the group."""
+    n, vocab = 45, 11
+    kwargs = dict(vocab_size=vocab, dim=16, depth=2, heads=2, kv_heads=1, max_len=64, recompute=recompute,
+                  patterns=["sliding_window(6)", "fixed(8, 2)"])
+    torch.manual_seed(0)
+    whole = SparseTransformer(**kwargs, backend="reference").double()
+    sharded = SparseTransformer(**kwargs, context_parallel_group=dist.group.WORLD,
+                                context_parallel_sharding=sharding_name).double()
+    sharded.load_state_dict(whole.state_dict())
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(vocab, (2, n), generator=g), torch.randint(vocab, (2, n), generator=g)
+    logits = whole(idx)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    cp = sharded.blocks[0].attn.context_parallel
+    pos = torch.as_tensor(cp.positions(n))
+    local = sharded(idx[:, pos])
+    torch.nn.functional.cross_entropy(local.flatten(0, 1), targets[:, pos].flatten(), reduction="sum").backward()
+    errors = {"logits": float((local - logits[:, pos]).abs().max())}
+    for (name, p), q in zip(whole.named_parameters(), sharded.parameters()):
+        dist.all_reduce(q.grad)  # each rank's share of the gradient, summed
+        errors[name] = float((q.grad - p.grad).abs().max()) / max(1.0, float(p.grad.abs().max()))
+    return {"errors": errors, "nonfinite_grads": False}
+
+
 def _rank(rank, world_size, init_file, out_dir, cases, drawn):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
@@ -112,6 +140,11 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
             results[key] = _run_case(None, *case)
         except Exception:  # every rank fails alike before its exchange (a bad pattern), or the group times out
             results[key] = {"raised": traceback.format_exc()}
+    for sharding_name, recompute in (("contiguous", False), ("zigzag", True)):
+        try:
+            results[f"model|{sharding_name}"] = _run_model(sharding_name, recompute)
+        except Exception:
+            results[f"model|{sharding_name}"] = {"raised": traceback.format_exc()}
     if world_size == 4:
         for n in BYTES_LENGTHS:
             cp = ContextParallelAttention("sliding_window(16)")
@@ -161,6 +194,12 @@ def test_two_ranks_match_the_reference(ranks2, case):
 @pytest.mark.parametrize("index", range(DRAWN))
 def test_two_ranks_match_the_reference_on_drawn_patterns(ranks2, index):
     _check(ranks2, f"drawn{index}", "float64")
+
+
+@pytest.mark.parametrize("sharding_name", sharding.SHARDINGS)
+def test_a_transformer_trains_across_ranks(ranks2, ranks4, sharding_name):
+    _check(ranks2, f"model|{sharding_name}", "float64")
+    _check(ranks4, f"model|{sharding_name}", "float64")
 
 
 @pytest.mark.parametrize("case", CASES_4, ids=_key)
@@ -246,6 +285,15 @@ def test_without_a_process_group_it_says_so():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         ContextParallelAttention("causal")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        SparseSelfAttention(16, 2, "causal", context_parallel_group=object())
+
+
+def test_a_context_parallel_layer_needs_a_pattern_without_terms():
+    with pytest.raises(ValueError, match="needs a pattern"):
+        SparseSelfAttention(16, 2, None, context_parallel_group=object())
+    with pytest.raises(ValueError, match="score terms"):
+        SparseSelfAttention(16, 2, "causal", sinks=True, context_parallel_group=object())
 
 
 @pytest.mark.parametrize("pat", ["causal", "sliding_window(5)", "longformer(3, 2)"])

@@ -99,10 +99,7 @@ class ContextParallelAttention:
     def __call__(self, q, k, v, return_lse: bool = False, *, seq_len: int | None = None):
         check_tensors(q, k, v)
         B, H, n_local, D = q.shape
-        if seq_len is None:
-            n = sh.seq_len_from(sh.gather_lengths(n_local, self.group, q.device), self.world_size, self.sharding)
-        else:
-            n = self._checked_seq_len(seq_len, n_local)
+        n = self.seq_len(n_local, q.device) if seq_len is None else self._checked_seq_len(seq_len, n_local)
         ir.check_heads(self.mask_pattern, H)
         exchange = self._exchange(n, H, q.device)
         kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
@@ -111,6 +108,11 @@ class ContextParallelAttention:
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
         o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, heads, n, scale)
         return (o, lse) if return_lse else o
+
+    def seq_len(self, n_local: int, device=None) -> int:
+        """The whole sequence's length, from every rank's ``n_local`` (a
+        collective: every rank calls it), checked against the sharding."""
+        return sh.seq_len_from(sh.gather_lengths(n_local, self.group, device), self.world_size, self.sharding)
 
     def _checked_seq_len(self, seq_len, n_local: int) -> int:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
