@@ -60,9 +60,10 @@ Written-down choices:
   ``patterncc.distributed.ContextParallelAttention`` over ``g`` with
   ``context_parallel_sharding`` (``"contiguous"`` or ``"zigzag"``): each rank
   passes its shard of the tokens (``cp.shard``) and ``SparseTransformer``
-  gives them their global positions. Every layer needs a pattern and no score
-  terms; no cache, no packed batch. The parameters' gradients are each rank's
-  share: sum them over ``g`` (``all_reduce``) before the optimizer steps.
+  gives them their global positions. Every layer needs a pattern (score
+  terms apply at global positions); no cache, no packed batch. The
+  parameters' gradients are each rank's share: sum them over ``g``
+  (``all_reduce``) before the optimizer steps.
 - **Recomputation** (``recompute=True``) wraps each whole residual branch
   ``a + b`` in ``torch.utils.checkpoint`` (``use_reentrant=False``, RNG state
   preserved, so dropout masks are replayed exactly): a block keeps only its
@@ -226,8 +227,8 @@ class SparseSelfAttention(nn.Module):
         self._attentions = {} if self.pattern is None else {b: _compiled(self.pattern, b, self.softcap) for b in BACKENDS[1:]}
         self.context_parallel = None
         if context_parallel_group is not None:
-            self.context_parallel = _context_parallel(self.pattern, self.softcap, sinks, rel_bias_distance,
-                                                      context_parallel_group, context_parallel_sharding)
+            self.context_parallel = _context_parallel(self.pattern, self.softcap, context_parallel_group,
+                                                      context_parallel_sharding)
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -294,10 +295,10 @@ class SparseSelfAttention(nn.Module):
             # bottom-right causal: SDPA's is_causal aligns a short query block top-left
             keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
             return F.scaled_dot_product_attention(q, k[:, :, :n_k], v[:, :, :n_k], attn_mask=keep)
-        if self.context_parallel is not None:
-            return self.context_parallel(q, k, v).to(q.dtype)
-        attn = self.compiled(self.backend_for(q))
         kwargs = {name: t for name, t in (("sinks", self.sinks), ("rel_bias", self.rel_bias)) if t is not None}
+        if self.context_parallel is not None:
+            return self.context_parallel(q, k, v, **kwargs).to(q.dtype)
+        attn = self.compiled(self.backend_for(q))
         if cache_seqlens is not None:
             kwargs["cache_seqlens"] = cache_seqlens
         if cu_seqlens is not None:
@@ -312,18 +313,15 @@ class SparseSelfAttention(nn.Module):
         return self._attentions[backend]
 
 
-def _context_parallel(pattern, softcap, sinks: bool, rel_bias_distance, group, sharding: str):
-    """The ``ContextParallelAttention`` of a layer, or a ValueError saying
-    what it cannot run: dense SDPA (no pattern) and score terms."""
+def _context_parallel(pattern, softcap, group, sharding: str):
+    """The ``ContextParallelAttention`` of a layer, or a ValueError if it has
+    no pattern (dense SDPA)."""
     if pattern is None:
         raise ValueError("context parallelism needs a pattern: pattern=None is SDPA's dense causal attention; "
                          "write pattern='causal'")
-    if softcap is not None or sinks or rel_bias_distance is not None or ir.split_terms(pattern)[1]:
-        raise ValueError("context parallelism does not apply score terms (softcap, sinks, rel_bias_distance, "
-                         "alibi) yet; leave them out of a context-parallel model")
     from .distributed import ContextParallelAttention  # torch.distributed only for models that use it
 
-    return ContextParallelAttention(pattern, group, sharding)
+    return ContextParallelAttention(pattern, group, sharding, softcap=softcap)
 
 
 def check_unsharded_only(cache, cu_seqlens) -> None:

@@ -37,6 +37,11 @@ CASES_2 = [(pat, n, s, 2, 1, "float64")
 CASES_2 += [("causal", 1, "contiguous", 2, 2, "float64"), ("none | (causal & global(3))", 40, "zigzag", 2, 2, "float64"),
             ("sliding_window(9)", 77, "contiguous", 4, 2, "float32"), ("fixed(16, 3)", 70, "zigzag", 2, 1, "bfloat16"),
             ("strided(8)", 50, "contiguous", 2, 2, "float16")]
+# Score terms: the pattern's (softcap, alibi) and the call's (sinks, rel_bias, alibi_slopes), 2 ranks.
+TERM_CASES = [("sliding_window(7) with softcap(2.5)", 61, "contiguous", 2, 1, "float64", ("sinks",)),
+              ("causal with alibi", 64, "zigzag", 2, 2, "float64", ("rel_bias",)),
+              ("fixed(16, 3)", 100, "zigzag", 2, 1, "float64", ("sinks", "rel_bias", "alibi_slopes")),
+              ("none | (causal & global(3))", 40, "contiguous", 2, 1, "float32", ("sinks",))]
 CASES_4 = [(pat, n, s, 2, 1, "float64")
            for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", HEADS_PAT, WHERE_PAT)
            for n, s in ((3, "contiguous"), (7, "zigzag"), (61, "contiguous"), (100, "zigzag"))]
@@ -59,33 +64,40 @@ def _draw_patterns(count: int) -> list[ir.Pattern]:
     return drawn[:count]
 
 
-def _reference(pattern, q, k, v, do, dlse):
+def _reference(pattern, q, k, v, do, dlse, terms):
     """o, lse and the gradients of sum(o * do) + sum(finite lse * dlse), float64."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    o, lse = pcc.compile(pattern, backend="reference")(q, k, v, return_lse=True)
+    terms = {name: t.clone().requires_grad_() for name, t in terms.items()}
+    o, lse = pcc.compile(pattern, backend="reference")(q, k, v, return_lse=True, **terms)
     _loss(o, lse, do, dlse).backward()
-    return o.detach(), lse.detach(), q.grad, k.grad, v.grad
+    return o.detach(), lse.detach(), q.grad, k.grad, v.grad, {name: t.grad for name, t in terms.items()}
 
 
 def _loss(o, lse, do, dlse):
     return (o.double() * do).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * dlse).sum()
 
 
-def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype) -> dict:
+def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=()) -> dict:
     """This rank's largest errors against the reference (scaled by the
     reference's largest magnitude), and the bytes it sent."""
     g = torch.Generator().manual_seed(n * 1000 + H)
     B, D = 2, 8
     q, k, v, do = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv, H))
     dlse = torch.randn(B, H, n, generator=g, dtype=torch.float64)
+    shapes = {"sinks": (H,), "rel_bias": (H, 2 * 5 + 1), "alibi_slopes": (H,)}
+    terms = {name: torch.rand(shapes[name], generator=g, dtype=torch.float64) for name in call_terms}
     low = getattr(torch, dtype)
     q, k, v = (x.to(low).double() for x in (q, k, v))  # the reference sees the inputs the ranks see
-    o_ref, lse_ref, dq, dk, dv = _reference(pattern, q, k, v, do, dlse)
+    o_ref, lse_ref, dq, dk, dv, term_grads = _reference(pattern, q, k, v, do, dlse, terms)
     cp = ContextParallelAttention(pattern, cp_group, sharding_name)
     ql, kl, vl = (cp.shard(x).to(low).requires_grad_() for x in (q, k, v))
-    o, lse = cp(ql, kl, vl, return_lse=True)
+    local_terms = {name: t.clone().requires_grad_() for name, t in terms.items()}
+    o, lse = cp(ql, kl, vl, return_lse=True, **local_terms)
     _loss(o, lse, cp.shard(do), cp.shard(dlse[..., None])[..., 0]).backward()
     errors = {}
+    for name, t in local_terms.items():  # each rank holds its queries' share of a term's gradient
+        dist.all_reduce(t.grad, group=cp_group)
+        errors[f"d{name}"] = float((t.grad - term_grads[name]).abs().max()) / max(1.0, float(term_grads[name].abs().max()))
     for name, got, want in (("o", o, o_ref), ("dq", ql.grad, dq), ("dk", kl.grad, dk), ("dv", vl.grad, dv)):
         want = cp.shard(want)
         errors[name] = float((got.double() - want).abs().max()) / max(1.0, float(want.abs().max())) if got.numel() else 0.0
@@ -108,6 +120,8 @@ def _run_model(sharding_name: str, recompute: bool) -> dict:
     n, vocab = 45, 11
     kwargs = dict(vocab_size=vocab, dim=16, depth=2, heads=2, kv_heads=1, max_len=64, recompute=recompute,
                   patterns=["sliding_window(6)", "fixed(8, 2)"])
+    if recompute:  # and score terms, learnt
+        kwargs.update(sinks=True, rel_bias_distance=3, softcap=3.0)
     torch.manual_seed(0)
     whole = SparseTransformer(**kwargs, backend="reference").double()
     sharded = SparseTransformer(**kwargs, context_parallel_group=dist.group.WORLD,
@@ -134,6 +148,8 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
     torch.set_num_threads(1)
     results = {}
     runs = [(f"{p}|{n}|{s}|{H}|{Hkv}|{dt}", p, n, s, H, Hkv, dt) for p, n, s, H, Hkv, dt in cases]
+    if world_size == 2:
+        runs += [(_key(case), *case) for case in TERM_CASES]
     runs += [(f"drawn{i}", p, 48 + 5 * i, ("contiguous", "zigzag")[i % 2], 2, 1, "float64") for i, p in enumerate(drawn)]
     for key, *case in runs:
         try:
@@ -189,6 +205,11 @@ def _key(case):
 @pytest.mark.parametrize("case", CASES_2, ids=_key)
 def test_two_ranks_match_the_reference(ranks2, case):
     _check(ranks2, _key(case), case[-1])
+
+
+@pytest.mark.parametrize("case", TERM_CASES, ids=_key)
+def test_two_ranks_match_the_reference_with_score_terms(ranks2, case):
+    _check(ranks2, _key(case), case[5])
 
 
 @pytest.mark.parametrize("index", range(DRAWN))
@@ -289,11 +310,9 @@ def test_without_a_process_group_it_says_so():
         SparseSelfAttention(16, 2, "causal", context_parallel_group=object())
 
 
-def test_a_context_parallel_layer_needs_a_pattern_without_terms():
+def test_a_context_parallel_layer_needs_a_pattern():
     with pytest.raises(ValueError, match="needs a pattern"):
         SparseSelfAttention(16, 2, None, context_parallel_group=object())
-    with pytest.raises(ValueError, match="score terms"):
-        SparseSelfAttention(16, 2, "causal", sinks=True, context_parallel_group=object())
 
 
 @pytest.mark.parametrize("pat", ["causal", "sliding_window(5)", "longformer(3, 2)"])

@@ -8,8 +8,9 @@
 2. gathers the keys and values its queries need from their owners
    (``exchange``: only what the pattern reads, in one message per peer);
 3. computes its queries against them with the pattern's exact element mask
-   at absolute positions: a masked softmax in float32 (float64 for float64
-   inputs), in chunks of query rows so memory stays bounded.
+   and score terms at absolute positions: a masked softmax in float32
+   (float64 for float64 inputs), in chunks of query rows so memory stays
+   bounded.
 
 Gradients flow through plain autograd in step 3 and through the exchange's
 backward, which returns dK/dV rows to the ranks that own them. The result
@@ -28,6 +29,8 @@ import torch.distributed as dist
 from .. import ir
 from ..masks import evaluate
 from ..pipeline import as_pattern
+from ..scores import ScoreTerms, check_terms
+from ..scores import alibi_slopes as standard_alibi_slopes
 from . import sharding as sh
 from .exchange import Exchange, exchange_plan, gather_kv
 
@@ -40,25 +43,30 @@ _PLANS_KEPT = 8
 
 class ContextParallelAttention:
     """``ContextParallelAttention(pattern, group=None, sharding="contiguous", *,
-    block=64, scale=None)``; call as ``cp(q_local, k_local, v_local,
-    return_lse=False, *, seq_len=None)``.
+    block=64, scale=None, softcap=None)``; call as ``cp(q_local, k_local,
+    v_local, return_lse=False, *, seq_len=None, alibi_slopes=None, sinks=None,
+    rel_bias=None)``.
 
     ``q_local`` ``[B, H, n_local, D]``, ``k_local``, ``v_local`` ``[B, Hkv,
     n_local, D]`` (``Hkv`` divides ``H``): this rank's shard (``shard``).
     Returns this rank's shard of ``o`` (and of ``lse`` ``[B, H, n_local]``,
     float32, or float64 for float64 inputs). ``block`` is the layout block
     at which the needed keys are found; ``scale`` defaults to ``1/sqrt(D)``.
+    Score terms mean what they mean for ``pcc.compile``: the pattern's
+    ``softcap``/``alibi`` (``softcap=`` replaces the pattern's), and per call
+    ``alibi_slopes``, ``sinks`` ``[H]`` and ``rel_bias`` ``[H, 2M + 1]``; the
+    gradient a rank gets for those tensors is its queries' share (sum it over
+    the group, as for any replicated parameter).
     ``last_bytes_sent`` / ``last_bytes_sent_backward``: what this rank sent
     in the last call's exchange and its backward."""
 
-    def __init__(self, pattern, group=None, sharding: str = "contiguous", *, block: int = 64, scale=None):
+    def __init__(self, pattern, group=None, sharding: str = "contiguous", *, block: int = 64, scale=None,
+                 softcap: float | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ContextParallelAttention needs torch.distributed initialised: "
                                "call torch.distributed.init_process_group() first (torchrun sets it up)")
-        self.mask_pattern, terms = ir.split_terms(as_pattern(pattern))
-        if terms:
-            raise ValueError(f"ContextParallelAttention does not apply score terms yet; "
-                             f"the pattern has `{terms}`: drop them or run it on one device")
+        self.mask_pattern, self.pattern_terms = ir.split_terms(as_pattern(pattern))
+        self.softcap = ir.check_softcap(softcap) if softcap is not None else self.pattern_terms.softcap
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"block must be a positive integer, got {block=}")
         self.sharding = sh.check_sharding(sharding)
@@ -96,17 +104,22 @@ class ContextParallelAttention:
         """The whole tensor from every rank's shard (a collective: every rank calls it)."""
         return sh.unshard(x_local, self.group, self.sharding)
 
-    def __call__(self, q, k, v, return_lse: bool = False, *, seq_len: int | None = None):
+    def __call__(self, q, k, v, return_lse: bool = False, *, seq_len: int | None = None, alibi_slopes=None,
+                 sinks=None, rel_bias=None):
         check_tensors(q, k, v)
         B, H, n_local, D = q.shape
         n = self.seq_len(n_local, q.device) if seq_len is None else self._checked_seq_len(seq_len, n_local)
         ir.check_heads(self.mask_pattern, H)
+        terms = check_terms(ScoreTerms(self.softcap, alibi_slopes, sinks, rel_bias), H, q.device)
+        if terms.alibi_slopes is None and self.pattern_terms.alibi:  # float32 values, as every backend takes them
+            terms = ScoreTerms(terms.softcap, torch.tensor(standard_alibi_slopes(H), dtype=torch.float32, device=q.device),
+                               terms.sinks, terms.rel_bias)
         exchange = self._exchange(n, H, q.device)
         kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
         qpos = self.positions(n)
         scale = 1.0 / math.sqrt(D) if self.scale is None else float(self.scale)
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
-        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, heads, n, scale)
+        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, heads, n, scale, terms)
         return (o, lse) if return_lse else o
 
     def seq_len(self, n_local: int, device=None) -> int:
@@ -165,15 +178,19 @@ def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list
     return list(distinct), index
 
 
-def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, heads, n: int, scale: float):
+def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, heads, n: int, scale: float,
+                    terms: ScoreTerms = ScoreTerms()):
     """``q [B, H, nq, D]`` at positions ``qpos`` against the gathered ``kg``,
     ``vg [B, Hkv, M, D]`` at ``kpos``: ``(o [B, H, nq, D] in q's dtype,
-    lse [B, H, nq])``, differentiable."""
+    lse [B, H, nq])``, differentiable (in the terms' tensors too)."""
     B, H, nq, D = q.shape
     Hkv, M = kg.shape[1], kg.shape[2]
     G = H // Hkv  # query heads per kv head: head h reads kv head h // G
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kc, vc = kg.to(compute), vg.to(compute)
+    per_head = lambda t: None if t is None else t.to(compute).view(1, H, 1, 1)  # noqa: E731
+    slopes, sinks = per_head(terms.alibi_slopes), per_head(terms.sinks)
+    bias = None if terms.rel_bias is None else terms.rel_bias.to(compute)  # (H, 2M + 1)
     patterns, index = heads
     rows = max(1, CHUNK_ELEMENTS // max(1, B * H * M))
     outs, lses = [], []
@@ -183,14 +200,35 @@ def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, heads, n: int
         mask = torch.as_tensor(np.stack([masks[i] for i in index]), device=q.device)  # (H, rows, M)
         qc = q[:, :, r0:r1].to(compute).view(B, Hkv, G, r1 - r0, D)
         s = torch.einsum("bkgqd,bkmd->bkgqm", qc, kc).reshape(B, H, r1 - r0, M) * scale
+        diff = torch.as_tensor(qpos[r0:r1, None] - kpos[None, :], device=q.device)  # (rows, M): q - k
+        s = score_terms(s, diff, terms.softcap, slopes, bias)
         s = torch.where(mask, s, -math.inf)
-        m = s.amax(-1, keepdim=True).detach() if M else s.new_full((B, H, r1 - r0, 1), -math.inf)
+        m = s.amax(-1, keepdim=True) if M else s.new_full((B, H, r1 - r0, 1), -math.inf)
+        if sinks is not None:
+            m = torch.maximum(m, sinks)
+        m = m.detach()
         m = torch.where(torch.isfinite(m), m, 0.0)  # rows with no allowed key: exp(-inf) stays 0
         p = torch.exp(s - m)
         l = p.sum(-1, keepdim=True)
+        if sinks is not None:  # the sink joins the denominator and adds no value
+            l = l + torch.exp(sinks - m)
         allowed = l > 0
         l_safe = torch.where(allowed, l, 1.0)
         o = torch.einsum("bkgqm,bkmd->bkgqd", p.view(B, Hkv, G, r1 - r0, M), vc).reshape(B, H, r1 - r0, D)
         outs.append(o / l_safe)
         lses.append(torch.where(allowed, m + torch.log(l_safe), -math.inf).squeeze(-1))
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def score_terms(s, diff, softcap, slopes, bias):
+    """The scores the softmax sees, from ``s = scale * q.k`` ``(B, H, rows,
+    M)`` and ``diff = q - k`` at absolute positions: softcap, then alibi,
+    then the relative bias (the reference's order)."""
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if slopes is not None:
+        s = s - slopes * diff.abs()
+    if bias is not None:
+        reach = (bias.shape[1] - 1) // 2
+        s = s + bias[:, diff.clamp(-reach, reach) + reach]  # (H, rows, M)
+    return s
