@@ -10,6 +10,7 @@ key sets and the shardings are checked in this process, without ranks.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import traceback
@@ -144,7 +145,7 @@ def _run_model(sharding_name: str, recompute: bool) -> dict:
 
 def _rank(rank, world_size, init_file, out_dir, cases, drawn):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=180))
     torch.set_num_threads(1)
     results = {}
     runs = [(f"{p}|{n}|{s}|{H}|{Hkv}|{dt}", p, n, s, H, Hkv, dt) for p, n, s, H, Hkv, dt in cases]
@@ -174,8 +175,19 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
 
 
 def _spawn(tmp_path_factory, world_size: int, cases, drawn) -> list[dict]:
-    tmp = tmp_path_factory.mktemp(f"cp{world_size}")
-    mp.spawn(_rank, args=(world_size, str(tmp / "init"), str(tmp), cases, drawn), nprocs=world_size)
+    """Every rank's results, from one spawn per test session: pytest-xdist
+    workers share the directory above their own (its documented recipe), and
+    the first to take the lock spawns the ranks for all of them."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    tmp = root / f"context_parallel_{world_size}"
+    with open(root / f"context_parallel_{world_size}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (tmp / "done").exists():
+            tmp.mkdir(exist_ok=True)
+            mp.spawn(_rank, args=(world_size, str(tmp / "init"), str(tmp), cases, drawn), nprocs=world_size)
+            (tmp / "done").touch()
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
