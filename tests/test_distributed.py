@@ -143,6 +143,26 @@ def _run_model(sharding_name: str, recompute: bool) -> dict:
     return {"errors": errors, "nonfinite_grads": False}
 
 
+def _run_mistakes(rank: int) -> dict:
+    """What each rank raises when one or all ranks pass wrong inputs; the
+    group stays usable after each (the cases after them run)."""
+    found = {}
+    cp = ContextParallelAttention(HEADS_PAT)
+    x = torch.randn(1, 2, 20, 4)
+    mistakes = {
+        "length": lambda: cp(*[x[:, :, : 10 + rank]] * 3),  # rank 1 holds 11 of 21: rank 0 should hold 11
+        "dims": lambda: cp(x[0] if rank == 1 else cp.shard(x), cp.shard(x), cp.shard(x)),
+        "heads": lambda: cp(*[cp.shard(torch.randn(1, 3, 20, 4))] * 3),
+    }
+    for name, call in mistakes.items():
+        try:
+            call()
+            found[name] = "nothing raised"
+        except Exception as err:
+            found[name] = f"{type(err).__name__}: {err}"
+    return {"mistakes": found}
+
+
 def _rank(rank, world_size, init_file, out_dir, cases, drawn):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=180))
@@ -157,6 +177,8 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
             results[key] = _run_case(None, *case)
         except Exception:  # every rank fails alike before its exchange (a bad pattern), or the group times out
             results[key] = {"raised": traceback.format_exc()}
+    if world_size == 2:
+        results["mistakes"] = _run_mistakes(rank)
     for sharding_name, recompute in (("contiguous", False), ("zigzag", True)):
         try:
             results[f"model|{sharding_name}"] = _run_model(sharding_name, recompute)
@@ -248,6 +270,15 @@ def test_a_sliding_window_sends_the_same_bytes_at_any_length(ranks4):
         if rank < 3:  # every rank but the last sends its halo to the next
             assert short["bytes"] > 0
             assert short["bytes"] < short["all_gather"]
+
+
+def test_wrong_inputs_on_any_rank_stop_every_rank(ranks2):
+    first, second = (res["mistakes"]["mistakes"] for res in ranks2)
+    for found in (first, second):
+        assert found["length"].startswith("ValueError: rank 0 holds 10 tokens, but contiguous sharding of n=21")
+        assert found["heads"].startswith("HeadsError") and "heads=3" in found["heads"]
+    assert first["dims"] == "ValueError: the inputs of rank 1 are wrong (that rank's own error says how), so every rank stops"
+    assert second["dims"].startswith("ValueError: q_local must be [B, H, n_local, D] (4 dims), got shape (2, 20, 4)")
 
 
 def test_the_exchange_moves_gradients_back(ranks2):

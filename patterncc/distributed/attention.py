@@ -4,7 +4,8 @@
 ``o_local = cp(q_local, k_local, v_local)`` with that rank's shard of
 ``[B, H, n, D]`` tensors (``cp.shard(x)`` cuts it). Each call
 
-1. learns ``n`` from every rank's local length (or takes ``seq_len=``);
+1. learns ``n`` from every rank's local length (a small all_gather, which
+   also makes every rank raise when any rank's inputs are wrong);
 2. gathers the keys and values its queries need from their owners
    (``exchange``: only what the pattern reads, in one message per peer);
 3. computes its queries against them with the pattern's exact element mask
@@ -44,8 +45,7 @@ _PLANS_KEPT = 8
 class ContextParallelAttention:
     """``ContextParallelAttention(pattern, group=None, sharding="contiguous", *,
     block=64, scale=None, softcap=None)``; call as ``cp(q_local, k_local,
-    v_local, return_lse=False, *, seq_len=None, alibi_slopes=None, sinks=None,
-    rel_bias=None)``.
+    v_local, return_lse=False, *, alibi_slopes=None, sinks=None, rel_bias=None)``.
 
     ``q_local`` ``[B, H, n_local, D]``, ``k_local``, ``v_local`` ``[B, Hkv,
     n_local, D]`` (``Hkv`` divides ``H``): this rank's shard (``shard``).
@@ -104,16 +104,16 @@ class ContextParallelAttention:
         """The whole tensor from every rank's shard (a collective: every rank calls it)."""
         return sh.unshard(x_local, self.group, self.sharding)
 
-    def __call__(self, q, k, v, return_lse: bool = False, *, seq_len: int | None = None, alibi_slopes=None,
-                 sinks=None, rel_bias=None):
-        check_tensors(q, k, v)
+    def __call__(self, q, k, v, return_lse: bool = False, *, alibi_slopes=None, sinks=None, rel_bias=None):
+        try:  # before the first collective, so that every rank hears of a problem on any
+            check_tensors(q, k, v)
+            ir.check_heads(self.mask_pattern, q.shape[1])
+            terms = self._terms(q.shape[1], q.device, alibi_slopes, sinks, rel_bias)
+        except (TypeError, ValueError):
+            self._agree(None, getattr(q, "device", None))
+            raise
         B, H, n_local, D = q.shape
-        n = self.seq_len(n_local, q.device) if seq_len is None else self._checked_seq_len(seq_len, n_local)
-        ir.check_heads(self.mask_pattern, H)
-        terms = check_terms(ScoreTerms(self.softcap, alibi_slopes, sinks, rel_bias), H, q.device)
-        if terms.alibi_slopes is None and self.pattern_terms.alibi:  # float32 values, as every backend takes them
-            terms = ScoreTerms(terms.softcap, torch.tensor(standard_alibi_slopes(H), dtype=torch.float32, device=q.device),
-                               terms.sinks, terms.rel_bias)
+        n = self._agree(n_local, q.device)
         exchange = self._exchange(n, H, q.device)
         kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
         qpos = self.positions(n)
@@ -125,16 +125,27 @@ class ContextParallelAttention:
     def seq_len(self, n_local: int, device=None) -> int:
         """The whole sequence's length, from every rank's ``n_local`` (a
         collective: every rank calls it), checked against the sharding."""
-        return sh.seq_len_from(sh.gather_lengths(n_local, self.group, device), self.world_size, self.sharding)
+        return self._agree(n_local, device)
 
-    def _checked_seq_len(self, seq_len, n_local: int) -> int:
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-            raise ValueError(f"seq_len must be a non-negative integer, got {seq_len=}")
-        want = sh.local_length(seq_len, self.world_size, self.rank, self.sharding)
-        if n_local != want:
-            raise ValueError(f"rank {self.rank} was given {n_local} tokens, but {self.sharding} sharding of "
-                             f"{seq_len=} over {self.world_size} ranks gives it {want}")
-        return seq_len
+    def _agree(self, n_local: int | None, device) -> int | None:
+        """Every rank's local length (``None``: this rank's inputs are wrong),
+        so that all ranks raise together: the whole length, or a ValueError
+        naming the ranks with wrong inputs or a length the sharding cannot give."""
+        lengths = sh.gather_lengths(-1 if n_local is None else n_local, self.group, device)
+        if n_local is None:
+            return None
+        wrong = [r for r, length in enumerate(lengths) if length < 0]
+        if wrong:
+            raise ValueError(f"the inputs of rank{'s' * (len(wrong) > 1)} {', '.join(map(str, wrong))} are wrong "
+                             f"(that rank's own error says how), so every rank stops")
+        return sh.seq_len_from(lengths, self.world_size, self.sharding)
+
+    def _terms(self, H: int, device, alibi_slopes, sinks, rel_bias) -> ScoreTerms:
+        terms = check_terms(ScoreTerms(self.softcap, alibi_slopes, sinks, rel_bias), H, device)
+        if terms.alibi_slopes is None and self.pattern_terms.alibi:  # float32 values, as every backend takes them
+            slopes = torch.tensor(standard_alibi_slopes(H), dtype=torch.float32, device=device)
+            terms = ScoreTerms(terms.softcap, slopes, terms.sinks, terms.rel_bias)
+        return terms
 
     def _exchange(self, n: int, heads: int, device: torch.device) -> Exchange:
         key = (n, heads, device)

@@ -124,4 +124,8 @@ def unshard(x_local: torch.Tensor, group=None, sharding: str = "contiguous") -> 
 
 def comm_device(group, device) -> torch.device:
     """Where a collective's tensors live: the data's device under NCCL, the CPU otherwise (gloo)."""
-    return torch.device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device())
