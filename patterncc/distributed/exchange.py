@@ -38,6 +38,7 @@ import torch.distributed as dist
 from .. import ir
 from ..blocklayout import build as build_layout
 from ..errors import LimitError
+from ..pipeline import as_pattern
 from ..planner import build_plan
 from ..planning.columns import _has_causal_factor
 from . import sharding as sh
@@ -65,14 +66,15 @@ class ExchangePlan:
     order: np.ndarray
 
 
-def needed_keys(pattern: ir.Pattern, n: int, heads: int, query_positions: np.ndarray, block: int = 64) -> np.ndarray:
+def needed_keys(pattern, n: int, heads: int, query_positions: np.ndarray, block: int = 64) -> np.ndarray:
     """int64, ascending: a superset of the keys that ``query_positions``
-    attend to under ``pattern`` (mask part only, unbound) at length ``n``."""
+    attend to under ``pattern`` (text or IR, unbound) at length ``n``."""
     return needed_keys_all(pattern, n, heads, [query_positions], block)[0]
 
 
-def needed_keys_all(pattern: ir.Pattern, n: int, heads: int, query_sets, block: int = 64) -> list[np.ndarray]:
+def needed_keys_all(pattern, n: int, heads: int, query_sets, block: int = 64) -> list[np.ndarray]:
     """``needed_keys`` for several sets of queries, building the layouts once."""
+    pattern = ir.split_terms(as_pattern(pattern))[0]  # score terms never change which pairs attend
     ir.check_heads(pattern, heads)
     bound = ir.bind(pattern, n)
     try:
