@@ -47,6 +47,7 @@ CASES_4 = [(pat, n, s, 2, 1, "float64")
            for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", HEADS_PAT, WHERE_PAT)
            for n, s in ((3, "contiguous"), (7, "zigzag"), (61, "contiguous"), (100, "zigzag"))]
 CASES_4 += [("local_global(6, 3)", 96, "zigzag", 4, 2, "float32")]
+SUBGROUP_CASES = [("sliding_window(7)", 61, "zigzag", 2, 1, "float64"), ("fixed(16, 3)", 50, "contiguous", 2, 2, "float64")]
 BYTES_LENGTHS = (256, 1024)  # sliding_window(16) over 4 ranks at both: the same bytes per rank
 DRAWN = 5  # hypothesis-drawn patterns run by the 2-rank spawn
 TOLERANCE = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 2e-2, "float16": 3e-3}
@@ -184,7 +185,13 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
             results[f"model|{sharding_name}"] = _run_model(sharding_name, recompute)
         except Exception:
             results[f"model|{sharding_name}"] = {"raised": traceback.format_exc()}
-    if world_size == 4:
+    if world_size == 4:  # two context-parallel groups of two, ranks {0, 2} and {1, 3}, as beside data parallelism
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        for case in SUBGROUP_CASES:
+            try:
+                results[f"subgroup|{_key(case)}"] = _run_case(groups[rank % 2], *case)
+            except Exception:
+                results[f"subgroup|{_key(case)}"] = {"raised": traceback.format_exc()}
         for n in BYTES_LENGTHS:
             cp = ContextParallelAttention("sliding_window(16)")
             x = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(n))
@@ -260,6 +267,11 @@ def test_a_transformer_trains_across_ranks(ranks2, ranks4, sharding_name):
 @pytest.mark.parametrize("case", CASES_4, ids=_key)
 def test_four_ranks_match_the_reference(ranks4, case):
     _check(ranks4, _key(case), case[-1])
+
+
+@pytest.mark.parametrize("case", SUBGROUP_CASES, ids=_key)
+def test_subgroups_of_ranks_match_the_reference(ranks4, case):
+    _check(ranks4, f"subgroup|{_key(case)}", case[-1])
 
 
 def test_a_sliding_window_sends_the_same_bytes_at_any_length(ranks4):
