@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ir
+from ..backends.reference.checks import check_scale
 from ..masks import evaluate
 from ..pipeline import as_pattern
 from ..scores import ScoreTerms, check_terms
@@ -75,6 +76,8 @@ class ContextParallelAttention:
         self.rank = dist.get_rank(group)
         if self.rank < 0:
             raise ValueError("this process is not a member of the group given to ContextParallelAttention")
+        if scale is not None:
+            check_scale(scale, 1)
         self.block = block
         self.scale = scale
         self._plans: dict[tuple, Exchange] = {}
@@ -117,7 +120,7 @@ class ContextParallelAttention:
         exchange = self._exchange(n, H, q.device)
         kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
         qpos = self.positions(n)
-        scale = 1.0 / math.sqrt(D) if self.scale is None else float(self.scale)
+        scale = check_scale(self.scale, D)
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
         o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, heads, n, scale, terms)
         return (o, lse) if return_lse else o
