@@ -35,7 +35,8 @@ CASES_2 = [(pat, n, s, 2, 1, "float64")
            for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", "local_global(6, 3)",
                        HEADS_PAT, WHERE_PAT, "longformer(4, 2)", "bigbird(4, 2, 1, 16, 5)")
            for n, s in ((61, "contiguous"), (64, "zigzag"), (100, "zigzag"))]
-CASES_2 += [("causal", 1, "contiguous", 2, 2, "float64"), ("none | (causal & global(3))", 40, "zigzag", 2, 2, "float64"),
+CASES_2 += [("causal", 1, "contiguous", 2, 2, "float64"),
+            ("none | (causal & global(3))", 40, "zigzag", 2, 2, "float64"),
             ("sliding_window(9)", 77, "contiguous", 4, 2, "float32"), ("fixed(16, 3)", 70, "zigzag", 2, 1, "bfloat16"),
             ("strided(8)", 50, "contiguous", 2, 2, "float16")]
 # Score terms: the pattern's (softcap, alibi) and the call's (sinks, rel_bias, alibi_slopes), 2 ranks.
@@ -47,7 +48,8 @@ CASES_4 = [(pat, n, s, 2, 1, "float64")
            for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", HEADS_PAT, WHERE_PAT)
            for n, s in ((3, "contiguous"), (7, "zigzag"), (61, "contiguous"), (100, "zigzag"))]
 CASES_4 += [("local_global(6, 3)", 96, "zigzag", 4, 2, "float32")]
-SUBGROUP_CASES = [("sliding_window(7)", 61, "zigzag", 2, 1, "float64"), ("fixed(16, 3)", 50, "contiguous", 2, 2, "float64")]
+SUBGROUP_CASES = [("sliding_window(7)", 61, "zigzag", 2, 1, "float64"),
+                  ("fixed(16, 3)", 50, "contiguous", 2, 2, "float64")]
 BYTES_LENGTHS = (256, 1024)  # sliding_window(16) over 4 ranks at both: the same bytes per rank
 DRAWN = 5  # hypothesis-drawn patterns run by the 2-rank spawn
 TOLERANCE = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 2e-2, "float16": 3e-3}
@@ -79,6 +81,13 @@ def _loss(o, lse, do, dlse):
     return (o.double() * do).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * dlse).sum()
 
 
+def _relative(got, want) -> float:
+    """The largest difference, relative to the reference's largest magnitude (or 1)."""
+    if got.numel() == 0:
+        return 0.0
+    return float((got.double() - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
 def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=()) -> dict:
     """This rank's largest errors against the reference (scaled by the
     reference's largest magnitude), and the bytes it sent."""
@@ -99,10 +108,10 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=())
     errors = {}
     for name, t in local_terms.items():  # each rank holds its queries' share of a term's gradient
         dist.all_reduce(t.grad, group=cp_group)
-        errors[f"d{name}"] = float((t.grad - term_grads[name]).abs().max()) / max(1.0, float(term_grads[name].abs().max()))
+        errors[f"d{name}"] = _relative(t.grad, term_grads[name])
     for name, got, want in (("o", o, o_ref), ("dq", ql.grad, dq), ("dk", kl.grad, dk), ("dv", vl.grad, dv)):
         want = cp.shard(want)
-        errors[name] = float((got.double() - want).abs().max()) / max(1.0, float(want.abs().max())) if got.numel() else 0.0
+        errors[name] = _relative(got, want)
     want_lse = cp.shard(lse_ref[..., None])[..., 0]
     same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(want_lse)))
     finite = torch.isfinite(want_lse)
@@ -110,7 +119,7 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=())
     if not same_inf:
         errors["lse"] = float("inf")
     full = cp.unshard(o.detach())  # unshard puts every shard back where it came from
-    errors["unshard"] = float((full.double() - o_ref).abs().max()) / max(1.0, float(o_ref.abs().max()))
+    errors["unshard"] = _relative(full, o_ref)
     return {"errors": errors, "bytes": cp.last_bytes_sent, "bytes_backward": cp.last_bytes_sent_backward,
             "nonfinite_grads": not all(bool(torch.isfinite(t.grad).all()) for t in (ql, kl, vl))}
 
@@ -140,7 +149,7 @@ def _run_model(sharding_name: str, recompute: bool) -> dict:
     errors = {"logits": float((local - logits[:, pos]).abs().max())}
     for (name, p), q in zip(whole.named_parameters(), sharded.parameters()):
         dist.all_reduce(q.grad)  # each rank's share of the gradient, summed
-        errors[name] = float((q.grad - p.grad).abs().max()) / max(1.0, float(p.grad.abs().max()))
+        errors[name] = _relative(q.grad, p.grad)
     return {"errors": errors, "nonfinite_grads": False}
 
 
@@ -172,7 +181,8 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
     runs = [(f"{p}|{n}|{s}|{H}|{Hkv}|{dt}", p, n, s, H, Hkv, dt) for p, n, s, H, Hkv, dt in cases]
     if world_size == 2:
         runs += [(_key(case), *case) for case in TERM_CASES]
-    runs += [(f"drawn{i}", p, 48 + 5 * i, ("contiguous", "zigzag")[i % 2], 2, 1, "float64") for i, p in enumerate(drawn)]
+    runs += [(f"drawn{i}", p, 48 + 5 * i, ("contiguous", "zigzag")[i % 2], 2, 1, "float64")
+             for i, p in enumerate(drawn)]
     for key, *case in runs:
         try:
             results[key] = _run_case(None, *case)
@@ -289,7 +299,8 @@ def test_wrong_inputs_on_any_rank_stop_every_rank(ranks2):
     for found in (first, second):
         assert found["length"].startswith("ValueError: rank 0 holds 10 tokens, but contiguous sharding of n=21")
         assert found["heads"].startswith("HeadsError") and "heads=3" in found["heads"]
-    assert first["dims"] == "ValueError: the inputs of rank 1 are wrong (that rank's own error says how), so every rank stops"
+    assert first["dims"] == ("ValueError: the inputs of rank 1 are wrong (that rank's own error says how), "
+                             "so every rank stops")
     assert second["dims"].startswith("ValueError: q_local must be [B, H, n_local, D] (4 dims), got shape (2, 20, 4)")
 
 
