@@ -88,7 +88,7 @@ def _relative(got, want) -> float:
     return float((got.double() - want).abs().max()) / max(1.0, float(want.abs().max()))
 
 
-def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=()) -> dict:
+def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=(), *, block=64) -> dict:
     """This rank's largest errors against the reference (scaled by the
     reference's largest magnitude), and the bytes it sent."""
     g = torch.Generator().manual_seed(n * 1000 + H)
@@ -100,7 +100,7 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=())
     low = getattr(torch, dtype)
     q, k, v = (x.to(low).double() for x in (q, k, v))  # the reference sees the inputs the ranks see
     o_ref, lse_ref, dq, dk, dv, term_grads = _reference(pattern, q, k, v, do, dlse, terms)
-    cp = ContextParallelAttention(pattern, cp_group, sharding_name)
+    cp = ContextParallelAttention(pattern, cp_group, sharding_name, block=block)
     ql, kl, vl = (cp.shard(x).to(low).requires_grad_() for x in (q, k, v))
     local_terms = {name: t.clone().requires_grad_() for name, t in terms.items()}
     o, lse = cp(ql, kl, vl, return_lse=True, **local_terms)
@@ -183,9 +183,11 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
         runs += [(_key(case), *case) for case in TERM_CASES]
     runs += [(f"drawn{i}", p, 48 + 5 * i, ("contiguous", "zigzag")[i % 2], 2, 1, "float64")
              for i, p in enumerate(drawn)]
+    if world_size == 2:  # small blocks in small chunks: each chunk of rows reads only the keys its blocks reach
+        exchange.CHUNK_PAIRS = 256
     for key, *case in runs:
         try:
-            results[key] = _run_case(None, *case)
+            results[key] = _run_case(None, *case, block=16 if world_size == 2 else 64)
         except Exception:  # every rank fails alike before its exchange (a bad pattern), or the group times out
             results[key] = {"raised": traceback.format_exc()}
     if world_size == 2:
@@ -346,14 +348,25 @@ def test_a_wrong_local_length_is_named():
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(strategies.patterns(max_depth=2, max_leaves=4, heads=2))
 def test_needed_keys_cover_every_allowed_pair(p):
+    """A rank gathers every key its queries may read, and each chunk of its
+    rows reads every key those rows may read (chunks forced small)."""
     n, P = 45, 3
     mask = pcc.mask(p, seq_len=n, heads=2).any(axis=0)  # (n, n): any head
     for name in sharding.SHARDINGS:
         for r in range(P):
             qpos = sharding.positions(n, P, r, name)
-            keys = needed_keys(ir.split_terms(p)[0], n, 2, qpos, block=8)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(exchange, "CHUNK_PAIRS", 40)
+                plan = exchange.exchange_plan(p, n, 2, P, r, name, block=8)
+            keys = plan.positions
             exact = np.flatnonzero(mask[qpos].any(axis=0))
             assert np.all(np.isin(exact, keys)), f"rank {r} misses keys {np.setdiff1d(exact, keys)}"
+            assert np.array_equal(keys, needed_keys(p, n, 2, qpos, block=8))
+            rows = plan.chunks[:, :2]
+            assert rows[0, 0] == 0 and rows[-1, 1] == len(qpos) and np.array_equal(rows[1:, 0], rows[:-1, 1])
+            for r0, r1, a, b in plan.chunks:
+                reads = np.flatnonzero(mask[qpos[r0:r1]].any(axis=0))
+                assert np.all(np.isin(reads, keys[a:b])), f"rows {r0}:{r1} miss {np.setdiff1d(reads, keys[a:b])}"
 
 
 @pytest.mark.parametrize("n", [512, 4096])

@@ -10,8 +10,10 @@
    (``exchange``: only what the pattern reads, in one message per peer);
 3. computes its queries against them with the pattern's exact element mask
    and score terms at absolute positions: a masked softmax in float32
-   (float64 for float64 inputs), in chunks of query rows so memory stays
-   bounded.
+   (float64 for float64 inputs), in chunks of query rows against the keys
+   their blocks reach in the layout (a window's chunk reads about ``w``
+   keys, not the whole shard), each recomputed in the backward pass so
+   memory stays bounded.
 
 Gradients flow through plain autograd in step 3 and through the exchange's
 backward, which returns dK/dV rows to the ranks that own them. The result
@@ -26,6 +28,7 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from .. import ir
 from ..backends.reference.checks import check_scale
@@ -36,9 +39,6 @@ from ..scores import alibi_slopes as standard_alibi_slopes
 from . import sharding as sh
 from .exchange import Exchange, exchange_plan, gather_kv
 
-# Score elements (batch x heads x rows x keys) computed at once by the local
-# attention; rows are chunked to stay under it.
-CHUNK_ELEMENTS = 2**22
 # Exchange plans kept per instance, one per (n, heads, device) seen most recently.
 _PLANS_KEPT = 8
 
@@ -122,7 +122,8 @@ class ContextParallelAttention:
         qpos = self.positions(n)
         scale = check_scale(self.scale, D)
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
-        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, heads, n, scale, terms)
+        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, exchange.plan.chunks, heads, n, scale,
+                                 terms)
         return (o, lse) if return_lse else o
 
     def seq_len(self, n_local: int, device=None) -> int:
@@ -192,46 +193,56 @@ def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list
     return list(distinct), index
 
 
-def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, heads, n: int, scale: float,
-                    terms: ScoreTerms = ScoreTerms()):
+def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.ndarray, heads, n: int,
+                    scale: float, terms: ScoreTerms = ScoreTerms()):
     """``q [B, H, nq, D]`` at positions ``qpos`` against the gathered ``kg``,
-    ``vg [B, Hkv, M, D]`` at ``kpos``: ``(o [B, H, nq, D] in q's dtype,
-    lse [B, H, nq])``, differentiable (in the terms' tensors too)."""
-    B, H, nq, D = q.shape
-    Hkv, M = kg.shape[1], kg.shape[2]
-    G = H // Hkv  # query heads per kv head: head h reads kv head h // G
+    ``vg [B, Hkv, M, D]`` at ``kpos``, chunk by chunk (``ExchangePlan.chunks``:
+    rows ``r0:r1`` against keys ``a:b``): ``(o [B, H, nq, D] in q's dtype,
+    lse [B, H, nq])``, differentiable (in the terms' tensors too). Under
+    autograd each chunk is recomputed in the backward pass rather than
+    stored, so memory stays one chunk's scores whatever the length."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kc, vc = kg.to(compute), vg.to(compute)
-    per_head = lambda t: None if t is None else t.to(compute).view(1, H, 1, 1)  # noqa: E731
-    slopes, sinks = per_head(terms.alibi_slopes), per_head(terms.sinks)
-    bias = None if terms.rel_bias is None else terms.rel_bias.to(compute)  # (H, 2M + 1)
     patterns, index = heads
-    rows = max(1, CHUNK_ELEMENTS // max(1, B * H * M))
+    tensors = (terms.alibi_slopes, terms.sinks, terms.rel_bias)
+    recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kg, vg, *tensors))
     outs, lses = [], []
-    for r0 in range(0, max(nq, 1), rows):  # one empty chunk when nq == 0 keeps the exchange in the graph
-        r1 = min(r0 + rows, nq)
-        masks = [evaluate(p, qpos[r0:r1, None], kpos[None, :], n) for p in patterns]
-        mask = torch.as_tensor(np.stack([masks[i] for i in index]), device=q.device)  # (H, rows, M)
-        qc = q[:, :, r0:r1].to(compute).view(B, Hkv, G, r1 - r0, D)
-        s = torch.einsum("bkgqd,bkmd->bkgqm", qc, kc).reshape(B, H, r1 - r0, M) * scale
-        diff = torch.as_tensor(qpos[r0:r1, None] - kpos[None, :], device=q.device)  # (rows, M): q - k
-        s = score_terms(s, diff, terms.softcap, slopes, bias)
-        s = torch.where(mask, s, -math.inf)
-        m = s.amax(-1, keepdim=True) if M else s.new_full((B, H, r1 - r0, 1), -math.inf)
-        if sinks is not None:
-            m = torch.maximum(m, sinks)
-        m = m.detach()
-        m = torch.where(torch.isfinite(m), m, 0.0)  # rows with no allowed key: exp(-inf) stays 0
-        p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
-        if sinks is not None:  # the sink joins the denominator and adds no value
-            l = l + torch.exp(sinks - m)
-        allowed = l > 0
-        l_safe = torch.where(allowed, l, 1.0)
-        o = torch.einsum("bkgqm,bkmd->bkgqd", p.view(B, Hkv, G, r1 - r0, M), vc).reshape(B, H, r1 - r0, D)
-        outs.append(o / l_safe)
-        lses.append(torch.where(allowed, m + torch.log(l_safe), -math.inf).squeeze(-1))
+    for r0, r1, a, b in chunks.tolist():  # a rank with no queries has one empty chunk: it joins the backward
+        masks = [evaluate(p, qpos[r0:r1, None], kpos[None, a:b], n) for p in patterns]
+        mask = torch.as_tensor(np.stack([masks[i] for i in index]), device=q.device)  # (H, rows, keys)
+        diff = torch.as_tensor(qpos[r0:r1, None] - kpos[None, a:b], device=q.device)  # (rows, keys): q - k
+        args = (q[:, :, r0:r1].to(compute), kc[:, :, a:b], vc[:, :, a:b], mask, diff, scale, terms.softcap, *tensors)
+        o, lse = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
+        outs.append(o)
+        lses.append(lse)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def _chunk(q, k, v, mask, diff, scale, softcap, slopes, sinks, bias):
+    """Masked softmax attention of ``q [B, H, rows, D]`` against ``k``, ``v``
+    ``[B, Hkv, keys, D]`` (one compute dtype): ``(o, lse)``; a row with no
+    allowed key (and no sink) gives ``o = 0``, ``lse = -inf``."""
+    B, H, rows, D = q.shape
+    Hkv, keys = k.shape[1], k.shape[2]
+    G = H // Hkv  # query heads per kv head: head h reads kv head h // G
+    per_head = lambda t: None if t is None else t.to(q.dtype).view(1, H, 1, 1)  # noqa: E731
+    slopes, sinks = per_head(slopes), per_head(sinks)
+    s = torch.einsum("bkgqd,bkmd->bkgqm", q.view(B, Hkv, G, rows, D), k).reshape(B, H, rows, keys) * scale
+    s = score_terms(s, diff, softcap, slopes, None if bias is None else bias.to(q.dtype))
+    s = torch.where(mask, s, -math.inf)
+    m = s.amax(-1, keepdim=True) if keys else s.new_full((B, H, rows, 1), -math.inf)
+    if sinks is not None:
+        m = torch.maximum(m, sinks)
+    m = m.detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)  # rows with no allowed key: exp(-inf) stays 0
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    if sinks is not None:  # the sink joins the denominator and adds no value
+        l = l + torch.exp(sinks - m)
+    allowed = l > 0
+    l_safe = torch.where(allowed, l, 1.0)
+    o = torch.einsum("bkgqm,bkmd->bkgqd", p.view(B, Hkv, G, rows, keys), v).reshape(B, H, rows, D)
+    return o / l_safe, torch.where(allowed, m + torch.log(l_safe), -math.inf).squeeze(-1)
 
 
 def score_terms(s, diff, softcap, slopes, bias):

@@ -55,7 +55,11 @@ class ExchangePlan:
     - ``recv[p]``: how many rows rank ``p`` sends to this rank
       (``recv[rank] == len(send[rank])``);
     - ``order`` int64 ``[M]``: the rows received, concatenated by source
-      rank, taken in this order are the keys in ascending position.
+      rank, taken in this order are the keys in ascending position;
+    - ``chunks`` int64 ``[C, 4]``: ``(r0, r1, a, b)``, the local query rows
+      ``r0:r1`` read only gathered keys ``a:b`` (from their blocks' reach in
+      the layout); consecutive, covering every row, each at most
+      ``CHUNK_PAIRS`` pairs unless one block row alone is more.
     """
 
     rank: int
@@ -64,6 +68,12 @@ class ExchangePlan:
     send: tuple[np.ndarray, ...]
     recv: tuple[int, ...]
     order: np.ndarray
+    chunks: np.ndarray
+
+
+# Query rows x keys that the local attention computes at once (times batch
+# and heads): its scores stay tens of MiB whatever the length.
+CHUNK_PAIRS = 2**18
 
 
 def needed_keys(pattern, n: int, heads: int, query_positions: np.ndarray, block: int = 64) -> np.ndarray:
@@ -74,32 +84,61 @@ def needed_keys(pattern, n: int, heads: int, query_positions: np.ndarray, block:
 
 def needed_keys_all(pattern, n: int, heads: int, query_sets, block: int = 64) -> list[np.ndarray]:
     """``needed_keys`` for several sets of queries, building the layouts once."""
-    pattern = ir.split_terms(as_pattern(pattern))[0]  # score terms never change which pairs attend
-    ir.check_heads(pattern, heads)
-    bound = ir.bind(pattern, n)
-    try:
-        natural = build_layout(bound, n, block, heads)
-    except LimitError:  # too many blocks to list: the planned components alone decide
-        natural = None
-    try:
-        plan = build_plan(pattern, n, block, heads, mode="planned")
-    except LimitError:  # neither can be listed (causal at a million tokens): every key the queries may reach
-        plan = None
-    out = []
-    for qpos in query_sets:
-        qpos = np.asarray(qpos, dtype=np.int64)
-        keys = _planned_keys(plan, qpos, n, block) if plan is not None else _reachable(bound, qpos, n)
-        if natural is not None:
-            keys = np.intersect1d(keys, _layout_keys(natural, np.unique(qpos // block), block, n), assume_unique=True)
-        out.append(keys)
-    return out
+    needs = _Needs(pattern, n, heads, block)
+    return [needs.keys(np.asarray(qpos, dtype=np.int64)) for qpos in query_sets]
 
 
-def _reachable(bound: ir.Pattern, qpos: np.ndarray, n: int) -> np.ndarray:
-    """Every key, or under a causal factor every key up to the last query:
-    the superset left when no layout of the pattern can be built."""
-    last = int(qpos.max()) + 1 if len(qpos) and _has_causal_factor(bound) else (0 if len(qpos) == 0 else n)
-    return np.arange(last, dtype=np.int64)
+class _Needs:
+    """A pattern's layouts at one length, built once: the natural layout and
+    the planner's components (either None when over the layout's limit)."""
+
+    def __init__(self, pattern, n: int, heads: int, block: int):
+        pattern = ir.split_terms(as_pattern(pattern))[0]  # score terms never change which pairs attend
+        ir.check_heads(pattern, heads)
+        self.n, self.block = n, block
+        self.bound = ir.bind(pattern, n)
+        try:
+            self.natural = build_layout(self.bound, n, block, heads)
+        except LimitError:  # too many blocks to list: the planned components alone decide
+            self.natural = None
+        try:
+            self.plan = build_plan(pattern, n, block, heads, mode="planned")
+        except LimitError:  # neither can be listed (causal at a million tokens): every key the queries may reach
+            self.plan = None
+
+    def keys(self, qpos: np.ndarray) -> np.ndarray:
+        """int64, ascending: a superset of the keys ``qpos`` attend to."""
+        n, block = self.n, self.block
+        if self.plan is not None:
+            keys = _planned_keys(self.plan, qpos, n, block)
+        else:
+            lo, hi = self.spans(qpos)
+            keys = np.arange(lo.min(), hi.max(), dtype=np.int64) if len(qpos) else np.zeros(0, dtype=np.int64)
+        if self.natural is not None:
+            keys = np.intersect1d(keys, _layout_keys(self.natural, np.unique(qpos // block), block, n),
+                                  assume_unique=True)
+        return keys
+
+    def spans(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ``(lo, hi)`` ``[len(qpos)]``: each query's keys lie in
+        ``lo:hi``, from its block's first and last non-EMPTY key block in any
+        head; without a layout ``0:n``, or ``0:q + 1`` under a causal factor."""
+        n, block = self.n, self.block
+        if self.natural is None:
+            hi = qpos + 1 if _has_causal_factor(self.bound) else np.full(len(qpos), n, dtype=np.int64)
+            return np.zeros(len(qpos), dtype=np.int64), hi
+        ptr, idx = self.natural.kv_ptr.astype(np.int64), self.natural.kv_idx.astype(np.int64)
+        if len(idx) == 0:  # the pattern allows no pair
+            return np.zeros(len(qpos), dtype=np.int64), np.zeros(len(qpos), dtype=np.int64)
+        rows = qpos // block
+        starts, stops = ptr[:, rows], ptr[:, rows + 1]  # (H, len(qpos))
+        some = stops > starts
+        first = np.where(some, idx[np.minimum(starts, len(idx) - 1)], np.iinfo(np.int64).max).min(axis=0)
+        last = np.where(some, idx[np.maximum(stops - 1, 0)], -1).max(axis=0)
+        empty = last < 0
+        lo = np.where(empty, 0, first * block)
+        hi = np.where(empty, 0, np.minimum((last + 1) * block, n))
+        return lo, hi
 
 
 def _planned_keys(plan, qpos: np.ndarray, n: int, block: int) -> np.ndarray:
@@ -139,7 +178,8 @@ def exchange_plan(pattern: ir.Pattern, n: int, heads: int, world_size: int, rank
     """Rank ``rank``'s ``ExchangePlan``. Every rank derives every rank's
     needs from the pattern itself, so no index lists travel."""
     held = [sh.positions(n, world_size, r, sharding) for r in range(world_size)]
-    needed = needed_keys_all(pattern, n, heads, held, block)
+    needs = _Needs(pattern, n, heads, block)
+    needed = [needs.keys(pos) for pos in held]
     owner = np.empty(n, dtype=np.int64)
     local = np.empty(n, dtype=np.int64)  # each position's row in its owner's shard
     for r, pos in enumerate(held):
@@ -148,7 +188,34 @@ def exchange_plan(pattern: ir.Pattern, n: int, heads: int, world_size: int, rank
     mine = needed[rank]
     by_source = [mine[owner[mine] == p] for p in range(world_size)]
     order = np.argsort(np.concatenate(by_source), kind="stable")
-    return ExchangePlan(rank, world_size, mine, send, tuple(len(x) for x in by_source), order)
+    chunks = _chunks(held[rank], mine, *needs.spans(held[rank]), block)
+    return ExchangePlan(rank, world_size, mine, send, tuple(len(x) for x in by_source), order, chunks)
+
+
+def _chunks(qpos: np.ndarray, keys: np.ndarray, lo: np.ndarray, hi: np.ndarray, block: int) -> np.ndarray:
+    """int64 ``[C, 4]`` ``(r0, r1, a, b)``: the rows of ``qpos`` in runs of
+    whole query blocks, each reading gathered ``keys[a:b]`` (its rows' spans
+    ``lo:hi``), merged while a run stays within ``CHUNK_PAIRS``."""
+    if len(qpos) == 0:
+        return np.zeros((1, 4), dtype=np.int64)  # one empty chunk: the rank still joins the exchange's backward
+    a, b = np.searchsorted(keys, lo), np.searchsorted(keys, hi)
+    none = b <= a  # rows with no key widen no span
+    a, b = np.where(none, np.iinfo(np.int64).max, a), np.where(none, -1, b)
+    cuts = np.flatnonzero(np.diff(qpos // block) != 0) + 1  # where a new query block (or a gap) starts
+    starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(qpos)]])
+    chunks = []
+    r0, ca, cb = 0, int(a[0]), int(b[0])
+    for s, e in zip(starts[1:], stops[1:]):
+        na, nb = min(ca, int(a[s:e].min())), max(cb, int(b[s:e].max()))
+        if (e - r0) * max(nb - na, 0) > CHUNK_PAIRS:
+            chunks.append((r0, s, ca, cb))
+            r0, na, nb = s, int(a[s:e].min()), int(b[s:e].max())
+        ca, cb = na, nb
+    chunks.append((r0, len(qpos), ca, cb))
+    out = np.asarray(chunks, dtype=np.int64)
+    empty = out[:, 3] < out[:, 2]
+    out[empty, 2:] = 0
+    return out
 
 
 class Exchange:
