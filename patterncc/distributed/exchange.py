@@ -20,6 +20,10 @@ ranks before it, whatever ``n``; ``fixed(l, c)`` needs its band's blocks and
 ``c`` keys of every earlier run of ``l``. ``strided(l)`` cannot do better
 than every earlier key: ``l`` consecutive queries meet every residue class.
 
+The same layouts give each block of a rank's queries the span of gathered
+keys it can reach (``ExchangePlan.chunks``), so the local attention reads
+about ``w`` keys per row for a window, not the whole shard.
+
 The exchange (``gather_kv``) is one message per peer that has something to
 send (k's and v's rows together), through ``torch.distributed``'s batched
 point-to-point operations, so a halo costs two messages whatever the world
