@@ -39,6 +39,9 @@ from ..scores import alibi_slopes as standard_alibi_slopes
 from . import sharding as sh
 from .exchange import Exchange, exchange_plan, gather_kv
 
+# Mask elements (bools) kept per exchange plan between calls: a training
+# loop at one length evaluates its masks once.
+MASK_CACHE_ELEMENTS = 2**26
 # Exchange plans kept per instance, one per (n, heads, device) seen most recently.
 _PLANS_KEPT = 8
 
@@ -123,7 +126,7 @@ class ContextParallelAttention:
         scale = check_scale(self.scale, D)
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
         o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, exchange.plan.chunks, heads, n, scale,
-                                 terms)
+                                 terms, exchange.masks)
         return (o, lse) if return_lse else o
 
     def seq_len(self, n_local: int, device=None) -> int:
@@ -194,28 +197,43 @@ def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list
 
 
 def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.ndarray, heads, n: int,
-                    scale: float, terms: ScoreTerms = ScoreTerms()):
+                    scale: float, terms: ScoreTerms = ScoreTerms(), cache: dict | None = None):
     """``q [B, H, nq, D]`` at positions ``qpos`` against the gathered ``kg``,
     ``vg [B, Hkv, M, D]`` at ``kpos``, chunk by chunk (``ExchangePlan.chunks``:
     rows ``r0:r1`` against keys ``a:b``): ``(o [B, H, nq, D] in q's dtype,
     lse [B, H, nq])``, differentiable (in the terms' tensors too). Under
     autograd each chunk is recomputed in the backward pass rather than
-    stored, so memory stays one chunk's scores whatever the length."""
+    stored, so memory stays one chunk's scores whatever the length.
+    ``cache``: a dict kept with the exchange plan, where chunks' masks are
+    kept between calls up to ``MASK_CACHE_ELEMENTS``."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kc, vc = kg.to(compute), vg.to(compute)
     patterns, index = heads
     tensors = (terms.alibi_slopes, terms.sinks, terms.rel_bias)
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kg, vg, *tensors))
     outs, lses = [], []
+    cache = {} if cache is None else cache
     for r0, r1, a, b in chunks.tolist():  # a rank with no queries has one empty chunk: it joins the backward
-        masks = [evaluate(p, qpos[r0:r1, None], kpos[None, a:b], n) for p in patterns]
-        mask = torch.as_tensor(np.stack([masks[i] for i in index]), device=q.device)  # (H, rows, keys)
-        diff = torch.as_tensor(qpos[r0:r1, None] - kpos[None, a:b], device=q.device)  # (rows, keys): q - k
+        mask = cache.get((r0, a))
+        if mask is None:
+            mask = chunk_mask(patterns, index, qpos[r0:r1], kpos[a:b], n, q.device)
+            if cache.get("elements", 0) + mask.numel() <= MASK_CACHE_ELEMENTS:
+                cache[(r0, a)], cache["elements"] = mask, cache.get("elements", 0) + mask.numel()
+        diff = None
+        if terms.alibi_slopes is not None or terms.rel_bias is not None:
+            diff = torch.as_tensor(qpos[r0:r1, None] - kpos[None, a:b], device=q.device)  # (rows, keys): q - k
         args = (q[:, :, r0:r1].to(compute), kc[:, :, a:b], vc[:, :, a:b], mask, diff, scale, terms.softcap, *tensors)
         o, lse = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def chunk_mask(patterns, index, qpos: np.ndarray, kpos: np.ndarray, n: int, device) -> torch.Tensor:
+    """bool ``(H, rows, keys)``, or ``(1, rows, keys)`` when every head
+    shares one pattern: which of these queries may attend to these keys."""
+    masks = [torch.as_tensor(evaluate(p, qpos[:, None], kpos[None, :], n), device=device) for p in patterns]
+    return masks[0][None] if len(masks) == 1 else torch.stack([masks[i] for i in index])
 
 
 def _chunk(q, k, v, mask, diff, scale, softcap, slopes, sinks, bias):

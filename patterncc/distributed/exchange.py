@@ -234,6 +234,7 @@ class Exchange:
         self.order = torch.as_tensor(plan.order, device=device)
         self.bytes_sent = 0
         self.bytes_sent_backward = 0
+        self.masks: dict = {}  # the local attention's chunk masks at this length (attention.local_attention)
 
     def swap(self, outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor]) -> int:
         """Send ``outgoing[p]`` to rank ``p`` and receive ``incoming[p]`` from it,
