@@ -55,6 +55,15 @@ Written-down choices:
   ``SparseTransformer`` counts each one's positions from its own start, so
   the result is each sequence's own forward, concatenated. ``pattern=None``
   runs SDPA per sequence. A cache cannot be combined with it.
+- **Context parallelism.** ``context_parallel_group=g`` (a process group,
+  e.g. ``torch.distributed.group.WORLD``) runs every attention as
+  ``patterncc.distributed.ContextParallelAttention`` over ``g`` with
+  ``context_parallel_sharding`` (``"contiguous"`` or ``"zigzag"``): each rank
+  passes its shard of the tokens (``cp.shard``) and ``SparseTransformer``
+  gives them their global positions. Every layer needs a pattern (score
+  terms apply at global positions); no cache, no packed batch. The
+  parameters' gradients are each rank's share: sum them over ``g``
+  (``all_reduce``) before the optimizer steps.
 - **Recomputation** (``recompute=True``) wraps each whole residual branch
   ``a + b`` in ``torch.utils.checkpoint`` (``use_reentrant=False``, RNG state
   preserved, so dropout masks are replayed exactly): a block keeps only its
@@ -180,7 +189,8 @@ class SparseSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, pattern, *, kv_heads: int | None = None,
                  dropout: float = 0.0, backend: str = "auto", bias: bool = True,
                  head_dim: int | None = None, softcap: float | None = None, sinks: bool = False,
-                 rel_bias_distance: int | None = None):
+                 rel_bias_distance: int | None = None, context_parallel_group=None,
+                 context_parallel_sharding: str = "contiguous"):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
         for name, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
@@ -215,6 +225,10 @@ class SparseSelfAttention(nn.Module):
         # Compiled here, not in forward: torch.compile then traces no compiling
         # and finds one attention op per call.
         self._attentions = {} if self.pattern is None else {b: _compiled(self.pattern, b, self.softcap) for b in BACKENDS[1:]}
+        self.context_parallel = None
+        if context_parallel_group is not None:
+            self.context_parallel = _context_parallel(self.pattern, self.softcap, context_parallel_group,
+                                                      context_parallel_sharding)
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -235,9 +249,12 @@ class SparseSelfAttention(nn.Module):
         they attend to every cached token the pattern allows. With
         ``cu_seqlens`` (int32 ``[S + 1]``) x ``(1, total, dim)`` packs
         sequences that each attend only within themselves (``Attention``'s
-        packed call)."""
+        packed call). With a context-parallel group, x is this rank's shard
+        of the sequence (``ContextParallelAttention.shard``)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (batch, seq_len, dim={self.dim}), got shape {tuple(x.shape)}")
+        if self.context_parallel is not None:
+            check_unsharded_only(cache, cu_seqlens)
         B, n, _ = x.shape
         if cu_seqlens is not None:
             cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache, traced=_traced(x))
@@ -278,8 +295,10 @@ class SparseSelfAttention(nn.Module):
             # bottom-right causal: SDPA's is_causal aligns a short query block top-left
             keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
             return F.scaled_dot_product_attention(q, k[:, :, :n_k], v[:, :, :n_k], attn_mask=keep)
-        attn = self.compiled(self.backend_for(q))
         kwargs = {name: t for name, t in (("sinks", self.sinks), ("rel_bias", self.rel_bias)) if t is not None}
+        if self.context_parallel is not None:
+            return self.context_parallel(q, k, v, **kwargs).to(q.dtype)
+        attn = self.compiled(self.backend_for(q))
         if cache_seqlens is not None:
             kwargs["cache_seqlens"] = cache_seqlens
         if cu_seqlens is not None:
@@ -292,6 +311,24 @@ class SparseSelfAttention(nn.Module):
     def compiled(self, backend: str):
         """The pattern compiled for one backend (shared by every layer with this pattern)."""
         return self._attentions[backend]
+
+
+def _context_parallel(pattern, softcap, group, sharding: str):
+    """The ``ContextParallelAttention`` of a layer, or a ValueError if it has
+    no pattern (dense SDPA)."""
+    if pattern is None:
+        raise ValueError("context parallelism needs a pattern: pattern=None is SDPA's dense causal attention; "
+                         "write pattern='causal'")
+    from .distributed import ContextParallelAttention  # torch.distributed only for models that use it
+
+    return ContextParallelAttention(pattern, group, sharding, softcap=softcap)
+
+
+def check_unsharded_only(cache, cu_seqlens) -> None:
+    """A context-parallel model runs whole sequences sharded across ranks: no cache, no packed batch."""
+    if cache is not None or cu_seqlens is not None:
+        raise ValueError("a context-parallel model takes neither a cache nor cu_seqlens: each rank passes "
+                         "its shard of the sequences; decode and pack without context_parallel_group")
 
 
 def check_packed_batch(batch: int, total: int, cu_seqlens, cache=None, traced: bool = False):
@@ -345,7 +382,8 @@ class SparseTransformerBlock(nn.Module):
                  depth_for_init: int = 1, recompute: bool = False, kv_heads: int | None = None,
                  backend: str = "auto", bias: bool = True, head_dim: int | None = None,
                  init_std: float = 0.02, softcap: float | None = None, sinks: bool = False,
-                 rel_bias_distance: int | None = None):
+                 rel_bias_distance: int | None = None, context_parallel_group=None,
+                 context_parallel_sharding: str = "contiguous"):
         super().__init__()
         if isinstance(depth_for_init, bool) or not isinstance(depth_for_init, int) or depth_for_init < 1:
             raise ValueError(f"depth_for_init must be a positive integer, got {depth_for_init!r}")
@@ -353,7 +391,9 @@ class SparseTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SparseSelfAttention(dim, heads, pattern, kv_heads=kv_heads, dropout=dropout,
                                         backend=backend, bias=bias, head_dim=head_dim, softcap=softcap,
-                                        sinks=sinks, rel_bias_distance=rel_bias_distance)
+                                        sinks=sinks, rel_bias_distance=rel_bias_distance,
+                                        context_parallel_group=context_parallel_group,
+                                        context_parallel_sharding=context_parallel_sharding)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, int(mlp_ratio * dim), bias=bias)
         self.ff_dropout = nn.Dropout(dropout)
@@ -409,7 +449,8 @@ class SparseTransformer(nn.Module):
                  dropout: float = 0.0, *, kv_heads: int | None = None, mlp_ratio: float = 4,
                  backend: str = "auto", bias: bool = True, head_dim: int | None = None,
                  tie_weights: bool = True, init_std: float = 0.02, softcap: float | None = None,
-                 sinks: bool = False, rel_bias_distance: int | None = None):
+                 sinks: bool = False, rel_bias_distance: int | None = None, context_parallel_group=None,
+                 context_parallel_sharding: str = "contiguous"):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("depth", depth), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -426,7 +467,9 @@ class SparseTransformer(nn.Module):
             SparseTransformerBlock(dim, heads, p, mlp_ratio=mlp_ratio, dropout=dropout,
                                    depth_for_init=depth, recompute=recompute, kv_heads=kv_heads,
                                    backend=backend, bias=bias, head_dim=head_dim, init_std=init_std,
-                                   softcap=softcap, sinks=sinks, rel_bias_distance=rel_bias_distance)
+                                   softcap=softcap, sinks=sinks, rel_bias_distance=rel_bias_distance,
+                                   context_parallel_group=context_parallel_group,
+                                   context_parallel_sharding=context_parallel_sharding)
             for p in per_layer
         )
         self.norm = nn.LayerNorm(dim)
@@ -460,7 +503,14 @@ class SparseTransformer(nn.Module):
         itself and its positions count from its own start, so the logits are
         each sequence's own, concatenated."""
         B, n = idx.shape
-        if cu_seqlens is not None and _traced(idx):
+        cp = self.blocks[0].attn.context_parallel
+        if cp is not None:  # idx is this rank's shard: its tokens' positions are global
+            check_unsharded_only(cache, cu_seqlens)
+            n_global = cp.seq_len(n, idx.device)
+            if n_global > self.max_len:
+                raise ValueError(f"sequence length {n_global} is longer than the model's max_len={self.max_len}")
+            pos = torch.as_tensor(cp.positions(n_global), device=idx.device)
+        elif cu_seqlens is not None and _traced(idx):
             # Traced (torch.compile): cu_seqlens stays a tensor, whose values the attention op
             # checks when it runs; each token's position is found from it on the device.
             cu_seqlens = check_packed_batch(B, n, cu_seqlens, cache, traced=True)

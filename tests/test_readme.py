@@ -35,7 +35,7 @@ from patterncc import cli, testing
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARKER = "# not run by tests/test_readme.py:"
-NOT_RUN = 2  # the setup/test scripts; the command synopsis
+NOT_RUN = 3  # the setup/test scripts; the command synopsis; the torchrun script
 
 
 def blocks() -> list[tuple[int, str, str]]:

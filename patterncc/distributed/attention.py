@@ -1,0 +1,277 @@
+"""Context-parallel attention: each rank holds a shard of the sequence.
+
+``cp = ContextParallelAttention(pattern, group)``; on every rank
+``o_local = cp(q_local, k_local, v_local)`` with that rank's shard of
+``[B, H, n, D]`` tensors (``cp.shard(x)`` cuts it). Each call
+
+1. learns ``n`` from every rank's local length (a small all_gather, which
+   also makes every rank raise when any rank's inputs are wrong);
+2. gathers the keys and values its queries need from their owners
+   (``exchange``: only what the pattern reads, in one message per peer);
+3. computes its queries against them with the pattern's exact element mask
+   and score terms at absolute positions: a masked softmax in float32
+   (float64 for float64 inputs), in chunks of query rows against the keys
+   their blocks reach in the layout (a window's chunk reads about ``w``
+   keys, not the whole shard), each recomputed in the backward pass so
+   memory stays bounded.
+
+Gradients flow through plain autograd in step 3 and through the exchange's
+backward, which returns dK/dV rows to the ranks that own them. The result
+is the single-process attention of the whole sequence, sharded: a row with
+no allowed key gives ``o = 0`` and ``lse = -inf``, with zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from .. import ir
+from ..backends.reference.checks import check_scale
+from ..masks import evaluate
+from ..pipeline import as_pattern
+from ..scores import ScoreTerms, check_terms
+from ..scores import alibi_slopes as standard_alibi_slopes
+from . import sharding as sh
+from .exchange import Exchange, exchange_plan, gather_kv
+
+# Mask elements (bools) kept per exchange plan between calls: a training
+# loop at one length evaluates its masks once.
+MASK_CACHE_ELEMENTS = 2**26
+# Exchange plans kept per instance, one per (n, heads, device) seen most recently.
+_PLANS_KEPT = 8
+
+
+class ContextParallelAttention:
+    """``ContextParallelAttention(pattern, group=None, sharding="contiguous", *,
+    block=64, scale=None, softcap=None)``; call as ``cp(q_local, k_local,
+    v_local, return_lse=False, *, alibi_slopes=None, sinks=None, rel_bias=None)``.
+
+    ``q_local`` ``[B, H, n_local, D]``, ``k_local``, ``v_local`` ``[B, Hkv,
+    n_local, D]`` (``Hkv`` divides ``H``): this rank's shard (``shard``).
+    Returns this rank's shard of ``o`` (and of ``lse`` ``[B, H, n_local]``,
+    float32, or float64 for float64 inputs). ``block`` is the layout block
+    at which the needed keys are found; ``scale`` defaults to ``1/sqrt(D)``.
+    Score terms mean what they mean for ``pcc.compile``: the pattern's
+    ``softcap``/``alibi`` (``softcap=`` replaces the pattern's), and per call
+    ``alibi_slopes``, ``sinks`` ``[H]`` and ``rel_bias`` ``[H, 2M + 1]``; the
+    gradient a rank gets for those tensors is its queries' share (sum it over
+    the group, as for any replicated parameter).
+    ``last_bytes_sent`` / ``last_bytes_sent_backward``: what this rank sent
+    in the last call's exchange and its backward."""
+
+    def __init__(self, pattern, group=None, sharding: str = "contiguous", *, block: int = 64, scale=None,
+                 softcap: float | None = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ContextParallelAttention needs torch.distributed initialised: "
+                               "call torch.distributed.init_process_group() first (torchrun sets it up)")
+        self.mask_pattern, self.pattern_terms = ir.split_terms(as_pattern(pattern))
+        self.softcap = ir.check_softcap(softcap) if softcap is not None else self.pattern_terms.softcap
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive integer, got {block=}")
+        self.sharding = sh.check_sharding(sharding)
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the group given to ContextParallelAttention")
+        if scale is not None:
+            check_scale(scale, 1)
+        self.block = block
+        self.scale = scale
+        self._plans: dict[tuple, Exchange] = {}
+        self._last: Exchange | None = None
+
+    def __repr__(self) -> str:
+        return (f"ContextParallelAttention({ir.source(self.mask_pattern)!r}, sharding={self.sharding!r}, "
+                f"rank={self.rank}, world_size={self.world_size})")
+
+    @property
+    def last_bytes_sent(self) -> int:
+        return self._last.bytes_sent if self._last else 0
+
+    @property
+    def last_bytes_sent_backward(self) -> int:
+        return self._last.bytes_sent_backward if self._last else 0
+
+    def positions(self, seq_len: int) -> np.ndarray:
+        """int64: the absolute positions this rank holds out of ``seq_len``."""
+        return sh.positions(seq_len, self.world_size, self.rank, self.sharding)
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``x [B, H, n, D]``."""
+        return sh.shard(x, self.world_size, self.rank, self.sharding)
+
+    def unshard(self, x_local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from every rank's shard (a collective: every rank calls it)."""
+        return sh.unshard(x_local, self.group, self.sharding)
+
+    def __call__(self, q, k, v, return_lse: bool = False, *, alibi_slopes=None, sinks=None, rel_bias=None):
+        try:  # before the first collective, so that every rank hears of a problem on any
+            check_tensors(q, k, v)
+            ir.check_heads(self.mask_pattern, q.shape[1])
+            terms = self._terms(q.shape[1], q.device, alibi_slopes, sinks, rel_bias)
+        except (TypeError, ValueError):
+            self._agree(None, getattr(q, "device", None))
+            raise
+        B, H, n_local, D = q.shape
+        n = self._agree(n_local, q.device)
+        exchange = self._exchange(n, H, q.device)
+        kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
+        qpos = self.positions(n)
+        scale = check_scale(self.scale, D)
+        heads = head_patterns(ir.bind(self.mask_pattern, n), H)
+        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, exchange.plan.chunks, heads, n, scale,
+                                 terms, exchange.masks)
+        return (o, lse) if return_lse else o
+
+    def seq_len(self, n_local: int, device=None) -> int:
+        """The whole sequence's length, from every rank's ``n_local`` (a
+        collective: every rank calls it), checked against the sharding."""
+        return self._agree(n_local, device)
+
+    def _agree(self, n_local: int | None, device) -> int | None:
+        """Every rank's local length (``None``: this rank's inputs are wrong),
+        so that all ranks raise together: the whole length, or a ValueError
+        naming the ranks with wrong inputs or a length the sharding cannot give."""
+        lengths = sh.gather_lengths(-1 if n_local is None else n_local, self.group, device)
+        if n_local is None:
+            return None
+        wrong = [r for r, length in enumerate(lengths) if length < 0]
+        if wrong:
+            raise ValueError(f"the inputs of rank{'s' * (len(wrong) > 1)} {', '.join(map(str, wrong))} are wrong "
+                             f"(that rank's own error says how), so every rank stops")
+        return sh.seq_len_from(lengths, self.world_size, self.sharding)
+
+    def _terms(self, H: int, device, alibi_slopes, sinks, rel_bias) -> ScoreTerms:
+        terms = check_terms(ScoreTerms(self.softcap, alibi_slopes, sinks, rel_bias), H, device)
+        if terms.alibi_slopes is None and self.pattern_terms.alibi:  # float32 values, as every backend takes them
+            slopes = torch.tensor(standard_alibi_slopes(H), dtype=torch.float32, device=device)
+            terms = ScoreTerms(terms.softcap, slopes, terms.sinks, terms.rel_bias)
+        return terms
+
+    def _exchange(self, n: int, heads: int, device: torch.device) -> Exchange:
+        key = (n, heads, device)
+        if key not in self._plans:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+            plan = exchange_plan(self.mask_pattern, n, heads, self.world_size, self.rank, self.sharding, self.block)
+            self._plans[key] = Exchange(plan, self.group, device)
+        self._last = self._plans[key]
+        return self._last
+
+
+def check_tensors(q, k, v) -> None:
+    """TypeError/ValueError naming the argument unless q ``[B, H, n_local, D]``
+    and k, v ``[B, Hkv, n_local, D]`` are floating-point tensors of one dtype
+    and device with ``Hkv`` dividing ``H``."""
+    for name, x in (("q_local", q), ("k_local", k), ("v_local", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, n_local, D] (4 dims), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(f"q_local, k_local and v_local must share one dtype and device, got q_local "
+                            f"{q.dtype} on {q.device} and {name} {x.dtype} on {x.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k_local and v_local must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, nq, D), (Bk, Hkv, nk, Dk) = q.shape, k.shape
+    if (Bk, nk, Dk) != (B, nq, D):
+        raise ValueError(f"k_local {tuple(k.shape)} must match q_local {tuple(q.shape)} in batch, local "
+                         f"length and head dim (dims 0, 2, 3)")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"q_local's heads H={H} must be a multiple of k_local's heads Hkv={Hkv}")
+
+
+def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list[int]]:
+    """The distinct head-free patterns, and for each head the index of its own."""
+    distinct: dict[ir.Pattern, int] = {}
+    index = [distinct.setdefault(ir.for_head(bound, h), len(distinct)) for h in range(heads)]
+    return list(distinct), index
+
+
+def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.ndarray, heads, n: int,
+                    scale: float, terms: ScoreTerms = ScoreTerms(), cache: dict | None = None):
+    """``q [B, H, nq, D]`` at positions ``qpos`` against the gathered ``kg``,
+    ``vg [B, Hkv, M, D]`` at ``kpos``, chunk by chunk (``ExchangePlan.chunks``:
+    rows ``r0:r1`` against keys ``a:b``): ``(o [B, H, nq, D] in q's dtype,
+    lse [B, H, nq])``, differentiable (in the terms' tensors too). Under
+    autograd each chunk is recomputed in the backward pass rather than
+    stored, so memory stays one chunk's scores whatever the length.
+    ``cache``: a dict kept with the exchange plan, where chunks' masks are
+    kept between calls up to ``MASK_CACHE_ELEMENTS``."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc, vc = kg.to(compute), vg.to(compute)
+    patterns, index = heads
+    tensors = (terms.alibi_slopes, terms.sinks, terms.rel_bias)
+    recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kg, vg, *tensors))
+    outs, lses = [], []
+    cache = {} if cache is None else cache
+    for r0, r1, a, b in chunks.tolist():  # a rank with no queries has one empty chunk: it joins the backward
+        mask = cache.get((r0, a))
+        if mask is None:
+            mask = chunk_mask(patterns, index, qpos[r0:r1], kpos[a:b], n, q.device)
+            if cache.get("elements", 0) + mask.numel() <= MASK_CACHE_ELEMENTS:
+                cache[(r0, a)], cache["elements"] = mask, cache.get("elements", 0) + mask.numel()
+        diff = None
+        if terms.alibi_slopes is not None or terms.rel_bias is not None:
+            diff = torch.as_tensor(qpos[r0:r1, None] - kpos[None, a:b], device=q.device)  # (rows, keys): q - k
+        args = (q[:, :, r0:r1].to(compute), kc[:, :, a:b], vc[:, :, a:b], mask, diff, scale, terms.softcap, *tensors)
+        o, lse = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def chunk_mask(patterns, index, qpos: np.ndarray, kpos: np.ndarray, n: int, device) -> torch.Tensor:
+    """bool ``(H, rows, keys)``, or ``(1, rows, keys)`` when every head
+    shares one pattern: which of these queries may attend to these keys."""
+    masks = [torch.as_tensor(evaluate(p, qpos[:, None], kpos[None, :], n), device=device) for p in patterns]
+    return masks[0][None] if len(masks) == 1 else torch.stack([masks[i] for i in index])
+
+
+def _chunk(q, k, v, mask, diff, scale, softcap, slopes, sinks, bias):
+    """Masked softmax attention of ``q [B, H, rows, D]`` against ``k``, ``v``
+    ``[B, Hkv, keys, D]`` (one compute dtype): ``(o, lse)``; a row with no
+    allowed key (and no sink) gives ``o = 0``, ``lse = -inf``."""
+    B, H, rows, D = q.shape
+    Hkv, keys = k.shape[1], k.shape[2]
+    G = H // Hkv  # query heads per kv head: head h reads kv head h // G
+    per_head = lambda t: None if t is None else t.to(q.dtype).view(1, H, 1, 1)  # noqa: E731
+    slopes, sinks = per_head(slopes), per_head(sinks)
+    s = torch.einsum("bkgqd,bkmd->bkgqm", q.view(B, Hkv, G, rows, D), k).reshape(B, H, rows, keys) * scale
+    s = score_terms(s, diff, softcap, slopes, None if bias is None else bias.to(q.dtype))
+    s = torch.where(mask, s, -math.inf)
+    m = s.amax(-1, keepdim=True) if keys else s.new_full((B, H, rows, 1), -math.inf)
+    if sinks is not None:
+        m = torch.maximum(m, sinks)
+    m = m.detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)  # rows with no allowed key: exp(-inf) stays 0
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    if sinks is not None:  # the sink joins the denominator and adds no value
+        l = l + torch.exp(sinks - m)
+    allowed = l > 0
+    l_safe = torch.where(allowed, l, 1.0)
+    o = torch.einsum("bkgqm,bkmd->bkgqd", p.view(B, Hkv, G, rows, keys), v).reshape(B, H, rows, D)
+    return o / l_safe, torch.where(allowed, m + torch.log(l_safe), -math.inf).squeeze(-1)
+
+
+def score_terms(s, diff, softcap, slopes, bias):
+    """The scores the softmax sees, from ``s = scale * q.k`` ``(B, H, rows,
+    M)`` and ``diff = q - k`` at absolute positions: softcap, then alibi,
+    then the relative bias (the reference's order)."""
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if slopes is not None:
+        s = s - slopes * diff.abs()
+    if bias is not None:
+        reach = (bias.shape[1] - 1) // 2
+        s = s + bias[:, diff.clamp(-reach, reach) + reach]  # (H, rows, M)
+    return s
