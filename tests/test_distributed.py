@@ -401,6 +401,34 @@ def test_needed_keys_cover_every_allowed_pair(p):
                 assert np.all(np.isin(reads, keys[a:b])), f"rows {r0}:{r1} miss {np.setdiff1d(reads, keys[a:b])}"
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(strategies.patterns(max_depth=2, max_leaves=4, heads=2))
+def test_own_and_remote_keys_split_the_gathered_ones(p):
+    """The overlapped exchange attends to a rank's own keys, then to the
+    others': the two lists partition the gathered keys, the own ones are
+    the rank's rows ``send[rank]``, the received rows in ``order`` are the
+    remote ones, and each chunk reads in the two lists exactly the keys
+    its span held in the one."""
+    n, P = 45, 3
+    for name in sharding.SHARDINGS:
+        held = [sharding.positions(n, P, r, name) for r in range(P)]
+        plans = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(exchange, "CHUNK_PAIRS", 40)
+            plans = [exchange.exchange_plan(p, n, 2, P, r, name, block=8) for r in range(P)]
+        for r, plan in enumerate(plans):
+            own, own_chunks = plan.own_keys()
+            remote, remote_chunks, order = plan.remote_keys()
+            assert np.array_equal(np.sort(np.concatenate([own, remote])), plan.positions)
+            assert np.array_equal(own, held[r][plan.send[r]])
+            sent = np.concatenate([held[s][plans[s].send[r]] for s in range(P) if s != r] + [np.zeros(0, np.int64)])
+            assert np.array_equal(sent[order], remote)
+            for whole, mine, theirs in zip(plan.chunks, own_chunks, remote_chunks):
+                assert np.array_equal(whole[:2], mine[:2]) and np.array_equal(whole[:2], theirs[:2])
+                joined = np.sort(np.concatenate([own[mine[2]:mine[3]], remote[theirs[2]:theirs[3]]]))
+                assert np.array_equal(joined, plan.positions[whole[2]:whole[3]])
+
+
 @pytest.mark.parametrize("n", [512, 4096])
 def test_key_sets_follow_the_pattern(n):
     """Contiguous sharding over 4 ranks, block 16: a window's halo does not

@@ -6,17 +6,20 @@
 
 1. learns ``n`` from every rank's local length (a small all_gather, which
    also makes every rank raise when any rank's inputs are wrong);
-2. gathers the keys and values its queries need from their owners
+2. starts gathering the keys and values its queries need from their owners
    (``exchange``: only what the pattern reads, in one message per peer);
-3. computes its queries against them with the pattern's exact element mask
-   and score terms at absolute positions: a masked softmax in float32
-   (float64 for float64 inputs), in chunks of query rows against the keys
-   their blocks reach in the layout (a window's chunk reads about ``w``
-   keys, not the whole shard), each recomputed in the backward pass so
-   memory stays bounded.
+3. while they travel, computes its queries against its own keys, then,
+   once they have arrived, against the others', and merges the two by
+   log-sum-exp (the sink, if any, joins there): each part with the
+   pattern's exact element mask and score terms at absolute positions, a
+   masked softmax in float32 (float64 for float64 inputs), in chunks of
+   query rows against the keys their blocks reach in the layout (a
+   window's chunk reads about ``w`` keys, not the whole shard), each
+   recomputed in the backward pass so memory stays bounded.
 
 Gradients flow through plain autograd in step 3 and through the exchange's
-backward, which returns dK/dV rows to the ranks that own them. The result
+backward, which returns dK/dV rows to the ranks that own them (not
+overlapped: it sends and waits when autograd reaches it). The result
 is the single-process attention of the whole sequence, sharded: a row with
 no allowed key gives ``o = 0`` and ``lse = -inf``, with zero gradients.
 """
@@ -37,7 +40,7 @@ from ..pipeline import as_pattern
 from ..scores import ScoreTerms, check_terms
 from ..scores import alibi_slopes as standard_alibi_slopes
 from . import sharding as sh
-from .exchange import Exchange, exchange_plan, gather_kv
+from .exchange import Exchange, exchange_plan, remote_kv
 
 # Mask elements (bools) kept per exchange plan between calls: a training
 # loop at one length evaluates its masks once.
@@ -121,13 +124,20 @@ class ContextParallelAttention:
         B, H, n_local, D = q.shape
         n = self._agree(n_local, q.device)
         exchange = self._exchange(n, H, q.device)
-        kg, vg = gather_kv(exchange, k, v)  # (B, Hkv, M, D), every rank takes part even with nothing to do
+        flight = exchange.start(k, v)  # every rank takes part, even with nothing to send
         qpos = self.positions(n)
         scale = check_scale(self.scale, D)
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
-        o, lse = local_attention(q, kg, vg, qpos, exchange.plan.positions, exchange.plan.chunks, heads, n, scale,
-                                 terms, exchange.masks)
-        return (o, lse) if return_lse else o
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        part_terms = ScoreTerms(terms.softcap, terms.alibi_slopes, None, terms.rel_bias)  # the sink joins once
+        own = exchange.send[self.rank]
+        o_own, lse_own = local_attention(q, k.index_select(2, own), v.index_select(2, own), qpos, *exchange.own,
+                                         heads, n, scale, part_terms, exchange.masks.setdefault("own", {}), compute)
+        kr, vr = remote_kv(exchange, flight, k, v)  # (B, Hkv, M_remote, D): waits for the transfer
+        o_rem, lse_rem = local_attention(q, kr, vr, qpos, *exchange.remote, heads, n, scale, part_terms,
+                                         exchange.masks.setdefault("remote", {}), compute)
+        o, lse = merge_parts([(o_own, lse_own), (o_rem, lse_rem)], terms.sinks)
+        return (o.to(q.dtype), lse) if return_lse else o.to(q.dtype)
 
     def seq_len(self, n_local: int, device=None) -> int:
         """The whole sequence's length, from every rank's ``n_local`` (a
@@ -197,11 +207,11 @@ def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list
 
 
 def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.ndarray, heads, n: int,
-                    scale: float, terms: ScoreTerms = ScoreTerms(), cache: dict | None = None):
+                    scale: float, terms: ScoreTerms = ScoreTerms(), cache: dict | None = None, dtype=None):
     """``q [B, H, nq, D]`` at positions ``qpos`` against the gathered ``kg``,
     ``vg [B, Hkv, M, D]`` at ``kpos``, chunk by chunk (``ExchangePlan.chunks``:
-    rows ``r0:r1`` against keys ``a:b``): ``(o [B, H, nq, D] in q's dtype,
-    lse [B, H, nq])``, differentiable (in the terms' tensors too). Under
+    rows ``r0:r1`` against keys ``a:b``): ``(o [B, H, nq, D] in ``dtype``
+    (default q's), lse [B, H, nq])``, differentiable (in the terms' tensors too). Under
     autograd each chunk is recomputed in the backward pass rather than
     stored, so memory stays one chunk's scores whatever the length.
     ``cache``: a dict kept with the exchange plan, where chunks' masks are
@@ -226,7 +236,26 @@ def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.nd
         o, lse = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+    return torch.cat(outs, dim=2).to(dtype or q.dtype), torch.cat(lses, dim=2)
+
+
+def merge_parts(parts, sinks=None):
+    """``(o, lse)`` of attention over the union of disjoint key sets, from
+    each set's ``(o, lse)`` (and a sink logit per head ``[H]`` joining the
+    denominators with no value): differentiable, and exact where every part
+    is empty (o = 0, lse = -inf, zero gradients, never NaN)."""
+    lses = [lse for _, lse in parts]
+    if sinks is not None:
+        lses.append(sinks.to(lses[0].dtype).view(1, -1, 1).expand_as(lses[0]))
+    stacked = torch.stack(lses)
+    m = stacked.amax(0).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    total = torch.exp(stacked - m).sum(0)
+    some = total > 0
+    lse = torch.where(some, m + torch.log(torch.where(some, total, 1.0)), -math.inf)
+    base = torch.where(some, lse, 0.0)
+    o = sum(o * torch.exp(part_lse - base).unsqueeze(-1) for o, part_lse in parts)
+    return o, lse
 
 
 def chunk_mask(patterns, index, qpos: np.ndarray, kpos: np.ndarray, n: int, device) -> torch.Tensor:

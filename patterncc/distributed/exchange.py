@@ -24,11 +24,13 @@ The same layouts give each block of a rank's queries the span of gathered
 keys it can reach (``ExchangePlan.chunks``), so the local attention reads
 about ``w`` keys per row for a window, not the whole shard.
 
-The exchange (``gather_kv``) is one message per peer that has something to
-send (k's and v's rows together), through ``torch.distributed``'s batched
-point-to-point operations, so a halo costs two messages whatever the world
-size; its backward sends each gathered row's gradient back to the rank that
-owns it, which adds it into its local dK/dV.
+The exchange is one message per peer that has something to send (k's and
+v's rows together), through ``torch.distributed``'s batched point-to-point
+operations, so a halo costs two messages whatever the world size. It is
+started (``Exchange.start``) before the rank attends to its own keys and
+waited for (``remote_kv``) only after, so the transfer overlaps that work;
+its backward sends each received row's gradient back to the rank that owns
+it, which adds it into its local dK/dV.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class ExchangePlan:
       ``r0:r1`` read only gathered keys ``a:b`` (from their blocks' reach in
       the layout); consecutive, covering every row, each at most
       ``CHUNK_PAIRS`` pairs unless one block row alone is more.
+
+    The same keys split in two, the rank's own and the others', for the
+    overlapped exchange (``own_keys``, ``remote_keys``).
     """
 
     rank: int
@@ -73,6 +78,40 @@ class ExchangePlan:
     recv: tuple[int, ...]
     order: np.ndarray
     chunks: np.ndarray
+
+    def own_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rank's own needed keys: ``(positions, chunks)`` as
+        ``positions`` and ``chunks`` are for all of them (its rows of local
+        k/v are ``send[rank]``, in the same order)."""
+        own = self.positions[self._own()]
+        return own, self._chunks_within(own)
+
+    def remote_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The keys other ranks send: ``(positions, chunks, order)``; the
+        rows received, concatenated by source rank without this one, taken
+        in ``order`` are these keys in ascending position."""
+        own = self._own()
+        rows = self.order[~own]
+        rows = rows - np.where(rows >= sum(self.recv[:self.rank]), self.recv[self.rank], 0)
+        remote = self.positions[~own]
+        return remote, self._chunks_within(remote), rows
+
+    def _own(self) -> np.ndarray:
+        """bool ``[M]``: which gathered keys this rank holds itself (``order``
+        takes them from its own block of the concatenation by source)."""
+        start = sum(self.recv[:self.rank])
+        return (self.order >= start) & (self.order < start + self.recv[self.rank])
+
+    def _chunks_within(self, keys: np.ndarray) -> np.ndarray:
+        """``chunks`` over a sublist of ``positions``: each chunk's key span
+        ``a:b`` becomes the span of ``keys`` in the same positions."""
+        out = self.chunks.copy()
+        spans = out[:, 3] > out[:, 2]
+        lo = self.positions[out[spans, 2]]
+        hi = self.positions[out[spans, 3] - 1]
+        out[spans, 2] = np.searchsorted(keys, lo, side="left")
+        out[spans, 3] = np.searchsorted(keys, hi, side="right")
+        return out
 
 
 # Query rows x keys that the local attention computes at once (times batch
@@ -231,62 +270,91 @@ class Exchange:
         self.group = group
         self.peers = [dist.get_global_rank(group, p) if group is not None else p for p in range(plan.world_size)]
         self.send = [torch.as_tensor(s, device=device) for s in plan.send]
-        self.order = torch.as_tensor(plan.order, device=device)
+        self.own = plan.own_keys()  # (positions, chunks) of the keys this rank holds
+        *self.remote, rows = plan.remote_keys()  # (positions, chunks) of the keys it receives
+        self.remote_order = torch.as_tensor(rows, device=device)
         self.bytes_sent = 0
         self.bytes_sent_backward = 0
         self.masks: dict = {}  # the local attention's chunk masks at this length (attention.local_attention)
 
+    def start(self, k: torch.Tensor, v: torch.Tensor) -> "InFlight":
+        """Post the sends of this rank's rows of ``k``, ``v`` that other
+        ranks need and the receives of theirs, and return without waiting
+        (``remote_kv`` waits)."""
+        plan, me = self.plan, self.plan.rank
+        B, Hkv, _, D = k.shape
+        with torch.no_grad():
+            kv = torch.stack([k, v])  # (2, B, Hkv, n_local, D): one message per peer carries both
+            outgoing = {p: kv.index_select(3, idx).contiguous() for p, idx in enumerate(self.send) if p != me and len(idx)}
+            incoming = {p: kv.new_empty(2, B, Hkv, count, D) for p, count in enumerate(plan.recv) if p != me and count}
+        self.bytes_sent = _bytes(outgoing)
+        return InFlight(self._post(outgoing, incoming), incoming, outgoing)
+
     def swap(self, outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor]) -> int:
         """Send ``outgoing[p]`` to rank ``p`` and receive ``incoming[p]`` from it,
         all at once; the bytes sent."""
+        for work in self._post(outgoing, incoming):
+            work.wait()
+        return _bytes(outgoing)
+
+    def _post(self, outgoing, incoming) -> list:
         ops = [dist.P2POp(dist.isend, t, self.peers[p], self.group) for p, t in outgoing.items()]
         ops += [dist.P2POp(dist.irecv, t, self.peers[p], self.group) for p, t in incoming.items()]
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        return sum(t.numel() * t.element_size() for t in outgoing.values())
+        return dist.batch_isend_irecv(ops) if ops else []
 
 
-def gather_kv(exchange: Exchange, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k``, ``v`` ``[B, Hkv, n_local, D]`` -> the needed keys and values of
-    every rank, ``[B, Hkv, M, D]`` in ascending position
-    (``exchange.plan.positions``); differentiable."""
-    return _GatherKV.apply(k, v, exchange)
+def _bytes(tensors: dict[int, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class _GatherKV(torch.autograd.Function):
+@dataclass(eq=False)
+class InFlight:
+    """A started exchange: its works, the buffers being received (by source
+    rank) and those being sent (kept alive until the sends complete)."""
+
+    works: list
+    incoming: dict
+    outgoing: dict
+
+
+def remote_kv(exchange: Exchange, flight: InFlight, k: torch.Tensor, v: torch.Tensor):
+    """The keys and values other ranks sent, ``[B, Hkv, M_remote, D]`` in
+    ascending position (``exchange.remote``), once ``flight`` has arrived;
+    differentiable in ``k`` and ``v``: the backward returns each received
+    row's gradient to its owner and adds what the other ranks return into
+    this rank's dK/dV."""
+    return _RemoteKV.apply(k, v, exchange, flight)
+
+
+class _RemoteKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v, exchange: Exchange):
+    def forward(ctx, k, v, exchange: Exchange, flight: InFlight):
         plan, me = exchange.plan, exchange.plan.rank
-        B, Hkv, _, D = k.shape
-        kv = torch.stack([k, v])  # (2, B, Hkv, n_local, D): one message per peer carries both
-        outgoing = {p: kv.index_select(3, idx).contiguous()
-                    for p, idx in enumerate(exchange.send) if p != me and len(idx)}
-        incoming = {p: kv.new_empty(2, B, Hkv, count, D) for p, count in enumerate(plan.recv) if p != me and count}
-        exchange.bytes_sent = exchange.swap(outgoing, incoming)
-        parts = [kv.index_select(3, exchange.send[p]) if p == me else incoming.get(p, kv[:, :, :, :0])
-                 for p in range(plan.world_size)]
-        gathered = torch.cat(parts, dim=3).index_select(3, exchange.order)  # (2, B, Hkv, M, D)
+        for work in flight.works:
+            work.wait()
+        empty = k.new_empty(2, k.shape[0], k.shape[1], 0, k.shape[3])
+        parts = [flight.incoming.get(p, empty) for p in range(plan.world_size) if p != me]
+        received = torch.cat(parts or [empty], dim=3).index_select(3, exchange.remote_order)  # (2, B, Hkv, M_remote, D)
         ctx.exchange, ctx.local_len = exchange, k.shape[2]
-        return gathered[0], gathered[1]
+        return received[0], received[1]
 
     @staticmethod
-    def backward(ctx, dk_gathered, dv_gathered):
+    def backward(ctx, dk_remote, dv_remote):
         exchange = ctx.exchange
         plan, me = exchange.plan, exchange.plan.rank
-        dkv = torch.stack([dk_gathered, dv_gathered])  # (2, B, Hkv, M, D)
-        _, B, Hkv, M, D = dkv.shape
-        by_source = torch.empty_like(dkv).index_copy_(3, exchange.order, dkv)  # undo the sort
-        parts = dict(enumerate(torch.split(by_source, list(plan.recv), dim=3)))
-        outgoing = {p: t.contiguous() for p, t in parts.items() if p != me and t.shape[3]}
+        dkv = torch.stack([dk_remote, dv_remote])  # (2, B, Hkv, M_remote, D)
+        _, B, Hkv, _, D = dkv.shape
+        by_source = torch.empty_like(dkv).index_copy_(3, exchange.remote_order, dkv)  # undo the sort
+        peers = [p for p in range(plan.world_size) if p != me]
+        parts = dict(zip(peers, torch.split(by_source, [plan.recv[p] for p in peers], dim=3)))
+        outgoing = {p: t.contiguous() for p, t in parts.items() if t.shape[3]}
         incoming = {p: dkv.new_empty(2, B, Hkv, len(idx), D)
                     for p, idx in enumerate(exchange.send) if p != me and len(idx)}
         exchange.bytes_sent_backward = exchange.swap(outgoing, incoming)
-        # Sum in float32 at least: a key read by several ranks gets one term from each.
+        # Summed in float32 at least: a key read by several ranks gets one term from each.
         acc = torch.promote_types(dkv.dtype, torch.float32)
         total = dkv.new_zeros(2, B, Hkv, ctx.local_len, D, dtype=acc)
-        total.index_add_(3, exchange.send[me], parts[me].to(acc))
         for p, t in incoming.items():
             total.index_add_(3, exchange.send[p], t.to(acc))
         total = total.to(dkv.dtype)
-        return total[0], total[1], None
+        return total[0], total[1], None, None
