@@ -223,8 +223,10 @@ class SparseSelfAttention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
         self.rel_bias = None if rel_bias_distance is None else nn.Parameter(torch.zeros(heads, 2 * rel_bias_distance + 1))
         # Compiled here, not in forward: torch.compile then traces no compiling
-        # and finds one attention op per call.
-        self._attentions = {} if self.pattern is None else {b: _compiled(self.pattern, b, self.softcap) for b in BACKENDS[1:]}
+        # and finds one attention op per call. Without a pattern, the causal
+        # pattern serves packed batches under torch.compile (SDPA has no packed form).
+        served = ir.Causal() if self.pattern is None else self.pattern
+        self._attentions = {b: _compiled(served, b, self.softcap) for b in BACKENDS[1:]}
         self.context_parallel = None
         if context_parallel_group is not None:
             self.context_parallel = _context_parallel(self.pattern, self.softcap, context_parallel_group,
@@ -279,6 +281,10 @@ class SparseSelfAttention(nn.Module):
         """q ``(B, H, n, D)``, k and v ``(B, Hkv, n, D)`` -> ``(B, H, n, D)``;
         with ``cache_seqlens``, k and v are caches, with ``cu_seqlens`` a
         packed batch (``Attention.__call__``)."""
+        if self.pattern is None and isinstance(cu_seqlens, torch.Tensor):
+            # A traced packed batch (check_packed_batch kept cu_seqlens a tensor): the causal
+            # pattern's packed op, one node in the graph, where SDPA would split the batch on the host.
+            return self.compiled(self.backend_for(q))(q, k, v, cu_seqlens=cu_seqlens)
         if self.pattern is None:
             if self.kv_heads != self.heads:
                 group = self.heads // self.kv_heads

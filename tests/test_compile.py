@@ -500,6 +500,30 @@ def test_packed_model_is_traced(backend):
     assert frames[0] >= 1 and frames == [frames[0]] * 3, frames
 
 
+def test_packed_dense_model_is_traced():
+    """A dense model (``patterns=None``) on a packed batch: eagerly SDPA per
+    sequence; compiled (fullgraph), the causal pattern's packed op, with no
+    graph break and the same logits and gradients (to float32 rounding: two
+    kernels)."""
+    torch.manual_seed(3)
+    model = SparseTransformer(31, 16, 2, 2, None, max_len=128, backend="reference").to(DEVICE)
+    compiled = torch.compile(lambda idx, cu: model(idx, cu_seqlens=cu), fullgraph=True, backend="aot_eager",
+                             dynamic=True)
+    lengths = [9, 0, 14, 5, 3]
+    idx = _idx(sum(lengths), seed=4)[:1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    explained = torch._dynamo.explain(lambda idx, cu: model(idx, cu_seqlens=cu))(idx, cu)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    results = []
+    for run in (compiled, lambda idx, cu: model(idx, cu_seqlens=cu)):
+        model.zero_grad()
+        logits = run(idx, cu)
+        logits.float().square().mean().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_packed_batches_through_the_op_match_each_sequence_alone():
     """The op's packed result against each sequence's own call (reference,
     float64), output, lse and gradients, including a score term's."""
