@@ -25,6 +25,7 @@ launch kind is captured.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -276,3 +277,44 @@ def test_decoding_step_under_reduce_overhead(source):
             want = attn(q, k, v, cache_seqlens=lens)
             torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
             lens += 1  # in place: the captured graph reads the same tensor
+
+
+# The runtime API calls that hold the host until the card catches up, or move
+# bytes between host and device; a warm call (its length seen before) makes none.
+_HOST_WAITS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent", "cudaHostAlloc", "cudaMallocHost")
+
+
+def _waits_in(fn) -> Counter:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    return Counter(e.name for e in prof.events() if any(w in e.name for w in _HOST_WAITS))
+
+
+def _host_waits(fn) -> dict:
+    """The host waits and copies of three calls of ``fn``, less those the
+    profiler makes itself (it synchronizes the device as it starts and stops)."""
+    fn()
+    torch.cuda.synchronize()
+    return dict(_waits_in(fn) - _waits_in(lambda: None))
+
+
+@pytest.mark.parametrize("pattern", ["causal", "sliding_window(1024)", "local_global(512,64)",
+                                     "fixed(128,32)", "strided(128)"])
+def test_warm_calls_neither_wait_for_the_card_nor_copy(pattern):
+    """A seen length's forward and backward (natural order and planned) only
+    launch kernels: a host wait or a table upload per call would make the
+    call host-bound and could not be captured."""
+    attn = pcc.compile(pattern, backend="triton")
+    q, k, v = (torch.randn(1, 4, 2000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+
+    def step():
+        attn(q, k, v).backward(do)
+
+    assert _host_waits(lambda: q.sum().item()) != {}  # the probe sees a host wait where there is one
+    assert _host_waits(lambda: attn(q.detach(), k.detach(), v.detach())) == {}
+    assert _host_waits(step) == {}
