@@ -43,7 +43,9 @@ CASES_2 += [("causal", 1, "contiguous", 2, 2, "float64"),
 TERM_CASES = [("sliding_window(7) with softcap(2.5)", 61, "contiguous", 2, 1, "float64", ("sinks",)),
               ("causal with alibi", 64, "zigzag", 2, 2, "float64", ("rel_bias",)),
               ("fixed(16, 3)", 100, "zigzag", 2, 1, "float64", ("sinks", "rel_bias", "alibi_slopes")),
-              ("none | (causal & global(3))", 40, "contiguous", 2, 1, "float32", ("sinks",))]
+              ("none | (causal & global(3))", 40, "contiguous", 2, 1, "float32", ("sinks",)),
+              ("causal with alibi", 61, "contiguous", 2, 2, "float64", ("rel_bias",)),
+              ("strided(8)", 50, "contiguous", 2, 1, "float32", ("alibi_slopes", "sinks"))]
 CASES_4 = [(pat, n, s, 2, 1, "float64")
            for pat in ("causal", "sliding_window(7)", "fixed(16, 3)", "strided(8)", HEADS_PAT, WHERE_PAT)
            for n, s in ((3, "contiguous"), (7, "zigzag"), (61, "contiguous"), (100, "zigzag"))]
@@ -124,6 +126,7 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=(),
     full = cp.unshard(o.detach())  # unshard puts every shard back where it came from
     errors["unshard"] = _relative(full, o_ref)
     return {"errors": errors, "bytes": cp.last_bytes_sent, "bytes_backward": cp.last_bytes_sent_backward,
+            "own_part": cp.last_own_part,
             "nonfinite_grads": not all(bool(torch.isfinite(t.grad).all()) for t in (ql, kl, vl))}
 
 
@@ -247,6 +250,26 @@ def test_nccl_ranks_match_the_reference(tmp_path):
         _check(results, _key(case), case[5])
 
 
+ONE_GPU_CASES = [("sliding_window(100)", 1000, "contiguous", 4, 2, "bfloat16"),
+                 ("strided(32)", 500, "contiguous", 2, 2, "float16"),
+                 ("causal with alibi", 300, "zigzag", 2, 1, "float32", ("rel_bias", "sinks"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ONE_GPU_CASES, ids=lambda case: "|".join(map(str, case)))
+def test_one_gpu_rank_attends_with_the_generated_kernels(tmp_path, case):
+    """A group of one rank on the card: its own part is the whole attention,
+    run by the generated kernels (forward, lse and every gradient, score
+    terms included) and checked against the reference."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        result = _run_case(None, *case, device="cuda")
+    finally:
+        dist.destroy_process_group()
+    assert result["own_part"] == "attention"
+    _check([{"case": result}], "case", case[5])
+
+
 def _spawn(tmp_path_factory, world_size: int, cases, drawn) -> list[dict]:
     """Every rank's results, from one spawn per test session: pytest-xdist
     workers share the directory above their own (its documented recipe), and
@@ -290,6 +313,27 @@ def _key(case):
 @pytest.mark.parametrize("case", CASES_2, ids=_key)
 def test_two_ranks_match_the_reference(ranks2, case):
     _check(ranks2, _key(case), case[-1])
+
+
+DIFFERENCE_ONLY = ("causal", "sliding_window(7)", "strided(8)", "causal with alibi",
+                   "sliding_window(7) with softcap(2.5)", "sliding_window(9)")
+
+
+def test_the_own_part_is_patterncc_attention_where_it_can_be(ranks2):
+    """A rank holding one run of positions under a pattern of ``q - k`` alone
+    attends to its own keys with patterncc's attention on the shard; the
+    others (zigzag's outer ranks, positional patterns, a rank without queries) use the
+    masked chunks. Both ways are checked against the reference above."""
+    ways = set()
+    for case in CASES_2 + TERM_CASES:
+        pattern, n, sharding_name = case[:3]
+        for rank, res in enumerate(ranks2):
+            pos = sharding.positions(n, 2, rank, sharding_name)
+            one_run = pos.size > 0 and pos[-1] - pos[0] + 1 == pos.size  # zigzag's middle rank holds one too
+            fits = pattern in DIFFERENCE_ONLY and one_run
+            assert res[_key(case)]["own_part"] == ("attention" if fits else "chunks"), (case, rank)
+            ways.add(res[_key(case)]["own_part"])
+    assert ways == {"attention", "chunks"}
 
 
 @pytest.mark.parametrize("case", TERM_CASES, ids=_key)

@@ -18,7 +18,7 @@ from ..errors import LimitError
 from ..masks import evaluate
 from . import limits
 from .builder import _head_contexts, _head_pairs, _prepare
-from .evaluation import _depends_on, _evaluate
+from .evaluation import depends_on, _evaluate
 from .tiles import _Budget, _Ctx, _Tiles
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _elements_csr(p: ir.Pattern, i, j, full, n: int, B: int, budget: _Budget | N
     nb, side = ctx.nb, min(B, n)
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
-    diagonal = _depends_on(p) == "d"
+    diagonal = depends_on(p) == "d"
     ctx.charge(int(np.count_nonzero(~full)) * (2 * side - 1 if diagonal else side * side))
     row_start = np.searchsorted(i, np.arange(nb + 1))  # tiles of block row x: row_start[x] : row_start[x + 1]
     counts = np.zeros(n, dtype=np.int64)

@@ -30,7 +30,7 @@ _K_ONLY = tuple(cls for cls in PRIMITIVES.values() if "k" in cls.DEPENDS_ON)
 _COMBINATORS = (ir.Union, ir.Intersect, ir.Difference, ir.Complement)
 
 
-def _depends_on(node: ir.Pattern) -> str:
+def depends_on(node: ir.Pattern) -> str:
     """"d" when the node depends only on ``q - k``, "k" when only on ``k``,
     else "qk"."""
     leaves = [c for c in ir.walk(node) if not isinstance(c, _COMBINATORS)]
@@ -111,7 +111,7 @@ def _scan_each(node: ir.Pattern, t: _Tiles, count: bool):
     """
     ctx = t.ctx
     B, n = ctx.B, ctx.n
-    mode = _depends_on(node)
+    mode = depends_on(node)
     side = min(B, n)
     if mode == "d":
         width = 2 * side - 1

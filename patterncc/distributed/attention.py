@@ -10,12 +10,15 @@
    (``exchange``: only what the pattern reads, in one message per peer);
 3. while they travel, computes its queries against its own keys, then,
    once they have arrived, against the others', and merges the two by
-   log-sum-exp (the sink, if any, joins there): each part with the
-   pattern's exact element mask and score terms at absolute positions, a
-   masked softmax in float32 (float64 for float64 inputs), in chunks of
+   log-sum-exp (the sink, if any, joins there). Each part applies the
+   pattern's exact element mask and score terms at absolute positions as
+   a masked softmax in float32 (float64 for float64 inputs), in chunks of
    query rows against the keys their blocks reach in the layout (a
    window's chunk reads about ``w`` keys, not the whole shard), each
-   recomputed in the backward pass so memory stays bounded.
+   recomputed in the backward pass so memory stays bounded. The own part
+   of a rank holding one run of positions under a pattern of ``q - k``
+   alone is instead one call of patterncc's attention on the shard
+   (``_own_part``): the generated kernels on the GPU.
 
 Gradients flow through plain autograd in step 3 and through the exchange's
 backward, which returns dK/dV rows to the ranks that own them (not
@@ -35,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ir
 from ..backends.reference.checks import check_scale
+from ..blocklayout.evaluation import depends_on
 from ..masks import evaluate
 from ..pipeline import as_pattern
 from ..scores import ScoreTerms, check_terms
@@ -65,7 +69,9 @@ class ContextParallelAttention:
     gradient a rank gets for those tensors is its queries' share (sum it over
     the group, as for any replicated parameter).
     ``last_bytes_sent`` / ``last_bytes_sent_backward``: what this rank sent
-    in the last call's exchange and its backward."""
+    in the last call's exchange and its backward; ``last_own_part``: how the
+    last call computed its queries against its own keys, ``"attention"``
+    (patterncc's attention on the shard) or ``"chunks"`` (masked chunks)."""
 
     def __init__(self, pattern, group=None, sharding: str = "contiguous", *, block: int = 64, scale=None,
                  softcap: float | None = None):
@@ -87,6 +93,8 @@ class ContextParallelAttention:
         self.block = block
         self.scale = scale
         self._plans: dict[tuple, Exchange] = {}
+        self._own: dict[tuple, object] = {}  # (n, backend) -> the own part's compiled attention
+        self.last_own_part: str | None = None  # how the last call computed the own part (_own_part)
         self._last: Exchange | None = None
 
     def __repr__(self) -> str:
@@ -130,14 +138,49 @@ class ContextParallelAttention:
         heads = head_patterns(ir.bind(self.mask_pattern, n), H)
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         part_terms = ScoreTerms(terms.softcap, terms.alibi_slopes, None, terms.rel_bias)  # the sink joins once
-        own = exchange.send[self.rank]
-        o_own, lse_own = local_attention(q, k.index_select(2, own), v.index_select(2, own), qpos, *exchange.own,
-                                         heads, n, scale, part_terms, exchange.masks.setdefault("own", {}), compute)
+        o_own, lse_own = self._own_part(q, k, v, qpos, exchange, heads, n, scale, part_terms, compute)
         kr, vr = remote_kv(exchange, flight, k, v)  # (B, Hkv, M_remote, D): waits for the transfer
         o_rem, lse_rem = local_attention(q, kr, vr, qpos, *exchange.remote, heads, n, scale, part_terms,
                                          exchange.masks.setdefault("remote", {}), compute)
         o, lse = merge_parts([(o_own, lse_own), (o_rem, lse_rem)], terms.sinks)
         return (o.to(q.dtype), lse) if return_lse else o.to(q.dtype)
+
+    def _own_part(self, q, k, v, qpos, exchange, heads, n, scale, terms: ScoreTerms, compute):
+        """The rank's queries against its own keys. Where the rank holds one
+        run of positions and the pattern reads only ``q - k`` (causal, local,
+        stride, dilated, band and their combinations, per head), that block
+        of the attention matrix is the pattern on a sequence of the shard's
+        length, and so one call of patterncc's own attention (the generated
+        kernels on the GPU, planned as for one device; the reference on the
+        CPU); otherwise ``local_attention``'s masked chunks."""
+        attn = self._diagonal_attention(n, qpos, q) if heads_read_only_differences(heads) else None
+        self.last_own_part = "chunks" if attn is None else "attention"
+        if attn is not None:
+            o, lse = attn(q, k, v, scale=scale, return_lse=True, alibi_slopes=terms.alibi_slopes,
+                          rel_bias=terms.rel_bias)
+            return o.to(compute), lse.to(compute)
+        own = exchange.send[self.rank]
+        return local_attention(q, k.index_select(2, own), v.index_select(2, own), qpos, *exchange.own, heads, n,
+                               scale, terms, exchange.masks.setdefault("own", {}), compute)
+
+    def _diagonal_attention(self, n: int, qpos: np.ndarray, q):
+        """The compiled attention for the own part at length ``n`` (cached), or
+        None where the rank's positions are not one run or no backend takes
+        these inputs (float64 on the GPU: the generated kernels compute in
+        float32 at most)."""
+        if qpos.size == 0 or int(qpos[-1] - qpos[0]) + 1 != qpos.size:
+            return None
+        if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return None
+        backend = "triton" if q.is_cuda else "reference"
+        key = (n, backend)
+        if key not in self._own:
+            from ..attention import Attention
+
+            if len(self._own) >= _PLANS_KEPT:
+                self._own.pop(next(iter(self._own)))
+            self._own[key] = Attention(ir.bind(self.mask_pattern, n), backend, softcap=self.softcap)
+        return self._own[key]
 
     def seq_len(self, n_local: int, device=None) -> int:
         """The whole sequence's length, from every rank's ``n_local`` (a
@@ -197,6 +240,11 @@ def check_tensors(q, k, v) -> None:
                          f"length and head dim (dims 0, 2, 3)")
     if Hkv < 1 or H % Hkv:
         raise ValueError(f"q_local's heads H={H} must be a multiple of k_local's heads Hkv={Hkv}")
+
+
+def heads_read_only_differences(heads) -> bool:
+    """Whether every head's pattern depends on ``q - k`` alone (``head_patterns``' result)."""
+    return all(depends_on(p) == "d" for p in heads[0])
 
 
 def head_patterns(bound: ir.Pattern, heads: int) -> tuple[list[ir.Pattern], list[int]]:
