@@ -130,6 +130,38 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=(),
             "nonfinite_grads": not all(bool(torch.isfinite(t.grad).all()) for t in (ql, kl, vl))}
 
 
+class _Marked(torch.autograd.Function):
+    """The identity, noting in ``log`` when the backward pass reaches it."""
+
+    @staticmethod
+    def forward(ctx, o, lse, log):
+        ctx.log = log
+        return o.view_as(o), lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        ctx.log.append("own")
+        return do, dlse, None
+
+
+def _backward_order(pattern: str) -> list[str]:
+    """The order in which one backward pass posts the returning gradients,
+    runs the own part's backward and takes the gradients in (both ranks
+    have keys the other reads at n = 40, contiguous)."""
+    cp = ContextParallelAttention(pattern, block=8)
+    x = torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    q, k, v = (cp.shard(x).clone().requires_grad_() for _ in range(3))
+    own_part = cp._own_part
+
+    def marked(*args):
+        o, lse = own_part(*args)
+        return _Marked.apply(o, lse, cp._last.log)
+
+    cp._own_part = marked
+    cp(q, k, v).sum().backward()
+    return {"log": list(cp._last.log), "own_part": cp.last_own_part, "bytes_backward": cp.last_bytes_sent_backward}
+
+
 def _run_model(sharding_name: str, recompute: bool) -> dict:
     """A SparseTransformer with ``context_parallel_group`` against the same
     model in one process: logits, and the parameters' gradients once each
@@ -198,6 +230,8 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
             results[key] = {"raised": traceback.format_exc()}
     if world_size == 2:
         results["mistakes"] = _run_mistakes(rank)
+        for pattern in ("sliding_window(7)", "fixed(16, 3)"):  # the own part by patterncc's attention, by chunks
+            results[f"order|{pattern}"] = _backward_order(pattern)
     for sharding_name, recompute in (("contiguous", False), ("zigzag", True)):
         try:
             results[f"model|{sharding_name}"] = _run_model(sharding_name, recompute)
@@ -317,6 +351,18 @@ def test_two_ranks_match_the_reference(ranks2, case):
 
 DIFFERENCE_ONLY = ("causal", "sliding_window(7)", "strided(8)", "causal with alibi",
                    "sliding_window(7) with softcap(2.5)", "sliding_window(9)")
+
+
+@pytest.mark.parametrize("pattern", ["sliding_window(7)", "fixed(16, 3)"])
+def test_returning_gradients_travel_while_the_own_part_runs_its_backward(ranks2, pattern):
+    """The remote part's backward posts the gradients going back to their
+    owners; the own part's backward runs; then the received ones are added."""
+    for res in ranks2:
+        found = res[f"order|{pattern}"]
+        assert found["log"] == ["posted", "own", "arrived"], found
+        assert found["bytes_backward"] > 0
+    assert {res[f"order|{pattern}"]["own_part"] for res in ranks2} == {
+        "attention" if pattern.startswith("sliding") else "chunks"}
 
 
 def test_the_own_part_is_patterncc_attention_where_it_can_be(ranks2):

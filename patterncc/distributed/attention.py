@@ -21,8 +21,10 @@
    (``_own_part``): the generated kernels on the GPU.
 
 Gradients flow through plain autograd in step 3 and through the exchange's
-backward, which returns dK/dV rows to the ranks that own them (not
-overlapped: it sends and waits when autograd reaches it). The result
+backward, which returns dK/dV rows to the ranks that own them, overlapped
+too: the remote part's backward starts the transfer, the own part's
+backward runs while it travels, and the received gradients are added last
+(``exchange.arriving``). The result
 is the single-process attention of the whole sequence, sharded: a row with
 no allowed key gives ``o = 0`` and ``lse = -inf``, with zero gradients.
 """
@@ -44,7 +46,7 @@ from ..pipeline import as_pattern
 from ..scores import ScoreTerms, check_terms
 from ..scores import alibi_slopes as standard_alibi_slopes
 from . import sharding as sh
-from .exchange import Exchange, exchange_plan, remote_kv
+from .exchange import Exchange, Returning, arriving, exchange_plan, remote_kv
 
 # Mask elements (bools) kept per exchange plan between calls: a training
 # loop at one length evaluates its masks once.
@@ -132,6 +134,8 @@ class ContextParallelAttention:
         B, H, n_local, D = q.shape
         n = self._agree(n_local, q.device)
         exchange = self._exchange(n, H, q.device)
+        returning = Returning()
+        k, v = arriving(k, v, exchange, returning)  # first: in the backward pass it runs last, after the own part
         flight = exchange.start(k, v)  # every rank takes part, even with nothing to send
         qpos = self.positions(n)
         scale = check_scale(self.scale, D)
@@ -139,7 +143,7 @@ class ContextParallelAttention:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         part_terms = ScoreTerms(terms.softcap, terms.alibi_slopes, None, terms.rel_bias)  # the sink joins once
         o_own, lse_own = self._own_part(q, k, v, qpos, exchange, heads, n, scale, part_terms, compute)
-        kr, vr = remote_kv(exchange, flight, k, v)  # (B, Hkv, M_remote, D): waits for the transfer
+        kr, vr = remote_kv(exchange, flight, k, v, returning)  # (B, Hkv, M_remote, D): waits for the transfer
         o_rem, lse_rem = local_attention(q, kr, vr, qpos, *exchange.remote, heads, n, scale, part_terms,
                                          exchange.masks.setdefault("remote", {}), compute)
         o, lse = merge_parts([(o_own, lse_own), (o_rem, lse_rem)], terms.sinks)

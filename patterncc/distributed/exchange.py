@@ -35,6 +35,7 @@ it, which adds it into its local dK/dV.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,6 +277,8 @@ class Exchange:
         self.bytes_sent = 0
         self.bytes_sent_backward = 0
         self.masks: dict = {}  # the local attention's chunk masks at this length (attention.local_attention)
+        # "posted" and "arrived" as the backward passes them, the last few (tests read the order)
+        self.log: deque[str] = deque(maxlen=8)
 
     def start(self, k: torch.Tensor, v: torch.Tensor) -> "InFlight":
         """Post the sends of this rank's rows of ``k``, ``v`` that other
@@ -289,13 +292,6 @@ class Exchange:
             incoming = {p: kv.new_empty(2, B, Hkv, count, D) for p, count in enumerate(plan.recv) if p != me and count}
         self.bytes_sent = _bytes(outgoing)
         return InFlight(self._post(outgoing, incoming), incoming, outgoing)
-
-    def swap(self, outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor]) -> int:
-        """Send ``outgoing[p]`` to rank ``p`` and receive ``incoming[p]`` from it,
-        all at once; the bytes sent."""
-        for work in self._post(outgoing, incoming):
-            work.wait()
-        return _bytes(outgoing)
 
     def _post(self, outgoing, incoming) -> list:
         ops = [dist.P2POp(dist.isend, t, self.peers[p], self.group) for p, t in outgoing.items()]
@@ -315,27 +311,75 @@ class InFlight:
     works: list
     incoming: dict
     outgoing: dict
+    device: torch.device | None = None
 
 
-def remote_kv(exchange: Exchange, flight: InFlight, k: torch.Tensor, v: torch.Tensor):
+@dataclass(eq=False)
+class Returning:
+    """One call's gradients on their way back to their owners: posted by
+    ``remote_kv``'s backward, awaited by ``arriving``'s."""
+
+    flight: InFlight | None = None
+
+
+def arriving(k: torch.Tensor, v: torch.Tensor, exchange: Exchange, returning: Returning):
+    """``k``, ``v`` unchanged, as the inputs every later use of them reads
+    (``remote_kv``'s transfer, the own part): in the backward pass this
+    node runs after all of them, where it waits for the gradients the
+    other ranks return for this rank's keys and adds them in. Created
+    before the own part, so autograd reaches it only once the own part's
+    backward has run: the returning gradients travel meanwhile."""
+    return _Arriving.apply(k, v, exchange, returning)
+
+
+def remote_kv(exchange: Exchange, flight: InFlight, k: torch.Tensor, v: torch.Tensor, returning: Returning):
     """The keys and values other ranks sent, ``[B, Hkv, M_remote, D]`` in
     ascending position (``exchange.remote``), once ``flight`` has arrived;
-    differentiable in ``k`` and ``v``: the backward returns each received
-    row's gradient to its owner and adds what the other ranks return into
-    this rank's dK/dV."""
-    return _RemoteKV.apply(k, v, exchange, flight)
+    differentiable in ``k`` and ``v`` (``arriving``'s outputs): the backward
+    starts returning each received row's gradient to its owner, and
+    receiving what the others return, without waiting; ``arriving``'s
+    backward waits and adds it into this rank's dK/dV."""
+    return _RemoteKV.apply(k, v, exchange, flight, returning)
+
+
+class _Arriving(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, exchange: Exchange, returning: Returning):
+        ctx.exchange, ctx.returning, ctx.shape, ctx.dtype = exchange, returning, k.shape, k.dtype
+        return k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dk, dv):
+        exchange, returning = ctx.exchange, ctx.returning.flight
+        ctx.returning.flight = None
+        if returning is not None:
+            for work in returning.works:
+                work.wait()
+        exchange.log.append("arrived")
+        if returning is None or not returning.incoming:
+            return dk, dv, None, None
+        # Summed in float32 at least: a key read by several ranks gets one term from each.
+        acc = torch.promote_types(ctx.dtype, torch.float32)
+        total = torch.zeros((2, *ctx.shape), dtype=acc, device=returning.device)
+        for p, t in returning.incoming.items():
+            total.index_add_(3, exchange.send[p], t.to(acc))
+        for i, d in enumerate((dk, dv)):
+            if d is not None:
+                total[i] += d
+        total = total.to(ctx.dtype)
+        return total[0], total[1], None, None
 
 
 class _RemoteKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v, exchange: Exchange, flight: InFlight):
+    def forward(ctx, k, v, exchange: Exchange, flight: InFlight, returning: Returning):
         plan, me = exchange.plan, exchange.plan.rank
         for work in flight.works:
             work.wait()
         empty = k.new_empty(2, k.shape[0], k.shape[1], 0, k.shape[3])
         parts = [flight.incoming.get(p, empty) for p in range(plan.world_size) if p != me]
         received = torch.cat(parts or [empty], dim=3).index_select(3, exchange.remote_order)  # (2, B, Hkv, M_remote, D)
-        ctx.exchange, ctx.local_len = exchange, k.shape[2]
+        ctx.exchange, ctx.returning = exchange, returning
         return received[0], received[1]
 
     @staticmethod
@@ -350,11 +394,7 @@ class _RemoteKV(torch.autograd.Function):
         outgoing = {p: t.contiguous() for p, t in parts.items() if t.shape[3]}
         incoming = {p: dkv.new_empty(2, B, Hkv, len(idx), D)
                     for p, idx in enumerate(exchange.send) if p != me and len(idx)}
-        exchange.bytes_sent_backward = exchange.swap(outgoing, incoming)
-        # Summed in float32 at least: a key read by several ranks gets one term from each.
-        acc = torch.promote_types(dkv.dtype, torch.float32)
-        total = dkv.new_zeros(2, B, Hkv, ctx.local_len, D, dtype=acc)
-        for p, t in incoming.items():
-            total.index_add_(3, exchange.send[p], t.to(acc))
-        total = total.to(dkv.dtype)
-        return total[0], total[1], None, None
+        exchange.bytes_sent_backward = _bytes(outgoing)
+        ctx.returning.flight = InFlight(exchange._post(outgoing, incoming), incoming, outgoing, dkv.device)
+        exchange.log.append("posted")
+        return None, None, None, None, None
