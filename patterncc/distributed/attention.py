@@ -330,7 +330,9 @@ def merge_parts(parts, sinks=None):
 def chunk_mask(patterns, index, qpos: np.ndarray, kpos: np.ndarray, n: int, device) -> torch.Tensor:
     """bool ``(H, rows, keys)``, or ``(1, rows, keys)`` when every head
     shares one pattern: which of these queries may attend to these keys."""
-    masks = [torch.as_tensor(evaluate(p, qpos[:, None], kpos[None, :], n), device=device) for p in patterns]
+    # writable (a broadcast result is not, and torch warns on those)
+    masks = [torch.as_tensor(np.require(evaluate(p, qpos[:, None], kpos[None, :], n), requirements="W"),
+                             device=device) for p in patterns]
     return masks[0][None] if len(masks) == 1 else torch.stack([masks[i] for i in index])
 
 
