@@ -12,7 +12,9 @@
   with ``mode="reduce-overhead"`` (CUDA graph trees, no skips), both against
   the same steps run eagerly;
 - packed batches (``cu_seqlens``) through a compiled model, and a decoding
-  step from a KV cache (device lengths) under ``mode="reduce-overhead"``.
+  step from a KV cache (device lengths) under ``mode="reduce-overhead"``;
+- warm eager calls of the record's five patterns, forward and backward,
+  under the profiler: no host wait for the card and no host-device copy.
 
 Eager and compiled run the same op (the same kernels, in the same order);
 what inductor fuses around it (LayerNorm, GELU, the loss) differs in its
