@@ -12,9 +12,6 @@ For each case, three fresh processes, each timing only its first call
   ``strided(128)``): it shares the first one's compiled kernels (codegen.py);
 - ``pcc cold, serial``: ``pcc cold`` with ``PATTERNCC_COMPILE_AHEAD=0``: the
   kernels compile one by one at their launches instead of in parallel;
-- ``pcc cold, forked``: ``pcc cold`` with ``PATTERNCC_COMPILE_PROCESSES=1``:
-  the kernels compile in forked processes rather than threads
-  (``backends/triton/forked.py``);
 - ``pcc warm``: the same in a second process on the caches the first one
   filled (a new process of a pattern seen before: the disk cache);
 - ``flex cold``: FlexAttention's first call on empty caches:
@@ -141,23 +138,19 @@ def main() -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         subprocess.run([sys.executable, "-c", _IMPORT_ALL], env=env, check=True, timeout=600, cwd=pycache.name)
     print("| case | pcc cold (s) | pcc new ints, same process (s) | pcc cold, serial compile (s) "
-          "| pcc cold, forked compile (s) | pcc warm, new process (s) | flex cold (s) |\n|---|---|---|---|---|---|---|",
-          flush=True)
+          "| pcc warm, new process (s) | flex cold (s) |\n|---|---|---|---|---|---|", flush=True)
     for name in args.cases.split(","):
         source, mask, Hkv, D, then = CASES[name]
         spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask)
         with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as pcc_dir, \
                 tempfile.TemporaryDirectory(prefix="patterncc-serial-") as serial_dir, \
-                tempfile.TemporaryDirectory(prefix="patterncc-forked-") as forked_dir, \
                 tempfile.TemporaryDirectory(prefix="flex-cold-") as flex_dir:
             cold = first_call(dict(spec, who="pcc", then=then), pcc_dir)
             serial = first_call(dict(spec, who="pcc"), serial_dir, PATTERNCC_COMPILE_AHEAD="0")
-            in_processes = first_call(dict(spec, who="pcc"), forked_dir, PATTERNCC_COMPILE_PROCESSES="1")
             warm = first_call(dict(spec, who="pcc"), pcc_dir)
             flex = first_call(dict(spec, who="flex"), flex_dir)
         row = {"pcc cold": _seconds(cold, "first_call_s"), "pcc new ints": _seconds(cold, "then_s"),
-               "pcc cold serial": _seconds(serial, "first_call_s"),
-               "pcc cold forked": _seconds(in_processes, "first_call_s"), "pcc warm": _seconds(warm, "first_call_s"),
+               "pcc cold serial": _seconds(serial, "first_call_s"), "pcc warm": _seconds(warm, "first_call_s"),
                "flex cold": _seconds(flex, "first_call_s")}
         results[name] = row
         cells = [f"{x:.2f}" if isinstance(x, float) else x for x in row.values()]

@@ -186,10 +186,8 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from patterncc.backends.triton.config import default_config
-    from patterncc.backends.triton.runtime import load_kernels
 
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
@@ -201,33 +199,10 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
                for dtype in dtypes for D in head_dims for walk in (None, 0.0)
                if walk is None or (config is None and default_config(D, dtype, walk=walk) != default_config(D, dtype))]
     for D, dtype, cfg, walk_label in configs:
-        module = load_kernels(pattern, cfg)
         short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-        common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                      GROUP=1, ADDR32=True)  # the backward's int32 row offsets, as every usual shape takes
-        kernels = [
-            ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
-             f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
-            ("dK/dV", module.attn_bwd_dkdv, dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, NUM_STAGES=cfg.bwd_stages),
-             f"{cfg.block_m1}x{cfg.block_n1}", cfg.bwd_warps, cfg.bwd_stages),
-            ("dQ", module.attn_bwd_dq, dict(BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, NUM_STAGES=cfg.bwd_stages),
-             f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
-        ]
-        for name, fn, constexprs, tiles, warps, stages in kernels:
-            constexprs = {k: v for k, v in {**common, **constexprs, **(variant or {})}.items() if k in fn.arg_names}
-            # every other constexpr at its default (natural order, no ADD_IN, ...), as a plain
-            # launch passes it: left out, it would compile as a runtime argument with its branches
-            constexprs.update({p.name: p.default for p in fn.params
-                               if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty})
-            signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
-            # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16, and
-            # the scalars the kernel leaves to Triton to specialize (dK/dV's N_TOK) a multiple of 16
-            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                     if signature[a].startswith("*") or a.startswith("stride_")
-                     or (a in ("N", "N_TOK") and not fn.params[i].do_not_specialize)}
+        for name, source, tiles, warps, stages in kernel_sources(pattern, D, dtype, cfg, variant):
             try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                          options=dict(num_warps=warps, num_stages=stages))
+                compiled = triton.compile(source, target=target, options=dict(num_warps=warps, num_stages=stages))
                 regs, stack, local = "?", "?", "?"
                 if cuobjdump:
                     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -245,6 +220,44 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
                 lines.append(f"| {D} | {short}{walk_label} | {name} | {tiles}, {warps}, {stages} | failed: "
                              f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | | |")
     return "\n".join(lines)
+
+
+def kernel_sources(pattern: ir.Pattern, D: int, dtype: str, cfg: KernelConfig, variant: dict | None = None):
+    """``(name, ASTSource, tiles, warps, stages)`` of the forward, dK/dV and
+    dQ kernels of ``pattern`` at head dim ``D`` as a launch without GQA
+    specializes them (``GROUP`` = 1 is a constant): what ``triton.compile``
+    takes to build them for any target, no GPU needed (not under
+    TRITON_INTERPRET=1). ``variant``: constexprs that differ from a plain
+    launch's (``dict(FULL_RUNS=True)``), set in every kernel that has them."""
+    from triton.compiler import ASTSource
+
+    from patterncc.backends.triton.runtime import load_kernels
+
+    module = load_kernels(pattern, cfg)
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                  GROUP=1, ADDR32=True)  # the backward's int32 row offsets, as every usual shape takes
+    kernels = [
+        ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
+         f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
+        ("dK/dV", module.attn_bwd_dkdv, dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, NUM_STAGES=cfg.bwd_stages),
+         f"{cfg.block_m1}x{cfg.block_n1}", cfg.bwd_warps, cfg.bwd_stages),
+        ("dQ", module.attn_bwd_dq, dict(BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, NUM_STAGES=cfg.bwd_stages),
+         f"{cfg.block_m2}x{cfg.block_n2}", cfg.bwd_warps, cfg.bwd_stages),
+    ]
+    for name, fn, constexprs, tiles, warps, stages in kernels:
+        constexprs = {k: v for k, v in {**common, **constexprs, **(variant or {})}.items() if k in fn.arg_names}
+        # every other constexpr at its default (natural order, no ADD_IN, ...), as a plain
+        # launch passes it: left out, it would compile as a runtime argument with its branches
+        constexprs.update({p.name: p.default for p in fn.params
+                           if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty})
+        signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
+        # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16, and
+        # the scalars the kernel leaves to Triton to specialize (dK/dV's N_TOK) a multiple of 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if signature[a].startswith("*") or a.startswith("stride_")
+                 or (a in ("N", "N_TOK") and not fn.params[i].do_not_specialize)}
+        yield name, ASTSource(fn, signature, constexprs, attrs), tiles, warps, stages
 
 
 def _arg_type(name: str, dtype: str) -> str:

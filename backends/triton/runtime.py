@@ -58,7 +58,7 @@ from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from patterncc.backends.reference.checks import check_scale as _check_scale
 
-from . import _interpret, cache, codegen, forked
+from . import _interpret, cache, codegen
 from ._interpret import interpreting
 from .config import DEFAULT_BLOCK, KernelConfig, default_config, padded_head_dim
 from .device_tables import _DeviceTables, _random_buffer  # noqa: F401  (re-exported)
@@ -367,9 +367,7 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
     kernel this misses (an ``lse`` gradient, an output gradient with other
     strides) compiles at its launch, as without this. A no-op under the
     interpreter, during CUDA graph capture, on a Triton without
-    ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``.
-    ``PATTERNCC_COMPILE_PROCESSES=1`` compiles in forked processes instead
-    of threads (``forked.py``)."""
+    ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``."""
     global _ahead_failed
     if q.device.type == "meta" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
         return  # (meta: the warm-up's own launches)
@@ -381,15 +379,10 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
     warming = [(replace(run, module=_Warming(run.module)), order) for run, order in launches]
     mq, mk, mv = (meta(x) for x in (q, k, v))
     mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors()))
-    executor = forked.ForkedCompiles() if forked.enabled() else _compile_pool()
     try:
-        with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(executor):
-            try:
-                o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
-                launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
-            finally:  # every job submitted (or the pass failed): compile them, else leaving the mode waits forever
-                if isinstance(executor, forked.ForkedCompiles):
-                    executor.run(_compile_pool())
+        with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(_compile_pool()):
+            o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
+            launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
     except Exception as err:  # the launches compile their kernels themselves, as without this
         _ahead_failed = True
         warnings.warn(f"patterncc: compiling a first call's kernels in parallel failed ({type(err).__name__}: "
@@ -420,8 +413,8 @@ def _compile_pool():
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        # ptxas runs as a process and parts of Triton's passes release the GIL: threads overlap
-        # partly (11.4 s serial, 5.1 s on 8 threads on the H200's 16-core host; forked.py uses processes).
+        # Triton releases the GIL in its compiler passes and ptxas runs as a process: threads overlap
+        # (bench/compile_parallel.py: 2.1x on 2 CPUs, Triton 3.9; forked processes 1.5-1.95x there).
         _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="patterncc-compile")
     return _pool
 
