@@ -1,6 +1,6 @@
 """Where a warm start's first call spends its time (one GPU).
 
-    python bench/warm_start.py [--top 30]
+    python bench/warm_start.py [--top 30] [--front] [--cold]
 
 Runs the cold-start case of ``probes.cold_start``
 (the first forward+backward of a pattern no cache has seen) in a fresh
@@ -9,6 +9,9 @@ plain (the warm-start figure, aimed under 0.5 s) and once with the
 first call alone under cProfile, printing the functions with the most
 cumulative time, so the seconds can be assigned to layout, module load,
 Triton's cache lookup (``triton_key``), cubin load and launcher build.
+``--cold`` profiles the cold process instead (on empty caches: where the
+seconds of a first-ever call go, the compile pool's and Triton's launcher
+builds included, as the main thread waits for them).
 """
 
 from __future__ import annotations
@@ -63,21 +66,24 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--front", action="store_true",
                     help="time pcc.compile(strided(l))'s first call (the user's path) instead of TritonAttention's")
+    ap.add_argument("--cold", action="store_true", help="profile the first call on empty caches instead")
     args = ap.parse_args()
     spec = json.dumps(dict(n=4096, H=16, D=64, w=777 + int(time.time()) % 1000, g=33, who="pcc"))
     source = textwrap.dedent(_FRONT_CALL if args.front else FIRST_CALL)
     with tempfile.TemporaryDirectory(prefix="patterncc-warm-") as tmp:
         env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(tmp, "pcc"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
         env.pop("TRITON_INTERPRET", None)
-        runs = [("cold", [sys.executable, "-c", source, spec]), ("warm", [sys.executable, "-c", source, spec]),
-                ("warm, profiled", [sys.executable, "-c", _PROFILED.format(source=source, top=args.top), spec])]
+        profiled = [sys.executable, "-c", _PROFILED.format(source=source, top=args.top), spec]
+        runs = [("cold, profiled", profiled)] if args.cold else [
+            ("cold", [sys.executable, "-c", source, spec]), ("warm", [sys.executable, "-c", source, spec]),
+            ("warm, profiled", profiled)]
         for label, cmd in runs:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
             wall = time.perf_counter() - t0
             result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             print(f"== {label}: process wall {wall:.2f} s, {result[0] if result else proc.stderr[-2000:]}", flush=True)
-            if label == "warm, profiled":
+            if label.endswith("profiled"):
                 print(proc.stdout, flush=True)
 
 
