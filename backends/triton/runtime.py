@@ -44,6 +44,7 @@ import os
 import types
 import warnings
 import weakref
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import torch
@@ -367,7 +368,10 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
     kernel this misses (an ``lse`` gradient, an output gradient with other
     strides) compiles at its launch, as without this. A no-op under the
     interpreter, during CUDA graph capture, on a Triton without
-    ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``."""
+    ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``.
+    The compiled kernels are then loaded, and their launchers built, in
+    parallel too (``load_ahead``; ``PATTERNCC_LOAD_AHEAD=0`` leaves that to
+    each first launch)."""
     global _ahead_failed
     if q.device.type == "meta" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
         return  # (meta: the warm-up's own launches)
@@ -379,8 +383,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
     warming = [(replace(run, module=_Warming(run.module)), order) for run, order in launches]
     mq, mk, mv = (meta(x) for x in (q, k, v))
     mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors()))
+    compiles = _Recorded(_compile_pool())
     try:
-        with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(_compile_pool()):
+        with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
     except Exception as err:  # the launches compile their kernels themselves, as without this
@@ -388,7 +393,51 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
         warnings.warn(f"patterncc: compiling a first call's kernels in parallel failed ({type(err).__name__}: "
                       f"{err}); they compile one by one at their launches", RuntimeWarning, stacklevel=3)
         return
+    if os.environ.get("PATTERNCC_LOAD_AHEAD") != "0":
+        load_ahead(compiles.kernels(), lambda: torch.cuda.device(q.device), _compile_pool())
     _AHEAD.update(run for run, _ in launches)
+
+
+class _Recorded(Executor):
+    """``pool``, keeping the futures of what it is given (``kernels``)."""
+
+    def __init__(self, pool: Executor):
+        self.pool = pool
+        self.futures = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = self.pool.submit(fn, *args, **kwargs)
+        self.futures.append(future)
+        return future
+
+    def kernels(self) -> list:
+        """The compiled kernels the jobs returned (each once)."""
+        from triton.compiler import CompiledKernel
+
+        done = [f.result() for f in self.futures if f.done() and f.exception() is None]
+        return list({id(k): k for k in done if isinstance(k, CompiledKernel)}.values())
+
+
+def load_ahead(kernels, on_device, pool: Executor) -> None:
+    """Build each compiled kernel's launcher and load its binary onto the
+    device, in parallel on ``pool`` (each job inside ``on_device()``).
+
+    Triton does both at a kernel's first launch, one kernel after the other,
+    and a launcher missing from Triton's cache is a C compile, about half a
+    second each (``triton.runtime.build.compile_module_from_src``): a
+    first-ever call launches four to eight distinct kernels. A kernel that
+    fails here (more shared memory than the card has, say) is left to fail
+    again at its launch, where ``_Run._launch`` handles it."""
+
+    def load(kernel):
+        try:
+            with on_device():
+                kernel._init_handles()
+        except Exception:  # noqa: BLE001  (the launch raises it again, where it is handled)
+            pass
+
+    for future in [pool.submit(load, kernel) for kernel in kernels]:
+        future.result()
 
 
 _ahead_failed = False
