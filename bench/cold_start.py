@@ -12,6 +12,9 @@ For each case, three fresh processes, each timing only its first call
   ``strided(128)``): it shares the first one's compiled kernels (codegen.py);
 - ``pcc cold, serial``: ``pcc cold`` with ``PATTERNCC_COMPILE_AHEAD=0``: the
   kernels compile one by one at their launches instead of in parallel;
+- ``pcc cold, loaded at launch``: ``pcc cold`` with ``PATTERNCC_LOAD_AHEAD=0``:
+  each compiled kernel is loaded and its launcher built at its first
+  launch, one after the other, instead of side by side ahead of them;
 - ``pcc new pattern, used caches``: a fresh process whose caches another
   pattern's process filled (its integers differ: ``strided(192)`` ran first,
   untimed), as for someone who has used patterncc before and writes a new
@@ -143,23 +146,26 @@ def main() -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         subprocess.run([sys.executable, "-c", _IMPORT_ALL], env=env, check=True, timeout=600, cwd=pycache.name)
     print("| case | pcc cold (s) | pcc new ints, same process (s) | pcc cold, serial compile (s) "
-          "| pcc new pattern, used caches (s) | pcc warm, new process (s) | flex cold (s) |"
-          "\n|---|---|---|---|---|---|---|", flush=True)
+          "| pcc cold, loaded at launch (s) | pcc new pattern, used caches (s) | pcc warm, new process (s) "
+          "| flex cold (s) |\n|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.cases.split(","):
         source, mask, Hkv, D, then = CASES[name]
         spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask)
         with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as pcc_dir, \
                 tempfile.TemporaryDirectory(prefix="patterncc-serial-") as serial_dir, \
                 tempfile.TemporaryDirectory(prefix="patterncc-used-") as used_dir, \
+                tempfile.TemporaryDirectory(prefix="patterncc-at-launch-") as at_launch_dir, \
                 tempfile.TemporaryDirectory(prefix="flex-cold-") as flex_dir:
             cold = first_call(dict(spec, who="pcc", then=then), pcc_dir)
             serial = first_call(dict(spec, who="pcc"), serial_dir, PATTERNCC_COMPILE_AHEAD="0")
+            at_launch = first_call(dict(spec, who="pcc"), at_launch_dir, PATTERNCC_LOAD_AHEAD="0")
             first_call(dict(spec, who="pcc", source=then), used_dir)  # untimed: another pattern fills the caches
             used = first_call(dict(spec, who="pcc"), used_dir)
             warm = first_call(dict(spec, who="pcc"), pcc_dir)
             flex = first_call(dict(spec, who="flex"), flex_dir)
         row = {"pcc cold": _seconds(cold, "first_call_s"), "pcc new ints": _seconds(cold, "then_s"),
                "pcc cold serial": _seconds(serial, "first_call_s"),
+               "pcc cold, loaded at launch": _seconds(at_launch, "first_call_s"),
                "pcc new pattern, used caches": _seconds(used, "first_call_s"), "pcc warm": _seconds(warm, "first_call_s"),
                "flex cold": _seconds(flex, "first_call_s")}
         results[name] = row

@@ -37,7 +37,7 @@
 #   host      the host's cost of a planned strided(128) forward at n=16384,
 #             layer by layer, and a cProfile of it                 (~30 s)
 #   firstcall bench/cold_start.py: a new pattern's first forward+backward in
-#             fresh processes (cold, new integers, serial, caches another
+#             fresh processes (cold, new integers, serial, loaded at launch, caches another
 #             pattern filled, warm disk cache) beside Flex's; then the cold
 #             call profiled (warm_start.py --front --cold) and the kernels
 #             compiled serially, on threads and in processes
@@ -170,7 +170,7 @@ run_host() {
 
 run_firstcall() {
     echo "== firstcall" | tee -a "$OUT/summary.txt"
-    timeout 300 python3 bench/cold_start.py --n 4096 --json "$OUT/cold_start.json" 2>&1 \
+    timeout 420 python3 bench/cold_start.py --n 4096 --json "$OUT/cold_start.json" 2>&1 \
         | tee "$OUT/cold_start.log" || fail firstcall
     timeout 90 python3 bench/warm_start.py --front --cold --top 60 2>&1 | tee "$OUT/cold_profile.log" || fail firstcall
     timeout 150 python3 bench/compile_parallel.py --patterns "strided(128)" "fixed(128,32)" 2>&1 \
