@@ -1,0 +1,60 @@
+"""Context parallelism's local compute on one GPU: a group of one ``gloo``
+rank, so every key is the rank's own, with the own part on patterncc's
+attention (the generated kernels) against the masked chunks that every
+other part uses.
+
+    python bench/context_parallel_local.py [--cases "sliding_window(4096)@65536" "strided(128)@16384"]
+
+B = 1, H = 16, D = 128, bf16; forward+backward of ``cp(q, k, v).sum()``,
+the median of 3 after one untimed call, in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from patterncc.distributed import ContextParallelAttention
+
+
+def step_ms(pattern: str, n: int, own_part: str) -> float:
+    q, k, v = (torch.randn(1, 16, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cp = ContextParallelAttention(pattern)
+    if own_part == "chunks":
+        cp._diagonal_attention = lambda *args: None  # the masked chunks, as for a pattern of positions
+    cp(q, k, v).sum().backward()
+    assert cp.last_own_part == own_part, cp.last_own_part
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cp(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["sliding_window(4096)@65536", "strided(128)@16384"],
+                    help="PATTERN@N")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            print("| pattern | n | own part on the kernels, ms | own part in masked chunks, ms |\n|---|---|---|---|")
+            for case in args.cases:
+                pattern, n = case.rsplit("@", 1)
+                print(f"| {pattern} | {n} | {step_ms(pattern, int(n), 'attention'):.1f} "
+                      f"| {step_ms(pattern, int(n), 'chunks'):.1f} |", flush=True)
+        finally:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
