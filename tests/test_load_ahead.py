@@ -19,6 +19,7 @@ from patterncc.backends.triton.runtime import _Recorded, load_ahead
 class _Kernel(CompiledKernel):
     def __init__(self, log, barrier=None, fails=False):  # nothing compiled: only the loading is recorded
         self.log, self.barrier, self.fails = log, barrier, fails
+        self.module = self._run = None
 
     def __del__(self):
         pass
@@ -27,8 +28,10 @@ class _Kernel(CompiledKernel):
         self.log.append(("loaded", id(self), getattr(_context, "inside", False)))
         if self.barrier is not None:
             self.barrier.wait(timeout=10)  # returns only when every kernel is loading at once
+        self._run = "launcher"  # Triton builds the launcher before it loads the binary
         if self.fails:
-            raise RuntimeError("out of shared memory")
+            raise RuntimeError("the binary does not load")
+        self.module = "module"
 
 
 _context = threading.local()
@@ -53,11 +56,15 @@ def test_kernels_load_side_by_side_inside_the_device_context():
 
 
 def test_a_kernel_that_fails_to_load_is_left_to_its_launch():
+    """Its launch then loads it from the start (a launcher built before the
+    failure is not taken for a loaded kernel) and raises what it raises."""
     log = []
-    kernels = [_Kernel(log, fails=True), _Kernel(log)]
+    failing, fine = _Kernel(log, fails=True), _Kernel(log)
     with ThreadPoolExecutor(2) as pool:
-        load_ahead(kernels, _on_device, pool)  # no error here
+        load_ahead([failing, fine], _on_device, pool)  # no error here
     assert len(log) == 2
+    assert failing.module is None and failing._run is None
+    assert fine.module == "module" and fine._run == "launcher"
 
 
 def test_the_recorded_compiles_give_each_compiled_kernel_once():

@@ -434,7 +434,9 @@ def load_ahead(kernels, on_device, pool: Executor) -> None:
             with on_device():
                 kernel._init_handles()
         except Exception:  # noqa: BLE001  (the launch raises it again, where it is handled)
-            pass
+            if getattr(kernel, "module", None) is None:
+                # Not loaded, though its launcher may be built: the launch starts over, as without this.
+                kernel._run = None
 
     for future in [pool.submit(load, kernel) for kernel in kernels]:
         future.result()
