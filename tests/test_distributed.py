@@ -103,7 +103,8 @@ def _run_case(cp_group, pattern, n, sharding_name, H, Hkv, dtype, call_terms=(),
     low = getattr(torch, dtype)
     q, k, v = (x.to(low).double() for x in (q, k, v))  # the reference sees the inputs the ranks see
     o_ref, lse_ref, dq, dk, dv, term_grads = _reference(pattern, q, k, v, do, dlse, terms)
-    cp = ContextParallelAttention(pattern, cp_group, sharding_name, block=block)
+    # own_part="attention": patterncc's attention (the reference here) wherever it can run, "auto" only on the GPU
+    cp = ContextParallelAttention(pattern, cp_group, sharding_name, block=block, own_part="attention")
     ql, kl, vl = (cp.shard(x).to(device, low).requires_grad_() for x in (q, k, v))
     local_terms = {name: t.to(device).requires_grad_() for name, t in terms.items()}
     o, lse = cp(ql, kl, vl, return_lse=True, **local_terms)
@@ -148,7 +149,7 @@ def _backward_order(pattern: str) -> list[str]:
     """The order in which one backward pass posts the returning gradients,
     runs the own part's backward and takes the gradients in (both ranks
     have keys the other reads at n = 40, contiguous)."""
-    cp = ContextParallelAttention(pattern, block=8)
+    cp = ContextParallelAttention(pattern, block=8, own_part="attention")
     x = torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     q, k, v = (cp.shard(x).clone().requires_grad_() for _ in range(3))
     own_part = cp._own_part
@@ -201,6 +202,7 @@ def _run_mistakes(rank: int) -> dict:
         "length": lambda: cp(*[x[:, :, : 10 + rank]] * 3),  # rank 1 holds 11 of 21: rank 0 should hold 11
         "dims": lambda: cp(x[0] if rank == 1 else cp.shard(x), cp.shard(x), cp.shard(x)),
         "heads": lambda: cp(*[cp.shard(torch.randn(1, 3, 20, 4))] * 3),
+        "own_part": lambda: ContextParallelAttention("causal", own_part="kernels"),
     }
     for name, call in mistakes.items():
         try:
@@ -232,6 +234,9 @@ def _rank(rank, world_size, init_file, out_dir, cases, drawn):
         results["mistakes"] = _run_mistakes(rank)
         for pattern in ("sliding_window(7)", "fixed(16, 3)"):  # the own part by patterncc's attention, by chunks
             results[f"order|{pattern}"] = _backward_order(pattern)
+        cp = ContextParallelAttention("sliding_window(7)")  # own_part="auto", on the CPU
+        cp(*[cp.shard(torch.randn(1, 2, 40, 8))] * 3)
+        results["auto"] = cp.last_own_part
     for sharding_name, recompute in (("contiguous", False), ("zigzag", True)):
         try:
             results[f"model|{sharding_name}"] = _run_model(sharding_name, recompute)
@@ -365,9 +370,16 @@ def test_returning_gradients_travel_while_the_own_part_runs_its_backward(ranks2,
         "attention" if pattern.startswith("sliding") else "chunks"}
 
 
+def test_off_the_gpu_the_own_part_is_chunks_by_default(ranks2):
+    """``own_part="auto"``: the float32 chunks on the CPU, where they are
+    about ten times faster than the float64 reference."""
+    assert [res["auto"] for res in ranks2] == ["chunks", "chunks"]
+
+
 def test_the_own_part_is_patterncc_attention_where_it_can_be(ranks2):
-    """A rank holding one run of positions under a pattern of ``q - k`` alone
-    attends to its own keys with patterncc's attention on the shard; the
+    """With ``own_part="attention"``, a rank holding one run of positions under
+    a pattern of ``q - k`` alone attends to its own keys with patterncc's
+    attention on the shard; the
     others (zigzag's outer ranks, positional patterns, a rank without queries) use the
     masked chunks. Both ways are checked against the reference above."""
     ways = set()
@@ -423,6 +435,7 @@ def test_wrong_inputs_on_any_rank_stop_every_rank(ranks2):
     for found in (first, second):
         assert found["length"].startswith("ValueError: rank 0 holds 10 tokens, but contiguous sharding of n=21")
         assert found["heads"].startswith("HeadsError") and "heads=3" in found["heads"]
+        assert found["own_part"] == "ValueError: own_part='kernels' is not one of 'auto', 'attention', 'chunks'"
     assert first["dims"] == ("ValueError: the inputs of rank 1 are wrong (that rank's own error says how), "
                              "so every rank stops")
     assert second["dims"].startswith("ValueError: q_local must be [B, H, n_local, D] (4 dims), got shape (2, 20, 4)")

@@ -53,6 +53,7 @@ from .exchange import Exchange, Returning, arriving, exchange_plan, remote_kv
 MASK_CACHE_ELEMENTS = 2**26
 # Exchange plans kept per instance, one per (n, heads, device) seen most recently.
 _PLANS_KEPT = 8
+OWN_PART_WAYS = ("auto", "attention", "chunks")
 
 
 class ContextParallelAttention:
@@ -70,13 +71,19 @@ class ContextParallelAttention:
     ``alibi_slopes``, ``sinks`` ``[H]`` and ``rel_bias`` ``[H, 2M + 1]``; the
     gradient a rank gets for those tensors is its queries' share (sum it over
     the group, as for any replicated parameter).
+    ``own_part``: how a rank attends to its own keys where its positions
+    are one run and the pattern reads ``q - k`` alone: ``"attention"``,
+    patterncc's attention on the shard (the generated kernels on the GPU,
+    the reference elsewhere); ``"chunks"``, the masked chunks every other
+    part uses; ``"auto"`` (default), the first on the GPU and the second
+    elsewhere.
     ``last_bytes_sent`` / ``last_bytes_sent_backward``: what this rank sent
     in the last call's exchange and its backward; ``last_own_part``: how the
     last call computed its queries against its own keys, ``"attention"``
     (patterncc's attention on the shard) or ``"chunks"`` (masked chunks)."""
 
     def __init__(self, pattern, group=None, sharding: str = "contiguous", *, block: int = 64, scale=None,
-                 softcap: float | None = None):
+                 softcap: float | None = None, own_part: str = "auto"):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ContextParallelAttention needs torch.distributed initialised: "
                                "call torch.distributed.init_process_group() first (torchrun sets it up)")
@@ -92,8 +99,11 @@ class ContextParallelAttention:
             raise ValueError("this process is not a member of the group given to ContextParallelAttention")
         if scale is not None:
             check_scale(scale, 1)
+        if own_part not in OWN_PART_WAYS:
+            raise ValueError(f"{own_part=} is not one of {', '.join(map(repr, OWN_PART_WAYS))}")
         self.block = block
         self.scale = scale
+        self.own_part = own_part
         self._plans: dict[tuple, Exchange] = {}
         self._own: dict[tuple, object] = {}  # (n, backend) -> the own part's compiled attention
         self.last_own_part: str | None = None  # how the last call computed the own part (_own_part)
@@ -169,9 +179,13 @@ class ContextParallelAttention:
 
     def _diagonal_attention(self, n: int, qpos: np.ndarray, q):
         """The compiled attention for the own part at length ``n`` (cached), or
-        None where the rank's positions are not one run or no backend takes
-        these inputs (float64 on the GPU: the generated kernels compute in
-        float32 at most)."""
+        None where ``own_part`` says chunks (``"auto"`` off the GPU: there the
+        float32 chunks are about ten times faster than the float64
+        reference), the rank's positions are not one run, or no backend
+        takes these inputs (float64 on the GPU: the generated kernels
+        compute in float32 at most)."""
+        if self.own_part == "chunks" or (self.own_part == "auto" and not q.is_cuda):
+            return None
         if qpos.size == 0 or int(qpos[-1] - qpos[0]) + 1 != qpos.size:
             return None
         if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
