@@ -533,7 +533,7 @@ def test_own_and_remote_keys_split_the_gathered_ones(p):
 
 
 def test_chunks_that_read_no_key_run_as_one():
-    from patterncc.distributed.attention import coalesced
+    from patterncc.distributed.exchange import coalesced
 
     chunks = np.array([[0, 4, 0, 0], [4, 8, 0, 0], [8, 12, 3, 9], [12, 16, 5, 5], [16, 20, 0, 0], [20, 21, 1, 2]])
     assert coalesced(chunks).tolist() == [[0, 8, 0, 0], [8, 12, 3, 9], [12, 20, 0, 0], [20, 21, 1, 2]]

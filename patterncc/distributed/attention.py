@@ -42,6 +42,7 @@ from .. import ir
 from ..backends.reference.checks import check_scale
 from ..blocklayout.evaluation import depends_on
 from ..masks import evaluate
+from ..lru import LRU
 from ..pipeline import as_pattern
 from ..scores import ScoreTerms, check_terms
 from ..scores import alibi_slopes as standard_alibi_slopes
@@ -104,8 +105,8 @@ class ContextParallelAttention:
         self.block = block
         self.scale = scale
         self.own_part = own_part
-        self._plans: dict[tuple, Exchange] = {}
-        self._own: dict[tuple, object] = {}  # (n, backend) -> the own part's compiled attention
+        self._plans = LRU(_PLANS_KEPT)  # (n, heads, device) -> Exchange
+        self._own = LRU(_PLANS_KEPT)  # n -> the own part's compiled attention (its backend per call)
         self.last_own_part: str | None = None  # how the last call computed the own part (_own_part)
         self._last: Exchange | None = None
 
@@ -190,15 +191,12 @@ class ContextParallelAttention:
             return None
         if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return None
-        backend = "triton" if q.is_cuda else "reference"
-        key = (n, backend)
-        if key not in self._own:
+        if n not in self._own:
             from ..attention import Attention
 
-            if len(self._own) >= _PLANS_KEPT:
-                self._own.pop(next(iter(self._own)))
-            self._own[key] = Attention(ir.bind(self.mask_pattern, n), backend, softcap=self.softcap)
-        return self._own[key]
+            # backend "auto": the generated kernels for CUDA tensors, the reference otherwise
+            self._own[n] = Attention(ir.bind(self.mask_pattern, n), softcap=self.softcap)
+        return self._own[n]
 
     def seq_len(self, n_local: int, device=None) -> int:
         """The whole sequence's length, from every rank's ``n_local`` (a
@@ -228,8 +226,6 @@ class ContextParallelAttention:
     def _exchange(self, n: int, heads: int, device: torch.device) -> Exchange:
         key = (n, heads, device)
         if key not in self._plans:
-            if len(self._plans) >= _PLANS_KEPT:
-                self._plans.pop(next(iter(self._plans)))
             plan = exchange_plan(self.mask_pattern, n, heads, self.world_size, self.rank, self.sharding, self.block)
             self._plans[key] = Exchange(plan, self.group, device)
         self._last = self._plans[key]
@@ -289,7 +285,7 @@ def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.nd
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kg, vg, *tensors))
     outs, lses = [], []
     cache = {} if cache is None else cache
-    for r0, r1, a, b in coalesced(chunks).tolist():  # a rank with no queries has one empty chunk: it joins the backward
+    for r0, r1, a, b in chunks.tolist():  # a rank with no queries has one empty chunk: it joins the backward
         mask = cache.get((r0, a))
         if mask is None:
             mask = chunk_mask(patterns, index, qpos[r0:r1], kpos[a:b], n, q.device)
@@ -303,23 +299,6 @@ def local_attention(q, kg, vg, qpos: np.ndarray, kpos: np.ndarray, chunks: np.nd
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2).to(dtype or q.dtype), torch.cat(lses, dim=2)
-
-
-def coalesced(chunks: np.ndarray) -> np.ndarray:
-    """``chunks`` with each run of consecutive chunks that read no key made
-    one chunk (its rows, keys ``0:0``): those rows get ``o = 0`` and ``lse =
-    -inf`` from one small computation. The remote part of a window's rank
-    is such chunks but for the first few: sliding_window(4096) at n = 65536
-    on one rank has 1,003, which took 2.0 s of a forward+backward on the
-    CPU one by one and take 0.03 s as one."""
-    empty = chunks[:, 3] <= chunks[:, 2]
-    first = np.ones(len(chunks), dtype=bool)
-    first[1:] = ~(empty[1:] & empty[:-1])  # a chunk continues the run when it and the one before read nothing
-    starts = np.flatnonzero(first)
-    out = chunks[starts].copy()
-    out[:, 1] = chunks[np.append(starts[1:] - 1, len(chunks) - 1), 1]  # each run ends where its last chunk does
-    out[empty[starts], 2:] = 0
-    return out
 
 
 def merge_parts(parts, sinks=None):

@@ -115,6 +115,23 @@ class ExchangePlan:
         return out
 
 
+def coalesced(chunks: np.ndarray) -> np.ndarray:
+    """``chunks`` with each run of consecutive chunks that read no key made
+    one chunk (its rows, keys ``0:0``): those rows get ``o = 0`` and ``lse =
+    -inf`` from one small computation. The remote part of a window's rank
+    is such chunks but for the first few: sliding_window(4096) at n = 65536
+    on one rank has 1,003, which took 2.0 s of a forward+backward on the
+    CPU one by one and take 0.03 s as one."""
+    empty = chunks[:, 3] <= chunks[:, 2]
+    first = np.ones(len(chunks), dtype=bool)
+    first[1:] = ~(empty[1:] & empty[:-1])  # a chunk continues the run when it and the one before read nothing
+    starts = np.flatnonzero(first)
+    out = chunks[starts].copy()
+    out[:, 1] = chunks[np.append(starts[1:] - 1, len(chunks) - 1), 1]  # each run ends where its last chunk does
+    out[empty[starts], 2:] = 0
+    return out
+
+
 # Query rows x keys that the local attention computes at once (times batch
 # and heads): its scores stay tens of MiB whatever the length.
 CHUNK_PAIRS = 2**18
@@ -271,8 +288,12 @@ class Exchange:
         self.group = group
         self.peers = [dist.get_global_rank(group, p) if group is not None else p for p in range(plan.world_size)]
         self.send = [torch.as_tensor(s, device=device) for s in plan.send]
-        self.own = plan.own_keys()  # (positions, chunks) of the keys this rank holds
-        *self.remote, rows = plan.remote_keys()  # (positions, chunks) of the keys it receives
+        # (positions, chunks) of the keys this rank holds and of those it receives, the chunks that
+        # read none of them run together (coalesced)
+        own, own_chunks = plan.own_keys()
+        remote, remote_chunks, rows = plan.remote_keys()
+        self.own = own, coalesced(own_chunks)
+        self.remote = remote, coalesced(remote_chunks)
         self.remote_order = torch.as_tensor(rows, device=device)
         self.bytes_sent = 0
         self.bytes_sent_backward = 0
