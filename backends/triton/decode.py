@@ -241,10 +241,7 @@ class RowsAttention:
         key = (tuple(lens), device)
         made = self._lens.get(key)
         if made is None:
-            made = torch.tensor(lens, dtype=torch.int32)
-            if device.type == "cuda":  # pinned: the copy does not hold the host until the card reaches it
-                made = made.pin_memory().to(device, non_blocking=True)
-            self._lens[key] = made
+            made = self._lens[key] = to_device(torch.tensor(lens, dtype=torch.int32), device)
         return made
 
     def _launch(self, q, k, v, step: "_Step", lens_t, scale: float, o, lse, terms: "_KernelTerms", table):
