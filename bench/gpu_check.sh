@@ -44,8 +44,10 @@
 #             (compile_parallel.py)                                (~4 min)
 #   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
 #             Flex with a document mask and the sequences one by one (~4 min)
-#   decode    bench/bench_decode.py: decode steps from a KV cache against
-#             SDPA cuDNN, with CUDA-graph rows                     (~3 min)
+#   decode    bench/decode_tiles.py (the query-rows kernel's key step and
+#             pipeline depth on causal at 1M), then bench/bench_decode.py:
+#             decode steps from a KV cache against SDPA cuDNN, with
+#             CUDA-graph rows                                       (~4 min)
 #   scores    bench/bench_scores.py: each score term's cost and Flex's
 #             score_mod, sliding_window(4096), D=64 and 128        (~8 min)
 #   hf        bench/bench_transformers.py: a 1.1B Llama-shaped model at 32K
@@ -184,6 +186,7 @@ run_packed() {
 
 run_decode() {
     echo "== decode" | tee -a "$OUT/summary.txt"
+    timeout 150 python3 bench/decode_tiles.py --warps 4 --rep 30 2>&1 | tee "$OUT/decode_tiles.log" || fail decode
     timeout 300 python3 bench/bench_decode.py --rounds 1 --rep 20 --batches 1 8 --contexts 32768 1048576 \
         --variants contiguous graph 2>&1 | tee "$OUT/decode.log" || fail decode
 }

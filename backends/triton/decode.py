@@ -57,6 +57,10 @@ _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
 _MARKER = "# ---- query-rows kernel: everything below this line is appended to the generated module ----"
 _PROGRAMS_PER_SM = 8  # split-KV aims at this many programs per multiprocessor (loads in flight)
 _MIN_SPLIT_BLOCKS = 4  # and never splits a list into slices shorter than this
+# The query-rows kernel's warps and pipeline depth (K and V blocks in flight per program):
+# bench/decode_tiles.py times the candidates on a long causal step, where reading K and V is all
+_WARPS = 4
+_STAGES = 3
 # Device-length calls (CUDA graphs) hold every block row's list: at most this many entries (64 MiB)
 ROW_LIST_LIMIT = 1 << 24
 
@@ -268,11 +272,13 @@ class RowsAttention:
                     HEAD_DIM=step.head_dim, BLOCK_M=launch.block_m, TILE_Q=launch.tile_q, BLOCK_N=self.block,
                     HEAD_DEPENDENT=launch.layout_heads > 1, DOT_PRECISION=step.precision, K_ORDER=launch.k_order,
                     PAGED=paged, PAGE=page, BY_ROW=step.by_row, SOFTCAP=terms.softcap is not None,
-                    ALIBI=terms.alibi_slopes is not None, REL_BIAS=terms.rel_bias is not None, num_warps=4)
+                    ALIBI=terms.alibi_slopes is not None, REL_BIAS=terms.rel_bias is not None,
+                    PAD_D=D != step.head_dim, NUM_STAGES=_STAGES, num_warps=_WARPS)
             sink = terms.sinks if terms.sinks is not None else dummy
             step.launches[0].module.attn_rows_merge[step.merge_grid](
                 o_part, lse_part, o, lse, sink, nq, D, H, step.total, *o.stride()[:3],
-                HEAD_DIM=step.head_dim, BLOCK_R=step.merge_rows, SINKS=terms.sinks is not None, num_warps=4)
+                HEAD_DIM=step.head_dim, BLOCK_R=step.merge_rows, SINKS=terms.sinks is not None,
+                PAD_D=D != step.head_dim, num_warps=4)
 
     def _step(self, lens, module_len, nq, H, Hkv, D, dtype, device) -> "_Step":
         """Everything a call at these lengths and shapes launches with but the

@@ -84,7 +84,7 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ORDER: tl.constexpr = 0,
                   PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1, BY_ROW: tl.constexpr = False,  #
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,
-                  NUM_STAGES: tl.constexpr = 3):
+                  PAD_D: tl.constexpr = True, NUM_STAGES: tl.constexpr = 3):
     """One split of one query tile of ``HEADS`` query heads of one key/value
     head of one batch row: its normalized output and lse over the key blocks
     of its slice of the tile's list.
@@ -138,7 +138,11 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     q_pos = tl.maximum(q_tok, 0)  # the predicate sees positions in 0 .. n_b - 1 only
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    d_ok = offs_d < D  # head dims padded to a power of two read zeros past D
+    # Head dims padded to a power of two read zeros past D. Unpadded (PAD_D false), the mask is
+    # against the constant: a runtime D would leave the compiler unable to prove 16-byte runs of
+    # the K and V rows, and every load would be a 2-byte scalar one, never pipelined.
+    d_ok = offs_d < (D if PAD_D else HEAD_DIM)
+    d_row = D if PAD_D else HEAD_DIM  # O_PART's row length
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh \
         + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -223,14 +227,15 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2)
     part = (((SPLIT0 + split) * (tl.num_programs(1) // groups) + off_b) * H + heads).to(tl.int64) * NQ + rows
     out_ok = (r < HEADS * TILE_Q) & (rows < NQ)
-    tl.store(O_PART + part[:, None] * D + offs_d[None, :], o, mask=out_ok[:, None] & d_ok[None, :])
+    tl.store(O_PART + part[:, None] * d_row + offs_d[None, :], o, mask=out_ok[:, None] & d_ok[None, :])
     tl.store(LSE_PART + part, lse, mask=out_ok)
 
 
 @triton.jit(do_not_specialize=["NQ", "D", "H", "ALL_SPLITS"])
 def attn_rows_merge(O_PART, LSE_PART, O, LSE, SINK, NQ, D, H, ALL_SPLITS,  #
                     stride_ob, stride_oh, stride_on,  #
-                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, SINKS: tl.constexpr = False):
+                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, SINKS: tl.constexpr = False,
+                    PAD_D: tl.constexpr = True):
     """o (O's dtype) and lse (fp32 ``[B, H, NQ]``, contiguous) of ``BLOCK_R``
     query rows of one (batch row, head): the splits' partial results
     weighted by their share of the log-sum-exp; with SINKS, SINK[h] (fp32
@@ -240,7 +245,8 @@ def attn_rows_merge(O_PART, LSE_PART, O, LSE, SINK, NQ, D, H, ALL_SPLITS,  #
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < NQ
-    mask = row_ok[:, None] & (offs_d < D)[None, :]
+    mask = row_ok[:, None] & (offs_d < (D if PAD_D else HEAD_DIM))[None, :]  # (PAD_D: as attn_rows_fwd)
+    d_row = D if PAD_D else HEAD_DIM
     stride_split = (tl.num_programs(0) * NQ).to(tl.int64)  # one split's rows, all (batch row, head)s
     here = off_bh.to(tl.int64) * NQ + rows
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -252,7 +258,7 @@ def attn_rows_merge(O_PART, LSE_PART, O, LSE, SINK, NQ, D, H, ALL_SPLITS,  #
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_sub)
         w = tl.exp(lse_s - m_sub)
-        o_s = tl.load(O_PART + (s * stride_split + here)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        o_s = tl.load(O_PART + (s * stride_split + here)[:, None] * d_row + offs_d[None, :], mask=mask, other=0.0)
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o_s
         m_i = m_new
