@@ -308,17 +308,35 @@ def test_a_new_batch_compiles_nothing(monkeypatch):
     """Kernels are generated for the pattern once; a batch of other lengths
     builds layouts and tables only."""
     attn = pcc.compile(pcc.parse("strided(8)"), backend="triton", config=CONFIG, plan="planned")
-    calls = []
+    calls, modules = [], []
     real = runtime.load_kernels
-    monkeypatch.setattr(runtime, "load_kernels", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+
+    def counted(*a, **kw):
+        calls.append(a)
+        modules.append(real(*a, **kw))
+        return modules[-1]
+
+    monkeypatch.setattr(runtime, "load_kernels", counted)
     q, k, v, cu = _inputs([9, 30, 2], 2, 2, 16, torch.float32)
     attn(q, k, v, cu_seqlens=cu).sum().backward()
-    first = len(calls)
+    first, variants = len(calls), _compiled_variants(modules)
     assert first >= 1
-    for lengths in ([40, 1], [3, 3, 3, 3, 20]):
+    for lengths in ([40, 1], [3, 3, 3, 3, 20], [17, 5, 33]):
         q, k, v, cu = _inputs(lengths, 2, 2, 16, torch.float32)
         attn(q, k, v, cu_seqlens=cu).sum().backward()
     assert len(calls) == first
+    # nor a second specialization of a kernel it has (the tables' pointers keep their alignment)
+    assert _compiled_variants(modules) == variants
+
+
+def _compiled_variants(modules) -> int:
+    """Specializations Triton has compiled of the modules' kernels on the GPU (0 under the interpreter)."""
+    if DEVICE != "cuda":
+        return 0
+    import triton
+
+    kernels = {id(fn): fn for module in modules for fn in vars(module).values() if isinstance(fn, triton.JITFunction)}
+    return sum(len(cache[0]) for fn in kernels.values() for cache in fn.device_caches.values())
 
 
 # -- bad input

@@ -14,7 +14,7 @@ from patterncc.errors import LimitError
 
 from . import tables
 from .config import KernelConfig
-from .resident import to_device
+from .resident import to_device, to_device_all
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,12 +54,8 @@ class _DeviceTables:
         step)`` (``"kv"``: query tiles walking key steps, ``"q"``: key tiles
         walking query steps) of a layout with ``heads`` heads over ``n`` slots."""
 
-        def dev(a):  # never empty: a null data pointer is not worth the doubt
-            a = np.ascontiguousarray(a, dtype=np.int32)
-            return to_device(a if a.size else np.zeros(1, dtype=np.int32), device)
-
         def lists(steps: tables.StepLists, cost, band: bool = False):
-            """The kernel's device tables, and how it walks them."""
+            """The kernel's five host tables, and how it walks them."""
             table = tables.band_table(steps) if band else None
             walk = "band"
             if table is None:
@@ -67,7 +63,7 @@ class _DeviceTables:
             if table is None:
                 table, walk = steps.full_steps, "steps"
             arrays = (steps.full_ptr, table.ravel(), steps.part_ptr, steps.part_steps, tables.tile_order(cost))
-            return tuple(dev(a) for a in arrays), walk
+            return [np.ascontiguousarray(a, dtype=np.int32) for a in arrays], walk
 
         rows = steps_of("kv", config.block_m, config.block_n)
         fwd, fwd_walk = lists(rows, rows.cost)
@@ -79,12 +75,23 @@ class _DeviceTables:
         cols = steps_of("q", config.block_n1, config.block_m1)
         kv_cost = tables.group_cost(cols.cost, Hkv) if heads > 1 else cols.cost
         dkdv, dkdv_walk = lists(cols, kv_cost, config.bwd_band)
-        return _DeviceTables(layout_heads=heads, fwd=fwd, dq=dq, dkdv=dkdv,
-                             random=_random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS),
+        random = _random_host(module.RANDOM_TABLES, n, module.PATTERN_ARGS)
+        # all of it in one copy (dQ's lists are the forward's own when they are the same object)
+        host = [*fwd, *(dq if dq is not fwd else []), *dkdv, random]
+        on = iter(to_device_all(host, device))
+        fwd_t = tuple(next(on) for _ in fwd)
+        dq_t = tuple(next(on) for _ in dq) if dq is not fwd else fwd_t
+        dkdv_t = tuple(next(on) for _ in dkdv)
+        return _DeviceTables(layout_heads=heads, fwd=fwd_t, dq=dq_t, dkdv=dkdv_t, random=next(on),
                              fwd_walk=fwd_walk, dq_walk=dq_walk, dkdv_walk=dkdv_walk)
 
 
 def _random_buffer(specs, n: int, device, args: tuple[int, ...]) -> torch.Tensor:
+    """``_random_host`` on ``device``."""
+    return to_device(_random_host(specs, n, args), device)
+
+
+def _random_host(specs, n: int, args: tuple[int, ...]) -> np.ndarray:
     """int32: ``len(specs)`` offsets (one dummy entry if none), the pattern's
     integers ``args`` (``codegen.pattern_args``: the generated predicate's
     ``a0, a1, ...``), then each ``random(r, b, seed)`` table ``[nb, min(r,
@@ -100,5 +107,4 @@ def _random_buffer(specs, n: int, device, args: tuple[int, ...]) -> torch.Tensor
         parts.append(table)
     if offset >= 2**31:
         raise LimitError(f"the random(...) tables at n={n} hold {offset} entries, over the int32 limit")
-    buf = np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)  # args fit: codegen
-    return to_device(buf, device)
+    return np.concatenate([np.array(offsets or [0], dtype=np.int64), *parts]).astype(np.int32)  # args fit: codegen

@@ -35,6 +35,31 @@ def to_device(host: np.ndarray | torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+# Each table of a shared copy starts a multiple of this many bytes into it: Triton specializes a
+# kernel on whether each pointer is 16-byte aligned, so a view must keep the alignment a table of
+# its own has, or a new batch's offsets would compile a second variant
+_VIEW_ALIGN = 64
+
+
+def to_device_all(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
+    """Each array on ``device`` (all of one dtype), through one copy: views of
+    one buffer, each at an aligned offset, each at least one element long
+    (an empty table keeps a pointer into the buffer). A table set built
+    for a new shape or batch has a dozen arrays; one pinned copy each was
+    most of its host time on the card."""
+    dtype = arrays[0].dtype
+    if any(a.dtype != dtype for a in arrays):
+        raise TypeError(f"to_device_all takes arrays of one dtype, got {sorted({str(a.dtype) for a in arrays})}")
+    per = _VIEW_ALIGN // dtype.itemsize
+    sizes = [max(a.size, 1) for a in arrays]
+    starts = np.concatenate([[0], np.cumsum([-(-size // per) * per for size in sizes])])
+    host = np.zeros(int(starts[-1]), dtype=dtype)
+    for a, start in zip(arrays, starts):
+        host[start:start + a.size] = a.ravel()
+    buffer = to_device(host, device)
+    return [buffer[start:start + size] for start, size in zip(starts, sizes)]
+
+
 def _graph_trees_loaded() -> bool:
     # imported by inductor only when a graph is compiled with CUDA graphs: until then no pool takes our allocations
     return "torch._inductor.cudagraph_trees" in sys.modules
