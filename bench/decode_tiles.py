@@ -9,8 +9,8 @@ One decode step as ``bench_decode.py``'s (q ``[B, 32, 1, 128]`` bf16, caches
 ``decode._STAGES`` and ``decode._WARPS`` set to each candidate; lengths as
 host ints (the lists cached). Each row: the median of ``do_bench`` in ms,
 and the K/V bytes over that time against the card's copy bandwidth
-measured in the same run. The default in ``decode.py`` is the candidate
-that wins here on both batch sizes.
+measured in the same run. ``decode.py``'s default is taken from this
+table (PERFORMANCE.md, "Decoding from a KV cache").
 """
 
 from __future__ import annotations
