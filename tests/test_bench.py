@@ -104,3 +104,22 @@ def test_probes_read_tile_specs_and_keep_the_record_patterns():
     assert (config.bwd_warps, config.bwd_stages) == (8, 3)
     assert probes.PATTERNS["sliding_window(1024)"] == ir.Causal() & ir.Local(1024)
     assert not hasattr(bench, "sweep") and not hasattr(bench, "resources") and not hasattr(bench, "cold_start")
+
+
+def test_decode_host_probe_runs_and_gives_the_real_kernels_back(capsys):
+    """bench/decode_host.py on the CPU: a row per pattern, and the kernels it mocked restored."""
+    import importlib.util
+    from pathlib import Path
+
+    from patterncc.backends.triton import decode
+
+    real = decode.RowsAttention._module
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode_host.py"
+    spec = importlib.util.spec_from_file_location("decode_host", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--context", "4096", "--calls", "3", "--patterns", "causal", "strided(128)"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| causal") or
+            line.startswith("| strided(128)")]
+    assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[1:])
+    assert decode.RowsAttention._module is real
