@@ -306,6 +306,46 @@ def test_device_lengths_walk_the_rows_lists(src, n_q):
     torch.testing.assert_close(lse.double().cpu(), rlse, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("src", ["strided(8)", "strided(5)", "strided(16) with alibi", "strided(3)"])
+def test_device_lengths_walk_a_residue_class_without_lists(src):
+    """Decoding a strided pattern with device lengths: its residue piece has no lists (they would change
+    with every length); the kernel walks the query's class, a run of slot blocks that straddles the
+    neighbouring classes' slots (l not dividing the block, rows shorter than l, a row of length 1),
+    exact against the reference."""
+    from patterncc.backends.reference import ReferenceAttention
+    from patterncc.backends.triton.decode import RowsAttention
+
+    attn = pcc.compile(src)
+    pat = attn.mask_pattern
+    q, k, v = tensors(5, 4, 2, 1, 70, 16, dtype=torch.float32, seed=3, device=DEVICE)
+    terms = term_tensors(4, alibi=True, sinks=True, seed=3) if "alibi" in src else {}
+    lens = [70, 1, 37, 2, 64]
+    rows = RowsAttention(pat, block=16, splits=3)
+    o, lse = rows(q, k, v, torch.tensor(lens, dtype=torch.int32, device=DEVICE), **terms)
+    step = rows.row_step(70, 5, 1, 4, 2, 16, torch.float32, torch.device(DEVICE))
+    assert [launch.class_range for launch in step.launches] == [False, True]
+    ro, rlse = ReferenceAttention(pat)(*(x.double().cpu() for x in (q, k, v)), return_lse=True, cache_seqlens=lens,
+                                       **{name: x.double().cpu() for name, x in terms.items()})
+    torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double().cpu(), rlse, rtol=0, atol=2e-5)
+
+
+def test_residue_classes_walked_only_where_they_pay():
+    """Class walks for one query per row where each head's class is mostly allowed; else natural order.
+    strided(128) at 1M tokens fits the row lists this way (natural order would need 134M entries)."""
+    from patterncc.backends.triton.decode import RowsAttention
+
+    def ranged(src, nq, max_len=64):
+        step = RowsAttention(pcc.parse(src), block=16).row_step(max_len, 1, nq, 4, 2, 16, torch.float32,
+                                                                torch.device(DEVICE))
+        return None if step is None else [launch.class_range for launch in step.launches]
+
+    assert ranged("strided(8)", 1) == [False, True]
+    assert ranged("strided(8)", 16) == [False]  # several queries a row: natural order
+    assert ranged("cycle(strided(8), causal)", 1) == [False]  # a head whose class holds nothing it attends
+    assert ranged("strided(128)", 1, 1 << 20) == [False, True]
+
+
 def test_device_lengths_through_the_public_call():
     """``attn(..., cache_seqlens=tensor on q's device)`` takes the row lists and gives the host lengths'
     answer; a pattern that depends on the length, or lists over the limit, read the lengths instead."""
@@ -337,9 +377,10 @@ def test_device_lengths_through_the_public_call():
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
-def test_device_lengths_capture_in_a_cuda_graph():
+@pytest.mark.parametrize("src", ["sliding_window(100)", "strided(128)"])  # strided: its class walked, no lists
+def test_device_lengths_capture_in_a_cuda_graph(src):
     """A decode step captured once and replayed at new lengths equals the eager call at each."""
-    attn = pcc.compile("sliding_window(100)", backend="triton")
+    attn = pcc.compile(src, backend="triton")
     q, k, v = tensors(2, 8, 2, 1, 4096, 64, dtype=torch.bfloat16, device="cuda")
     lens = torch.tensor([4096, 1000], dtype=torch.int32, device="cuda")
     with torch.no_grad():

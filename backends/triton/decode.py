@@ -105,6 +105,7 @@ class _Launch:
     ord_l: int
     ord_c: int
     split0: int
+    class_range: bool = False  # a residue piece walked by its query's class, no lists (row_step)
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,8 @@ class RowsAttention:
                     HEAD_DEPENDENT=launch.layout_heads > 1, DOT_PRECISION=step.precision, K_ORDER=launch.k_order,
                     PAGED=paged, PAGE=page, BY_ROW=step.by_row, SOFTCAP=terms.softcap is not None,
                     ALIBI=terms.alibi_slopes is not None, REL_BIAS=terms.rel_bias is not None,
-                    PAD_D=D != step.head_dim, NUM_STAGES=_STAGES, num_warps=_WARPS)
+                    PAD_D=D != step.head_dim, CLASS_RANGE=launch.class_range, NUM_STAGES=_STAGES,
+                    num_warps=_WARPS)
             sink = terms.sinks if terms.sinks is not None else dummy
             step.launches[0].module.attn_rows_merge[step.merge_grid](
                 o_part, lse_part, o, lse, sink, nq, D, H, step.total, *o.stride()[:3],
@@ -308,28 +310,48 @@ class RowsAttention:
         a pattern whose meaning depends on the length, or lists over
         ``ROW_LIST_LIMIT`` entries (a long dense causal cache: 134M at 1M
         tokens); the caller then reads the lengths. A planned residue piece
-        (strided) has slot lists that change with every length: such a
-        pattern is walked in natural order here."""
+        (strided) has slot lists that change with every length: with one
+        query per row (decoding) the kernel walks the query's residue class
+        instead (``CLASS_RANGE``), where the class is mostly keys the query
+        may attend (``_class_is_dense``); otherwise such a pattern is walked
+        in natural order here."""
         if self.per_length:
             return None
         key = ("rows", max_len, B, nq, H, Hkv, D, dtype, device)
         if key in self._steps:
             return self._steps[key]
         pieces = self.pieces(max_len, H)
-        if any(isinstance(piece.q_order, Residue) for piece in pieces):
-            pieces = [_Piece(ir.bind(self.pattern, max_len), NATURAL, NATURAL)]
+        ranged = [isinstance(piece.q_order, Residue) for piece in pieces]
+        if any(ranged) and not (nq == 1 and all(self._class_is_dense(piece, max_len, H)
+                                                for piece, r in zip(pieces, ranged) if r)):
+            pieces, ranged = [_Piece(ir.bind(self.pattern, max_len), NATURAL, NATURAL)], [False]
         shapes = self._shapes(pieces, H, Hkv, nq)
-        tables = []
-        for piece, *_ in shapes:
+        tables, class_blocks = [], {}
+        for i, ((piece, *_), r) in enumerate(zip(shapes, ranged)):
+            if r:  # no lists: the kernel computes the class's run of slot blocks from the row's length
+                tables.append((np.zeros(2, dtype=np.int64), np.zeros(0, dtype=np.int32)))
+                class_blocks[i] = -(-max_len // piece.q_order.l) // self.block + 2  # the run, straddling blocks
+                continue
             made = self._row_tables(piece, max_len, H, ROW_LIST_LIMIT - sum(idx.size for _, idx in tables))
             if made is None:
                 self._steps[key] = None
                 return None
             tables.append(made)
         rows = -(-max_len // self.block)
-        self._steps[key] = self._assemble(shapes, tables, B, max_len, nq, H, D, dtype, device, by_row=True,
-                                          rows=rows, max_len=max_len)
+        self._steps[key] = self._assemble(shapes, tables, B, max_len, nq, H, D, dtype, device, class_blocks,
+                                          by_row=True, rows=rows, max_len=max_len)
         return self._steps[key]
+
+    def _class_is_dense(self, piece: _Piece, n: int, H: int) -> bool:
+        """Whether the last query of a row of ``n`` may attend at least half
+        of its residue class's keys in every layout head: walking the whole
+        class (``CLASS_RANGE``) then reads at most twice what lists would
+        (strided's piece: every key of the class but the last)."""
+        l = piece.q_order.l
+        t = n - 1
+        keys = np.arange(t % l, n, l, dtype=np.int64)
+        return all(2 * int(evaluate(ph, np.array([[t]]), keys[None, :], n).sum()) >= keys.size
+                   for ph in self._heads_of(piece, n, H))
 
     def _row_tables(self, piece: _Piece, max_len: int, H: int, limit: int):
         """``(ptr, idx)`` of every query block row's key blocks (slot blocks of
@@ -376,12 +398,17 @@ class RowsAttention:
             shapes.append((piece, layout_heads, heads, tile_q, -(-nq // tile_q)))
         return shapes
 
-    def _assemble(self, shapes, tables, B, module_len, nq, H, D, dtype, device, **row_mode) -> "_Step":
-        """The launches of ``shapes`` over ``tables`` (``_step``, ``row_step``)."""
+    def _assemble(self, shapes, tables, B, module_len, nq, H, D, dtype, device, class_blocks=None,
+                  **row_mode) -> "_Step":
+        """The launches of ``shapes`` over ``tables`` (``_step``, ``row_step``);
+        ``class_blocks``: piece index -> the longest run of a piece walked by
+        class (``CLASS_RANGE``, no lists)."""
+        class_blocks = class_blocks or {}
         head_dim = padded_head_dim(D)
         programs = sum(B * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
-        # a list is cut into splits: the longest one sets how many
-        splits = [self._splits(programs, max(int(np.max(np.diff(ptr))), 1), device) for ptr, _ in tables]
+        # a list (or a class's run) is cut into splits: the longest one sets how many
+        splits = [self._splits(programs, class_blocks.get(i) or max(int(np.max(np.diff(ptr))), 1), device)
+                  for i, (ptr, _) in enumerate(tables)]
         # every table of the call in one host-to-device copy: each piece's pointers and lists
         parts = []
         for ptr, idx in tables:
@@ -395,7 +422,7 @@ class RowsAttention:
             launches.append(_Launch(module, self._random(module, module_len, device), views[2 * i],
                                     views[2 * i + 1], (tiles, B * (H // heads), count), heads, layout_heads,
                                     tiles, count, tile_q, max(16, _pow2(heads * tile_q)), k_order, ord_l, ord_c,
-                                    first))
+                                    first, i in class_blocks))
             first += count
         merge_rows = min(_pow2(nq), 16)
         return _Step(packed, launches, first, head_dim, "ieee" if dtype == torch.float32 else "tf32",
@@ -487,12 +514,8 @@ class RowsAttention:
         l, B = piece.q_order.l, self.block
         S = -(-n // l)
         m = np.arange(S, dtype=np.int64)
-        key = (piece.pattern, n if self.per_length else None, H)
-        if key not in self._per_head:
-            bound = ir.bind(piece.pattern, n)
-            self._per_head[key] = [ir.for_head(bound, h) for h in range(H if ir.depends_on_head(bound) else 1)]
         ptrs, idxs = [0], []
-        for ph in self._per_head[key]:
+        for ph in self._heads_of(piece, n, H):
             for tok in tokens:
                 r = (tok % l)[:, None]
                 keys = r + l * m[None, :]  # (tokens, S): every key of each query's class
@@ -501,6 +524,14 @@ class RowsAttention:
                 idxs.append(blocks)
                 ptrs.append(ptrs[-1] + blocks.size)
         return np.asarray(ptrs, dtype=np.int64), np.concatenate(idxs).astype(np.int32)
+
+    def _heads_of(self, piece: _Piece, n: int, H: int) -> list:
+        """A piece's predicate at length ``n`` per layout head (one if it is the same for every head)."""
+        key = (piece.pattern, n if self.per_length else None, H)
+        if key not in self._per_head:
+            bound = ir.bind(piece.pattern, n)
+            self._per_head[key] = [ir.for_head(bound, h) for h in range(H if ir.depends_on_head(bound) else 1)]
+        return self._per_head[key]
 
     def _rows(self, pattern: ir.Pattern, side: int, H: int, wanted: np.ndarray) -> list:
         """``(i, j)`` of block rows ``wanted`` per layout head (each row cached)."""

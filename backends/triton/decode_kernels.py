@@ -84,7 +84,7 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ORDER: tl.constexpr = 0,
                   PAGED: tl.constexpr = False, PAGE: tl.constexpr = 1, BY_ROW: tl.constexpr = False,  #
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,
-                  PAD_D: tl.constexpr = True, NUM_STAGES: tl.constexpr = 3):
+                  PAD_D: tl.constexpr = True, CLASS_RANGE: tl.constexpr = False, NUM_STAGES: tl.constexpr = 3):
     """One split of one query tile of ``HEADS`` query heads of one key/value
     head of one batch row: its normalized output and lse over the key blocks
     of its slice of the tile's list.
@@ -105,6 +105,12 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     cache's length ``MAX_LEN``, and a tile walks the list of each block row
     it spans (at most two), with only that row's queries: every (query,
     key) pair is visited once. Lengths are kept within ``0 .. MAX_LEN``.
+    ``CLASS_RANGE`` (with BY_ROW, a residue piece, one query per row: NQ ==
+    TILE_Q == 1): no lists at all; the query's keys are its residue class,
+    the slots ``r * S .. r * S + S - 1``, a run of slot blocks computed from
+    the row's length (a residue piece's slot lists change with every
+    length, so lists could not be made ahead). The predicate masks the
+    neighbouring classes' slots in the run's end blocks.
 
     Score terms (patterncc.scores) as in the training kernels: SOFTCAP with
     ``softcap``, ALIBI with SLOPES (fp32 [H]), REL_BIAS with REL (fp32 [H,
@@ -169,7 +175,15 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
     last_tok = tl.minimum(n_b - NQ + tile * TILE_Q + TILE_Q - 1, n_b - 1)
     for walk in tl.static_range(2 if BY_ROW else 1):
         # -- the key-block list this pass walks, and this split's slice of it
-        if BY_ROW:
+        if CLASS_RANGE:
+            r_cls = tl.maximum(last_tok, 0) % ORD_L
+            beg = (r_cls * ord_s) // BLOCK_N
+            end = tl.cdiv(r_cls * ord_s + ord_s, BLOCK_N)
+            end = tl.where(last_tok >= 0, end, beg)  # (a row without queries walks nothing)
+            if walk > 0:  # one walk: the class holds every key the query may attend
+                end = beg
+            pass_ok = row_ok
+        elif BY_ROW:
             block_row = first_tok // BLOCK_N + walk
             which = layout_h * ROWS + tl.minimum(block_row, ROWS - 1)
             pass_ok = row_ok & (q_pos // BLOCK_N == block_row)
@@ -185,7 +199,10 @@ def attn_rows_fwd(Q, K, V, O_PART, LSE_PART, LENS, RANDOM, LIST_PTR, LIST_IDX, T
         lo = beg + split * per_split
         hi = tl.minimum(end, lo + per_split)
         for e in tl.range(lo, hi, num_stages=NUM_STAGES):  # the next blocks' loads in flight
-            k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
+            if CLASS_RANGE:
+                k_slot = e * BLOCK_N + offs_n
+            else:
+                k_slot = tl.load(LIST_IDX + e) * BLOCK_N + offs_n
             k_pos, k_ok = _key_tokens(k_slot, K_ORDER, ORD_L, ord_s, ORD_C)
             k_ok = k_ok & (k_pos < n_b)
             k_off, v_off = _key_offsets(k_pos, k_ok, offs_d, row_table, stride_kb, stride_kn, stride_vb, stride_vn,
