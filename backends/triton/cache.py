@@ -43,19 +43,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+from patterncc.cachedir import cache_dir  # where generated modules go (see the module docstring)
+
 _CHECKSUM_PREFIX = "# patterncc-sha256: "
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}
 _fallback_dir: Path | None = None
-
-
-def cache_dir() -> Path:
-    """Where generated modules go (see the module docstring)."""
-    if os.environ.get("PATTERNCC_CACHE_DIR"):
-        return Path(os.environ["PATTERNCC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "patterncc"
 
 
 def cache_key(*key_parts) -> str:
