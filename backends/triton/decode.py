@@ -50,7 +50,7 @@ from patterncc.masks import evaluate
 
 from . import codegen
 from .config import DEFAULT_BLOCK, MAX_HEAD_DIM, KernelConfig, default_config, padded_head_dim
-from .resident import to_device
+from .resident import to_device, to_device_all
 from .runtime import _float32_scale, _on_device_of, _random_buffer, check_tensors, load_kernels
 
 _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
@@ -410,11 +410,9 @@ class RowsAttention:
         splits = [self._splits(programs, class_blocks.get(i) or max(int(np.max(np.diff(ptr))), 1), device)
                   for i, (ptr, _) in enumerate(tables)]
         # every table of the call in one host-to-device copy: each piece's pointers and lists
-        parts = []
-        for ptr, idx in tables:
-            parts += [ptr, idx if idx.size else np.zeros(1, dtype=np.int64)]
-        packed = to_device(np.concatenate(parts).astype(np.int32), device)
-        views = torch.split(packed, [p.size for p in parts])
+        # (aligned views: Triton specializes on pointer alignment, which list sizes must not change)
+        views = to_device_all([a.astype(np.int32) for ptr, idx in tables for a in (ptr, idx)], device)
+        packed = views[0]
         launches, first = [], 0
         for i, ((piece, layout_heads, heads, tile_q, tiles), count) in enumerate(zip(shapes, splits)):
             module = self._module(piece.pattern, module_len, head_dim, dtype, device)
