@@ -346,6 +346,37 @@ def test_residue_classes_walked_only_where_they_pay():
     assert ranged("strided(128)", 1, 1 << 20) == [False, True]
 
 
+def test_split_kv_gives_every_program_one_slice_length():
+    """Splits as a 132-SM card would get them (no card needed: the count is
+    arithmetic): at most two programs per SM, slices of at least 8 blocks, a
+    planned call's long piece split while its short band piece is not."""
+    from patterncc.backends.triton import decode
+
+    attn = decode.RowsAttention(pcc.parse("causal"))
+    card = torch.device("cuda", 0)
+    attn._sms[card] = 132
+    sms = decode._PROGRAMS_PER_SM * 132
+    # one piece, 8 programs (B = 1, 8 KV heads) over 16,384 blocks: 33 splits of 496 blocks
+    assert attn._splits([8], [16384], card) == [sms // 8]
+    # a short list is not cut below the minimum slice: 64 blocks -> 8 slices of 8
+    assert attn._splits([8], [64], card) == [64 // decode._MIN_SPLIT_BLOCKS]
+    # many programs already: no split
+    assert attn._splits([4096], [16384], card) == [1]
+    # a long piece beside a band of 3 blocks: the band stays whole, the long one takes the programs
+    long_piece, band = attn._splits([64, 64], [4100, 3], card)
+    assert band == 1 and 64 * long_piece <= sms < 64 * (long_piece + 1) + 64
+    # no program reads more than twice the call's slice, whatever its piece, and no more programs than wanted
+    rows, longest = [8, 8, 8], [4000, 1000, 250]
+    splits = attn._splits(rows, longest, card)
+    call_slice = sum(r * l for r, l in zip(rows, longest)) / sms
+    assert splits == [25, 6, 1]
+    assert all(l / s < 2 * call_slice for l, s in zip(longest, splits))
+    assert sum(r * s for r, s in zip(rows, splits)) <= sms
+    # a forced factor and a CPU device
+    assert decode.RowsAttention(pcc.parse("causal"), splits=5)._splits([8, 8], [10, 10], card) == [5, 5]
+    assert attn._splits([8, 8], [100, 100], torch.device("cpu")) == [1, 1]
+
+
 def test_device_lengths_through_the_public_call():
     """``attn(..., cache_seqlens=tensor on q's device)`` takes the row lists and gives the host lengths'
     answer; a pattern that depends on the length, or lists over the limit, read the lengths instead."""

@@ -55,8 +55,12 @@ from .runtime import _float32_scale, _on_device_of, _random_buffer, check_tensor
 
 _TEMPLATE = Path(__file__).with_name("decode_kernels.py")
 _MARKER = "# ---- query-rows kernel: everything below this line is appended to the generated module ----"
-_PROGRAMS_PER_SM = 8  # split-KV aims at this many programs per multiprocessor (loads in flight)
-_MIN_SPLIT_BLOCKS = 4  # and never splits a list into slices shorter than this
+# split-KV aims at this many programs per multiprocessor, at most: two programs of 4 warps, 3 stages
+# deep, keep enough loads in flight to stream HBM, and every program more is a prologue and a partial
+# row written and merged for nothing; on the H200 two beat eight on the steps measured, most where
+# the step reads little (sliding_window(4096) B=8 at 1M: 60% of copy against 51%; PERFORMANCE.md)
+_PROGRAMS_PER_SM = 2
+_MIN_SPLIT_BLOCKS = 8  # and never splits a list into slices shorter than this (a prologue and a merge each)
 # The query-rows kernel's warps and pipeline depth (K and V blocks in flight per program):
 # bench/decode_tiles.py times the candidates on a long causal step, where reading K and V is all
 _WARPS = 4
@@ -405,10 +409,9 @@ class RowsAttention:
         class (``CLASS_RANGE``, no lists)."""
         class_blocks = class_blocks or {}
         head_dim = padded_head_dim(D)
-        programs = sum(B * (H // heads) * tiles for _, _, heads, _, tiles in shapes)
-        # a list (or a class's run) is cut into splits: the longest one sets how many
-        splits = [self._splits(programs, class_blocks.get(i) or max(int(np.max(np.diff(ptr))), 1), device)
-                  for i, (ptr, _) in enumerate(tables)]
+        # a piece's lists (or a class's runs) are cut into splits: its longest one sets how many
+        longest = [class_blocks.get(i) or max(int(np.max(np.diff(ptr))), 1) for i, (ptr, _) in enumerate(tables)]
+        splits = self._splits([B * (H // heads) * tiles for _, _, heads, _, tiles in shapes], longest, device)
         # every table of the call in one host-to-device copy: each piece's pointers and lists
         # (aligned views: Triton specializes on pointer alignment, which list sizes must not change)
         views = to_device_all([a.astype(np.int32) for ptr, idx in tables for a in (ptr, idx)], device)
@@ -433,16 +436,24 @@ class RowsAttention:
             self._randoms[key] = _random_buffer(module.RANDOM_TABLES, n, device, module.PATTERN_ARGS)
         return self._randoms[key]
 
-    def _splits(self, programs: int, longest: int, device) -> int:
+    def _splits(self, rows: list[int], longest: list[int], device) -> list[int]:
+        """Per piece, the split-KV factor of its ``rows`` programs, whose
+        longest list is ``longest`` blocks. One slice length for every piece:
+        the work (blocks) over ``_PROGRAMS_PER_SM`` programs per multiprocessor,
+        so a planned pattern's long piece gets the splits and its short one
+        (a band of two blocks) none, and no program reads more than twice
+        the slice while the others wait."""
         if self.splits is not None:
-            return self.splits
+            return [self.splits] * len(rows)
         if device.type != "cuda":
-            return 1
+            return [1] * len(rows)
         if device not in self._sms:
             self._sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        sms = self._sms[device]
-        want = -(-_PROGRAMS_PER_SM * sms // programs)
-        return max(1, min(want, longest // _MIN_SPLIT_BLOCKS))
+        work = sum(r * l for r, l in zip(rows, longest))
+        programs = _PROGRAMS_PER_SM * self._sms[device]
+        if work <= programs * _MIN_SPLIT_BLOCKS:  # the slice would be shorter than the minimum
+            return [max(1, l // _MIN_SPLIT_BLOCKS) for l in longest]
+        return [max(1, l * programs // work) for l in longest]  # l over work / programs, in integers
 
     def _module(self, pattern: ir.Pattern, n: int, head_dim: int, dtype, device):
         bound = ir.bind(pattern, n) if codegen.needs_length(pattern) else pattern
