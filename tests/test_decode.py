@@ -377,6 +377,53 @@ def test_split_kv_gives_every_program_one_slice_length():
     assert attn._splits([8, 8], [100, 100], torch.device("cpu")) == [1, 1]
 
 
+@pytest.mark.parametrize("src, n_q, per_length_lists", [
+    ("sliding_window(13)", 1, False), ("strided(8)", 1, False), ("fixed(8, 2)", 3, False),
+    ("strided(8)", 4, True),  # several queries a row: the class walk does not apply, natural order would read more
+    ("cycle(strided(8), causal)", 1, True),  # a head whose class is mostly not allowed
+])
+def test_host_lengths_take_the_cache_step_where_it_reads_no_more(src, n_q, per_length_lists, monkeypatch):
+    """Lengths as host ints, a generation loop's new length every call: the cache's per-row step (built
+    once) where it walks what the planned lists would, so no list is built per token; the lists where
+    it would walk a planned pattern in natural order. Exact against the reference at every length."""
+    from patterncc.backends.reference import ReferenceAttention
+    from patterncc.backends.triton import decode
+
+    pat = pcc.parse(src)
+    rows = decode.RowsAttention(pat, block=16, splits=2)
+    built = []
+    step_of = decode.RowsAttention._step_of
+    monkeypatch.setattr(decode.RowsAttention, "_step_of", lambda self, lens, *a: built.append(lens) or
+                        step_of(self, lens, *a))
+    q, k, v = tensors(2, 4, 2, n_q, 70, 16, dtype=torch.float32, seed=n_q, device=DEVICE)
+    for n in (n_q, 17, 40, 41, 70):
+        lens = [n, max(n_q, n - 9)]
+        o, lse = rows(q, k, v, lens)
+        ro, rlse = ReferenceAttention(pat)(*(x.double().cpu() for x in (q, k, v)), return_lse=True,
+                                           cache_seqlens=lens)
+        torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=2e-5)
+        finite = torch.isfinite(rlse)
+        assert torch.equal(torch.isfinite(lse).cpu(), finite)
+        torch.testing.assert_close(lse.double().cpu()[finite], rlse[finite], rtol=0, atol=2e-5)
+    assert len(built) == (5 if per_length_lists else 0)
+
+
+def test_host_lengths_judge_a_long_cache_before_building_its_tables(monkeypatch):
+    """A 1M-token cache: causal's and fixed's per-row tables would pass the limit (estimated from three
+    block rows at 268M and 67M entries, the longest row times the rows, against 16.8M) and are judged so
+    with nothing built; sliding_window's (1.06M) and strided's (49K) fit."""
+    from patterncc.backends.triton import decode
+
+    monkeypatch.setattr(decode.RowsAttention, "_row_tables", lambda *a: pytest.fail("tables built to be judged"))
+    n = 1 << 20
+    for src, pays in [("causal", False), ("fixed(128, 32)", False), ("sliding_window(4096)", True),
+                      ("strided(128)", True)]:
+        rows = decode.RowsAttention(pcc.compile(src).mask_pattern)
+        assert rows._rows_pay(n, 1, 32) is pays, src
+        entries = rows._row_entries(n, 32)
+        assert (entries <= decode.ROW_LIST_LIMIT) is pays, (src, entries)
+
+
 def test_device_lengths_through_the_public_call():
     """``attn(..., cache_seqlens=tensor on q's device)`` takes the row lists and gives the host lengths'
     answer; a pattern that depends on the length, or lists over the limit, read the lengths instead."""

@@ -177,6 +177,7 @@ class RowsAttention:
         self._modules = LRU(32)
         self._randoms = LRU(32)
         self._steps = LRU(64)  # per (lengths, shapes): everything a step launches with but the tensors
+        self._natural = LRU(32)  # per (cache length, one query, heads): row_step walks natural order
         self._by_tables = LRU(64)  # the same, per the tables' content
         self._lens = LRU(16)  # lengths on the device
         self._per_head = LRU(32)  # a residue piece's pattern per layout head
@@ -211,6 +212,14 @@ class RowsAttention:
                 self._launch(q, k, v, step, lens, scale, o, lse, terms, None)
                 return o, lse
             lens = check_cache_seqlens(lens, q.shape, (B, k.shape[1], max_len_of(k, block_table), D))
+        elif block_table is None:
+            # host lengths take the cache's per-row step too where it reads what the lists would: it is
+            # built once per cache, where lists are built and copied for every new length (0.1-0.3 ms of
+            # Python a token), and only the lengths are copied
+            step = self.row_step(k.shape[2], B, nq, H, k.shape[1], D, q.dtype, q.device, natural=False)
+            if step is not None:
+                self._launch(q, k, v, step, self._lens_on(lens, q.device), scale, o, lse, terms, None)
+                return o, lse
         if not self.per_length:
             step = self._step_of(lens, lens[0], nq, H, k.shape[1], D, q.dtype, q.device)
             self._launch(q, k, v, step, self._lens_on(lens, q.device), scale, o, lse, terms, block_table)
@@ -305,7 +314,8 @@ class RowsAttention:
                                                              device)
         return step
 
-    def row_step(self, max_len: int, B: int, nq: int, H: int, Hkv: int, D: int, dtype, device) -> "_Step | None":
+    def row_step(self, max_len: int, B: int, nq: int, H: int, Hkv: int, D: int, dtype, device,
+                 natural: bool = True) -> "_Step | None":
         """The step of a call whose lengths stay on the device: the layout's
         key-block list of every query block row of a cache of ``max_len``
         (``BY_ROW`` in the kernel), so nothing depends on the lengths and a
@@ -318,16 +328,19 @@ class RowsAttention:
         query per row (decoding) the kernel walks the query's residue class
         instead (``CLASS_RANGE``), where the class is mostly keys the query
         may attend (``_class_is_dense``); otherwise such a pattern is walked
-        in natural order here."""
+        in natural order here, or, with ``natural`` False (a caller that has
+        the lengths and so the planned lists), there is no step (None)."""
         if self.per_length:
             return None
+        if not natural and not self._rows_pay(max_len, nq, H):
+            return None
+        walks_natural = self._walks_natural(max_len, nq, H)
         key = ("rows", max_len, B, nq, H, Hkv, D, dtype, device)
         if key in self._steps:
             return self._steps[key]
         pieces = self.pieces(max_len, H)
         ranged = [isinstance(piece.q_order, Residue) for piece in pieces]
-        if any(ranged) and not (nq == 1 and all(self._class_is_dense(piece, max_len, H)
-                                                for piece, r in zip(pieces, ranged) if r)):
+        if walks_natural:
             pieces, ranged = [_Piece(ir.bind(self.pattern, max_len), NATURAL, NATURAL)], [False]
         shapes = self._shapes(pieces, H, Hkv, nq)
         tables, class_blocks = [], {}
@@ -345,6 +358,49 @@ class RowsAttention:
         self._steps[key] = self._assemble(shapes, tables, B, max_len, nq, H, D, dtype, device, class_blocks,
                                           by_row=True, rows=rows, max_len=max_len)
         return self._steps[key]
+
+    def _walks_natural(self, max_len: int, nq: int, H: int) -> bool:
+        """Whether ``row_step`` walks a planned residue piece in natural order
+        (cached: the class test evaluates the pattern over a class's keys)."""
+        key = (max_len, nq == 1, H)
+        if key not in self._natural:
+            ranged = [piece for piece in self.pieces(max_len, H) if isinstance(piece.q_order, Residue)]
+            self._natural[key] = bool(ranged) and not (nq == 1 and all(self._class_is_dense(piece, max_len, H)
+                                                                        for piece in ranged))
+        return self._natural[key]
+
+    def _rows_pay(self, max_len: int, nq: int, H: int) -> bool:
+        """Whether a call with host lengths takes ``row_step``: not where it
+        would walk a planned pattern in natural order (the lists read less),
+        nor where its tables would pass ``ROW_LIST_LIMIT``, judged from three
+        block rows before any table is built (a causal or fixed cache of 1M
+        tokens took 1-4 s to find that out by building)."""
+        key = ("pays", max_len, nq == 1, H)
+        if key not in self._natural:
+            self._natural[key] = (not self._walks_natural(max_len, nq, H)
+                                  and self._row_entries(max_len, H) <= ROW_LIST_LIMIT)
+        return self._natural[key]
+
+    def _row_entries(self, max_len: int, H: int) -> int:
+        """About how many entries ``row_step``'s tables would hold: per list
+        piece, the longest of the first, middle and last block rows' lists
+        (every layout head), times the block rows."""
+        Bk = self.block
+        rows = -(-max_len // Bk)
+        side = rows * Bk
+        total = 0
+        for piece in self.pieces(max_len, H):
+            if isinstance(piece.q_order, Residue):
+                continue  # walked by class (CLASS_RANGE): no lists
+            longest = 0
+            for r in {0, rows // 2, rows - 1}:
+                row = row_pairs(piece.pattern, side, Bk, H, r, r)
+                if isinstance(piece.k_order, Columns):
+                    longest = max(longest, sum(_column_blocks(j, piece.k_order, side, Bk).size for _, j, _ in row))
+                else:
+                    longest = max(longest, sum(j.size for _, j, _ in row))
+            total += longest * rows
+        return total
 
     def _class_is_dense(self, piece: _Piece, n: int, H: int) -> bool:
         """Whether the last query of a row of ``n`` may attend at least half
