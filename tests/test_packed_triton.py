@@ -321,21 +321,45 @@ def test_a_new_batch_compiles_nothing(monkeypatch):
     attn(q, k, v, cu_seqlens=cu).sum().backward()
     first, variants = len(calls), _compiled_variants(modules)
     assert first >= 1
-    # totals 41, 33, 55, none a multiple of 16, as the first batch's: Triton specializes the
-    # kernels' lengths on divisibility by 16, so the first batch whose total is a multiple of 16
-    # compiles each kernel once more (once per run: test below)
-    for lengths in ([40, 1], [3, 3, 3, 3, 21], [17, 5, 33]):
+    # totals 41, 33, 55 and 32, 32, 64: Triton would specialize a length argument on its
+    # divisibility by 16 (and on 1), so every kernel's lengths are left unspecialized (next test)
+    for lengths in ([40, 1], [3, 3, 3, 3, 21], [17, 5, 33], [3, 3, 3, 3, 20], [16, 16], [30, 2, 32], [1]):
         q, k, v, cu = _inputs(lengths, 2, 2, 16, torch.float32)
         attn(q, k, v, cu_seqlens=cu).sum().backward()
     assert len(calls) == first
     # nor a second specialization of a kernel it has (the tables' pointers keep their alignment)
     assert _compiled_variants(modules) == variants
-    for lengths in ([3, 3, 3, 3, 20], [16, 16], [30, 2, 32]):  # totals 32, 32, 64: one class more, once
-        q, k, v, cu = _inputs(lengths, 2, 2, 16, torch.float32)
-        attn(q, k, v, cu_seqlens=cu).sum().backward()
-        if lengths == [3, 3, 3, 3, 20]:
-            multiple = _compiled_variants(modules)
-    assert len(calls) == first and _compiled_variants(modules) == multiple
+
+
+def test_no_kernel_specializes_on_a_length():
+    """Every kernel argument that carries a length (N, N_TOK, the decode kernels' NQ) is named in
+    do_not_specialize: Triton would otherwise compile a kernel again when a new length is, or stops
+    being, a multiple of 16 (or is 1), which a new batch, a new sequence length or a new decode step
+    must never do. Read from the kernel templates' source, so no GPU is needed."""
+    import ast
+    from pathlib import Path
+
+    import patterncc.backends.triton as backend
+
+    lengths = {"N", "N_TOK", "NQ"}
+    checked = 0
+    for name in ("kernels.py", "kernels_backward.py", "decode_kernels.py"):
+        tree = ast.parse((Path(backend.__file__).parent / name).read_text())
+        for fn in tree.body:
+            if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_"):
+                continue  # helpers are inlined into the kernels that call them
+            jit = [d for d in fn.decorator_list if "jit" in ast.unparse(d)]
+            if not jit:
+                continue
+            held = lengths & {a.arg for a in fn.args.args}
+            unspecialized = set()
+            for d in jit:
+                for kw in getattr(d, "keywords", []):
+                    if kw.arg == "do_not_specialize":
+                        unspecialized |= set(ast.literal_eval(kw.value))
+            assert held <= unspecialized, f"{name}:{fn.name} specializes on {sorted(held - unspecialized)}"
+            checked += bool(held)
+    assert checked >= 5  # attn_fwd, attn_bwd_preprocess, attn_bwd_dkdv, attn_bwd_dq, the decode kernels
 
 
 def _compiled_variants(modules) -> int:
