@@ -31,3 +31,16 @@ def interpreter_and_cache(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def triton_specializations() -> int:
+    """How many specializations Triton has compiled on the GPU of every
+    generated kernel module loaded in this process (0 under the interpreter,
+    which compiles nothing): a count that must not grow when only lengths do."""
+    if not GPU:
+        return 0
+    import triton
+
+    kernels = {id(fn): fn for name, module in list(sys.modules.items()) if name.startswith("patterncc_kernels_")
+               for fn in vars(module).values() if isinstance(fn, triton.JITFunction)}
+    return sum(len(cache[0]) for fn in kernels.values() for cache in fn.device_caches.values())

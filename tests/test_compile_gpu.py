@@ -39,6 +39,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 import patterncc as pcc  # noqa: E402
 from patterncc.nn import SparseTransformer  # noqa: E402
 
+from kernel_env import triton_specializations  # noqa: E402
+
 VOCAB = 97
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -129,6 +131,20 @@ def test_lengths_1000_3000_5000_compile_once():
         torch.testing.assert_close(got[0], want[0], **TOL)
         frames.append(counter.frame_count)
     assert frames == [frames[0]] * 3, frames
+
+
+def test_new_lengths_compile_no_kernel():
+    """Eager forward and backward at lengths that are and are not multiples of 16, and 1: after the
+    first, Triton compiles nothing (no kernel specializes on a length; test_packed_triton.py checks
+    the arguments from the source)."""
+    attn = pcc.compile("sliding_window(256)")  # (one set of kernels at every length: nothing planned per length)
+    seen = []
+    for n in (1000, 1024, 1, 3000, 4096, 77):
+        q, k, v = (torch.randn(1, 4, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        attn(q, k, v).float().sum().backward()
+        seen.append(triton_specializations())
+    assert seen[0] > 0 and seen == [seen[0]] * len(seen), seen
 
 
 def _adam(model):

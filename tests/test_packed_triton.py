@@ -24,6 +24,7 @@ from patterncc.masks import dense_mask
 from patterncc.packing import PackedSlots, packed_layout
 
 from kernel_env import interpreter_and_cache  # noqa: F401 (autouse: the interpreter and a private cache)
+from kernel_env import triton_specializations
 
 from patterncc.backends.triton import KernelConfig, runtime  # noqa: E402
 
@@ -308,18 +309,17 @@ def test_a_new_batch_compiles_nothing(monkeypatch):
     """Kernels are generated for the pattern once; a batch of other lengths
     builds layouts and tables only."""
     attn = pcc.compile(pcc.parse("strided(8)"), backend="triton", config=CONFIG, plan="planned")
-    calls, modules = [], []
+    calls = []
     real = runtime.load_kernels
 
     def counted(*a, **kw):
         calls.append(a)
-        modules.append(real(*a, **kw))
-        return modules[-1]
+        return real(*a, **kw)
 
     monkeypatch.setattr(runtime, "load_kernels", counted)
     q, k, v, cu = _inputs([9, 30, 2], 2, 2, 16, torch.float32)
     attn(q, k, v, cu_seqlens=cu).sum().backward()
-    first, variants = len(calls), _compiled_variants(modules)
+    first, variants = len(calls), triton_specializations()
     assert first >= 1
     # totals 41, 33, 55 and 32, 32, 64: Triton would specialize a length argument on its
     # divisibility by 16 (and on 1), so every kernel's lengths are left unspecialized (next test)
@@ -328,7 +328,7 @@ def test_a_new_batch_compiles_nothing(monkeypatch):
         attn(q, k, v, cu_seqlens=cu).sum().backward()
     assert len(calls) == first
     # nor a second specialization of a kernel it has (the tables' pointers keep their alignment)
-    assert _compiled_variants(modules) == variants
+    assert triton_specializations() == variants
 
 
 def test_no_kernel_specializes_on_a_length():
@@ -360,16 +360,6 @@ def test_no_kernel_specializes_on_a_length():
             assert held <= unspecialized, f"{name}:{fn.name} specializes on {sorted(held - unspecialized)}"
             checked += bool(held)
     assert checked >= 5  # attn_fwd, attn_bwd_preprocess, attn_bwd_dkdv, attn_bwd_dq, the decode kernels
-
-
-def _compiled_variants(modules) -> int:
-    """Specializations Triton has compiled of the modules' kernels on the GPU (0 under the interpreter)."""
-    if DEVICE != "cuda":
-        return 0
-    import triton
-
-    kernels = {id(fn): fn for module in modules for fn in vars(module).values() if isinstance(fn, triton.JITFunction)}
-    return sum(len(cache[0]) for fn in kernels.values() for cache in fn.device_caches.values())
 
 
 # -- bad input
