@@ -396,7 +396,7 @@ def test_host_lengths_take_the_cache_step_where_it_reads_no_more(src, n_q, per_l
     monkeypatch.setattr(decode.RowsAttention, "_step_of", lambda self, lens, *a: built.append(lens) or
                         step_of(self, lens, *a))
     q, k, v = tensors(2, 4, 2, n_q, 70, 16, dtype=torch.float32, seed=n_q, device=DEVICE)
-    for n in (n_q, 17, 40, 41, 70):
+    for n in (n_q, 17, 40, 41, 70):  # (70 fills the cache: its step is the one built before)
         lens = [n, max(n_q, n - 9)]
         o, lse = rows(q, k, v, lens)
         ro, rlse = ReferenceAttention(pat)(*(x.double().cpu() for x in (q, k, v)), return_lse=True,
@@ -406,6 +406,27 @@ def test_host_lengths_take_the_cache_step_where_it_reads_no_more(src, n_q, per_l
         assert torch.equal(torch.isfinite(lse).cpu(), finite)
         torch.testing.assert_close(lse.double().cpu()[finite], rlse[finite], rtol=0, atol=2e-5)
     assert len(built) == (5 if per_length_lists else 0)
+
+
+def test_host_lengths_of_a_growing_cache_keep_their_lists(monkeypatch):
+    """A cache that grows with its lengths (as transformers' DynamicCache does: every call a new cache
+    length, full) keeps the lists of each call's lengths: the cache's per-row tables would be built for
+    the whole cache every token. Exact against the reference."""
+    from patterncc.backends.reference import ReferenceAttention
+    from patterncc.backends.triton import decode
+
+    pat = pcc.parse("sliding_window(13)")
+    rows = decode.RowsAttention(pat, block=16, splits=2)
+    monkeypatch.setattr(decode.RowsAttention, "_row_tables", lambda *a: pytest.fail("a growing cache's tables"))
+    q, k, v = tensors(2, 4, 2, 1, 70, 16, dtype=torch.float32, seed=5, device=DEVICE)
+    for n in (1, 17, 40, 41, 70):
+        lens = [n, max(1, n - 9)]
+        kn, vn = k[:, :, :n], v[:, :, :n]
+        o, lse = rows(q, kn, vn, lens)
+        ro, rlse = ReferenceAttention(pat)(*(x.double().cpu() for x in (q, kn, vn)), return_lse=True,
+                                           cache_seqlens=lens)
+        torch.testing.assert_close(o.double().cpu(), ro, rtol=0, atol=2e-5)
+        torch.testing.assert_close(lse.double().cpu(), rlse, rtol=0, atol=2e-5)
 
 
 def test_host_lengths_judge_a_long_cache_before_building_its_tables(monkeypatch):

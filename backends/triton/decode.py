@@ -212,10 +212,12 @@ class RowsAttention:
                 self._launch(q, k, v, step, lens, scale, o, lse, terms, None)
                 return o, lse
             lens = check_cache_seqlens(lens, q.shape, (B, k.shape[1], max_len_of(k, block_table), D))
-        elif block_table is None:
+        elif block_table is None and (max(lens) < k.shape[2] or self._has_row_step(k.shape[2], B, nq, H, k, q)):
             # host lengths take the cache's per-row step too where it reads what the lists would: it is
             # built once per cache, where lists are built and copied for every new length (0.1-0.3 ms of
-            # Python a token), and only the lengths are copied
+            # Python a token), and only the lengths are copied. Only for a cache with room, filled in
+            # place (or whose step a call with device lengths built): a cache that grows with its
+            # lengths (transformers' DynamicCache) would build the whole cache's tables every token
             step = self.row_step(k.shape[2], B, nq, H, k.shape[1], D, q.dtype, q.device, natural=False)
             if step is not None:
                 self._launch(q, k, v, step, self._lens_on(lens, q.device), scale, o, lse, terms, None)
@@ -368,6 +370,9 @@ class RowsAttention:
             self._natural[key] = bool(ranged) and not (nq == 1 and all(self._class_is_dense(piece, max_len, H)
                                                                         for piece in ranged))
         return self._natural[key]
+
+    def _has_row_step(self, max_len: int, B: int, nq: int, H: int, k, q) -> bool:
+        return self._steps.get(("rows", max_len, B, nq, H, k.shape[1], q.shape[3], q.dtype, q.device)) is not None
 
     def _rows_pay(self, max_len: int, nq: int, H: int) -> bool:
         """Whether a call with host lengths takes ``row_step``: not where it
