@@ -45,9 +45,10 @@
 #   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
 #             Flex with a document mask and the sequences one by one (~4 min)
 #   decode    bench/decode_tiles.py (the query-rows kernel's key step and
-#             pipeline depth on causal at 1M), then bench/bench_decode.py:
+#             pipeline depth on causal at 1M; split-KV factors on
+#             sliding_window and strided in a graph), then bench/bench_decode.py:
 #             decode steps from a KV cache against SDPA cuDNN, with
-#             CUDA-graph rows                                       (~4 min)
+#             CUDA-graph rows, 32K, 128K and 1M, FlexAttention too  (~5 min)
 #   scores    bench/bench_scores.py: each score term's cost and Flex's
 #             score_mod, sliding_window(4096), D=64 and 128        (~8 min)
 #   hf        bench/bench_transformers.py: a 1.1B Llama-shaped model at 32K
@@ -187,7 +188,10 @@ run_packed() {
 run_decode() {
     echo "== decode" | tee -a "$OUT/summary.txt"
     timeout 150 python3 bench/decode_tiles.py --warps 4 --rep 30 2>&1 | tee "$OUT/decode_tiles.log" || fail decode
-    timeout 300 python3 bench/bench_decode.py --rounds 1 --rep 20 --batches 1 8 --contexts 32768 1048576 \
+    # the split-KV factor on the steps that read little (decode._splits against forced factors)
+    timeout 120 python3 bench/decode_tiles.py --patterns "sliding_window(4096)" "strided(128)" --blocks 64 \
+        --stages 3 --warps 4 --splits 0 2 4 8 16 32 --graph --rep 20 2>&1 | tee "$OUT/decode_splits.log" || fail decode
+    timeout 300 python3 bench/bench_decode.py --rounds 1 --rep 20 --batches 1 8 --contexts 32768 131072 1048576 \
         --variants contiguous graph 2>&1 | tee "$OUT/decode.log" || fail decode
 }
 
