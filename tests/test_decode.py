@@ -203,6 +203,16 @@ def test_rows_kernel_length_one_and_empty_rows():
     _check_rows("causal & (where k > 10)", [30, 9], 4)
 
 
+def test_a_batch_of_no_rows():
+    """B = 0 with a cache: the reference gives the empty outputs of their shapes, as it does without a
+    cache; the Triton backend refuses it as it refuses every empty dimension, by name."""
+    q, k, v = tensors(0, 4, 2, 1, 20, 16, dtype=torch.float32, seed=0, device=DEVICE)
+    o, lse = pcc.compile("sliding_window(13)", backend="reference")(q, k, v, cache_seqlens=[], return_lse=True)
+    assert o.shape == (0, 4, 1, 16) and lse.shape == (0, 4, 1)
+    with pytest.raises(ValueError, match="every dimension must be >= 1"):
+        pcc.compile("sliding_window(13)", backend="triton")(q, k, v, cache_seqlens=[])
+
+
 @pytest.mark.parametrize("src", ["causal", "strided(8)", "fixed(8, 2)", "cycle(causal, local(5))"])
 @pytest.mark.parametrize("Hkv, n_q", [(4, 3), (2, 8), (1, 5)], ids=["group1", "group2", "group4"])
 def test_rows_kernel_gqa_groups(src, Hkv, n_q):

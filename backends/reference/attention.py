@@ -90,6 +90,8 @@ class ReferenceAttention:
         """Each batch row ``b`` against the first ``cache_seqlens[b]`` keys of
         its cache, as a call of its own (numpy or torch, with autograd)."""
         lens = check_cache_seqlens(cache_seqlens, q.shape, k.shape)
+        if not lens:  # no batch rows: the call without a cache gives the empty outputs of their shapes
+            return self(q, k[:, :, :q.shape[2]], v[:, :, :q.shape[2]], scale, return_lse=True)
         given = {name: value for name, value in zip(("softcap", "alibi_slopes", "sinks", "rel_bias"),
                                                     (terms.softcap, *terms.tensors())) if value is not None}
         rows = [self(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale, return_lse=True, **given)
