@@ -126,7 +126,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
 # N_TOK is left to Triton to specialize here (and only here): a multiple of 16 makes each head's
 # lse and delta row 64-byte aligned, so the per-step loads of them are 8-byte rather than 4-byte
 # copies (dK/dV -3..-7% on an H200, each kernel timed alone). At most three compiles: n % 16 == 0, n == 1, other.
-@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
+@triton.jit(do_not_specialize=["N", "ORD_L", "ORD_S", "ORD_C"])
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                   stride_qb, stride_qh, stride_qn,  #
