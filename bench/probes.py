@@ -253,10 +253,11 @@ def kernel_sources(pattern: ir.Pattern, D: int, dtype: str, cfg: KernelConfig, v
                            if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty})
         signature = {a: _arg_type(a, short) if a not in constexprs else "constexpr" for a in fn.arg_names}
         # what a launch specializes on: 16-byte aligned tensors, strides divisible by 16, and
-        # the scalars the kernel leaves to Triton to specialize (dK/dV's N_TOK) a multiple of 16
+        # the scalars the kernels leave to Triton to specialize (LSE_LEN, lse's and delta's row
+        # length, which the host pads to a multiple of 16) a multiple of 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if signature[a].startswith("*") or a.startswith("stride_")
-                 or (a in ("N", "N_TOK") and not fn.params[i].do_not_specialize)}
+                 or (a in ("N", "N_TOK", "LSE_LEN") and not fn.params[i].do_not_specialize)}
         yield name, ASTSource(fn, signature, constexprs, attrs), tiles, warps, stages
 
 

@@ -23,6 +23,7 @@ import torch
 from triton.testing import do_bench
 
 import patterncc as pcc
+from patterncc.backends.triton.launch import aligned_rows, with_aligned_rows
 
 
 def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
@@ -61,7 +62,8 @@ def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
         runs = impl._runs(plan, q.device)
         for i, (run, (launch, order)) in enumerate(zip(runs, impl.launches(runs, qd, kd))):
             o, lse = launch.forward(qd, kd, vd, scale, order)
-            delta = torch.randn_like(lse)
+            lse = with_aligned_rows(lse)  # as a backward pass takes them (rows a multiple of 16 apart)
+            delta = aligned_rows(*lse.shape, lse.device).normal_()
             dk, dv, dq = (torch.empty_like(x) for x in (kd, vd, qd))
             t_f = do_bench(lambda: launch.forward(qd, kd, vd, scale, order), return_mode="median")
             t_kv = do_bench(lambda: launch.dkdv(qd, kd, vd, lse, do, delta, scale, order, dk, dv),

@@ -134,21 +134,17 @@ def test_lengths_1000_3000_5000_compile_once():
 
 
 def test_new_lengths_compile_no_kernel():
-    """Eager forward and backward at new lengths: Triton compiles nothing for a length of a kind it has
-    seen. The one length argument left to specialize (dK/dV's token count, on divisibility by 16 and on
-    1, by choice: kernels_backward.py) compiles that kernel once per kind, and nothing else does."""
+    """Eager forward and backward at lengths that are and are not multiples of 16, and 1: after the
+    first, Triton compiles nothing (no kernel specializes on a length: test_packed_triton.py checks
+    the arguments from the source; lse's and delta's rows are padded to a multiple of 16)."""
     attn = pcc.compile("sliding_window(256)")  # (one set of kernels at every length: nothing planned per length)
-    seen = {}
-    for n in (1000, 1003, 1024, 4096, 1, 1, 3001, 2048):
+    seen = []
+    for n in (1000, 1024, 1, 3000, 4096, 77):
         q, k, v = (torch.randn(1, 4, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         attn(q, k, v).float().sum().backward()
-        kind = "multiple of 16" if n % 16 == 0 else "one" if n == 1 else "other"
-        seen.setdefault(kind, []).append(triton_specializations())
-    for kind, counts in seen.items():
-        assert counts == [counts[0]] * len(counts), (kind, counts)
-    firsts = sorted(counts[0] for counts in seen.values())
-    assert firsts[0] > 0 and firsts[-1] - firsts[0] <= 2, seen  # dK/dV once more for each new kind
+        seen.append(triton_specializations())
+    assert seen[0] > 0 and seen == [seen[0]] * len(seen), seen
 
 
 def _adam(model):

@@ -673,13 +673,30 @@ def test_resources_report_types_every_pointer_argument():
 
     attn = TritonAttention(C, config=CONFIG)
     module = attn.kernels(64, attn.config_for(64, torch.bfloat16), DEVICE)
-    scalars = {"sm_scale", "N", "H", "GROUP", "N_TOK", "ORD_L", "ORD_S", "ORD_C", "softcap", "rel_m", "ALIGN"}
+    scalars = {"sm_scale", "N", "H", "GROUP", "N_TOK", "ORD_L", "ORD_S", "ORD_C", "LSE_LEN", "softcap", "rel_m", "ALIGN"}
     for kernel in (module.attn_fwd, module.attn_bwd_preprocess, module.attn_bwd_dkdv, module.attn_bwd_dq):
         params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
         for name, param in params.items():
             if "constexpr" in str(param.annotation) or name.startswith("stride") or name in scalars:
                 continue
             assert probes._arg_type(name, "bf16").startswith("*"), f"{name} would be typed as a scalar"
+
+
+def test_lse_and_delta_rows_are_padded_to_a_multiple_of_16():
+    """The backward kernels read lse and delta in rows of LSE_LEN, which Triton specializes: the host
+    pads rows to a multiple of 16 at every length (so no length compiles a kernel again), copying lse
+    only where the forward's rows are not already so."""
+    from patterncc.backends.triton.launch import _row_length, aligned_rows, with_aligned_rows
+
+    for n in (1, 15, 16, 17, 70):
+        lse = torch.randn(2, 3, n, device=DEVICE)
+        got = with_aligned_rows(lse)
+        assert torch.equal(got, lse) and got.stride(1) % 16 == 0 and got.stride(1) >= n
+        assert (got is lse) == (n % 16 == 0)
+        delta = aligned_rows(2, 3, n, DEVICE)
+        assert _row_length(got, delta) == -(-n // 16) * 16
+    with pytest.raises(AssertionError, match="share rows of one length"):
+        _row_length(torch.zeros(2, 3, 17, device=DEVICE), aligned_rows(2, 3, 17, DEVICE))
 
 
 @pytest.mark.parametrize("n", [64, 70, 1])

@@ -30,9 +30,9 @@ _token = None  # kernels.py's, copied in ahead of these
 def attn_bwd_preprocess(O, DO, DELTA,  #
                         stride_ob, stride_oh, stride_on,  #
                         stride_dob, stride_doh, stride_don,  #
-                        N, H,  #
+                        N, H, LSE_LEN,  #
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta (fp32 [B, H, N]): the term of dS = P * (dP - delta) that the softmax adds."""
+    """delta (fp32 [B, H, N], rows LSE_LEN apart): the term of dS = P * (dP - delta) that the softmax adds."""
     off_bh = tl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
@@ -44,7 +44,7 @@ def attn_bwd_preprocess(O, DO, DELTA,  #
     do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
                  + pos[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=inside, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + off_bh.to(tl.int64) * N + pos, delta, mask=pos < N)
+    tl.store(DELTA + off_bh.to(tl.int64) * LSE_LEN + pos, delta, mask=pos < N)
 
 
 # ----------------------------------------------------------------------------
@@ -123,10 +123,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
     return dk, dv
 
 
-# N_TOK is left to Triton to specialize here (and only here): a multiple of 16 makes each head's
-# lse and delta row 64-byte aligned, so the per-step loads of them are 8-byte rather than 4-byte
-# copies (dK/dV -3..-7% on an H200, each kernel timed alone). At most three compiles: n % 16 == 0, n == 1, other.
-@triton.jit(do_not_specialize=["N", "ORD_L", "ORD_S", "ORD_C"])
+# LSE_LEN, the row length of lse and delta, is left to Triton to specialize: the host pads those rows
+# to a multiple of 16 (runtime.aligned_rows), so each head's row is 64-byte aligned and the per-step
+# loads of them are 8-byte rather than 4-byte copies (dK/dV -3..-7% on an H200, each kernel timed
+# alone), at every length and with one compile: the token count itself is not specialized.
+@triton.jit(do_not_specialize=["N", "N_TOK", "ORD_L", "ORD_S", "ORD_C"])
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   FULL_PTR, FULL_STEPS, PART_PTR, PART_STEPS, TILE_ORDER,  #
                   stride_qb, stride_qh, stride_qn,  #
@@ -134,7 +135,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
                   stride_vb, stride_vh, stride_vn,  #
                   stride_dob, stride_doh, stride_don,  #
                   stride_dkb, stride_dkh, stride_dkn,  #
-                  sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
+                  sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C, LSE_LEN,  #
                   HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,  #
                   HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                   Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
@@ -170,7 +171,6 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
     n_tiles = tl.cdiv(N, BLOCK_N1)
     tile = tl.load(TILE_ORDER + layout_kvh * n_tiles + tl.program_id(0))
     start_n = tile * BLOCK_N1
-    lse_len = N_TOK  # lse's and delta's row length: every token
     if PACKED:  # -- as in attn_fwd
         slot0, N, N_TOK, ORD_S, tok0 = _packed_sequence(SEQS, start_n, ALIGN)
         start_n -= slot0
@@ -211,8 +211,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, RANDOM,  #
             layout_h = off_h
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * lse_len
-        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * lse_len
+        LSE_row = LSE + (off_b * H + off_h).to(tl.int64) * LSE_LEN
+        DELTA_row = DELTA + (off_b * H + off_h).to(tl.int64) * LSE_LEN
         csr_col = layout_h * n_tiles + tile
         if BAND:  # -- the tile's steps as one loop, the predicate only outside its FULL range;
             #            a step reaching past the end (the band's last, if any) as a masked loop of its own
@@ -459,7 +459,7 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 stride_dob, stride_doh, stride_don,  #
                 stride_ob, stride_oh, stride_on,  #
                 stride_dqb, stride_dqh, stride_dqn,  #
-                sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C,  #
+                sm_scale, N, H, GROUP, N_TOK, ORD_L, ORD_S, ORD_C, LSE_LEN,  #
                 HEAD_DIM: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,  #
                 HEAD_DEPENDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,  #
                 Q_ORDER: tl.constexpr = 0, K_ORDER: tl.constexpr = 0, ADD_IN: tl.constexpr = False,  #
@@ -502,7 +502,7 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     n_tiles = tl.cdiv(N, BLOCK_M2)
     tile = tl.load(TILE_ORDER + layout_h * n_tiles + tl.program_id(0))
     start_m = tile * BLOCK_M2
-    lse_row = off_bh.to(tl.int64) * N_TOK  # lse's and delta's row of this batch and head
+    lse_row = off_bh.to(tl.int64) * LSE_LEN  # lse's and delta's row of this batch and head
     if PACKED:  # -- as in attn_fwd
         slot0, N, N_TOK, ORD_S, tok0 = _packed_sequence(SEQS, start_m, ALIGN)
         start_m -= slot0

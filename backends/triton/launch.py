@@ -74,14 +74,15 @@ class _Run:
         return o, lse
 
     def delta(self, o, do, dlse=None):
-        """fp32 ``[B, H, n]``: rowsum(dO * O); an lse gradient enters as delta - dlse."""
+        """fp32 ``[B, H, n]`` in rows padded to a multiple of 16 (``aligned_rows``):
+        rowsum(dO * O); an lse gradient enters as delta - dlse."""
         B, H, n, D = o.shape
-        delta = torch.empty((B, H, n), dtype=torch.float32, device=o.device)
+        delta = aligned_rows(B, H, n, o.device)
         self.module.attn_bwd_preprocess[(triton_cdiv(n, self.config.block_m2), B * H)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H,
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], n, H, delta.stride(1),
             HEAD_DIM=D, BLOCK_M=self.config.block_m2)
         if dlse is not None:
-            delta = delta - dlse.to(torch.float32)
+            delta.sub_(dlse.to(torch.float32))
         return delta
 
     def dkdv(self, q, k, v, lse, do, delta, scale, order: "SlotOrder", dk, dv, dk_in=None, dv_in=None,
@@ -95,7 +96,7 @@ class _Run:
             q, k, v, do, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
             t.random, *t.dkdv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-            scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
+            scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]), _row_length(lse, delta),
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dk_in is not None, FULL_RUNS=t.dkdv_walk == "runs", BAND=t.dkdv_walk == "band",
             ADDR32=self._rows_fit_int32(q, do),
@@ -124,7 +125,7 @@ class _Run:
         self._launch(self.module.attn_bwd_dq, (triton_cdiv(self.n, cfg.block_m2), B * H))(
             q, k, v, do, o_arg, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_arg.stride()[:3], *dq.stride()[:3],
-            scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]),
+            scale, self.n, H, H // self.Hkv, *order.args(q.shape[2]), _row_length(lse, delta),
             BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, Q_ORDER=order.q, K_ORDER=order.k,
             ADD_IN=dq_in is not None, FULL_RUNS=t.dq_walk == "runs", BAND=t.dq_walk == "band",
             WRITE_DELTA=o is not None,
@@ -168,6 +169,36 @@ class _Run:
         cfg = self.config
         return dict(**self._constexprs(), NUM_STAGES=cfg.bwd_stages, num_warps=cfg.bwd_warps,
                     num_stages=cfg.bwd_stages)
+
+
+def aligned_rows(B: int, H: int, n: int, device) -> torch.Tensor:
+    """An fp32 ``[B, H, n]`` buffer whose rows are a multiple of 16 apart
+    (a view of ``[B, H, ceil(n / 16) * 16]``): the backward kernels read lse
+    and delta by rows of that length, which Triton then knows 64-byte
+    aligned at every n, with one compile (kernels_backward.py)."""
+    return torch.empty((B, H, -(-n // 16) * 16), dtype=torch.float32, device=device)[:, :, :n]
+
+
+def with_aligned_rows(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` itself where its rows are already so (a forward at n a
+    multiple of 16), else a copy in an ``aligned_rows`` buffer."""
+    B, H, n = lse.shape
+    if lse.stride() == (H * lse.stride(1), lse.stride(1), 1) and lse.stride(1) % 16 == 0:
+        return lse
+    out = aligned_rows(B, H, n, lse.device)
+    out.copy_(lse)
+    return out
+
+
+def _row_length(lse: torch.Tensor, delta: torch.Tensor) -> int:
+    """The kernels' LSE_LEN: the one row length of lse and delta (rows of one batch row contiguous)."""
+    B, H, n = lse.shape
+    length = lse.stride(1)
+    for x in (lse, delta):
+        if x.stride() != (H * length, length, 1):
+            raise AssertionError(f"lse and delta must share rows of one length, got strides {lse.stride()}, "
+                                 f"{delta.stride()}")
+    return length
 
 
 @dataclass(frozen=True, eq=False)

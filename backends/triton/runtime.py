@@ -64,7 +64,7 @@ from ._interpret import interpreting
 from .config import DEFAULT_BLOCK, KernelConfig, default_config, padded_head_dim
 from .device_tables import _DeviceTables, _random_buffer  # noqa: F401  (re-exported)
 from .inputs import _check_inputs, check_inputs, check_tensors  # noqa: F401  (re-exported)
-from .launch import _KernelTerms, _Run, triton_cdiv  # noqa: F401  (re-exported)
+from .launch import _KernelTerms, _Run, aligned_rows, triton_cdiv, with_aligned_rows  # noqa: F401  (re-exported)
 from .merge import _merged, _on_device_of, _sink_launch, _summed, _term_grads  # noqa: F401  (re-exported)
 
 _FP32 = torch.finfo(torch.float32)
@@ -309,7 +309,8 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
         # every query writes it in its dQ programs (they load dO anyway);
         # otherwise, or with an lse gradient to take in, a pass of its own.
         in_dq = len(launches) == 1 and launches[0][1].covers_queries and dlse is None
-        delta = _empty_as(lse) if in_dq else launches[0][0].delta(o, do, dlse)
+        lse = with_aligned_rows(lse)  # (rows 64-byte aligned at every n: launch.aligned_rows)
+        delta = aligned_rows(*lse.shape, lse.device) if in_dq else launches[0][0].delta(o, do, dlse)
         args = (q, k, v, lse, do, delta, scale)
         (dq,) = _summed([order.covers_queries for _, order in launches], (q,),
                         lambda i, outs, ins: launches[i][0].dq(*args, launches[i][1], *outs, *ins,
