@@ -177,7 +177,9 @@ class RowsAttention:
         self._modules = LRU(32)
         self._randoms = LRU(32)
         self._steps = LRU(64)  # per (lengths, shapes): everything a step launches with but the tensors
-        self._natural = LRU(32)  # per (cache length, one query, heads): row_step walks natural order
+        # per (cache length, one query, heads): whether row_step walks natural order (_walks_natural),
+        # and under ("pays", ...) whether host lengths take it (_rows_pay)
+        self._natural = LRU(32)
         self._by_tables = LRU(64)  # the same, per the tables' content
         self._lens = LRU(16)  # lengths on the device
         self._per_head = LRU(32)  # a residue piece's pattern per layout head
