@@ -143,6 +143,11 @@ class _KernelTerms:
         return _KernelTerms(None if softcap is None else float(softcap), f32(alibi_slopes), f32(sinks), f32(rel_bias))
 
 
+def _row_key(max_len: int, B: int, nq: int, H: int, Hkv: int, D: int, dtype, device) -> tuple:
+    """``RowsAttention._steps``' key of a cache's per-row step (``row_step``)."""
+    return ("rows", max_len, B, nq, H, Hkv, D, dtype, device)
+
+
 def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
@@ -339,7 +344,7 @@ class RowsAttention:
         if not natural and not self._rows_pay(max_len, nq, H):
             return None
         walks_natural = self._walks_natural(max_len, nq, H)
-        key = ("rows", max_len, B, nq, H, Hkv, D, dtype, device)
+        key = _row_key(max_len, B, nq, H, Hkv, D, dtype, device)
         if key in self._steps:
             return self._steps[key]
         pieces = self.pieces(max_len, H)
@@ -374,7 +379,7 @@ class RowsAttention:
         return self._natural[key]
 
     def _has_row_step(self, max_len: int, B: int, nq: int, H: int, k, q) -> bool:
-        return self._steps.get(("rows", max_len, B, nq, H, k.shape[1], q.shape[3], q.dtype, q.device)) is not None
+        return self._steps.get(_row_key(max_len, B, nq, H, k.shape[1], q.shape[3], q.dtype, q.device)) is not None
 
     def _rows_pay(self, max_len: int, nq: int, H: int) -> bool:
         """Whether a call with host lengths takes ``row_step``: not where it

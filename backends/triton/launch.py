@@ -182,23 +182,28 @@ def aligned_rows(B: int, H: int, n: int, device) -> torch.Tensor:
 def with_aligned_rows(lse: torch.Tensor) -> torch.Tensor:
     """``lse`` itself where its rows are already so (a forward at n a
     multiple of 16), else a copy in an ``aligned_rows`` buffer."""
-    B, H, n = lse.shape
-    if lse.stride() == (H * lse.stride(1), lse.stride(1), 1) and lse.stride(1) % 16 == 0:
+    length = _row_stride(lse)
+    if length is not None and length % 16 == 0:
         return lse
-    out = aligned_rows(B, H, n, lse.device)
+    out = aligned_rows(*lse.shape, lse.device)
     out.copy_(lse)
     return out
 
 
 def _row_length(lse: torch.Tensor, delta: torch.Tensor) -> int:
-    """The kernels' LSE_LEN: the one row length of lse and delta (rows of one batch row contiguous)."""
-    B, H, n = lse.shape
-    length = lse.stride(1)
-    for x in (lse, delta):
-        if x.stride() != (H * length, length, 1):
-            raise AssertionError(f"lse and delta must share rows of one length, got strides {lse.stride()}, "
-                                 f"{delta.stride()}")
+    """The kernels' LSE_LEN: the one row length of lse and delta."""
+    length = _row_stride(lse)
+    if length is None or _row_stride(delta) != length:
+        raise AssertionError(f"lse and delta must share rows of one length, got strides {lse.stride()}, "
+                             f"{delta.stride()}")
     return length
+
+
+def _row_stride(x: torch.Tensor) -> int | None:
+    """The distance between the rows of ``x`` ``[B, H, n]`` where they lie
+    one after another (strides ``(H * L, L, 1)``), else None."""
+    length = x.stride(1)
+    return length if x.stride() == (x.shape[1] * length, length, 1) else None
 
 
 @dataclass(frozen=True, eq=False)
