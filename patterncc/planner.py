@@ -63,10 +63,10 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
     H = heads if ir.depends_on_head(bound) else 1
 
     pieces = _pieces(bound, H)
-    reorders = any(o != (NATURAL, NATURAL) for ps in pieces for o in ps)
+    reordered = any(o != (NATURAL, NATURAL) for ps in pieces for o in ps)
     refused = None
     try:
-        planned = _components(pieces, seq_len, block, H) if reorders and mode != "natural" else None
+        planned = _components(pieces, seq_len, block, H) if reordered and mode != "natural" else None
     except LimitError as err:  # a component's slot layout is too costly to build: run natural order
         planned, refused = None, str(err).splitlines()[0]
     planned = planned or None  # every component empty: the natural run gives zeros and -inf
@@ -93,6 +93,16 @@ def build_plan(p: ir.Pattern, seq_len: int, block: int, heads: int = 1, *, mode:
         reason = f"the reordered components were refused ({refused})"
     components = tuple(planned) if strategy == "planned" else (natural,)
     return Plan(bound, seq_len, block, heads, strategy, components, natural_blocks, natural is not None, costs, reason)
+
+
+def reorders(p: ir.Pattern, heads: int = 1) -> bool:
+    """Whether some term of ``p`` runs in another token order, so that the
+    planner has components to weigh against natural order (at any length: a
+    pattern that does not use n)."""
+    p = ir.split_terms(p)[0]
+    bound = ir.bind(p, 1 << 20)
+    H = heads if ir.depends_on_head(bound) else 1
+    return any(o != (NATURAL, NATURAL) for ps in _pieces(bound, H) for o in ps)
 
 
 def _choose(costs: dict, mode: str, dense: bool, planned, natural_blocks: int) -> tuple[str, str]:

@@ -65,12 +65,12 @@ def _each_alone(pattern, q, k, v, cu, do, **terms):
 
 
 def check_packed(pattern, lengths, *, H=2, Hkv=2, D=16, dtype=torch.float32, config=CONFIG, plan="auto",
-                 seed=0, **terms):
+                 seed=0, attn=None, **terms):
     """The packed call's o, lse and gradients (q, k, v and the terms') equal the
-    reference's on each sequence alone; returns the compiled attention."""
+    reference's on each sequence alone; returns the compiled attention (or runs ``attn``)."""
     pattern = pcc.parse(pattern) if isinstance(pattern, str) else pattern
     q, k, v, cu = _inputs(lengths, H, Hkv, D, dtype, seed)
-    attn = pcc.compile(pattern, backend="triton", config=config, plan=plan)
+    attn = attn or pcc.compile(pattern, backend="triton", config=config, plan=plan)
     terms = {name: t.to(DEVICE).requires_grad_() for name, t in terms.items()}
     o, lse = attn(q, k, v, return_lse=True, cu_seqlens=cu, **terms)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
@@ -330,6 +330,32 @@ def test_a_new_batch_compiles_nothing(monkeypatch):
     assert len(calls) == first
     # nor a second specialization of a kernel it has (the tables' pointers keep their alignment)
     assert triton_specializations() == variants
+
+
+def test_batches_on_either_side_of_the_planners_line_share_kernels():
+    """Under plan="auto" the planner runs strided(8) (blocks of 16) in natural order up to 128 tokens
+    and planned from 256: every packed batch takes the strategy of the planner's settled choice
+    (planned here), so a batch of short sequences and one of long ones run the same kernels, and
+    both are exact (a short sequence under the planned components)."""
+    attn = check_packed("strided(8)", [20, 3, 1, 9])
+    plan = attn.impl("triton").packed_plan(np.array([0, 20]), 2)
+    assert plan.strategy == "planned" and len(plan.components) == 2
+    variants = triton_specializations()
+    check_packed("strided(8)", [260, 7], seed=1, attn=attn)
+    check_packed("strided(8)", [1], seed=2, attn=attn)
+    assert triton_specializations() == variants
+
+
+def test_unpacked_lengths_compile_no_kernel():
+    """The same for plain calls: forward and backward at lengths that are and are not multiples of 16,
+    and 1, specialize no kernel again after the first (tests/test_compile_gpu.py: the card's own count)."""
+    attn = pcc.compile("sliding_window(8)", backend="triton", config=CONFIG)
+    seen = []
+    for n in (40, 48, 1, 33, 64):
+        q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+        attn(q, k, v).sum().backward()
+        seen.append(triton_specializations())
+    assert seen[0] > 0 and seen == [seen[0]] * len(seen), seen
 
 
 def test_no_kernel_specializes_on_a_length():

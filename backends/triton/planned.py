@@ -32,7 +32,7 @@ from patterncc.blocklayout.builder import build as build_layout
 from patterncc.orders import Residue, SlotOrder, shaping
 from patterncc.packing import PackedSlots, packed_layout, residue_padding
 from patterncc.planned import PlannedAttention, _term_kwargs
-from patterncc.planner import component_at, slot_pattern_of
+from patterncc.planner import build_plan, component_at, reorders, slot_pattern_of
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from .resident import to_device
@@ -42,6 +42,12 @@ from .tables import crop_steps, kernel_steps
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
 _PACKED_ENTRIES = 8  # packed batches' launch lists kept (a training loop brings a new batch every step)
 _LENGTH_ENTRIES = 256  # component layouts kept per sequence length (reordered components of packed batches)
+# Packed batches run the strategy (natural order or planned) the planner picks at this many times
+# the pattern's reach and this many blocks, whatever their longest sequence: where its choice has
+# settled (strided(128) and fixed(128, 32) are planned from 2048 tokens, 16x their integer and 32
+# blocks of 64; strided(8) in blocks of 16 from 256 tokens, 16 blocks).
+_PACKED_REFERENCE_REACH = 8
+_PACKED_REFERENCE_BLOCKS = 64
 
 
 class TritonPlannedAttention(PlannedAttention):
@@ -201,12 +207,40 @@ class TritonPlannedAttention(PlannedAttention):
         return self._at_length[key]
 
     def packed_plan(self, offsets: np.ndarray, heads: int):
-        """The plan a packed batch runs: the one at the power of two at or
-        above its longest sequence, so that the batches of a training run
-        share one plan (and its tiles), and a natural layout that every
-        sequence's layout crops from."""
-        longest = max(1, int(np.diff(offsets).max()))
-        return self.plan(1 << (longest - 1).bit_length(), heads)
+        """The plan a packed batch runs, so that every batch of a training run
+        runs the same kernels (a new batch compiles nothing): at the power of
+        two at or above its longest sequence (a natural layout that every
+        sequence's layout crops from), in one strategy for every batch
+        (``_packed_mode``). A planned one is made at least at the pattern's
+        reach (``_reach``), where every component has something to compute:
+        a component left out would change the others' kernels (which launch
+        merges into which)."""
+        mode = self._packed_mode(heads)
+        longest = int(np.diff(offsets).max())
+        n = _power_of_two(max(longest, _reach(self.pattern)) if mode == "planned" else longest)
+        key = ("plan", n, heads, mode)
+        if key not in self._at_length:
+            self._at_length[key] = build_plan(self.pattern, n, self.block, heads, mode=mode)
+        return self._at_length[key]
+
+    def _packed_mode(self, heads: int) -> str:
+        """The strategy of every packed batch: the plan mode asked for, or
+        under "auto" the planner's choice at ``_PACKED_REFERENCE_REACH``
+        times the reach and ``_PACKED_REFERENCE_BLOCKS`` blocks. The cost
+        model's choice changes with the length (strided(128) runs natural
+        order up to 1024 tokens and planned from 2048), and a batch whose
+        longest sequence crossed that line would compile the other
+        strategy's kernels."""
+        if self.mode != "auto":
+            return self.mode
+        key = ("mode", heads)
+        if key not in self._at_length:
+            mode = "natural"  # natural order at every length unless some term reorders
+            if reorders(self.pattern, heads):
+                reference = max(_PACKED_REFERENCE_REACH * _reach(self.pattern), _PACKED_REFERENCE_BLOCKS * self.block)
+                mode = "planned" if self.plan(_power_of_two(reference), heads).strategy == "planned" else "natural"
+            self._at_length[key] = mode
+        return self._at_length[key]
 
     def _inner_of(self, comp, heads: int):
         """The kernels' attention of a component's predicate (the same at every
@@ -242,6 +276,30 @@ class TritonPlannedAttention(PlannedAttention):
                 parts[s] = (o[g:g + 1], lse[g:g + 1])
         order = [s for s in range(lengths.size) if lengths[s] > 0]
         return torch.cat([parts[s][0] for s in order], dim=2), torch.cat([parts[s][1] for s in order], dim=2)
+
+
+def _power_of_two(n: int) -> int:
+    """The power of two at or above ``n`` (1 for n <= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _reach(pattern: ir.Pattern) -> int:
+    """Twice the largest integer the pattern is written with (a primitive's
+    argument or a constant of a ``where``): the length from which each of its
+    terms has its shape at every longer length (stride(l) reaches a key
+    outside local(l) from l + 1 tokens on; summary(l, c) fills its first
+    column block from l on)."""
+    ints = [1]
+    for node in ir.walk(pattern):
+        if type(node) in ir.PRIMITIVE_NAMES:
+            ints += [a for a in ir.args_of(node) if isinstance(a, int)]
+        elif isinstance(node, ir.Where):
+            stack = [node.cond]
+            while stack:
+                e = stack.pop()
+                ints += [abs(e.value)] if isinstance(e, ir.Const) else []
+                stack.extend(ir.expr_children(e))
+    return 2 * max(ints)
 
 
 def length_free(pattern: ir.Pattern) -> bool:
