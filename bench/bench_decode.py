@@ -32,7 +32,12 @@ rounds (order reversed every other round), median over rounds of
 ``bytes`` is what the pattern makes a step read at least: the K and V rows
 of the keys the query may attend, for every batch row and key/value head;
 ``GB/s`` that over ``pcc``'s time, and ``% copy`` against the card's
-device-to-device copy bandwidth measured in the same run.
+device-to-device copy bandwidth measured in the same run. ``read ms`` is
+the floor for reading those bytes in one launch at that size: a
+CUDA-graph replay of ``torch.sum`` over a tensor of the same bytes (one
+kernel, nothing written back); ``read/pcc`` how close a step comes to it.
+A step that reads a few MiB is bound by a launch's latency, not by the
+card's bandwidth, and this column says by how much.
 """
 
 from __future__ import annotations
@@ -52,6 +57,23 @@ def copy_bandwidth(torch, gib: float = 4.0) -> float:
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), rep=200)
     return 2 * x.numel() * 2 / (ms * 1e-3)
+
+
+def read_floor(torch, nbytes: int, rep: int) -> float:
+    """ms of a CUDA-graph replay of one ``torch.sum`` over ``nbytes`` bytes of
+    bf16: the least a single launch that reads them takes at this size."""
+    from triton.testing import do_bench
+
+    x = torch.ones(max(1, nbytes // 2), dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.sum(dtype=torch.float32)  # warm outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.sum(dtype=torch.float32)
+    return do_bench(graph.replay, rep=rep)
 
 
 def allowed_keys(pattern, n: int) -> int:
@@ -137,13 +159,15 @@ def variant_calls(torch, attn, q, k, v, n: int, B: int, variant: str, page: int)
     return step, [lambda x=x: replay_at(x) for x in news], ""
 
 
-def print_row(name: str, B: int, n: int, keys: int, nbytes: int, med: dict, loop: float, bw: float) -> None:
+def print_row(name: str, B: int, n: int, keys: int, nbytes: int, med: dict, loop: float, bw: float,
+              floor: float) -> None:
     pcc_ms = med.get("pcc", float("nan"))
     best_sdpa = min(((t, name) for name, t in med.items() if name.startswith("sdpa")), default=None)
     sdpa_txt = f"{best_sdpa[0]:.3f} ({best_sdpa[1][5:]})" if best_sdpa else "-"
     flex_ms = med.get("flex")
     print(f"| {name} | {B} | {n} | {keys} | {nbytes / 2**20:.1f} MiB | {pcc_ms:.4f} | {loop:.4f} | "
           f"{nbytes / (pcc_ms * 1e-3) / 1e9:.0f} | {100 * nbytes / (pcc_ms * 1e-3) / bw:.0f}% | "
+          f"{floor:.4f} | {100 * floor / pcc_ms:.0f}% | "
           f"{sdpa_txt} | {'-' if flex_ms is None else f'{flex_ms:.4f}'} | "
           f"{(best_sdpa[0] / pcc_ms) if best_sdpa else float('nan'):.1f} | "
           f"{(flex_ms / pcc_ms) if flex_ms else float('nan'):.1f} |", flush=True)
@@ -178,7 +202,7 @@ def main(argv=None) -> int:
 
         flex = torch.compile(flex_attention, dynamic=False)
     header = ("| pattern | B | context | keys read | bytes | pcc ms | pcc loop ms/step | GB/s | % copy | "
-              "sdpa (backend) ms | flex ms | sdpa/pcc | flex/pcc |")
+              "read ms | read/pcc | sdpa (backend) ms | flex ms | sdpa/pcc | flex/pcc |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for B in args.batches:
@@ -225,6 +249,7 @@ def main(argv=None) -> int:
                     med_others = rounds(others, args.rounds, args.rep)
                 keys = allowed_keys(pat, n)
                 nbytes = B * Hkv * keys * D * 2 * 2
+                floor = read_floor(torch, nbytes, args.rep)
                 for variant in args.variants:
                     with torch.no_grad():
                         step, loop_steps, note = variant_calls(torch, attn, q, k, v, n, B, variant, args.page)
@@ -245,7 +270,7 @@ def main(argv=None) -> int:
                         torch.cuda.synchronize()
                         loop = (time.perf_counter() - t0) / len(loop_steps) * 1e3
                     name = src if variant == "contiguous" else f"{src} {variant}{note}"
-                    print_row(name, B, n, keys, nbytes, med, loop, bw)
+                    print_row(name, B, n, keys, nbytes, med, loop, bw, floor)
                     del step, loop_steps
                     torch.cuda.empty_cache()
             del k, v
