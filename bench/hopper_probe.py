@@ -1,0 +1,135 @@
+"""Does a Hopper feature pay in our kernels? Each variant rewrites the kernel
+templates' text (``codegen._KERNEL_TEMPLATES``) and is timed in its own
+process, with its own module cache, beside SDPA's cuDNN and flash backends
+in that process, on the same inputs.
+
+    python bench/hopper_probe.py --variants base ws --seq-lens 16384 65536 --head-dims 64 128
+
+Variants:
+
+- ``base``: the kernels as they are;
+- ``ws``: the forward's key loop asks Triton for automatic warp
+  specialization (``tl.range(..., warp_specialize=True)``), which splits the
+  loads, the matrix products and the softmax into partitions of warps that
+  run side by side;
+- ``ws-bwd``: the same on the backward's two loops (dK/dV and dQ);
+- ``tma``: the forward reads keys and values through tensor descriptors
+  (the kernel's ``TMA`` flag), one bulk copy per step;
+- ``tma-ws``: both; Triton's warp specialization on Hopper partitions only
+  loops whose loads are descriptor loads ("unsupported load type for
+  producer commit" otherwise).
+
+A variant that fails to compile prints its error and the others go on. The
+output of every variant is checked against SDPA before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES):"
+_WS_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=True):"
+# the FULL runs only: a step list's loop loads its step indices with plain loads
+_WS_RUN_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=TMA and RUN):"
+_TMA = ("ALIGN=1, TMA: tl.constexpr = False)", "ALIGN=1, TMA: tl.constexpr = True)")
+VARIANTS = {
+    "base": {},
+    "ws": {"kernels.py": [(_LOOP, _WS_LOOP)]},
+    "ws-bwd": {"kernels_backward.py": [(_LOOP, _WS_LOOP)]},
+    "tma": {"kernels.py": [_TMA]},
+    "tma-ws": {"kernels.py": [_TMA, (_LOOP, _WS_RUN_LOOP)]},
+}
+
+
+def _patched(variant: str) -> None:
+    """Rewrite the kernel templates for ``variant`` (in this process only)."""
+    from patterncc.backends.triton import codegen
+
+    for name, swaps in VARIANTS[variant].items():
+        text = codegen._KERNEL_TEMPLATES[name]
+        for old, new in swaps:
+            assert old in text, f"{variant}: {old!r} is not in {name}"
+            text = text.replace(old, new)
+        codegen._KERNEL_TEMPLATES[name] = text
+
+
+def child(variant: str, n: int, head_dim: int, heads: int, rep: int) -> dict:
+    """One variant at one shape: causal, bf16, B = 1; forward and
+    forward+backward medians in ms, with SDPA's cuDNN and flash backends."""
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from patterncc import ir
+    from patterncc.backends.triton import TritonAttention
+    from patterncc.backends.triton.bench import _bench
+
+    _patched(variant)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    attn = TritonAttention(ir.Causal())
+    out = {"variant": variant, "n": n, "D": head_dim}
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        want = sdpa(q, k, v, is_causal=True)
+    got = attn(q, k, v)
+    out["max_diff"] = (got.float() - want.float()).abs().max().item()
+    contenders = {"pcc": lambda: attn(q, k, v)}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def fwd(backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=True)
+        contenders[name] = fwd
+    for name, fwd in contenders.items():
+        out[f"{name} fwd"] = _bench(fwd, rep=rep)
+        out[f"{name} f+b"] = _bench(lambda: fwd().backward(do), grad_to_none=[q, k, v], rep=rep)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["base", "ws"], choices=sorted(VARIANTS))
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=[16384])
+    ap.add_argument("--head-dims", nargs="+", type=int, default=[64])
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(child(**spec)), flush=True)
+        return 0
+    rows = []
+    for variant in args.variants:
+        cache = tempfile.mkdtemp(prefix=f"pcc-{variant}-")
+        for head_dim in args.head_dims:
+            for n in args.seq_lens:
+                spec = dict(variant=variant, n=n, head_dim=head_dim, heads=args.heads, rep=args.rep)
+                env = dict(os.environ, PATTERNCC_CACHE_DIR=cache)
+                run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                     capture_output=True, text=True)
+                if run.returncode:
+                    print(f"{variant} n={n} D={head_dim}: failed\n{run.stderr[-3000:]}", flush=True)
+                    continue
+                rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
+    print("\n| variant | n | D | max diff | pcc fwd | cuDNN fwd | flash fwd | pcc f+b | cuDNN f+b | flash f+b "
+          "| cuDNN/pcc fwd, f+b |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['n']} | {r['D']} | {r['max_diff']:.3g} | {r['pcc fwd']:.3f} | "
+              f"{r['cudnn fwd']:.3f} | {r['flash fwd']:.3f} | {r['pcc f+b']:.3f} | {r['cudnn f+b']:.3f} | "
+              f"{r['flash f+b']:.3f} | {r['cudnn fwd'] / r['pcc fwd']:.2f}, {r['cudnn f+b'] / r['pcc f+b']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
