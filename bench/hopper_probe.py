@@ -1,9 +1,10 @@
-"""Does a Hopper feature pay in our kernels? Each variant rewrites the kernel
+"""Our dense causal kernel beside SDPA's cuDNN and flash backends, and
+whether a Hopper feature pays in it. Each variant rewrites the kernel
 templates' text (``codegen._KERNEL_TEMPLATES``) and is timed in its own
-process, with its own module cache, beside SDPA's cuDNN and flash backends
-in that process, on the same inputs.
+process, with its own module cache, beside the two SDPA backends in that
+process, on the same inputs.
 
-    python bench/hopper_probe.py --variants base ws --seq-lens 16384 65536 --head-dims 64 128
+    python bench/hopper_probe.py --variants base --seq-lens 16384 65536 --head-dims 64 128
 
 Variants:
 
@@ -12,12 +13,18 @@ Variants:
   specialization (``tl.range(..., warp_specialize=True)``), which splits the
   loads, the matrix products and the softmax into partitions of warps that
   run side by side;
-- ``ws-bwd``: the same on the backward's two loops (dK/dV and dQ);
-- ``tma``: the forward reads keys and values through tensor descriptors
-  (the kernel's ``TMA`` flag), one bulk copy per step;
-- ``tma-ws``: both; Triton's warp specialization on Hopper partitions only
-  loops whose loads are descriptor loads ("unsupported load type for
-  producer commit" otherwise).
+- ``ws-bwd``: the same on the backward's two loops (dK/dV and dQ).
+
+Triton refuses both for sm_90 (3.9, compiling without a GPU: ``python
+bench/bench_triton.py --resources`` after ``_patched``; 3.6 on the H200
+gave the same for the forward at D = 64 with descriptor loads): its warp
+specialization on Hopper partitions only loops whose loads are
+tensor-descriptor loads ("unsupported load type for producer commit"),
+and with K and V read through descriptors it still refused the D = 64
+forward and left the D = 128 one as it was. Reading keys and values
+through descriptors was measured and did not pay (PERFORMANCE.md, "Dense
+attention and SDPA's backends"); the commit that measured it keeps the
+``tma`` variants.
 
 A variant that fails to compile prints its error and the others go on. The
 output of every variant is checked against SDPA before it is timed.
@@ -34,15 +41,10 @@ import tempfile
 
 _LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES):"
 _WS_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=True):"
-# the FULL runs only: a step list's loop loads its step indices with plain loads
-_WS_RUN_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=TMA and RUN):"
-_TMA = ("ALIGN=1, TMA: tl.constexpr = False)", "ALIGN=1, TMA: tl.constexpr = True)")
 VARIANTS = {
     "base": {},
     "ws": {"kernels.py": [(_LOOP, _WS_LOOP)]},
     "ws-bwd": {"kernels_backward.py": [(_LOOP, _WS_LOOP)]},
-    "tma": {"kernels.py": [_TMA]},
-    "tma-ws": {"kernels.py": [_TMA, (_LOOP, _WS_RUN_LOOP)]},
 }
 
 
@@ -62,7 +64,6 @@ def child(variant: str, n: int, head_dim: int, heads: int, rep: int) -> dict:
     """One variant at one shape: causal, bf16, B = 1; forward and
     forward+backward medians in ms, with SDPA's cuDNN and flash backends."""
     import torch
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -71,7 +72,6 @@ def child(variant: str, n: int, head_dim: int, heads: int, rep: int) -> dict:
     from patterncc.backends.triton.bench import _bench
 
     _patched(variant)
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -96,7 +96,7 @@ def child(variant: str, n: int, head_dim: int, heads: int, rep: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["base", "ws"], choices=sorted(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=[16384])
     ap.add_argument("--head-dims", nargs="+", type=int, default=[64])
     ap.add_argument("--heads", type=int, default=16)

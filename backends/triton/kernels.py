@@ -267,8 +267,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
                     HEAD_DIM: tl.constexpr, K_ORDER: tl.constexpr, RUN: tl.constexpr,  #
                     SCALE_NONNEG: tl.constexpr,  #
                     q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
-                    TMA: tl.constexpr = False):
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr):
     """The key steps STEPS[lo:hi] into one query tile's softmax state
     (_attn_fwd_loop); a run in natural order with a relative bias as two
     loops, its far steps and its near ones (_near_steps)."""
@@ -279,18 +278,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, str
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, far_hi,
             qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES,
             HEAD_DIM, K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo,
-            rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, na, nb - na, 1, TMA)
+            rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, na, nb - na, 1)
         acc, l_i, m_i = _attn_fwd_loop(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na, nb, qk_scale,
             off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, 1, HEAD_DIM,
             K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 2, TMA)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 2)
     else:
         acc, l_i, m_i = _attn_fwd_loop(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo, hi, qk_scale,
             off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, MASKED, DOT_PRECISION, NUM_STAGES, HEAD_DIM,
             K_ORDER, RUN, SCALE_NONNEG, q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 0, TMA)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, 0, 0, 0)
     return acc, l_i, m_i
 
 
@@ -303,12 +302,9 @@ def _attn_fwd_loop(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stri
                     SCALE_NONNEG: tl.constexpr,  #
                     q_tok, q_lo, q_hi, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
-                   skip_at, skip_len, REL_SPLIT: tl.constexpr, TMA: tl.constexpr = False):
+                   skip_at, skip_len, REL_SPLIT: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N key slots each) into one query tile's
     softmax state; RUN: the steps lo .. hi - 1 themselves (STEPS unused).
-    TMA (natural order): k_base and v_base are tensor descriptors of the
-    head's keys and values, and a step is one bulk copy each, whose rows
-    past N read as zeros, as the masked loads' do.
     The score terms as in _score_terms: q_tok the tile's query tokens, q_lo
     and q_hi its first and last slot; REL_SPLIT 1 (a run's far steps): step
     i is i + skip_len from skip_at on, 2 its near ones (_near_steps)."""
@@ -323,18 +319,13 @@ def _attn_fwd_loop(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stri
         else:
             start_n = tl.multiple_of(tl.load(STEPS + i) * BLOCK_N, BLOCK_N)
         k_pos = start_n + offs_n
-        if TMA:
-            k_tok = k_pos
-            k_ok = k_pos < N
-            k = k_base.load([start_n, 0])
+        k_ptrs, v_ptrs, k_tok, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, start_n,  #
+                                                 k_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
+        # -- scores of this key step, in log2 units
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
-            k_ptrs, v_ptrs, k_tok, k_ok = _step_rows(k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
-                                                     start_n, k_pos, N, N_TOK, ORD_L, ORD_S, ORD_C, HEAD_DIM, K_ORDER)
-            # -- scores of this key step, in log2 units
-            if MASKED:
-                k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
+            k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if TERMS:  # -- the score terms, scale included
             rel_mode = _loop_rel_mode(q_lo - start_n - (BLOCK_N - 1), q_hi - start_n, rel_m, NATURAL, REL_SPLIT)
@@ -367,9 +358,7 @@ def _attn_fwd_loop(acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stri
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
-        if TMA:
-            v = v_base.load([start_n, 0])
-        elif MASKED:
+        if MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
@@ -410,7 +399,7 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
              SCALE_NONNEG: tl.constexpr = True, MERGE_IN: tl.constexpr = False,  #
              SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
              SINKS: tl.constexpr = False, softcap=1.0, SLOPES=None, SINK=None, REL=None, REL_REV=None, rel_m=0,  #
-             PACKED: tl.constexpr = False, SEQS=None, ALIGN=1, TMA: tl.constexpr = False):
+             PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
     """o (q's dtype) and lse (fp32, natural log) of one query tile of one head.
 
     N counts the kernel's slots, N_TOK the tokens; a planned component's
@@ -478,10 +467,6 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
     cap_in, cap_out, slope2, REL_h, rel_lo, rel_hi = _term_scalars(sm_scale, softcap, SLOPES, REL, REL_REV, rel_m,  #
                                                                    off_h, SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     csr_row = layout_h * n_tiles + tile
-    USE_TMA: tl.constexpr = TMA and NATURAL and not PACKED
-    if USE_TMA:
-        k_base = tl.make_tensor_descriptor(k_base, [N, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, [N, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
     # -- FULL steps: every pair allowed, no predicate, no bounds mask; as two
     #    runs of consecutive steps, each its own loop (no step index loaded
     #    per step), or as a step list
@@ -493,14 +478,14 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True,  #
             SCALE_NONNEG,  #
             q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, USE_TMA)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True,  #
             SCALE_NONNEG,  #
             q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, USE_TMA)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     else:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
@@ -508,7 +493,7 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False,  #
             SCALE_NONNEG,  #
             q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, USE_TMA)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
@@ -516,7 +501,7 @@ def attn_fwd(Q, K, V, O, LSE, O_IN, LSE_IN, RANDOM,  #
         N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False,  #
             SCALE_NONNEG,  #
         q_tok, start_m, start_m + (BLOCK_M - 1), cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-        SOFTCAP, ALIBI, REL_BIAS, NATURAL, USE_TMA)
+        SOFTCAP, ALIBI, REL_BIAS, NATURAL)
     if SINKS:  # -- the sink joins the denominator: exp2 of it against the running max, as a key would
         sink2 = tl.load(SINK + off_h) * 1.44269504  # 1/ln(2)
         m_s = tl.maximum(m_i, sink2)
