@@ -1,10 +1,12 @@
 """Our dense causal kernel beside SDPA's cuDNN and flash backends, and
-whether a Hopper feature pays in it. Each variant rewrites the kernel
+whether a change to the kernels pays. Each variant rewrites the kernel
 templates' text (``codegen._KERNEL_TEMPLATES``) and is timed in its own
 process, with its own module cache, beside the two SDPA backends in that
-process, on the same inputs.
+process, on the same inputs; or runs another bench script on the rewritten
+kernels (``--script``), for a before-and-after in one run.
 
     python bench/hopper_probe.py --variants base --seq-lens 16384 65536 --head-dims 64 128
+    python bench/hopper_probe.py --variants alibi-abs --script bench/bench_scores.py --terms none alibi
 
 Variants:
 
@@ -13,7 +15,10 @@ Variants:
   specialization (``tl.range(..., warp_specialize=True)``), which splits the
   loads, the matrix products and the softmax into partitions of warps that
   run side by side;
-- ``ws-bwd``: the same on the backward's two loops (dK/dV and dQ).
+- ``ws-bwd``: the same on the backward's two loops (dK/dV and dQ);
+- ``alibi-abs``: ALiBi's bias as ``-slope |q - k|`` per score everywhere,
+  as before the kernels split it for patterns inside causal
+  (``ALIBI_SPLIT``).
 
 Triton refuses both for sm_90 (3.9, compiling without a GPU: ``python
 bench/bench_triton.py --resources`` after ``_patched``; 3.6 on the H200
@@ -35,16 +40,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
 
 _LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES):"
 _WS_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=True):"
+_SPLIT = "ALIBI_SPLIT: tl.constexpr = ALIBI and PAST_ONLY and NATURAL"
+_SPLIT_OFF = "ALIBI_SPLIT: tl.constexpr = False"
 VARIANTS = {
     "base": {},
     "ws": {"kernels.py": [(_LOOP, _WS_LOOP)]},
     "ws-bwd": {"kernels_backward.py": [(_LOOP, _WS_LOOP)]},
+    "alibi-abs": {name: [(_SPLIT, _SPLIT_OFF)] for name in ("kernels.py", "kernels_backward.py")},
 }
 
 
@@ -101,8 +110,18 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", nargs="+", type=int, default=[64])
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--script", nargs=argparse.REMAINDER, metavar="SCRIPT ARGS",
+                    help="last: run this bench script with the arguments after it on the one variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.script:
+        if len(args.variants) != 1:
+            ap.error("--script runs on one variant")
+        _patched(args.variants[0])
+        os.environ["PATTERNCC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"pcc-{args.variants[0]}-")
+        sys.argv = list(args.script)
+        runpy.run_path(args.script[0], run_name="__main__")
+        return 0
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(child(**spec)), flush=True)

@@ -219,6 +219,10 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
             except Exception as err:
                 lines.append(f"| {D} | {short}{walk_label} | {name} | {tiles}, {warps}, {stages} | failed: "
                              f"{type(err).__name__}: {str(err).splitlines()[0][:100]} | | | |")
+                if os.environ.get("PROBE_TRACE"):
+                    while err is not None:
+                        print(err, file=sys.stderr)
+                        err = err.__cause__
     return "\n".join(lines)
 
 

@@ -72,6 +72,28 @@ def depends_on_head(p: Pattern) -> bool:
     )
 
 
+def within_causal(p: Pattern) -> bool:
+    """True when, by its structure, ``p`` lets no query see a later key in any
+    head: ``causal``, an intersection with it, a difference from such a
+    pattern, and unions, head splits and cycles of such patterns. (A pattern
+    may lie inside causal in other ways; this is the test a plan and a
+    kernel can rely on without evaluating the mask.)"""
+    match p:
+        case Causal():
+            return True
+        case Intersect(parts=parts):
+            return any(within_causal(x) for x in parts)
+        case Union(parts=parts) | Cycle(parts=parts):
+            return all(within_causal(x) for x in parts)
+        case Difference(left=a):
+            return within_causal(a)
+        case Heads(ranges=ranges):
+            return all(within_causal(r.pattern) for r in ranges)
+        case Scored(body=body):
+            return within_causal(body)
+    return False
+
+
 def uses_n(p: Pattern) -> bool:
     """True when the pattern's meaning changes with the sequence length beyond
     the bounds check (then kernels are specialized per length)."""

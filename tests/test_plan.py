@@ -573,3 +573,19 @@ def test_reordered_components_need_no_new_kernels_for_a_new_length(src):
         plan = build_plan(pipeline.parse(src), n, 16, 1, mode="planned")
         predicates.append(tuple(c.predicate for c in plan.components))
     assert predicates[0] == predicates[1] == predicates[2]
+
+
+@pytest.mark.parametrize("text, inside", [
+    ("causal", True), ("strided(128)", True), ("fixed(128, 32)", True), ("sliding_window(64)", True),
+    ("causal & (local(16) | stride(32) | sink(4))", True), ("(causal & local(8)) - local(2)", True),
+    ("cycle(strided(8), fixed(8, 2))", True), ("local(8)", False), ("causal | local(8)", False),
+    ("heads { 0..1 => causal, 1..2 => local(4) }", False),
+])
+def test_within_causal_is_what_the_kernels_may_rely_on(text, inside):
+    """ir.within_causal (the kernels split ALiBi on it) says True only where the
+    mask has no pair with k > q in any head, and knows the stock patterns."""
+    p = pipeline.as_pattern(text)
+    assert ir.within_causal(p) is inside
+    m = dense_mask(p, 64, heads=2)
+    # True: no head sees a later key; each False here is a pattern that does
+    assert bool(np.triu(m, 1).any()) is not inside

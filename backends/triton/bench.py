@@ -46,17 +46,6 @@ FLEX_BLOCK = 128  # FlexAttention's block size, and the sparsity the TFLOP/s are
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def is_causal(p: ir.Pattern) -> bool:
-    """The pattern is within ``causal`` by construction (causal, or an intersection with it)."""
-    if isinstance(p, ir.Causal):
-        return True
-    if isinstance(p, ir.Intersect):
-        return any(is_causal(c) for c in p.parts)
-    if isinstance(p, ir.Difference):
-        return is_causal(p.left)
-    return False
-
-
 @dataclass
 class Row:
     pattern: str
@@ -196,7 +185,7 @@ def bench_case(pattern: ir.Pattern, name: str, n: int, *, heads: int = 16, kv_he
             from torch.nn.attention import SDPBackend, sdpa_kernel
             from torch.nn.functional import scaled_dot_product_attention as sdpa_fn
 
-            causal = is_causal(pattern)
+            causal = ir.within_causal(pattern)
             extra = dict(enable_gqa=True) if Hkv != H else {}
             dense_flops = 4.0 * B * H * D * n * n * (0.5 if causal else 1.0)
 

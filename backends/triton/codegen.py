@@ -496,6 +496,8 @@ import triton
 import triton.language as tl
 
 HEAD_DEPENDENT = {ir.depends_on_head(p)}  # the predicate reads the head index h
+# No allowed pair has its key after its query (ir.within_causal): ALiBi's |q - k| is q - k
+PAST_ONLY = tl.constexpr({ir.within_causal(p)})
 RANDOM_TABLES = ({tables}{"," if len(random) == 1 else ""})  # (r, b, seed) of each random(...), in RANDOM order
 '''
 

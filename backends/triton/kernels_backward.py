@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 pattern_mask = None  # defined by the generated module above the kernels
+PAST_ONLY = None  # defined by the generated module's header (codegen)
 _loop_rel_mode = None  # kernels.py's, copied in ahead of these
 _near_steps = None  # kernels.py's, copied in ahead of these
 _packed_sequence = None  # kernels.py's, copied in ahead of these
@@ -68,6 +69,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
     still need their load mask). The score terms as in _attn_fwd_inner
     (k_tok the tile's key tokens, k_lo and k_hi its first and last slot)."""
     TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
+    ALIBI_SPLIT: tl.constexpr = ALIBI and PAST_ONLY and NATURAL
     offs_m = tl.arange(0, BLOCK_M1)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
@@ -98,7 +100,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, k_ok, q_base, do_base, q_tile, do_
             rel_mode = _rel_mode(start_m - k_hi, start_m + (BLOCK_M1 - 1) - k_lo, rel_m, NATURAL)
             sT, thT = _score_terms(qkT, q_tok[None, :], k_tok[:, None], qk_scale, cap_in, cap_out, slope2, REL_h,
                                    rel_m, rel_lo, rel_hi, rel_mode, SOFTCAP, ALIBI, REL_BIAS, DOT_PRECISION != "ieee",
-                                   NATURAL)
+                                   NATURAL, 0, k_lo, ALIBI_SPLIT)
+            if ALIBI_SPLIT:  # the queries' part of ALiBi's bias joins their log-sum-exp
+                lse2 += slope2 * (q_tok - k_lo).to(tl.float32)
             pT = tl.math.exp2(sT - lse2[None, :])
         else:
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
@@ -338,6 +342,9 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
     d_lo and d_hi its buckets 0 and 2M (_rel_bias_grad). REL_SPLIT, skip_at
     and skip_len as in _attn_fwd_loop."""
     TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
+    ALIBI_SPLIT: tl.constexpr = ALIBI and PAST_ONLY and NATURAL
+    if ALIBI_SPLIT:  # the queries' part of ALiBi's bias joins their log-sum-exp (_score_terms)
+        lse2 += slope2 * (q_tok - q_lo).to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N2)
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         if RUN:
@@ -363,7 +370,8 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
                                       NATURAL, REL_SPLIT)
             qk, th = _score_terms(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tok[:, None],
                                   k_tok[None, :], qk_scale, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,
-                                  rel_mode, SOFTCAP, ALIBI, REL_BIAS, DOT_PRECISION != "ieee", NATURAL, REL_SPLIT)
+                                  rel_mode, SOFTCAP, ALIBI, REL_BIAS, DOT_PRECISION != "ieee", NATURAL, REL_SPLIT,
+                                  q_lo, ALIBI_SPLIT)
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])

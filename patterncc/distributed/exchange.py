@@ -47,7 +47,6 @@ from ..blocklayout import build as build_layout
 from ..errors import LimitError
 from ..pipeline import as_pattern
 from ..planner import build_plan
-from ..planning.columns import _has_causal_factor
 from . import sharding as sh
 
 
@@ -186,7 +185,7 @@ class _Needs:
         head; without a layout ``0:n``, or ``0:q + 1`` under a causal factor."""
         n, block = self.n, self.block
         if self.natural is None:
-            hi = qpos + 1 if _has_causal_factor(self.bound) else np.full(len(qpos), n, dtype=np.int64)
+            hi = qpos + 1 if ir.within_causal(self.bound) else np.full(len(qpos), n, dtype=np.int64)
             return np.zeros(len(qpos), dtype=np.int64), hi
         ptr, idx = self.natural.kv_ptr.astype(np.int64), self.natural.kv_idx.astype(np.int64)
         if len(idx) == 0:  # the pattern allows no pair

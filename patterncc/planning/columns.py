@@ -45,7 +45,7 @@ def columns_layout(piece: ir.Pattern, slot_pattern: ir.Pattern, order: Columns, 
                     else node)
     rows = np.arange(nb, dtype=np.int64)
     qhi_rows = np.minimum((rows + 1) * B, n) - 1
-    if _has_causal_factor(plain):  # slots whose first key is past the row's last query are empty
+    if ir.within_causal(plain):  # slots whose first key is past the row's last query are empty
         reach = order.count_before(qhi_rows + 1)  # summary keys <= qhi
         count = np.clip(-(-reach // B), 0, nu)
     else:
@@ -142,18 +142,3 @@ def _pieces_csr(row, start, length, cls, nb: int, nu: int, padded: bool) -> Head
     if padded:
         full[j == nu - 1] = False
     return head_csr(i, j, full, nb)
-
-
-def _has_causal_factor(p: ir.Pattern) -> bool:
-    """True when every head's pattern lies inside ``causal`` by its structure."""
-    match p:
-        case ir.Causal():
-            return True
-        case ir.Intersect(parts=parts):
-            return any(_has_causal_factor(x) for x in parts)
-        case ir.Difference(left=a):
-            return _has_causal_factor(a)
-        case ir.Heads(ranges=ranges):
-            return all(_has_causal_factor(r.pattern) for r in ranges)
-    return False
-
