@@ -180,7 +180,11 @@ def resources(pattern: ir.Pattern = C, head_dims=(64, 128, 256), dtypes=("bfloat
     local-memory loads and stores in the code (``LDL``/``STL`` in the SASS:
     spills re-read inside a loop cost every step). ``variant``: constexprs
     that differ from a plain launch's (``dict(FULL_RUNS=True)``), set in every
-    kernel that has them."""
+    kernel that has them. A kernel that fails to compile gets a row saying
+    so; ``PROBE_TRACE=1`` also prints each failure's chain of errors (a
+    nested function's is the cause of its caller's). Compiling with another
+    Triton (``pip install --target DIR triton==3.6.0`` and ``DIR`` first on
+    ``PYTHONPATH``) checks a change against the card's version here."""
     import re
     import shutil
 
