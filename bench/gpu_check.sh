@@ -53,6 +53,13 @@
 #             score_mod, sliding_window(4096), D=64 and 128        (~8 min)
 #   hf        bench/bench_transformers.py: a 1.1B Llama-shaped model at 32K
 #             with sdpa, flex_attention and patterncc               (~4 min)
+#   limits    bench/block_rate.py: every pattern against causal's time per
+#             block (eager and CUDA-graph replay, Flex, SDPA cuDNN and flash),
+#             D=64 at 4K/16K/64K and D=128 at 16K/64K; then the floors:
+#             hopper_probe.py's no-steps, no-predicate, no-gather and no-exp2
+#             variants, sliding windows of growing walks, and the host's time
+#             per call (host_per_call.py)   (~20 min: run it in three calls,
+#             LIMITS_PART=1, 2, 3)
 #
 # Every section runs under `timeout` and writes its log under $OUT as it goes,
 # so a cut-off section still leaves what it finished; the exit status is
@@ -201,6 +208,39 @@ run_scores() {
         --out "$OUT/scores.md" 2>&1 | tee "$OUT/scores.log" || fail scores
 }
 
+run_limits() {
+    echo "== limits" | tee -a "$OUT/summary.txt"
+    local part=${LIMITS_PART:-all}
+    local floor=(--seq-lens 4096 16384 65536 --head-dims 64 --flex --no-sdpa --patterns "strided(128)"
+                 "fixed(128,32)" "sliding_window(1024)" "axial(256)" "causal & dilated(256, 4)" "longformer(512,64)")
+    local at64k=(--seq-lens 65536 --head-dims 64 --flex --no-sdpa --rep 30)
+    if [ "$part" = all ] || [ "$part" = 1 ]; then
+        timeout 300 python3 bench/block_rate.py --seq-lens 4096 16384 65536 --head-dims 64 \
+            > "$OUT/all-patterns-d64.log" 2>&1 || fail "limits all-patterns"
+        timeout 200 python3 bench/host_per_call.py > "$OUT/host-per-call.log" 2>&1 || fail "limits host"
+    fi
+    if [ "$part" = all ] || [ "$part" = 2 ]; then
+        timeout 130 python3 bench/block_rate.py "${floor[@]}" > "$OUT/floor-base-d64.log" 2>&1 || fail "limits base"
+        timeout 150 python3 bench/hopper_probe.py --variants no-steps --script bench/block_rate.py "${floor[@]}" \
+            > "$OUT/floor-no-steps-d64.log" 2>&1 || fail "limits no-steps"
+        timeout 150 python3 bench/hopper_probe.py --variants base no-exp2 --seq-lens 16384 65536 --head-dims 64 128 \
+            > "$OUT/causal-no-exp2.log" 2>&1 || fail "limits no-exp2"
+    fi
+    if [ "$part" = all ] || [ "$part" = 3 ]; then
+        timeout 110 python3 bench/block_rate.py "${at64k[@]}" --patterns "sliding_window(128)" "sliding_window(256)" \
+            "sliding_window(512)" "sliding_window(2048)" "sliding_window(8192)" "strided(128)" "fixed(128,32)" \
+            > "$OUT/walks-d64.log" 2>&1 || fail "limits walks"
+        for variant in no-predicate no-gather; do
+            timeout 75 python3 bench/hopper_probe.py --variants $variant --script bench/block_rate.py "${at64k[@]}" \
+                --patterns "strided(128)" "fixed(128,32)" > "$OUT/$variant-d64.log" 2>&1 || fail "limits $variant"
+        done
+        timeout 400 python3 bench/block_rate.py --seq-lens 16384 65536 --head-dims 128 --rep 30 --no-sdpa \
+            --patterns "strided(128)" "fixed(128,32)" --flex "strided(128)" > "$OUT/base-d128.log" 2>&1 \
+            || fail "limits D=128"
+    fi
+    grep -h "^|" "$OUT"/*-d64.log "$OUT"/causal-no-exp2.log "$OUT"/base-d128.log 2>/dev/null | tee -a "$OUT/summary.txt"
+}
+
 run_hf() {
     echo "== hf" | tee -a "$OUT/summary.txt"
     timeout 400 python3 bench/bench_transformers.py --budget-s 330 2>&1 | tee "$OUT/hf.log" || fail hf
@@ -225,8 +265,9 @@ for section in "${sections[@]}"; do
         decode) run_decode ;;
         scores) run_scores ;;
         hf) run_hf ;;
+        limits) run_limits ;;
         *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host" \
-                "firstcall packed decode scores hf)" >&2; status=2 ;;
+                "firstcall packed decode scores hf limits)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

@@ -18,7 +18,18 @@ Variants:
 - ``ws-bwd``: the same on the backward's two loops (dK/dV and dQ);
 - ``alibi-abs``: ALiBi's bias as ``-slope |q - k|`` per score everywhere,
   as before the kernels split it for patterns inside causal
-  (``ALIBI_SPLIT``).
+  (``ALIBI_SPLIT``);
+- ``no-steps``: every kernel's step loop runs no step (wrong results,
+  timed only): what a launch costs besides its blocks (its grid, loading
+  its tile, the epilogue's writes and merge), the floor that the blocks'
+  work comes on top of;
+- ``no-exp2``: the forward's unmasked steps without their ``exp2`` (wrong
+  results, timed only): how much of the dense forward the special-function
+  unit holds;
+- ``no-predicate``: the forward's PARTIAL steps allow every pair inside the
+  bounds (wrong results, timed only): what evaluating the pattern costs;
+- ``no-gather``: every step reads its rows as if in natural order (wrong
+  results, timed only): what a planned order's per-row addresses cost.
 
 Triton refuses both for sm_90 (3.9, compiling without a GPU: ``python
 bench/bench_triton.py --resources`` after ``_patched``; 3.6 on the H200
@@ -47,6 +58,8 @@ import tempfile
 
 _LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES):"
 _WS_LOOP = "for i in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=True):"
+_NO_STEPS = "for i in tl.range(lo, lo, num_stages=NUM_STAGES):"
+_EXP2 = "p = tl.math.exp2(qk * qk_scale - m_sub[:, None])"
 _SPLIT = "ALIBI_SPLIT: tl.constexpr = ALIBI and PAST_ONLY and NATURAL"
 _SPLIT_OFF = "ALIBI_SPLIT: tl.constexpr = False"
 VARIANTS = {
@@ -54,6 +67,11 @@ VARIANTS = {
     "ws": {"kernels.py": [(_LOOP, _WS_LOOP)]},
     "ws-bwd": {"kernels_backward.py": [(_LOOP, _WS_LOOP)]},
     "alibi-abs": {name: [(_SPLIT, _SPLIT_OFF)] for name in ("kernels.py", "kernels_backward.py")},
+    "no-steps": {name: [(_LOOP, _NO_STEPS)] for name in ("kernels.py", "kernels_backward.py")},
+    "no-exp2": {"kernels.py": [(_EXP2, "p = qk * qk_scale - m_sub[:, None]")]},
+    "no-predicate": {"kernels.py": [("allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)",
+                                     "allowed = (q_pos[:, None] >= 0) & (k_pos[None, :] >= 0)")]},
+    "no-gather": {"kernels.py": [("tok = _token(pos, ORDER, ORD_L, ORD_S, ORD_C)", "tok = pos")]},
 }
 
 

@@ -152,7 +152,21 @@ def host_split(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    return lines + ["", "cProfile of 300 planned forwards (tottime):", "```", text.getvalue().strip(), "```", ""]
+    lines += ["", "cProfile of 300 planned forwards (tottime):", "```", text.getvalue().strip(), "```", ""]
+    do = torch.randn_like(qd)
+    prof = cProfile.Profile()
+    attn(q, k, v).backward(do)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    prof.enable()
+    for _ in range(100):
+        attn(q, k, v).backward(do)
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    return lines + ["cProfile of 100 planned forward+backward calls (tottime):", "```", text.getvalue().strip(),
+                    "```", ""]
 
 
 def main() -> None:

@@ -123,3 +123,72 @@ def test_decode_host_probe_runs_and_gives_the_real_kernels_back(capsys):
             line.startswith("| strided(128)")]
     assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[1:])
     assert decode.RowsAttention._module is real
+
+
+def _bench_script(name: str):
+    """A script of bench/ loaded from its file (it lives outside the package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_block_rate_counts_blocks_as_the_targets_do():
+    """The limits' block counts: what runs, on layouts at block 128 (the
+    performance targets' figures: causal 8256 and the plans' 383 and 2240 at
+    16384), and the area the kernels compute at their own block."""
+    rate = _bench_script("block_rate")
+    assert rate.computed_blocks("causal", 16384, 16)[1:] == (8256.0, 8224.0)
+    assert rate.computed_blocks("strided(128)", 16384, 16) == ("planned", 383.0, 287.25)
+    assert rate.computed_blocks("fixed(128,32)", 16384, 16) == ("planned", 2240.0, 2160.0)
+    assert rate.computed_blocks("sliding_window(1024)", 16384, 16) == ("natural", 1116.0, 1054.0)
+
+
+def test_block_rate_runs_on_the_cpu(capsys):
+    """The harness end to end in the interpreter: one row per pattern, each
+    limit the pattern's blocks at causal's time per block."""
+    import json
+
+    rate = _bench_script("block_rate")
+    assert rate.main(["--device", "cpu", "--seq-lens", "96", "--head-dims", "16", "--heads", "2", "--patterns",
+                      "strided(16)", "--flex", "--rounds", "1", "--no-sdpa"]) == 0
+    out = capsys.readouterr().out
+    rows = {r["pattern"]: r for r in map(json.loads, (line for line in out.splitlines() if line.startswith("{")))}
+    assert set(rows) == {"causal", "strided(16)"}
+    causal = rows["causal"]
+    for mode in ("fwd", "f+b"):
+        assert causal[f"{mode} limit ms"] == causal[f"{mode} ms"]
+        per_block = causal[f"{mode} ms"] / causal["blocks"]
+        assert rows["strided(16)"][f"{mode} limit ms"] == pytest.approx(rows["strided(16)"]["blocks"] * per_block)
+    assert "| strided(16) | 96 | 16 |" in out
+
+
+def test_probe_variants_apply_and_no_steps_computes_no_block(monkeypatch):
+    """Every kernel variant of bench/hopper_probe.py still finds the text it
+    rewrites, and the floor variant means what it says: with no steps, every
+    row is one that reached no key (o = 0, lse = -inf)."""
+    import torch
+
+    from patterncc.backends.triton import TritonAttention, codegen
+    from patterncc.backends.triton.config import KernelConfig
+
+    probe = _bench_script("hopper_probe")
+    original = dict(codegen._KERNEL_TEMPLATES)
+    for variant, swaps in probe.VARIANTS.items():
+        monkeypatch.setattr(codegen, "_KERNEL_TEMPLATES", dict(original))
+        probe._patched(variant)  # asserts that each rewritten text is there
+        changed = {name for name in original if codegen._KERNEL_TEMPLATES[name] != original[name]}
+        assert changed == set(swaps), variant
+    monkeypatch.setattr(codegen, "_KERNEL_TEMPLATES", dict(original))
+    probe._patched("no-steps")
+    config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
+    attn = TritonAttention(ir.Causal(), config=config)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    o, lse = attn(q, k, v, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o)) and bool((lse == float("-inf")).all())
