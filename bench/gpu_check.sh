@@ -237,8 +237,18 @@ run_limits() {
         timeout 400 python3 bench/block_rate.py --seq-lens 16384 65536 --head-dims 128 --rep 30 --no-sdpa \
             --patterns "strided(128)" "fixed(128,32)" --flex "strided(128)" > "$OUT/base-d128.log" 2>&1 \
             || fail "limits D=128"
+        local short=(--flex --no-sdpa --rep 20 --rounds 1 --patterns "sliding_window(128)" "strided(128)")
+        timeout 60 python3 bench/block_rate.py --seq-lens 16384 --head-dims 64 "${short[@]}" \
+            > "$OUT/walk128-16k-d64.log" 2>&1 || fail "limits walk 16K"
+        timeout 90 python3 bench/block_rate.py --seq-lens 65536 --head-dims 128 "${short[@]}" \
+            > "$OUT/walk128-64k-d128.log" 2>&1 || fail "limits walk D=128"
+        local d128=(--seq-lens 65536 --head-dims 128 --flex --no-sdpa --rep 20 --rounds 1)
+        timeout 120 python3 bench/hopper_probe.py --variants no-steps --script bench/block_rate.py "${d128[@]}" \
+            --patterns "strided(128)" "fixed(128,32)" > "$OUT/no-steps-64k-d128.log" 2>&1 || fail "limits no-steps D=128"
+        timeout 120 python3 bench/hopper_probe.py --variants no-gather --script bench/block_rate.py "${d128[@]}" \
+            --patterns "fixed(128,32)" > "$OUT/no-gather-64k-d128.log" 2>&1 || fail "limits no-gather D=128"
     fi
-    grep -h "^|" "$OUT"/*-d64.log "$OUT"/causal-no-exp2.log "$OUT"/base-d128.log 2>/dev/null | tee -a "$OUT/summary.txt"
+    grep -h "^|" "$OUT"/*-d64.log "$OUT"/*-d128.log "$OUT"/causal-no-exp2.log 2>/dev/null | tee -a "$OUT/summary.txt"
 }
 
 run_hf() {
