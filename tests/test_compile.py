@@ -661,3 +661,45 @@ def test_traced_calls_name_what_they_cannot_take():
     with pytest.raises(Exception, match="unknown name `locl`"):  # the parser's error, raised while tracing
         torch.compile(lambda q, k, v: pcc.compile("causal & locl(4)")(q, k, v), backend="aot_eager",
                       fullgraph=True)(q, k, v)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["op", "compiled"])
+def test_packed_backward_reuses_the_forward_offsets(monkeypatch, traced):
+    """The backward op takes the offsets its forward read from the very same
+    cu_seqlens tensor (reading a device tensor on the host waits for the
+    GPU): one host read per forward, none in the backward; another tensor
+    is read again."""
+    from patterncc import ops
+    from patterncc.backends.reference import checks
+
+    reads = []
+    real = checks.check_cu_seqlens
+
+    def counted(cu_seqlens, total):
+        if isinstance(cu_seqlens, torch.Tensor):  # a read on the host (numpy offsets are already there)
+            reads.append(cu_seqlens)
+        return real(cu_seqlens, total)
+
+    monkeypatch.setattr(checks, "check_cu_seqlens", counted)
+    attn = _compiled("strided(8)", "triton", plan="planned")
+    (q, k, v), cu = _packed([9, 1, 14, 5], seed=13)
+
+    def f(q, k, v, cu):
+        return ops.call(attn, q, k, v, return_lse=True, cu_seqlens=cu)
+
+    run = torch.compile(f, fullgraph=True, backend="aot_eager") if traced else f
+    want = _outputs_and_grads(lambda q, k, v: f(q, k, v, cu), (q, k, v))
+    reads.clear()
+    o, _ = run(q, k, v, cu)
+    assert len(reads) == 1  # the forward's
+    o.sum().backward()
+    assert len(reads) == 1, "the backward read cu_seqlens again"
+    q.grad = k.grad = v.grad = None
+    got = _outputs_and_grads(lambda q, k, v: run(q, k, v, cu), (q, k, v))
+    for g, w in zip((*got[0], *got[1]), (*want[0], *want[1])):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    # another tensor of the same values is read (the offsets belong to the tensor object read; one
+    # changed in place after its forward is refused by autograd itself, as any saved tensor is)
+    run(q, k, v, cu)
+    reads.clear()
+    assert ops._offsets_read(q, k, v, cu.clone()).tolist() == cu.tolist() and len(reads) == 1
