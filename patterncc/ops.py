@@ -26,8 +26,9 @@ is ``1/sqrt(D)``. ``cu_seqlens`` (int32 ``[S + 1]``, any device): a packed
 batch (``Attention._packed``); its offsets are read on the host inside the
 op, which picks the batch's layouts there, so a new batch never retraces
 (it costs one device-to-host copy of S + 1 integers, which a CUDA graph
-cannot capture; the backward op reuses the forward's, ``_offsets_read``). ``lse`` is float32 from the Triton backend and q's dtype
-from the reference one, as each backend returns it outside the op.
+cannot capture; the backward op reuses the forward's, ``_offsets_read``).
+``lse`` is float32 from the Triton backend and q's dtype from the
+reference one, as each backend returns it outside the op.
 
 ``Attention.__call__`` takes the op when a call may be traced (under
 ``torch.compile`` or export, a dispatch mode, tensor subclasses); a plain
