@@ -108,16 +108,10 @@ def test_probes_read_tile_specs_and_keep_the_record_patterns():
 
 def test_decode_host_probe_runs_and_gives_the_real_kernels_back(capsys):
     """bench/decode_host.py on the CPU: a row per pattern, and the kernels it mocked restored."""
-    import importlib.util
-    from pathlib import Path
-
     from patterncc.backends.triton import decode
 
     real = decode.RowsAttention._module
-    path = Path(__file__).resolve().parents[1] / "bench" / "decode_host.py"
-    spec = importlib.util.spec_from_file_location("decode_host", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _bench_script("decode_host")
     assert probe.main(["--context", "4096", "--calls", "3", "--patterns", "causal", "strided(128)"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| causal") or
             line.startswith("| strided(128)")]
