@@ -14,7 +14,8 @@ equivalent ``score_mod``:
 
 - softcap(c): ``c * tanh(score / c)``;
 - alibi: ``score - slopes[h] * |q - k|`` (standard slopes ``2^(-8 (h + 1) / H)``,
-  a captured tensor that requires grad);
+  a captured tensor that requires grad); alibi_fixed: the same slopes wanting
+  no gradient, as BLOOM and MPT hold them (neither backward sums one);
 - rel_bias: ``score + t[h, clamp(q - k, -M, M) + M]`` (captured, requires grad);
 - sinks: Flex has no sink term; it is applied to Flex's output the way a
   sink is defined, ``o * sigmoid(lse - t[h])`` with ``lse`` from
@@ -36,7 +37,7 @@ import sys
 import time
 
 PATTERNS = ("sliding_window(4096)", "causal")
-TERMS = ("none", "softcap", "alibi", "sinks", "rel_bias", "all")
+TERMS = ("none", "softcap", "alibi", "alibi_fixed", "sinks", "rel_bias", "all")
 
 
 def _pattern(name: str):
@@ -59,20 +60,22 @@ def alibi_slopes(H: int):
 
 
 def term_values(term: str, H: int, softcap: float, max_distance: int, device) -> dict:
-    """The keyword arguments of one term (all four for "all"), tensors requiring grad."""
+    """The keyword arguments of one term (all four for "all"), tensors
+    requiring grad but alibi_fixed's slopes."""
     import torch
 
     g = torch.Generator().manual_seed(1)
     values = {}
     if term in ("softcap", "all"):
         values["softcap"] = softcap
-    if term in ("alibi", "all"):
+    if term in ("alibi", "alibi_fixed", "all"):
         values["alibi_slopes"] = alibi_slopes(H)
     if term in ("sinks", "all"):
         values["sinks"] = torch.randn(H, generator=g)
     if term in ("rel_bias", "all"):
         values["rel_bias"] = 0.1 * torch.randn(H, 2 * max_distance + 1, generator=g)
-    return {k: v.to(device).requires_grad_() if torch.is_tensor(v) else v for k, v in values.items()}
+    return {k: v.to(device).requires_grad_(term != "alibi_fixed") if torch.is_tensor(v) else v
+            for k, v in values.items()}
 
 
 def flex_call(flex_attention, block_mask, values: dict):

@@ -4,8 +4,10 @@
                                   cu_seqlens=None)
         -> (o [B, H, n, D], lse [B, H, n])
     torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, key, backend, scale,
-                                           softcap, alibi_slopes, sinks, rel_bias, cu_seqlens=None)
-        -> (dq, dk, dv, [the present terms' gradients, in alibi_slopes, sinks, rel_bias order])
+                                           softcap, alibi_slopes, sinks, rel_bias, cu_seqlens=None,
+                                           term_grads=7)
+        -> (dq, dk, dv, [the present terms' gradients, in alibi_slopes, sinks, rel_bias order,
+                         those term_grads asks for: bit 1, 2, 4])
     torch.ops.patterncc.attention_rows(q, k, v, cache_seqlens, block_table, key, backend, scale,
                                        softcap, alibi_slopes, sinks, rel_bias)
         -> (o [B, H, n_q, D], lse [B, H, n_q]): decoding from a KV cache, no gradient
@@ -140,17 +142,17 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
                        do: torch.Tensor | None, dlse: torch.Tensor | None, key: int, backend: str,
                        scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
                        sinks: torch.Tensor | None, rel_bias: torch.Tensor | None,
-                       cu_seqlens: torch.Tensor | None = None,
+                       cu_seqlens: torch.Tensor | None = None, term_grads: int = 7,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     attn = _attention_of(key)
-    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
+    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias).taking(term_grads)
     if cu_seqlens is not None:
         dq, dk, dv, dterms = _packed_backward(attn, backend, q, k, v, o, lse, do, dlse, scale, terms, cu_seqlens)
     elif _backend(backend) == "reference":
         dq, dk, dv, dterms = _reference_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
     else:
         dq, dk, dv, dterms = _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
-    return dq, dk, dv, [g for g, t in zip(dterms, terms.tensors()) if t is not None]
+    return dq, dk, dv, [g for i, g in enumerate(dterms) if terms.wants(i)]
 
 
 @torch.library.custom_op("patterncc::attention_rows", mutates_args=())
@@ -191,10 +193,10 @@ def _attention_fake(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, 
 
 @attention_backward.register_fake
 def _attention_backward_fake(q, k, v, o, lse, do, dlse, key, backend, scale, softcap, alibi_slopes, sinks,
-                             rel_bias, cu_seqlens=None):
+                             rel_bias, cu_seqlens=None, term_grads=7):
     _check(_backend(backend), q, k, v)
-    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
-    grads = [t.new_empty(t.shape) for t in terms.tensors() if t is not None]
+    terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias).taking(term_grads)
+    grads = [t.new_empty(t.shape) for i, t in enumerate(terms.tensors()) if terms.wants(i)]
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grads
 
 
@@ -219,10 +221,13 @@ def _backward(ctx, do, dlse):
     nothing = (None,) * 7 + (None,) * len(term_tensors) + (None,)
     if do is None and dlse is None:
         return nothing
+    # a fixed term tensor (ALiBi's standard slopes) gets no gradient, and the kernels skip its sum
+    terms = ScoreTerms(ctx.softcap, *term_tensors).taking(ctx.needs_input_grad[7:10])
     dq, dk, dv, present = torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, ctx.key, ctx.backend,
-                                                                 ctx.scale, ctx.softcap, *term_tensors, cu_seqlens)
+                                                                 ctx.scale, ctx.softcap, *term_tensors, cu_seqlens,
+                                                                 terms.grad_mask())
     given = iter(present)
-    dterms = [None if t is None else next(given) for t in term_tensors]
+    dterms = [next(given) if terms.wants(i) else None for i in range(len(term_tensors))]
     return dq, dk, dv, None, None, None, None, *dterms, None
 
 

@@ -13,17 +13,21 @@ backend takes a call's terms as one ``ScoreTerms``; the tensors are learnable
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, eq=False)
 class ScoreTerms:
-    """The runtime values of one call's score terms; None: the term is absent."""
+    """The runtime values of one call's score terms; None: the term is absent.
+    ``grads``: which tensors' gradients a backward pass takes (``tensors()``
+    order); one it skips is None there. A fixed tensor (ALiBi's standard
+    slopes) then costs the backward its scores only, not its gradient's sum."""
 
     softcap: float | None = None
     alibi_slopes: object | None = None  # torch.Tensor [H]
     sinks: object | None = None  # torch.Tensor [H]
     rel_bias: object | None = None  # torch.Tensor [H, 2 * M + 1]
+    grads: tuple[bool, bool, bool] = (True, True, True)
 
     def __bool__(self) -> bool:
         return any(x is not None for x in (self.softcap, *self.tensors()))
@@ -31,6 +35,22 @@ class ScoreTerms:
     def tensors(self) -> tuple:
         """The learnable ones, in the order their gradients are returned."""
         return self.alibi_slopes, self.sinks, self.rel_bias
+
+    def wants(self, i: int) -> bool:
+        """Whether a backward pass takes the gradient of ``tensors()[i]``
+        (present, and asked for)."""
+        return self.tensors()[i] is not None and self.grads[i]
+
+    def taking(self, grads) -> "ScoreTerms":
+        """These terms, with a backward pass taking the gradients ``grads``
+        says (``tensors()`` order: a bool each, or a bit mask, bit i for tensor i)."""
+        if isinstance(grads, int):
+            grads = tuple(bool(grads >> i & 1) for i in range(3))
+        return replace(self, grads=tuple(bool(g) for g in grads))
+
+    def grad_mask(self) -> int:
+        """``grads`` as the bit mask ``taking`` reads."""
+        return sum(1 << i for i, g in enumerate(self.grads) if g)
 
 
 NO_TERMS = ScoreTerms()
@@ -68,7 +88,7 @@ def check_terms(terms: ScoreTerms, heads: int, device) -> ScoreTerms:
             (t.dim() == 1 and t.shape[0] == heads)
         if not ok:
             raise ValueError(f"{name} must be shaped {want} with H = {heads} (q's heads), got {tuple(t.shape)}")
-    return ScoreTerms(softcap, terms.alibi_slopes, terms.sinks, terms.rel_bias)
+    return replace(terms, softcap=softcap)
 
 
 def alibi_slopes(heads: int) -> list[float]:

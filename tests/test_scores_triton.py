@@ -86,8 +86,9 @@ def naive(q, k, v, allowed, scale, softcap=None, alibi_slopes=None, sinks=None, 
     return p @ v, lse.squeeze(-1)
 
 
-def make_inputs(B, H, Hkv, n, D, dtype, terms, seed=0, term_dtype=torch.float32):
-    """q, k, v and the named terms' values, all leaves that require grad."""
+def make_inputs(B, H, Hkv, n, D, dtype, terms, seed=0, term_dtype=torch.float32, fixed=()):
+    """q, k, v and the named terms' values, all leaves that require grad
+    but the term tensors named in ``fixed``."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h in (H, Hkv, Hkv))
     values = {}
@@ -102,15 +103,17 @@ def make_inputs(B, H, Hkv, n, D, dtype, terms, seed=0, term_dtype=torch.float32)
         values["rel_bias"] = torch.randn(H, 2 * M + 1, generator=g)
     values = {key: x.to(term_dtype) if torch.is_tensor(x) else x for key, x in values.items()}
     leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]
-    values = {key: x.to(DEVICE).requires_grad_() if torch.is_tensor(x) else x for key, x in values.items()}
+    values = {key: x.to(DEVICE).requires_grad_(key not in fixed) if torch.is_tensor(x) else x
+              for key, x in values.items()}
     return leaves, values
 
 
 def check(attn, pattern, B=1, H=2, Hkv=2, n=37, D=16, dtype=torch.float32, terms=None, seed=0,
-          term_dtype=torch.float32):
-    """attn's o, lse and every gradient against ``naive`` on fresh inputs."""
+          term_dtype=torch.float32, fixed=()):
+    """attn's o, lse and every gradient against ``naive`` on fresh inputs;
+    the term tensors named in ``fixed`` want no gradient and must get none."""
     terms = {"softcap": None, "alibi_slopes": None, "sinks": None, "rel_bias": 3} if terms is None else terms
-    (q, k, v), values = make_inputs(B, H, Hkv, n, D, dtype, terms, seed, term_dtype)
+    (q, k, v), values = make_inputs(B, H, Hkv, n, D, dtype, terms, seed, term_dtype, fixed)
     scale = D ** -0.5
     o, lse = attn(q, k, v, return_lse=True, **values)
     allowed = torch.as_tensor(dense_mask(pattern, n, H), device=DEVICE)
@@ -129,9 +132,12 @@ def check(attn, pattern, B=1, H=2, Hkv=2, n=37, D=16, dtype=torch.float32, terms
     dlse = torch.randn(lse.shape, generator=g).to(DEVICE) * finite
     torch.autograd.backward([o, lse], [do.to(o.dtype), dlse.float()])
     torch.autograd.backward([o_ref, torch.where(finite, lse_ref, 0.0)], [do.double(), dlse.double()])
-    got = [*(x.grad for x in (q, k, v)), *(x.grad for x in values.values() if torch.is_tensor(x))]
-    want = [*(x.grad for x in leaves), *(x.grad for x in ref_values.values() if torch.is_tensor(x))]
-    names = ["dq", "dk", "dv", *("d_" + key for key, x in values.items() if torch.is_tensor(x))]
+    for key in fixed:
+        assert values[key].grad is None, f"{key} wants no gradient but got one"
+    learned = [key for key, x in values.items() if torch.is_tensor(x) and key not in fixed]
+    got = [*(x.grad for x in (q, k, v)), *(values[key].grad for key in learned)]
+    want = [*(x.grad for x in leaves), *(ref_values[key].grad for key in learned)]
+    names = ["dq", "dk", "dv", *("d_" + key for key in learned)]
     for name, a, b in zip(names, got, want):
         assert a is not None, f"{name}: no gradient"
         assert torch.isfinite(a).all(), f"{name} is not finite"
@@ -281,6 +287,59 @@ def test_term_gradients_are_deterministic(make):
         grads.append([x.grad for x in values.values()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def _launched_term_grads(monkeypatch) -> list:
+    """The TERM_GRADS of every dQ launch from here on (``_KernelTerms.dq_args``)."""
+    from patterncc.backends.triton.launch import _KernelTerms
+
+    seen, real = [], _KernelTerms.dq_args
+
+    def spy(self, *args):
+        kwargs = real(self, *args)
+        seen.append(kwargs["TERM_GRADS"])
+        return kwargs
+
+    monkeypatch.setattr(_KernelTerms, "dq_args", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fixed", [("alibi_slopes",), ("rel_bias",), ("sinks",), ("alibi_slopes", "sinks", "rel_bias")],
+                         ids=["slopes", "rel_bias", "sinks", "all"])
+@pytest.mark.parametrize("make", [natural, planned, lambda p: Attention(p, backend="triton", config=TILES16)],
+                         ids=["natural", "planned", "op"])
+def test_fixed_term_tensors_get_no_gradient_and_cost_no_sum(make, fixed, monkeypatch):
+    """A term tensor that wants no gradient (ALiBi's standard slopes, a
+    frozen bias) gets none; q, k, v and the other terms' gradients stay
+    exact; and the dQ kernel takes no sum for it (TERM_GRADS: bit 1 the
+    slopes, bit 2 the relative bias), through the backend's own autograd
+    (natural, planned) and through the torch op (``Attention``)."""
+    seen = _launched_term_grads(monkeypatch)
+    pattern = sliding_window(8)
+    check(make(pattern), pattern, terms={"alibi_slopes": None, "sinks": None, "rel_bias": 3}, fixed=fixed)
+    want = ("alibi_slopes" not in fixed) | ("rel_bias" not in fixed) << 1
+    assert seen and set(seen) == {want}
+
+
+def test_the_standard_slopes_take_no_gradient_sum(monkeypatch):
+    """``with alibi``'s standard slopes are fixed (BLOOM's, MPT's): the
+    backward of a compiled pattern takes no slope sum, and stays exact
+    against the same slopes given as a fixed tensor."""
+    import patterncc as pcc
+    from patterncc.scores import alibi_slopes
+
+    seen = _launched_term_grads(monkeypatch)
+    attn = pcc.compile("causal with alibi", backend="triton", config=TILES16)
+    (q, k, v), _ = make_inputs(1, 2, 2, 37, 16, torch.float32, {})
+    attn(q, k, v).square().sum().backward()
+    assert seen and set(seen) == {0}
+    slopes = torch.tensor(alibi_slopes(2), device=DEVICE)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    allowed = torch.as_tensor(dense_mask(C, 37, 2), device=DEVICE)
+    o_ref, _ = naive(*leaves, allowed, 16 ** -0.5, alibi_slopes=slopes)
+    o_ref.square().sum().backward()
+    for got, want in zip((q, k, v), leaves):
+        assert (got.grad.double() - want.grad).abs().max() <= TOL[torch.float32][2]
 
 
 def test_no_terms_is_the_plain_call():

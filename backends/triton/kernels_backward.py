@@ -293,7 +293,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
                        ADDR32: tl.constexpr, BAND: tl.constexpr, full_lo, full_hi,  #
                        q_tok, q_lo, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
-                       d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr):
+                       d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr,  #
+                       TERM_GRADS: tl.constexpr):
     """The key steps STEPS[lo:hi] into one query tile's dQ and the terms'
     gradients (_attn_bwd_dq_loop); a run in natural order with a relative
     bias as two loops, as in _attn_fwd_inner."""
@@ -305,20 +306,20 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_ti
              qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION,
             NUM_STAGES, HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out,
             slope2, REL_h, rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST,
-            BLOCK_M2, SKEW, na, nb - na, 1)
+            BLOCK_M2, SKEW, TERM_GRADS, na, nb - na, 1)
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, na,
             nb, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, 1,
             HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
             rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
-            SKEW, 0, 0, 2)
+            SKEW, TERM_GRADS, 0, 0, 2)
     else:
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_loop(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, STEPS, lo,
             hi, qk_scale, off_h, N, RANDOM, N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, MASKED, DOT_PRECISION, NUM_STAGES,
             HEAD_DIM, K_ORDER, RUN, ADDR32, BAND, full_lo, full_hi, q_tok, q_lo, cap_in, cap_out, slope2, REL_h,
             rel_m, rel_lo, rel_hi, SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2,
-            SKEW, 0, 0, 0)
+            SKEW, TERM_GRADS, 0, 0, 0)
     return dq, d_alibi, d_lo, d_hi
 
 
@@ -332,7 +333,7 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
                        q_tok, q_lo, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, REL_BIAS: tl.constexpr, NATURAL: tl.constexpr,  #
                        d_alibi, d_lo, d_hi, SCR, HIST, BLOCK_M2: tl.constexpr, SKEW: tl.constexpr,  #
-                      skip_at, skip_len, REL_SPLIT: tl.constexpr):
+                       TERM_GRADS: tl.constexpr, skip_at, skip_len, REL_SPLIT: tl.constexpr):
     """The key steps STEPS[lo:hi] (BLOCK_N2 key slots each) into one query
     tile's dQ; RUN: the steps lo .. hi - 1 themselves; BAND as in
     _attn_bwd_dkdv_inner. The score terms as in _attn_fwd_inner, and their
@@ -340,9 +341,11 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
     fixed order: d_alibi += sum dS * |q - k| (its negative is the slope's);
     the relative bias's buckets 1 .. 2M - 1 into this program's HIST row,
     d_lo and d_hi its buckets 0 and 2M (_rel_bias_grad). REL_SPLIT, skip_at
-    and skip_len as in _attn_fwd_loop."""
+    and skip_len as in _attn_fwd_loop; TERM_GRADS as in attn_bwd_dq."""
     TERMS: tl.constexpr = SOFTCAP or ALIBI or REL_BIAS
     ALIBI_SPLIT: tl.constexpr = ALIBI and PAST_ONLY and NATURAL
+    SLOPE_SUM: tl.constexpr = ALIBI and (TERM_GRADS & 1) != 0
+    REL_SUM: tl.constexpr = REL_BIAS and (TERM_GRADS & 2) != 0
     if ALIBI_SPLIT:  # the queries' part of ALiBi's bias joins their log-sum-exp (_score_terms)
         lse2 += slope2 * (q_tok - q_lo).to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N2)
@@ -384,14 +387,14 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_til
             if (i < full_lo) | (i >= full_hi):  # a PARTIAL step of the band
                 allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)
                 p = tl.where(allowed & q_ok[:, None] & k_ok[None, :], p, 0.0)
-            elif (ALIBI or REL_BIAS) and K_ORDER != 0:  # padding slots: their dS would reach the terms' sums
+            elif (SLOPE_SUM or REL_SUM) and K_ORDER != 0:  # padding slots: their dS would reach the terms' sums
                 p = tl.where(k_ok[None, :], p, 0.0)
         # -- dS = P * (dP - delta); dQ += dS K (the softmax scale comes at the end)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if ALIBI:
+        if SLOPE_SUM:
             d_alibi += tl.sum(tl.sum(ds * tl.abs(q_tok.to(tl.float32)[:, None] - k_tok.to(tl.float32)[None, :]), 1), 0)
-        if REL_BIAS:
+        if REL_SUM:
             d_lo, d_hi = _rel_bias_grad(ds, dist, rel_mode, q_lo - start_n, q_tok, k_tok, k_ok, rel_m,
                                         d_lo, d_hi, SCR, HIST, BLOCK_M2, BLOCK_N2, SKEW, NATURAL, REL_SPLIT)
         if SOFTCAP:  # -- back through c * tanh(s / c): its derivative is 1 - tanh^2
@@ -475,7 +478,8 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
                 BAND: tl.constexpr = False,  #
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, REL_BIAS: tl.constexpr = False,  #
                 softcap=1.0, SLOPES=None, REL=None, REL_REV=None, rel_m=0, PART=None, SCR=None, HIST=None,  #
-                SKEW: tl.constexpr = 16, PACKED: tl.constexpr = False, SEQS=None, ALIGN=1):
+                SKEW: tl.constexpr = 16, TERM_GRADS: tl.constexpr = 3, PACKED: tl.constexpr = False, SEQS=None,  #
+                ALIGN=1):
     """dQ of one query tile of one head (ADD_IN: plus DQ_IN, as in attn_bwd_dkdv;
     FULL_RUNS as in attn_fwd, ADDR32 as in _step_rows, BAND as in attn_bwd_dkdv).
 
@@ -490,7 +494,10 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     dS in bucket 0, dS in bucket 2M) and HIST[p] (fp32 [2M + 1], zeroed by
     the host) the other buckets, with SCR[p] (fp32 [BLOCK_M2 * BLOCK_N2])
     as scratch; p = (batch * H + head) * tiles + tile. SKEW: the next power
-    of two >= BLOCK_M2 + BLOCK_N2 - 1.
+    of two >= BLOCK_M2 + BLOCK_N2 - 1. TERM_GRADS: which of those sums to
+    take (bit 1 the slopes', bit 2 the relative bias's): a term whose tensor
+    wants no gradient (fixed ALiBi slopes, as BLOOM's and MPT's are) costs
+    its scores only, not a reduction of dS per score.
 
     Long for a reason: a kernel's entry point holds its whole signature (each
     tensor's strides, every constexpr) and picks its walks (FULL runs or lists,
@@ -567,13 +574,13 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
             True, tl.load(band + 1), tl.load(band + 2),  #
             q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW, TERM_GRADS)
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, inside, hi, qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
             False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW, TERM_GRADS)
     # -- FULL steps: no predicate, no bounds mask (two runs, or the step list: as in attn_fwd)
     elif FULL_RUNS:
         runs = FULL_STEPS + 4 * csr_row
@@ -582,20 +589,20 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
             FULL_STEPS, tl.load(runs), tl.load(runs + 1), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
             False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW, TERM_GRADS)
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(runs + 2), tl.load(runs + 3), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, True, ADDR32,  #
             False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW, TERM_GRADS)
     else:
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, q_pos, q_ok, k_base, v_base, k_tile, v_tile, stride_kn, stride_vn,  #
             FULL_STEPS, tl.load(FULL_PTR + csr_row), tl.load(FULL_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, False, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32,  #
             False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW, TERM_GRADS)
     # -- PARTIAL steps: the pattern's predicate and the bounds mask
     if not BAND:
         dq, d_alibi, d_lo, d_hi = _attn_bwd_dq_inner(
@@ -603,7 +610,7 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
             PART_STEPS, tl.load(PART_PTR + csr_row), tl.load(PART_PTR + csr_row + 1), qk_scale, off_h, N, RANDOM,  #
             N_TOK, ORD_L, ORD_S, ORD_C, BLOCK_N2, True, DOT_PRECISION, NUM_STAGES, HEAD_DIM, K_ORDER, False, ADDR32,  #
             False, 0, 0, q_tok, start_m, cap_in, cap_out, slope2, REL_h, rel_m, rel_lo, rel_hi,  #
-            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW)
+            SOFTCAP, ALIBI, REL_BIAS, NATURAL, d_alibi, d_lo, d_hi, SCR_p, HIST_p, BLOCK_M2, SKEW, TERM_GRADS)
     # -- write dQ, with the softmax scale applied once
     out = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh \
         + q_tok[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
@@ -612,7 +619,7 @@ def attn_bwd_dq(Q, K, V, DO, O, LSE, DELTA, DQ, DQ_IN, RANDOM,  #
     if ADD_IN:
         dq += tl.load(DQ_IN + out, mask=q_in, other=0.0)
     tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=q_in)
-    if ALIBI or REL_BIAS:  # -- this program's share of the terms' gradients
+    if (ALIBI and (TERM_GRADS & 1)) or (REL_BIAS and (TERM_GRADS & 2)):  # -- this program's gradient shares
         tl.store(PART + prog * 3, d_alibi)
         tl.store(PART + prog * 3 + 1, d_lo)
         tl.store(PART + prog * 3 + 2, d_hi)

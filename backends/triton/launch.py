@@ -117,7 +117,7 @@ class _Run:
             progs = B * H * triton_cdiv(self.n, cfg.block_m2)
             part = torch.empty((progs, 3), dtype=torch.float32, device=q.device)
             hist = torch.zeros((progs, terms.buckets), dtype=torch.float32, device=q.device)
-            scratch = torch.empty((progs if terms.rel is not None else 1, cfg.block_m2 * cfg.block_n2),
+            scratch = torch.empty((progs if terms.rel_grad else 1, cfg.block_m2 * cfg.block_n2),
                                   dtype=torch.float32, device=q.device)
             buffers = dict(PART=part, SCR=scratch, HIST=hist)
             grads.append((part.view(B, H, -1, 3), hist.view(B, H, -1, terms.buckets)))
@@ -218,6 +218,8 @@ class _KernelTerms:
     sinks: torch.Tensor | None = None
     rel: torch.Tensor | None = None
     rel_rev: torch.Tensor | None = None  # rel reversed, each end repeated REL_PAD times (kernels' _rel_gather)
+    slope_grad: bool = False  # the dQ kernel sums the slopes' gradient
+    rel_grad: bool = False  # the dQ kernel sums the relative bias's gradient
 
     @staticmethod
     def of(terms: ScoreTerms) -> "_KernelTerms":
@@ -227,7 +229,8 @@ class _KernelTerms:
         rel_rev = None
         if rel is not None:
             rel_rev = torch.cat([rel[:, -1:].expand(-1, REL_PAD), rel.flip(1), rel[:, :1].expand(-1, REL_PAD)], 1)
-        return _KernelTerms(terms.softcap, f32(terms.alibi_slopes), f32(terms.sinks), rel, rel_rev)
+        return _KernelTerms(terms.softcap, f32(terms.alibi_slopes), f32(terms.sinks), rel, rel_rev,
+                            terms.wants(0), terms.wants(2))
 
     @property
     def rel_m(self) -> int:
@@ -246,7 +249,7 @@ class _KernelTerms:
 
     @property
     def wants_grad_buffers(self) -> bool:
-        return self.slopes is not None or self.rel is not None
+        return self.slope_grad or self.rel_grad
 
     def backward_args(self, d: torch.Tensor, cfg: KernelConfig) -> dict:
         """The kernels' score-term arguments (forward's too, less the sink)."""
@@ -267,7 +270,8 @@ class _KernelTerms:
 
     def dq_args(self, d: torch.Tensor, buffers: dict, cfg: KernelConfig) -> dict:
         skew = 1 << (cfg.block_m2 + cfg.block_n2 - 2).bit_length()  # next power of two >= M2 + N2 - 1
-        return dict(PART=buffers.get("PART", d), SCR=buffers.get("SCR", d), HIST=buffers.get("HIST", d), SKEW=skew)
+        return dict(PART=buffers.get("PART", d), SCR=buffers.get("SCR", d), HIST=buffers.get("HIST", d), SKEW=skew,
+                    TERM_GRADS=self.slope_grad | self.rel_grad << 1)
 
 
 _NO_KERNEL_TERMS = _KernelTerms()

@@ -25,15 +25,16 @@ def _term_grads(terms: ScoreTerms, kterms, grads: list, lse, delta) -> tuple:
     summed in a fixed order (deterministic): the dQ
     programs' shares ``grads`` [(part [B, H, tiles, 3], hist [B, H, tiles, 2M
     + 1])], one per launch, and, for the sinks, ``-sum_q exp(t - lse_q) *
-    delta_q`` (a sink's dS: its probability times (0 - delta))."""
+    delta_q`` (a sink's dS: its probability times (0 - delta)). None where
+    ``terms`` take no gradient of the tensor (``ScoreTerms.grads``)."""
     d_alibi = d_sinks = d_rel = None
-    if kterms.slopes is not None:
+    if kterms.slope_grad:
         d_alibi = -sum(part[..., 0].sum(dim=(0, 2)) for part, _ in grads)
         d_alibi = d_alibi.to(terms.alibi_slopes.dtype)
-    if kterms.sinks is not None:
+    if terms.wants(1):
         p_sink = torch.exp(kterms.sinks.view(1, -1, 1) - lse)
         d_sinks = -(p_sink * delta).sum(dim=(0, 2)).to(terms.sinks.dtype)
-    if kterms.rel is not None:
+    if kterms.rel_grad:
         d_rel = sum(hist.sum(dim=(0, 2)) for _, hist in grads)
         d_rel[:, 0] += sum(part[..., 1].sum(dim=(0, 2)) for part, _ in grads)
         d_rel[:, -1] += sum(part[..., 2].sum(dim=(0, 2)) for part, _ in grads)

@@ -294,7 +294,7 @@ def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
 
 def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTerms = NO_TERMS):
     """dq, dk, dv and the terms' gradients (``terms.tensors()`` order, None
-    where absent) of the launches' forward, P recomputed from the merged lse
+    where absent or not taken: ``ScoreTerms.grads``) of the launches' forward, P recomputed from the merged lse
     (never stored); every launch gets the merged delta, and the launches sum
     the gradients in fp32 inside the kernels (``_summed``). ``do`` or ``dlse``
     may be None (no gradient reached that output)."""
@@ -340,7 +340,7 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, *given = ctx.saved_tensors
         tensors = [given.pop(0) if g else None for g in ctx.given]
-        terms = ScoreTerms(ctx.softcap, *tensors)
+        terms = ScoreTerms(ctx.softcap, *tensors).taking(ctx.needs_input_grad[6:9])
         dq, dk, dv, term_grads = launches_backward(ctx.launches, q, k, v, o, lse, do, dlse, ctx.scale, terms)
         return dq, dk, dv, None, None, None, *term_grads
 
@@ -383,7 +383,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
 
     warming = [(replace(run, module=_Warming(run.module)), order) for run, order in launches]
     mq, mk, mv = (meta(x) for x in (q, k, v))
-    mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors()))
+    # the backward takes the gradients of the tensors that want one (its kernels' TERM_GRADS)
+    mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors())).taking(
+        [t is not None and t.requires_grad for t in terms.tensors()])
     compiles = _Recorded(_compile_pool())
     try:
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
