@@ -29,7 +29,14 @@ Variants:
 - ``no-predicate``: the forward's PARTIAL steps allow every pair inside the
   bounds (wrong results, timed only): what evaluating the pattern costs;
 - ``no-gather``: every step reads its rows as if in natural order (wrong
-  results, timed only): what a planned order's per-row addresses cost.
+  results, timed only): what a planned order's per-row addresses cost;
+- ``rel-warps``: a relative bias's forward keeps the table's warps instead
+  of taking at least 8 (``launch._KernelTerms.fwd_warps``);
+- ``rel-one-loop``: a relative bias's forward walks a run as one loop, not
+  as its far steps and its near ones (``_near_steps``);
+- ``rel-warps-one-loop``: both;
+- ``rel-no-gather``: a relative bias adds its far tail's scalar where it
+  would gather the table (wrong results, timed only): what the gather costs.
 
 Triton refuses both for sm_90 (3.9, compiling without a GPU: ``python
 bench/bench_triton.py --resources`` after ``_patched``; 3.6 on the H200
@@ -62,6 +69,9 @@ _NO_STEPS = "for i in tl.range(lo, lo, num_stages=NUM_STAGES):"
 _EXP2 = "p = tl.math.exp2(qk * qk_scale - m_sub[:, None])"
 _SPLIT = "ALIBI_SPLIT: tl.constexpr = ALIBI and PAST_ONLY and NATURAL"
 _SPLIT_OFF = "ALIBI_SPLIT: tl.constexpr = False"
+_REL_ONE_LOOP = ("if RUN and REL_BIAS and NATURAL:\n        na, nb = _near_steps(lo, hi, q_lo, q_hi, rel_m, BLOCK_N)",
+                 "if False:\n        na, nb = _near_steps(lo, hi, q_lo, q_hi, rel_m, BLOCK_N)")
+_REL_WARPS = ("return cfg.fwd_warps if self.rel is None else max(cfg.fwd_warps, 8)", "return cfg.fwd_warps")
 VARIANTS = {
     "base": {},
     "ws": {"kernels.py": [(_LOOP, _WS_LOOP)]},
@@ -72,14 +82,31 @@ VARIANTS = {
     "no-predicate": {"kernels.py": [("allowed = pattern_mask(q_pos[:, None], k_pos[None, :], off_h, N, RANDOM)",
                                      "allowed = (q_pos[:, None] >= 0) & (k_pos[None, :] >= 0)")]},
     "no-gather": {"kernels.py": [("tok = _token(pos, ORDER, ORD_L, ORD_S, ORD_C)", "tok = pos")]},
+    "rel-warps": {"launch": [_REL_WARPS]},
+    "rel-one-loop": {"kernels.py": [_REL_ONE_LOOP]},
+    "rel-warps-one-loop": {"launch": [_REL_WARPS], "kernels.py": [_REL_ONE_LOOP]},
+    "rel-no-gather": {"kernels.py": [("s = s + _rel_gather(REL_h, q_at, k_at, rel_m, NATURAL)", "s = s + rel_lo")]},
 }
 
 
 def _patched(variant: str) -> None:
-    """Rewrite the kernel templates for ``variant`` (in this process only)."""
-    from patterncc.backends.triton import codegen
+    """Rewrite the kernel templates for ``variant`` (in this process only);
+    "launch": a method of ``launch._KernelTerms`` rewritten the same way."""
+    import inspect
+    import textwrap
+
+    from patterncc.backends.triton import codegen, launch
 
     for name, swaps in VARIANTS[variant].items():
+        if name == "launch":
+            for old, new in swaps:
+                method = next(m for m in vars(launch._KernelTerms).values()
+                              if callable(m) and old in inspect.getsource(m))
+                source = textwrap.dedent(inspect.getsource(method)).replace(old, new)
+                scope = dict(vars(launch))
+                exec(source, scope)
+                setattr(launch._KernelTerms, method.__name__, scope[method.__name__])
+            continue
         text = codegen._KERNEL_TEMPLATES[name]
         for old, new in swaps:
             assert old in text, f"{variant}: {old!r} is not in {name}"

@@ -169,16 +169,21 @@ def test_probe_variants_apply_and_no_steps_computes_no_block(monkeypatch):
     row is one that reached no key (o = 0, lse = -inf)."""
     import torch
 
-    from patterncc.backends.triton import TritonAttention, codegen
+    from patterncc.backends.triton import TritonAttention, codegen, launch
     from patterncc.backends.triton.config import KernelConfig
 
     probe = _bench_script("hopper_probe")
     original = dict(codegen._KERNEL_TEMPLATES)
+    cfg = KernelConfig(block=16, block_m=16, block_n=16, fwd_warps=4)
+    with_rel = launch._KernelTerms(rel=torch.zeros(1, 3))
+    fwd_warps = launch._KernelTerms.fwd_warps
     for variant, swaps in probe.VARIANTS.items():
         monkeypatch.setattr(codegen, "_KERNEL_TEMPLATES", dict(original))
+        monkeypatch.setattr(launch._KernelTerms, "fwd_warps", fwd_warps)
         probe._patched(variant)  # asserts that each rewritten text is there
         changed = {name for name in original if codegen._KERNEL_TEMPLATES[name] != original[name]}
-        assert changed == set(swaps), variant
+        assert changed == set(swaps) - {"launch"}, variant
+        assert (with_rel.fwd_warps(cfg) == 4) == ("launch" in swaps), variant  # the one launch rewrite
     monkeypatch.setattr(codegen, "_KERNEL_TEMPLATES", dict(original))
     probe._patched("no-steps")
     config = KernelConfig(block=16, block_m=16, block_n=16, block_m1=16, block_n1=16, block_m2=16, block_n2=16)
