@@ -178,6 +178,47 @@ def test_a_directory_where_a_cache_entry_should_be(tmp_path, monkeypatch):
     assert module.VALUE == 42 and Path(module.__file__).parent == tmp_path / "tmp" / f"patterncc-cache-{os.getuid()}"
 
 
+def test_a_kept_module_is_not_compiled_again_and_bad_bytecode_is_never_run(tmp_path, monkeypatch):
+    """A generated module's compiled code is kept beside it and used by the
+    next process (no compile); bytecode that is damaged, made from other
+    text, or made at another path is ignored and replaced, never run."""
+    import hashlib
+    import importlib.util
+    import marshal
+
+    from patterncc.backends.triton import cache
+
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path / "cache"))
+    compiles = []
+    monkeypatch.setattr(cache, "compile", lambda *args: compiles.append(1) or compile(*args), raising=False)
+    key = cache.cache_key("kept bytecode", time.time())
+
+    def load():
+        cache.clear_memory()  # as a new process: nothing in memory, the files are read again
+        return cache.load_module(key, lambda: "VALUE = 42\n")
+
+    def kept_for(path, text, value):
+        header = importlib.util.MAGIC_NUMBER + hashlib.sha256(f"{path}\0{text}".encode()).digest()
+        return header + marshal.dumps(compile(f"VALUE = {value}\n", str(path), "exec"))
+
+    assert load().VALUE == 42 and len(compiles) == 1
+    source = tmp_path / "cache" / f"k_{key}.py"
+    (kept,) = (tmp_path / "cache").glob(f"k_{key}.*.bin")
+    good = kept.read_bytes()
+    assert load().VALUE == 42 and len(compiles) == 1  # from the kept code
+    text = source.read_text()
+    header = len(importlib.util.MAGIC_NUMBER) + 32
+    for bad in (good[:-5],                                        # truncated
+                good[:header] + b"not marshalled code",           # damaged after its header
+                kept_for(source, text + "# edited\n", 666),       # made from other text
+                kept_for(tmp_path / "moved" / source.name, text, 666),  # made at another path
+                b"not bytecode"):
+        kept.write_bytes(bad)
+        assert load().VALUE == 42
+        assert kept.read_bytes() == good
+    assert len(compiles) == 6
+
+
 def test_an_unwritable_cache_uses_one_directory_for_every_process(tmp_path):
     # cache.py needs only the standard library: load it alone, not the Triton backend around it
     script = textwrap.dedent(f"""
