@@ -1,6 +1,7 @@
 """Our dense causal kernel beside SDPA's cuDNN and flash backends, and
 whether a change to the kernels pays. Each variant rewrites the kernel
-templates' text (``codegen._KERNEL_TEMPLATES``) and is timed in its own
+templates' text (``codegen._KERNEL_TEMPLATES``; the ``rel-warps`` ones a
+method of ``launch._KernelTerms``) and is timed in its own
 process, with its own module cache, beside the two SDPA backends in that
 process, on the same inputs; or runs another bench script on the rewritten
 kernels (``--script``), for a before-and-after in one run.
