@@ -241,13 +241,17 @@ def kernel_sources(pattern: ir.Pattern, D: int, dtype: str, cfg: KernelConfig, v
 
     from patterncc.backends.triton.runtime import load_kernels
 
+    from patterncc.backends.triton.launch import _KernelTerms
+
     module = load_kernels(pattern, cfg)
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    # the forward's warps as a launch takes them (a relative bias takes at least 8)
+    fwd_warps = _KernelTerms(rel=torch.zeros(1, 1) if (variant or {}).get("REL_BIAS") else None).fwd_warps(cfg)
     common = dict(HEAD_DIM=D, HEAD_DEPENDENT=False, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
                   GROUP=1, ADDR32=True)  # the backward's int32 row offsets, as every usual shape takes
     kernels = [
         ("forward", module.attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.fwd_stages),
-         f"{cfg.block_m}x{cfg.block_n}", cfg.fwd_warps, cfg.fwd_stages),
+         f"{cfg.block_m}x{cfg.block_n}", fwd_warps, cfg.fwd_stages),
         ("dK/dV", module.attn_bwd_dkdv, dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, NUM_STAGES=cfg.bwd_stages),
          f"{cfg.block_m1}x{cfg.block_n1}", cfg.bwd_warps, cfg.bwd_stages),
         ("dQ", module.attn_bwd_dq, dict(BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2, NUM_STAGES=cfg.bwd_stages),

@@ -191,3 +191,30 @@ def test_probe_variants_apply_and_no_steps_computes_no_block(monkeypatch):
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     o, lse = attn(q, k, v, return_lse=True)
     assert torch.equal(o, torch.zeros_like(o)) and bool((lse == float("-inf")).all())
+
+
+def test_resource_probes_take_the_warps_a_launch_takes(tmp_path):
+    """bench/probes.py compiles each kernel as a launch runs it: the forward
+    with a relative bias takes at least 8 warps at run time
+    (``launch._KernelTerms.fwd_warps``), so its resource row must be for 8.
+    In a process of its own: the probes build Triton's compile inputs, which
+    the interpreter this file runs under has not."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import json, sys; sys.path.insert(0, 'bench')\n"
+        "from probes import kernel_sources, PATTERNS\n"
+        "from patterncc.backends.triton.config import KernelConfig\n"
+        "cfg = KernelConfig(block=64, block_m=64, block_n=64, fwd_warps=4)\n"
+        "print(json.dumps([[name, warps] for variant in ({}, {'REL_BIAS': True})\n"
+        "                  for name, _, _, warps, _ in kernel_sources(PATTERNS['causal'], 64, 'bfloat16', cfg, variant)]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATTERNCC_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    assert rows[0] == ["forward", 4] and rows[3] == ["forward", 8]
