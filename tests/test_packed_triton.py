@@ -65,24 +65,29 @@ def _each_alone(pattern, q, k, v, cu, do, **terms):
 
 
 def check_packed(pattern, lengths, *, H=2, Hkv=2, D=16, dtype=torch.float32, config=CONFIG, plan="auto",
-                 seed=0, attn=None, **terms):
+                 seed=0, attn=None, fixed=(), **terms):
     """The packed call's o, lse and gradients (q, k, v and the terms') equal the
-    reference's on each sequence alone; returns the compiled attention (or runs ``attn``)."""
+    reference's on each sequence alone; returns the compiled attention (or runs ``attn``).
+    The term tensors named in ``fixed`` want no gradient and must get none."""
     pattern = pcc.parse(pattern) if isinstance(pattern, str) else pattern
     q, k, v, cu = _inputs(lengths, H, Hkv, D, dtype, seed)
     attn = attn or pcc.compile(pattern, backend="triton", config=config, plan=plan)
-    terms = {name: t.to(DEVICE).requires_grad_() for name, t in terms.items()}
+    terms = {name: t.to(DEVICE).requires_grad_(name not in fixed) for name, t in terms.items()}
+    learned = [name for name in terms if name not in fixed]
     o, lse = attn(q, k, v, return_lse=True, cu_seqlens=cu, **terms)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    grads = torch.autograd.grad((o * do).sum(), (q, k, v, *terms.values()))
+    (o * do).sum().backward()
+    assert all(terms[name].grad is None for name in fixed), "a fixed term tensor got a gradient"
+    grads = [q.grad, k.grad, v.grad, *(terms[name].grad for name in learned)]
     o_ref, lse_ref, grads_ref = _each_alone(pattern, q, k, v, cu, do, **terms)
+    grads_ref = [*grads_ref[:3], *(g for name, g in zip(terms, grads_ref[3:]) if name not in fixed)]
     tol_o, tol_lse, tol_g = TOL[dtype]
     assert o.dtype == dtype and o.shape == q.shape
     o, lse, grads = o.cpu(), lse.cpu(), [g.cpu() for g in grads]
     torch.testing.assert_close(o.double(), o_ref, atol=tol_o, rtol=0)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # empty rows: -inf in both
     torch.testing.assert_close(lse.double().nan_to_num(neginf=0), lse_ref.nan_to_num(neginf=0), atol=tol_lse, rtol=0)
-    for name, g, g_ref in zip(("dq", "dk", "dv", *terms), grads, grads_ref):
+    for name, g, g_ref in zip(("dq", "dk", "dv", *learned), grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref, atol=tol_g * max(1.0, g_ref.abs().max().item() / 4), rtol=0,
                                    msg=lambda m: f"{name}: {m}")
     return attn
@@ -178,6 +183,14 @@ def test_alibi_planned():
 def test_rel_bias():
     rel = torch.randn(2, 2 * 5 + 1, generator=torch.Generator().manual_seed(3))
     check_packed("causal", [9, 21, 2], rel_bias=rel)
+
+
+@pytest.mark.parametrize("fixed", ["alibi_slopes", "rel_bias"])
+def test_a_fixed_term_tensor_beside_a_learned_one(fixed):
+    """The dQ kernels then sum one term's gradient and not the other's."""
+    rel = torch.randn(2, 2 * 5 + 1, generator=torch.Generator().manual_seed(3))
+    check_packed("sliding_window(9)", [9, 0, 21, 2], fixed=(fixed,), alibi_slopes=torch.tensor([0.3, 0.1]),
+                 rel_bias=rel)
 
 
 # -- property: lengths 1..300, counts 1..20
