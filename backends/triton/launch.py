@@ -116,11 +116,12 @@ class _Run:
         if terms.wants_grad_buffers:
             progs = B * H * triton_cdiv(self.n, cfg.block_m2)
             part = torch.empty((progs, 3), dtype=torch.float32, device=q.device)
-            hist = torch.zeros((progs, terms.buckets), dtype=torch.float32, device=q.device)
+            buckets = terms.buckets if terms.rel_grad else 1  # (the histogram is the bias's gradient alone)
+            hist = torch.zeros((progs, buckets), dtype=torch.float32, device=q.device)
             scratch = torch.empty((progs if terms.rel_grad else 1, cfg.block_m2 * cfg.block_n2),
                                   dtype=torch.float32, device=q.device)
             buffers = dict(PART=part, SCR=scratch, HIST=hist)
-            grads.append((part.view(B, H, -1, 3), hist.view(B, H, -1, terms.buckets)))
+            grads.append((part.view(B, H, -1, 3), hist.view(B, H, -1, buckets)))
         o_arg = do if o is None else o  # any [B, H, n, D] pointer when WRITE_DELTA is off
         self._launch(self.module.attn_bwd_dq, (triton_cdiv(self.n, cfg.block_m2), B * H))(
             q, k, v, do, o_arg, lse, delta, dq, dq if dq_in is None else dq_in, t.random, *t.dq,
