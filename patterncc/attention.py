@@ -289,7 +289,8 @@ class Attention:
             return attn
 
         return TritonPlannedAttention(self.mask_pattern, make_inner, block=block, mode=self.plan_mode,
-                                      dense=sdpa_dense if self.dense_sdpa else None)
+                                      dense=sdpa_dense if self.dense_sdpa else None,
+                                      standins=options.get("config") is None)
 
 
 def sdpa_dense(pattern: ir.Pattern, q, k, v, scale):

@@ -6,8 +6,9 @@
 
 Modules: ``codegen`` (IR -> kernel source), ``kernels`` (the kernel template),
 ``tables`` (layout -> run lists), ``runtime`` (launches, autograd), ``cache``
-(generated files on disk), ``flex`` (FlexAttention interop), ``config``
-(tiles), ``bench`` (timings against FlexAttention and SDPA).
+(generated files on disk), ``standin`` (any pattern's kernels from a bitmap,
+for a first call while its own compile), ``flex`` (FlexAttention interop),
+``config`` (tiles), ``bench`` (timings against FlexAttention and SDPA).
 """
 
 from .config import KernelConfig, default_config

@@ -20,7 +20,9 @@ are written to disk before they are imported. One file per key:
   new, and the last writer of identical text wins harmlessly;
 - beside it, ``k_<sha256>.<cache tag>.bin``: its compiled code, used only
   when made from the same text at the same path by the same Python
-  (``_compiled``), so a new process does not compile the source again.
+  (``_compiled``), so a new process does not compile the source again;
+- ``m_<sha256>``: empty notes (``mark``), such as which launches' kernels
+  this machine has compiled (``standin.py``).
 
 Modules are kept in memory too, so a process imports each key once.
 
@@ -126,6 +128,21 @@ def remember_triton_key() -> None:
 
 
 _triton_key_done = False
+
+
+def mark(key: str) -> None:
+    """Note on disk that ``key`` happened (``standin.py``: a launch list's
+    kernels were compiled on this machine). Best effort: a note that cannot
+    be written is left out."""
+    try:
+        _replace_atomic(_writable_dir() / f"m_{key}", b"")
+    except OSError:
+        pass
+
+
+def marked(key: str) -> bool:
+    """Whether ``mark(key)`` was called, in this process or an earlier one."""
+    return (_writable_dir() / f"m_{key}").is_file()
 
 
 def clear_memory() -> None:

@@ -36,7 +36,8 @@ from patterncc.planner import build_plan, component_at, reorders, slot_pattern_o
 from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from .resident import to_device
-from .runtime import _DeviceTables, _Run, attend, check_inputs, launch_key
+from .standin import StandIns
+from .runtime import _DeviceTables, _Run, attend, check_inputs, launch_key, load_bitmap_kernels
 from .tables import crop_steps, kernel_steps
 
 _LAUNCH_ENTRIES = 32  # launch lists kept per TritonPlannedAttention
@@ -55,15 +56,17 @@ class TritonPlannedAttention(PlannedAttention):
     (merged lse and delta in the backward pass) instead of composing each
     component's own Function with a differentiable merge."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, standins: bool = True, **kwargs):
         super().__init__(*args, check=check_inputs, **kwargs)
         self._launches = LRU(_LAUNCH_ENTRIES)
         self._packed = LRU(_PACKED_ENTRIES)
         self._at_length = LRU(_LENGTH_ENTRIES)
         self._packed_inner: dict = {}
+        # a first call's kernels while the plan's compile (none with a config of the caller's)
+        self._standins = StandIns(self.pattern, self.block, load_bitmap_kernels) if standins else None
 
     def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
-        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms)
+        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms, self._standins)
 
     def launches_for(self, q, k) -> list:
         """The launches ``(launcher, SlotOrder)`` of a call on checked inputs

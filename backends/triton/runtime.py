@@ -59,7 +59,7 @@ from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from patterncc.backends.reference.checks import check_scale as _check_scale
 
-from . import _interpret, cache, codegen
+from . import _interpret, cache, codegen, standin
 from ._interpret import interpreting
 from .config import DEFAULT_BLOCK, KernelConfig, default_config, padded_head_dim
 from .device_tables import _DeviceTables, _random_buffer  # noqa: F401  (re-exported)
@@ -102,6 +102,8 @@ class TritonAttention:
         self._modules = LRU(_CACHE_ENTRIES)
         # The per-call fast path: one dict lookup from the call's shape to its launches.
         self._runs = LRU(_CACHE_ENTRIES)
+        # a first call's kernels while this pattern's own compile (none with a config of the caller's)
+        self._standins = None if config else standin.StandIns(pattern, block, load_bitmap_kernels)
 
     def __repr__(self) -> str:
         return f"TritonAttention({str(self.pattern)!r}, block={self.block}, config={self.config})"
@@ -112,7 +114,8 @@ class TritonAttention:
                  sinks=None, rel_bias=None):
         q, k, v = _check_inputs(q, k, v)
         terms = check_terms(ScoreTerms(softcap, alibi_slopes, sinks, rel_bias), q.shape[1], q.device)
-        o, lse = attend(q, k, v, scale, lambda q, k: [(self.launcher(*launch_key(q, k)), SlotOrder())], terms)
+        o, lse = attend(q, k, v, scale, lambda q, k: [(self.launcher(*launch_key(q, k)), SlotOrder())], terms,
+                        self._standins)
         return (o, lse) if return_lse else o
 
     def config_for(self, head_dim: int, dtype, layout: BlockLayout | None = None) -> KernelConfig:
@@ -184,11 +187,13 @@ def launch_key(q, k) -> tuple:
     return q.shape[2], q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device
 
 
-def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS):
+def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS, standins: "standin.StandIns | None" = None):
     """o, lse of checked inputs through ``_AttentionFunction`` over the launches
     ``launches_for(q, k)`` gives for them once their head dim is padded
     (zeros add nothing to q.k, and o's extra columns are sliced away), with
-    the score terms ``terms`` (checked: ``check_terms``)."""
+    the score terms ``terms`` (checked: ``check_terms``). ``standins``: the
+    pattern's stand-in kernels, run while the launches' own compile
+    (``standin.py``)."""
     D = q.shape[-1]
     scale = _float32_scale(_check_scale(scale, D))
     if terms.softcap is not None and max(abs(scale) / terms.softcap, terms.softcap * _LOG2E) > _FP32.max:
@@ -197,7 +202,13 @@ def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS):
     Dp = padded_head_dim(D)
     if Dp != D:
         q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
-    o, lse = _AttentionFunction.apply(q, k, v, scale, launches_for(q, k), terms.softcap, *terms.tensors())
+    launches = launches_for(q, k)
+    if standins is not None and standin.mode() == "always":
+        launches = standin.always(launches, standins, q, k)
+    elif standins is not None and standin.mode() == "auto" and _compiles_ahead(q):
+        launches = standin.while_compiling(launches, standins, q, k, v, scale, terms, compile=compile_ahead,
+                                           ready=_AHEAD.__contains__)
+    o, lse = _AttentionFunction.apply(q, k, v, scale, launches, terms.softcap, *terms.tensors())
     return (o[..., :D] if Dp != D else o), lse
 
 
@@ -226,6 +237,18 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendi
     this returns is that module's namespace for this pattern: the same
     objects, plus ``PATTERN_ARGS``, the integers the kernels read from
     ``RANDOM`` (``_random_buffer``) and ``make_mask_mod`` takes."""
+    source = codegen.generate_source(pattern, config, shared=shared) + appendix
+    return _with_args(_load_source(source, device), codegen.pattern_args(pattern, shared=shared))
+
+
+def load_bitmap_kernels(config: KernelConfig, device=None):
+    """The module of ``codegen.bitmap_source``: any pattern's kernels, its
+    cells read from ``RANDOM`` (``standin.py``), through the disk cache."""
+    return _with_args(_load_source(codegen.bitmap_source(config), device), ())
+
+
+def _load_source(source: str, device):
+    """The module of a generated text, through the disk cache."""
     import triton
 
     capability = "interpreter" if interpreting() else _capability(device)
@@ -233,10 +256,9 @@ def load_kernels(pattern: ir.Pattern, config: KernelConfig, device=None, appendi
         _interpret.patch_bf16_dot()  # else the interpreter's bf16 tl.dot multiplies bit patterns
     else:
         cache.remember_triton_key()  # before the first launch: Triton's cache lookup needs it
-    source = codegen.generate_source(pattern, config, shared=shared) + appendix
     key = cache.cache_key("patterncc-triton", codegen.GENERATOR_VERSION, codegen.SOURCE_HASH,
                           hashlib.sha256(source.encode()).hexdigest(), triton.__version__, capability)
-    return _with_args(cache.load_module(key, lambda: source), codegen.pattern_args(pattern, shared=shared))
+    return cache.load_module(key, lambda: source)
 
 
 def _with_args(module: types.ModuleType, args: tuple[int, ...]) -> types.ModuleType:
@@ -279,6 +301,7 @@ def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     fused into every launch at the tokens' own positions; the sink joins
     the denominators in one launch that reaches every query."""
     _keep_if_captured(launches, q)
+    standin.settle(launches)
     compile_ahead(launches, q, k, v, scale, terms)
     with _on_device_of(q), torch.no_grad():
         kterms = _KernelTerms.of(terms)
@@ -299,6 +322,7 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
     the gradients in fp32 inside the kernels (``_summed``). ``do`` or ``dlse``
     may be None (no gradient reached that output)."""
     _keep_if_captured(launches, q)
+    standin.settle(launches)
     if do is None:
         do = _empty_as(o).zero_()
     do = do if do.stride(-1) == 1 else do.contiguous()
