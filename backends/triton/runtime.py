@@ -203,13 +203,22 @@ def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS, standins:
     if Dp != D:
         q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
     launches = launches_for(q, k)
-    if standins is not None and standin.mode() == "always":
-        launches = standin.always(launches, standins, q, k)
-    elif standins is not None and standin.mode() == "auto" and _compiles_ahead(q):
-        launches = standin.while_compiling(launches, standins, q, k, v, scale, terms, compile=compile_ahead,
-                                           ready=_AHEAD.__contains__)
+    if standins is not None:
+        launches = _standin_or(launches, standins, q, k, v, scale, terms)
     o, lse = _AttentionFunction.apply(q, k, v, scale, launches, terms.softcap, *terms.tensors())
     return (o[..., :D] if Dp != D else o), lse
+
+
+def _standin_or(launches, standins, q, k, v, scale, terms):
+    """The launches a call runs: the pattern's own, or the stand-in's
+    (``standin.py``; ``PATTERNCC_STANDIN``). A warm call pays one check."""
+    mode = standin.mode()
+    if mode == "always":
+        return standin.always(launches, standins, q, k)
+    if mode == "0" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
+        return launches
+    return standin.while_compiling(launches, standins, q, k, v, scale, terms, compile=compile_ahead,
+                                   ready=_AHEAD.__contains__)
 
 
 def _float32_scale(scale: float) -> float:

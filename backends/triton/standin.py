@@ -260,6 +260,8 @@ def settle(launches) -> None:
     """Wait for a compile of these launches' kernels in flight in a thread,
     so that a launch that cannot use the stand-in (a CUDA graph's capture,
     a backward whose forward ran them) does not compile them a second time."""
+    if not _by_run:  # (a warm call: nothing compiles in a thread)
+        return
     with _lock:
         events = {id(e): e for e in (_by_run.get(id(run)) for run, _ in launches) if e is not None}
     for event in events.values():
