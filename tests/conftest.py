@@ -8,8 +8,18 @@ them, every later interpreted kernel would call compiled standard-library
 functions and fail ("Cannot call @triton.jit'd outside of the scope of a
 kernel"). Importing it here, under the environment the suite started with,
 makes the outcome independent of test order and of how pytest-xdist deals
-the tests out to its workers.
+the tests out to its workers. Without a GPU the interpreter is the only way
+the kernels run, so there it is set first (as ``scripts/test.sh`` does), and
+any one file runs alone as it does in the suite.
 """
+
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 try:
     import triton  # noqa: F401
