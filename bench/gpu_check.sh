@@ -38,10 +38,11 @@
 #             layer by layer, and a cProfile of it                 (~30 s)
 #   firstcall bench/cold_start.py: a new pattern's first forward+backward in
 #             fresh processes (cold, new integers, serial, loaded at launch, caches another
-#             pattern filled, warm disk cache) beside Flex's; then the cold
+#             pattern filled, warm disk cache) beside Flex's; the stand-in
+#             calls' phases (first_call_phases.py); then the cold
 #             call profiled (warm_start.py --front --cold) and the kernels
 #             compiled serially, on threads and in processes
-#             (compile_parallel.py)                                (~4 min)
+#             (compile_parallel.py)                                (~6 min)
 #   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
 #             Flex with a document mask and the sequences one by one (~4 min)
 #   decode    bench/decode_tiles.py (the query-rows kernel's key step and
@@ -182,6 +183,11 @@ run_firstcall() {
     echo "== firstcall" | tee -a "$OUT/summary.txt"
     timeout 420 python3 bench/cold_start.py --n 4096 --json "$OUT/cold_start.json" 2>&1 \
         | tee "$OUT/cold_start.log" || fail firstcall
+    # where a stand-in first call goes (backends/triton/standin.py), D = 64, then D = 128
+    timeout 90 python3 bench/first_call_phases.py "strided(192)" "strided(128)" "fixed(128, 32)" "fixed(128, 32)" \
+        2>&1 | tee "$OUT/phases.log" || fail firstcall
+    PHASES_D=128 timeout 60 python3 bench/first_call_phases.py "strided(128)" "fixed(128, 32)" 2>&1 \
+        | tee "$OUT/phases-d128.log" || fail firstcall
     timeout 90 python3 bench/warm_start.py --front --cold --top 60 2>&1 | tee "$OUT/cold_profile.log" || fail firstcall
     timeout 150 python3 bench/compile_parallel.py --patterns "strided(128)" "fixed(128,32)" 2>&1 \
         | tee "$OUT/compile_parallel.log" || fail firstcall
