@@ -212,7 +212,7 @@ class Compiles:
         self.ready: set = set()
         self.calls: list = []
 
-    def __call__(self, launches, *args):
+    def __call__(self, launches, *args, strict=False):
         run = launches[0][0]
         self.calls.append(run)
         if self.delays[run] is not None:
@@ -310,11 +310,29 @@ def test_a_standin_that_fails_to_compile_runs_the_own_kernels():
     assert not standin.pending()
 
 
+def test_a_standin_that_raises_is_not_tried_again(recwarn):
+    own, sub = FakeRun("own kernels"), FakeRun("raising stand-in")
+    calls = []
+
+    def compile(launches, *args, strict=False):
+        calls.append((launches[0][0], strict))
+        if launches[0][0] is sub:
+            raise RuntimeError("the compiler failed")
+
+    q = torch.zeros(1, 4, 64, 64)
+    for _ in range(2):
+        got = standin.while_compiling([(own, ORDER)], FakeStandIns(sub), q, q, q, 1.0, None, compile=compile,
+                                      ready=lambda run: False)
+        assert got == [(own, ORDER)]
+    assert calls == [(sub, True)] and not standin.pending()  # tried once, strictly: compiling ahead stays on
+    assert any("stand-in kernels failed" in str(w.message) for w in recwarn.list)
+
+
 def test_a_compile_that_raises_is_not_tried_again(recwarn):
     own, sub = FakeRun("raises"), FakeRun("sub")
     calls = []
 
-    def compile(launches, *args):
+    def compile(launches, *args, strict=False):
         calls.append(launches[0][0])
         if launches[0][0] is own:
             raise RuntimeError("no more compiles")

@@ -387,7 +387,7 @@ _AHEAD: "weakref.WeakSet[_Run]" = weakref.WeakSet()
 _pool = None
 
 
-def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> None:
+def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict: bool = False) -> None:
     """Compile every kernel a forward and backward pass of these launches
     will run, in parallel, before the forward runs: Triton compiles a kernel
     when it is first launched, so a first call would otherwise compile its
@@ -405,7 +405,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
     ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``.
     The compiled kernels are then loaded, and their launchers built, in
     parallel too (``load_ahead``; ``PATTERNCC_LOAD_AHEAD=0`` leaves that to
-    each first launch)."""
+    each first launch). A failure turns compiling ahead off for the process,
+    with a warning; ``strict`` raises it instead (the stand-in's kernels:
+    ``standin.py`` runs the pattern's own then)."""
     global _ahead_failed
     if q.device.type == "meta" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
         return  # (meta: the warm-up's own launches)
@@ -425,6 +427,8 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS) -> Non
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
     except Exception as err:  # the launches compile their kernels themselves, as without this
+        if strict:
+            raise
         _ahead_failed = True
         warnings.warn(f"patterncc: compiling a first call's kernels in parallel failed ({type(err).__name__}: "
                       f"{err}); they compile one by one at their launches", RuntimeWarning, stacklevel=3)

@@ -162,7 +162,7 @@ def _replace_random(tables: _DeviceTables, random: torch.Tensor) -> _DeviceTable
 _lock = threading.Lock()
 _pending: dict[str, threading.Event] = {}  # compile_key -> set when that compile in a thread is over
 _by_run: dict[int, threading.Event] = {}  # id(run) -> the same events, for settle
-_failed: set[str] = set()  # compile_key of compiles in a thread that raised
+_failed: set[str] = set()  # compile_key of compiles that raised: own ones in a thread, or the stand-in's
 
 
 def mode() -> str:
@@ -205,8 +205,17 @@ def while_compiling(launches: list, standins: StandIns, q, k, v, scale, terms, *
         return launches
     mine = [(standin, SlotOrder())]
     if not ready(standin):
-        compile(mine, q, k, v, scale, terms)  # found in Triton's cache, or compiled: one kernel's time
-        if not ready(standin):  # compiling ahead failed: the launches compile as they run
+        failed = compile_key(mine, terms)
+        if failed in _failed:
+            return launches
+        try:
+            compile(mine, q, k, v, scale, terms, strict=True)  # found in Triton's cache, or compiled
+        except Exception as err:  # noqa: BLE001  (the pattern's own kernels run, as without a stand-in)
+            _failed.add(failed)
+            warnings.warn(f"patterncc: the stand-in kernels failed to compile ({type(err).__name__}: {err}); "
+                          "a new pattern's first calls wait for its own", RuntimeWarning, stacklevel=4)
+            return launches
+        if not ready(standin):  # not compiled ahead (no AsyncCompileMode): the launches compile as they run
             return launches
     if own is None and key not in _failed:
         _start(key, launches, q, k, v, scale, terms, compile, ready)
