@@ -227,8 +227,9 @@ def compile_key(launches: list, terms) -> str:
     specializes them: each run's module (its text, Triton's version, the
     card), tiles, head dim, dtype, walks and token orders, whether heads
     are grouped, and which score terms come and want gradients (no kernel
-    specializes on the length: test_packed_triton.py). Two lists with one key compile the same kernels; a
-    kernel a key misses compiles at its launch."""
+    specializes on the length: test_packed_triton.py). Two lists with one
+    key compile the same kernels; a kernel a key misses compiles at its
+    launch."""
     runs = tuple((run.module.__name__, run.config, run.head_dim, str(run.dtype), run.H == run.Hkv,
                   run.tables.layout_heads > 1, run.tables.fwd_walk, run.tables.dq_walk, run.tables.dkdv_walk,
                   order.q, order.k) for run, order in launches)
