@@ -396,7 +396,8 @@ deadline = time.time() + 120
 while standin.pending() and time.time() < deadline:
     time.sleep(0.05)
 second = step()
-errors = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1)).item() for a, b in zip(first, second)]
+errors = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1)).item()
+          for a, b in zip(first, second)]
 print("RESULT " + json.dumps(dict(chosen=chosen, errors=errors)))
 """
 

@@ -68,8 +68,8 @@ from patterncc.primitives.base import INT32_MAX, lit as _lit
 
 from .config import KernelConfig, default_config
 
-__all__ = ["generate_source", "bitmap_source", "default_config", "needs_length", "pattern_args", "random_specs", "GENERATOR_VERSION",
-           "SOURCE_HASH"]
+__all__ = ["generate_source", "bitmap_source", "default_config", "needs_length", "pattern_args", "random_specs",
+           "GENERATOR_VERSION", "SOURCE_HASH"]
 
 # Part of the on-disk cache key, with SOURCE_HASH: bump it when the meaning of
 # generated code changes.
