@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -145,14 +146,8 @@ class StandIns:
         config = default_config(padded_head_dim(head_dim), dtype, self.block, walk=0.0)
         module = self.load(config, device)
         tables = _DeviceTables.build(lay, Hkv, config, module, device)
-        tables = _replace_random(tables, to_device(bitmap, device))
+        tables = replace(tables, random=to_device(bitmap, device))
         return _Run(module, tables, config, head_dim, H, Hkv, n, dtype)
-
-
-def _replace_random(tables: _DeviceTables, random: torch.Tensor) -> _DeviceTables:
-    from dataclasses import replace
-
-    return replace(tables, random=random)
 
 
 # ----------------------------------------------------------------------------
