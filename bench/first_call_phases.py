@@ -42,7 +42,7 @@ compile_ahead = runtime.compile_ahead
 def timed(launches, *args, **kwargs):
     if all(r in runtime._AHEAD for r, _ in launches):
         return compile_ahead(launches, *args, **kwargs)
-    who = "own" if hasattr(launches[0][0].module, "make_mask_mod") else "standin"  # the bitmap module has none
+    who = "standin" if standin.is_standin(launches) else "own"
     mark(who + " compile start")
     done = compile_ahead(launches, *args, **kwargs)
     mark(who + " loaded")

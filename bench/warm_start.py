@@ -1,6 +1,6 @@
 """Where a warm start's first call spends its time (one GPU).
 
-    python bench/warm_start.py [--top 30] [--front] [--cold]
+    python bench/warm_start.py [--top 30] [--front] [--cold] [--bytecode]
 
 Runs the cold-start case of ``probes.cold_start``
 (the first forward+backward of a pattern no cache has seen) in a fresh
@@ -11,7 +11,10 @@ cumulative time, so the seconds can be assigned to layout, module load,
 Triton's cache lookup (``triton_key``), cubin load and launcher build.
 ``--cold`` profiles the cold process instead (on empty caches: where the
 seconds of a first-ever call go, the compile pool's and Triton's launcher
-builds included, as the main thread waits for them).
+builds included, as the main thread waits for them). ``--bytecode`` gives
+every process one shared bytecode cache (``PYTHONPYCACHEPREFIX``), as an
+installed package has, so that the warm figures leave out compiling the
+imported modules' source (the GPU machine's image keeps no bytecode).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ profiler = cProfile.Profile()
 exec(compile(source, "<first call>", "exec"), {{"__name__": "__main__", "_profiler": profiler}})
 stream = io.StringIO()
 pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats({top})
+pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(25)
 print(stream.getvalue())
 """
 
@@ -67,12 +71,15 @@ def main() -> None:
     ap.add_argument("--front", action="store_true",
                     help="time pcc.compile(strided(l))'s first call (the user's path) instead of TritonAttention's")
     ap.add_argument("--cold", action="store_true", help="profile the first call on empty caches instead")
+    ap.add_argument("--bytecode", action="store_true", help="one bytecode cache shared by every process (see above)")
     args = ap.parse_args()
     spec = json.dumps(dict(n=4096, H=16, D=64, w=777 + int(time.time()) % 1000, g=33, who="pcc"))
     source = textwrap.dedent(_FRONT_CALL if args.front else FIRST_CALL)
     with tempfile.TemporaryDirectory(prefix="patterncc-warm-") as tmp:
         env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(tmp, "pcc"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
         env.pop("TRITON_INTERPRET", None)
+        if args.bytecode:
+            env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
         profiled = [sys.executable, "-c", _PROFILED.format(source=source, top=args.top), spec]
         runs = [("cold, profiled", profiled)] if args.cold else [
             ("cold", [sys.executable, "-c", source, spec]), ("warm", [sys.executable, "-c", source, spec]),

@@ -114,6 +114,7 @@ class Spy:
         def spying(launches, standins, q, k):
             got = original(launches, standins, q, k)
             self.runs.append(got is not launches)
+            assert standin.is_standin(got) is (got is not launches) and not standin.is_standin(launches)
             return got
 
         monkeypatch.setattr(standin, "always", spying)
@@ -368,15 +369,15 @@ _ON_THE_CARD = """
 import json, sys, time
 import torch
 import patterncc as pcc
-from patterncc.backends.triton import standin
+from patterncc.backends.triton import runtime, standin
 
-chosen = []
-original = standin.while_compiling
-def spying(launches, *args, **kwargs):
-    got = original(launches, *args, **kwargs)
-    chosen.append("own" if got is launches else "standin")
-    return got
-standin.while_compiling = spying
+chosen = []  # which kernels each forward ran (not compile_ahead's warm-up on meta tensors)
+original = runtime.launches_forward
+def spying(launches, q, *args, **kwargs):
+    if q.device.type != "meta":
+        chosen.append("standin" if standin.is_standin(launches) else "own")
+    return original(launches, q, *args, **kwargs)
+runtime.launches_forward = spying
 
 torch.manual_seed(0)
 q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 import warnings
 from dataclasses import replace
 
@@ -147,7 +148,18 @@ class StandIns:
         module = self.load(config, device)
         tables = _DeviceTables.build(lay, Hkv, config, module, device)
         tables = replace(tables, random=to_device(bitmap, device))
-        return _Run(module, tables, config, head_dim, H, Hkv, n, dtype)
+        run = _Run(module, tables, config, head_dim, H, Hkv, n, dtype)
+        _made.add(run)
+        return run
+
+
+_made: "weakref.WeakSet[_Run]" = weakref.WeakSet()  # every stand-in run (is_standin)
+
+
+def is_standin(launches: list) -> bool:
+    """Whether a launch list runs stand-in kernels (for tests and benchmarks
+    to tell which kernels a call ran)."""
+    return any(run in _made for run, _ in launches)
 
 
 # ----------------------------------------------------------------------------
