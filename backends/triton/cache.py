@@ -22,7 +22,9 @@ are written to disk before they are imported. One file per key:
   when made from the same text at the same path by the same Python
   (``_compiled``), so a new process does not compile the source again;
 - ``m_<sha256>``: empty notes (``mark``), such as which launches' kernels
-  this machine has compiled (``standin.py``).
+  this machine has compiled (``standin.py``); ``s_<module>.json``: notes
+  with a text (``write_note``), such as where Triton keeps a module's
+  compiled kernels (``seeds.py``).
 
 Modules are kept in memory too, so a process imports each key once.
 
@@ -143,6 +145,21 @@ def mark(key: str) -> None:
 def marked(key: str) -> bool:
     """Whether ``mark(key)`` was called, in this process or an earlier one."""
     return (_writable_dir() / f"m_{key}").is_file()
+
+
+def write_note(name: str, text: str) -> None:
+    """Keep ``text`` under ``name`` (checksummed, atomic: see the module
+    docstring). Best effort: a note that cannot be written is left out."""
+    try:
+        _write_atomic(_writable_dir() / name, text)
+    except OSError:
+        pass
+
+
+def read_note(name: str) -> str | None:
+    """The text ``write_note`` kept under ``name``; None if it is missing or corrupt."""
+    text = _read_verified(_writable_dir() / name)
+    return None if text is None else text.partition("\n")[2]
 
 
 def clear_memory() -> None:

@@ -59,7 +59,7 @@ from patterncc.scores import NO_TERMS, ScoreTerms, check_terms
 
 from patterncc.backends.reference.checks import check_scale as _check_scale
 
-from . import _interpret, cache, codegen, standin
+from . import _interpret, cache, codegen, seeds, standin
 from ._interpret import interpreting
 from .config import DEFAULT_BLOCK, KernelConfig, default_config, padded_head_dim
 from .device_tables import _DeviceTables, _random_buffer  # noqa: F401  (re-exported)
@@ -405,7 +405,10 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     ``AsyncCompileMode`` (3.4+) and with ``PATTERNCC_COMPILE_AHEAD=0``.
     The compiled kernels are then loaded, and their launchers built, in
     parallel too (``load_ahead``; ``PATTERNCC_LOAD_AHEAD=0`` leaves that to
-    each first launch). A failure turns compiling ahead off for the process,
+    each first launch). Kernels an earlier process compiled for these
+    modules are put into Triton's in-memory cache first, so that the
+    warm-up finds them there without Triton's lookup (``seeds.py``); what
+    this one compiled or found is recorded for the next. A failure turns compiling ahead off for the process,
     with a warning; ``strict`` raises it instead (the stand-in's kernels:
     ``standin.py`` runs the pattern's own then)."""
     global _ahead_failed
@@ -422,7 +425,11 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     mterms = ScoreTerms(terms.softcap, *(meta(t) for t in terms.tensors())).taking(
         [t is not None and t.requires_grad for t in terms.tensors()])
     compiles = _Recorded(_compile_pool())
+    modules = list({id(run.module): run.module for run, _ in launches}.values())
     try:
+        with _on_device_of(q):
+            device = triton.runtime.driver.active.get_current_device()
+            planted = [kernel for module in modules for kernel in seeds.plant(module, device)]
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
@@ -434,7 +441,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
                       f"{err}); they compile one by one at their launches", RuntimeWarning, stacklevel=3)
         return
     if os.environ.get("PATTERNCC_LOAD_AHEAD") != "0":
-        load_ahead(compiles.kernels(), lambda: torch.cuda.device(q.device), _compile_pool())
+        load_ahead(planted + compiles.kernels(), lambda: torch.cuda.device(q.device), _compile_pool())
+    for module in modules:
+        seeds.record(module, device)
     _AHEAD.update(run for run, _ in launches)
 
 
