@@ -427,9 +427,8 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     compiles = _Recorded(_compile_pool())
     modules = list({id(run.module): run.module for run, _ in launches}.values())
     try:
-        with _on_device_of(q):
-            device = triton.runtime.driver.active.get_current_device()
-            planted = [kernel for module in modules for kernel in seeds.plant(module, device)]
+        device = q.device.index if q.device.index is not None else torch.cuda.current_device()  # Triton's key
+        planted = [kernel for module in modules for kernel in seeds.plant(module, device)]
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
