@@ -43,6 +43,9 @@
 #             call profiled (warm_start.py --front --cold) and the kernels
 #             compiled serially, on threads and in processes
 #             (compile_parallel.py)                                (~6 min)
+#   warm      tests/test_seeds.py on the card, then the warm first call
+#             (warm_start.py --front --bytecode) with Triton's own lookup
+#             and with PATTERNCC_SEEDS=1                           (~3 min)
 #   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
 #             Flex with a document mask and the sequences one by one (~4 min)
 #   decode    bench/decode_tiles.py (the query-rows kernel's key step and
@@ -193,6 +196,17 @@ run_firstcall() {
         | tee "$OUT/compile_parallel.log" || fail firstcall
 }
 
+run_warm() {
+    echo "== warm" | tee -a "$OUT/summary.txt"
+    # a new process on the kernels an earlier one recorded (backends/triton/seeds.py), then the warm
+    # first call with Triton's own lookup and with the seeds, each after its own cold process
+    (cd "$PKGROOT" && timeout 120 python3 -m pytest "$REPO/tests/test_seeds.py" -q -p no:cacheprovider 2>&1) \
+        | tee "$OUT/seeds-tests.log" || fail warm
+    timeout 150 python3 bench/warm_start.py --front --bytecode --top 45 2>&1 | tee "$OUT/warm.log" || fail warm
+    PATTERNCC_SEEDS=1 timeout 150 python3 bench/warm_start.py --front --bytecode --top 45 2>&1 \
+        | tee "$OUT/warm-seeds.log" || fail warm
+}
+
 run_packed() {
     echo "== packed" | tee -a "$OUT/summary.txt"
     timeout 420 python3 bench/bench_packed.py --out "$OUT/packed.md" 2>&1 | tee "$OUT/packed.log" || fail packed
@@ -277,13 +291,14 @@ for section in "${sections[@]}"; do
         tiles) run_tiles ;;
         host) run_host ;;
         firstcall) run_firstcall ;;
+        warm) run_warm ;;
         packed) run_packed ;;
         decode) run_decode ;;
         scores) run_scores ;;
         hf) run_hf ;;
         limits) run_limits ;;
         *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host" \
-                "firstcall packed decode scores hf limits)" >&2; status=2 ;;
+                "firstcall warm packed decode scores hf limits)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"
