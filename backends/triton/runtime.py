@@ -408,9 +408,10 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     each first launch). Kernels an earlier process compiled for these
     modules are put into Triton's in-memory cache first, so that the
     warm-up finds them there without Triton's lookup (``seeds.py``); what
-    this one compiled or found is recorded for the next. A failure turns compiling ahead off for the process,
-    with a warning; ``strict`` raises it instead (the stand-in's kernels:
-    ``standin.py`` runs the pattern's own then)."""
+    this one compiled or found is recorded for the next. A failure turns
+    compiling ahead off for the process, with a warning; ``strict`` raises
+    it instead (the stand-in's kernels: ``standin.py`` runs the pattern's
+    own then)."""
     global _ahead_failed
     if q.device.type == "meta" or all(run in _AHEAD for run, _ in launches) or not _compiles_ahead(q):
         return  # (meta: the warm-up's own launches)
@@ -427,8 +428,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     compiles = _Recorded(_compile_pool())
     modules = list({id(run.module): run.module for run, _ in launches}.values())
     try:
-        device = q.device.index if q.device.index is not None else torch.cuda.current_device()  # Triton's key
-        planted = [kernel for module in modules for kernel in seeds.plant(module, device)]
+        with _on_device_of(q):  # Triton's per-device caches, keyed by torch's current device
+            device = torch.cuda.current_device()
+            planted = [kernel for module in modules for kernel in seeds.plant(module, device)]
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
