@@ -138,6 +138,24 @@ def test_recording_adds_and_does_not_repeat(kernel):
     assert [entry["key"] for entry in seeds._read(module)["kernels"]] == [KEY, other]
 
 
+def test_a_kernel_whose_constants_are_not_literals_is_not_recorded(kernel):
+    module, fn, compiled = kernel
+    compiled.src.constants[(3,)] = object()  # no repr that reads back
+    seeds.record(module, 0)
+    assert seeds._read(module) is None
+
+
+def test_a_record_past_its_bound_starts_over(kernel, monkeypatch):
+    module, fn, compiled = kernel
+    monkeypatch.setattr(seeds, "MAX_KERNELS", 2)
+    counts = []
+    for warps in (1, 2):  # beside KEY's 4 warps
+        fn.device_caches[0][0][KEY.replace("'num_warps': 4", f"'num_warps': {warps}")] = compiled
+        seeds.record(module, 0)
+        counts.append(len(seeds._read(module)["kernels"]))
+    assert counts == [2, 1]  # the third kernel found two recorded: a record of the new one alone
+
+
 # ----------------------------------------------------------------------------
 # On the card: a new process on planted kernels, against Triton's own lookup
 # ----------------------------------------------------------------------------
