@@ -109,11 +109,13 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.runs = []
+        self.ran = []  # the launch lists run
         original = standin.always
 
         def spying(launches, standins, q, k):
             got = original(launches, standins, q, k)
             self.runs.append(got is not launches)
+            self.ran.append(got)
             assert standin.is_standin(got) is (got is not launches) and not standin.is_standin(launches)
             return got
 
@@ -150,7 +152,34 @@ def test_a_planned_pattern_runs_the_standin_in_natural_order(monkeypatch):
     attn = Attention(strided(8), backend="triton", plan="planned", block=16).impl("triton")
     assert attn.plan(48, 2).strategy == "planned"
     check(attn, strided(8), n=48, terms={"softcap": None, "sinks": None})
+    (ran,) = spy.ran
+    assert spy.runs == [True] and len(ran) == 1 and ran[0][1] == SlotOrder()
+
+
+@pytest.mark.parametrize("source, n, H, Hkv, terms", [
+    ("strided(8)", 45, 2, 2, {"softcap": None, "sinks": None}),  # residue order, padding slots (45 % 8)
+    ("fixed(8, 2)", 48, 4, 2, {"alibi_slopes": None, "rel_bias": 2}),  # gathered columns, GQA
+])
+def test_a_plan_over_the_natural_limits_runs_a_standin_per_component(source, n, H, Hkv, terms, monkeypatch):
+    spy = Spy(monkeypatch)
+    pattern = pcc.parse(source)
+    attn = Attention(pattern, backend="triton", plan="planned", block=16).impl("triton")
+    plan = attn.plan(n, H)
+    assert plan.strategy == "planned" and any(c.reordered for c in plan.components)
+    monkeypatch.setattr(attn._standins, "launches", lambda q, k: None)  # the natural bitmap over its limits
+    check(attn, pattern, n=n, H=H, Hkv=Hkv, terms=terms)
     assert spy.runs == [True]
+    (ran,) = spy.ran
+    assert standin.is_standin(ran) and len(ran) == len(plan.components)
+    assert [order for _, order in ran] == [SlotOrder.of(c.q_order, c.k_order, n) for c in plan.components]
+
+
+def test_over_the_limits_everywhere_no_standin(monkeypatch):
+    spy = Spy(monkeypatch)
+    monkeypatch.setattr(standin, "MAX_BITMAP_CODES", 0)
+    attn = Attention(strided(8), backend="triton", plan="planned", block=16).impl("triton")
+    check(attn, strided(8), n=48, terms={})
+    assert spy.runs == [False]  # the pattern's own kernels
 
 
 def test_with_a_config_of_the_callers_no_standin(monkeypatch):
@@ -229,9 +258,9 @@ class FakeStandIns:
         self.made = 0
         self._run = run
 
-    def run(self, *shape):
+    def launches(self, q, k):
         self.made += 1
-        return self._run
+        return None if self._run is None else [(self._run, SlotOrder())]
 
 
 def choose(launches, standins, compiles):

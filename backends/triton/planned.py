@@ -66,7 +66,8 @@ class TritonPlannedAttention(PlannedAttention):
         self._standins = StandIns(self.pattern, self.block, load_bitmap_kernels) if standins else None
 
     def combine(self, runs, q, k, v, scale, terms=NO_TERMS):
-        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms, self._standins)
+        standins = None if self._standins is None else _PlanStandIns(self._standins, runs)
+        return attend(q, k, v, scale, lambda q, k: self.launches(runs, q, k), terms, standins)
 
     def launches_for(self, q, k) -> list:
         """The launches ``(launcher, SlotOrder)`` of a call on checked inputs
@@ -303,6 +304,36 @@ def _reach(pattern: ir.Pattern) -> int:
                 ints += [abs(e.value)] if isinstance(e, ir.Const) else []
                 stack.extend(ir.expr_children(e))
     return 2 * max(ints)
+
+
+class _PlanStandIns:
+    """A planned call's stand-in launches (``standin.py``): the whole
+    pattern's in natural order, one launch, whose kernels any earlier
+    stand-in call compiled; where that bitmap is over the limits (a planned
+    strided or fixed from about 16K tokens, whose natural layout is mostly
+    PARTIAL blocks), one per component of a plan that reorders tokens, over
+    the component's own layout and slots in its token order, through the
+    same bitmap kernels: its blocks are mostly FULL there (strided(128) at
+    n = 65536: bitmaps of 5.0 and 4.5 MiB, mostly the codes of 1024 x 1024
+    blocks, built in 72 ms on a 2-CPU machine)."""
+
+    def __init__(self, natural: StandIns, runs):
+        self.natural = natural
+        self.runs = runs
+
+    def launches(self, q, k) -> list | None:
+        mine = self.natural.launches(q, k)
+        if mine is not None or not any(run.component.reordered for run in self.runs):
+            return mine
+        n, *shape = launch_key(q, k)
+        mine = []
+        for run in self.runs:
+            inner = run.attn._standins
+            made = None if inner is None else inner.run(run.slots, *shape)
+            if made is None:
+                return None
+            mine.append((made, SlotOrder.of(run.component.q_order, run.component.k_order, n)))
+        return mine
 
 
 def length_free(pattern: ir.Pattern) -> bool:

@@ -103,7 +103,7 @@ class TritonAttention:
         # The per-call fast path: one dict lookup from the call's shape to its launches.
         self._runs = LRU(_CACHE_ENTRIES)
         # a first call's kernels while this pattern's own compile (none with a config of the caller's)
-        self._standins = None if config else standin.StandIns(pattern, block, load_bitmap_kernels)
+        self._standins = None if config else standin.StandIns(pattern, block, load_bitmap_kernels, self.layout)
 
     def __repr__(self) -> str:
         return f"TritonAttention({str(self.pattern)!r}, block={self.block}, config={self.config})"

@@ -31,9 +31,12 @@ when this machine has compiled them before (a note in the kernel cache,
 compiled first (three or four kernels, the pattern's own are as many per
 planned component), and the pattern's own compile in a thread, each call
 switching to them once they are ready. A forward and its backward always
-run the same kernels. Both sets compute the same function; the stand-in
-runs in natural token order, without the planner, so its results differ
-from the pattern's own in rounding: a run that needs the same bits on
+run the same kernels. The stand-in runs in natural token order, one
+launch; a plan that reorders tokens, where that bitmap is over the limits,
+gets one per component instead, over the component's layout in its token
+order (``planned._PlanStandIns``). Both sets compute the same function,
+but with other tiles (and, in natural order, without the planner), so
+their results differ in rounding: a run that needs the same bits on
 every call sets ``torch.use_deterministic_algorithms(True)`` (or
 ``PATTERNCC_STANDIN=0``), and the pattern's own kernels always run;
 ``PATTERNCC_STANDIN=always`` runs every call on the stand-in (to compare
@@ -120,13 +123,23 @@ def _partial_words(pattern: ir.Pattern, rows: np.ndarray, cols: np.ndarray, B: i
 
 class StandIns:
     """The stand-in launch of one pattern per shape (cached); ``load(config,
-    device)`` gives the bitmap module (``runtime.load_bitmap_kernels``)."""
+    device)`` gives the bitmap module (``runtime.load_bitmap_kernels``);
+    ``layout(n, H, block)``, where given, the layout the pattern's own
+    kernels walk (a planned component's, over its slots), else the
+    pattern's own is built."""
 
-    def __init__(self, pattern: ir.Pattern, block: int | None, load):
+    def __init__(self, pattern: ir.Pattern, block: int | None, load, layout=None):
         self.pattern = pattern
         self.block = block or DEFAULT_BLOCK
         self.load = load
+        self.layout = layout
         self._runs = LRU(8)
+
+    def launches(self, q, k) -> list | None:
+        """The stand-in's launch list for inputs shaped like ``q``, ``k``; None
+        where its bitmap is over the limits."""
+        run = self.run(*_shape(q, k))
+        return None if run is None else [(run, SlotOrder())]
 
     def run(self, n: int, H: int, Hkv: int, head_dim: int, dtype, device) -> _Run | None:
         """The stand-in ``_Run`` for this shape; None where its bitmap is over the limits."""
@@ -137,7 +150,7 @@ class StandIns:
 
     def _make(self, n, H, Hkv, head_dim, dtype, device) -> _Run | None:
         ir.check_heads(self.pattern, H)
-        lay = build_layout(self.pattern, n, self.block, H)
+        lay = self.layout(n, H, self.block) if self.layout else build_layout(self.pattern, n, self.block, H)
         bitmap = bitmap_host(lay)
         if bitmap is None:
             return None
@@ -186,9 +199,9 @@ def mode() -> str:
 
 
 def always(launches: list, standins: StandIns, q, k) -> list:
-    """The stand-in's launch, or ``launches`` where its bitmap is over the limits."""
-    run = standins.run(*_shape(q, k))
-    return launches if run is None else [(run, SlotOrder())]
+    """The stand-in's launches, or ``launches`` where its bitmap is over the limits."""
+    mine = standins.launches(q, k)
+    return launches if mine is None else mine
 
 
 def while_compiling(launches: list, standins: StandIns, q, k, v, scale, terms, *, compile, ready) -> list:
@@ -205,13 +218,12 @@ def while_compiling(launches: list, standins: StandIns, q, k, v, scale, terms, *
         own = _pending.get(key)
     if own is None and cache.marked(key):
         return launches
-    standin = standins.run(*_shape(q, k))
-    if standin is None:
+    mine = standins.launches(q, k)
+    if mine is None:
         if own is not None:
             own.wait()
         return launches
-    mine = [(standin, SlotOrder())]
-    if not ready(standin):
+    if not all(ready(run) for run, _ in mine):
         failed = compile_key(mine, terms)
         if failed in _failed:
             return launches
@@ -222,8 +234,8 @@ def while_compiling(launches: list, standins: StandIns, q, k, v, scale, terms, *
             warnings.warn(f"patterncc: the stand-in kernels failed to compile ({type(err).__name__}: {err}); "
                           "a new pattern's first calls wait for its own", RuntimeWarning, stacklevel=4)
             return launches
-        if not ready(standin):  # not compiled ahead (no AsyncCompileMode): the launches compile as they run
-            return launches
+        if not all(ready(run) for run, _ in mine):  # not compiled ahead (no AsyncCompileMode): the launches
+            return launches  # compile as they run
     if own is None and key not in _failed:
         _start(key, launches, q, k, v, scale, terms, compile, ready)
     return mine
