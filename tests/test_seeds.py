@@ -19,13 +19,14 @@ import pytest
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from patterncc.backends.triton import cache, seeds  # noqa: E402
 
 KEY = "[('*fp32', 'D'), ('i32', ''), ('constexpr', 16)]{'num_warps': 4}"  # Triton's key for one launch
+SIGNATURE = {"x": "*fp32", "y": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+CONSTANTS = {(3,): 16}
 
 
 def _scaled_copy(x, y, n, BLOCK: tl.constexpr):
@@ -33,17 +34,53 @@ def _scaled_copy(x, y, n, BLOCK: tl.constexpr):
     tl.store(y + i, tl.load(x + i, mask=i < n) * 2.0, mask=i < n)
 
 
+# Compiled in a process of its own: in one that has run the interpreter, Triton's language objects are
+# patched for it, and compiling for a card fails.
+_COMPILE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+import test_seeds as t
+src = ASTSource(JITFunction(t._scaled_copy), t.SIGNATURE, t.CONSTANTS)
+print("HASH " + triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).hash)
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_once(tmp_path_factory):
+    """Triton's cache holding ``_scaled_copy`` compiled for sm_90, and its hash."""
+    import os
+    import subprocess
+    import sys
+
+    triton_dir = tmp_path_factory.mktemp("triton")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("HASH ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return triton_dir, lines[0].split()[1]
+
+
 @pytest.fixture
-def kernel(tmp_path, monkeypatch):
-    """A module holding one JITFunction, with one compiled kernel in its device 0 cache."""
+def kernel(compiled_once, tmp_path, monkeypatch):
+    """A module holding one JITFunction, with that compiled kernel in its device 0 cache."""
+    from triton.compiler import CompiledKernel
+    from triton.runtime.cache import get_cache_manager
+
+    triton_dir, hash_ = compiled_once
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path / "pcc"))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(triton_dir))
     monkeypatch.setenv("PATTERNCC_SEEDS", "1")
     monkeypatch.setattr(seeds, "_planted", set())
     monkeypatch.setattr(seeds, "_broken", False)
     fn = JITFunction(_scaled_copy)
-    src = ASTSource(fn, {"x": "*fp32", "y": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {(3,): 16})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    group = get_cache_manager(hash_).get_group("_scaled_copy.json")
+    compiled = CompiledKernel(ASTSource(fn, dict(SIGNATURE), dict(CONSTANTS)), group, hash_)
     fn.device_caches[0] = ({KEY: compiled}, {}, None, None, None)
     module = types.ModuleType("patterncc_kernels_seedtest")
     module.copy = fn

@@ -428,9 +428,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     compiles = _Recorded(_compile_pool())
     modules = list({id(run.module): run.module for run, _ in launches}.values())
     try:
-        with _on_device_of(q):  # Triton's per-device caches, keyed by torch's current device
-            device = torch.cuda.current_device()
-            planted = [kernel for module in modules for kernel in seeds.plant(module, device)]
+        device = _cuda_index(q)
+        with _on_device_of(q):  # (Triton makes a device's caches for its current one)
+            planted = [] if device is None else [kernel for module in modules for kernel in seeds.plant(module, device)]
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
@@ -443,9 +443,16 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
         return
     if os.environ.get("PATTERNCC_LOAD_AHEAD") != "0":
         load_ahead(planted + compiles.kernels(), lambda: torch.cuda.device(q.device), _compile_pool())
-    for module in modules:
+    for module in modules if device is not None else ():
         seeds.record(module, device)
     _AHEAD.update(run for run, _ in launches)
+
+
+def _cuda_index(x) -> int | None:
+    """``x``'s CUDA device index, the key of Triton's per-device caches; None off CUDA."""
+    if not x.is_cuda:
+        return None
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 class _Recorded(Executor):
