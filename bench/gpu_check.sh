@@ -43,9 +43,10 @@
 #             call profiled (warm_start.py --front --cold) and the kernels
 #             compiled serially, on threads and in processes
 #             (compile_parallel.py)                                (~6 min)
-#   warm      tests/test_seeds.py on the card, then the warm first call
+#   warm      tests/test_seeds.py and test_standin.py on the card (their
+#             fresh-process tests among them), then the warm first call
 #             (warm_start.py --front --bytecode) with Triton's own lookup
-#             and with PATTERNCC_SEEDS=1                           (~3 min)
+#             and with PATTERNCC_SEEDS=1                           (~5 min)
 #   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
 #             Flex with a document mask and the sequences one by one (~4 min)
 #   decode    bench/decode_tiles.py (the query-rows kernel's key step and
@@ -200,8 +201,8 @@ run_warm() {
     echo "== warm" | tee -a "$OUT/summary.txt"
     # a new process on the kernels an earlier one recorded (backends/triton/seeds.py), then the warm
     # first call with Triton's own lookup and with the seeds, each after its own cold process
-    (cd "$PKGROOT" && timeout 120 python3 -m pytest "$REPO/tests/test_seeds.py" -q -p no:cacheprovider 2>&1) \
-        | tee "$OUT/seeds-tests.log" || fail warm
+    (cd "$PKGROOT" && timeout 240 python3 -m pytest "$REPO/tests/test_seeds.py" "$REPO/tests/test_standin.py" -q \
+        -p no:cacheprovider 2>&1) | tee "$OUT/seeds-tests.log" || fail warm
     timeout 150 python3 bench/warm_start.py --front --bytecode --top 45 2>&1 | tee "$OUT/warm.log" || fail warm
     PATTERNCC_SEEDS=1 timeout 150 python3 bench/warm_start.py --front --bytecode --top 45 2>&1 \
         | tee "$OUT/warm-seeds.log" || fail warm
