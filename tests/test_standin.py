@@ -156,18 +156,20 @@ def test_a_planned_pattern_runs_the_standin_in_natural_order(monkeypatch):
     assert spy.runs == [True] and len(ran) == 1 and ran[0][1] == SlotOrder()
 
 
-@pytest.mark.parametrize("source, n, H, Hkv, terms", [
-    ("strided(8)", 45, 2, 2, {"softcap": None, "sinks": None}),  # residue order, padding slots (45 % 8)
-    ("fixed(8, 2)", 48, 4, 2, {"alibi_slopes": None, "rel_bias": 2}),  # gathered columns, GQA
+@pytest.mark.parametrize("source, n, H, Hkv, terms, dtype", [
+    ("strided(8)", 45, 2, 2, {"softcap": None, "sinks": None}, torch.float32),  # residue order, padding slots
+    ("fixed(8, 2)", 48, 4, 2, {"alibi_slopes": None, "rel_bias": 2}, torch.float32),  # gathered columns, GQA
+    ("strided(8)", 64, 2, 2, {}, torch.bfloat16),  # a multiple of the block
+    ("cycle(strided(8), fixed(8, 2))", 48, 2, 1, {"sinks": None}, torch.float32),  # both orders, per head, MQA
 ])
-def test_a_plan_over_the_natural_limits_runs_a_standin_per_component(source, n, H, Hkv, terms, monkeypatch):
+def test_a_plan_over_the_natural_limits_runs_a_standin_per_component(source, n, H, Hkv, terms, dtype, monkeypatch):
     spy = Spy(monkeypatch)
     pattern = pcc.parse(source)
     attn = Attention(pattern, backend="triton", plan="planned", block=16).impl("triton")
     plan = attn.plan(n, H)
     assert plan.strategy == "planned" and any(c.reordered for c in plan.components)
     monkeypatch.setattr(attn._standins, "launches", lambda q, k: None)  # the natural bitmap over its limits
-    check(attn, pattern, n=n, H=H, Hkv=Hkv, terms=terms)
+    check(attn, pattern, n=n, H=H, Hkv=Hkv, terms=terms, dtype=dtype)
     assert spy.runs == [True]
     (ran,) = spy.ran
     assert standin.is_standin(ran) and len(ran) == len(plan.components)
