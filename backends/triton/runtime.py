@@ -429,9 +429,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
     modules = list({id(run.module): run.module for run, _ in launches}.values())
     try:
         device = _cuda_index(q)
-        with _on_device_of(q):  # (Triton makes a device's caches for its current one)
-            planted = [] if device is None else [kernel for module in modules for kernel in seeds.plant(module, device)]
         with _on_device_of(q), torch.no_grad(), triton.AsyncCompileMode(compiles):
+            # (on the inputs' device: Triton makes a device's caches for its current one)
+            planted = [] if device is None else [kernel for module in modules for kernel in seeds.plant(module, device)]
             o, lse = launches_forward(warming, mq, mk, mv, scale, mterms)
             launches_backward(warming, mq, mk, mv, o, lse, _empty_as(o), None, scale, mterms)
     except Exception as err:  # the launches compile their kernels themselves, as without this
@@ -443,8 +443,9 @@ def compile_ahead(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS, strict
         return
     if os.environ.get("PATTERNCC_LOAD_AHEAD") != "0":
         load_ahead(planted + compiles.kernels(), lambda: torch.cuda.device(q.device), _compile_pool())
-    for module in modules if device is not None else ():
-        seeds.record(module, device)
+    if device is not None:
+        for module in modules:
+            seeds.record(module, device)
     _AHEAD.update(run for run, _ in launches)
 
 
