@@ -381,6 +381,89 @@ def test_a_compile_that_raises_is_not_tried_again(recwarn):
     assert any("own kernels failed" in str(w.message) for w in recwarn.list)
 
 
+class _Backward(torch.autograd.Function):
+    """A backward that reports itself as the attention's does, and records
+    which compiles had started while it ran."""
+
+    @staticmethod
+    def forward(ctx, x, seen):
+        ctx.seen = seen
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        standin.backward_ran()
+        time.sleep(0.2)  # the rest of the backward pass: a held compile must not start in it
+        ctx.seen.append(list(ctx.seen[0]))
+        return grad, None
+
+
+def test_a_compile_is_held_until_the_calls_backward_is_over():
+    own, sub = FakeRun("held"), FakeRun("sub")
+    compiles = Compiles({own: 0.0, sub: 0.0})
+    q = torch.zeros(1, 4, 64, 64, requires_grad=True)
+    got = standin.while_compiling([(own, ORDER)], FakeStandIns(sub), q, q, q, 1.0, None, compile=compiles,
+                                  ready=compiles.is_ready)
+    assert got == [(sub, SlotOrder())]
+    time.sleep(0.2)
+    assert compiles.calls == [sub] and standin.pending()  # held: no backward yet
+    seen = [compiles.calls]
+    _Backward.apply(q, seen).sum().backward()
+    assert seen[1] == [sub]  # still held while the backward pass ran
+    over = time.perf_counter()
+    wait_until_idle()
+    assert time.perf_counter() - over < standin.HOLD_SECONDS / 2  # released by the pass's end, not the timeout
+    assert compiles.calls == [sub, own] and compiles.is_ready(own)
+
+
+def test_a_held_compile_starts_without_a_backward(monkeypatch):
+    monkeypatch.setattr(standin, "HOLD_SECONDS", 0.2)
+    own, sub = FakeRun("never backward"), FakeRun("sub")
+    compiles = Compiles({own: 0.0, sub: 0.0})
+    q = torch.zeros(1, 4, 64, 64, requires_grad=True)
+    standin.while_compiling([(own, ORDER)], FakeStandIns(sub), q, q, q, 1.0, None, compile=compiles,
+                            ready=compiles.is_ready)
+    wait_until_idle()
+    assert compiles.calls == [sub, own]
+
+
+def test_settle_starts_a_held_compile_and_waits_for_it():
+    own, sub = FakeRun("settled"), FakeRun("sub")
+    compiles = Compiles({own: 0.1, sub: 0.0})
+    q = torch.zeros(1, 4, 64, 64, requires_grad=True)
+    launches = [(own, ORDER)]
+    standin.while_compiling(launches, FakeStandIns(sub), q, q, q, 1.0, None, compile=compiles,
+                            ready=compiles.is_ready)
+    started = time.perf_counter()
+    standin.settle(launches)  # a CUDA graph's capture, say: the own kernels must be there
+    assert compiles.is_ready(own) and time.perf_counter() - started < standin.HOLD_SECONDS
+    wait_until_idle()
+
+
+def test_without_gradients_the_compile_starts_at_once():
+    own, sub = FakeRun("no grad"), FakeRun("sub")
+    compiles = Compiles({own: 0.3, sub: 0.0})
+    q = torch.zeros(1, 4, 64, 64, requires_grad=True)
+    with torch.no_grad():
+        standin.while_compiling([(own, ORDER)], FakeStandIns(sub), q, q, q, 1.0, None, compile=compiles,
+                                ready=compiles.is_ready)
+    time.sleep(0.1)
+    assert compiles.calls == [sub, own]  # started, still compiling
+    standin.backward_ran()  # outside a backward pass: releases at once, nothing held here
+    wait_until_idle()
+
+
+def test_a_term_that_wants_a_gradient_holds_the_compile():
+    from patterncc.scores import ScoreTerms
+
+    q = torch.zeros(1, 4, 64, 64)
+    sinks = torch.zeros(4, requires_grad=True)
+    assert not standin._backward_follows(q, q, q, None)
+    assert standin._backward_follows(q, q, q, ScoreTerms(sinks=sinks))
+    with torch.no_grad():
+        assert not standin._backward_follows(q, q, q, ScoreTerms(sinks=sinks))
+
+
 def test_the_key_reads_the_score_terms():
     from patterncc.scores import ScoreTerms
 

@@ -351,6 +351,7 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
         dk, dv = _summed([order.covers_keys for _, order in launches], (k, v),
                          lambda i, outs, ins: launches[i][0].dkdv(*args, launches[i][1], *outs, *ins, terms=kterms))
         term_grads = _term_grads(terms, kterms, grads, lse, delta)
+    standin.backward_ran()
     return dq, dk, dv, term_grads
 
 

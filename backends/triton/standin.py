@@ -29,8 +29,9 @@ Which kernels a first call runs (``while_compiling``): the pattern's own
 when this machine has compiled them before (a note in the kernel cache,
 ``compile_key``); otherwise the stand-in's, found in Triton's cache or
 compiled first (three or four kernels, the pattern's own are as many per
-planned component), and the pattern's own compile in a thread, each call
-switching to them once they are ready. A forward and its backward always
+planned component), and the pattern's own compile in a thread (once the
+first call's backward is over, where one follows it), each call switching
+to them once they are ready. A forward and its backward always
 run the same kernels. The stand-in runs in natural token order, one
 launch; a plan that reorders tokens, where that bitmap is over the limits,
 gets one per component instead, over the component's layout in its token
@@ -181,8 +182,12 @@ def is_standin(launches: list) -> bool:
 
 _lock = threading.Lock()
 _pending: dict[str, threading.Event] = {}  # compile_key -> set when that compile in a thread is over
-_by_run: dict[int, threading.Event] = {}  # id(run) -> the same events, for settle
+_held: dict[str, threading.Event] = {}  # compile_key -> set when that compile may start (``_start``)
+_by_run: dict[int, str] = {}  # id(run) -> its compile_key while that compile is pending, for settle
 _failed: set[str] = set()  # compile_key of compiles that raised: own ones in a thread, or the stand-in's
+# How long a compile held for its call's backward waits for it before it starts anyway (a forward
+# with gradients that no backward follows, say); a first forward+backward takes well under this.
+HOLD_SECONDS = 2.0
 
 
 def mode() -> str:
@@ -209,7 +214,8 @@ def while_compiling(launches: list, standins: StandIns, q, k, v, scale, terms, *
     ``ready(run)`` holds for each run or this machine has compiled them
     before (``compile_key``: Triton finds them in its cache at their
     launch); else the stand-in's, compiled now (``compile(launches, q, k,
-    v, scale, terms)``), with the pattern's own then compiling in a thread,
+    v, scale, terms)``), with the pattern's own then compiling in a thread
+    (after this call's backward, where autograd records it: ``_start``),
     once for every launch list of the same kernels, until they are ready."""
     if all(ready(run) for run, _ in launches):
         return launches
@@ -237,8 +243,14 @@ def while_compiling(launches: list, standins: StandIns, q, k, v, scale, terms, *
         if not all(ready(run) for run, _ in mine):  # not compiled ahead (no AsyncCompileMode): the launches
             return launches  # compile as they run
     if own is None and key not in _failed:
-        _start(key, launches, q, k, v, scale, terms, compile, ready)
+        _start(key, launches, q, k, v, scale, terms, compile, ready, hold=_backward_follows(q, k, v, terms))
     return mine
+
+
+def _backward_follows(q, k, v, terms) -> bool:
+    """Whether autograd records this call, so that a backward may follow it."""
+    given = () if terms is None else terms.tensors()
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *given))
 
 
 def compile_key(launches: list, terms) -> str:
@@ -257,16 +269,27 @@ def compile_key(launches: list, terms) -> str:
     return cache.cache_key("patterncc-compiled", runs, given, os.environ.get("TRITON_CACHE_DIR"))
 
 
-def _start(key: str, launches, q, k, v, scale, terms, compile, ready) -> None:
-    """Compile the launches' kernels in a thread; note ``key`` on disk once they are."""
+def _start(key: str, launches, q, k, v, scale, terms, compile, ready, hold: bool = False) -> None:
+    """Compile the launches' kernels in a thread; note ``key`` on disk once
+    they are. ``hold``: the compile waits for the end of the backward pass
+    that follows this call (``backward_ran``; at most ``HOLD_SECONDS``).
+    Its Python parts hold the GIL: a first forward+backward on the stand-in
+    took 0.66 s from the forward's issue to the backward's end with six
+    kernels compiling beside it, where its launches alone take a few
+    milliseconds. So the first step goes first; later calls run on the
+    stand-in until the compile is over, as before."""
     runs = [run for run, _ in launches]
-    event = threading.Event()
+    event, go = threading.Event(), threading.Event()
+    if not hold:
+        go.set()
     with _lock:
         _pending[key] = event
-        _by_run.update((id(run), event) for run in runs)
+        _held[key] = go
+        _by_run.update((id(run), key) for run in runs)
 
     def work():
         try:
+            go.wait(HOLD_SECONDS)
             compile(launches, q, k, v, scale, terms)
             if all(ready(run) for run in runs):
                 cache.mark(key)
@@ -278,6 +301,7 @@ def _start(key: str, launches, q, k, v, scale, terms, compile, ready) -> None:
         finally:
             with _lock:
                 _pending.pop(key, None)
+                _held.pop(key, None)
                 for run in runs:
                     _by_run.pop(id(run), None)
             event.set()
@@ -285,15 +309,37 @@ def _start(key: str, launches, q, k, v, scale, terms, compile, ready) -> None:
     threading.Thread(target=work, name="patterncc-compile", daemon=True).start()
 
 
+def backward_ran() -> None:
+    """A backward ran: compiles held for one (``_start``) start when the
+    backward pass it belongs to is over (at once outside one)."""
+    if not _held:  # (every call but a first one's)
+        return
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(_release)
+    except RuntimeError:  # not inside the autograd engine's backward pass
+        _release()
+
+
+def _release(keys=None) -> None:
+    """Let the held compiles of ``keys`` (all when None) start."""
+    with _lock:
+        gos = list(_held.values()) if keys is None else [_held[key] for key in keys if key in _held]
+    for go in gos:
+        go.set()
+
+
 def settle(launches) -> None:
-    """Wait for a compile of these launches' kernels in flight in a thread,
-    so that a launch that cannot use the stand-in (a CUDA graph's capture,
-    a backward whose forward ran them) does not compile them a second time."""
+    """Wait for a compile of these launches' kernels in flight in a thread
+    (starting it, if it is held), so that a launch that cannot use the
+    stand-in (a CUDA graph's capture, a backward whose forward ran them)
+    does not compile them a second time."""
     if not _by_run:  # (a warm call: nothing compiles in a thread)
         return
     with _lock:
-        events = {id(e): e for e in (_by_run.get(id(run)) for run, _ in launches) if e is not None}
-    for event in events.values():
+        keys = {_by_run[id(run)] for run, _ in launches if id(run) in _by_run}
+        events = [_pending[key] for key in keys if key in _pending]
+    _release(keys)
+    for event in events:
         event.wait()
 
 
