@@ -9,6 +9,8 @@
 See README.md for the language, the pipeline and the repository's layout.
 """
 
+import sys as _sys
+
 from . import ir
 from .errors import (
     ArityError,
@@ -22,8 +24,14 @@ from .errors import (
 )
 from .ir import Pattern
 from .pipeline import as_pattern, compile, layout, load, mask, parse, plan, sparse_mask
+from . import pipeline as _pipeline, registry as _registry
+
+_registry.maker = _pipeline.attention_of_text  # what a key names in a process that did not make it
 
 __version__ = "0.1.0"
+
+if "torch" in _sys.modules:  # the torch ops, registered: a graph saved with them (torch.export) then loads
+    from . import ops as _ops  # noqa: F401
 
 __all__ = [
     "ArityError",

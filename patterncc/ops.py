@@ -20,8 +20,11 @@ builds its layouts and tables on its first call (outside any trace) and
 never recompiles the graph around it.
 
 Only tensors, ints, floats and strings cross the boundary. The compiled
-attention (pattern, plan mode, options) travels as ``key``, the integer
-every ``Attention`` gets when it is made (``registry.live``); ``backend``
+attention (pattern, plan mode, options) travels as ``key``, the text that
+describes it (``Attention.key``: its pattern's source and options), so a
+graph exported, saved and loaded in another process runs the same
+attention there (``registry.find`` makes it from the text if none is
+live; ``import patterncc`` after torch registers the ops); ``backend``
 is ``"triton"`` (the generated kernels: natural and planned launches, every
 dtype, GQA) or ``"reference"`` (float64 numpy on the CPU). ``scale`` None
 is ``1/sqrt(D)``. ``cu_seqlens`` (int32 ``[S + 1]``, any device): a packed
@@ -124,7 +127,7 @@ def _short_queries(q, k, v) -> int:
 
 
 @torch.library.custom_op("patterncc::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str, scale: float | None,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, backend: str, scale: float | None,
               softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
               rel_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +142,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backe
 
 @torch.library.custom_op("patterncc::attention_backward", mutates_args=())
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                       do: torch.Tensor | None, dlse: torch.Tensor | None, key: int, backend: str,
+                       do: torch.Tensor | None, dlse: torch.Tensor | None, key: str, backend: str,
                        scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
                        sinks: torch.Tensor | None, rel_bias: torch.Tensor | None,
                        cu_seqlens: torch.Tensor | None = None, term_grads: int = 7,
@@ -157,7 +160,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
 
 @torch.library.custom_op("patterncc::attention_rows", mutates_args=())
 def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor,
-                   block_table: torch.Tensor | None, key: int, backend: str, scale: float | None,
+                   block_table: torch.Tensor | None, key: str, backend: str, scale: float | None,
                    softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
                    rel_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries at the end of each row's cache (``Attention.__call__`` with
@@ -431,11 +434,8 @@ def _fresh(x, like):
 # ----------------------------------------------------------------------------
 
 
-def _attention_of(key: int):
-    attn = registry.live.get(key)
-    if attn is None:
-        raise ValueError(f"{key=} names no live compiled attention (pcc.compile gives each one its key)")
-    return attn
+def _attention_of(key: str):
+    return registry.find(key)
 
 
 def _backend(backend: str) -> str:

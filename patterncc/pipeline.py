@@ -130,7 +130,15 @@ def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
     return Attention(_checked(as_pattern(pat)), backend=backend, **options)
 
 
-def _traced_key(pat, backend: str = "auto", **options) -> int:
+def attention_of_text(text: str, backend: str, plan: str, dense_sdpa: bool, options: dict):
+    """The attention a key describes (``registry.fields_of``): in a process
+    that runs a graph made in another, such as a loaded exported program."""
+    from .attention import Attention
+
+    return Attention(_checked(as_pattern(text)), backend=backend, plan=plan, dense_sdpa=dense_sdpa, **options)
+
+
+def _traced_key(pat, backend: str = "auto", **options) -> str:
     """``compile`` inside torch.compile: the key of an attention for these
     arguments, made on the first call and kept for the process. Dynamo calls
     this function instead of tracing it (marked below: the parser and the

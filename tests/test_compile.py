@@ -22,6 +22,7 @@ exact and inductor (which fuses the layers around it) is held to 1e-5.
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def _fresh_dynamo():
 
 
 import patterncc as pcc  # noqa: E402
-from patterncc import ops  # noqa: E402
+from patterncc import ops, registry  # noqa: E402
 from patterncc.backends.triton import KernelConfig  # noqa: E402
 from patterncc.nn import MODES, SparseTransformer  # noqa: E402
 
@@ -166,8 +167,11 @@ def test_op_errors_name_the_argument():
         torch.compile(lambda q, k, v: attn(q, k, v), backend="aot_eager", fullgraph=True)(q, k, v[:, :, :5])
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         torch.ops.patterncc.attention(q, k, v, attn.key, "cuda", None, None, None, None, None)
-    with pytest.raises(ValueError, match="names no live compiled attention"):
-        torch.ops.patterncc.attention(q, k, v, -1, "triton", None, None, None, None, None)
+    with pytest.raises(ValueError, match="names no compiled attention: a key is the text"):
+        torch.ops.patterncc.attention(q, k, v, "strided(8)", "triton", None, None, None, None, None)
+    broken = registry.PREFIX + '{"pattern": "strided(8"}'
+    with pytest.raises(ValueError, match="does not describe a compiled attention"):
+        torch.ops.patterncc.attention(q, k, v, broken, "triton", None, None, None, None, None)
 
 
 def test_an_attention_lives_until_its_backward_pass():
@@ -182,8 +186,9 @@ def test_copies_are_attentions_of_their_own():
 
     attn = _compiled("strided(8)", "reference", plan="planned")
     for other in (copy.deepcopy(attn), pickle.loads(pickle.dumps(attn))):
-        assert other.key != attn.key and ops._attention_of(other.key) is other
+        assert other is not attn and other.impl("reference") is not attn.impl("reference")  # caches of its own
         assert (other.pattern, other.plan_mode, other.options) == (attn.pattern, attn.plan_mode, attn.options)
+        assert other.key == attn.key and ops._attention_of(other.key).key == attn.key  # one function, one name
 
 
 def test_no_host_work_once_a_shape_is_seen(monkeypatch):
@@ -703,3 +708,80 @@ def test_packed_backward_reuses_the_forward_offsets(monkeypatch, traced):
     run(q, k, v, cu)
     reads.clear()
     assert ops._offsets_read(q, k, v, cu.clone()).tolist() == cu.tolist() and len(reads) == 1
+
+
+# ----------------------------------------------------------------------------
+# The key: what an attention computes, written out, so a saved graph means the same thing anywhere
+# ----------------------------------------------------------------------------
+
+
+def test_the_key_is_the_attentions_text():
+    cfg = KernelConfig(block=16, block_m=16, block_n=16)
+    attn = pcc.compile("strided(8) with softcap(2.5)", backend="triton", plan="planned", config=cfg)
+    assert attn.key.startswith(registry.PREFIX) and "softcap(2.5)" in attn.key
+    assert pcc.compile("strided(8) with softcap(2.5)", backend="triton", plan="planned", config=cfg).key == attn.key
+    for other in (pcc.compile("strided(9) with softcap(2.5)", backend="triton", plan="planned", config=cfg),
+                  pcc.compile("strided(8) with softcap(2.5)", backend="triton", plan="natural", config=cfg),
+                  pcc.compile("strided(8) with softcap(2.5)", backend="triton", plan="planned",
+                              config=KernelConfig(block=16, block_m=16, block_n=32)),
+                  pcc.compile("strided(8)", backend="triton", plan="planned", config=cfg, softcap=2.5000001)):
+        assert other.key != attn.key
+    # made again from its text alone, as in a process that loads a saved graph
+    made = registry.maker(*registry.fields_of(attn.key))
+    assert made is not attn and made.key == attn.key
+    assert (made.pattern, made.backend, made.plan_mode, made.dense_sdpa, made.options) == (
+        attn.pattern, attn.backend, attn.plan_mode, attn.dense_sdpa, attn.options)
+
+
+def test_options_without_text_name_an_attention_of_this_process_only():
+    class Opaque:
+        pass
+
+    key = registry.key_of(pcc.parse("causal"), "reference", "auto", True, {"dense_limit": Opaque()})
+    with pytest.raises(ValueError, match="another process whose options have no text"):
+        registry.find(key)
+
+
+_SAVED = """
+import sys
+import torch
+import patterncc as pcc
+from patterncc.nn import SparseTransformer
+
+torch.manual_seed(0)
+model = SparseTransformer(50, 32, 2, 4, patterns=["strided(8)", "fixed(8, 2)"], mode="interleaved", max_len=128)
+model.eval()
+x = torch.randint(0, 50, (1, 45))
+n = torch.export.Dim("n", min=2, max=128)
+program = torch.export.export(model, (x,), dynamic_shapes={"idx": {1: n}})
+torch.export.save(program, sys.argv[1])
+y = torch.randint(0, 50, (1, 77))
+torch.save(dict(x=x, y=y, want_x=model(x), want_y=model(y)), sys.argv[2])
+"""
+
+_LOADED = """
+import sys
+import torch
+import patterncc as pcc  # after torch: the ops are registered, so the program loads
+
+# this process makes other attentions first: a key counted per process would name one of them
+decoy = [pcc.compile(text) for text in ("causal", "local(3)", "fixed(8, 2)")]
+program = torch.export.load(sys.argv[1]).module()
+saved = torch.load(sys.argv[2])
+for name in ("x", "y"):
+    err = (program(saved[name]) - saved["want_" + name]).abs().max().item()
+    print(name, err)
+    assert err == 0.0, err
+"""
+
+
+def test_an_exported_program_runs_its_own_patterns_in_another_process(tmp_path):
+    import subprocess
+    import sys
+
+    paths = [str(tmp_path / "model.pt2"), str(tmp_path / "io.pt")]
+    env = {**os.environ, "PATTERNCC_CACHE_DIR": str(tmp_path / "cache")}
+    for script in (_SAVED, _LOADED):
+        done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]

@@ -316,7 +316,7 @@ def _compiled(pattern: ir.Pattern, softcap: float | None, backend: str):
 
 
 @torch._dynamo.assume_constant_result
-def _compiled_key(text: str, softcap: float | None, backend: str) -> int:
+def _compiled_key(text: str, softcap: float | None, backend: str) -> str:
     """The registry key of the attention of ``text`` (a pattern's text
     parses back to an equal pattern)."""
     from ..pipeline import parse
