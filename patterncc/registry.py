@@ -29,6 +29,7 @@ PREFIX = "patterncc-attention/1 "  # the format of a key; another one is refused
 _LOCAL = "patterncc-attention/local "  # options that have no text: valid in this process only
 
 live: dict[str, weakref.WeakSet] = {}  # key -> the live attentions made with it
+_one: dict[str, weakref.ref] = {}  # key -> one of them, for a lookup per op call that iterates nothing
 _made: dict = {}  # key -> an attention made from its text alone (``find``), kept for later calls
 _locals = itertools.count()
 
@@ -36,8 +37,14 @@ _locals = itertools.count()
 def register(attn) -> str:
     """Record ``attn`` (weakly: a dropped attention leaves) and give its key."""
     key = key_of(attn.pattern, attn.backend, attn.plan_mode, attn.dense_sdpa, attn.options)
-    live.setdefault(key, weakref.WeakSet()).add(attn)
+    _add(key, attn)
     return key
+
+
+def _add(key: str, attn) -> None:
+    live.setdefault(key, weakref.WeakSet()).add(attn)
+    if key not in _one or _one[key]() is None:
+        _one[key] = weakref.ref(attn)
 
 
 def key_of(pattern, backend: str, plan: str, dense_sdpa: bool, options: dict) -> str:
@@ -52,12 +59,17 @@ def key_of(pattern, backend: str, plan: str, dense_sdpa: bool, options: dict) ->
 
 def find(key: str):
     """A live attention of ``key``, else one made from its text (and kept)."""
+    one = _one.get(key)
+    attn = None if one is None else one()
+    if attn is not None:
+        return attn
     for attn in live.get(key, ()):
+        _one[key] = weakref.ref(attn)
         return attn
     attn = _made.get(key)
     if attn is None:
         attn = _made[key] = maker(*fields_of(key))
-        live.setdefault(key, weakref.WeakSet()).add(attn)
+        _add(key, attn)
     return attn
 
 

@@ -733,6 +733,19 @@ def test_the_key_is_the_attentions_text():
         attn.pattern, attn.backend, attn.plan_mode, attn.dense_sdpa, attn.options)
 
 
+def test_a_key_finds_a_live_attention_then_one_made_from_its_text():
+    first, second = (pcc.compile("local(5) | global(2)", backend="reference", dense_limit=7) for _ in range(2))
+    key = first.key
+    assert ops._attention_of(key) in (first, second)
+    del first
+    gc.collect()
+    assert ops._attention_of(key) is second
+    del second
+    gc.collect()
+    made = ops._attention_of(key)  # none live: made from the text, and kept for the next call
+    assert made.key == key and made.options == {"dense_limit": 7} and ops._attention_of(key) is made
+
+
 def test_options_without_text_name_an_attention_of_this_process_only():
     class Opaque:
         pass
