@@ -166,6 +166,32 @@ def test_packed_rows_run_as_one_packed_call(family, monkeypatch):
     assert calls[0].tolist() == [0, 9, 14, 17, 18, 28]
 
 
+def test_packed_position_ids_are_read_once_per_forward(monkeypatch):
+    """Every layer gets the same position_ids: one read on the host (a
+    device sync on the GPU) per forward, and a new read once they change."""
+    eager, ours = _pair("mistral")
+    reads = []
+    real = pt._segments
+
+    def counted(position_ids, n):
+        reads.append(position_ids)
+        return real(position_ids, n)
+
+    monkeypatch.setattr(pt, "_segments", counted)
+    idx = torch.randint(0, 97, (1, 14), device=DEVICE)
+    position_ids = torch.tensor([list(range(9)) + list(range(5))], device=DEVICE)
+    with torch.no_grad():
+        first = ours(idx, position_ids=position_ids).logits
+        assert len(reads) == 1 < len(ours.model.layers)
+        position_ids[0, 9:12] = torch.arange(9, 12)  # changed in place: sequences of 12 and 2 tokens now
+        position_ids[0, 12:] = torch.arange(2)
+        second = ours(idx, position_ids=position_ids).logits
+        assert len(reads) == 2
+        want = torch.cat([eager(idx[:, a:b]).logits for a, b in ((0, 12), (12, 14))], dim=1)
+    torch.testing.assert_close(second, want, rtol=0, atol=ATOL)
+    assert not torch.equal(first, second)
+
+
 def test_user_patterns_by_type_and_index(tmp_path):
     """apply(): a pattern per layer type and per index, against eager with the
     same pattern as an explicit 4-D mask."""

@@ -39,6 +39,7 @@ reference otherwise) unless ``register(backend=...)`` says otherwise.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -345,6 +346,26 @@ def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
     cache (transformers' packed format); None otherwise."""
     if position_ids is None or n_q != n_k or (pad is not None and (pad.mask is not None or pad.kv_offset)):
         return None
+    if torch.compiler.is_compiling():
+        return _segments(position_ids, n_q)
+    # Every layer of a forward gets the same position_ids: read them on the host (a device sync)
+    # once per forward, not once per layer. Same tensor object and version, same values.
+    try:
+        version = position_ids._version
+    except RuntimeError:  # an inference tensor keeps no version: read it every time
+        return _segments(position_ids, n_q)
+    last = _LAST_SEGMENTS.get("last")
+    if last is not None and last[0]() is position_ids and last[1] == (version, n_q):
+        return last[2]
+    segments = _segments(position_ids, n_q)
+    _LAST_SEGMENTS["last"] = (weakref.ref(position_ids), (version, n_q), segments)
+    return segments
+
+
+_LAST_SEGMENTS: dict = {}  # "last" -> (weak position_ids, (its version, n), its segments)
+
+
+def _segments(position_ids, n_q: int):
     pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
     if pos.shape[-1] != n_q:
         return None
