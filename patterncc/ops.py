@@ -31,7 +31,8 @@ is ``1/sqrt(D)``. ``cu_seqlens`` (int32 ``[S + 1]``, any device): a packed
 batch (``Attention._packed``); its offsets are read on the host inside the
 op, which picks the batch's layouts there, so a new batch never retraces
 (it costs one device-to-host copy of S + 1 integers, which a CUDA graph
-cannot capture; the backward op reuses the forward's, ``_offsets_read``).
+cannot capture; every later read of the same tensor, unchanged, in other
+layers and in the backward op, reuses it: ``checks._host_values``).
 ``lse`` is float32 from the Triton backend and q's dtype from the
 reference one, as each backend returns it outside the op.
 
@@ -46,8 +47,6 @@ launches.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import numpy as np
 import torch
@@ -295,38 +294,9 @@ def _packed_forward(attn, q, k, v, scale, terms, cu_seqlens):
     from .backends.reference.checks import check_packed
 
     offsets = check_packed(q, k, v, cu_seqlens)
-    _remember_offsets(cu_seqlens, offsets)
     with torch.no_grad():
         o, lse = attn.packed_run(q, k, v, scale, True, offsets, _given(terms))
     return o.contiguous(), lse.to(_lse_dtype(q, attn.backend_for(q))).contiguous()
-
-
-# The host offsets each packed forward read, by cu_seqlens tensor, for its backward: reading a
-# CUDA tensor on the host waits for every launch queued before it, so a backward that read it
-# again would stall the GPU once per layer. An entry counts only for the same tensor object with
-# the same version counter: autograd's own guarantee for a tensor saved for the backward.
-_OFFSETS_READ: dict[int, tuple] = {}
-
-
-def _remember_offsets(cu_seqlens: torch.Tensor, offsets: np.ndarray) -> None:
-    key = id(cu_seqlens)
-
-    def forget(ref, key=key):
-        if _OFFSETS_READ.get(key, (None,))[0] is ref:
-            del _OFFSETS_READ[key]
-
-    _OFFSETS_READ[key] = (weakref.ref(cu_seqlens, forget), cu_seqlens._version, offsets.copy())
-
-
-def _offsets_read(q, k, v, cu_seqlens) -> np.ndarray:
-    """The backward's offsets: the forward's where it read this very
-    tensor, unchanged since; else read and checked again."""
-    from .backends.reference.checks import check_packed
-
-    hit = _OFFSETS_READ.get(id(cu_seqlens))
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2].copy()
-    return check_packed(q, k, v, cu_seqlens)
 
 
 def _packed_backward(attn, backend, q, k, v, o, lse, do, dlse, scale, terms, cu_seqlens):
@@ -336,9 +306,10 @@ def _packed_backward(attn, backend, q, k, v, o, lse, do, dlse, scale, terms, cu_
     backend; patterns that read n) the sequences of each length run as one
     batch of their own, which is what a packed batch means: each sequence
     attended alone (its tokens gathered, its gradients scattered back)."""
+    from .backends.reference.checks import check_packed
     from .backends.triton.planned import length_free
 
-    offsets = _offsets_read(q, k, v, cu_seqlens)
+    offsets = check_packed(q, k, v, cu_seqlens)  # the forward's read, kept (checks._host_values)
     if _backend(backend) == "triton" and length_free(attn.pattern):
         return _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms, offsets)
     backward = _reference_backward if backend == "reference" else _triton_backward

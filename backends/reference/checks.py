@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import weakref
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def _integer_vector(cu_seqlens):
     if torch is not None and isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must hold {wanted}, got a tensor of dtype {cu_seqlens.dtype}")
-        values = cu_seqlens.detach().cpu().numpy()
+        values = _host_values(cu_seqlens)
     elif isinstance(cu_seqlens, np.ndarray):
         if not np.issubdtype(cu_seqlens.dtype, np.integer):
             raise TypeError(f"cu_seqlens must hold {wanted}, got a numpy array of dtype {cu_seqlens.dtype}")
@@ -140,6 +141,42 @@ def _integer_vector(cu_seqlens):
     if values.ndim != 1:
         raise ValueError(f"cu_seqlens must be 1-D [num_seqs + 1], got shape {tuple(values.shape)}")
     return values.astype(np.int64)
+
+
+def _host_values(t):
+    """A tensor's values in numpy (callers copy them: ``_integer_vector``).
+    Reading a device tensor on the host waits for every launch queued before
+    it, and a packed model hands one cu_seqlens tensor to every layer's
+    forward and backward: the read of this very tensor object at this
+    version (autograd's own test of a saved tensor) is kept and reused."""
+    if not _reads_wait(t):
+        return t.detach().numpy()
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version: read every time
+        return t.detach().cpu().numpy()
+    hit = _HOST_READS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
+    values = t.detach().cpu().numpy()
+    key = id(t)
+
+    def forget(ref, key=key):
+        if _HOST_READS.get(key, (None,))[0] is ref:
+            del _HOST_READS[key]
+
+    _HOST_READS[key] = (weakref.ref(t, forget), version, values)
+    return values
+
+
+def _reads_wait(t) -> bool:
+    """Whether reading ``t`` on the host waits for its device. A CPU tensor's
+    read is a view, never kept: its values may change through numpy without
+    a new version."""
+    return t.device.type != "cpu"
+
+
+_HOST_READS: dict[int, tuple] = {}  # id(tensor) -> (weak tensor, its version, its values read)
 
 
 def check_packed(q, k, v, cu_seqlens, cache_seqlens=None):
