@@ -64,7 +64,8 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
     for name, x in (("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor like q, got {type(x).__name__}")
-    if scale is not None:
+    # Traced, the scale may be symbolic (a module's float under dynamic=True): the op checks its value.
+    if scale is not None and not torch.compiler.is_compiling():
         from .backends.reference.checks import check_scale
 
         scale = check_scale(scale, q.shape[-1])

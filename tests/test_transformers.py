@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (pip install patterncc[hf]) is not installed")
 
@@ -164,6 +165,101 @@ def test_packed_rows_run_as_one_packed_call(family, monkeypatch):
     assert len(calls) == len(ours.model.layers) and all(cu is not None for cu in calls)
     torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=ATOL)
     assert calls[0].tolist() == [0, 9, 14, 17, 18, 28]
+
+
+def _flattened_batch(lengths):
+    """What DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives a model."""
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
+    g = torch.Generator().manual_seed(len(lengths))
+    batch = collator([{"input_ids": torch.randint(0, 97, (n,), generator=g).tolist()} for n in lengths])
+    return {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+            for name, value in batch.items() if name != "labels"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+def test_a_flattened_batch_is_one_packed_call(family, monkeypatch):
+    """transformers' flattened batch (cu_seq_lens_q/k): one cu_seqlens call
+    per layer, equal to each sequence alone."""
+    eager, ours = _pair(family)
+    calls = []
+    call = pcc.attention.Attention.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pcc.attention.Attention, "__call__", counted)
+    lengths = [5, 1, 9, 3]
+    batch = _flattened_batch(lengths)
+    cuts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    with torch.no_grad():
+        got = ours(**batch).logits
+        want = torch.cat([eager(batch["input_ids"][:, a:b]).logits for a, b in zip(cuts, cuts[1:])], dim=1)
+    assert len(calls) == len(ours.model.layers) and all(cu is batch["cu_seq_lens_q"] for cu in calls)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_a_flattened_batch_compiles_into_one_graph():
+    """Under torch.compile the flattened batch's offsets enter the attention
+    op as a tensor: no graph break, the eager logits and gradients, and a
+    batch of other lengths does not recompile (dynamic)."""
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 2
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE, DTYPE)
+    batch = _flattened_batch([6, 2, 9])
+    explained = torch._dynamo.explain(model)(**batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    for lengths in ([6, 2, 9], [3, 11, 1, 4], [7, 7]):
+        batch = _flattened_batch(lengths)
+        want = model(**batch).logits
+        want.sum().backward()
+        want_grad = model.model.embed_tokens.weight.grad.clone()
+        model.zero_grad()
+        got = compiled(**batch).logits
+        got.sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.model.embed_tokens.weight.grad, want_grad, rtol=1e-5, atol=1e-5)
+        model.zero_grad()
+    assert counter.frame_count <= 2, f"compiled {counter.frame_count} times for three batches"
+
+
+def test_a_flattened_batch_refuses_what_it_cannot_mean():
+    eager, ours = _pair("llama")
+    batch = _flattened_batch([5, 4])
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        ours(**{**batch, "cu_seq_lens_k": torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)})
+    with pytest.raises(ValueError, match="only one of cu_seq_lens_q and cu_seq_lens_k"):
+        ours(**{name: value for name, value in batch.items() if name != "cu_seq_lens_k"})
+    two_rows = {**batch, **{name: batch[name].repeat(2, 1) for name in ("input_ids", "position_ids")}}
+    with pytest.raises(ValueError, match="one row of packed sequences"):
+        ours(**two_rows)
+
+
+def test_rows_declared_unpacked_compile_into_one_graph(monkeypatch):
+    """register(packed_rows=False): the positions are never read, so a
+    compiled model is one graph; a row that restarts anyway fails the step
+    (a device-side check), never runs as one sequence."""
+    monkeypatch.setitem(pt._BACKEND, "packed_rows", False)
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 2
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=pt.NAME).to(DEVICE, DTYPE)
+    idx = torch.randint(0, 97, (2, 16), device=DEVICE)
+    explained = torch._dynamo.explain(model)(idx)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx).logits, model(idx).logits, rtol=1e-5, atol=1e-5)
+    packed = torch.tensor([list(range(9)) + list(range(7))] * 2, device=DEVICE)
+    for run in (model, compiled):
+        with pytest.raises(RuntimeError, match="register.packed_rows=False. said rows are never packed"):
+            run(idx, position_ids=packed)
+    with pytest.raises(TypeError, match="packed_rows must be True or False"):
+        pt.register(packed_rows="no")
 
 
 def test_packed_position_ids_are_read_once_per_forward(monkeypatch):

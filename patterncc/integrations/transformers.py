@@ -25,10 +25,13 @@ Padding: a 2-D ``attention_mask`` (as ``generate`` builds it) selects each
 row's real tokens; the pattern applies to them alone, positions counted from
 the row's first real token (transformers' own rule for chunked layers; for
 causal and sliding windows the same as counting from the start), and padded
-query rows give 0. Packed rows (``position_ids`` restarting without a mask)
-run each sequence alone, positions counted from its start: one packed call
-(``cu_seqlens``) for all of them, or one call per sequence inside
-``torch.compile``, which does not trace packed calls yet.
+query rows give 0. A flattened batch (``cu_seq_lens_q``/``_k``, as
+``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives it) is
+one packed call (``cu_seqlens``), eager or traced by ``torch.compile``.
+Packed rows given by ``position_ids`` alone (restarting without a mask) run
+each sequence alone, positions counted from its start: one packed call for
+all of them, or one call per sequence inside ``torch.compile`` (finding
+the restarts reads the positions on the host, which a trace cannot).
 
 Generation runs through transformers' cache: new queries are the last
 positions of the keys, which the decode path serves (the query-rows kernel
@@ -42,6 +45,7 @@ import math
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import ir
@@ -49,17 +53,26 @@ from ..nn import resolve_pattern
 from ..pipeline import compile as compile_pattern, parse as parse_pattern
 
 NAME = "patterncc"
-_BACKEND = {"name": "auto"}
+_BACKEND = {"name": "auto", "packed_rows": True}
 
 
-def register(backend: str = "auto", name: str = NAME) -> None:
-    """Add ``name`` to transformers' attention and mask interfaces."""
+def register(backend: str = "auto", name: str = NAME, packed_rows: bool = True) -> None:
+    """Add ``name`` to transformers' attention and mask interfaces.
+
+    ``packed_rows``: whether a row's ``position_ids`` may restart (packed
+    sequences given without ``cu_seq_lens_q/_k``). Finding the restarts
+    reads the positions on the host, which a torch.compile trace cannot: it
+    breaks the graph at each layer. With ``False`` the positions are never
+    read; a device-side check fails the step, loudly, if a row restarts."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"{backend=} is not one of auto, reference, triton")
+    if not isinstance(packed_rows, bool):
+        raise TypeError(f"packed_rows must be True or False, got {packed_rows!r}")
     _BACKEND["name"] = backend
+    _BACKEND["packed_rows"] = packed_rows
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, attention_mask)
 
@@ -183,7 +196,14 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     n_k = key.shape[2] if pad is None else min(pad.kv_length, key.shape[2])
     key, value = key[:, :, :n_k], value[:, :, :n_k]
     n_q = query.shape[2]
-    packed = _packed_segments(kwargs.get("position_ids"), pad, n_q, n_k)
+    cu = _flattened(kwargs, query.shape[0], pad, n_q, n_k)
+    if cu is not None:  # one op call whose offsets stay a tensor: traced by torch.compile too
+        o = attn(query, key, value, scale=scaling, cu_seqlens=cu, **terms)
+        return o.transpose(1, 2).contiguous(), None
+    if _BACKEND["packed_rows"]:
+        packed = _packed_segments(kwargs.get("position_ids"), pad, n_q, n_k)
+    else:
+        packed = _never_packed(kwargs.get("position_ids"), pad, n_q, n_k)
     if pad is not None and pad.q_offset + n_q != pad.kv_offset + n_k:
         raise ValueError(f"the queries (positions {pad.q_offset}..{pad.q_offset + n_q - 1}) do not end where the "
                          f"keys do ({pad.kv_offset}..{pad.kv_offset + n_k - 1}): patterncc needs the new queries "
@@ -338,6 +358,48 @@ def _made(pattern: ir.Pattern, softcap: float | None, backend: str):
 # ----------------------------------------------------------------------------
 # Padding and packed rows: each sequence alone
 # ----------------------------------------------------------------------------
+
+
+def _flattened(kwargs: dict, batch: int, pad: Padding | None, n_q: int, n_k: int):
+    """The offsets of a flattened batch as transformers hands them to the
+    attention (``cu_seq_lens_q``/``cu_seq_lens_k``, from
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or None
+    without them. Query and key offsets must be equal (packed self-attention
+    over one row, no padding, no cache); eagerly that is checked (both are
+    read on the host once per tensor: ``checks._host_values``); inside
+    torch.compile the query offsets are taken as both."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None:
+        raise ValueError("transformers passed only one of cu_seq_lens_q and cu_seq_lens_k: patterncc runs a "
+                         "flattened batch with both (equal: packed self-attention)")
+    if batch != 1 or n_q != n_k or (pad is not None and (pad.mask is not None or pad.kv_offset)):
+        raise ValueError(f"cu_seq_lens_q/k describe a flattened batch: one row of packed sequences, without "
+                         f"padding or a cache; got batch {batch}, {n_q} queries and {n_k} keys"
+                         + ("" if pad is None or pad.mask is None else ", and an attention_mask"))
+    if cu_k is not cu_q and not torch.compiler.is_compiling():
+        from ..backends.reference.checks import check_cu_seqlens
+
+        if not np.array_equal(check_cu_seqlens(cu_q, n_q), check_cu_seqlens(cu_k, n_k)):
+            raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: patterncc runs packed self-attention, "
+                             "where each sequence's queries are its keys")
+    return cu_q
+
+
+def _never_packed(position_ids, pad: Padding | None, n_q: int, n_k: int) -> None:
+    """``register(packed_rows=False)``: rows whose positions restart fail the
+    step on the device (no host read, nothing for a trace to break on)."""
+    if position_ids is None or n_q != n_k or n_q < 2 or (pad is not None and (pad.mask is not None or pad.kv_offset)):
+        return None
+    pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+    if pos.shape[-1] != n_q:
+        return None
+    restarts = pos[:, 1:] != pos[:, :-1] + 1
+    torch._assert_async(~restarts.any(), "patterncc: position_ids restart inside a row (packed sequences), but "
+                        "register(packed_rows=False) said rows are never packed: register with packed_rows=True, "
+                        "or pass cu_seq_lens_q/_k (DataCollatorWithFlattening(return_flash_attn_kwargs=True))")
+    return None
 
 
 def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
