@@ -209,11 +209,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, alibi_slopes, sinks, rel_bias)
     ctx.key, ctx.backend, ctx.scale, ctx.softcap = key, backend, scale, softcap
     # The registry holds attentions weakly: keep this one alive until the
-    # backward pass (``pcc.compile(pat)(q, k, v).sum().backward()``). While
-    # tracing, the key may be symbolic (a graph input), and the traced code
-    # holds the attention itself.
-    if isinstance(key, int):
-        ctx.attention = _attention_of(key)
+    # backward pass (``pcc.compile(pat)(q, k, v).sum().backward()``), which
+    # would otherwise make it again from its key, its caches empty.
+    ctx.attention = _attention_of(key)
     # An output no gradient reached stays None: the Triton backward then
     # skips its work (no lse gradient: delta comes with dQ, no pass of its own).
     ctx.set_materialize_grads(False)

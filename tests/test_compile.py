@@ -176,8 +176,14 @@ def test_op_errors_name_the_argument():
 
 def test_an_attention_lives_until_its_backward_pass():
     q, k, v = _qkv(seed=4)
-    ops.call(pcc.compile("strided(8)", backend="reference"), q, k, v).sum().backward()  # nothing else holds it
+    attn = pcc.compile("strided(8)", backend="reference", dense_limit=11)
+    key = attn.key
+    out = ops.call(attn, q, k, v)
+    del attn  # nothing else holds it now
+    gc.collect()
+    out.sum().backward()
     assert q.grad.abs().sum() > 0
+    assert key not in registry._made  # the backward found it alive, not made again from its key
 
 
 def test_copies_are_attentions_of_their_own():
