@@ -139,13 +139,8 @@ def test_packed_position_ids_run_each_sequence_alone():
     torch.testing.assert_close(got, torch.cat([first, second], dim=1), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])
-def test_packed_rows_run_as_one_packed_call(family, monkeypatch):
-    """Two rows of packed sequences (sliding windows, softcap, sinks): one
-    cu_seqlens call per layer for both rows, equal to each sequence alone.
-    (Not Llama 4: its eager model itself differs between packed rows and each
-    sequence alone.)"""
-    eager, ours = _pair(family)
+def _cu_seqlens_of_calls(monkeypatch) -> list:
+    """The cu_seqlens of every compiled attention's call from now on (None: not packed)."""
     calls = []
     call = pcc.attention.Attention.__call__
 
@@ -154,6 +149,17 @@ def test_packed_rows_run_as_one_packed_call(family, monkeypatch):
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(pcc.attention.Attention, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])
+def test_packed_rows_run_as_one_packed_call(family, monkeypatch):
+    """Two rows of packed sequences (sliding windows, softcap, sinks): one
+    cu_seqlens call per layer for both rows, equal to each sequence alone.
+    (Not Llama 4: its eager model itself differs between packed rows and each
+    sequence alone.)"""
+    eager, ours = _pair(family)
+    calls = _cu_seqlens_of_calls(monkeypatch)
     splits = [(0, 9, 14), (0, 3, 4, 14)]  # row 0: 9 + 5 tokens; row 1: 3 + 1 + 10
     idx = torch.randint(0, 97, (2, 14), device=DEVICE)
     position_ids = torch.tensor([[p - a for a, b in zip(s, s[1:]) for p in range(a, b)] for s in splits],
@@ -181,14 +187,7 @@ def test_a_flattened_batch_is_one_packed_call(family, monkeypatch):
     """transformers' flattened batch (cu_seq_lens_q/k): one cu_seqlens call
     per layer, equal to each sequence alone."""
     eager, ours = _pair(family)
-    calls = []
-    call = pcc.attention.Attention.__call__
-
-    def counted(self, *args, **kwargs):
-        calls.append(kwargs.get("cu_seqlens"))
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(pcc.attention.Attention, "__call__", counted)
+    calls = _cu_seqlens_of_calls(monkeypatch)
     lengths = [5, 1, 9, 3]
     batch = _flattened_batch(lengths)
     cuts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
