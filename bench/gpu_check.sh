@@ -47,6 +47,9 @@
 #             fresh-process tests among them), then the warm first call
 #             (warm_start.py --front --bytecode) with Triton's own lookup
 #             and with PATTERNCC_SEEDS=1                           (~5 min)
+#   ops       tests/test_compile_gpu.py (torch.compile, CUDA graphs, export across
+#             processes on the card) and tests/test_transformers.py (flattened
+#             batches compiled, packed rows) on the card              (~5 min)
 #   packed    bench/bench_packed.py: packed batches (cu_seqlens) against
 #             Flex with a document mask and the sequences one by one (~4 min)
 #   decode    bench/decode_tiles.py (the query-rows kernel's key step and
@@ -208,6 +211,13 @@ run_warm() {
         | tee "$OUT/warm-seeds.log" || fail warm
 }
 
+run_ops() {
+    echo "== ops" | tee -a "$OUT/summary.txt"
+    (cd "$PKGROOT" && timeout 420 python3 -m pytest "$REPO/tests/test_compile_gpu.py" "$REPO/tests/test_transformers.py" \
+        -q -p no:cacheprovider 2>&1) | tee "$OUT/ops-tests.log" || fail ops
+    tail -3 "$OUT/ops-tests.log" >> "$OUT/summary.txt"
+}
+
 run_packed() {
     echo "== packed" | tee -a "$OUT/summary.txt"
     timeout 420 python3 bench/bench_packed.py --out "$OUT/packed.md" 2>&1 | tee "$OUT/packed.log" || fail packed
@@ -293,13 +303,14 @@ for section in "${sections[@]}"; do
         host) run_host ;;
         firstcall) run_firstcall ;;
         warm) run_warm ;;
+        ops) run_ops ;;
         packed) run_packed ;;
         decode) run_decode ;;
         scores) run_scores ;;
         hf) run_hf ;;
         limits) run_limits ;;
         *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host" \
-                "firstcall warm packed decode scores hf limits)" >&2; status=2 ;;
+                "firstcall warm ops packed decode scores hf limits)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

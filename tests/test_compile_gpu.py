@@ -340,3 +340,52 @@ def test_warm_calls_neither_wait_for_the_card_nor_copy(pattern):
     assert _host_waits(lambda: q.sum().item()) != {}  # the probe sees a host wait where there is one
     assert _host_waits(lambda: attn(q.detach(), k.detach(), v.detach())) == {}
     assert _host_waits(step) == {}
+
+
+_SAVE_ON_THE_CARD = """
+import sys
+import torch
+import patterncc as pcc
+from patterncc.nn import SparseTransformer
+
+torch.manual_seed(0)
+model = SparseTransformer(97, 128, 2, 4, ["strided(128)", "fixed(128, 32)"], mode="interleaved", max_len=5120,
+                          backend="triton").cuda().eval()
+idx = torch.randint(0, 97, (1, 3000), device="cuda")
+n = torch.export.Dim("n", min=2, max=5120)
+with torch.no_grad():
+    program = torch.export.export(model, (idx,), dynamic_shapes={"idx": {1: n}})
+    other = torch.randint(0, 97, (1, 4321), device="cuda")
+    torch.save(dict(idx=idx, other=other, want=model(idx), want_other=model(other)), sys.argv[2])
+torch.export.save(program, sys.argv[1])
+"""
+
+_LOAD_ON_THE_CARD = """
+import sys
+import torch
+import patterncc as pcc  # after torch: the ops are registered
+
+decoys = [pcc.compile(text, backend="triton") for text in ("causal", "fixed(128, 32)", "strided(128)")]
+program = torch.export.load(sys.argv[1]).module()
+saved = torch.load(sys.argv[2])
+with torch.no_grad():
+    for name in ("idx", "other"):
+        err = (program(saved[name]) - saved["want" if name == "idx" else "want_other"]).abs().max().item()
+        print(name, err)
+        assert err <= 1e-4, err
+"""
+
+
+def test_an_exported_model_runs_on_the_card_in_another_process(tmp_path):
+    """torch.export of the model with the Triton kernels, saved, and loaded
+    in a process that made other attentions first: the same outputs (the
+    op names its attention by its text, not by a per-process number)."""
+    import os
+    import subprocess
+    import sys
+
+    paths = [str(tmp_path / "model.pt2"), str(tmp_path / "io.pt")]
+    for script in (_SAVE_ON_THE_CARD, _LOAD_ON_THE_CARD):
+        done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True,
+                              env=dict(os.environ), timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
