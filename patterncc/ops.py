@@ -8,6 +8,9 @@
                                            term_grads=7)
         -> (dq, dk, dv, [the present terms' gradients, in alibi_slopes, sinks, rel_bias order,
                          those term_grads asks for: bit 1, 2, 4])
+    torch.ops.patterncc.attention_packed(...), attention_packed_backward(...)
+        the same for a packed batch (cu_seqlens given), tagged cudagraph_unsafe: they read
+        the offsets on the host, which inductor must keep out of its CUDA graphs
     torch.ops.patterncc.attention_rows(q, k, v, cache_seqlens, block_table, key, backend, scale,
                                        softcap, alibi_slopes, sinks, rel_bias)
         -> (o [B, H, n_q, D], lse [B, H, n_q]): decoding from a KV cache, no gradient
@@ -55,7 +58,8 @@ import torch.nn.functional as F
 from . import registry
 from .scores import NO_TERMS, ScoreTerms, check_terms
 
-__all__ = ["attention", "attention_backward", "attention_rows", "call", "call_rows"]
+__all__ = ["attention", "attention_backward", "attention_packed", "attention_packed_backward", "attention_rows", "call",
+           "call_rows"]
 
 
 def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms | None = None, cu_seqlens=None):
@@ -72,8 +76,8 @@ def call(attn, q, k, v, scale=None, return_lse: bool = False, terms: ScoreTerms 
     terms = terms or NO_TERMS
     if cu_seqlens is not None:
         cu_seqlens = _offsets_tensor(cu_seqlens)
-        o, lse = torch.ops.patterncc.attention(q, k, v, attn.key, attn.backend_for(q), scale, terms.softcap,
-                                               *terms.tensors(), cu_seqlens)
+        o, lse = torch.ops.patterncc.attention_packed(q, k, v, attn.key, attn.backend_for(q), scale, terms.softcap,
+                                                      *terms.tensors(), cu_seqlens)
         return (o, lse) if return_lse else o
     pad = _short_queries(q, k, v)
     if pad:
@@ -126,11 +130,17 @@ def _short_queries(q, k, v) -> int:
 # ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("patterncc::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, backend: str, scale: float | None,
-              softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
-              rel_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+# A packed call reads its offsets on the host when it runs, which a CUDA graph cannot capture: the
+# packed calls have ops of their own (the same implementations) that carry torch's cudagraph_unsafe
+# tag, so that inductor keeps them out of its CUDA graphs (mode="reduce-overhead") rather than
+# capturing a host read. The unpacked ops stay capturable.
+_HOST_READ = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, backend: str, scale: float | None,
+             softcap: float | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+             rel_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     attn = _attention_of(key)
     terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias)
     if cu_seqlens is not None:
@@ -140,13 +150,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, backe
     return _triton_forward(attn, q, k, v, scale, terms)
 
 
-@torch.library.custom_op("patterncc::attention_backward", mutates_args=())
-def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                       do: torch.Tensor | None, dlse: torch.Tensor | None, key: str, backend: str,
-                       scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
-                       sinks: torch.Tensor | None, rel_bias: torch.Tensor | None,
-                       cu_seqlens: torch.Tensor | None = None, term_grads: int = 7,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                 do: torch.Tensor | None, dlse: torch.Tensor | None, key: str, backend: str,
+                 scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
+                 sinks: torch.Tensor | None, rel_bias: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None = None, term_grads: int = 7,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     attn = _attention_of(key)
     terms = _terms(q, softcap, alibi_slopes, sinks, rel_bias).taking(term_grads)
     if cu_seqlens is not None:
@@ -156,6 +165,13 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
     else:
         dq, dk, dv, dterms = _triton_backward(attn, q, k, v, o, lse, do, dlse, scale, terms)
     return dq, dk, dv, [g for i, g in enumerate(dterms) if terms.wants(i)]
+
+
+attention = torch.library.custom_op("patterncc::attention", mutates_args=())(_forward)
+attention_backward = torch.library.custom_op("patterncc::attention_backward", mutates_args=())(_backward_op)
+attention_packed = torch.library.custom_op("patterncc::attention_packed", mutates_args=(), tags=_HOST_READ)(_forward)
+attention_packed_backward = torch.library.custom_op("patterncc::attention_packed_backward", mutates_args=(),
+                                                    tags=_HOST_READ)(_backward_op)
 
 
 @torch.library.custom_op("patterncc::attention_rows", mutates_args=())
@@ -185,7 +201,6 @@ def _attention_rows_fake(q, k, v, cache_seqlens, block_table, key, backend, scal
     return q.new_empty((B, H, n, D)), q.new_empty((B, H, n), dtype=_lse_dtype(q, backend))
 
 
-@attention.register_fake
 def _attention_fake(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, rel_bias, cu_seqlens=None):
     _check(_backend(backend), q, k, v)
     _check_packed_shapes(q, k, v, cu_seqlens)
@@ -194,7 +209,6 @@ def _attention_fake(q, k, v, key, backend, scale, softcap, alibi_slopes, sinks, 
     return q.new_empty((B, H, n, D)), q.new_empty((B, H, n), dtype=_lse_dtype(q, backend))
 
 
-@attention_backward.register_fake
 def _attention_backward_fake(q, k, v, o, lse, do, dlse, key, backend, scale, softcap, alibi_slopes, sinks,
                              rel_bias, cu_seqlens=None, term_grads=7):
     _check(_backend(backend), q, k, v)
@@ -224,15 +238,18 @@ def _backward(ctx, do, dlse):
         return nothing
     # a fixed term tensor (ALiBi's standard slopes) gets no gradient, and the kernels skip its sum
     terms = ScoreTerms(ctx.softcap, *term_tensors).taking(ctx.needs_input_grad[7:10])
-    dq, dk, dv, present = torch.ops.patterncc.attention_backward(q, k, v, o, lse, do, dlse, ctx.key, ctx.backend,
-                                                                 ctx.scale, ctx.softcap, *term_tensors, cu_seqlens,
-                                                                 terms.grad_mask())
+    op = torch.ops.patterncc.attention_backward if cu_seqlens is None else torch.ops.patterncc.attention_packed_backward
+    dq, dk, dv, present = op(q, k, v, o, lse, do, dlse, ctx.key, ctx.backend, ctx.scale, ctx.softcap, *term_tensors,
+                             cu_seqlens, terms.grad_mask())
     given = iter(present)
     dterms = [next(given) if terms.wants(i) else None for i in range(len(term_tensors))]
     return dq, dk, dv, None, None, None, None, *dterms, None
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+for _op, _op_backward in ((attention, attention_backward), (attention_packed, attention_packed_backward)):
+    _op.register_fake(_attention_fake)
+    _op_backward.register_fake(_attention_backward_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------

@@ -566,7 +566,43 @@ def test_packed_batches_through_the_op_match_each_sequence_alone():
 def test_packed_op_opcheck():
     attn = _compiled("strided(8)", "reference")
     (q, k, v), cu = _packed([5, 1, 9], seed=12)
-    torch.library.opcheck(torch.ops.patterncc.attention.default, (*_op_args(attn, q, k, v), cu))
+    for op in (torch.ops.patterncc.attention_packed, torch.ops.patterncc.attention):  # (the plain op takes cu too)
+        torch.library.opcheck(op.default, (*_op_args(attn, q, k, v), cu))
+    with torch.no_grad():
+        o, lse = torch.ops.patterncc.attention_packed(*_op_args(attn, q, k, v), cu)
+    args = (q.detach(), k.detach(), v.detach(), o, lse, torch.randn_like(o), None, attn.key, "reference", None,
+            None, None, None, None, cu)
+    torch.library.opcheck(torch.ops.patterncc.attention_packed_backward.default, args)
+
+
+def test_packed_calls_stay_out_of_cuda_graphs():
+    """A packed call reads its offsets on the host: its ops carry the tag by
+    which inductor keeps an op out of its CUDA graphs; unpacked calls' ops
+    do not, and a traced packed call, forward and backward, uses the packed ones."""
+    unsafe = torch.Tag.cudagraph_unsafe
+    assert unsafe in torch.ops.patterncc.attention_packed.default.tags
+    assert unsafe in torch.ops.patterncc.attention_packed_backward.default.tags
+    for name in ("attention", "attention_backward", "attention_rows"):
+        assert unsafe not in getattr(torch.ops.patterncc, name).default.tags
+    attn = _compiled("strided(8)", "triton", plan="planned")
+    (q, k, v), cu = _packed([9, 1, 14, 5], seed=13)
+    graphs = []
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def keep(gm, inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=keep, bw_compiler=keep)
+
+    run = torch.compile(lambda q, k, v, cu: attn(q, k, v, cu_seqlens=cu), backend=backend, fullgraph=True)
+    run(q, k, v, cu).sum().backward()
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert "patterncc.attention_packed.default" in targets and "patterncc.attention_packed_backward.default" in targets
+    assert not any(t in ("patterncc.attention.default", "patterncc.attention_backward.default") for t in targets)
 
 
 def test_traced_packed_calls_name_their_errors():

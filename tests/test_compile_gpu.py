@@ -280,6 +280,22 @@ def test_packed_batches_under_inductor_compile_once():
     assert frames == [frames[0]] * 2, frames
 
 
+def test_packed_batches_under_reduce_overhead():
+    """Packed batches through a model compiled with mode="reduce-overhead":
+    the packed ops read their offsets on the host, and their cudagraph_unsafe
+    tag keeps them out of the captured graphs, so the steps run (eager's
+    outputs) instead of failing at capture."""
+    model = _model()
+    compiled = torch.compile(lambda idx, cu: model(idx, cu_seqlens=cu), mode="reduce-overhead")
+    for seed, lengths in enumerate(([700, 1, 1300, 45, 333],) * 3 + ([2048, 0, 999, 17],)):
+        idx, _ = _batch(sum(lengths), seed=seed, B=1)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        with torch.no_grad():
+            got = compiled(idx, cu).clone()
+            want = model(idx, cu_seqlens=cu)
+        torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("source", ["strided(128)", "sliding_window(256) with softcap(30)"])
 def test_decoding_step_under_reduce_overhead(source):
     """A decoding step from a KV cache (lengths on the device) compiled with
