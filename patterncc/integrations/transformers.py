@@ -390,15 +390,11 @@ def _flattened(kwargs: dict, batch: int, pad: Padding | None, n_q: int, n_k: int
 def _never_packed(position_ids, pad: Padding | None, n_q: int, n_k: int) -> None:
     """``register(packed_rows=False)``: rows whose positions restart fail the
     step on the device (no host read, nothing for a trace to break on)."""
-    if position_ids is None or n_q != n_k or n_q < 2 or (pad is not None and (pad.mask is not None or pad.kv_offset)):
-        return None
-    pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-    if pos.shape[-1] != n_q:
-        return None
-    restarts = pos[:, 1:] != pos[:, :-1] + 1
-    torch._assert_async(~restarts.any(), "patterncc: position_ids restart inside a row (packed sequences), but "
-                        "register(packed_rows=False) said rows are never packed: register with packed_rows=True, "
-                        "or pass cu_seq_lens_q/_k (DataCollatorWithFlattening(return_flash_attn_kwargs=True))")
+    if _packable(position_ids, pad, n_q, n_k):
+        torch._assert_async(~_restarts(position_ids).any(), "patterncc: position_ids restart inside a row (packed "
+                            "sequences), but register(packed_rows=False) said rows are never packed: register with "
+                            "packed_rows=True, or pass cu_seq_lens_q/_k (DataCollatorWithFlattening("
+                            "return_flash_attn_kwargs=True))")
     return None
 
 
@@ -406,7 +402,7 @@ def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
     """``[(row, start, stop)]`` of the sequences packed in each row when
     ``position_ids`` restart inside a row and there is neither padding nor a
     cache (transformers' packed format); None otherwise."""
-    if position_ids is None or n_q != n_k or (pad is not None and (pad.mask is not None or pad.kv_offset)):
+    if not _packable(position_ids, pad, n_q, n_k):
         return None
     if torch.compiler.is_compiling():
         return _segments(position_ids, n_q)
@@ -427,15 +423,27 @@ def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
 _LAST_SEGMENTS: dict = {}  # "last" -> (weak position_ids, (its version, n), its segments)
 
 
-def _segments(position_ids, n_q: int):
+def _packable(position_ids, pad: Padding | None, n_q: int, n_k: int) -> bool:
+    """Whether rows could be packed through ``position_ids``: positions given,
+    one per query, and neither padding nor a cache."""
+    if position_ids is None or n_q != n_k or (pad is not None and (pad.mask is not None or pad.kv_offset)):
+        return False
+    return position_ids.shape[-1] == n_q
+
+
+def _restarts(position_ids) -> torch.Tensor:
+    """bool ``[rows, n - 1]``: where a row's positions restart (a packed sequence begins after)."""
     pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-    if pos.shape[-1] != n_q:
-        return None
-    restarts = pos[:, 1:] != pos[:, :-1] + 1
+    return pos[:, 1:] != pos[:, :-1] + 1
+
+
+def _segments(position_ids, n_q: int):
+    """``_packed_segments`` read on the host (a device sync)."""
+    restarts = _restarts(position_ids)
     if not bool(restarts.any()):
         return None
     segments = []
-    for b in range(pos.shape[0]):
+    for b in range(restarts.shape[0]):
         cuts = [0, *(torch.nonzero(restarts[b]).flatten() + 1).tolist(), n_q]
         segments += [(b, s, e) for s, e in zip(cuts, cuts[1:])]
     return segments
