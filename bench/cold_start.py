@@ -1,6 +1,7 @@
 """A new pattern's first forward+backward, patterncc beside FlexAttention (one GPU).
 
     python bench/cold_start.py [--n 4096] [--cases strided,fixed,...] [--json out.json]
+    python bench/cold_start.py --before [--cases ...]   # the stand-in changes, before and now, one run
 
 For each case, three fresh processes, each timing only its first call
 (imports and input creation excluded, the GPU synchronized):
@@ -72,6 +73,9 @@ torch.cuda.synchronize()
 result = {}
 if spec["who"] == "pcc":
     import patterncc as pcc
+    if spec.get("before"):  # the first call as it was: own compile at once, the stand-in's stages the config's
+        from patterncc.backends.triton import standin
+        standin.HOLD_SECONDS, standin.STAGES = 0.0, None
     t0 = time.perf_counter()
     pcc.compile(spec["source"])(q, k, v).sum().backward()
     torch.cuda.synchronize()
@@ -156,6 +160,10 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--no-bytecode", action="store_true", help="no shared bytecode cache (see above)")
+    ap.add_argument("--before", action="store_true",
+                    help="instead: cold and used-caches first calls now and as before the stand-in changes (own "
+                         "compile started at once, not after the first backward; the stand-in in its config's "
+                         "pipeline stages, not one), side by side")
     args = ap.parse_args()
     results = {}
     pycache = tempfile.TemporaryDirectory(prefix="patterncc-pycache-")
@@ -164,6 +172,8 @@ def main() -> None:
         env = dict(os.environ, **BYTECODE)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         subprocess.run([sys.executable, "-c", _IMPORT_ALL], env=env, check=True, timeout=600, cwd=pycache.name)
+    if args.before:
+        return before_and_now(args)
     print("| case | pcc cold (s) | pcc new ints, same process (s) | pcc cold, serial compile (s) "
           "| pcc cold, loaded at launch (s) | pcc new pattern, used caches (s) | pcc warm, new process (s) "
           "| flex cold (s) |\n|---|---|---|---|---|---|---|---|", flush=True)
@@ -196,6 +206,30 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(n=args.n, heads=args.heads, results=results), f, indent=1)
+
+
+def before_and_now(args) -> None:
+    """``--before``: each first call now and as before, in fresh processes, alternating."""
+    print("| case | pcc cold now (s) | pcc cold before (s) | used caches now (s) | used caches before (s) |\n"
+          "|---|---|---|---|---|", flush=True)
+    results = {}
+    for name in args.cases.split(","):
+        source, mask, Hkv, D, then = CASES[name]
+        spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask, who="pcc")
+        row = {}
+        for label, before in (("now", False), ("before", True)):
+            with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as cold_dir, \
+                    tempfile.TemporaryDirectory(prefix="patterncc-used-") as used_dir:
+                row[f"cold {label}"] = _first_call(first_call(dict(spec, before=before), cold_dir))
+                first_call(dict(spec, source=then, before=before), used_dir)  # untimed: fills the caches
+                row[f"used {label}"] = _first_call(first_call(dict(spec, before=before), used_dir))
+        results[name] = row
+        cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else row[k]
+                 for k in ("cold now", "cold before", "used now", "used before")]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(n=args.n, heads=args.heads, before_and_now=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@
 #             call profiled (warm_start.py --front --cold) and the kernels
 #             compiled serially, on threads and in processes
 #             (compile_parallel.py)                                (~6 min)
+#   firstab   bench/cold_start.py --before: cold and used-caches first calls of
+#             strided, fixed and the cycle with the own compile held for the
+#             first backward and the one-stage stand-in, and without, alternating
+#             in one run                                            (~3 min)
 #   warm      tests/test_seeds.py and test_standin.py on the card (their
 #             fresh-process tests among them), then the warm first call
 #             (warm_start.py --front --bytecode) with Triton's own lookup
@@ -200,6 +204,12 @@ run_firstcall() {
         | tee "$OUT/compile_parallel.log" || fail firstcall
 }
 
+run_firstab() {
+    echo "== firstab" | tee -a "$OUT/summary.txt"
+    timeout 420 python3 bench/cold_start.py --n 4096 --cases strided,fixed,cycle --before \
+        --json "$OUT/cold_before_now.json" 2>&1 | tee "$OUT/cold_before_now.log" || fail firstab
+}
+
 run_warm() {
     echo "== warm" | tee -a "$OUT/summary.txt"
     # a new process on the kernels an earlier one recorded (backends/triton/seeds.py), then the warm
@@ -304,13 +314,14 @@ for section in "${sections[@]}"; do
         firstcall) run_firstcall ;;
         warm) run_warm ;;
         ops) run_ops ;;
+        firstab) run_firstab ;;
         packed) run_packed ;;
         decode) run_decode ;;
         scores) run_scores ;;
         hf) run_hf ;;
         limits) run_limits ;;
         *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host" \
-                "firstcall warm ops packed decode scores hf limits)" >&2; status=2 ;;
+                "firstcall firstab warm ops packed decode scores hf limits)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

@@ -72,6 +72,7 @@ from .resident import to_device
 MAX_BITMAP_CELLS = 2**25  # cells of PARTIAL blocks evaluated for a bitmap (4 MiB of words)
 MAX_BITMAP_CODES = 2**22  # heads * nb * nb codes (16 MiB)
 _EMPTY, _FULL = -1, -2
+STAGES = 1  # the stand-in kernels' software-pipeline stages (StandIns._make says why); None: the config's
 _HEADER = 4
 _EVAL_CELLS = 2**22  # cells evaluated per numpy call
 
@@ -162,8 +163,9 @@ class StandIns:
         # the first call's critical path, and its longest kernel compiles for sm_90 (2 CPUs)
         # in 0.81 s with one stage against 1.23 s with two (D = 64; D = 128: 1.01 against
         # 1.20 s), while its launches serve a first call or a few.
-        config = replace(default_config(padded_head_dim(head_dim), dtype, self.block, walk=0.0),
-                         fwd_stages=1, bwd_stages=1)
+        config = default_config(padded_head_dim(head_dim), dtype, self.block, walk=0.0)
+        if STAGES is not None:
+            config = replace(config, fwd_stages=STAGES, bwd_stages=STAGES)
         module = self.load(config, device)
         tables = _DeviceTables.build(lay, Hkv, config, module, device)
         tables = replace(tables, random=to_device(bitmap, device))
