@@ -74,8 +74,8 @@ def find(key: str):
 
 
 # (pattern text, backend, plan, dense_sdpa, options) -> Attention: ``pipeline.attention_of_text``, which
-# the package installs as it is imported (this module imports nothing of the package's, so that the
-# modules it serves can all import it)
+# the package installs as it is imported (this module imports none of the modules it serves, only the
+# kernel config's dataclass, so that they can all import it)
 maker = None
 
 

@@ -144,29 +144,36 @@ def _integer_vector(cu_seqlens):
 
 
 def _host_values(t):
-    """A tensor's values in numpy (callers copy them: ``_integer_vector``).
-    Reading a device tensor on the host waits for every launch queued before
-    it, and a packed model hands one cu_seqlens tensor to every layer's
-    forward and backward: the read of this very tensor object at this
-    version (autograd's own test of a saved tensor) is kept and reused."""
+    """A tensor's values in numpy (callers copy them: ``_integer_vector``),
+    read once per tensor and version (``host_read``): a packed model hands
+    one cu_seqlens tensor to every layer's forward and backward."""
+    return host_read(t, lambda: t.detach().cpu().numpy())
+
+
+def host_read(t, compute, *what):
+    """``compute()``, a value read from tensor ``t`` on the host (``what``
+    names which, where one tensor gives several), kept for this very tensor
+    object at this version where that read waits for ``t``'s device: it
+    waits for every launch queued before it. Autograd's own test of a saved
+    tensor: an in-place change makes a new version, which is read again."""
     if not _reads_wait(t):
-        return t.detach().numpy()
+        return compute()
     try:
         version = t._version
     except RuntimeError:  # an inference tensor keeps no version: read every time
-        return t.detach().cpu().numpy()
-    hit = _HOST_READS.get(id(t))
+        return compute()
+    slot = (id(t), *what)
+    hit = _HOST_READS.get(slot)
     if hit is not None and hit[0]() is t and hit[1] == version:
         return hit[2]
-    values = t.detach().cpu().numpy()
-    key = id(t)
+    value = compute()
 
-    def forget(ref, key=key):
-        if _HOST_READS.get(key, (None,))[0] is ref:
-            del _HOST_READS[key]
+    def forget(ref, slot=slot):
+        if _HOST_READS.get(slot, (None,))[0] is ref:
+            del _HOST_READS[slot]
 
-    _HOST_READS[key] = (weakref.ref(t, forget), version, values)
-    return values
+    _HOST_READS[slot] = (weakref.ref(t, forget), version, value)
+    return value
 
 
 def _reads_wait(t) -> bool:
@@ -176,7 +183,7 @@ def _reads_wait(t) -> bool:
     return t.device.type != "cpu"
 
 
-_HOST_READS: dict[int, tuple] = {}  # id(tensor) -> (weak tensor, its version, its values read)
+_HOST_READS: dict[tuple, tuple] = {}  # (id(tensor), *what) -> (weak tensor, its version, the value read)
 
 
 def check_packed(q, k, v, cu_seqlens, cache_seqlens=None):

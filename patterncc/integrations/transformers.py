@@ -42,7 +42,6 @@ reference otherwise) unless ``register(backend=...)`` says otherwise.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -406,21 +405,10 @@ def _packed_segments(position_ids, pad: Padding | None, n_q: int, n_k: int):
         return None
     if torch.compiler.is_compiling():
         return _segments(position_ids, n_q)
-    # Every layer of a forward gets the same position_ids: read them on the host (a device sync)
-    # once per forward, not once per layer. Same tensor object and version, same values.
-    try:
-        version = position_ids._version
-    except RuntimeError:  # an inference tensor keeps no version: read it every time
-        return _segments(position_ids, n_q)
-    last = _LAST_SEGMENTS.get("last")
-    if last is not None and last[0]() is position_ids and last[1] == (version, n_q):
-        return last[2]
-    segments = _segments(position_ids, n_q)
-    _LAST_SEGMENTS["last"] = (weakref.ref(position_ids), (version, n_q), segments)
-    return segments
+    from ..backends.reference.checks import host_read
 
-
-_LAST_SEGMENTS: dict = {}  # "last" -> (weak position_ids, (its version, n), its segments)
+    # every layer of a forward gets the same position_ids: read once per forward, not once per layer
+    return host_read(position_ids, lambda: _segments(position_ids, n_q), "segments", n_q)
 
 
 def _packable(position_ids, pad: Padding | None, n_q: int, n_k: int) -> bool:
