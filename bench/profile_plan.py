@@ -32,6 +32,7 @@ def profile(pattern: str, n: int, heads: int, head_dim: int) -> list[str]:
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     attn(q, k, v).backward(do)  # compile and build everything
+    pcc.wait_for_kernels()  # (that call may have run the stand-in kernels while they compiled)
     impl = attn.impl("triton")
     plan = impl.plan(n, heads)
     lines = [f"### {pattern}, n = {n}, H = {heads}, D = {head_dim}", "", "```", plan.describe(), "```", ""]

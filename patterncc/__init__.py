@@ -23,7 +23,7 @@ from .errors import (
     UnknownNameError,
 )
 from .ir import Pattern
-from .pipeline import as_pattern, compile, layout, load, mask, parse, plan, sparse_mask
+from .pipeline import as_pattern, compile, layout, load, mask, parse, plan, sparse_mask, wait_for_kernels
 from . import pipeline as _pipeline, registry as _registry
 
 _registry.maker = _pipeline.attention_of_text  # what a key names in a process that did not make it
@@ -52,4 +52,5 @@ __all__ = [
     "parse",
     "plan",
     "sparse_mask",
+    "wait_for_kernels",
 ]

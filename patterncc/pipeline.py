@@ -130,6 +130,17 @@ def compile(pat: ir.Pattern | str, backend: str = "auto", **options):
     return Attention(_checked(as_pattern(pat)), backend=backend, **options)
 
 
+def wait_for_kernels() -> None:
+    """Block until the own kernels of every pattern compiling in a thread
+    are ready. A pattern new to the machine runs its first calls on shared
+    stand-in kernels while its own compile (``backends/triton/standin.py``),
+    and switches when they are ready: time a pattern after this call, or
+    the first timings are the stand-in's."""
+    standin = sys.modules.get("patterncc.backends.triton.standin")
+    if standin is not None:  # (not loaded: no Triton call has run, so nothing compiles)
+        standin.wait_all()
+
+
 def attention_of_text(text: str, backend: str, plan: str, dense_sdpa: bool, options: dict):
     """The attention a key describes (``registry.fields_of``): in a process
     that runs a graph made in another, such as a loaded exported program."""

@@ -350,6 +350,17 @@ def settle(launches) -> None:
         event.wait()
 
 
+def wait_all() -> None:
+    """Wait for every pattern's own kernels compiling in a thread, starting
+    the held ones now, so that the calls after it run them: a call before
+    their compile is over runs the stand-in's, which a timing must not see."""
+    with _lock:
+        events = list(_pending.values())
+    _release()
+    for event in events:
+        event.wait()
+
+
 def pending() -> bool:
     """Whether some pattern's own kernels are compiling in a thread."""
     with _lock:
