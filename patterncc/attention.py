@@ -215,7 +215,7 @@ class Attention:
                 self._rows_impl = RowsAttention(self.mask_pattern, block=self.options.get("block"))
             return self._rows_impl(q, k, v, lens, scale, block_table=block_table, **terms)
         triton = self.impl("triton")
-        if cache_seqlens is None:
+        if cache_seqlens is None or not q.shape[0]:  # (a batch of no rows: one empty call)
             batch = [(q, k, v)]
         else:
             batch = [(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]) for b, n in enumerate(lens)]

@@ -203,14 +203,28 @@ def test_rows_kernel_length_one_and_empty_rows():
     _check_rows("causal & (where k > 10)", [30, 9], 4)
 
 
-def test_a_batch_of_no_rows():
-    """B = 0 with a cache: the reference gives the empty outputs of their shapes, as it does without a
-    cache; the Triton backend refuses it as it refuses every empty dimension, by name."""
-    q, k, v = tensors(0, 4, 2, 1, 20, 16, dtype=torch.float32, seed=0, device=DEVICE)
-    o, lse = pcc.compile("sliding_window(13)", backend="reference")(q, k, v, cache_seqlens=[], return_lse=True)
-    assert o.shape == (0, 4, 1, 16) and lse.shape == (0, 4, 1)
-    with pytest.raises(ValueError, match="every dimension must be >= 1"):
-        pcc.compile("sliding_window(13)", backend="triton")(q, k, v, cache_seqlens=[])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+def test_a_batch_of_no_rows(backend, grad):
+    """B = 0 with a cache (host or device lengths) and with a paged one: every backend gives the empty
+    outputs of their shapes, as it does without a cache, and zero gradients of the caches' and the
+    terms' shapes (no output depends on them). Every other empty dimension is refused by name."""
+    attn = pcc.compile("sliding_window(13) with softcap(3)", backend=backend, block=16)
+    q, k, v = (x.requires_grad_(grad) for x in tensors(0, 4, 2, 2, 20, 16, dtype=torch.float32, device=DEVICE))
+    sinks = torch.randn(4, device=DEVICE, requires_grad=grad)
+    pool = torch.randn(3, 2, 16, 16, device=DEVICE, requires_grad=grad)
+    table = torch.zeros(0, 2, dtype=torch.int32, device=DEVICE)
+    for kv, lens in (((k, v), []), ((k, v), torch.zeros(0, dtype=torch.int32, device=DEVICE)),
+                     ((pool, pool), torch.zeros(0, dtype=torch.int32, device=DEVICE))):
+        paged = dict(block_table=table) if kv[0] is pool else {}
+        o, lse = attn(q, *kv, cache_seqlens=lens, return_lse=True, sinks=sinks, **paged)
+        assert o.shape == (0, 4, 2, 16) and lse.shape == (0, 4, 2)
+        if grad:
+            leaves = (q, kv[0], sinks) if paged else (q, k, v, sinks)
+            for leaf, g in zip(leaves, torch.autograd.grad(o.sum() + lse.sum(), leaves)):
+                assert g.shape == leaf.shape and not g.any()
+    with pytest.raises(ValueError, match="must be >= 1"):
+        attn(*tensors(1, 4, 2, 0, 20, 16, dtype=torch.float32, device=DEVICE), cache_seqlens=[5])
 
 
 @pytest.mark.parametrize("src", ["causal", "strided(8)", "fixed(8, 2)", "cycle(causal, local(5))"])

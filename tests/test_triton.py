@@ -370,6 +370,32 @@ def test_rows_without_keys_give_zero_and_minus_inf():
     assert not dq.any() and not dk.any() and not dv.any()
 
 
+@pytest.mark.parametrize("plan", ["natural", "planned"])
+def test_a_batch_of_no_rows_is_an_empty_result(plan):
+    """B = 0 (a data-parallel shard or a filtered batch with nothing in it): the empty outputs of their
+    shapes and dtypes, as on the reference backend, eager and through the op (torch.compile), with
+    short queries, GQA and a padded head dim; zero gradients of every input's shape, the score terms'
+    included (no output depends on anything). An empty dimension other than the batch is refused."""
+    import patterncc as pcc
+
+    attn = pcc.compile("strided(8) with softcap(5), alibi", backend="triton", plan=plan, block=16)
+    traced = torch.compile(lambda *a, **kw: attn(*a, return_lse=True, **kw), fullgraph=True, backend="aot_eager")
+    for n_q, D, dtype in ((40, 16, torch.float32), (3, 20, torch.bfloat16)):
+        q = torch.randn(0, 4, n_q, D, device=DEVICE, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(0, 2, 40, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+        terms = dict(sinks=torch.randn(4, device=DEVICE, requires_grad=True),
+                     rel_bias=torch.randn(4, 5, device=DEVICE, requires_grad=True))
+        for call in (lambda *a, **kw: attn(*a, return_lse=True, **kw), traced):
+            o, lse = call(q, k, v, **terms)
+            assert o.shape == q.shape and o.dtype == dtype and lse.shape == (0, 4, n_q)
+            assert lse.dtype == torch.float32
+            leaves = (q, k, v, *terms.values())
+            for leaf, g in zip(leaves, torch.autograd.grad(o.sum() + lse.sum(), leaves)):
+                assert g.shape == leaf.shape and g.dtype == leaf.dtype and not g.any()
+    with pytest.raises(ValueError, match="but the batch must be >= 1"):
+        attn(*(torch.randn(1, 4, 40, 0, device=DEVICE) for _ in range(3)))
+
+
 def test_strided_inputs():
     """[B, n, H, D] memory viewed as [B, H, n, D] goes in without a copy; a
     transposed last dimension is copied."""

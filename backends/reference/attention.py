@@ -90,10 +90,10 @@ class ReferenceAttention:
         """Each batch row ``b`` against the first ``cache_seqlens[b]`` keys of
         its cache, as a call of its own (numpy or torch, with autograd)."""
         lens = check_cache_seqlens(cache_seqlens, q.shape, k.shape)
-        if not lens:  # no batch rows: the call without a cache gives the empty outputs of their shapes
-            return self(q, k[:, :, :q.shape[2]], v[:, :, :q.shape[2]], scale, return_lse=True)
         given = {name: value for name, value in zip(("softcap", "alibi_slopes", "sinks", "rel_bias"),
                                                     (terms.softcap, *terms.tensors())) if value is not None}
+        if not lens:  # no batch rows: the call without a cache gives the empty outputs of their shapes
+            return self(q, k[:, :, :q.shape[2]], v[:, :, :q.shape[2]], scale, return_lse=True, **given)
         rows = [self(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale, return_lse=True, **given)
                 for b, n in enumerate(lens)]
         if _is_torch(q):
@@ -254,7 +254,7 @@ def pages_as_cache(q, k_pool, v_pool, cache_seqlens, block_table):
     max_len = check_block_table(block_table, q.shape, k_pool.shape)
     num_pages, Hkv, page, D = k_pool.shape
     lens = check_cache_seqlens(cache_seqlens, q.shape, (q.shape[0], Hkv, max_len, D))
-    rows = np.asarray(block_table.tolist(), dtype=np.int64)
+    rows = np.asarray(block_table.tolist(), dtype=np.int64).reshape(tuple(block_table.shape))  # (B = 0 too)
     check_pages(rows.tolist(), lens, page, num_pages)
     used = np.arange(rows.shape[1])[None, :] < np.asarray([-(-n // page) for n in lens])[:, None]
     rows = np.where(used, rows, 0)  # pages past a row's length: any page will do, it is masked

@@ -212,6 +212,8 @@ class RowsAttention:
         terms = _KernelTerms.of(softcap, alibi_slopes, sinks, rel_bias, q)
         o = torch.empty((B, H, nq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
+        if not B:  # a batch of no rows: nothing to launch
+            return o, lse
         if isinstance(lens, torch.Tensor):
             step = None if block_table is not None else self.row_step(k.shape[2], B, nq, H, k.shape[1], D, q.dtype,
                                                                       q.device)
@@ -657,8 +659,9 @@ def check_rows(q, k, v, lens, copies_strided: bool = False) -> list[int]:
     Bk, Hkv, max_len, Dk = k.shape
     if (Bk, Dk) != (B, D):
         raise ValueError(f"k and v must have q's batch size and head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if min(B, H, nq, D, Hkv, max_len) < 1 or H % Hkv:
-        raise ValueError(f"every dimension must be >= 1 and q's heads H={H} a multiple of k's Hkv={Hkv}")
+    if min(H, nq, D, Hkv, max_len) < 1 or H % Hkv:  # (B = 0, a batch of no rows, is an empty result)
+        raise ValueError(f"every dimension but the batch must be >= 1 and q's heads H={H} a multiple of k's "
+                         f"Hkv={Hkv}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is over the Triton backend's limit of {MAX_HEAD_DIM}")
     if lens is None:

@@ -45,8 +45,9 @@ def _check_inputs(q, k, v):
     for what, mine, theirs in (("batch size", Bk, B), ("sequence length", nk, n), ("head dim", Dk, D)):
         if mine != theirs:
             raise ValueError(f"k and v have {what} {mine} but q has {theirs} (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    if min(B, H, n, D, Hkv) < 1:
-        raise ValueError(f"every dimension of q and k must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if min(H, n, D, Hkv) < 1:  # (a batch of no rows, B = 0, is an empty result, as on the reference backend)
+        raise ValueError(f"every dimension of q and k but the batch must be >= 1, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if H % Hkv:
         raise ValueError(f"q's heads H={H} must be a multiple of k's and v's heads Hkv={Hkv}")
     if D > MAX_HEAD_DIM:

@@ -203,7 +203,7 @@ def attend(q, k, v, scale, launches_for, terms: ScoreTerms = NO_TERMS, standins:
     if Dp != D:
         q, k, v = (F.pad(x, (0, Dp - D)) for x in (q, k, v))
     launches = launches_for(q, k)
-    if standins is not None:
+    if standins is not None and q.shape[0]:  # (a batch of no rows launches nothing)
         launches = _standin_or(launches, standins, q, k, v, scale, terms)
     o, lse = _AttentionFunction.apply(q, k, v, scale, launches, terms.softcap, *terms.tensors())
     return (o[..., :D] if Dp != D else o), lse
@@ -309,6 +309,8 @@ def launches_forward(launches, q, k, v, scale, terms: ScoreTerms = NO_TERMS):
     inside the forward kernels (``_merged``). ``terms``: the score terms,
     fused into every launch at the tokens' own positions; the sink joins
     the denominators in one launch that reaches every query."""
+    if not q.shape[0]:  # a batch of no rows: nothing to launch
+        return _empty_as(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     _keep_if_captured(launches, q)
     standin.settle(launches)
     compile_ahead(launches, q, k, v, scale, terms)
@@ -330,6 +332,9 @@ def launches_backward(launches, q, k, v, o, lse, do, dlse, scale, terms: ScoreTe
     (never stored); every launch gets the merged delta, and the launches sum
     the gradients in fp32 inside the kernels (``_summed``). ``do`` or ``dlse``
     may be None (no gradient reached that output)."""
+    if not q.shape[0]:  # a batch of no rows: no output depends on anything
+        return (*(torch.zeros_like(x) for x in (q, k, v)),
+                tuple(torch.zeros_like(t) if terms.wants(i) else None for i, t in enumerate(terms.tensors())))
     _keep_if_captured(launches, q)
     standin.settle(launches)
     if do is None:
