@@ -113,7 +113,9 @@ class Attention:
         ``k``, ``v`` are page pools ``[num_pages, Hkv, page, D]`` and row
         ``b``'s position ``t`` is slot ``t % page`` of page
         ``block_table[b, t // page]``.
-        ``cu_seqlens`` (int32 ``[S + 1]``): a packed batch, see ``_packed``."""
+        ``cu_seqlens`` (int32 ``[S + 1]``): a packed batch, see ``_packed``.
+        Under ``torch.autocast`` q, k and v run in its dtype (``_autocast``)."""
+        q, k, v = _autocast(q, k, v)
         terms = self.call_terms(q, ScoreTerms(self.terms.softcap, alibi_slopes, sinks, rel_bias))
         given = dict(softcap=terms.softcap, alibi_slopes=terms.alibi_slopes, sinks=terms.sinks, rel_bias=terms.rel_bias)
         # Only the terms in use: a call without terms is the plain call.
@@ -327,6 +329,23 @@ def _traced(q) -> bool:
 
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or type(q) not in (torch.Tensor, torch.nn.Parameter))
+
+
+def _autocast(q, k, v):
+    """q, k and v in ``torch.autocast``'s dtype where it is on for q's device,
+    as SDPA takes them (attention is on autocast's lower-precision list): a
+    model's float32 or mixed inputs then run the 16-bit kernels, and the
+    output is in that dtype. float64 stays, as autocast leaves it; the score
+    terms' tensors stay as given (the kernels read them in float32)."""
+    if not _is_torch(q):
+        return q, k, v
+    import torch
+
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    eligible = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in eligible else x for x in (q, k, v))
 
 
 def _is_torch(x) -> bool:

@@ -396,6 +396,37 @@ def test_a_batch_of_no_rows_is_an_empty_result(plan):
         attn(*(torch.randn(1, 4, 40, 0, device=DEVICE) for _ in range(3)))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_under_autocast_inputs_take_its_dtype(backend):
+    """Under torch.autocast attention runs in its dtype, as SDPA does: float32 and mixed inputs give the
+    16-bit call's output (bf16 here), eager and compiled (no graph break), with gradients back in the
+    inputs' own dtypes; float64 stays float64, as autocast leaves it; outside autocast nothing changes."""
+    import patterncc as pcc
+
+    attn = pcc.compile("strided(8) with softcap(5)", backend=backend, block=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    sinks = torch.randn(2, generator=g).to(DEVICE).requires_grad_()
+    kind = torch.device(DEVICE).type
+
+    def call(q, k, v, sinks):
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            return attn(q, k, v, sinks=sinks)
+
+    want = attn(*(x.detach().bfloat16() for x in (q, k, v)), sinks=sinks.detach())
+    for run in (call, torch.compile(call, fullgraph=True, backend="aot_eager")):
+        for mixed in (False, True):
+            o = run(q, k.bfloat16() if mixed else k, v, sinks)
+            assert o.dtype == torch.bfloat16 and torch.equal(o, want)
+            grads = torch.autograd.grad(o.float().sum(), (q, k, v, sinks))
+            assert all(x.dtype == torch.float32 and x.abs().sum() > 0 for x in grads)
+    assert torch._dynamo.explain(call)(q, k, v, sinks).graph_break_count == 0
+    if backend == "reference":
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            assert attn(q.double(), k.double(), v.double()).dtype == torch.float64
+    assert attn(q, k, v).dtype == torch.float32
+
+
 def test_strided_inputs():
     """[B, n, H, D] memory viewed as [B, H, n, D] goes in without a copy; a
     transposed last dimension is copied."""
