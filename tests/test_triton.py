@@ -427,6 +427,22 @@ def test_under_autocast_inputs_take_its_dtype(backend):
     assert attn(q, k, v).dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_differentiating_a_gradient_again_is_an_error(backend):
+    """A gradient penalty (create_graph=True, then a loss on the gradient) needs second derivatives,
+    which the kernels do not have: its backward raises, for plain, packed and short-query calls. It
+    never leaves the penalty's share out of the gradients silently."""
+    import patterncc as pcc
+
+    attn = pcc.compile("strided(8)", backend=backend, block=16)
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32, device=DEVICE)
+    for o in (attn(q, k, v), attn(q, k, v, cu_seqlens=cu), attn(q[:, :, -3:], k, v)):
+        (dq,) = torch.autograd.grad(o.pow(2).sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            (o.sum() + dq.pow(2).sum()).backward()
+
+
 def test_strided_inputs():
     """[B, n, H, D] memory viewed as [B, H, n, D] goes in without a copy; a
     transposed last dimension is copied."""

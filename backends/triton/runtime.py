@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from patterncc import ir
 from patterncc.blocklayout.builder import build as build_layout
@@ -376,7 +377,8 @@ class _AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
-    def backward(ctx, do, dlse):
+    @once_differentiable  # the kernels' gradients have no gradient of their own: differentiating them again
+    def backward(ctx, do, dlse):  # (create_graph=True, a gradient penalty) is an error, never a silent 0
         q, k, v, o, lse, *given = ctx.saved_tensors
         tensors = [given.pop(0) if g else None for g in ctx.given]
         terms = ScoreTerms(ctx.softcap, *tensors).taking(ctx.needs_input_grad[6:9])
