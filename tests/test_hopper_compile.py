@@ -64,7 +64,7 @@ def _specialization(fn, args, kwargs) -> dict:
                 num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
 
 
-def _users_calls():
+def _users_calls(monkeypatch):
     """Calls as users make them, with the GPU's tiles (D = 64, bf16), small enough to interpret."""
     g = torch.Generator().manual_seed(0)
 
@@ -85,12 +85,9 @@ def _users_calls():
     with torch.no_grad():  # decoding: the query-rows kernel, from a cache
         cache = rand(2, 2, 300, 64, grad=False)
         scored(rand(2, 4, 1, 64, grad=False), cache, cache, cache_seqlens=[300, 123], sinks=terms["sinks"])
-    os.environ["PATTERNCC_STANDIN"] = "always"  # the stand-in's bitmap kernels
-    try:
-        fresh = pcc.compile("fixed(64, 16)", backend="triton")
-        fresh(*(rand(1, 2, 256, 64) for _ in range(3))).float().sum().backward()
-    finally:
-        del os.environ["PATTERNCC_STANDIN"]
+    monkeypatch.setenv("PATTERNCC_STANDIN", "always")  # the stand-in's bitmap kernels
+    fresh = pcc.compile("fixed(64, 16)", backend="triton")
+    fresh(*(rand(1, 2, 256, 64) for _ in range(3))).float().sum().backward()
 
 
 _COMPILE = r"""
@@ -136,7 +133,7 @@ def test_every_specialization_a_users_calls_launch_compiles_for_sm_90(tmp_path, 
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recorded)
-    _users_calls()
+    _users_calls(monkeypatch)
     kernels = {launch["kernel"] for launch in launches.values()}
     # every family: the training kernels, the query-rows kernel, the stand-in's
     assert {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_rows_fwd"} <= kernels, kernels
