@@ -2,6 +2,7 @@
 
     python bench/cold_start.py [--n 4096] [--cases strided,fixed,...] [--json out.json]
     python bench/cold_start.py --before [--cases ...]   # the stand-in changes, before and now, one run
+    python bench/cold_start.py --warmup [--cases ...]   # cold against after `patterncc warmup`
 
 For each case, three fresh processes, each timing only its first call
 (imports and input creation excluded, the GPU synchronized):
@@ -26,6 +27,11 @@ For each case, three fresh processes, each timing only its first call
 - ``flex cold``: FlexAttention's first call on empty caches:
   ``create_block_mask(_compile=True)`` over an equivalent hand-written
   mask_mod, then ``torch.compile(flex_attention)`` forward+backward.
+
+``--warmup`` instead times, per case, a cold first call beside one in a
+fresh process whose caches only ``patterncc warmup`` (its defaults, what
+``scripts/setup.sh`` runs on a GPU) filled: the stand-in's kernels are
+there, the pattern's are not; with the warmup's own seconds.
 
 A first call that ran on the stand-in kernels (backends/triton/standin.py:
 the pattern's own were still compiling) is marked so, with the seconds
@@ -122,23 +128,37 @@ import patterncc, patterncc.backends.reference, patterncc.backends.triton.runtim
 BYTECODE: dict[str, str] = {}  # PYTHONPYCACHEPREFIX for every process of the run (main), unless --no-bytecode
 
 
-def first_call(spec: dict, cache_dir: str, **env_vars) -> dict | str:
-    """The first call's seconds (``first_call_s``; ``then_s``: the second
-    pattern's, if the spec has one) in a fresh process whose caches live
-    under ``cache_dir``, with ``env_vars`` set."""
+def _env(cache_dir: str, **env_vars) -> dict:
+    """A fresh process's environment, its caches under ``cache_dir``."""
     env = dict(os.environ, PATTERNCC_CACHE_DIR=os.path.join(cache_dir, "pcc"),
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
                TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"), **BYTECODE, **env_vars)
     env.pop("TRITON_INTERPRET", None)
     if BYTECODE:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def first_call(spec: dict, cache_dir: str, **env_vars) -> dict | str:
+    """The first call's seconds (``first_call_s``; ``then_s``: the second
+    pattern's, if the spec has one) in a fresh process whose caches live
+    under ``cache_dir``, with ``env_vars`` set."""
     # cwd: a checkout's own patterncc/ must not shadow the installed one on sys.path[0]
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FIRST_CALL), json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=cache_dir)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FIRST_CALL), json.dumps(spec)],
+                          env=_env(cache_dir, **env_vars), capture_output=True, text=True, timeout=900, cwd=cache_dir)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         return f"failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
     return json.loads(lines[0][len("RESULT "):])
+
+
+def warmup(cache_dir: str) -> str:
+    """``patterncc warmup`` (its defaults, as scripts/setup.sh runs it) into the caches under
+    ``cache_dir``: its own line, or why it failed."""
+    proc = subprocess.run([sys.executable, "-m", "patterncc", "warmup"], env=_env(cache_dir), capture_output=True,
+                          text=True, timeout=900, cwd=cache_dir)
+    lines = (proc.stdout if proc.returncode == 0 else proc.stderr).strip().splitlines()
+    return ("" if proc.returncode == 0 else "failed: ") + (lines[-1] if lines else str(proc.returncode))
 
 
 def _seconds(result: dict | str, name: str) -> float | str:
@@ -164,6 +184,8 @@ def main() -> None:
                     help="instead: cold and used-caches first calls now and as before the stand-in changes (own "
                          "compile started at once, not after the first backward; the stand-in in its config's "
                          "pipeline stages, not one), side by side")
+    ap.add_argument("--warmup", action="store_true",
+                    help="instead: cold first calls beside first calls after `patterncc warmup`, side by side")
     args = ap.parse_args()
     results = {}
     pycache = tempfile.TemporaryDirectory(prefix="patterncc-pycache-")
@@ -174,6 +196,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", _IMPORT_ALL], env=env, check=True, timeout=600, cwd=pycache.name)
     if args.before:
         return before_and_now(args)
+    if args.warmup:
+        return cold_and_warmed_up(args)
     print("| case | pcc cold (s) | pcc new ints, same process (s) | pcc cold, serial compile (s) "
           "| pcc cold, loaded at launch (s) | pcc new pattern, used caches (s) | pcc warm, new process (s) "
           "| flex cold (s) |\n|---|---|---|---|---|---|---|---|", flush=True)
@@ -206,6 +230,25 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(n=args.n, heads=args.heads, results=results), f, indent=1)
+
+
+def cold_and_warmed_up(args) -> None:
+    """``--warmup``: each case's cold first call, and its first call after ``patterncc warmup``."""
+    print("| case | pcc cold (s) | pcc after warmup (s) | warmup |\n|---|---|---|---|", flush=True)
+    results = {}
+    for name in args.cases.split(","):
+        source, mask, Hkv, D, then = CASES[name]
+        spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask, who="pcc")
+        with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as cold_dir, \
+                tempfile.TemporaryDirectory(prefix="patterncc-warmed-") as warmed_dir:
+            row = {"cold": _first_call(first_call(spec, cold_dir)), "warmup": warmup(warmed_dir)}
+            row["after warmup"] = _first_call(first_call(spec, warmed_dir))
+        results[name] = row
+        cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else row[k] for k in ("cold", "after warmup", "warmup")]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(n=args.n, heads=args.heads, cold_and_warmed_up=results), f, indent=1)
 
 
 def before_and_now(args) -> None:

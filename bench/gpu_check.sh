@@ -47,6 +47,9 @@
 #             strided, fixed and the cycle with the own compile held for the
 #             first backward and the one-stage stand-in, and without, alternating
 #             in one run                                            (~3 min)
+#   warmup    bench/cold_start.py --warmup: each case's cold first call beside
+#             its first call after `patterncc warmup` (what scripts/setup.sh
+#             runs on a GPU), and the warmup's own seconds        (~4 min)
 #   warm      tests/test_seeds.py and test_standin.py on the card (their
 #             fresh-process tests among them), then the warm first call
 #             (warm_start.py --front --bytecode) with Triton's own lookup
@@ -210,6 +213,12 @@ run_firstab() {
         --json "$OUT/cold_before_now.json" 2>&1 | tee "$OUT/cold_before_now.log" || fail firstab
 }
 
+run_warmup() {
+    echo "== warmup" | tee -a "$OUT/summary.txt"
+    timeout 480 python3 bench/cold_start.py --n 4096 --warmup --json "$OUT/cold_warmup.json" 2>&1 \
+        | tee "$OUT/cold_warmup.log" || fail warmup
+}
+
 run_warm() {
     echo "== warm" | tee -a "$OUT/summary.txt"
     # a new process on the kernels an earlier one recorded (backends/triton/seeds.py), then the warm
@@ -313,6 +322,7 @@ for section in "${sections[@]}"; do
         host) run_host ;;
         firstcall) run_firstcall ;;
         warm) run_warm ;;
+        warmup) run_warmup ;;
         ops) run_ops ;;
         firstab) run_firstab ;;
         packed) run_packed ;;
@@ -321,7 +331,7 @@ for section in "${sections[@]}"; do
         hf) run_hf ;;
         limits) run_limits ;;
         *) echo "unknown section $section (smoke memcheck tests check bench cold long plan profile sweep tiles host" \
-                "firstcall firstab warm ops packed decode scores hf limits)" >&2; status=2 ;;
+                "firstcall firstab warmup warm ops packed decode scores hf limits)" >&2; status=2 ;;
     esac
 done
 echo "== exit status $status" | tee -a "$OUT/summary.txt"

@@ -7,6 +7,7 @@
     patterncc explain FILE|EXPR                  the execution plan and why
     patterncc bench FILE|EXPR                    GPU timings against FlexAttention and SDPA
     patterncc test FILE...                       property-test patterns on every backend
+    patterncc warmup                             compile ahead the kernels new patterns start on (GPU)
     patterncc demo                               the main job on this machine
 """
 
@@ -126,6 +127,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="time every contender this many times, back to back, and keep the medians (default 3)")
     p.add_argument("--out", metavar="FILE.md", help="append the markdown table to FILE")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("warmup", help="compile the kernels every new pattern's first calls run, ahead, on this GPU")
+    p.add_argument("--head-dim", type=head_dim, nargs="+", default=[64, 128], help="head dims (default 64 128)")
+    p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16", "float32"], default=["bfloat16"],
+                   help="dtypes (default bfloat16)")
+    p.add_argument("--heads", type=positive_int, default=16, help="query heads (default 16)")
+    p.add_argument("--kv-heads", type=positive_int, nargs="+", default=[16, 4],
+                   help="key/value head counts, each dividing --heads (default 16 4)")
+    p.add_argument("--terms", nargs="+", choices=["none", "softcap", "alibi", "sinks", "rel_bias"], default=["none"],
+                   help="score terms, each warmed alone (default none)")
+    p.set_defaults(run=cmd_warmup)
 
     p = sub.add_parser("test", help="property-test the patterns in .pat files")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -303,6 +315,28 @@ def cmd_bench(args) -> int:
     if args.out:
         with open(args.out, "a") as f:
             f.write(table + "\n")
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    for hkv in args.kv_heads:
+        if args.heads % hkv:
+            print(f"patterncc warmup: --kv-heads {hkv} does not divide --heads {args.heads}", file=sys.stderr)
+            return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("patterncc warmup: no CUDA GPU here, so nothing to compile (the kernels run interpreted, "
+              "or on the reference backend)")
+        return 0
+    from .backends.triton import standin
+
+    start = time.perf_counter()
+    done = standin.warm(head_dims=args.head_dim, dtypes=args.dtype, terms=args.terms, heads=args.heads,
+                        kv_heads=args.kv_heads)
+    print(f"patterncc warmup: the stand-in kernels of {len(done)} kinds of call compiled in "
+          f"{time.perf_counter() - start:.1f} s; a new pattern's first calls find them in Triton's cache "
+          f"({os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')})")
     return 0
 
 

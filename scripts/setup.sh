@@ -14,3 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
 .venv/bin/python -m pip install -q -e ".[test,plot,hf]"
+# On a GPU, compile the kernels a new pattern's first calls run (the stand-in's) now rather than at
+# the first call: seconds once per machine, found in Triton's cache afterwards. PATTERNCC_WARMUP=0
+# skips it.
+if [ "${PATTERNCC_WARMUP:-1}" != 0 ] && .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    .venv/bin/patterncc warmup
+fi

@@ -119,6 +119,20 @@ def test_decode_host_probe_runs_and_gives_the_real_kernels_back(capsys):
     assert decode.RowsAttention._module is real
 
 
+def test_cold_start_runs_the_warmup_in_a_fresh_process_on_its_own_caches(tmp_path):
+    """bench/cold_start.py --warmup's warmup step: ``patterncc warmup`` in a new process whose caches
+    are under the given folder (on this machine without a GPU, its line saying so)."""
+    import torch
+
+    cold_start = _bench_script("cold_start")
+    line = cold_start.warmup(str(tmp_path))
+    assert not line.startswith("failed"), line
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in line
+    else:
+        assert "kinds of call compiled" in line and (tmp_path / "triton").is_dir()
+
+
 def _bench_script(name: str):
     """A script of bench/ loaded from its file (it lives outside the package)."""
     import importlib.util

@@ -114,8 +114,29 @@ def test_expression_errors_are_located(capsys):
 def test_python_dash_m_runs():
     proc = subprocess.run([sys.executable, "-m", "patterncc", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for command in ("check", "show", "layout", "compile", "bench", "test", "explain", "demo"):
+    for command in ("check", "show", "layout", "compile", "bench", "test", "explain", "warmup", "demo"):
         assert command in proc.stdout
+
+
+def test_warmup_says_what_it_did_and_refuses_a_grouping_that_does_not_divide(capsys, monkeypatch):
+    """On a GPU ``patterncc warmup`` compiles the stand-in kernels (``standin.warm``, tested in
+    test_standin.py, and timed by bench/cold_start.py); here it says there is nothing to compile.
+    Head counts that do not divide are a usage error everywhere."""
+    import torch
+
+    from patterncc.backends.triton import standin
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(standin, "warm", lambda **kw: asked.append(kw) or ["one", "two"])
+    code, out, _ = run(capsys, "warmup", "--head-dim", "64", "--kv-heads", "16", "2", "--terms", "none", "sinks")
+    assert code == 0 and "of 2 kinds of call compiled" in out
+    assert asked == [dict(head_dims=[64], dtypes=["bfloat16"], terms=["none", "sinks"], heads=16, kv_heads=[16, 2])]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, _ = run(capsys, "warmup")
+    assert code == 0 and "no CUDA GPU" in out and len(asked) == 1
+    code, _, err = run(capsys, "warmup", "--heads", "16", "--kv-heads", "3")
+    assert code == 2 and "--kv-heads 3 does not divide --heads 16" in err
 
 
 def test_test_command_runs_the_kernels_in_the_interpreter_without_a_gpu(tmp_path):

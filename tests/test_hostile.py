@@ -311,6 +311,7 @@ FUZZ = textwrap.dedent(r"""
         "compile": ["--emit", "--head-dim", "--dtype", "--block", "--seq-len", "-D"],
         "explain": ["--seq-len", "--block", "--heads", "-D"],
         "bench": ["--seq-len", "--heads", "--head-dim", "--dtype", "--rounds"],
+        "warmup": ["--head-dim", "--heads", "--kv-heads"],
         "test": ["--backend", "--seed"],
         "demo": ["--seq-len", "--bogus"],
     }
@@ -335,6 +336,8 @@ FUZZ = textwrap.dedent(r"""
             argv += ["--bogus"]  # the demo itself takes minutes: only its argument errors are fuzzed
         if command == "bench" and cuda:
             argv += ["--rounds", "0"]  # on a GPU only its argument errors: a benchmark takes minutes
+        if command == "warmup" and cuda:
+            argv += ["--kv-heads", "0"]  # likewise: a warmup compiles for seconds
         out, err = io.StringIO(), io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

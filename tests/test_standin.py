@@ -176,6 +176,40 @@ def test_a_plan_over_the_natural_limits_runs_a_standin_per_component(source, n, 
     assert [order for _, order in ran] == [SlotOrder.of(c.q_order, c.k_order, n) for c in plan.components]
 
 
+def test_the_standin_walks_full_steps_one_by_one():
+    """Whatever the layout, the stand-in's tables list FULL steps one by one, never as runs: each of
+    its kernels then has one specialization for every pattern, to compile or to warm ahead."""
+    attn = TritonAttention(C, block=16)
+    own = attn.launcher(256, 2, 2, 16, torch.float32, "cpu")
+    assert (own.tables.fwd_walk, own.tables.dq_walk, own.tables.dkdv_walk) == ("runs",) * 3  # the pattern's own
+    q = torch.zeros(1, 2, 256, 16)
+    ((run, _),) = attn._standins.launches(q, q)
+    assert (run.tables.fwd_walk, run.tables.dq_walk, run.tables.dkdv_walk) == ("steps",) * 3
+
+
+def test_warming_runs_the_standin_of_every_kind_of_call_asked_for(monkeypatch):
+    """``standin.warm`` (``patterncc warmup``) runs one stand-in forward and backward per head dim,
+    dtype, score term, KV head count and kind of pattern, through the stand-in's launches alone;
+    terms and head counts it cannot take are refused by name."""
+    ran = []
+    original = standin.StandIns.launches
+
+    def spying(self, q, k):
+        got = original(self, q, k)
+        ran.append((q.shape[-1], q.dtype, q.shape[1], k.shape[1], standin.is_standin(got)))
+        return got
+
+    monkeypatch.setattr(standin.StandIns, "launches", spying)
+    done = standin.warm(head_dims=(16,), dtypes=("float32",), terms=("sinks",), heads=2, kv_heads=(2, 1),
+                        device="cpu")
+    assert len(done) == len(standin.WARM_PATTERNS) * 2 and all("D=16 float32" in line for line in done)
+    assert {(D, H, Hkv) for D, _, H, Hkv, _ in ran} == {(16, 2, 2), (16, 2, 1)} and all(s for *_, s in ran)
+    with pytest.raises(ValueError, match="unknown score term 'bias'"):
+        standin.warm(terms=("bias",), device="cpu")
+    with pytest.raises(ValueError, match="kv_heads=3 must divide heads=16"):
+        standin.warm(kv_heads=(3,), device="cpu")
+
+
 def test_over_the_limits_everywhere_no_standin(monkeypatch):
     spy = Spy(monkeypatch)
     monkeypatch.setattr(standin, "MAX_BITMAP_CODES", 0)

@@ -34,10 +34,12 @@ class _DeviceTables:
     dkdv_walk: str = "steps"
 
     @staticmethod
-    def build(lay, Hkv: int, config: KernelConfig, module, device, packing=None) -> "_DeviceTables":
+    def build(lay, Hkv: int, config: KernelConfig, module, device, packing=None,
+              runs: bool = True) -> "_DeviceTables":
         """``module``: the kernels' (``load_kernels``), whose random tables and
         integers ``RANDOM`` holds. ``packing``: ``(first_slot, align)`` for a packed batch's layout
-        (``tables.local_steps``): each tile's steps counted from its sequence's first slot."""
+        (``tables.local_steps``): each tile's steps counted from its sequence's first slot.
+        ``runs=False``: FULL steps are walked one by one even where they form runs."""
 
         def steps_of(orientation: str, tile: int, step: int) -> tables.StepLists:
             ptr, idx, full = ((lay.kv_ptr, lay.kv_idx, lay.kv_full) if orientation == "kv"
@@ -45,11 +47,11 @@ class _DeviceTables:
             rows = tables.kernel_steps(ptr, idx, full, lay.seq_len, lay.block, tile, step)
             return rows if packing is None else tables.local_steps(rows, tile, step, *packing)
 
-        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, module, device)
+        return _DeviceTables.from_steps(steps_of, lay.heads, lay.seq_len, Hkv, config, module, device, runs)
 
     @staticmethod
     def from_steps(steps_of, heads: int, n: int, Hkv: int, config: KernelConfig, module,
-                   device) -> "_DeviceTables":
+                   device, runs: bool = True) -> "_DeviceTables":
         """The tables of the kernels' step lists ``steps_of(orientation, tile,
         step)`` (``"kv"``: query tiles walking key steps, ``"q"``: key tiles
         walking query steps) of a layout with ``heads`` heads over ``n`` slots."""
@@ -58,7 +60,7 @@ class _DeviceTables:
             """The kernel's five host tables, and how it walks them."""
             table = tables.band_table(steps) if band else None
             walk = "band"
-            if table is None:
+            if table is None and runs:
                 table, walk = tables.run_table(steps), "runs"
             if table is None:
                 table, walk = steps.full_steps, "steps"
