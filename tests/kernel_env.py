@@ -54,23 +54,31 @@ def triton_specializations() -> int:
 _interpreted_keys: dict = {}  # generated kernel -> the specialization keys its launches had
 
 
-def _interpreted_key(kernel, args, kwargs) -> tuple:
-    """The specialization a launch would compile under on a GPU, modelled on
-    Triton's rules: every ``tl.constexpr`` parameter by value; an integer not
-    in ``do_not_specialize`` by whether it is 1, a multiple of 16 and within
-    int32; a tensor by dtype and whether its address is a multiple of 16; a
-    bool or float by type; None as itself."""
+def launch_arguments(kernel, args, kwargs) -> list[tuple[str, object, bool, bool]]:
+    """``(name, value, is_constexpr, specialized)`` of every parameter of a
+    launch of ``kernel`` (an interpreted ``triton.jit`` function), defaults
+    filled in; ``specialized``: not in the kernel's ``do_not_specialize``."""
     import inspect
 
     sig = inspect.signature(kernel.fn)
     bound = sig.bind(*args, **{name: x for name, x in kwargs.items() if name in sig.parameters})
     bound.apply_defaults()
     loose = set(kernel.kwargs.get("do_not_specialize") or ())
+    return [(name, x, str(sig.parameters[name].annotation).endswith("constexpr"), name not in loose)
+            for name, x in bound.arguments.items()]
+
+
+def _interpreted_key(kernel, args, kwargs) -> tuple:
+    """The specialization a launch would compile under on a GPU, modelled on
+    Triton's rules: every ``tl.constexpr`` parameter by value; an integer not
+    in ``do_not_specialize`` by whether it is 1, a multiple of 16 and within
+    int32; a tensor by dtype and whether its address is a multiple of 16; a
+    bool or float by type; None as itself."""
     key = []
-    for name, x in bound.arguments.items():
-        if str(sig.parameters[name].annotation).endswith("constexpr"):
+    for name, x, constexpr, specialized in launch_arguments(kernel, args, kwargs):
+        if constexpr:
             key.append((name, x))
-        elif x is None or name in loose:
+        elif x is None or not specialized:
             key.append((name, x is None))
         elif isinstance(x, bool):
             key.append((name, "i1"))

@@ -14,7 +14,6 @@ and ptxas. A kernel change that only a card would reject fails here.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_env import interpreter_and_cache  # noqa: F401 (autouse: the interpreter and a private cache)
+from kernel_env import interpreter_and_cache, launch_arguments  # noqa: F401 (autouse: the interpreter, a private cache)
 
 import patterncc as pcc  # noqa: E402
 from patterncc.backends.triton.config import default_config  # noqa: E402
@@ -40,22 +39,17 @@ def _specialization(fn, args, kwargs) -> dict:
     """One launch as Triton would compile it (its rules, as ``kernel_env._interpreted_key`` models them):
     constexprs by value; None as a constexpr; an integer 1 as a constexpr (unless the kernel asks not
     to specialize it); tensors by dtype, 16-byte aligned ones and integers divisible by 16 marked so."""
-    sig = inspect.signature(fn.fn)
-    bound = sig.bind(*args, **{name: x for name, x in kwargs.items() if name in sig.parameters})
-    bound.apply_defaults()
-    loose = set(fn.kwargs.get("do_not_specialize") or ())
     params = []
-    for name, x in bound.arguments.items():
-        if str(sig.parameters[name].annotation).endswith("constexpr") or x is None:
+    for name, x, constexpr, specialized in launch_arguments(fn, args, kwargs):
+        if constexpr or x is None:
             params.append([name, "constexpr", x if not hasattr(x, "value") else x.value, False])
         elif isinstance(x, bool):
             params.append([name, "i1", None, False])
         elif isinstance(x, int):
-            if x == 1 and name not in loose:
+            if x == 1 and specialized:
                 params.append([name, "constexpr", 1, False])
             else:
-                params.append([name, "i32" if -2**31 <= x < 2**31 else "i64", None,
-                               name not in loose and x % 16 == 0])
+                params.append([name, "i32" if -2**31 <= x < 2**31 else "i64", None, specialized and x % 16 == 0])
         elif isinstance(x, float):
             params.append([name, "fp32", None, False])
         else:
