@@ -329,10 +329,10 @@ def cmd_warmup(args) -> int:
         print("patterncc warmup: no CUDA GPU here, so nothing to compile (the kernels run interpreted, "
               "or on the reference backend)")
         return 0
-    from .backends.triton import standin
+    from .backends.triton import warmup
 
     start = time.perf_counter()
-    done = standin.warm(head_dims=args.head_dim, dtypes=args.dtype, terms=args.terms, heads=args.heads,
+    done = warmup.warm(head_dims=args.head_dim, dtypes=args.dtype, terms=args.terms, heads=args.heads,
                         kv_heads=args.kv_heads)
     print(f"patterncc warmup: the stand-in kernels of {len(done)} kinds of call compiled in "
           f"{time.perf_counter() - start:.1f} s; a new pattern's first calls find them in Triton's cache "

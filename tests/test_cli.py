@@ -119,16 +119,16 @@ def test_python_dash_m_runs():
 
 
 def test_warmup_says_what_it_did_and_refuses_a_grouping_that_does_not_divide(capsys, monkeypatch):
-    """On a GPU ``patterncc warmup`` compiles the stand-in kernels (``standin.warm``, tested in
+    """On a GPU ``patterncc warmup`` compiles the stand-in kernels (``warmup.warm``, tested in
     test_standin.py, and timed by bench/cold_start.py); here it says there is nothing to compile.
     Head counts that do not divide are a usage error everywhere."""
     import torch
 
-    from patterncc.backends.triton import standin
+    from patterncc.backends.triton import warmup
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(standin, "warm", lambda **kw: asked.append(kw) or ["one", "two"])
+    monkeypatch.setattr(warmup, "warm", lambda **kw: asked.append(kw) or ["one", "two"])
     code, out, _ = run(capsys, "warmup", "--head-dim", "64", "--kv-heads", "16", "2", "--terms", "none", "sinks")
     assert code == 0 and "of 2 kinds of call compiled" in out
     assert asked == [dict(head_dims=[64], dtypes=["bfloat16"], terms=["none", "sinks"], heads=16, kv_heads=[16, 2])]

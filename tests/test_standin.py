@@ -188,7 +188,7 @@ def test_the_standin_walks_full_steps_one_by_one():
 
 
 def test_warming_runs_the_standin_of_every_kind_of_call_asked_for(monkeypatch):
-    """``standin.warm`` (``patterncc warmup``) runs one stand-in forward and backward per head dim,
+    """``warmup.warm`` (``patterncc warmup``) runs one stand-in forward and backward per head dim,
     dtype, score term, KV head count and kind of pattern, through the stand-in's launches alone;
     terms and head counts it cannot take are refused by name."""
     ran = []
@@ -200,14 +200,16 @@ def test_warming_runs_the_standin_of_every_kind_of_call_asked_for(monkeypatch):
         return got
 
     monkeypatch.setattr(standin.StandIns, "launches", spying)
-    done = standin.warm(head_dims=(16,), dtypes=("float32",), terms=("sinks",), heads=2, kv_heads=(2, 1),
+    from patterncc.backends.triton import warmup
+
+    done = warmup.warm(head_dims=(16,), dtypes=("float32",), terms=("sinks",), heads=2, kv_heads=(2, 1),
                         device="cpu")
-    assert len(done) == len(standin.WARM_PATTERNS) * 2 and all("D=16 float32" in line for line in done)
+    assert len(done) == len(warmup.WARM_PATTERNS) * 2 and all("D=16 float32" in line for line in done)
     assert {(D, H, Hkv) for D, _, H, Hkv, _ in ran} == {(16, 2, 2), (16, 2, 1)} and all(s for *_, s in ran)
     with pytest.raises(ValueError, match="unknown score term 'bias'"):
-        standin.warm(terms=("bias",), device="cpu")
+        warmup.warm(terms=("bias",), device="cpu")
     with pytest.raises(ValueError, match="kv_heads=3 must divide heads=16"):
-        standin.warm(kv_heads=(3,), device="cpu")
+        warmup.warm(kv_heads=(3,), device="cpu")
 
 
 def test_over_the_limits_everywhere_no_standin(monkeypatch):

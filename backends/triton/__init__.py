@@ -7,7 +7,8 @@
 Modules: ``codegen`` (IR -> kernel source), ``kernels`` (the kernel template),
 ``tables`` (layout -> run lists), ``runtime`` (launches, autograd), ``cache``
 (generated files on disk), ``standin`` (any pattern's kernels from a bitmap,
-for a first call while its own compile), ``flex`` (FlexAttention interop),
+for a first call while its own compile; ``warmup`` compiles them ahead),
+``flex`` (FlexAttention interop),
 ``config`` (tiles), ``bench`` (timings against FlexAttention and SDPA).
 """
 

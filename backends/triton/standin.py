@@ -27,9 +27,10 @@ call waits for the pattern's own kernels instead.
 
 Which kernels a first call runs (``while_compiling``): the pattern's own
 when this machine has compiled them before (a note in the kernel cache,
-``compile_key``); otherwise the stand-in's, found in Triton's cache or
-compiled first (three or four kernels, the pattern's own are as many per
-planned component), and the pattern's own compile in a thread (once the
+``compile_key``); otherwise the stand-in's, found in Triton's cache (where
+``patterncc warmup``, ``warmup.py``, compiled them ahead) or compiled first
+(three or four kernels, the pattern's own are as many per planned
+component), and the pattern's own compile in a thread (once the
 first call's backward is over, where one follows it), each call switching
 to them once they are ready. A forward and its backward always
 run the same kernels. The stand-in runs in natural token order, one
@@ -168,7 +169,7 @@ class StandIns:
             config = replace(config, fwd_stages=STAGES, bwd_stages=STAGES)
         module = self.load(config, device)
         # FULL steps one by one, never as runs: one specialization of each kernel whatever the
-        # layout, so that fewer are compiled (or warmed ahead: ``warm``) for the calls it serves
+        # layout, so that fewer are compiled (or warmed ahead: ``warmup.py``) for the calls it serves
         tables = _DeviceTables.build(lay, Hkv, config, module, device, runs=False)
         tables = replace(tables, random=to_device(bitmap, device))
         run = _Run(module, tables, config, head_dim, H, Hkv, n, dtype)
@@ -183,64 +184,6 @@ def is_standin(launches: list) -> bool:
     """Whether a launch list runs stand-in kernels (for tests and benchmarks
     to tell which kernels a call ran)."""
     return any(run in _made for run, _ in launches)
-
-
-# ----------------------------------------------------------------------------
-# Compiling them ahead: ``patterncc warmup``
-# ----------------------------------------------------------------------------
-
-# The kinds of call whose stand-in kernels ``warm`` compiles by default: 16 query heads with as many
-# KV heads and with 4 (Triton compiles apart a head count or grouping of 1, one that is a multiple
-# of 16, and any other), a pattern that ignores the head and one that reads it (the step lists per
-# head), at the usual head dims; bf16, no score terms.
-WARM_HEAD_DIMS = (64, 128)
-WARM_HEADS = 16
-WARM_KV_HEADS = (16, 4)
-WARM_PATTERNS = ("causal & local(100)", "cycle(causal, causal & local(100))")
-TERMS = ("none", "softcap", "alibi", "sinks", "rel_bias")
-
-
-def warm(head_dims=WARM_HEAD_DIMS, dtypes=("bfloat16",), terms=("none",), heads: int = WARM_HEADS,
-         kv_heads=WARM_KV_HEADS, device="cuda") -> list[str]:
-    """Compile the stand-in kernels for these kinds of call, so that a new
-    pattern's first call on this machine finds them in Triton's cache (with
-    their launchers and Triton's other one-time work) instead of compiling
-    them first: one forward and backward of the stand-in per head dim,
-    dtype, score term (``TERMS``: each alone, or ``"none"``), KV head count
-    and kind of pattern (``WARM_PATTERNS``). The calls are small (256
-    tokens); what they leave is the compiled kernels. Returns a line per
-    call made."""
-    from patterncc.pipeline import parse
-    from patterncc.scores import ScoreTerms
-
-    from .runtime import attend, load_bitmap_kernels
-
-    for name in terms:
-        if name not in TERMS:
-            raise ValueError(f"unknown score term {name!r}: warm takes {', '.join(TERMS)}")
-    for hkv in kv_heads:
-        if hkv < 1 or heads % hkv:
-            raise ValueError(f"kv_heads={hkv} must divide heads={heads}")
-    done = []
-    n = 256
-    for source in WARM_PATTERNS:
-        standins = StandIns(parse(source), None, load_bitmap_kernels)
-        for D, dtype, hkv, term in ((D, dtype, h, t) for D in head_dims for dtype in dtypes for h in kv_heads
-                                   for t in terms):
-            kind = getattr(torch, dtype)
-            q = torch.randn(1, heads, n, D, device=device, dtype=kind, requires_grad=True)
-            k, v = (torch.randn(1, hkv, n, D, device=device, dtype=kind, requires_grad=True) for _ in range(2))
-            call_terms = ScoreTerms(
-                softcap=30.0 if term == "softcap" else None,
-                alibi_slopes=torch.rand(heads, device=device) if term == "alibi" else None,  # fixed, as models hold them
-                sinks=torch.zeros(heads, device=device, requires_grad=True) if term == "sinks" else None,
-                rel_bias=torch.zeros(heads, 17, device=device, requires_grad=True) if term == "rel_bias" else None)
-            o, lse = attend(q, k, v, None, standins.launches, call_terms)
-            o.float().sum().backward()
-            done.append(f"{source}: D={D} {dtype} {heads}:{hkv} heads, {term}")
-    if device != "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return done
 
 
 # ----------------------------------------------------------------------------
