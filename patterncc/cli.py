@@ -133,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16", "float32"], default=["bfloat16"],
                    help="dtypes (default bfloat16)")
     p.add_argument("--heads", type=positive_int, default=16, help="query heads (default 16)")
-    p.add_argument("--kv-heads", type=positive_int, nargs="+", default=[16, 4],
-                   help="key/value head counts, each dividing --heads (default 16 4)")
+    p.add_argument("--kv-heads", type=positive_int, nargs="+", default=None,
+                   help="key/value head counts, each dividing --heads (default: --heads, and a quarter of it)")
     p.add_argument("--terms", nargs="+", choices=["none", "softcap", "alibi", "sinks", "rel_bias"], default=["none"],
                    help="score terms, each warmed alone (default none)")
     p.set_defaults(run=cmd_warmup)
@@ -319,6 +319,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_warmup(args) -> int:
+    from .backends.triton.warmup import kv_heads_for
+
+    args.kv_heads = args.kv_heads or kv_heads_for(args.heads)
     for hkv in args.kv_heads:
         if args.heads % hkv:
             print(f"patterncc warmup: --kv-heads {hkv} does not divide --heads {args.heads}", file=sys.stderr)

@@ -132,9 +132,11 @@ def test_warmup_says_what_it_did_and_refuses_a_grouping_that_does_not_divide(cap
     code, out, _ = run(capsys, "warmup", "--head-dim", "64", "--kv-heads", "16", "2", "--terms", "none", "sinks")
     assert code == 0 and "of 2 kinds of call compiled" in out
     assert asked == [dict(head_dims=[64], dtypes=["bfloat16"], terms=["none", "sinks"], heads=16, kv_heads=[16, 2])]
+    assert run(capsys, "warmup", "--heads", "12")[0] == 0  # by default as many KV heads, and a quarter
+    assert asked[1] == dict(head_dims=[64, 128], dtypes=["bfloat16"], terms=["none"], heads=12, kv_heads=[12, 3])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out, _ = run(capsys, "warmup")
-    assert code == 0 and "no CUDA GPU" in out and len(asked) == 1
+    assert code == 0 and "no CUDA GPU" in out and len(asked) == 2
     code, _, err = run(capsys, "warmup", "--heads", "16", "--kv-heads", "3")
     assert code == 2 and "--kv-heads 3 does not divide --heads 16" in err
 

@@ -20,18 +20,23 @@ from .standin import StandIns
 
 
 # The kinds of call whose stand-in kernels ``warm`` compiles by default: 16 query heads with as many
-# KV heads and with 4 (Triton compiles apart a head count or grouping of 1, one that is a multiple
-# of 16, and any other), a pattern that ignores the head and one that reads it (the step lists per
-# head), at the usual head dims; bf16, no score terms.
+# KV heads and with a quarter of them (Triton compiles apart a head count or grouping of 1, one
+# that is a multiple of 16, and any other), a pattern that ignores the head and one that reads it
+# (the step lists per head), at the usual head dims; bf16, no score terms.
 WARM_HEAD_DIMS = (64, 128)
 WARM_HEADS = 16
-WARM_KV_HEADS = (16, 4)
 WARM_PATTERNS = (ir.Causal() & ir.Local(100), ir.Cycle((ir.Causal(), ir.Causal() & ir.Local(100))))
 TERMS = ("none", "softcap", "alibi", "sinks", "rel_bias")
 
 
+def kv_heads_for(heads: int) -> list[int]:
+    """The KV head counts warmed by default for ``heads`` query heads: as
+    many, and a quarter of them where that divides (grouped heads)."""
+    return [heads] + ([heads // 4] if heads % 4 == 0 else [])
+
+
 def warm(head_dims=WARM_HEAD_DIMS, dtypes=("bfloat16",), terms=("none",), heads: int = WARM_HEADS,
-         kv_heads=WARM_KV_HEADS, device="cuda") -> list[str]:
+         kv_heads=None, device="cuda") -> list[str]:
     """Compile the stand-in kernels for these kinds of call, so that a new
     pattern's first call on this machine finds them in Triton's cache (with
     their launchers and Triton's other one-time work) instead of compiling
@@ -43,6 +48,7 @@ def warm(head_dims=WARM_HEAD_DIMS, dtypes=("bfloat16",), terms=("none",), heads:
     for name in terms:
         if name not in TERMS:
             raise ValueError(f"unknown score term {name!r}: warm takes {', '.join(TERMS)}")
+    kv_heads = kv_heads or kv_heads_for(heads)
     for hkv in kv_heads:
         if hkv < 1 or heads % hkv:
             raise ValueError(f"kv_heads={hkv} must divide heads={heads}")
