@@ -85,12 +85,12 @@ def _users_calls(monkeypatch):
 
 
 _COMPILE = r"""
-import importlib.util, json, sys
+import importlib.util, json, os, sys
+from concurrent.futures import ThreadPoolExecutor
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-failed = []
 modules = {}
 launches = json.load(open(sys.argv[1]))
 for launch in launches:
@@ -99,7 +99,10 @@ for launch in launches:
         spec = importlib.util.spec_from_file_location("patterncc_kernels_" + str(len(modules)), path)
         modules[path] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules[path])
-    fn = getattr(modules[path], launch["kernel"])
+
+
+def compiled(launch):  # None, or why it failed
+    fn = getattr(modules[launch["module"]], launch["kernel"])
     signature = {name: kind for name, kind, _, _ in launch["params"]}
     constexprs = {name: value for name, kind, value, _ in launch["params"] if kind == "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (_, _, _, aligned) in enumerate(launch["params"]) if aligned}
@@ -107,7 +110,12 @@ for launch in launches:
         triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
     except Exception as err:
-        failed.append(f"{launch['kernel']}: {type(err).__name__}: {str(err)[:600]}\n  constexprs {constexprs}")
+        return f"{launch['kernel']}: {type(err).__name__}: {str(err)[:600]}\n  constexprs {constexprs}"
+
+
+# threads, as patterncc's own compile pool: ptxas and much of Triton's compile run outside the GIL
+with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    failed = [why for why in pool.map(compiled, launches) if why]
 print(json.dumps(dict(compiled=len(launches) - len(failed), failed=failed)))
 """
 
