@@ -152,11 +152,11 @@ def first_call(spec: dict, cache_dir: str, **env_vars) -> dict | str:
     return json.loads(lines[0][len("RESULT "):])
 
 
-def warmup(cache_dir: str) -> str:
-    """``patterncc warmup`` (its defaults, as scripts/setup.sh runs it) into the caches under
-    ``cache_dir``: its own line, or why it failed."""
-    proc = subprocess.run([sys.executable, "-m", "patterncc", "warmup"], env=_env(cache_dir), capture_output=True,
-                          text=True, timeout=900, cwd=cache_dir)
+def warmup(cache_dir: str, heads: int = 16) -> str:
+    """``patterncc warmup --heads heads`` (otherwise its defaults, as scripts/setup.sh runs it) into the
+    caches under ``cache_dir``: its own line, or why it failed."""
+    proc = subprocess.run([sys.executable, "-m", "patterncc", "warmup", "--heads", str(heads)], env=_env(cache_dir),
+                          capture_output=True, text=True, timeout=900, cwd=cache_dir)
     lines = (proc.stdout if proc.returncode == 0 else proc.stderr).strip().splitlines()
     return ("" if proc.returncode == 0 else "failed: ") + (lines[-1] if lines else str(proc.returncode))
 
@@ -241,7 +241,7 @@ def cold_and_warmed_up(args) -> None:
         spec = dict(n=args.n, H=args.heads, Hkv=Hkv * args.heads // 16, D=D, source=source, mask=mask, who="pcc")
         with tempfile.TemporaryDirectory(prefix="patterncc-cold-") as cold_dir, \
                 tempfile.TemporaryDirectory(prefix="patterncc-warmed-") as warmed_dir:
-            row = {"cold": _first_call(first_call(spec, cold_dir)), "warmup": warmup(warmed_dir)}
+            row = {"cold": _first_call(first_call(spec, cold_dir)), "warmup": warmup(warmed_dir, args.heads)}
             row["after warmup"] = _first_call(first_call(spec, warmed_dir))
         results[name] = row
         cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else row[k] for k in ("cold", "after warmup", "warmup")]
